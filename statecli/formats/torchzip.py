@@ -1,0 +1,396 @@
+"""``torch.save`` zip archives (.pt .pth .bin .ckpt), read through the restricted pickle reader.
+
+The archive's central directory gives each storage member's size; the pickle gives every tensor's
+storage, offset, shape and stride. Nothing else is read: no tensor bytes, no module code.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from statecli.dtypes import DTYPES, STORAGE_TYPES
+from statecli.errors import InputError, LimitExceededError, StatecliError
+from statecli.formats.base import RawCheckpoint
+from statecli.formats.zipdir import Member, read_central_directory, read_member
+from statecli.records import Container, Finding, RawTensor
+from statecli.safepickle import Global, Limits, StorageRef, Stub, TensorRef, loads
+from statecli.security import findings_for
+
+MAX_PICKLE_BYTES = 1 << 30  # a data.pkl larger than this is not a checkpoint's metadata
+MAX_WALK_DEPTH = 200
+MAX_WALK_NODES = 20_000_000
+
+# Keys under which training scripts keep the model's state, most specific first.
+MODEL_KEYS = (
+    "state_dict",
+    "model_state_dict",
+    "model",
+    "module",
+    "model_state",
+    "net",
+    "network",
+    "weights",
+    "params",
+)
+OPTIMIZER_KEYS = frozenset(
+    {
+        "optimizer",
+        "optimizers",
+        "optimizer_state_dict",
+        "optimizer_states",
+        "optimizer_state",
+        "optim",
+        "optim_state",
+        "opt",
+        "opt_state",
+        "scheduler",
+        "lr_scheduler",
+        "lr_schedulers",
+    }
+)
+LIGHTNING_MARKERS = frozenset({"pytorch-lightning_version", "optimizer_states", "lr_schedulers", "callbacks"})
+MODULE_INTERNALS = frozenset(
+    {"_parameters", "_buffers", "_non_persistent_buffers_set", "_modules", "training", "_version"}
+)
+
+
+def archive_root(names: list[str], path: str) -> str:
+    """The archive's top folder: the file stem when saved to a path, ``archive`` to a file object."""
+    roots = {n[: -len("/data.pkl")] for n in names if n.endswith("/data.pkl") and n.count("/") == 1}
+    if not roots:
+        raise InputError("zip archive without a data.pkl: not a torch.save checkpoint", path=path)
+    if len(roots) > 1:
+        raise InputError(f"zip archive with {len(roots)} archive roots ({', '.join(sorted(roots))})", path=path)
+    return roots.pop()
+
+
+class _Storages:
+    """Builds storage records from persistent ids, checking each against the archive's members."""
+
+    def __init__(self, members: dict[str, Member], root: str, path: str) -> None:
+        self.members = members
+        self.root = root
+        self.path = path
+        self.cache: dict[str, StorageRef] = {}
+
+    def __call__(self, pid: Any) -> StorageRef:
+        if type(pid) is tuple and len(pid) == 5:
+            hit = self.cache.get(pid[2])  # type: ignore[arg-type]
+            if hit is not None and type(pid[2]) is str:
+                return hit
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise InputError(f"corrupt pickle: unexpected persistent id {str(pid)[:80]}", path=self.path)
+        _, stype, key, location, numel = pid
+        if not (isinstance(stype, Global) and stype.module in ("torch", "torch.cuda")):
+            raise InputError(f"corrupt pickle: storage type {stype!r} is not a torch storage", path=self.path)
+        dtype = STORAGE_TYPES.get(stype.name)
+        if dtype is None:
+            raise InputError(f"unknown storage type torch.{stype.name}", path=self.path)
+        if not isinstance(key, str) or not isinstance(location, str) or type(numel) is not int:
+            raise InputError("corrupt pickle: malformed storage record", path=self.path)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
+        if numel < 0 or numel > 2**62:
+            raise InputError(f"storage '{key}' claims {numel} elements", path=self.path)
+        nbytes = numel * DTYPES[dtype].itemsize
+        info = self.members.get(f"{self.root}/data/{key}")
+        if info is None:
+            raise InputError(f"storage '{key}' has no data/{key} member in the archive", path=self.path)
+        if info.size < nbytes:
+            raise InputError(f"storage '{key}' claims {nbytes} bytes but data/{key} holds {info.size}", path=self.path)
+        ref = StorageRef(key, dtype, location[:64], numel, nbytes)
+        self.cache[key] = ref
+        return ref
+
+
+def read_torch_zip(path: str, members: dict[str, Member] | None = None, limits: Limits | None = None) -> RawCheckpoint:
+    """Read a ``torch.save`` zip archive's metadata without torch and without running its pickle."""
+    size = os.path.getsize(path)
+    if members is None:
+        members = read_central_directory(path)
+    root = archive_root(list(members), path)
+    data = read_member(path, members[f"{root}/data.pkl"], MAX_PICKLE_BYTES)
+    storages = _Storages(members, root, path)
+    try:
+        obj, unpickler = loads(data, storages, limits)
+    except StatecliError as e:
+        if e.path is None:
+            e.path = path
+            e.args = (f"{path}: {e.message}",)
+        raise
+    except RecursionError as e:
+        raise InputError("corrupt pickle: structure nested too deeply", path=path) from e
+    findings = findings_for(unpickler.globals_seen, unpickler.calls)
+    if unpickler.end < len(data):
+        findings.append(
+            Finding(
+                "warning",
+                "trailing-pickle-data",
+                f"data.pkl has {len(data) - unpickler.end} bytes after the pickle's end; they were ignored",
+            )
+        )
+    walker = _Walker(path)
+    container = walker.analyse(obj)
+    findings.extend(walker.findings)
+    if not walker.tensors:
+        keys = ", ".join(container.other_keys) or "none"
+        findings.append(
+            Finding("warning", "no-tensors", f"no tensors found in the checkpoint (top-level keys: {keys})")
+        )
+    return RawCheckpoint(
+        path=path,
+        format="torch-zip",
+        tensors=walker.tensors,
+        container=container,
+        findings=findings,
+        file_size=size,
+        storage_sizes={f"data/{k}": s.nbytes for k, s in storages.cache.items()},
+    )
+
+
+def _module_state(obj: Any) -> dict[str, Any] | None:
+    """The ``__dict__`` of a pickled ``nn.Module`` (a stub whose state has ``_parameters`` and ``_modules``)."""
+    if not isinstance(obj, Stub):
+        return None
+    state = obj.state
+    if isinstance(state, tuple) and state and isinstance(state[0], dict):
+        state = state[0]
+    if isinstance(state, dict) and "_parameters" in state and "_modules" in state:
+        return state
+    return None
+
+
+def _as_mapping(obj: Any) -> dict[Any, Any] | None:
+    if isinstance(obj, dict):
+        return obj
+    if isinstance(obj, Stub) and _module_state(obj) is None:
+        merged: dict[Any, Any] = {}
+        if isinstance(obj.state, dict):
+            merged.update(obj.state)
+        if obj.dictitems:
+            merged.update(obj.dictitems)
+        return merged if merged else None
+    return None
+
+
+def _key(k: Any) -> str:
+    return k if isinstance(k, str) else str(k)
+
+
+def _join(prefix: str, k: Any) -> str:
+    return f"{prefix}.{_key(k)}" if prefix else _key(k)
+
+
+def _is_optimizer_state(obj: Any) -> bool:
+    return isinstance(obj, dict) and "state" in obj and "param_groups" in obj
+
+
+class _Walker:
+    """Finds the model's tensors in whatever the pickle holds and names every tensor by its path."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.tensors: list[RawTensor] = []
+        self.findings: list[Finding] = []
+        self.seen: dict[int, str] = {}  # container id -> first path: cycles and shared subtrees once
+        self.nodes = 0
+        self.module_class: str | None = None
+        self.training: bool | None = None
+
+    def analyse(self, root: Any) -> Container:
+        if isinstance(root, TensorRef):
+            self._emit("tensor", root, "model")
+            return Container(kind="tensor", state_dict_at="")
+        state = _module_state(root)
+        if state is not None:
+            self._module(root, "", 0)
+            return Container("module", "", (), self.module_class, self.training)
+        mapping = _as_mapping(root)
+        if mapping is None:
+            if isinstance(root, (list, tuple)):
+                self._generic(root, "", "model", 0)
+                return Container(kind="list", state_dict_at="")
+            return Container(kind="empty", state_dict_at=None)
+        keys = [_key(k) for k in mapping]
+        lightning = bool(LIGHTNING_MARKERS & set(keys))
+        direct = any(isinstance(v, TensorRef) for v in mapping.values())
+        model_key = None
+        if not direct:
+            model_key = next((k for k in mapping if _key(k) in MODEL_KEYS and self._holds_tensors(mapping[k], 0)), None)
+        if model_key is not None:
+            model = mapping[model_key]
+            if _module_state(model) is not None:
+                self._module(model, "", 0)
+            else:
+                self._state_dict(model, "")
+            for k, v in mapping.items():
+                if k is not model_key:
+                    self._other(v, _key(k), _key(k))
+            kind = "lightning" if lightning else "training"
+            other = tuple(k for k in keys if k != _key(model_key))
+            return Container(kind, _key(model_key), other, self.module_class, self.training)
+        # The root itself is the state dict, perhaps nested; optimizer-like keys are kept apart.
+        model_items = {}
+        other_keys = []
+        for k, v in mapping.items():
+            name = _key(k)
+            if name in OPTIMIZER_KEYS or _is_optimizer_state(v):
+                other_keys.append(name)
+                self._other(v, name, name)
+            elif isinstance(v, TensorRef) or self._holds_tensors(v, 0):
+                model_items[k] = v
+            else:
+                other_keys.append(name)
+        self._state_dict(model_items, "")
+        kind = "training" if other_keys and not direct else "state_dict"
+        if lightning:
+            kind = "lightning"
+        return Container(kind, "", tuple(other_keys), self.module_class, self.training)
+
+    def _holds_tensors(self, obj: Any, depth: int) -> bool:
+        if depth > 8:
+            return False
+        if isinstance(obj, TensorRef) or _module_state(obj) is not None:
+            return True
+        m = _as_mapping(obj)
+        if m is not None:
+            return any(self._holds_tensors(v, depth + 1) for v in list(m.values())[:10_000])
+        if isinstance(obj, (list, tuple)):
+            return any(self._holds_tensors(v, depth + 1) for v in obj[:10_000])
+        return False
+
+    def _enter(self, obj: Any, path: str, depth: int) -> bool:
+        """Bookkeeping for each container visited; False when it was already listed elsewhere."""
+        if depth > MAX_WALK_DEPTH:
+            raise LimitExceededError(f"checkpoint structure nests deeper than {MAX_WALK_DEPTH}", path=self.path)
+        self.nodes += 1
+        if self.nodes > MAX_WALK_NODES:
+            raise LimitExceededError(f"checkpoint structure has more than {MAX_WALK_NODES} nodes", path=self.path)
+        first = self.seen.get(id(obj))
+        if first is not None:
+            self.findings.append(
+                Finding(
+                    "info",
+                    "shared-subtree",
+                    f"'{path or '(root)'}' is the same object as '{first or '(root)'}'; listed once",
+                )
+            )
+            return False
+        self.seen[id(obj)] = path
+        return True
+
+    def _state_dict(self, obj: Any, prefix: str) -> None:
+        start = len(self.tensors)
+        self._generic(obj, prefix, "model", 0)
+        mine = self.tensors[start:]
+        if any(t.is_parameter for t in mine):
+            # state_dict(keep_vars=True): Parameter objects are parameters, plain tensors beside them buffers.
+            for t in mine:
+                if t.role is None:
+                    t.role = "parameter" if t.is_parameter else "buffer"
+                    t.exact = True
+                    t.evidence = "keep-vars"
+                    if t.role == "buffer":
+                        t.persistent = True
+        else:
+            for t in mine:
+                if t.evidence is None:
+                    t.requires_grad = None  # state_dict() detaches: the stored flag says nothing
+
+    def _other(self, obj: Any, prefix: str, group: str) -> None:
+        start = len(self.tensors)
+        self._generic(obj, prefix, group, 0)
+        exact = _is_optimizer_state(obj) or (
+            isinstance(obj, (list, tuple)) and bool(obj) and all(_is_optimizer_state(o) for o in obj)
+        )
+        for t in self.tensors[start:]:
+            if t.role is None:
+                t.role = "other"
+                t.exact = exact
+                t.evidence = "container"
+                t.requires_grad = None if not t.is_parameter else t.requires_grad
+
+    def _generic(self, obj: Any, prefix: str, group: str, depth: int) -> None:
+        if isinstance(obj, TensorRef):
+            self._emit(prefix, obj, group)
+            return
+        if _module_state(obj) is not None:
+            self._module(obj, prefix, depth)
+            return
+        mapping = _as_mapping(obj)
+        if mapping is not None:
+            if self._enter(obj, prefix, depth):
+                for k, v in mapping.items():
+                    self._generic(v, _join(prefix, k), group, depth + 1)
+        elif isinstance(obj, (list, tuple)) and self._enter(obj, prefix, depth):
+            for i, v in enumerate(obj):
+                self._generic(v, _join(prefix, i), group, depth + 1)
+
+    def _module(self, stub: Stub, prefix: str, depth: int) -> None:
+        if not self._enter(stub, prefix, depth):
+            return
+        state = _module_state(stub)
+        assert state is not None
+        if self.module_class is None:
+            self.module_class = stub.class_name
+            training = state.get("training")
+            self.training = training if isinstance(training, bool) else None
+        for name, t in self._items(state.get("_parameters")):
+            if isinstance(t, TensorRef):
+                self._emit(_join(prefix, name), t, "model", "parameter", True)
+        non_persistent = state.get("_non_persistent_buffers_set")
+        np_names = {n for n in non_persistent if isinstance(n, str)} if isinstance(non_persistent, set) else set()
+        for name, t in self._items(state.get("_buffers")):
+            if isinstance(t, TensorRef):
+                self._emit(_join(prefix, name), t, "model", "buffer", name not in np_names)
+        for name, v in state.items():
+            if name not in MODULE_INTERNALS and isinstance(v, TensorRef):
+                # A tensor kept as a plain attribute is neither saved by state_dict() nor moved by .to().
+                r = self._emit(_join(prefix, name), v, "model", "other", None)
+                r.evidence = "module-attribute"
+        for name, child in self._items(state.get("_modules")):
+            if _module_state(child) is not None:
+                self._module(child, _join(prefix, name), depth + 1)
+
+    @staticmethod
+    def _items(d: Any) -> Iterator[tuple[str, Any]]:
+        if isinstance(d, dict):
+            for k, v in d.items():
+                yield _key(k), v
+
+    def _emit(
+        self,
+        name: str,
+        t: TensorRef,
+        group: str,
+        role: str | None = None,
+        persistent: bool | None = None,
+    ) -> RawTensor:
+        s = t.storage
+        dtype = t.dtype
+        raw = RawTensor(
+            name=name or "(root)",
+            dtype=dtype,
+            shape=t.shape,
+            stride=t.stride,
+            storage_offset=t.offset,
+            device=s.location if s is not None else t.device,
+            storage=f"data/{s.key}" if s is not None else None,
+            storage_nbytes=s.nbytes if s is not None else 0,
+            group=group,
+            requires_grad=t.requires_grad,
+            is_parameter=t.is_parameter,
+            layout=t.layout,
+        )
+        if t.device is not None:
+            raw.device = t.device
+        if role is not None:
+            raw.role = role
+            raw.exact = True
+            raw.evidence = "module"
+            raw.persistent = True if role == "parameter" else persistent
+        self.tensors.append(raw)
+        return raw

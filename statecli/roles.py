@@ -1,0 +1,157 @@
+"""Evidence -> role. Exact sources (set by the readers) first, then named rules, then ``default``.
+
+Each rule has a name (reported as ``rule:<name>``), a test in tests/test_roles.py and a line in the
+README. A rule is a guess: its result is never marked exact.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from statecli.dtypes import DTYPES, nbytes
+from statecli.formats.base import RawCheckpoint
+from statecli.records import RawTensor, Report, Summary, TensorInfo
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    role: str
+    doc: str
+    test: Callable[[str, str, RawTensor], bool]  # (last name segment, full name, tensor)
+
+
+_BN_STATS = frozenset({"running_mean", "running_var", "num_batches_tracked"})
+_QUANT_SEGMENT = re.compile(r"(^|\.)(activation_post_process[^.]*|[^.]*fake_quant[^.]*|[^.]*observer[^.]*)(\.|$)")
+_NON_TRAINABLE_KINDS = frozenset({"int", "uint", "bool", "bits"})
+
+
+def _is_quant_observer(last: str, name: str, t: RawTensor) -> bool:
+    # The substring test keeps the regex off the hot path for the 99.9% of names it cannot match.
+    if "observer" not in name and "fake_quant" not in name and "activation_post_process" not in name:
+        return False
+    return _QUANT_SEGMENT.search(name) is not None
+
+
+def _is_causal_mask(last: str, name: str, t: RawTensor) -> bool:
+    # GPT-2 keeps its causal mask as ``attn.bias`` (1, 1, n, n); a real bias is 1-D, so rank decides.
+    if last == "bias":
+        return len(t.shape) == 4 and name.endswith("attn.bias")
+    return last in ("masked_bias", "causal_mask", "attn_mask") and len(t.shape) in (0, 2, 4)
+
+
+def _is_integral(last: str, name: str, t: RawTensor) -> bool:
+    d = DTYPES.get(t.dtype)
+    return d is not None and d.kind in _NON_TRAINABLE_KINDS
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        "batchnorm-stats",
+        "buffer",
+        "`running_mean`, `running_var`, `num_batches_tracked`: BatchNorm, SyncBatchNorm and InstanceNorm statistics",
+        lambda last, name, t: last in _BN_STATS,
+    ),
+    Rule(
+        "quant-observer",
+        "buffer",
+        "tensors under `activation_post_process*`, `*fake_quant*` or `*observer*`: quantization observer state",
+        _is_quant_observer,
+    ),
+    Rule(
+        "position-ids",
+        "buffer",
+        "`position_ids`, `token_type_ids`: index tables transformers register as buffers",
+        lambda last, name, t: last in ("position_ids", "token_type_ids"),
+    ),
+    Rule(
+        "rotary-inv-freq",
+        "buffer",
+        "`inv_freq`: rotary embedding frequencies",
+        lambda last, name, t: last == "inv_freq",
+    ),
+    Rule(
+        "causal-mask",
+        "buffer",
+        "`attn.bias` of rank 4 and `masked_bias`: GPT-2 style attention masks",
+        _is_causal_mask,
+    ),
+    Rule(
+        "integer-dtype",
+        "buffer",
+        "integer and bool dtypes: autograd cannot train them, so they are not parameters",
+        _is_integral,
+    ),
+)
+
+
+def infer(t: RawTensor) -> tuple[str, str]:
+    """(role, evidence) for a tensor with no exact evidence: the first rule that matches, else default."""
+    name = t.name
+    last = name.rpartition(".")[2]
+    for rule in RULES:
+        if rule.test(last, name, t):
+            return rule.role, f"rule:{rule.name}"
+    return "parameter", "default"
+
+
+def _strided_nbytes(t: RawTensor) -> tuple[int, int]:
+    n = 1
+    for s in t.shape:
+        n *= s
+    return n, nbytes(t.dtype, n)
+
+
+def resolve(raw: RawCheckpoint) -> Report:
+    """Turn a reader's facts into the report: roles with evidence, shared storages, summary."""
+    by_storage: dict[str, list[str]] = {}
+    for t in raw.tensors:
+        if t.storage is not None:
+            by_storage.setdefault(t.storage, []).append(t.name)
+    infos: list[TensorInfo] = []
+    for t in raw.tensors:
+        if t.role is not None:
+            role, exact, evidence = t.role, t.exact, t.evidence or "reader"
+        else:
+            role, evidence = infer(t)
+            exact = False
+        persistent = t.persistent
+        if persistent is None and role in ("parameter", "buffer") and t.group == "model":
+            persistent = True  # present in a saved state: it was persistent when saved
+        numel, size = _strided_nbytes(t)
+        sharers = by_storage.get(t.storage, ()) if t.storage is not None else ()
+        infos.append(
+            TensorInfo(
+                name=t.name,
+                role=role,
+                exact=exact,
+                evidence=evidence,
+                persistent=persistent,
+                requires_grad=t.requires_grad,
+                dtype=t.dtype,
+                shape=t.shape,
+                numel=numel,
+                nbytes=size,
+                device=t.device,
+                shares_with=tuple(n for n in sharers if n != t.name) if len(sharers) > 1 else (),
+                group=t.group,
+                stride=t.stride,
+                storage_offset=t.storage_offset,
+                storage=t.storage,
+                layout=t.layout,
+                file=t.file,
+            )
+        )
+    return Report(
+        path=raw.path,
+        format=raw.format,
+        container=raw.container,
+        tensors=tuple(infos),
+        summary=Summary.of(infos, raw.storage_sizes),
+        findings=tuple(raw.findings),
+        metadata=dict(raw.metadata),
+        file_size=raw.file_size,
+        storage_sizes=dict(raw.storage_sizes),
+    )

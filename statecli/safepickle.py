@@ -1,0 +1,802 @@
+"""A restricted pickle reader: it builds inert data from a pickle without importing or calling anything.
+
+Why our own opcode loop instead of ``pickle.Unpickler`` with ``find_class`` overridden: the C unpickler
+grows its memo to twice the largest index it is given (one ``LONG_BINPUT 4294967295`` asks for 32 GiB),
+has no limits on nesting or opcode count, and calls what ``find_class`` returns. Here:
+
+- ``GLOBAL`` / ``STACK_GLOBAL`` / ``INST`` produce a :class:`Global`, a name and nothing more. Names
+  are matched by exact string against :data:`HANDLERS`, never imported, never resolved by ``getattr``.
+- ``REDUCE`` / ``NEWOBJ`` / ``OBJ`` on an allowlisted name run *our* pure function for it (building a
+  :class:`TensorRef` for torch's tensor rebuild functions, a dict for ``OrderedDict``); on any other
+  name they produce a :class:`Stub` recording the callee and its arguments. ``BUILD`` stores its state
+  on the stub. Nothing the file names is ever called.
+- Sizes the file claims are checked against the bytes that are there before anything is sliced.
+
+Tensor bytes are never read: storages arrive through ``persistent_load`` as whatever the caller builds
+(the torch zip reader validates them against the archive's members).
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from statecli.dtypes import DTYPES, STORAGE_TYPES
+from statecli.errors import InputError, LimitExceededError
+
+MAX_INDEX = 2**62  # element counts, offsets and strides beyond this are not real tensors
+_U32 = struct.Struct("<I").unpack_from
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Caps on what one pickle may ask for. Defaults are far above any real checkpoint's needs."""
+
+    max_ops: int = 200_000_000
+    max_memo: int = 20_000_000
+    max_depth: int = 1_000  # open MARKs at once
+    max_str: int = 256 * 1024 * 1024  # one string or bytes object
+    max_long_bytes: int = 1_024  # LONG1/LONG4 payloads; real pickles use a few bytes
+    max_line: int = 1024 * 1024  # protocol-0 text lines
+
+
+class Global:
+    """A global the pickle names (``module``, ``name``). It is a name only: nothing is imported.
+
+    ``handler`` is statecli's own pure function for an allowlisted name, looked up once here so the
+    REDUCE fast path needs no dictionary lookup.
+    """
+
+    __slots__ = ("handler", "module", "name")
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module = module
+        self.name = name
+        self.handler: Callable[[tuple[Any, ...]], Any] | None = HANDLERS.get((module, name))
+
+    @property
+    def qualname(self) -> str:
+        return f"{self.module}.{self.name}"
+
+    def __repr__(self) -> str:
+        return f"<global {self.qualname}>"
+
+
+class Stub:
+    """What the pickle would have built by calling or instantiating ``callee``; here it is inert data.
+
+    ``kind`` is ``reduce``, ``newobj`` or ``inst``; ``state`` is what BUILD would have applied;
+    ``items`` / ``dictitems`` what APPEND(S) / SETITEM(S) would have added.
+    """
+
+    __slots__ = ("args", "callee", "dictitems", "items", "kind", "state")
+
+    def __init__(self, callee: Any, args: Any, kind: str) -> None:
+        self.callee = callee
+        self.args = args
+        self.kind = kind
+        self.state: Any = None
+        self.items: list[Any] | None = None
+        self.dictitems: dict[Any, Any] | None = None
+
+    @property
+    def class_name(self) -> str:
+        c = self.callee
+        if isinstance(c, Global):
+            return c.qualname
+        return "<computed>"
+
+    def __repr__(self) -> str:
+        return f"<stub {self.kind} {self.class_name}>"
+
+
+class PickledDict(dict):  # type: ignore[type-arg]
+    """A dict (or OrderedDict) from the pickle; ``attrs`` holds what BUILD set on it (``_metadata``)."""
+
+    __slots__ = ("attrs",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attrs: dict[str, Any] = {}
+
+
+@dataclass(slots=True)
+class StorageRef:
+    """A tensor storage named by a persistent id; its bytes stay where they are."""
+
+    key: str
+    dtype: str
+    location: str
+    numel: int  # elements of ``dtype``
+    nbytes: int
+
+
+@dataclass(slots=True)
+class TensorRef:
+    """A tensor as torch would rebuild it: facts only."""
+
+    storage: StorageRef | None
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...] | None
+    dtype: str
+    requires_grad: bool | None
+    is_parameter: bool = False
+    layout: str = "strided"
+    device: str | None = None  # only where no storage says it (meta tensors)
+    extra: list[TensorRef] = field(default_factory=list)  # sparse components, quantizer params
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def _as_int(v: Any, what: str) -> int:
+    if type(v) is not int and not isinstance(v, bool):
+        raise InputError(f"corrupt pickle: {what} is {type(v).__name__}, not an integer")
+    return int(v)
+
+
+def _as_shape(v: Any, what: str) -> tuple[int, ...]:
+    if type(v) is tuple and len(v) <= 64:
+        # The common case, checked without building anything new.
+        for x in v:
+            if type(x) is not int or x < 0 or x > MAX_INDEX:
+                break
+        else:
+            return v
+    if isinstance(v, Stub) and isinstance(v.callee, Global) and v.callee.qualname == "torch.Size":
+        v = v.args[0] if v.args else ()
+    if not isinstance(v, (tuple, list)):
+        raise InputError(f"corrupt pickle: tensor {what} is {type(v).__name__}, not a tuple")
+    if len(v) > 64:
+        raise InputError(f"corrupt pickle: tensor {what} has {len(v)} dimensions")
+    out = tuple(_as_int(x, what) for x in v)
+    for x in out:
+        if x < 0 or x > MAX_INDEX:
+            raise InputError(f"corrupt pickle: tensor {what} {list(out)} has an impossible value")
+    return out
+
+
+def checked_numel(shape: tuple[int, ...]) -> int:
+    """Element count of ``shape``, refusing products no real tensor has (Python ints never wrap)."""
+    n = 1
+    for s in shape:
+        n *= s
+        if n > MAX_INDEX:
+            raise InputError(f"corrupt pickle: shape {list(shape)} overflows the element count")
+    return n
+
+
+def _dtype_name(v: Any) -> str:
+    if isinstance(v, Global) and v.module == "torch" and v.name in DTYPES:
+        return v.name
+    raise InputError(f"corrupt pickle: expected a torch dtype, found {v!r}")
+
+
+def _tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: str | None) -> TensorRef:
+    if type(storage) is not StorageRef:
+        raise InputError("corrupt pickle: a tensor's storage is not a storage record")
+    if type(offset) is not int or offset < 0 or offset > MAX_INDEX:
+        raise InputError(f"corrupt pickle: storage offset {offset!r} is impossible")
+    shape = _as_shape(size, "shape")
+    strides = _as_shape(stride, "stride")
+    if len(strides) != len(shape):
+        raise InputError(f"corrupt pickle: tensor shape {list(shape)} and stride {list(strides)} differ in rank")
+    dt = dtype or storage.dtype
+    numel = checked_numel(shape)
+    if numel:
+        # The last element a strided view touches must lie inside the storage it views.
+        last = offset
+        for s, st in zip(shape, strides, strict=True):
+            last += (s - 1) * st
+        itemsize = DTYPES[dt].itemsize if dt in DTYPES else 1
+        capacity = storage.nbytes // itemsize
+        if last >= capacity:
+            raise InputError(
+                f"corrupt pickle: a tensor of shape {list(shape)}, stride {list(strides)}, offset {offset} "
+                f"reaches element {last} of storage '{storage.key}', which holds {capacity} {dt} elements"
+            )
+    return TensorRef(storage, offset, shape, strides, dt, None)
+
+
+def _with_grad(t: TensorRef, requires_grad: Any) -> TensorRef:
+    t.requires_grad = bool(requires_grad) if isinstance(requires_grad, bool) else None
+    return t
+
+
+def _h_rebuild_tensor(args: tuple[Any, ...]) -> TensorRef:
+    return _tensor(args[0], args[1], args[2], args[3], None)
+
+
+def _h_rebuild_tensor_v2(args: tuple[Any, ...]) -> TensorRef:
+    return _with_grad(_tensor(args[0], args[1], args[2], args[3], None), args[4])
+
+
+def _h_rebuild_tensor_v3(args: tuple[Any, ...]) -> TensorRef:
+    return _with_grad(_tensor(args[0], args[1], args[2], args[3], _dtype_name(args[6])), args[4])
+
+
+def _h_rebuild_qtensor(args: tuple[Any, ...]) -> TensorRef:
+    t = _with_grad(_tensor(args[0], args[1], args[2], args[3], None), args[5])
+    t.layout = "quantized"
+    qparams = args[4]
+    if isinstance(qparams, tuple):
+        t.extra = [q for q in qparams if isinstance(q, TensorRef)]
+    return t
+
+
+def _h_rebuild_parameter(args: tuple[Any, ...]) -> TensorRef:
+    data = args[0]
+    if not isinstance(data, TensorRef):
+        raise InputError("corrupt pickle: a Parameter wraps something that is not a tensor")
+    p = TensorRef(data.storage, data.offset, data.shape, data.stride, data.dtype, None, True, data.layout, data.device)
+    p.extra = data.extra
+    return _with_grad(p, args[1])
+
+
+def _h_rebuild_meta(args: tuple[Any, ...]) -> TensorRef:
+    shape = _as_shape(args[1], "shape")
+    checked_numel(shape)
+    t = TensorRef(None, 0, shape, _as_shape(args[2], "stride"), _dtype_name(args[0]), None, device="meta")
+    return _with_grad(t, args[3])
+
+
+def _h_rebuild_sparse(args: tuple[Any, ...]) -> TensorRef:
+    layout, data = args[0], args[1]
+    parts = [d for d in data if isinstance(d, TensorRef)] if isinstance(data, tuple) else []
+    size = next((d for d in reversed(data) if isinstance(d, (tuple, Stub))), ()) if parts else ()
+    shape = _as_shape(size, "shape") if size else ()
+    values = parts[1] if len(parts) > 1 else (parts[0] if parts else None)
+    name = layout.name if isinstance(layout, Global) else "sparse"
+    t = TensorRef(None, 0, shape, None, values.dtype if values else "float32", False, layout=name)
+    t.extra = parts
+    return t
+
+
+def _h_rebuild_from_type_v2(args: tuple[Any, ...]) -> Any:
+    func, new_type, inner = args[0], args[1], args[2]
+    handler = HANDLERS.get((func.module, func.name)) if isinstance(func, Global) else None
+    if handler is None or not isinstance(inner, tuple):
+        return Stub(func, inner, "reduce")
+    t = handler(inner)
+    if isinstance(t, TensorRef) and isinstance(new_type, Global):
+        if new_type.qualname == "torch.nn.parameter.Parameter":
+            t.is_parameter = True
+        elif new_type.qualname != "torch.Tensor":
+            t.layout = f"subclass:{new_type.qualname}"
+    return t
+
+
+def _h_device_from_cpu(args: tuple[Any, ...]) -> Any:
+    t = args[0]
+    if isinstance(t, TensorRef) and isinstance(args[2], str):
+        t.device = args[2][:64]
+        return _with_grad(t, args[3])
+    return Stub(Global("torch._utils", "_rebuild_device_tensor_from_cpu_tensor"), args, "reduce")
+
+
+def _h_ordered_dict(args: tuple[Any, ...]) -> PickledDict:
+    d = PickledDict()
+    if args and isinstance(args[0], (list, tuple)):
+        for kv in args[0]:
+            if isinstance(kv, (list, tuple)) and len(kv) == 2:
+                d[kv[0]] = kv[1]
+    return d
+
+
+def _h_set(args: tuple[Any, ...]) -> Any:
+    items = args[0] if args else ()
+    return set(items) if isinstance(items, (list, tuple, set, frozenset)) else set()
+
+
+def _h_frozenset(args: tuple[Any, ...]) -> Any:
+    return frozenset(_h_set(args))
+
+
+def _h_codecs_encode(args: tuple[Any, ...]) -> Any:
+    # Protocol 2 pickles bytes as _codecs.encode(text, 'latin1'); only that exact form is honoured.
+    if len(args) == 2 and isinstance(args[0], str) and args[1] in ("latin1", "latin-1"):
+        return args[0].encode("latin1")
+    return Stub(Global("_codecs", "encode"), args, "reduce")
+
+
+def _h_size(args: tuple[Any, ...]) -> Any:
+    return tuple(args[0]) if args and isinstance(args[0], (tuple, list)) else ()
+
+
+def _h_inert(args: tuple[Any, ...]) -> Any:
+    return None
+
+
+_TORCH_UTILS = ("torch._utils", "torch._tensor")
+HANDLERS: dict[tuple[str, str], Callable[[tuple[Any, ...]], Any]] = {
+    ("collections", "OrderedDict"): _h_ordered_dict,
+    ("builtins", "set"): _h_set,
+    ("builtins", "frozenset"): _h_frozenset,
+    ("_codecs", "encode"): _h_codecs_encode,
+    ("torch", "Size"): _h_size,
+    ("torch._utils", "_rebuild_tensor"): _h_rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v2"): _h_rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor_v3"): _h_rebuild_tensor_v3,
+    ("torch._utils", "_rebuild_qtensor"): _h_rebuild_qtensor,
+    ("torch._utils", "_rebuild_parameter"): _h_rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _h_rebuild_parameter,
+    ("torch._utils", "_rebuild_meta_tensor_no_storage"): _h_rebuild_meta,
+    ("torch._utils", "_rebuild_sparse_tensor"): _h_rebuild_sparse,
+    ("torch._utils", "_rebuild_device_tensor_from_cpu_tensor"): _h_device_from_cpu,
+    ("torch._utils", "_rebuild_from_type_v2"): _h_rebuild_from_type_v2,
+    ("torch._tensor", "_rebuild_from_type_v2"): _h_rebuild_from_type_v2,
+    # torch.device('cuda', 0) and the like: harmless values statecli does not need.
+    ("torch", "device"): _h_inert,
+}
+
+# Names that are data, not behaviour: storage types, dtypes, layouts, qschemes. They stay Globals.
+ALLOWED_NAMES: frozenset[tuple[str, str]] = frozenset(
+    [("torch", n) for n in STORAGE_TYPES]
+    + [("torch.cuda", n) for n in STORAGE_TYPES]
+    + [("torch", n) for n in DTYPES]
+    + [
+        ("torch", n)
+        for n in (
+            "per_tensor_affine",
+            "per_channel_affine",
+            "per_channel_affine_float_qparams",
+            "per_tensor_symmetric",
+            "per_channel_symmetric",
+            "sparse_coo",
+            "sparse_csr",
+            "sparse_csc",
+            "sparse_bsr",
+            "sparse_bsc",
+            "strided",
+            "Tensor",
+        )
+    ]
+    + [("torch.nn.parameter", "Parameter"), ("torch", "Tensor")]
+    + list(HANDLERS)
+)
+
+
+def is_allowed(module: str, name: str) -> bool:
+    return (module, name) in ALLOWED_NAMES
+
+
+class RestrictedUnpickler:
+    """Parse one pickle into inert data. ``persistent_load`` turns persistent ids into storage records.
+
+    After :meth:`load`, ``globals_seen`` counts every global named, and ``calls`` records (callee,
+    args) for each REDUCE / NEWOBJ / INST on a name outside the allowlist: what the pickle *would* run.
+    """
+
+    def __init__(
+        self,
+        data: bytes,
+        persistent_load: Callable[[Any], Any] | None = None,
+        limits: Limits | None = None,
+    ) -> None:
+        self.data = data
+        self.persistent_load = persistent_load
+        self.limits = limits or Limits()
+        self.globals_seen: dict[tuple[str, str], int] = {}
+        self.calls: list[tuple[Global, Any]] = []
+        self.proto = 0
+        self.end = 0  # offset just past STOP
+
+    # The hot loop is one function with local variables and an if-chain ordered by how often torch
+    # pickles use each opcode: a 100,000-tensor state dict runs about two million of them.
+    def load(self) -> Any:
+        data = self.data
+        n = len(data)
+        lim = self.limits
+        stack: list[Any] = []
+        marks: list[int] = []
+        memo: dict[int, Any] = {}
+        unpack_from = struct.unpack_from
+        u32 = _U32
+        max_memo = lim.max_memo
+        max_depth = lim.max_depth
+        max_str = lim.max_str
+        persistent = self._persistent
+        call = self._call
+        pos = 0
+        # Every opcode takes at least one byte, so the opcode count is bounded by the pickle's size,
+        # which the caller caps; an explicit counter would cost ~10% of the loop.
+        if n > lim.max_ops:
+            raise LimitExceededError(f"pickle of {n} bytes could run more than {lim.max_ops} opcodes")
+        try:
+            while True:
+                op = data[pos]
+                pos += 1
+                if op == 0x72:  # LONG_BINPUT
+                    memo[u32(data, pos)[0]] = stack[-1]
+                    pos += 4
+                    if len(memo) > max_memo:
+                        raise LimitExceededError(f"pickle memo exceeds {max_memo} entries")
+                elif op == 0x68:  # BINGET
+                    stack.append(memo[data[pos]])
+                    pos += 1
+                elif op == 0x4B:  # BININT1
+                    stack.append(data[pos])
+                    pos += 1
+                elif op == 0x28:  # MARK
+                    marks.append(len(stack))
+                    if len(marks) > max_depth:
+                        raise LimitExceededError(f"pickle nests deeper than {max_depth} levels")
+                elif op == 0x58:  # BINUNICODE
+                    size = u32(data, pos)[0]
+                    pos += 4
+                    end = pos + size
+                    if size > max_str or end > n:
+                        self._bytes(pos, size)  # raises the right error
+                    stack.append(str(data[pos:end], "utf-8", "surrogatepass"))
+                    pos = end
+                elif op == 0x74:  # TUPLE
+                    k = marks.pop()
+                    t = tuple(stack[k:])
+                    del stack[k:]
+                    stack.append(t)
+                elif op == 0x85:  # TUPLE1
+                    stack[-1] = (stack[-1],)
+                elif op == 0x52:  # REDUCE
+                    args = stack.pop()
+                    f = stack[-1]
+                    if type(f) is Global and f.handler is not None and type(args) is tuple:
+                        try:
+                            stack[-1] = f.handler(args)
+                        except IndexError as e:
+                            raise InputError(f"corrupt pickle: too few arguments to {f.qualname}") from e
+                    else:
+                        stack[-1] = call(f, args, "reduce")
+                elif op == 0x51:  # BINPERSID
+                    stack[-1] = persistent(stack[-1])
+                elif op == 0x89:  # NEWFALSE
+                    stack.append(False)
+                elif op == 0x29:  # EMPTY_TUPLE
+                    stack.append(())
+                elif op == 0x71:  # BINPUT
+                    memo[data[pos]] = stack[-1]
+                    pos += 1
+                    if len(memo) > max_memo:
+                        raise LimitExceededError(f"pickle memo exceeds {max_memo} entries")
+                elif op == 0x86:  # TUPLE2
+                    b = stack.pop()
+                    stack[-1] = (stack[-1], b)
+                elif op == 0x87:  # TUPLE3
+                    c = stack.pop()
+                    b = stack.pop()
+                    stack[-1] = (stack[-1], b, c)
+                elif op == 0x88:  # NEWTRUE
+                    stack.append(True)
+                elif op == 0x6A:  # LONG_BINGET
+                    (idx,) = unpack_from("<I", data, pos)
+                    pos += 4
+                    stack.append(memo[idx])
+                elif op == 0x94:  # MEMOIZE
+                    memo[len(memo)] = stack[-1]
+                    if len(memo) > lim.max_memo:
+                        raise LimitExceededError(f"pickle memo exceeds {lim.max_memo} entries")
+                elif op == 0x75:  # SETITEMS
+                    k = marks.pop()
+                    items = stack[k:]
+                    del stack[k:]
+                    self._setitems(stack[-1], items)
+                elif op == 0x73:  # SETITEM
+                    v = stack.pop()
+                    key = stack.pop()
+                    self._setitems(stack[-1], [key, v])
+                elif op == 0x4A:  # BININT
+                    stack.append(unpack_from("<i", data, pos)[0])
+                    pos += 4
+                elif op == 0x4D:  # BININT2
+                    stack.append(unpack_from("<H", data, pos)[0])
+                    pos += 2
+                elif op == 0x7D:  # EMPTY_DICT
+                    stack.append({})
+                elif op == 0x5D:  # EMPTY_LIST
+                    stack.append([])
+                elif op == 0x4E:  # NONE
+                    stack.append(None)
+                elif op == 0x8C:  # SHORT_BINUNICODE
+                    size = data[pos]
+                    pos += 1
+                    stack.append(self._text(pos, size))
+                    pos += size
+                elif op == 0x63:  # GLOBAL
+                    module, pos = self._line(pos)
+                    name, pos = self._line(pos)
+                    stack.append(self._global(module.decode("utf-8"), name.decode("utf-8")))
+                elif op == 0x93:  # STACK_GLOBAL
+                    name = stack.pop()
+                    module = stack.pop()
+                    if type(name) is not str or type(module) is not str:
+                        raise InputError("corrupt pickle: STACK_GLOBAL operands are not strings")
+                    stack.append(self._global(module, name))
+                elif op == 0x62:  # BUILD
+                    state = stack.pop()
+                    self._build(stack[-1], state)
+                elif op == 0x65:  # APPENDS
+                    k = marks.pop()
+                    items = stack[k:]
+                    del stack[k:]
+                    self._extend(stack[-1], items)
+                elif op == 0x61:  # APPEND
+                    v = stack.pop()
+                    self._extend(stack[-1], [v])
+                elif op == 0x81:  # NEWOBJ
+                    args = stack.pop()
+                    stack[-1] = self._call(stack[-1], args, "newobj")
+                elif op == 0x92:  # NEWOBJ_EX
+                    kwargs = stack.pop()
+                    args = stack.pop()
+                    stack[-1] = self._call(stack[-1], (args, kwargs), "newobj")
+                elif op == 0x80:  # PROTO
+                    self.proto = data[pos]
+                    pos += 1
+                elif op == 0x95:  # FRAME: the whole pickle is in memory already; just check the claim
+                    (size,) = unpack_from("<Q", data, pos)
+                    pos += 8
+                    if size > n - pos:
+                        raise InputError(f"corrupt pickle: frame of {size} bytes runs past the data")
+                elif op == 0x2E:  # STOP
+                    self.end = pos
+                    if not stack:
+                        raise InputError("corrupt pickle: STOP with an empty stack")
+                    return stack.pop()
+                elif op == 0x30:  # POP
+                    if stack and (not marks or marks[-1] < len(stack)):
+                        stack.pop()
+                    else:
+                        k = marks.pop()
+                        del stack[k:]
+                elif op == 0x31:  # POP_MARK
+                    k = marks.pop()
+                    del stack[k:]
+                elif op == 0x32:  # DUP
+                    stack.append(stack[-1])
+                elif op == 0x64:  # DICT
+                    k = marks.pop()
+                    items = stack[k:]
+                    del stack[k:]
+                    d: dict[Any, Any] = {}
+                    self._setitems(d, items)
+                    stack.append(d)
+                elif op == 0x6C:  # LIST
+                    k = marks.pop()
+                    lst = stack[k:]
+                    del stack[k:]
+                    stack.append(lst)
+                elif op == 0x8F:  # EMPTY_SET
+                    stack.append(set())
+                elif op == 0x90:  # ADDITEMS
+                    k = marks.pop()
+                    items = stack[k:]
+                    del stack[k:]
+                    target = stack[-1]
+                    if isinstance(target, set):
+                        target.update(items)
+                    else:
+                        raise InputError("corrupt pickle: ADDITEMS on something that is not a set")
+                elif op == 0x91:  # FROZENSET
+                    k = marks.pop()
+                    items = stack[k:]
+                    del stack[k:]
+                    stack.append(frozenset(items))
+                elif op == 0x8A:  # LONG1
+                    size = data[pos]
+                    pos += 1
+                    stack.append(int.from_bytes(self._bytes(pos, size), "little", signed=True))
+                    pos += size
+                elif op == 0x8B:  # LONG4
+                    (size,) = unpack_from("<i", data, pos)
+                    pos += 4
+                    if size < 0 or size > lim.max_long_bytes:
+                        raise LimitExceededError(f"pickle integer of {size} bytes exceeds the limit")
+                    stack.append(int.from_bytes(self._bytes(pos, size), "little", signed=True))
+                    pos += size
+                elif op == 0x47:  # BINFLOAT
+                    stack.append(unpack_from(">d", data, pos)[0])
+                    pos += 8
+                elif op == 0x43:  # SHORT_BINBYTES
+                    size = data[pos]
+                    pos += 1
+                    stack.append(self._bytes(pos, size))
+                    pos += size
+                elif op == 0x42:  # BINBYTES
+                    (size,) = unpack_from("<I", data, pos)
+                    pos += 4
+                    stack.append(self._bytes(pos, size))
+                    pos += size
+                elif op == 0x8E:  # BINBYTES8
+                    (size,) = unpack_from("<Q", data, pos)
+                    pos += 8
+                    stack.append(self._bytes(pos, size))
+                    pos += size
+                elif op == 0x8D:  # BINUNICODE8
+                    (size,) = unpack_from("<Q", data, pos)
+                    pos += 8
+                    stack.append(self._text(pos, size))
+                    pos += size
+                elif op == 0x96:  # BYTEARRAY8
+                    (size,) = unpack_from("<Q", data, pos)
+                    pos += 8
+                    stack.append(bytearray(self._bytes(pos, size)))
+                    pos += size
+                elif op == 0x55:  # SHORT_BINSTRING
+                    size = data[pos]
+                    pos += 1
+                    stack.append(self._bytes(pos, size).decode("latin1"))
+                    pos += size
+                elif op == 0x54:  # BINSTRING
+                    (size,) = unpack_from("<i", data, pos)
+                    pos += 4
+                    if size < 0:
+                        raise InputError("corrupt pickle: negative BINSTRING length")
+                    stack.append(self._bytes(pos, size).decode("latin1"))
+                    pos += size
+                elif op == 0x50:  # PERSID (protocol 0)
+                    pid, pos = self._line(pos)
+                    stack.append(self._persistent(pid.decode("ascii")))
+                elif op == 0x49:  # INT (protocol 0); also encodes True/False as 01/00
+                    line, pos = self._line(pos)
+                    if line == b"00":
+                        stack.append(False)
+                    elif line == b"01":
+                        stack.append(True)
+                    else:
+                        stack.append(self._int_text(line))
+                elif op == 0x4C:  # LONG (protocol 0)
+                    line, pos = self._line(pos)
+                    stack.append(self._int_text(line.rstrip(b"L")))
+                elif op == 0x46:  # FLOAT (protocol 0)
+                    line, pos = self._line(pos)
+                    stack.append(float(line))
+                elif op == 0x53:  # STRING (protocol 0): a quoted repr; keep the text between the quotes
+                    line, pos = self._line(pos)
+                    if len(line) < 2 or line[:1] != line[-1:] or line[:1] not in (b"'", b'"'):
+                        raise InputError("corrupt pickle: badly quoted STRING")
+                    stack.append(line[1:-1].decode("latin1"))
+                elif op == 0x56:  # UNICODE (protocol 0)
+                    line, pos = self._line(pos)
+                    stack.append(line.decode("raw-unicode-escape"))
+                elif op == 0x67:  # GET
+                    line, pos = self._line(pos)
+                    stack.append(memo[self._int_text(line)])
+                elif op == 0x70:  # PUT
+                    line, pos = self._line(pos)
+                    memo[self._int_text(line)] = stack[-1]
+                    if len(memo) > lim.max_memo:
+                        raise LimitExceededError(f"pickle memo exceeds {lim.max_memo} entries")
+                elif op == 0x69:  # INST
+                    module, pos = self._line(pos)
+                    name, pos = self._line(pos)
+                    k = marks.pop()
+                    args = tuple(stack[k:])
+                    del stack[k:]
+                    g = self._global(module.decode("utf-8"), name.decode("utf-8"))
+                    stack.append(self._call(g, args, "inst"))
+                elif op == 0x6F:  # OBJ
+                    k = marks.pop()
+                    items = stack[k:]
+                    del stack[k:]
+                    if not items:
+                        raise InputError("corrupt pickle: OBJ without a class")
+                    stack.append(self._call(items[0], tuple(items[1:]), "inst"))
+                elif op in (0x82, 0x83, 0x84):  # EXT1, EXT2, EXT4
+                    raise InputError("pickle uses copyreg extension codes, which statecli does not read")
+                elif op in (0x97, 0x98):  # NEXT_BUFFER, READONLY_BUFFER
+                    raise InputError("pickle uses out-of-band buffers, which statecli does not read")
+                else:
+                    raise InputError(f"corrupt pickle: unknown opcode 0x{op:02x} at byte {pos - 1}")
+        except (IndexError, KeyError, struct.error) as e:
+            detail = "memo entry missing" if isinstance(e, KeyError) else "stack or data ran out"
+            if pos >= n:
+                raise InputError("corrupt pickle: data ends before STOP (truncated?)") from e
+            raise InputError(f"corrupt pickle: {detail} near byte {pos}") from e
+        except (TypeError, ValueError, UnicodeDecodeError, OverflowError) as e:
+            raise InputError(f"corrupt pickle near byte {pos}: {e}") from e
+
+    def _bytes(self, pos: int, size: int) -> bytes:
+        if size > self.limits.max_str:
+            raise LimitExceededError(f"pickle claims a {size}-byte string; the limit is {self.limits.max_str}")
+        if pos + size > len(self.data):
+            raise InputError(f"corrupt pickle: a {size}-byte string runs past the end of the data")
+        return self.data[pos : pos + size]
+
+    def _text(self, pos: int, size: int) -> str:
+        return self._bytes(pos, size).decode("utf-8", "surrogatepass")
+
+    def _line(self, pos: int) -> tuple[bytes, int]:
+        end = self.data.find(b"\n", pos, pos + self.limits.max_line + 1)
+        if end < 0:
+            raise InputError("corrupt pickle: unterminated text line")
+        return self.data[pos:end], end + 1
+
+    def _int_text(self, line: bytes) -> int:
+        if len(line) > 64:
+            raise LimitExceededError("pickle integer text longer than 64 digits")
+        return int(line)
+
+    def _global(self, module: str, name: str) -> Global:
+        if self.proto < 3:
+            # Overriding name lookup skips pickle's own protocol-2 mapping (__builtin__ -> builtins).
+            mapped = _compat_pickle.NAME_MAPPING.get((module, name))
+            if mapped is not None:
+                module, name = mapped
+            else:
+                module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        key = (module, name)
+        self.globals_seen[key] = self.globals_seen.get(key, 0) + 1
+        return Global(module, name)
+
+    def _call(self, callee: Any, args: Any, kind: str) -> Any:
+        if isinstance(callee, Global):
+            handler = callee.handler
+            if handler is not None:
+                if not isinstance(args, tuple):
+                    raise InputError(f"corrupt pickle: arguments to {callee.qualname} are not a tuple")
+                try:
+                    return handler(args)
+                except IndexError as e:
+                    raise InputError(f"corrupt pickle: too few arguments to {callee.qualname}") from e
+            if (callee.module, callee.name) not in ALLOWED_NAMES and len(self.calls) < 10_000:
+                self.calls.append((callee, args))
+        return Stub(callee, args, kind)
+
+    def _persistent(self, pid: Any) -> Any:
+        if self.persistent_load is None:
+            raise InputError("pickle refers to external data (a persistent id) outside a torch archive")
+        return self.persistent_load(pid)
+
+    @staticmethod
+    def _setitems(target: Any, items: list[Any]) -> None:
+        if len(items) % 2:
+            raise InputError("corrupt pickle: SETITEMS with an odd number of items")
+        if isinstance(target, dict):
+            for i in range(0, len(items), 2):
+                target[items[i]] = items[i + 1]
+        elif isinstance(target, Stub):
+            if target.dictitems is None:
+                target.dictitems = {}
+            for i in range(0, len(items), 2):
+                target.dictitems[items[i]] = items[i + 1]
+        else:
+            raise InputError(f"corrupt pickle: SETITEM on a {type(target).__name__}")
+
+    @staticmethod
+    def _extend(target: Any, items: list[Any]) -> None:
+        if isinstance(target, list):
+            target.extend(items)
+        elif isinstance(target, Stub):
+            if target.items is None:
+                target.items = []
+            target.items.extend(items)
+        else:
+            raise InputError(f"corrupt pickle: APPEND on a {type(target).__name__}")
+
+    def _build(self, target: Any, state: Any) -> None:
+        if isinstance(target, Stub):
+            target.state = state
+        elif isinstance(target, PickledDict):
+            if isinstance(state, dict):
+                target.attrs.update((k, v) for k, v in state.items() if isinstance(k, str))
+        elif isinstance(target, Global):
+            # Real pickle would set attributes on a module-level object: record it as a call.
+            self.calls.append((Global(target.module, f"{target.name}.__setstate__"), state))
+        # BUILD on plain data (lists, tensors) has no meaning for statecli; it is ignored.
+
+
+def loads(
+    data: bytes,
+    persistent_load: Callable[[Any], Any] | None = None,
+    limits: Limits | None = None,
+) -> tuple[Any, RestrictedUnpickler]:
+    """Parse ``data``; returns the object and the unpickler (for ``globals_seen`` and ``calls``)."""
+    u = RestrictedUnpickler(data, persistent_load, limits)
+    return u.load(), u

@@ -1,0 +1,178 @@
+"""What a pickle *would* import or call, turned into findings. Classification is by name only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from statecli.records import Finding
+from statecli.safepickle import ALLOWED_NAMES, Global, Stub, TensorRef
+
+# Modules whose every member can run code, touch files or the network, or load more pickles.
+DANGEROUS_MODULES = (
+    "os",
+    "posix",
+    "nt",
+    "posixpath",
+    "ntpath",
+    "subprocess",
+    "sys",
+    "runpy",
+    "importlib",
+    "pickle",
+    "_pickle",
+    "cPickle",
+    "dill",
+    "marshal",
+    "shutil",
+    "socket",
+    "ctypes",
+    "code",
+    "codeop",
+    "pty",
+    "multiprocessing",
+    "webbrowser",
+    "asyncio",
+    "threading",
+    "_thread",
+    "signal",
+    "tempfile",
+    "pathlib",
+    "io",
+    "_io",
+    "urllib",
+    "http",
+    "requests",
+    "ftplib",
+    "smtplib",
+    "telnetlib",
+    "types",
+    "operator",
+    "functools",
+    "inspect",
+    "pdb",
+    "bdb",
+    "timeit",
+    "zipimport",
+    "pkgutil",
+    "site",
+    "gc",
+    "weakref",
+    "builtins.__import__",
+    "torch.hub",
+    "torch.jit",
+    "torch.package",
+    "torch.serialization",
+    "torch._C",
+    "numpy.load",
+    "numpy.lib.npyio",
+)
+# builtins that call, import, open, or reach into attributes.
+DANGEROUS_BUILTINS = frozenset(
+    {
+        "eval",
+        "exec",
+        "compile",
+        "getattr",
+        "setattr",
+        "delattr",
+        "__import__",
+        "open",
+        "input",
+        "breakpoint",
+        "globals",
+        "locals",
+        "vars",
+        "help",
+        "memoryview",
+        "exit",
+        "quit",
+        "apply",
+        "execfile",
+        "reload",
+        "file",
+    }
+)
+DANGEROUS_NAMES = frozenset({("torch", "load"), ("torch", "save"), ("numpy", "load")})
+# Classes a whole-module pickle names by design; they are reported as information.
+INFO_PREFIXES = ("torch.nn.", "torch.ao.", "torch.optim.", "numpy.", "collections.", "torch.")
+
+
+def classify(module: str, name: str) -> str:
+    """``allowed``, ``dangerous``, ``info`` (torch / numpy names) or ``unknown`` for one global."""
+    if (module, name) in ALLOWED_NAMES:
+        return "allowed"
+    root = name.split(".", 1)[0]
+    if module in ("builtins", "__builtin__") and root in DANGEROUS_BUILTINS:
+        return "dangerous"
+    full = f"{module}.{name}"
+    if (module, root) in DANGEROUS_NAMES:
+        return "dangerous"
+    for m in DANGEROUS_MODULES:
+        if module == m or module.startswith(m + ".") or full == m or full.startswith(m + "."):
+            return "dangerous"
+    if "." in name:
+        # A dotted attribute path (``eval.__call__``) reaches through objects: pickle would getattr it.
+        return "dangerous"
+    if module == "builtins":
+        return "unknown"
+    if full.startswith(INFO_PREFIXES):
+        return "info"
+    return "unknown"
+
+
+def _short(v: Any, depth: int = 0) -> str:
+    if depth > 2:
+        return "…"
+    if isinstance(v, str):
+        return repr(v if len(v) <= 60 else v[:57] + "...")
+    if isinstance(v, (int, float, bool)) or v is None:
+        return repr(v)
+    if isinstance(v, bytes):
+        return f"<{len(v)} bytes>"
+    if isinstance(v, tuple):
+        inner = ", ".join(_short(x, depth + 1) for x in v[:4])
+        return f"({inner}{', …' if len(v) > 4 else ''})"
+    if isinstance(v, (list, dict, set)):
+        return f"<{type(v).__name__} of {len(v)}>"
+    if isinstance(v, Global):
+        return v.qualname
+    if isinstance(v, Stub):
+        return f"<result of {v.class_name}>"
+    if isinstance(v, TensorRef):
+        return "<tensor>"
+    return f"<{type(v).__name__}>"
+
+
+def findings_for(globals_seen: dict[tuple[str, str], int], calls: list[tuple[Global, Any]]) -> list[Finding]:
+    """One finding per global outside the allowlist; dangerous ones first, naming what would run."""
+    called: dict[tuple[str, str], str] = {}
+    for g, args in calls:
+        key = (g.module, g.name)
+        if key not in called:
+            rendered = _short(args) if isinstance(args, tuple) else f"({_short(args)})"
+            called[key] = f"{g.qualname}{rendered}"
+    out: list[Finding] = []
+    for (module, name), count in globals_seen.items():
+        kind = classify(module, name)
+        if kind == "allowed":
+            continue
+        what = called.get((module, name))
+        times = f" ({count}×)" if count > 1 else ""
+        if kind == "dangerous":
+            action = f"would call {what}" if what else f"names {module}.{name}"
+            msg = f"pickle {action}{times}; statecli did not run it"
+            out.append(Finding("dangerous", "dangerous-global", msg))
+        elif kind == "unknown":
+            msg = f"pickle names {module}.{name}{times}, outside statecli's allowlist; read as an inert stub"
+            out.append(Finding("warning", "unknown-global", msg))
+        else:
+            msg = f"pickle names {module}.{name}{times}; read as an inert stub"
+            out.append(Finding("info", "global", msg))
+    # BUILD on a global (setting attributes on a module-level object) is recorded as a call.
+    for g, _ in calls:
+        if g.name.endswith(".__setstate__"):
+            msg = f"pickle would set state on the global {g.module}.{g.name[: -len('.__setstate__')]}"
+            out.append(Finding("dangerous", "build-on-global", msg))
+    order = {"dangerous": 0, "warning": 1, "info": 2}
+    out.sort(key=lambda f: order.get(f.level, 3))
+    return out
