@@ -67,7 +67,7 @@ def sniff(path: str, head: bytes, size: int) -> str:
         return "zip"
     if head.startswith(LFS_PREFIX):
         raise InputError("a Git LFS pointer, not the checkpoint itself: run `git lfs pull`", path=path)
-    if len(head) >= 9 and head[8:9] == b"{":
+    if len(head) >= 9 and head[8:].lstrip(b" \t\r\n")[:1] == b"{":
         n = int.from_bytes(head[:8], "little")
         if n <= size - 8:
             return "safetensors"

@@ -1,0 +1,405 @@
+"""safetensors, read from the header alone.
+
+File layout: an 8-byte little-endian unsigned length ``N``, then ``N`` bytes of UTF-8 JSON (the header),
+then the data section. The header maps each tensor name to ``{"dtype": code, "shape": [...],
+"data_offsets": [begin, end]}`` (offsets relative to the data section), plus an optional
+``"__metadata__"`` object of string -> string.
+
+This module parses that itself: importing torch, numpy or the safetensors package would cost the inspect
+path a second or more of start-up, and the header is all we need. Only the first ``8 + N`` bytes are
+read. Everything the header claims is checked against the file before it is believed, the way
+safetensors itself validates a file, and a little stricter (duplicate keys are an error here; the
+Rust parser silently keeps the last one, so two readers could disagree on what the file holds).
+
+statecli role metadata
+----------------------
+safetensors stores no roles, no ``requires_grad`` and cannot share storage between tensors. When
+``statecli convert`` writes a safetensors file it records those facts in ``__metadata__["statecli"]``,
+a JSON string holding an object::
+
+    {
+      "schema": "statecli.roles/1",
+      "roles": {"<name>": "parameter" | "buffer" | "other", ...},
+      "requires_grad": {"<name>": true | false, ...},
+      "non_persistent": ["<name>", ...],
+      "aliases": {"<alias name>": "<target name>", ...}
+    }
+
+- ``schema`` is required and must be exactly ``"statecli.roles/1"``; every other key is optional
+  (missing means empty). Unknown keys are ignored so a later minor revision can add facts.
+- ``roles`` gives the exact role of the tensors it names (evidence ``metadata``, ``exact`` true).
+  Tensors it does not name are left to the role engine.
+- ``requires_grad`` is given only where the original file stored it.
+- ``non_persistent`` lists buffers that were not in the original ``state_dict`` (a whole pickled module
+  keeps them). Being listed makes a tensor a buffer (``roles`` must not say otherwise) with
+  ``persistent`` false; other buffers named in ``roles`` are persistent.
+- ``aliases`` lists tensors that shared storage with another in the original (tied weights). The file
+  holds the target once; the reader adds one tensor per alias, right after its target, with the
+  target's dtype and shape, and gives both the storage key ``alias:<target>`` so the sharing is visible
+  and counted once. An alias takes its role and ``requires_grad`` from its own entries when present,
+  else from its target's.
+
+Every name must be a tensor in the file, or an alias; an alias must not also be a stored tensor and its
+target must be a stored tensor. If the value is not valid by these rules the file is still read: a
+``bad-statecli-metadata`` warning is reported and roles are inferred as for any safetensors file, since
+half-trusted metadata would present guesses as facts.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import struct
+from typing import Any
+
+from statecli.dtypes import DTYPES, SAFETENSORS_DTYPES
+from statecli.errors import InputError, LimitExceededError, UnsupportedFormatError
+from statecli.formats.base import RawCheckpoint
+from statecli.records import ROLES, Container, Finding, RawTensor
+
+__all__ = [
+    "MAX_DIMS",
+    "MAX_HEADER_BYTES",
+    "METADATA_KEY",
+    "ROLES_SCHEMA",
+    "read_safetensors",
+]
+
+# The same cap safetensors applies (its MAX_HEADER_SIZE), so both accept the same files.
+MAX_HEADER_BYTES = 100_000_000
+# torch refuses more than 64 dimensions; beyond that a shape is corruption, not a model.
+MAX_DIMS = 64
+# numel and each dimension must fit torch's int64 sizes.
+_MAX_NUMEL = 2**63 - 1
+
+METADATA_KEY = "statecli"
+ROLES_SCHEMA = "statecli.roles/1"
+
+
+class _DuplicateKeyError(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # dict() runs in C; the per-key search only happens on the error path. Headers have 100k+ objects.
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _DuplicateKeyError(k)
+            seen.add(k)
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    # json accepts NaN/Infinity, which are not JSON; safetensors' parser refuses them too.
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _loads(text: str) -> Any:
+    return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+
+
+def _is_int(x: Any) -> bool:
+    # json yields exactly int for integers; bool is an int subclass but not an integer in JSON.
+    return type(x) is int
+
+
+@functools.lru_cache(maxsize=4096)
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    # torch treats size-0 dimensions as 1 when computing contiguous strides; match it so strides compare
+    # equal with what torch reports for the loaded tensor.
+    strides = []
+    acc = 1
+    for size in reversed(shape):
+        strides.append(acc)
+        acc *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def _read_header(path: str) -> tuple[bytes, int, int]:
+    """The raw header bytes, its length N, and the file size."""
+    try:
+        with open(path, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise InputError(
+                    f"file is {len(prefix)} bytes, too short for a safetensors header (needs at least 8)",
+                    path=path,
+                )
+            (n,) = struct.unpack("<Q", prefix)
+            if n > MAX_HEADER_BYTES:
+                raise LimitExceededError(f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit", path=path)
+            if n > file_size - 8:
+                raise InputError(
+                    f"header length {n} is larger than the {file_size - 8} bytes after the length prefix "
+                    "(truncated or not a safetensors file)",
+                    path=path,
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise InputError(f"cannot read file: {e.strerror or e}", path=path) from e
+    if len(raw) != n:
+        # The file shrank between stat and read.
+        raise InputError(f"header is {len(raw)} bytes, expected {n}", path=path)
+    return raw, n, file_size
+
+
+def _parse_entry(path: str, name: str, entry: Any) -> tuple[str, tuple[int, ...], int, int]:
+    """Validate one header entry: (dtype name, shape, begin, end)."""
+    if not isinstance(entry, dict):
+        raise InputError(f"tensor {name!r}: entry is not an object", path=path)
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in entry:
+            raise InputError(f"tensor {name!r}: missing {key!r}", path=path)
+
+    code = entry["dtype"]
+    if not isinstance(code, str):
+        raise InputError(f"tensor {name!r}: dtype must be a string, got {type(code).__name__}", path=path)
+    dtype = SAFETENSORS_DTYPES.get(code)
+    if dtype is None:
+        raise UnsupportedFormatError(f"tensor {name!r}: unknown dtype code {code!r}", path=path)
+
+    shape = entry["shape"]
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise InputError(
+            f"tensor {name!r}: shape must be a list of non-negative integers, got {shape!r:.80}", path=path
+        )
+    if len(shape) > MAX_DIMS:
+        raise LimitExceededError(f"tensor {name!r}: shape has {len(shape)} dimensions, more than {MAX_DIMS}", path=path)
+    numel = 1
+    for d in shape:
+        if d > _MAX_NUMEL:
+            raise LimitExceededError(f"tensor {name!r}: dimension {d} exceeds 2**63-1", path=path)
+        numel *= d
+    if numel > _MAX_NUMEL:
+        raise LimitExceededError(f"tensor {name!r}: shape {shape} has more than 2**63-1 elements", path=path)
+
+    offsets = entry["data_offsets"]
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_int(o) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise InputError(
+            f"tensor {name!r}: data_offsets must be [begin, end] integers with 0 <= begin <= end, got {offsets!r:.80}",
+            path=path,
+        )
+    begin, end = offsets
+    need = numel * DTYPES[dtype].itemsize
+    if end - begin != need:
+        raise InputError(
+            f"tensor {name!r}: data_offsets [{begin}, {end}] hold {end - begin} bytes but shape {shape} "
+            f"of {code} needs {need}",
+            path=path,
+        )
+    return dtype, tuple(shape), begin, end
+
+
+def _parse_roles(raw: str, stored: dict[str, RawTensor]) -> dict[str, Any]:
+    """Validate statecli's role metadata; raises ValueError with a reason when it is not usable."""
+    try:
+        doc = _loads(raw)
+    except _DuplicateKeyError as e:
+        raise ValueError(f"duplicate key {e.key!r}") from None
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise ValueError("not a JSON object")
+    if doc.get("schema") != ROLES_SCHEMA:
+        raise ValueError(f"schema is {doc.get('schema')!r}, expected {ROLES_SCHEMA!r}")
+
+    roles = doc.get("roles", {})
+    requires_grad = doc.get("requires_grad", {})
+    non_persistent = doc.get("non_persistent", [])
+    aliases = doc.get("aliases", {})
+    if not isinstance(roles, dict) or not all(r in ROLES for r in roles.values()):
+        raise ValueError(f"'roles' must map names to one of {', '.join(ROLES)}")
+    if not isinstance(requires_grad, dict) or not all(isinstance(v, bool) for v in requires_grad.values()):
+        raise ValueError("'requires_grad' must map names to true or false")
+    if not isinstance(non_persistent, list) or not all(isinstance(n, str) for n in non_persistent):
+        raise ValueError("'non_persistent' must be a list of names")
+    if not isinstance(aliases, dict) or not all(isinstance(t, str) for t in aliases.values()):
+        raise ValueError("'aliases' must map alias names to target names")
+
+    for alias, target in aliases.items():
+        if alias in stored:
+            raise ValueError(f"alias {alias!r} is also a stored tensor")
+        if target not in stored:
+            raise ValueError(f"alias {alias!r} points to {target!r}, which is not a stored tensor")
+    known = stored.keys() | aliases.keys()
+    for what, names in (
+        ("roles", roles),
+        ("requires_grad", requires_grad),
+        ("non_persistent", non_persistent),
+    ):
+        for n in names:
+            if n not in known:
+                raise ValueError(f"{what!r} names {n!r}, which is not in the file")
+    # Resolve each alias's facts from its target now, so the rest reads one flat table per fact.
+    roles = dict(roles)
+    requires_grad = dict(requires_grad)
+    for alias, target in aliases.items():
+        if alias not in roles and target in roles:
+            roles[alias] = roles[target]
+        if alias not in requires_grad and target in requires_grad:
+            requires_grad[alias] = requires_grad[target]
+    for n in non_persistent:
+        # Only buffers can be non-persistent, so being listed is itself exact evidence of the role.
+        role = roles.setdefault(n, "buffer")
+        if role != "buffer":
+            raise ValueError(f"{n!r} is listed as non-persistent but its role is {role!r}")
+    return {
+        "roles": roles,
+        "requires_grad": requires_grad,
+        "non_persistent": set(non_persistent),
+        "aliases": aliases,
+    }
+
+
+def _apply_roles(tensors: list[RawTensor], facts: dict[str, Any], storage_sizes: dict[str, int]) -> list[RawTensor]:
+    roles: dict[str, str] = facts["roles"]
+    requires_grad: dict[str, bool] = facts["requires_grad"]
+    non_persistent: set[str] = facts["non_persistent"]
+    aliases: dict[str, str] = facts["aliases"]
+
+    by_target: dict[str, list[str]] = {}
+    for alias, target in aliases.items():
+        by_target.setdefault(target, []).append(alias)
+
+    def stamp(t: RawTensor, role: str | None, grad: bool | None) -> None:
+        if role is not None:
+            t.role = role
+            t.exact = True
+            t.evidence = "metadata"
+            if role == "buffer":
+                t.persistent = t.name not in non_persistent
+        if grad is not None:
+            t.requires_grad = grad
+
+    out: list[RawTensor] = []
+    for t in tensors:
+        stamp(t, roles.get(t.name), requires_grad.get(t.name))
+        out.append(t)
+        # An alias sits right after its target: same bytes, same place in the file.
+        for alias in by_target.get(t.name, ()):
+            key = f"alias:{t.name}"
+            t.storage = key
+            storage_sizes[key] = t.storage_nbytes
+            a = RawTensor(
+                name=alias,
+                dtype=t.dtype,
+                shape=t.shape,
+                stride=t.stride,
+                storage_offset=t.storage_offset,
+                device=t.device,
+                storage=key,
+                storage_nbytes=t.storage_nbytes,
+                group=t.group,
+            )
+            stamp(a, roles.get(alias), requires_grad.get(alias))
+            out.append(a)
+    return out
+
+
+def read_safetensors(path: str) -> RawCheckpoint:
+    """Read a safetensors file's header (never its tensor bytes) and validate it against the file.
+
+    Raises :class:`~statecli.errors.InputError` (or its subclass ``LimitExceededError`` /
+    ``UnsupportedFormatError``) naming the problem when the file is not a valid safetensors file.
+    """
+    raw, n, file_size = _read_header(path)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"header is not valid UTF-8 (byte {e.start} of the header)", path=path) from None
+    try:
+        header = _loads(text)
+    except _DuplicateKeyError as e:
+        raise InputError(f"duplicate key {e.key!r} in header", path=path) from None
+    except RecursionError:
+        raise InputError("header is not valid JSON (nested too deeply)", path=path) from None
+    except ValueError as e:
+        raise InputError(f"header is not valid JSON: {e}", path=path) from None
+    if not isinstance(header, dict):
+        raise InputError(f"header is not a JSON object (got {type(header).__name__})", path=path)
+
+    # safetensors reads a null __metadata__ as "no metadata"; so do we.
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise InputError("__metadata__ must be an object mapping strings to strings", path=path)
+
+    entries = []
+    for name, entry in header.items():
+        dtype, shape, begin, end = _parse_entry(path, name, entry)
+        entries.append((begin, end, name, dtype, shape))
+    entries.sort(key=lambda e: (e[0], e[1]))
+
+    data_size = file_size - 8 - n
+    pos = 0
+    for begin, end, name, _, _ in entries:
+        if begin > pos:
+            raise InputError(f"tensor {name!r} starts at byte {begin}, leaving a gap after byte {pos}", path=path)
+        if begin < pos:
+            raise InputError(
+                f"tensor {name!r} starts at byte {begin}, overlapping the previous tensor (ends at {pos})",
+                path=path,
+            )
+        pos = end
+    if pos > data_size:
+        raise InputError(f"tensors need {pos} bytes of data but the file holds {data_size} (truncated)", path=path)
+    if pos < data_size:
+        raise InputError(
+            f"{data_size - pos} trailing bytes after the last tensor (data ends at byte {pos} of {data_size})",
+            path=path,
+        )
+
+    tensors = [
+        RawTensor(
+            name=name,
+            dtype=dtype,
+            shape=shape,
+            stride=_contiguous_strides(shape),
+            storage_offset=0,
+            device=None,
+            storage=None,
+            storage_nbytes=end - begin,
+            group="model",
+        )
+        for begin, end, name, dtype, shape in entries
+    ]
+
+    findings: list[Finding] = []
+    storage_sizes: dict[str, int] = {}
+    if METADATA_KEY in metadata:
+        try:
+            facts = _parse_roles(metadata[METADATA_KEY], {t.name: t for t in tensors})
+        except ValueError as e:
+            findings.append(
+                Finding(
+                    level="warning",
+                    code="bad-statecli-metadata",
+                    message=f"__metadata__[{METADATA_KEY!r}] is not usable ({e}); roles are inferred instead",
+                )
+            )
+        else:
+            tensors = _apply_roles(tensors, facts, storage_sizes)
+
+    return RawCheckpoint(
+        path=path,
+        format="safetensors",
+        tensors=tensors,
+        container=Container(kind="safetensors", state_dict_at="", other_keys=()),
+        findings=findings,
+        metadata=metadata,
+        file_size=file_size,
+        storage_sizes=storage_sizes,
+    )

@@ -1,0 +1,194 @@
+"""Sharded checkpoints: a Hugging Face ``*.index.json`` and the shard files it names.
+
+The index is ``{"metadata": {...}, "weight_map": {tensor name: shard file name}}`` (as written for
+``model.safetensors.index.json`` and ``pytorch_model.bin.index.json``). Each shard is read by the reader
+for its format, passed in by the caller, so this module knows nothing of any one format.
+
+An index is just text anyone can write, so every shard name is checked before any file is touched:
+absolute paths, ``..`` escapes and symlinks that resolve outside the index's folder are refused as
+unsafe. A peer that followed them would read (and, on convert, write) arbitrary files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+from statecli.errors import InputError, LimitExceededError, UnsafeError
+from statecli.formats.base import RawCheckpoint
+from statecli.records import Container, Finding, RawTensor
+
+__all__ = ["MAX_INDEX_BYTES", "read_index"]
+
+# Real indexes are a few MB even for 100B-parameter models; anything near this is not an index.
+MAX_INDEX_BYTES = 100_000_000
+
+
+class _DuplicateKeyError(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKeyError(k)
+        out[k] = v
+    return out
+
+
+def _load_index(path: str) -> dict[str, Any]:
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_INDEX_BYTES:
+            raise LimitExceededError(f"index is {size} bytes, more than the {MAX_INDEX_BYTES}-byte limit", path=path)
+        with open(path, "rb") as f:
+            raw = f.read(MAX_INDEX_BYTES + 1)
+    except OSError as e:
+        raise InputError(f"cannot read index: {e.strerror or e}", path=path) from e
+    try:
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except UnicodeDecodeError as e:
+        raise InputError(f"index is not valid UTF-8 (byte {e.start})", path=path) from None
+    except _DuplicateKeyError as e:
+        raise InputError(f"duplicate key {e.key!r} in index", path=path) from None
+    except RecursionError:
+        raise InputError("index is not valid JSON (nested too deeply)", path=path) from None
+    except ValueError as e:
+        raise InputError(f"index is not valid JSON: {e}", path=path) from None
+    if not isinstance(doc, dict):
+        raise InputError(f"index is not a JSON object (got {type(doc).__name__})", path=path)
+    if "weight_map" not in doc:
+        raise InputError("index has no 'weight_map'", path=path)
+    weight_map = doc["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise InputError(f"index 'weight_map' is not an object (got {type(weight_map).__name__})", path=path)
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise InputError(f"index 'weight_map' entry {name!r} must name a shard file, got {shard!r:.80}", path=path)
+    metadata = doc.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise InputError(f"index 'metadata' is not an object (got {type(metadata).__name__})", path=path)
+    return doc
+
+
+def _shard_path(index_path: str, folder_real: str, shard: str) -> str:
+    """The shard's path on disk, refusing any name that could reach outside the index's folder."""
+    if "\0" in shard:
+        raise UnsafeError(f"shard path {shard!r} contains a NUL byte", path=index_path)
+    # A leading "\" or a drive letter is absolute on Windows even where os.path.isabs says no.
+    if (
+        os.path.isabs(shard)
+        or shard.startswith(("/", "\\"))
+        or (len(shard) > 1 and shard[0].isalpha() and shard[1] == ":")
+    ):
+        raise UnsafeError(f"shard path {shard!r} is absolute and leaves the checkpoint folder", path=index_path)
+    full = os.path.join(os.path.dirname(index_path), shard)
+    real = os.path.realpath(full)
+    # realpath resolves both ".." and symlinks, so one comparison covers both escapes.
+    if os.path.commonpath([real, folder_real]) != folder_real:
+        raise UnsafeError(f"shard path {shard!r} leaves the checkpoint folder", path=index_path)
+    return full
+
+
+def _json_str(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def read_index(path: str, read_shard: Callable[[str], RawCheckpoint]) -> RawCheckpoint:
+    """Read a sharded checkpoint from its ``*.index.json``, reading each shard once with ``read_shard``.
+
+    Tensors come shard by shard (in order of each shard's first mention), in ``weight_map`` order within
+    a shard, each with ``file`` set to its shard's name. Raises :class:`~statecli.errors.UnsafeError`
+    for a shard name that leaves the index's folder and :class:`~statecli.errors.InputError` for a bad
+    index, a missing shard, or a tensor its shard does not hold.
+    """
+    doc = _load_index(path)
+    weight_map: dict[str, str] = doc["weight_map"]
+    folder_real = os.path.realpath(os.path.dirname(path) or ".")
+
+    # Shard name -> the tensor names it should hold, in weight_map order; dict order = first mention.
+    wanted: dict[str, list[str]] = {}
+    for name, shard in weight_map.items():
+        wanted.setdefault(shard, []).append(name)
+
+    # Every name is checked before any shard is opened, so a hostile index cannot make us read anything.
+    paths = {shard: _shard_path(path, folder_real, shard) for shard in wanted}
+    for shard, full in paths.items():
+        if not os.path.exists(full):
+            raise InputError(f"shard {shard!r} named in the index does not exist", path=path)
+        if not os.path.isfile(full):
+            raise InputError(f"shard {shard!r} named in the index is not a file", path=path)
+
+    try:
+        file_size = os.path.getsize(path)
+    except OSError as e:
+        raise InputError(f"cannot read index: {e.strerror or e}", path=path) from e
+
+    tensors: list[RawTensor] = []
+    findings: list[Finding] = []
+    storage_sizes: dict[str, int] = {}
+    formats: list[str] = []
+    for shard, names in wanted.items():
+        raw = read_shard(paths[shard])
+        if raw.format not in formats:
+            formats.append(raw.format)
+        file_size += raw.file_size
+        findings.extend(Finding(f.level, f.code, f"{shard}: {f.message}") for f in raw.findings)
+        # Storage keys are only unique within one file; the shard name keeps two shards' "0" apart.
+        storage_sizes.update({f"{shard}:{k}": v for k, v in raw.storage_sizes.items()})
+
+        held = {t.name: t for t in raw.tensors}
+        for name in names:
+            t = held.pop(name, None)
+            if t is None:
+                raise InputError(
+                    f"tensor {name!r} is mapped to shard {shard!r} by the index but that shard does not hold it",
+                    path=path,
+                )
+            t.file = shard
+            if t.storage is not None:
+                t.storage = f"{shard}:{t.storage}"
+            tensors.append(t)
+        for name in held:
+            findings.append(
+                Finding(
+                    level="warning",
+                    code="unindexed-tensor",
+                    message=f"tensor {name!r} in shard {shard!r} is not in the index's weight_map; "
+                    "loaders that follow the index will not see it",
+                )
+            )
+
+    if not weight_map:
+        findings.append(Finding(level="warning", code="empty-index", message="the index lists no tensors"))
+    if len(formats) > 1:
+        findings.append(
+            Finding(
+                level="warning",
+                code="mixed-shard-formats",
+                message=f"shards are in different formats: {', '.join(formats)}",
+            )
+        )
+    if len(formats) == 1:
+        fmt = "sharded-" + formats[0]
+    elif formats:
+        fmt = "sharded-mixed"
+    else:
+        fmt = "sharded"
+
+    metadata = {str(k): _json_str(v) for k, v in (doc.get("metadata") or {}).items()}
+    return RawCheckpoint(
+        path=path,
+        format=fmt,
+        tensors=tensors,
+        container=Container(kind="sharded", state_dict_at="", other_keys=()),
+        findings=findings,
+        metadata=metadata,
+        file_size=file_size,
+        storage_sizes=storage_sizes,
+    )
