@@ -1,0 +1,6 @@
+"""``python -m statecli``."""
+
+from statecli.cli.main import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""What every command does before its own work: open the checkpoint, apply the filters, warn."""
+
+from __future__ import annotations
+
+import os
+
+import statecli
+from statecli.cli import _output
+from statecli.cli.options import Role
+from statecli.records import Report
+
+
+def open_selected(
+    path: str | os.PathLike[str],
+    roles: list[Role] | None,
+    match: list[str] | None,
+    dtypes: list[str] | None,
+) -> Report:
+    """``statecli.open_checkpoint(path).select(...)``, saying on stderr what a user must not miss:
+    every ``dangerous`` finding, and a filter that keeps none of the file's tensors."""
+    full = statecli.open_checkpoint(path)
+    report = full.select([r.value for r in roles] if roles else None, match, dtypes)
+    _output.warn_dangerous(report)
+    if not report.tensors and full.tensors:
+        _output.note(f"{full.path}: no tensor matches the filters ({len(full.tensors)} in the file)")
+    return report

@@ -1,0 +1,175 @@
+"""The one output sink: data on stdout, every message on stderr.
+
+Plain text (JSON, CSV, Markdown) is written with ``sys.stdout`` directly, never through rich, which
+wraps long lines at 80 columns when the output is piped. Tables and trees go through a rich
+:class:`~rich.console.Console` that decides colour from the terminal and ``NO_COLOR``. rich is imported
+only when a console is made, so ``--format json`` stays light.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from statecli.records import Report, TensorInfo
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+PROG = "statecli"
+
+# The columns of --format csv and markdown, in order; one row per tensor.
+COLUMNS = (
+    "name",
+    "role",
+    "exact",
+    "evidence",
+    "persistent",
+    "requires_grad",
+    "dtype",
+    "shape",
+    "numel",
+    "nbytes",
+    "device",
+    "shares_with",
+    "group",
+    "file",
+)
+
+
+def stdout_console(renderable: Any = None) -> Console:
+    """A console on the current ``sys.stdout`` (looked up at each write, so test runners can swap it).
+
+    Piped into a file or another program there is no terminal width to respect: the console is made
+    as wide as ``renderable`` needs, so tensor names are never folded across lines.
+    """
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    if renderable is not None and not console.is_terminal and "COLUMNS" not in os.environ:
+        from rich.measure import Measurement
+
+        wide = Console(highlight=False, width=10_000)
+        needed = Measurement.get(wide, wide.options, renderable).maximum
+        console = Console(highlight=False, width=max(80, min(needed, 10_000)))
+    return console
+
+
+def stderr_console() -> Console:
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def write(text: str) -> None:
+    """Write plain data to stdout, as is."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def message(kind: str, text: str, style: str = "") -> None:
+    """One line on stderr: ``statecli: <kind>: <text>``; ``kind`` is coloured on a terminal only.
+
+    ``text`` is printed literally (it may hold paths and names from the file); it never wraps.
+    """
+    from rich.text import Text
+
+    line = Text(f"{PROG}: ")
+    line.append(f"{kind}:", style=style)
+    line.append(f" {text}")
+    stderr_console().print(line, soft_wrap=True)
+
+
+def error(text: str) -> None:
+    message("error", text, "bold red")
+
+
+def warning(text: str) -> None:
+    message("warning", text, "yellow")
+
+
+def note(text: str) -> None:
+    message("note", text, "cyan")
+
+
+def warn_dangerous(report: Report) -> None:
+    """Repeat every ``dangerous`` finding on stderr, whatever the output format."""
+    for f in report.findings:
+        if f.level == "dangerous":
+            warning(f"{report.path}: {f.message} ({f.code})")
+
+
+# --- plain-text formats: strings built from the same records the table shows ---------------------
+
+
+def to_json(data: Any) -> str:
+    return json.dumps(data, indent=2) + "\n"
+
+
+def shape_text(shape: Sequence[int]) -> str:
+    """``64x3x3``; a 0-dim tensor has the empty string."""
+    return "x".join(str(d) for d in shape)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def row(t: TensorInfo) -> list[str]:
+    """One tensor as the text cells of :data:`COLUMNS`."""
+    return [
+        t.name,
+        t.role,
+        _cell(t.exact),
+        t.evidence,
+        _cell(t.persistent),
+        _cell(t.requires_grad),
+        t.dtype,
+        shape_text(t.shape),
+        str(t.numel),
+        str(t.nbytes),
+        _cell(t.device),
+        ";".join(t.shares_with),
+        t.group,
+        _cell(t.file),
+    ]
+
+
+def to_csv(reports: Iterable[Report], with_path: bool = False) -> str:
+    """A header and one row per tensor; ``with_path`` adds a leading ``path`` column (several files)."""
+    buf = io.StringIO()
+    out = csv.writer(buf, lineterminator="\n")
+    out.writerow((["path"] if with_path else []) + list(COLUMNS))
+    for report in reports:
+        for t in report.tensors:
+            out.writerow(([report.path] if with_path else []) + row(t))
+    return buf.getvalue()
+
+
+_RIGHT = {"numel", "nbytes"}
+
+
+def _md(cell: str) -> str:
+    return cell.replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(report: Report) -> str:
+    """A GitHub table of :data:`COLUMNS`, one row per tensor; names in code spans, numbers right-aligned."""
+    lines = [
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "|".join("---:" if c in _RIGHT else "---" for c in COLUMNS) + "|",
+    ]
+    for t in report.tensors:
+        cells = row(t)
+        cells[0] = f"`{cells[0]}`"
+        lines.append("| " + " | ".join(_md(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,69 @@
+"""The ``statecli`` app: global options, the commands, and the entry point ``main()``.
+
+Each command lives in its own module (``inspect_cmd``, ``tree_cmd``) and is registered here; every
+command runs inside :class:`statecli.cli._errors.StatecliGroup`, the one place errors become exit codes.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from statecli.cli import inspect_cmd, tree_cmd
+from statecli.cli._errors import StatecliGroup
+
+app = typer.Typer(
+    name="statecli",
+    cls=StatecliGroup,
+    help="What state does this PyTorch checkpoint hold? Parameters vs buffers, with the evidence for "
+    "each role, dtypes, shapes and devices. Reads metadata only: no tensor bytes, no pickle code, "
+    "no torch import.",
+    epilog="Exit codes: 0 ok · 1 a check or diff found a problem · 2 usage error · 3 input unreadable, "
+    "corrupt or unsupported · 4 output not written · 5 refused as unsafe.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+app.command("inspect", no_args_is_help=True)(inspect_cmd.inspect_command)
+app.command("tree", no_args_is_help=True)(tree_cmd.tree_command)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from statecli import __version__
+
+        typer.echo(f"statecli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug",
+            envvar="STATECLI_DEBUG",
+            help="Show the Python traceback of an error (the exit code stays the same).",
+        ),
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            "-V",
+            callback=_version,
+            is_eager=True,
+            help="Print statecli's version and exit.",
+        ),
+    ] = False,
+) -> None:
+    """Inspect PyTorch checkpoints safely: parameters vs buffers, with evidence."""
+
+
+def main() -> None:
+    """Console-script entry point (``statecli``, ``python -m statecli``)."""
+    app(prog_name="statecli")

@@ -1,0 +1,47 @@
+"""``statecli tree PATH``: the checkpoint's module hierarchy, where its bytes are, at a glance."""
+
+from __future__ import annotations
+
+from statecli import tree as tree_core
+from statecli.cli import _output
+from statecli.cli._common import open_selected
+from statecli.cli.options import (
+    DepthOpt,
+    DtypeOpt,
+    MatchOpt,
+    PathArg,
+    RoleOpt,
+    TreeFormat,
+    TreeFormatOpt,
+)
+
+
+def tree_command(
+    path: PathArg,
+    role: RoleOpt = None,
+    match: MatchOpt = None,
+    dtype: DtypeOpt = None,
+    depth: DepthOpt = tree_core.DEFAULT_DEPTH,
+    fmt: TreeFormatOpt = TreeFormat.table,
+) -> None:
+    """Draw the module tree (tensor names split on '.') with each module's share of the bytes.
+
+    Each module shows a bar and percentage of the checkpoint's bytes and its parameter, buffer and
+    other totals; tensors within --depth show role mark, dtype, shape and size. Filters apply first,
+    so percentages are shares of what is selected.
+
+    Examples:
+
+        statecli tree model.pt
+        statecli tree model.safetensors --depth 1 --role buffer
+        statecli tree ckpt.pt --format json | jq '.root.children[].name'
+    """
+    report = open_selected(path, role, match, dtype)
+    if fmt is TreeFormat.json:
+        _output.write(_output.to_json(tree_core.tree_dict(report, depth)))
+        return
+    from statecli import render
+
+    root = tree_core.build_tree(report.tensors, depth)
+    view = render.tree(root, report.path)
+    _output.stdout_console(view).print(view)

@@ -1,0 +1,431 @@
+"""The command line through typer.testing.CliRunner, with statecli.open_checkpoint replaced by a fake.
+
+Typer 0.29's runner keeps the streams apart: ``result.stdout`` is data, ``result.stderr`` messages,
+``result.output`` both interleaved.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner, Result
+
+import statecli
+from statecli.cli.main import app
+from statecli.errors import InputError, UnsafeError
+from statecli.records import Container, Finding, Report, Summary, TensorInfo
+
+
+def tensor(
+    name: str, role: str = "parameter", dtype: str = "float32", shape: tuple[int, ...] = (4,), **kw: object
+) -> TensorInfo:
+    numel = 1
+    for d in shape:
+        numel *= d
+    itemsize = {"int64": 8, "float16": 2}.get(dtype, 4)
+    fields: dict = {"exact": False, "evidence": "default", "persistent": None, "requires_grad": None}
+    fields = {**fields, "device": "cpu", **kw}
+    return TensorInfo(name=name, role=role, dtype=dtype, shape=shape, numel=numel, nbytes=numel * itemsize, **fields)
+
+
+def report(path: str, *tensors: TensorInfo, findings: tuple[Finding, ...] = ()) -> Report:
+    return Report(
+        path=path,
+        format="torch-zip",
+        container=Container("state_dict", ""),
+        tensors=tensors,
+        summary=Summary.of(tensors),
+        findings=findings,
+        file_size=4096,
+    )
+
+
+MODEL = report(
+    "model.pt",
+    tensor("conv.weight", shape=(64, 3, 3, 3), exact=True, evidence="module", requires_grad=True),
+    tensor("bn.running_mean", "buffer", shape=(64,), evidence="rule:batchnorm-stats"),
+    tensor("bn.num_batches_tracked", "buffer", "int64", (), evidence="rule:batchnorm-stats"),
+    tensor("fc.weight", dtype="float16", shape=(10, 64), device="cuda:0", shares_with=("head.weight",)),
+    tensor("head.weight", dtype="float16", shape=(10, 64), device="cuda:0", shares_with=("fc.weight",)),
+)
+SMALL = report("small.safetensors", tensor("w", shape=(2,), device=None))
+MARKUP = report("[bold]x[/bold].pt", tensor("layer[0].weight"), tensor("[red]b[/red].bias"), tensor("a:smile:"))
+DANGEROUS = report(
+    "evil.pt",
+    tensor("w"),
+    findings=(
+        Finding("dangerous", "unsafe-global", "pickle would call os.system"),
+        Finding("info", "note", "nothing to see"),
+    ),
+)
+CHECKPOINTS: dict[str, Report | Exception] = {
+    "model.pt": MODEL,
+    "small.safetensors": SMALL,
+    "markup.pt": MARKUP,
+    "evil.pt": DANGEROUS,
+    "x.pt": InputError("not a checkpoint", path="x.pt"),
+    "unsafe.pt": UnsafeError("refusing to run pickle code", path="unsafe.pt"),
+    "bug.pt": RuntimeError("boom"),
+}
+
+
+@pytest.fixture(autouse=True)
+def fake_open(monkeypatch: pytest.MonkeyPatch) -> Callable[[object], Report]:
+    def open_checkpoint(path: object) -> Report:
+        found = CHECKPOINTS[os.fspath(path)]  # type: ignore[call-overload]
+        if isinstance(found, Exception):
+            raise found
+        return found
+
+    monkeypatch.setattr(statecli, "open_checkpoint", open_checkpoint)
+    return open_checkpoint
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(app, list(args), env=env)
+
+
+def names(data: dict) -> list[str]:
+    return [t["name"] for t in data["tensors"]]
+
+
+# --- JSON ------------------------------------------------------------------------------------------
+
+
+def test_json_one_path_is_one_object() -> None:
+    result = run("inspect", "model.pt", "--format", "json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["schema"] == "statecli.report/1"
+    assert data == MODEL.to_dict()
+    assert result.stderr == ""
+
+
+def test_json_is_not_wrapped_at_80_columns() -> None:
+    long = "encoder." + ".".join(f"block{i}" for i in range(20)) + ".weight"
+    CHECKPOINTS["long.pt"] = report("long.pt", tensor(long))
+    try:
+        result = run("inspect", "long.pt", "-f", "json")
+    finally:
+        del CHECKPOINTS["long.pt"]
+    assert f'    "name": "{long}",\n' in result.stdout  # the whole name on one line
+    assert json.loads(result.stdout)["tensors"][0]["name"] == long
+
+
+def test_several_paths_give_a_json_array() -> None:
+    result = run("inspect", "model.pt", "small.safetensors", "-f", "json")
+    assert result.exit_code == 0
+    data = json.loads(result.stdout)
+    assert [d["path"] for d in data] == ["model.pt", "small.safetensors"]
+    assert all(d["schema"] == "statecli.report/1" for d in data)
+
+
+def test_one_failing_path_among_several_is_reported_and_the_rest_still_shown() -> None:
+    result = run("inspect", "model.pt", "x.pt", "unsafe.pt", "small.safetensors", "-f", "json")
+    assert result.exit_code == 5  # the highest of 3 and 5
+    assert [d["path"] for d in json.loads(result.stdout)] == ["model.pt", "small.safetensors"]
+    assert result.stderr.splitlines() == [
+        "statecli: error: x.pt: not a checkpoint",
+        "statecli: error: unsafe.pt: refusing to run pickle code",
+    ]
+
+
+# --- filters and order -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--role", "buffer"], ["bn.running_mean", "bn.num_batches_tracked"]),
+        (["-r", "buffer", "-r", "parameter"], [t.name for t in MODEL.tensors]),
+        (["--match", "bn.*"], ["bn.running_mean", "bn.num_batches_tracked"]),
+        (["-m", "*.weight", "-m", "bn.running_*"], ["conv.weight", "bn.running_mean", "fc.weight", "head.weight"]),
+        (["--dtype", "fp16"], ["fc.weight", "head.weight"]),
+        (["--dtype", "torch.int64", "-d", "half"], ["bn.num_batches_tracked", "fc.weight", "head.weight"]),
+        (["--role", "parameter", "--dtype", "float32"], ["conv.weight"]),
+    ],
+)
+def test_filters(args: list[str], expected: list[str]) -> None:
+    result = run("inspect", "model.pt", "-f", "json", *args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert names(data) == expected
+    assert data["summary"]["parameters"]["count"] + data["summary"]["buffers"]["count"] == len(expected)
+
+
+def test_filters_that_keep_nothing_say_so_on_stderr() -> None:
+    result = run("inspect", "model.pt", "-f", "json", "--match", "nothing*")
+    assert result.exit_code == 0
+    assert names(json.loads(result.stdout)) == []
+    assert result.stderr == "statecli: note: model.pt: no tensor matches the filters (5 in the file)\n"
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        ("size", ["conv.weight", "fc.weight", "head.weight", "bn.running_mean", "bn.num_batches_tracked"]),
+        ("numel", ["conv.weight", "fc.weight", "head.weight", "bn.running_mean", "bn.num_batches_tracked"]),
+        ("name", ["bn.num_batches_tracked", "bn.running_mean", "conv.weight", "fc.weight", "head.weight"]),
+        ("role", ["conv.weight", "fc.weight", "head.weight", "bn.running_mean", "bn.num_batches_tracked"]),
+        ("dtype", ["fc.weight", "head.weight", "conv.weight", "bn.running_mean", "bn.num_batches_tracked"]),
+        ("file", [t.name for t in MODEL.tensors]),
+    ],
+)
+def test_sort(key: str, expected: list[str]) -> None:
+    result = run("inspect", "model.pt", "-f", "json", "--sort", key)
+    assert result.exit_code == 0, result.output
+    assert names(json.loads(result.stdout)) == expected
+
+
+def test_unknown_dtype_is_a_usage_error_naming_it() -> None:
+    result = run("inspect", "model.pt", "--dtype", "fp12")
+    assert result.exit_code == 2
+    assert "fp12" in result.stderr
+    assert result.stdout == ""
+
+
+def test_unknown_role_is_a_usage_error() -> None:
+    result = run("inspect", "model.pt", "--role", "weights")
+    assert result.exit_code == 2
+    assert "weights" in result.stderr
+
+
+# --- csv and markdown ------------------------------------------------------------------------------
+
+COLUMNS = [
+    "name",
+    "role",
+    "exact",
+    "evidence",
+    "persistent",
+    "requires_grad",
+    "dtype",
+    "shape",
+    "numel",
+    "nbytes",
+    "device",
+    "shares_with",
+    "group",
+    "file",
+]
+
+
+def test_csv() -> None:
+    result = run("inspect", "model.pt", "--format", "csv")
+    assert result.exit_code == 0
+    rows = list(csv.reader(io.StringIO(result.stdout)))
+    assert rows[0] == COLUMNS
+    assert rows[1] == [
+        "conv.weight",
+        "parameter",
+        "true",
+        "module",
+        "",
+        "true",
+        "float32",
+        "64x3x3x3",
+        "1728",
+        "6912",
+        "cpu",
+        "",
+        "model",
+        "",
+    ]
+    by_name = {r[0]: dict(zip(COLUMNS, r, strict=True)) for r in rows[1:]}
+    assert by_name["bn.num_batches_tracked"]["shape"] == ""  # 0-dim
+    assert by_name["fc.weight"]["shares_with"] == "head.weight"
+    assert by_name["fc.weight"]["device"] == "cuda:0"
+    assert len(rows) == 1 + len(MODEL.tensors)
+
+
+def test_csv_of_several_paths_has_a_path_column() -> None:
+    result = run("inspect", "model.pt", "small.safetensors", "-f", "csv")
+    rows = list(csv.reader(io.StringIO(result.stdout)))
+    assert rows[0] == ["path", *COLUMNS]
+    assert rows[-1][:2] == ["small.safetensors", "w"]
+    assert rows[-1][COLUMNS.index("device") + 1] == ""
+
+
+def test_markdown() -> None:
+    result = run("inspect", "markup.pt", "--format", "markdown")
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert lines[0] == "| " + " | ".join(COLUMNS) + " |"
+    assert lines[1].startswith("|---|---|")
+    assert lines[2].startswith("| `layer[0].weight` | parameter | false | default |")
+    assert len(lines) == 2 + len(MARKUP.tensors)
+
+
+# --- table -----------------------------------------------------------------------------------------
+
+
+def test_table_shows_every_tensor_summary_and_legend() -> None:
+    result = run("inspect", "model.pt", env={"COLUMNS": "160"})
+    assert result.exit_code == 0
+    out = result.stdout
+    for t in MODEL.tensors:
+        assert t.name in out
+    assert "Shares" in out and "trainable" in out
+    assert "Parameters" in out and "Format" in out
+    assert "● exact" in out
+    assert result.stderr == ""
+
+
+def test_table_without_summary_and_legend() -> None:
+    result = run("inspect", "model.pt", "--no-summary", "--no-legend", env={"COLUMNS": "160"})
+    assert "conv.weight" in result.stdout
+    assert "Parameters" not in result.stdout and "● exact" not in result.stdout
+
+
+def test_markup_looking_names_print_literally() -> None:
+    result = run("inspect", "markup.pt", env={"COLUMNS": "160"})
+    assert result.exit_code == 0
+    for text in ("layer[0].weight", "[red]b[/red].bias", "a:smile:", "[bold]x[/bold].pt"):
+        assert text in result.stdout
+
+
+def test_colour_follows_the_terminal_and_no_color() -> None:
+    coloured = run("inspect", "model.pt", env={"FORCE_COLOR": "1", "COLUMNS": "160"}).stdout
+    assert "\x1b[32m" in coloured  # parameters in green
+    plain = run("inspect", "model.pt", env={"FORCE_COLOR": "1", "NO_COLOR": "1", "COLUMNS": "160"}).stdout
+    assert "\x1b[32m" not in plain
+    assert "\x1b[" not in run("inspect", "model.pt").stdout  # not a terminal: no escapes at all
+
+
+# --- findings and errors ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv", "markdown", "table"])
+def test_dangerous_finding_warns_on_stderr_in_every_format(fmt: str) -> None:
+    result = run("inspect", "evil.pt", "-f", fmt)
+    assert result.exit_code == 0
+    assert result.stderr == "statecli: warning: evil.pt: pickle would call os.system (unsafe-global)\n"
+    if fmt == "json":
+        assert json.loads(result.stdout)["findings"][0]["level"] == "dangerous"
+
+
+def test_input_error_is_one_line_and_exit_3() -> None:
+    result = run("inspect", "x.pt")
+    assert result.exit_code == 3
+    assert result.stderr == "statecli: error: x.pt: not a checkpoint\n"
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+
+
+def test_unsafe_error_exit_5() -> None:
+    result = run("tree", "unsafe.pt")
+    assert result.exit_code == 5
+    assert result.stderr == "statecli: error: unsafe.pt: refusing to run pickle code\n"
+
+
+def test_debug_shows_the_traceback() -> None:
+    result = run("--debug", "inspect", "x.pt")
+    assert result.exit_code == 3
+    assert "Traceback (most recent call last)" in result.stderr
+    assert result.stderr.rstrip().endswith("statecli: error: x.pt: not a checkpoint")
+
+
+def test_unexpected_exception_is_an_internal_error() -> None:
+    result = run("inspect", "bug.pt")
+    assert result.exit_code == 3
+    assert result.stderr == ("statecli: internal error: RuntimeError: boom (re-run with --debug for a traceback)\n")
+    debug = run("--debug", "inspect", "bug.pt")
+    assert debug.exit_code == 3
+    assert "Traceback" in debug.stderr and "RuntimeError: boom" in debug.stderr
+
+
+def test_usage_errors_exit_2() -> None:
+    bare = run("inspect")  # no path: the help, as a usage error
+    assert bare.exit_code == 2 and "Usage: statecli inspect" in bare.output
+    assert run("nosuchcommand").exit_code == 2
+    assert run("inspect", "model.pt", "--nosuchoption").exit_code == 2
+
+
+def test_version() -> None:
+    result = run("--version")
+    assert result.exit_code == 0
+    assert result.stdout == f"statecli {statecli.__version__}\n"
+
+
+# --- tree ------------------------------------------------------------------------------------------
+
+
+def test_tree_json() -> None:
+    result = run("tree", "model.pt", "--format", "json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["schema"] == "statecli.tree/1" and data["path"] == "model.pt"
+    root = data["root"]
+    assert [c["name"] for c in root["children"]] == ["conv", "bn", "fc", "head"]
+    assert root["parameters"]["count"] == 3 and root["buffers"]["count"] == 2
+    assert root["nbytes"] == sum(t.nbytes for t in MODEL.tensors)
+    bn = root["children"][1]
+    assert bn["tensors"] == ["bn.running_mean", "bn.num_batches_tracked"]
+    assert bn["buffers"] == {"count": 2, "numel": 65, "nbytes": 264}
+
+
+def test_tree_depth_folds_and_filters_apply() -> None:
+    data = json.loads(run("tree", "model.pt", "-f", "json", "--depth", "1", "--role", "buffer").stdout)
+    root = data["root"]
+    assert [c["name"] for c in root["children"]] == ["bn"]
+    assert root["children"][0]["tensors"] == [] and root["children"][0]["folded"] == 2
+    assert root["parameters"]["count"] == 0 and root["buffers"]["nbytes"] == 264
+    data = json.loads(run("tree", "model.pt", "-f", "json", "--depth", "0").stdout)
+    assert data["root"]["children"] == [] and data["root"]["folded"] == 5
+    assert run("tree", "model.pt", "--depth", "-1").exit_code == 2
+
+
+def test_tree_table() -> None:
+    result = run("tree", "model.pt", env={"COLUMNS": "160"})
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("model.pt")
+    conv = next(line for line in lines if "conv " in line)
+    assert "█" in conv and "%" in conv
+    assert any("running_mean" in line and "buffer ○" in line for line in lines)
+
+
+# --- end to end: the real readers on the bundled samples, and a real process ------------------------
+
+
+def test_real_samples_through_the_real_reader(monkeypatch: pytest.MonkeyPatch, samples_dir: Path) -> None:
+    monkeypatch.undo()  # this test reads real files: no fake open_checkpoint
+    result = run("inspect", str(samples_dir / "cnn_bn_module.pt"), "-f", "json", "--role", "buffer")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert names(data) == [f"bn{i}.{n}" for i in (1, 2) for n in ("running_mean", "running_var", "num_batches_tracked")]
+    assert {t["evidence"] for t in data["tensors"]} == {"module"}
+    evil = run("inspect", str(samples_dir / "malicious_os_system.pt"), "-f", "json")
+    assert evil.exit_code == 0
+    assert json.loads(evil.stdout)["findings"]
+    assert evil.stderr.startswith("statecli: warning: ") and "system" in evil.stderr
+    assert run("tree", str(samples_dir / "tied_lm.pt")).exit_code == 0
+
+
+def test_a_real_process_maps_errors_and_imports_neither_torch_nor_numpy(samples_dir: Path) -> None:
+    code = (
+        "import sys, runpy\n"
+        "sys.argv = ['statecli'] + sys.argv[1:]\n"
+        "try:\n"
+        "    runpy.run_module('statecli', run_name='__main__')\n"
+        "finally:\n"
+        "    sys.stderr.write(repr(sorted(m for m in ('torch', 'numpy') if m in sys.modules)) + '\\n')\n"
+    )
+    sample = str(samples_dir / "cnn_bn_state_dict.pt")
+    ok = subprocess.run([sys.executable, "-c", code, "inspect", sample, "-f", "json"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["schema"] == "statecli.report/1"
+    assert ok.stderr == "[]\n"
+    bad = subprocess.run(
+        [sys.executable, "-m", "statecli", "inspect", "/nonexistent/x.pt"], capture_output=True, text=True
+    )
+    assert bad.returncode == 3
+    assert bad.stderr.startswith("statecli: error: /nonexistent/x.pt: ") and bad.stderr.count("\n") == 1

@@ -1,0 +1,197 @@
+"""statecli.render: the renderables, checked as text on a fixed-width console."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from rich.console import Console, RenderableType
+
+from statecli import render
+from statecli.records import Container, Finding, Report, Summary, TensorInfo
+from statecli.tree import build_tree
+
+
+def tensor(
+    name: str,
+    role: str = "parameter",
+    dtype: str = "float32",
+    shape: tuple[int, ...] = (4,),
+    itemsize: int = 4,
+    **kw: object,
+) -> TensorInfo:
+    numel = 1
+    for d in shape:
+        numel *= d
+    fields: dict = {
+        "exact": False,
+        "evidence": "default",
+        "persistent": None,
+        "requires_grad": None,
+        "device": "cpu",
+        **kw,
+    }
+    return TensorInfo(name=name, role=role, dtype=dtype, shape=shape, numel=numel, nbytes=numel * itemsize, **fields)
+
+
+def make_report(tensors: tuple[TensorInfo, ...], **kw: object) -> Report:
+    fields: dict = {
+        "path": "runs/[red]model[/red].pt",
+        "format": "torch-zip",
+        "container": Container("training", "state_dict", ("epoch", "optimizer")),
+        "findings": (),
+        "metadata": {},
+        "file_size": 20480,
+        **kw,
+    }
+    return Report(tensors=tensors, summary=Summary.of(tensors), **fields)
+
+
+TENSORS = (
+    tensor("conv.weight", shape=(64, 3, 3, 3), exact=True, evidence="module", requires_grad=True, device="cuda:0"),
+    tensor("bn.running_mean", "buffer", shape=(64,), evidence="rule:batchnorm-stats", device="cuda:0"),
+    tensor("bn.num_batches_tracked", "buffer", "int64", (), 8, evidence="rule:batchnorm-stats", device="cuda:0"),
+    tensor("layer[0].weight", shape=(10, 64), exact=True, evidence="keep-vars", requires_grad=False, device=None),
+    tensor("opt.0.exp_avg", "other", shape=(64, 3, 3, 3), evidence="optimizer", group="optimizer.state.0"),
+)
+FINDINGS = (
+    Finding("dangerous", "unsafe-global", "pickle would call os.system"),
+    Finding("warning", "unknown-class", "stub for [b]foo.Bar[/b]"),
+)
+
+
+def text_of(renderable: RenderableType, width: int = 120) -> str:
+    console = Console(file=io.StringIO(), width=width, color_system=None)
+    console.print(renderable)
+    out = console.file.getvalue()  # type: ignore[attr-defined]
+    return "\n".join(line.rstrip() for line in out.splitlines())
+
+
+EXPECTED_VIEW = """\
+runs/[red]model[/red].pt
+Name                    Role         Evidence              DType    Shape     Numel     Size  Device  Grad
+───────────────────────────────────────────────────────────────────────────────────────────────────────────────
+conv.weight             parameter ●  module                float32  64×3×3×3  1,728  6.8 KiB  cuda:0  trainable
+bn.running_mean         buffer ○     rule:batchnorm-stats  float32  64           64    256 B  cuda:0  —
+bn.num_batches_tracked  buffer ○     rule:batchnorm-stats  int64    scalar        1      8 B  cuda:0  —
+layer[0].weight         parameter ●  keep-vars             float32  10×64       640  2.5 KiB  —       frozen
+opt.0.exp_avg           other ○      optimizer             float32  64×3×3×3  1,728  6.8 KiB  cpu     —
+
+Format      torch-zip · 20.0 KiB file
+Container   training · state dict at state_dict · other keys: epoch, optimizer
+Parameters  2 tensors  2,368 elements  9.2 KiB
+Buffers     2 tensors     65 elements  264 B
+Other       1 tensor   1,728 elements  6.8 KiB
+DTypes      float32 4 tensors (16.2 KiB) · int64 1 tensor (8 B)
+Devices     cuda:0 3 tensors (7.0 KiB) · — (not stored) 1 tensor (2.5 KiB) · cpu 1 tensor (6.8 KiB)
+Roles       2 exact ● · 3 inferred ○
+Metadata    format, [i]source[/i]
+Findings    dangerous  unsafe-global  pickle would call os.system
+            warning    unknown-class  stub for [b]foo.Bar[/b]
+● exact: the file states the role · ○ inferred: see Evidence · — not stored in the file"""
+
+
+def test_report_view_exact_text() -> None:
+    report = make_report(TENSORS, findings=FINDINGS, metadata={"format": "pt", "[i]source[/i]": "x"})
+    assert text_of(render.report_view(report)) == EXPECTED_VIEW
+
+
+def test_table_alone_without_summary_and_legend() -> None:
+    report = make_report(TENSORS)
+    text = text_of(render.report_view(report, with_summary=False, with_legend=False))
+    assert text == "\n".join(EXPECTED_VIEW.splitlines()[:8])
+
+
+def test_names_and_strings_from_the_file_print_literally() -> None:
+    names = ("layer[0].weight", "[bold]x[/bold].bias", "emoji:smile:.w", "a\\[b].c")
+    report = make_report(tuple(tensor(n) for n in names), path="[link=x]p[/link].pt")
+    text = text_of(render.report_table(report))
+    for n in names:
+        assert n in text
+    assert "[link=x]p[/link].pt" in text
+    assert "😄" not in text
+
+
+def test_shares_column_only_when_a_tensor_shares_storage() -> None:
+    assert "Shares" not in text_of(render.report_table(make_report(TENSORS)))
+    tied = (
+        tensor("embed.weight", shares_with=("head.weight",), storage="0"),
+        tensor("head.weight", shares_with=("embed.weight",), storage="0"),
+    )
+    text = text_of(render.report_table(make_report(tied)))
+    assert "Shares" in text
+    assert "head.weight" in text.splitlines()[3] and "embed.weight" in text.splitlines()[4]
+
+
+def test_summary_optional_rows() -> None:
+    tied = (
+        tensor("embed.weight", shares_with=("head.weight",), storage="0"),
+        tensor("head.weight", shares_with=("embed.weight",), storage="0"),
+    )
+    report = make_report(
+        tied, container=Container("module", "", (), "mypkg.Net", training=False), findings=(), metadata={}, file_size=0
+    )
+    text = text_of(render.summary(report))
+    assert "Format      torch-zip\n" in text + "\n"
+    assert "module · state dict at (root) · module class mypkg.Net · saved in eval mode" in text
+    assert "Bytes       32 B logical · 16 B in storages" in text
+    assert "Other" not in text and "Metadata" not in text and "Findings" not in text
+
+
+def test_dangerous_findings_are_bold_red() -> None:
+    console = Console(file=io.StringIO(), width=120, color_system="standard", force_terminal=True)
+    console.print(render.summary(make_report(TENSORS, findings=FINDINGS)))
+    out = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "\x1b[1;31mdangerous" in out
+
+
+@pytest.mark.parametrize(
+    ("n", "text"),
+    [
+        (0, "0 B"),
+        (1023, "1023 B"),
+        (1024, "1.0 KiB"),
+        (1536, "1.5 KiB"),
+        (3355443, "3.2 MiB"),
+        (1024**2 - 1, "1.0 MiB"),
+        (5 * 1024**3, "5.0 GiB"),
+    ],
+)
+def test_human_bytes(n: int, text: str) -> None:
+    assert render.human_bytes(n) == text
+
+
+@pytest.mark.parametrize(
+    ("fraction", "text"),
+    [
+        (0.0, " " * 10),
+        (1.0, "█" * 10),
+        (0.45, "████▌     "),
+        (0.01, "▏         "),
+        (0.001, "▏         "),
+        (2.0, "█" * 10),
+    ],
+)
+def test_bar(fraction: float, text: str) -> None:
+    assert render.bar(fraction) == text
+    assert len(render.bar(fraction)) == render.BAR_CELLS
+
+
+def test_tree_exact_text() -> None:
+    tensors = (
+        tensor("conv.weight", shape=(64, 3, 3, 3), exact=True),
+        tensor("bn.running_mean", "buffer", shape=(64,)),
+        tensor("bn.num_batches_tracked", "buffer", "int64", (), 8),
+        tensor("blocks.0.fc.weight", shape=(16, 64)),
+    )
+    text = text_of(render.tree(build_tree(tensors, depth=2), "[x].pt"))
+    assert text == (
+        "[x].pt  11.0 KiB  2 params 10.8 KiB · 2 buffers 264 B\n"
+        "├── conv    ██████▏     61.3%  1 param 6.8 KiB\n"
+        "│   └── weight  parameter ●  float32  64×3×3×3  6.8 KiB\n"
+        "├── bn      ▎            2.3%  2 buffers 264 B\n"
+        "│   ├── running_mean         buffer ○  float32  64      256 B\n"
+        "│   └── num_batches_tracked  buffer ○  int64    scalar    8 B\n"
+        "└── blocks  ███▋        36.3%  1 param 4.0 KiB\n"
+        "    └── 0  ███▋        36.3%  1 param 4.0 KiB  (1 folded)"
+    )
