@@ -375,9 +375,7 @@ def make_all() -> list[Path]:
     make_transformer_buffers_file()
     make_qat_file()
     make_malicious_file()
-    files = sorted(
-        p for p in HERE.rglob("*") if p.is_file() and p.suffix in {".pt", ".ckpt", ".safetensors", ".json"}
-    )
+    files = sorted(p for p in HERE.rglob("*") if p.is_file() and p.suffix in {".pt", ".ckpt", ".safetensors", ".json"})
     too_big = [p for p in files if p.stat().st_size >= SIZE_LIMIT]
     if too_big:
         raise SystemExit(f"sample files over {SIZE_LIMIT} bytes: {too_big}")

@@ -54,8 +54,8 @@ _ALL = [
     DType("qint8", 8, "quant"),
     DType("quint8", 8, "quant"),
     DType("qint32", 32, "quant"),
-    DType("quint4x2", 8, "quant"),
-    DType("quint2x4", 8, "quant"),
+    DType("quint4x2", 4, "quant"),  # two elements per byte
+    DType("quint2x4", 2, "quant"),  # four elements per byte
     DType("bits8", 8, "bits"),
     DType("bits16", 16, "bits"),
     DType("bits1x8", 8, "bits"),
@@ -154,4 +154,8 @@ def canonical(name: str) -> str | None:
 
 
 def nbytes(dtype: str, numel: int) -> int:
-    return numel * DTYPES[dtype].itemsize if dtype in DTYPES else 0
+    """Bytes ``numel`` elements occupy; packed sub-byte dtypes round up to whole bytes."""
+    d = DTYPES.get(dtype)
+    if d is None:
+        return 0
+    return numel * d.itemsize if d.bits >= 8 else (numel * d.bits + 7) // 8

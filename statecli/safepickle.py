@@ -196,8 +196,9 @@ def _tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: str | None
         last = offset
         for s, st in zip(shape, strides, strict=True):
             last += (s - 1) * st
-        itemsize = DTYPES[dt].itemsize if dt in DTYPES else 1
-        capacity = storage.nbytes // itemsize
+        bits = DTYPES[dt].bits if dt in DTYPES else 8
+        # Packed dtypes (quint4x2, quint2x4) hold several elements per storage byte.
+        capacity = storage.nbytes // (bits // 8) if bits >= 8 else storage.nbytes * (8 // bits)
         if last >= capacity:
             raise InputError(
                 f"corrupt pickle: a tensor of shape {list(shape)}, stride {list(strides)}, offset {offset} "
@@ -307,6 +308,11 @@ def _h_codecs_encode(args: tuple[Any, ...]) -> Any:
     return Stub(Global("_codecs", "encode"), args, "reduce")
 
 
+def _h_bytes(args: tuple[Any, ...]) -> Any:
+    # Protocols 0-2 write b"" as bytes(); only that exact empty call is honoured.
+    return b"" if args == () else Stub(Global("builtins", "bytes"), args, "reduce")
+
+
 def _h_size(args: tuple[Any, ...]) -> Any:
     return tuple(args[0]) if args and isinstance(args[0], (tuple, list)) else ()
 
@@ -320,6 +326,7 @@ HANDLERS: dict[tuple[str, str], Callable[[tuple[Any, ...]], Any]] = {
     ("collections", "OrderedDict"): _h_ordered_dict,
     ("builtins", "set"): _h_set,
     ("builtins", "frozenset"): _h_frozenset,
+    ("builtins", "bytes"): _h_bytes,
     ("_codecs", "encode"): _h_codecs_encode,
     ("torch", "Size"): _h_size,
     ("torch._utils", "_rebuild_tensor"): _h_rebuild_tensor,
@@ -359,7 +366,7 @@ ALLOWED_NAMES: frozenset[tuple[str, str]] = frozenset(
             "Tensor",
         )
     ]
-    + [("torch.nn.parameter", "Parameter"), ("torch", "Tensor")]
+    + [("torch.nn.parameter", "Parameter"), ("torch", "Tensor"), ("torch.storage", "UntypedStorage")]
     + list(HANDLERS)
 )
 

