@@ -1,0 +1,122 @@
+"""Bad inputs through the real command, end to end: one stderr line naming the file, the exit code, no
+traceback, nothing on stdout, nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def statecli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "NO_COLOR": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "statecli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=60
+    )
+
+
+def make_bad(tmp: Path, kind: str) -> Path:
+    if kind == "missing":
+        return tmp / "nope.pt"
+    if kind == "empty-folder":
+        (tmp / "run").mkdir()
+        (tmp / "run" / "notes.txt").write_text("hello\n")
+        return tmp / "run"
+    p = tmp / f"{kind}.pt"
+    if kind == "empty":
+        p.write_bytes(b"")
+    elif kind == "lfs":
+        p.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 1234\n")
+    elif kind == "text":
+        p.write_text("this is not a checkpoint\n")
+    elif kind in ("truncated", "corrupt"):
+        torch.save({"w": torch.ones(64)}, p)
+        data = bytearray(p.read_bytes())
+        if kind == "truncated":
+            data = data[: len(data) // 2]
+        else:
+            with zipfile.ZipFile(p) as zf:
+                info = zf.getinfo(f"{p.stem}/data.pkl")
+            start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+            at = start + info.file_size // 2  # the middle of the pickle's bytes
+            data[at : at + 4] = b"\xff\xff\xff\xff"
+        p.write_bytes(bytes(data))
+    elif kind == "legacy":
+        torch.save({"w": torch.ones(2)}, p, _use_new_zipfile_serialization=False)
+    return p
+
+
+@pytest.mark.parametrize(
+    ("kind", "words"),
+    [
+        ("missing", "no such file"),
+        ("empty-folder", "holds no checkpoint"),
+        ("empty", "empty file"),
+        ("lfs", "Git LFS pointer"),
+        ("text", "text file"),
+        ("truncated", "zip"),
+        ("corrupt", "corrupt"),
+        ("legacy", "legacy torch format"),
+    ],
+)
+def test_bad_input_exit_3_one_line(tmp_path: Path, kind: str, words: str) -> None:
+    path = make_bad(tmp_path, kind)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    result = statecli("inspect", str(path), cwd=tmp_path)
+    assert result.returncode == 3, result.stderr
+    assert result.stdout == ""
+    assert result.stderr.startswith(f"statecli: error: {path}: ")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert words in result.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_debug_shows_a_traceback_for_a_bad_file(tmp_path: Path) -> None:
+    path = make_bad(tmp_path, "text")
+    result = statecli("--debug", "inspect", str(path), cwd=tmp_path)
+    assert result.returncode == 3
+    assert "Traceback" in result.stderr and "InputError" in result.stderr
+
+
+def test_shard_outside_the_folder_is_refused_as_unsafe(tmp_path: Path) -> None:
+    (tmp_path / "ckpt").mkdir()
+    index = tmp_path / "ckpt" / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {"w": "../secret.safetensors"}}))
+    result = statecli("inspect", str(tmp_path / "ckpt"), cwd=tmp_path)
+    assert result.returncode == 5
+    assert "leaves the checkpoint folder" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_malicious_sample_runs_nothing(tmp_path: Path, samples_dir: Path) -> None:
+    for fmt in ("table", "json"):
+        result = statecli("inspect", str(samples_dir / "malicious_os_system.pt"), "-f", fmt, cwd=tmp_path)
+        assert result.returncode == 0
+        assert "dangerous" in result.stdout.lower() or fmt == "table"
+        assert "posix.system" in result.stderr
+    assert not (tmp_path / "statecli_pwned_marker").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bin_shards_with_an_index(tmp_path: Path) -> None:
+    torch.save({"a.weight": torch.ones(2, 2), "bn.running_mean": torch.zeros(2)}, tmp_path / "pytorch_model-1.bin")
+    torch.save({"b.weight": torch.ones(3)}, tmp_path / "pytorch_model-2.bin")
+    weight_map = {
+        "a.weight": "pytorch_model-1.bin",
+        "bn.running_mean": "pytorch_model-1.bin",
+        "b.weight": "pytorch_model-2.bin",
+    }
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    result = statecli("inspect", str(tmp_path), "-f", "json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["format"] == "sharded-torch-zip"
+    by = {t["name"]: t for t in data["tensors"]}
+    assert list(by) == ["a.weight", "bn.running_mean", "b.weight"]
+    assert by["bn.running_mean"]["role"] == "buffer" and by["b.weight"]["file"] == "pytorch_model-2.bin"
+    assert by["a.weight"]["device"] == "cpu"
