@@ -133,34 +133,42 @@ class Summary:
 
     @classmethod
     def of(cls, tensors: Iterable[TensorInfo], storage_sizes: dict[str, int] | None = None) -> Summary:
-        roles = {r: Totals() for r in ROLES}
-        by_dtype: dict[str, Totals] = {}
-        by_device: dict[str, Totals] = {}
-        exact = inferred = logical = 0
+        # Plain [count, numel, nbytes] lists while counting: building a frozen Totals per tensor and
+        # group would cost more than the rest of the summary.
+        roles: dict[str, list[int]] = {r: [0, 0, 0] for r in ROLES}
+        by_dtype: dict[str, list[int]] = {}
+        by_device: dict[str, list[int]] = {}
+        exact = inferred = logical = unshared = 0
         seen: dict[str, int] = {}
-        unshared = 0
+        sizes = storage_sizes or {}
         for t in tensors:
-            roles[t.role] = roles[t.role].add(t)
-            by_dtype[t.dtype] = by_dtype.get(t.dtype, Totals()).add(t)
-            dev = t.device if t.device is not None else "unknown"
-            by_device[dev] = by_device.get(dev, Totals()).add(t)
+            numel, size = t.numel, t.nbytes
+            for acc in (
+                roles[t.role],
+                by_dtype.setdefault(t.dtype, [0, 0, 0]),
+                by_device.setdefault(t.device if t.device is not None else "unknown", [0, 0, 0]),
+            ):
+                acc[0] += 1
+                acc[1] += numel
+                acc[2] += size
             if t.exact:
                 exact += 1
             else:
                 inferred += 1
-            logical += t.nbytes
-            if t.storage is None:
-                unshared += t.nbytes
-            elif storage_sizes is not None and t.storage in storage_sizes:
-                seen[t.storage] = storage_sizes[t.storage]
-            else:
-                seen[t.storage] = max(seen.get(t.storage, 0), t.nbytes)
+            logical += size
+            key = t.storage
+            if key is None:
+                unshared += size
+            elif key in sizes:
+                seen[key] = sizes[key]
+            elif seen.get(key, -1) < size:
+                seen[key] = size
         return cls(
-            parameters=roles["parameter"],
-            buffers=roles["buffer"],
-            other=roles["other"],
-            by_dtype=by_dtype,
-            by_device=by_device,
+            parameters=Totals(*roles["parameter"]),
+            buffers=Totals(*roles["buffer"]),
+            other=Totals(*roles["other"]),
+            by_dtype={k: Totals(*v) for k, v in by_dtype.items()},
+            by_device={k: Totals(*v) for k, v in by_device.items()},
             exact=exact,
             inferred=inferred,
             logical_nbytes=logical,
@@ -224,6 +232,8 @@ class Report:
         """A report over the tensors that pass every filter given; the summary follows the selection."""
         from fnmatch import fnmatchcase
 
+        if not roles and not match and not dtypes:
+            return self
         role_set = set(roles) if roles else None
         globs = list(match) if match else None
         dtype_set = set(dtypes) if dtypes else None
