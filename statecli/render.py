@@ -19,6 +19,7 @@ from statecli.records import Report, TensorInfo, Totals
 from statecli.tree import TreeNode
 
 EXACT_MARK = "●"
+NON_PERSISTENT = "np"
 INFERRED_MARK = "○"
 UNKNOWN = "—"
 
@@ -53,9 +54,12 @@ def bar(fraction: float, cells: int = BAR_CELLS) -> str:
 
 
 def role_text(t: TensorInfo) -> Text:
-    """``parameter ●`` (exact) or ``buffer ○`` (inferred), coloured by role."""
+    """``parameter ●`` (exact) or ``buffer ○`` (inferred), coloured by role; ``np`` for a non-persistent buffer."""
     mark = EXACT_MARK if t.exact else INFERRED_MARK
-    return Text(f"{t.role} {mark}", style=ROLE_STYLES.get(t.role, ""))
+    text = Text(f"{t.role} {mark}", style=ROLE_STYLES.get(t.role, ""))
+    if t.persistent is False:
+        text.append(f" {NON_PERSISTENT}", style="dim")
+    return text
 
 
 def shape_text(shape: Sequence[int]) -> str:
@@ -206,15 +210,16 @@ def report_view(report: Report, with_summary: bool = True, with_legend: bool = T
     if with_summary:
         parts += [Text(), summary(report)]
     if with_legend:
-        parts.append(legend())
+        parts.append(legend(any(t.persistent is False for t in report.tensors)))
     return Group(*parts)
 
 
-def legend() -> Text:
-    """The line that explains the table's marks."""
+def legend(non_persistent: bool = False) -> Text:
+    """The line that explains the table's marks (``np`` only when the table shows one)."""
+    np_note = f" · {NON_PERSISTENT}: non-persistent buffer, left out of state_dict()" if non_persistent else ""
     return Text(
         f"{EXACT_MARK} exact: the file states the role · {INFERRED_MARK} inferred: see Evidence · "
-        f"{UNKNOWN} not stored in the file",
+        f"{UNKNOWN} not stored in the file{np_note}",
         style="dim",
     )
 

@@ -195,3 +195,13 @@ def test_tree_exact_text() -> None:
         "└── blocks  ███▋        36.3%  1 param 4.0 KiB\n"
         "    └── 0  ███▋        36.3%  1 param 4.0 KiB  (1 folded)"
     )
+
+
+def test_non_persistent_buffer_is_marked_and_explained() -> None:
+    kept = tensor("scale", role="buffer", exact=True, evidence="module")
+    dropped = tensor("cache", role="buffer", exact=True, evidence="module", persistent=False)
+    text = text_of(render.report_view(make_report((kept, dropped))), width=200)
+    rows = {line.split()[0]: line for line in text.splitlines() if line.startswith(("scale", "cache"))}
+    assert " np " in rows["cache"] and " np " not in rows["scale"]
+    assert "np: non-persistent buffer, left out of state_dict()" in text
+    assert "non-persistent" not in text_of(render.report_view(make_report((kept,))))
