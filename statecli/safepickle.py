@@ -19,6 +19,7 @@ Tensor bytes are never read: storages arrive through ``persistent_load`` as what
 from __future__ import annotations
 
 import _compat_pickle
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -375,6 +376,78 @@ def is_allowed(module: str, name: str) -> bool:
     return (module, name) in ALLOWED_NAMES
 
 
+# One ``_rebuild_tensor_v2`` call as torch.save writes it once the names it uses are memoized: the
+# argument tuple (storage persistent id, offset, shape, stride, requires_grad, hooks) and the REDUCE.
+# Matched in one regex step instead of ~25 trips through the opcode loop; anything else (first use of a
+# name, metadata, LONG1 sizes, hostile bytes) does not match and takes the general loop.
+_INT = rb"(?:K.|M..|J....)"
+_MEMO_GET = rb"(?:h(.)|j(....))"
+_MEMO_PUT = rb"(?:q(.)|r(....))"
+_TUPLE = rb"(\)|" + _INT + rb"[\x85]|" + _INT + rb"{2}\x86|" + _INT + rb"{3}\x87|\(" + _INT + rb"{0,64}t)"
+_OPT_PUT = rb"(?:q(.)|r(....))?"  # pickle does not memoize the empty tuple of a 0-dim tensor
+_TENSOR_V2 = re.compile(
+    rb"\(\("
+    + _MEMO_GET  # 'storage'
+    + _MEMO_GET  # storage type
+    + rb"X(....)([0-9]{1,20})"  # storage key (decimal)
+    + _MEMO_PUT
+    # location: memoized ('cpu' after its first use) or written afresh each time (CUDA saves)
+    + rb"(?:h(.)|j(....)|X(....)([\x20-\x7e]{1,64}?)(?:q(.)|r(....)))"
+    + rb"("
+    + _INT
+    + rb")t"  # numel, TUPLE
+    + _MEMO_PUT
+    + rb"Q("
+    + _INT
+    + rb")"  # BINPERSID, storage offset
+    + _TUPLE
+    + _OPT_PUT
+    + _TUPLE
+    + _OPT_PUT
+    + rb"([\x88\x89])"  # requires_grad
+    + _MEMO_GET  # OrderedDict
+    + rb"\)R"
+    + _MEMO_PUT
+    + rb"t"
+    + _MEMO_PUT
+    + rb"R",
+    re.DOTALL,
+)
+
+
+def _no_fast_path(g: Any, pos: int, memo: Any) -> None:
+    return None
+
+
+def _at(short: bytes | None, long: bytes | None) -> int:
+    """A memo index from whichever form matched: one byte (``h``/``q``) or four (``j``/``r``)."""
+    return short[0] if short is not None else int.from_bytes(long, "little")  # type: ignore[arg-type]
+
+
+def _small_int(b: bytes) -> int:
+    op = b[0]
+    if op == 0x4B:
+        return b[1]
+    if op == 0x4D:
+        return b[1] | b[2] << 8
+    return int.from_bytes(b[1:5], "little", signed=True)
+
+
+def _int_tuple(b: bytes) -> tuple[int, ...]:
+    """The ints of a matched tuple: ``)``, ints + TUPLE1/2/3, or ``(`` ints ``t``."""
+    if len(b) == 3 and b[0] == 0x4B:  # (K n) TUPLE1: every 1-D tensor below 256 elements
+        return (b[1],)
+    out = []
+    i = 1 if b[0] == 0x28 else 0
+    end = len(b) - 1
+    while i < end:
+        op = b[i]
+        width = 2 if op == 0x4B else 3 if op == 0x4D else 5
+        out.append(_small_int(b[i : i + width]))
+        i += width
+    return tuple(out)
+
+
 class RestrictedUnpickler:
     """Parse one pickle into inert data. ``persistent_load`` turns persistent ids into storage records.
 
@@ -387,6 +460,7 @@ class RestrictedUnpickler:
         data: bytes,
         persistent_load: Callable[[Any], Any] | None = None,
         limits: Limits | None = None,
+        fast_paths: bool = True,
     ) -> None:
         self.data = data
         self.persistent_load = persistent_load
@@ -395,6 +469,7 @@ class RestrictedUnpickler:
         self.calls: list[tuple[Global, Any]] = []
         self.proto = 0
         self.end = 0  # offset just past STOP
+        self.fast_paths = fast_paths
 
     # The hot loop is one function with local variables and an if-chain ordered by how often torch
     # pickles use each opcode: a 100,000-tensor state dict runs about two million of them.
@@ -412,6 +487,7 @@ class RestrictedUnpickler:
         max_str = lim.max_str
         persistent = self._persistent
         call = self._call
+        fast = self._fast_tensor_v2 if self.fast_paths else _no_fast_path
         pos = 0
         # Every opcode takes at least one byte, so the opcode count is bounded by the pickle's size,
         # which the caller caps; an explicit counter would cost ~10% of the loop.
@@ -427,8 +503,15 @@ class RestrictedUnpickler:
                     if len(memo) > max_memo:
                         raise LimitExceededError(f"pickle memo exceeds {max_memo} entries")
                 elif op == 0x68:  # BINGET
-                    stack.append(memo[data[pos]])
+                    v = memo[data[pos]]
                     pos += 1
+                    if type(v) is Global and v.handler is _h_rebuild_tensor_v2 and data[pos] == 0x28:
+                        hit = fast(v, pos, memo)
+                        if hit is not None:
+                            stack.append(hit[0])
+                            pos = hit[1]
+                            continue
+                    stack.append(v)
                 elif op == 0x4B:  # BININT1
                     stack.append(data[pos])
                     pos += 1
@@ -482,9 +565,15 @@ class RestrictedUnpickler:
                 elif op == 0x88:  # NEWTRUE
                     stack.append(True)
                 elif op == 0x6A:  # LONG_BINGET
-                    (idx,) = unpack_from("<I", data, pos)
+                    v = memo[u32(data, pos)[0]]
                     pos += 4
-                    stack.append(memo[idx])
+                    if type(v) is Global and v.handler is _h_rebuild_tensor_v2 and data[pos] == 0x28:
+                        hit = fast(v, pos, memo)
+                        if hit is not None:
+                            stack.append(hit[0])
+                            pos = hit[1]
+                            continue
+                    stack.append(v)
                 elif op == 0x94:  # MEMOIZE
                     memo[len(memo)] = stack[-1]
                     if len(memo) > lim.max_memo:
@@ -761,6 +850,65 @@ class RestrictedUnpickler:
             raise InputError("pickle refers to external data (a persistent id) outside a torch archive")
         return self.persistent_load(pid)
 
+    def _fast_tensor_v2(self, g: Global, pos: int, memo: dict[int, Any]) -> tuple[Any, int] | None:
+        """The tensor the ``_rebuild_tensor_v2`` call at ``pos`` builds and the position after its REDUCE,
+        or ``None`` (nothing changed) when the bytes are not the common form; see ``_TENSOR_V2``."""
+        m = _TENSOR_V2.match(self.data, pos)
+        if m is None:
+            return None
+        (g_tag, l_tag, g_st, l_st, klen, key, p_key, lp_key, g_loc, l_loc, loclen, loc, p_loc, lp_loc, numel,
+         p_pid, lp_pid, offset, shape_b, p_shape, lp_shape, stride_b, p_stride, lp_stride, grad, g_od, l_od,
+         p_hooks, lp_hooks, p_args, lp_args) = m.groups()  # fmt: skip
+        if int.from_bytes(klen, "little") != len(key):
+            return None
+        key_at = _at(p_key, lp_key)
+        loc_put = _at(p_loc, lp_loc) if loc is not None else None
+        loc_get = _at(g_loc, l_loc) if loc is None else None
+        pid_at = _at(p_pid, lp_pid)
+        shape_at = _at(p_shape, lp_shape) if p_shape or lp_shape else None
+        stride_at = _at(p_stride, lp_stride) if p_stride or lp_stride else None
+        od_at = _at(g_od, l_od)
+        # A GET that reads what this very call PUT earlier is legal pickle that torch never writes: the
+        # general loop handles it, so the fast path cannot disagree with it.
+        if loc_get == key_at or od_at in (key_at, loc_put, pid_at, shape_at, stride_at):
+            return None
+        try:
+            tag = memo[_at(g_tag, l_tag)]
+            stype = memo[_at(g_st, l_st)]
+            odict = memo[od_at]
+            if loc_get is not None:
+                location = memo[loc_get]
+            elif int.from_bytes(loclen, "little") == len(loc):
+                location = loc.decode("ascii")
+            else:
+                return None
+        except KeyError:
+            return None
+        if tag != "storage" or type(stype) is not Global or type(location) is not str:
+            return None
+        if type(odict) is not Global or odict.handler is not _h_ordered_dict:
+            return None
+        key_s = key.decode("ascii")
+        pid = ("storage", stype, key_s, location, _small_int(numel))
+        shape = _int_tuple(shape_b)
+        stride = _int_tuple(stride_b)
+        hooks = PickledDict()
+        # Only now, with every check passed, does anything change: memo entries in file order.
+        memo[key_at] = key_s
+        if loc_put is not None:
+            memo[loc_put] = location
+        memo[pid_at] = pid
+        if shape_at is not None:
+            memo[shape_at] = shape
+        if stride_at is not None:
+            memo[stride_at] = stride
+        memo[_at(p_hooks, lp_hooks)] = hooks
+        args = (self._persistent(pid), _small_int(offset), shape, stride, grad == b"\x88", hooks)
+        memo[_at(p_args, lp_args)] = args
+        if len(memo) > self.limits.max_memo:
+            raise LimitExceededError(f"pickle memo exceeds {self.limits.max_memo} entries")
+        return _h_rebuild_tensor_v2(args), m.end()
+
     @staticmethod
     def _setitems(target: Any, items: list[Any]) -> None:
         if len(items) % 2:
@@ -803,7 +951,11 @@ def loads(
     data: bytes,
     persistent_load: Callable[[Any], Any] | None = None,
     limits: Limits | None = None,
+    fast_paths: bool = True,
 ) -> tuple[Any, RestrictedUnpickler]:
-    """Parse ``data``; returns the object and the unpickler (for ``globals_seen`` and ``calls``)."""
-    u = RestrictedUnpickler(data, persistent_load, limits)
+    """Parse ``data``; returns the object and the unpickler (for ``globals_seen`` and ``calls``).
+
+    ``fast_paths=False`` runs every opcode through the general loop (the tests compare both).
+    """
+    u = RestrictedUnpickler(data, persistent_load, limits, fast_paths)
     return u.load(), u
