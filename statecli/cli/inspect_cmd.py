@@ -105,4 +105,4 @@ def _print_table(report: Report, summary: bool, legend: bool, first: bool) -> No
     console = _output.stdout_console(view)
     if not first:
         console.print()
-    console.print(view)
+    console.print(view, soft_wrap=True)  # the grid fits itself to the width; skip rich's per-line cropping

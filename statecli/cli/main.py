@@ -6,6 +6,7 @@ command runs inside :class:`statecli.cli._errors.StatecliGroup`, the one place e
 
 from __future__ import annotations
 
+import gc
 from typing import Annotated
 
 import typer
@@ -66,4 +67,7 @@ def _root(
 
 def main() -> None:
     """Console-script entry point (``statecli``, ``python -m statecli``)."""
+    # A command is one short process that builds many small objects and no reference cycles worth
+    # collecting: the cyclic collector would only rescan them (a third of the time at 100,000 tensors).
+    gc.disable()
     app(prog_name="statecli")
