@@ -78,10 +78,13 @@ class TensorInfo:
 
     @property
     def trainable(self) -> str:
-        """``trainable`` / ``frozen`` / ``—`` (the file does not store it)."""
+        """``trainable`` / ``frozen`` for parameters, ``no grad`` / ``requires grad`` for the rest,
+        ``—`` when the file does not store it. A buffer without grad is normal, not "frozen"."""
         if self.requires_grad is None:
             return "—"
-        return "trainable" if self.requires_grad else "frozen"
+        if self.role == "parameter":
+            return "trainable" if self.requires_grad else "frozen"
+        return "requires grad" if self.requires_grad else "no grad"
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -28,7 +28,7 @@ UNKNOWN = "—"
 
 ROLE_STYLES = {"parameter": "green", "buffer": "cyan", "other": "magenta"}
 LEVEL_STYLES = {"info": "blue", "warning": "yellow", "dangerous": "bold red"}
-GRAD_STYLES = {"trainable": "green", "frozen": "blue", UNKNOWN: "dim"}
+GRAD_STYLES = {"trainable": "green", "frozen": "blue", "no grad": "dim", "requires grad": "yellow", UNKNOWN: "dim"}
 
 BAR_CELLS = 10
 _EIGHTHS = " ▏▎▍▌▋▊▉"

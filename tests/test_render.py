@@ -205,3 +205,18 @@ def test_non_persistent_buffer_is_marked_and_explained() -> None:
     assert " np " in rows["cache"] and " np " not in rows["scale"]
     assert "np: non-persistent buffer, left out of state_dict()" in text
     assert "non-persistent" not in text_of(render.report_view(make_report((kept,))))
+
+
+@pytest.mark.parametrize(
+    ("role", "requires_grad", "label"),
+    [
+        ("parameter", True, "trainable"),
+        ("parameter", False, "frozen"),
+        ("buffer", False, "no grad"),
+        ("buffer", True, "requires grad"),
+        ("buffer", None, "—"),
+        ("parameter", None, "—"),
+    ],
+)
+def test_grad_labels(role: str, requires_grad: bool | None, label: str) -> None:
+    assert tensor("x", role=role, requires_grad=requires_grad).trainable == label
