@@ -48,13 +48,13 @@ half-trusted metadata would present guesses as facts.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import struct
 from typing import Any
 
 from statecli.dtypes import DTYPES, SAFETENSORS_DTYPES
 from statecli.errors import InputError, LimitExceededError, UnsupportedFormatError
+from statecli.formats._json import load_object
 from statecli.formats.base import RawCheckpoint
 from statecli.records import ROLES, Container, Finding, RawTensor
 
@@ -75,33 +75,6 @@ _MAX_NUMEL = 2**63 - 1
 
 METADATA_KEY = "statecli"
 ROLES_SCHEMA = "statecli.roles/1"
-
-
-class _DuplicateKeyError(ValueError):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # dict() runs in C; the per-key search only happens on the error path. Headers have 100k+ objects.
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen: set[str] = set()
-        for k, _ in pairs:
-            if k in seen:
-                raise _DuplicateKeyError(k)
-            seen.add(k)
-    return out
-
-
-def _reject_constant(name: str) -> Any:
-    # json accepts NaN/Infinity, which are not JSON; safetensors' parser refuses them too.
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _loads(text: str) -> Any:
-    return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
 
 
 def _is_int(x: Any) -> bool:
@@ -205,13 +178,9 @@ def _parse_entry(path: str, name: str, entry: Any) -> tuple[str, tuple[int, ...]
 def _parse_roles(raw: str, stored: dict[str, RawTensor]) -> dict[str, Any]:
     """Validate statecli's role metadata; raises ValueError with a reason when it is not usable."""
     try:
-        doc = _loads(raw)
-    except _DuplicateKeyError as e:
-        raise ValueError(f"duplicate key {e.key!r}") from None
-    except (ValueError, RecursionError) as e:
-        raise ValueError(f"not valid JSON ({e})") from None
-    if not isinstance(doc, dict):
-        raise ValueError("not a JSON object")
+        doc = load_object(raw.encode("utf-8", "surrogatepass"), "the statecli entry", "")
+    except InputError as e:
+        raise ValueError(e.message) from None
     if doc.get("schema") != ROLES_SCHEMA:
         raise ValueError(f"schema is {doc.get('schema')!r}, expected {ROLES_SCHEMA!r}")
 
@@ -315,20 +284,7 @@ def read_safetensors(path: str) -> RawCheckpoint:
     ``UnsupportedFormatError``) naming the problem when the file is not a valid safetensors file.
     """
     raw, n, file_size = _read_header(path)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"header is not valid UTF-8 (byte {e.start} of the header)", path=path) from None
-    try:
-        header = _loads(text)
-    except _DuplicateKeyError as e:
-        raise InputError(f"duplicate key {e.key!r} in header", path=path) from None
-    except RecursionError:
-        raise InputError("header is not valid JSON (nested too deeply)", path=path) from None
-    except ValueError as e:
-        raise InputError(f"header is not valid JSON: {e}", path=path) from None
-    if not isinstance(header, dict):
-        raise InputError(f"header is not a JSON object (got {type(header).__name__})", path=path)
+    header = load_object(raw, "header", path)
 
     # safetensors reads a null __metadata__ as "no metadata"; so do we.
     metadata = header.pop("__metadata__", None)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from statecli.errors import InputError, LimitExceededError, UnsafeError
+from statecli.formats._json import load_object
 from statecli.formats.base import RawCheckpoint
 from statecli.records import Container, Finding, RawTensor
 
@@ -24,21 +25,6 @@ __all__ = ["MAX_INDEX_BYTES", "read_index"]
 
 # Real indexes are a few MB even for 100B-parameter models; anything near this is not an index.
 MAX_INDEX_BYTES = 100_000_000
-
-
-class _DuplicateKeyError(ValueError):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise _DuplicateKeyError(k)
-        out[k] = v
-    return out
 
 
 def _load_index(path: str) -> dict[str, Any]:
@@ -50,18 +36,7 @@ def _load_index(path: str) -> dict[str, Any]:
             raw = f.read(MAX_INDEX_BYTES + 1)
     except OSError as e:
         raise InputError(f"cannot read index: {e.strerror or e}", path=path) from e
-    try:
-        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except UnicodeDecodeError as e:
-        raise InputError(f"index is not valid UTF-8 (byte {e.start})", path=path) from None
-    except _DuplicateKeyError as e:
-        raise InputError(f"duplicate key {e.key!r} in index", path=path) from None
-    except RecursionError:
-        raise InputError("index is not valid JSON (nested too deeply)", path=path) from None
-    except ValueError as e:
-        raise InputError(f"index is not valid JSON: {e}", path=path) from None
-    if not isinstance(doc, dict):
-        raise InputError(f"index is not a JSON object (got {type(doc).__name__})", path=path)
+    doc = load_object(raw, "index", path)
     if "weight_map" not in doc:
         raise InputError("index has no 'weight_map'", path=path)
     weight_map = doc["weight_map"]
