@@ -401,8 +401,19 @@ CLASSIC_DTYPES = (
     torch.uint8,
     torch.bool,
     torch.complex64,
+    torch.complex128,
+    torch.int16,
 )
-V3_DTYPES = (torch.float8_e4m3fn, torch.uint16)  # saved with _rebuild_tensor_v3 on an UntypedStorage
+# saved with _rebuild_tensor_v3 on an UntypedStorage
+V3_DTYPES = (
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+    torch.float8_e4m3fnuz,
+    torch.complex32,
+    torch.uint16,
+    torch.uint32,
+    torch.uint64,
+)
 RANDOM_DTYPES = CLASSIC_DTYPES + V3_DTYPES
 VIEW_KINDS = ("alias", "transpose", "slice", "strided")
 
