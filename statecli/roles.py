@@ -25,7 +25,7 @@ class Rule:
 
 _BN_STATS = frozenset({"running_mean", "running_var", "num_batches_tracked"})
 _QUANT_SEGMENT = re.compile(r"(^|\.)(activation_post_process[^.]*|[^.]*fake_quant[^.]*|[^.]*observer[^.]*)(\.|$)")
-_NON_TRAINABLE_KINDS = frozenset({"int", "uint", "bool", "bits"})
+_NON_TRAINABLE_KINDS = frozenset({"int", "uint", "bool", "bits", "quant"})
 
 
 def _is_quant_observer(last: str, name: str, t: RawTensor) -> bool:
@@ -81,7 +81,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "integer-dtype",
         "buffer",
-        "integer and bool dtypes: autograd cannot train them, so they are not parameters",
+        "integer, bool and quantized dtypes: autograd cannot train them, so they are not parameters",
         _is_integral,
     ),
 )

@@ -34,6 +34,8 @@ def raw(name: str, dtype: str = "float32", shape: tuple[int, ...] = (4,)) -> Raw
         ("embedding.codebook_index", "int64", (16,), "rule:integer-dtype"),
         ("mask", "bool", (4, 4), "rule:integer-dtype"),
         ("lookup", "uint8", (10,), "rule:integer-dtype"),
+        ("fc.weight", "qint8", (4, 4), "rule:integer-dtype"),  # quantized: not an autograd parameter
+        ("conv.weight", "quint4x2", (4, 4), "rule:integer-dtype"),
     ],
 )
 def test_rule_marks_buffer(name: str, dtype: str, shape: tuple[int, ...], evidence: str) -> None:
