@@ -41,6 +41,8 @@ def read_central_directory(path: str) -> dict[str, Member]:
             return _read(f, os.fstat(f.fileno()).st_size, path)
     except OSError as e:
         raise InputError(f"cannot read file ({e.strerror or e})", path=path) from e
+    except struct.error as e:
+        raise InputError(f"corrupt zip archive ({e})", path=path) from e
 
 
 def _read(f, file_size: int, path: str) -> dict[str, Member]:  # type: ignore[no-untyped-def]
@@ -87,7 +89,10 @@ def _read(f, file_size: int, path: str) -> dict[str, Member]:  # type: ignore[no
             raise InputError("corrupt zip archive (bad central directory entry)", path=path)
         start = pos + _CENTRAL.size
         raw_name = cd[start : start + nlen]
-        name = raw_name.decode("utf-8" if flags & 0x800 else "cp437")
+        try:
+            name = raw_name.decode("utf-8" if flags & 0x800 else "cp437")
+        except UnicodeDecodeError:
+            raise InputError("corrupt zip archive (a member name is not valid UTF-8)", path=path) from None
         if xlen and (usize == 0xFFFFFFFF or csize == 0xFFFFFFFF or offset == 0xFFFFFFFF):
             usize, csize, offset = _zip64_extra(cd[start + nlen : start + nlen + xlen], usize, csize, offset)
         pos = start + nlen + xlen + clen
