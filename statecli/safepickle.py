@@ -186,16 +186,27 @@ def _tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: str | None
         raise InputError("corrupt pickle: a tensor's storage is not a storage record")
     if type(offset) is not int or offset < 0 or offset > MAX_INDEX:
         raise InputError(f"corrupt pickle: storage offset {offset!r} is impossible")
-    shape = _as_shape(size, "shape")
-    strides = _as_shape(stride, "stride")
+    return _checked_view(storage, offset, _as_shape(size, "shape"), _as_shape(stride, "stride"), dtype or storage.dtype)
+
+
+def _checked_view(
+    storage: StorageRef, offset: int, shape: tuple[int, ...], strides: tuple[int, ...], dt: str
+) -> TensorRef:
+    """A tensor record once its view is proven to stay inside ``storage`` (``shape`` and ``strides`` hold ints)."""
+    if offset < 0 or offset > MAX_INDEX:
+        raise InputError(f"corrupt pickle: storage offset {offset!r} is impossible")
+    for x in shape:
+        if x < 0 or x > MAX_INDEX:
+            raise InputError(f"corrupt pickle: tensor shape {list(shape)} has an impossible value")
     if len(strides) != len(shape):
         raise InputError(f"corrupt pickle: tensor shape {list(shape)} and stride {list(strides)} differ in rank")
-    dt = dtype or storage.dtype
     numel = checked_numel(shape)
     if numel:
         # The last element a strided view touches must lie inside the storage it views.
         last = offset
         for s, st in zip(shape, strides, strict=True):
+            if st < 0 or st > MAX_INDEX:
+                raise InputError(f"corrupt pickle: tensor stride {list(strides)} has an impossible value")
             last += (s - 1) * st
         bits = DTYPES[dt].bits if dt in DTYPES else 8
         # Packed dtypes (quint4x2, quint2x4) hold several elements per storage byte.
@@ -907,7 +918,11 @@ class RestrictedUnpickler:
         memo[_at(p_args, lp_args)] = args
         if len(memo) > self.limits.max_memo:
             raise LimitExceededError(f"pickle memo exceeds {self.limits.max_memo} entries")
-        return _h_rebuild_tensor_v2(args), m.end()
+        storage = args[0]
+        if type(storage) is not StorageRef:
+            return _h_rebuild_tensor_v2(args), m.end()  # the general path raises the right error
+        # shape and stride came out of _int_tuple: ints already, so only the bounds need checking.
+        return _with_grad(_checked_view(storage, args[1], shape, stride, storage.dtype), args[4]), m.end()
 
     @staticmethod
     def _setitems(target: Any, items: list[Any]) -> None:

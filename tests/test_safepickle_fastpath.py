@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import statecli
 from statecli import safepickle
 from statecli.formats.torchzip import _Storages
 from statecli.formats.zipdir import read_central_directory
@@ -111,3 +112,33 @@ def test_random_shapes_parse_the_same_both_ways(
     assert path.stat().st_size < 1_000_000
     slow, fast, _ = parse_both(path)
     assert fast == slow
+
+
+def _rewrite_pickle(src: Path, dst: Path, edit: Any) -> None:
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename.endswith("/data.pkl"):
+                data = edit(data)
+            zout.writestr(info.filename.replace(src.stem, dst.stem, 1), data)
+
+
+@pytest.mark.parametrize(
+    ("what", "encoded"),
+    [("shape", b"J\xff\xff\xff\xff\x85"), ("stride", b"J\xfe\xff\xff\xff\x85")],
+)
+def test_negative_sizes_in_the_fast_path_are_refused(tmp_path: Path, what: str, encoded: bytes) -> None:
+    src = tmp_path / "src.pt"
+    torch.save({"a": torch.zeros(2), "b": torch.zeros(2)}, src)
+    dst = tmp_path / "dst.pt"
+
+    def edit(data: bytes) -> bytes:
+        # b's call: its shape tuple (K 2, TUPLE1) then stride tuple (K 1, TUPLE1), after offset K 0.
+        at = data.rindex(b"QK\x00K\x02\x85")
+        shape_at, stride_at = at + 3, data.index(b"K\x01\x85", at)
+        target = shape_at if what == "shape" else stride_at
+        return data[:target] + encoded + data[target + 3 :]
+
+    _rewrite_pickle(src, dst, edit)
+    with pytest.raises(statecli.InputError, match=f"{what} .* impossible value"):
+        statecli.open_checkpoint(dst)

@@ -324,7 +324,11 @@ class _Walker:
         if mapping is not None:
             if self._enter(obj, prefix, depth):
                 for k, v in mapping.items():
-                    self._generic(v, _join(prefix, k), group, depth + 1)
+                    name = _join(prefix, k)
+                    if type(v) is TensorRef:  # the common case, without a recursive call per tensor
+                        self._emit(name, v, group)
+                    else:
+                        self._generic(v, name, group, depth + 1)
         elif isinstance(obj, (list, tuple)) and self._enter(obj, prefix, depth):
             for i, v in enumerate(obj):
                 self._generic(v, _join(prefix, i), group, depth + 1)
