@@ -9,7 +9,6 @@ import pickle
 import pickletools
 import struct
 import sys
-import time
 import tracemalloc
 import zipfile
 from pathlib import Path
@@ -345,16 +344,13 @@ def test_huge_declared_length_on_tiny_pickle(header: bytes, max_str: int | None)
     assert len(data) == 20
     limits = Limits() if max_str is None else Limits(max_str=max_str)
     tracemalloc.start()
-    t0 = time.perf_counter()
     try:
         with pytest.raises(InputError) as info:
             loads(data, limits=limits)
-        elapsed = time.perf_counter() - t0
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert elapsed < 0.5
-    assert peak < 1 << 20
+    assert peak < 1 << 20  # the claimed length was never allocated
     if max_str is None:
         assert isinstance(info.value, LimitExceededError)
     else:
