@@ -120,3 +120,12 @@ def test_bin_shards_with_an_index(tmp_path: Path) -> None:
     assert list(by) == ["a.weight", "bn.running_mean", "b.weight"]
     assert by["bn.running_mean"]["role"] == "buffer" and by["b.weight"]["file"] == "pytorch_model-2.bin"
     assert by["a.weight"]["device"] == "cpu"
+
+
+def test_an_index_whose_ninth_byte_is_a_brace_is_still_an_index(tmp_path: Path) -> None:
+    torch.save({"w": torch.ones(2)}, tmp_path / "a.bin")
+    # Byte 8 of this text is "{", which is what marks a safetensors header: the .json name must win.
+    (tmp_path / "x.index.json").write_text('{"m":   {}, "weight_map": {"w": "a.bin"}}')
+    result = statecli("inspect", str(tmp_path / "x.index.json"), "-f", "json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["format"] == "sharded-torch-zip"

@@ -67,6 +67,8 @@ def sniff(path: str, head: bytes, size: int) -> str:
         return "zip"
     if head.startswith(LFS_PREFIX):
         raise InputError("a Git LFS pointer, not the checkpoint itself: run `git lfs pull`", path=path)
+    if head.lstrip()[:1] == b"{" and path.endswith(".json"):
+        return "index"  # before the safetensors test: a JSON text can have "{" at byte 8 too
     if len(head) >= 9 and head[8:].lstrip(b" \t\r\n")[:1] == b"{":
         n = int.from_bytes(head[:8], "little")
         if n <= size - 8:
@@ -80,8 +82,6 @@ def sniff(path: str, head: bytes, size: int) -> str:
         )
     if len(head) >= 262 and head[257:262] == b"ustar":
         raise UnsupportedFormatError("legacy torch tar format (torch < 0.4) is not read yet", path=path)
-    if head.lstrip()[:1] == b"{" and path.endswith(".json"):
-        return "index"
     if head[:1] == b"\x80" and len(head) > 1 and head[1] <= 5:
         raise UnsupportedFormatError(
             "a plain pickle, not a torch.save archive; statecli reads torch.save (zip) files", path=path
