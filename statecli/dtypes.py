@@ -20,10 +20,6 @@ class DType:
         return max(1, self.bits // 8)
 
     @property
-    def is_floating(self) -> bool:
-        return self.kind == "float"
-
-    @property
     def is_integral(self) -> bool:
         return self.kind in ("int", "uint", "bool", "quant", "bits")
 

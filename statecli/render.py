@@ -56,13 +56,15 @@ def bar(fraction: float, cells: int = BAR_CELLS) -> str:
     return text.ljust(cells)
 
 
+def role_label(t: TensorInfo) -> str:
+    """``parameter ●`` (exact) or ``buffer ○`` (inferred); ``np`` after a non-persistent buffer."""
+    label = f"{t.role} {EXACT_MARK if t.exact else INFERRED_MARK}"
+    return f"{label} {NON_PERSISTENT}" if t.persistent is False else label
+
+
 def role_text(t: TensorInfo) -> Text:
-    """``parameter ●`` (exact) or ``buffer ○`` (inferred), coloured by role; ``np`` for a non-persistent buffer."""
-    mark = EXACT_MARK if t.exact else INFERRED_MARK
-    text = Text(f"{t.role} {mark}", style=ROLE_STYLES.get(t.role, ""))
-    if t.persistent is False:
-        text.append(f" {NON_PERSISTENT}", style="dim")
-    return text
+    """:func:`role_label`, coloured by role."""
+    return Text(role_label(t), style=ROLE_STYLES.get(t.role, ""))
 
 
 def shape_text(shape: Sequence[int]) -> str:
@@ -95,12 +97,9 @@ class TensorGrid:
             self.headers.append("Shares")
         self.rows: list[list[str]] = []
         for t in report.tensors:
-            role = f"{t.role} {EXACT_MARK if t.exact else INFERRED_MARK}"
-            if t.persistent is False:
-                role += f" {NON_PERSISTENT}"
             row = [
                 t.name,
-                role,
+                role_label(t),
                 t.evidence,
                 t.dtype,
                 shape_text(t.shape),

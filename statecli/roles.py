@@ -25,7 +25,6 @@ class Rule:
 
 _BN_STATS = frozenset({"running_mean", "running_var", "num_batches_tracked"})
 _QUANT_SEGMENT = re.compile(r"(^|\.)(activation_post_process[^.]*|[^.]*fake_quant[^.]*|[^.]*observer[^.]*)(\.|$)")
-_NON_TRAINABLE_KINDS = frozenset({"int", "uint", "bool", "bits", "quant"})
 
 
 def _is_quant_observer(last: str, name: str, t: RawTensor) -> bool:
@@ -44,7 +43,7 @@ def _is_causal_mask(last: str, name: str, t: RawTensor) -> bool:
 
 def _is_integral(last: str, name: str, t: RawTensor) -> bool:
     d = DTYPES.get(t.dtype)
-    return d is not None and d.kind in _NON_TRAINABLE_KINDS
+    return d is not None and d.is_integral
 
 
 RULES: tuple[Rule, ...] = (

@@ -383,10 +383,6 @@ ALLOWED_NAMES: frozenset[tuple[str, str]] = frozenset(
 )
 
 
-def is_allowed(module: str, name: str) -> bool:
-    return (module, name) in ALLOWED_NAMES
-
-
 # One ``_rebuild_tensor_v2`` call as torch.save writes it once the names it uses are memoized: the
 # argument tuple (storage persistent id, offset, shape, stride, requires_grad, hooks) and the REDUCE.
 # Matched in one regex step instead of ~25 trips through the opcode loop; anything else (first use of a
@@ -513,9 +509,13 @@ class RestrictedUnpickler:
                     pos += 4
                     if len(memo) > max_memo:
                         raise LimitExceededError(f"pickle memo exceeds {max_memo} entries")
-                elif op == 0x68:  # BINGET
-                    v = memo[data[pos]]
-                    pos += 1
+                elif op == 0x68 or op == 0x6A:  # BINGET, LONG_BINGET
+                    if op == 0x68:
+                        v = memo[data[pos]]
+                        pos += 1
+                    else:
+                        v = memo[u32(data, pos)[0]]
+                        pos += 4
                     if type(v) is Global and v.handler is _h_rebuild_tensor_v2 and data[pos] == 0x28:
                         hit = fast(v, pos, memo)
                         if hit is not None:
@@ -575,16 +575,6 @@ class RestrictedUnpickler:
                     stack[-1] = (stack[-1], b, c)
                 elif op == 0x88:  # NEWTRUE
                     stack.append(True)
-                elif op == 0x6A:  # LONG_BINGET
-                    v = memo[u32(data, pos)[0]]
-                    pos += 4
-                    if type(v) is Global and v.handler is _h_rebuild_tensor_v2 and data[pos] == 0x28:
-                        hit = fast(v, pos, memo)
-                        if hit is not None:
-                            stack.append(hit[0])
-                            pos = hit[1]
-                            continue
-                    stack.append(v)
                 elif op == 0x94:  # MEMOIZE
                     memo[len(memo)] = stack[-1]
                     if len(memo) > lim.max_memo:

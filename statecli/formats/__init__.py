@@ -102,7 +102,7 @@ def _check_zip_kind(path: str, names: Iterable[str]) -> None:
         return
     if any("models/" in n and n.endswith(".json") for n in names) or any(n.endswith("archive_format") for n in names):
         raise UnsupportedFormatError("a torch.export program (.pt2): not read yet", path=path)
-    raise InputError("a zip archive without data.pkl: not a torch.save checkpoint", path=path)
+    # Anything else without a data.pkl is refused by torchzip.archive_root, with its own message.
 
 
 def _looks_like_text(head: bytes) -> bool:
