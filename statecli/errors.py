@@ -14,6 +14,12 @@ class StatecliError(Exception):
         super().__init__(f"{path}: {message}" if path else message)
 
 
+class CheckFailedError(StatecliError):
+    """A check found a problem: a conversion would overflow, a diff beyond tolerance (exit 1)."""
+
+    exit_code = 1
+
+
 class UsageError(StatecliError):
     """The command line or arguments were wrong (exit 2)."""
 

@@ -8,6 +8,7 @@ Strings that come from a checkpoint (tensor names, paths, keys, metadata, findin
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from rich.cells import cell_len
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
@@ -17,6 +18,10 @@ from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
+
+if TYPE_CHECKING:
+    from statecli.convert.engine import CastStats
+    from statecli.convert.plan import Plan, PlanItem
 
 from statecli.records import Report, TensorInfo, Totals
 from statecli.tree import TreeNode
@@ -170,6 +175,79 @@ def _style(name: str) -> Style | None:
     if name not in _STYLE_CACHE:
         _STYLE_CACHE[name] = Style.parse(name) if name else None
     return _STYLE_CACHE[name]
+
+
+class PlanGrid(TensorGrid):
+    """The conversion plan, one line per output tensor: what it is, what it becomes, and why."""
+
+    RIGHT = frozenset({5})
+
+    def __init__(self, plan: Plan, stats: dict[str, CastStats] | None = None) -> None:
+        self.title = f"{plan.report.path} → {plan.output} ({plan.output_format})"
+        self.tensors = plan.items  # type: ignore[assignment]
+        self.headers = ["Name", "Role", "From", "To", "Shape", "Size", "Device", "Why"]
+        stats = stats or {}
+        if stats:
+            self.headers.append("Range")
+        self.rows = []
+        for i in plan.items:
+            src_dev = i.source.device or UNKNOWN
+            dst_dev = i.dst_device or UNKNOWN  # safetensors output stores no device
+            row = [
+                i.name,
+                f"{i.role} {EXACT_MARK if i.exact else INFERRED_MARK}",
+                i.src_dtype,
+                i.dst_dtype if i.action == "cast" else "=",
+                shape_text(i.shape),
+                human_bytes(i.nbytes_out),
+                src_dev if src_dev == dst_dev or i.dst_device is None else f"{src_dev} → {dst_dev}",
+                f"same memory as {i.alias_of}" if i.alias_of else i.reason,
+            ]
+            if stats:
+                row.append(_range_text(stats.get(i.name)))
+            self.rows.append(row)
+        self.widths = [
+            max(_width(h), max((_width(r[k]) for r in self.rows), default=0)) for k, h in enumerate(self.headers)
+        ]
+
+    @staticmethod
+    def _styles(t: PlanItem, row: list[str]) -> list[Style | None]:  # type: ignore[override]
+        styles: list[Style | None] = [None] * len(row)
+        styles[1] = _style(ROLE_STYLES.get(t.role, ""))
+        styles[3] = _style("bold" if t.action == "cast" else "dim")
+        styles[7] = _style("dim")
+        if len(row) > 8:
+            styles[8] = _style("yellow" if row[8] else "")
+        return styles
+
+
+def _range_text(s: CastStats | None) -> str:
+    if s is None:
+        return ""
+    parts = []
+    if s.overflow:
+        parts.append(f"{s.overflow:,} overflow")
+    if s.underflow:
+        parts.append(f"{s.underflow:,} underflow")
+    if s.nonfinite:
+        parts.append(f"{s.nonfinite:,} NaN/inf in input")
+    return ", ".join(parts)
+
+
+def plan_view(plan: Plan, stats: dict[str, CastStats] | None = None) -> Group:
+    """The plan's grid and, under it, what is left out and why."""
+    parts: list[RenderableType] = [PlanGrid(plan, stats)]
+    casts = sum(1 for i in plan.items if i.action == "cast")
+    line = Text()
+    line.append(f"{_plural(len(plan.items), 'tensor')} written", style="bold")
+    line.append(f", {casts} change dtype")
+    if plan.dropped:
+        line.append(f", {len(plan.dropped)} left out")
+    parts.append(Text())
+    parts.append(line)
+    for n in plan.notes:
+        parts.append(Text.assemble((f"{n.level}: ", LEVEL_STYLES.get(n.level, "")), n.message))
+    return Group(*parts)
 
 
 def report_table(report: Report) -> TensorGrid:

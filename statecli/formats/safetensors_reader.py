@@ -64,6 +64,7 @@ __all__ = [
     "METADATA_KEY",
     "ROLES_SCHEMA",
     "read_safetensors",
+    "tensor_spans",
 ]
 
 # The same cap safetensors applies (its MAX_HEADER_SIZE), so both accept the same files.
@@ -359,3 +360,18 @@ def read_safetensors(path: str) -> RawCheckpoint:
         file_size=file_size,
         storage_sizes=storage_sizes,
     )
+
+
+def tensor_spans(path: str) -> dict[str, tuple[int, int]]:
+    """Each stored tensor's bytes as absolute file offsets ``(begin, end)``, for readers of the data.
+
+    Call it on a file :func:`read_safetensors` accepted; the entries are validated the same way.
+    """
+    raw, n, _ = _read_header(path)
+    header = load_object(raw, "header", path)
+    header.pop("__metadata__", None)
+    spans = {}
+    for name, entry in header.items():
+        _, _, begin, end = _parse_entry(path, name, entry)
+        spans[name] = (8 + n + begin, 8 + n + end)
+    return spans

@@ -1,0 +1,257 @@
+"""``statecli convert IN -o OUT``: dtype, device and format conversion, consistent and lossless."""
+
+from __future__ import annotations
+
+import sys
+import time
+from enum import Enum
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from statecli.cli import _output
+from statecli.cli.options import PathArg
+
+if TYPE_CHECKING:
+    from statecli.convert.plan import Plan
+
+SELECTION = "Selection and names"
+DTYPE = "Dtype and device"
+
+
+class ConvertFormat(str, Enum):
+    table = "table"
+    json = "json"
+
+
+def convert_command(
+    path: PathArg,
+    output: Annotated[
+        str,
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="OUT",
+            help="Where to write: a .safetensors file, a .pt/.pth/.bin/.ckpt file, or a folder (ending in /) "
+            "for HF-style safetensors shards with model.safetensors.index.json.",
+            show_default=False,
+        ),
+    ],
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--dtype",
+            "-d",
+            metavar="NAME",
+            help="Cast floating tensors to this dtype (bf16, fp16, fp32, fp64, float8_e4m3fn, float8_e5m2). "
+            "Integer and bool tensors never change; complex ones go to the complex dtype of the same width.",
+            rich_help_panel=DTYPE,
+            show_default=False,
+        ),
+    ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            "--device",
+            metavar="DEV",
+            help="Where the tensors of a .pt output load to: cpu, cuda, cuda:N or meta. Rewrites the saved "
+            "locations; no GPU needed. safetensors stores no device.",
+            rich_help_panel=DTYPE,
+            show_default=False,
+        ),
+    ] = None,
+    keep_buffers: Annotated[
+        bool,
+        typer.Option(
+            "--keep-buffers",
+            help="Leave buffers (BatchNorm statistics, masks, ...) in their dtype.",
+            rich_help_panel=DTYPE,
+        ),
+    ] = False,
+    only: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--only",
+            metavar="GLOB",
+            help="Only tensors whose name matches change dtype; repeatable.",
+            rich_help_panel=DTYPE,
+            show_default=False,
+        ),
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--exclude",
+            metavar="GLOB",
+            help="Tensors whose name matches keep their dtype; repeatable.",
+            rich_help_panel=DTYPE,
+            show_default=False,
+        ),
+    ] = None,
+    allow_overflow: Annotated[
+        bool,
+        typer.Option(
+            "--allow-overflow",
+            help="Write even when values overflow to inf/NaN in the target dtype (a warning, not exit 1).",
+            rich_help_panel=DTYPE,
+        ),
+    ] = False,
+    select: Annotated[
+        str | None,
+        typer.Option(
+            "--select",
+            metavar="KEY",
+            help="Convert this sub-dict of the checkpoint (model, state_dict, ema, ...) instead of the model "
+            "statecli finds. Optimizer state is never written.",
+            rich_help_panel=SELECTION,
+            show_default=False,
+        ),
+    ] = None,
+    strip_prefix: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--strip-prefix",
+            metavar="PREFIX",
+            help="Remove this prefix from names (module. from DDP, _orig_mod. from torch.compile, model. from "
+            "Lightning); repeatable, the first that matches is removed.",
+            rich_help_panel=SELECTION,
+            show_default=False,
+        ),
+    ] = None,
+    add_prefix: Annotated[
+        str,
+        typer.Option(
+            "--add-prefix", metavar="PREFIX", help="Put this prefix before every name.", rich_help_panel=SELECTION
+        ),
+    ] = "",
+    max_shard_size: Annotated[
+        str | None,
+        typer.Option(
+            "--max-shard-size",
+            metavar="SIZE",
+            help="Largest shard for folder output (2GB, 500MB, 1.5GiB); default 5GB.",
+            show_default=False,
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="After writing, also compare every value with the input: exact for unchanged tensors, equal to "
+            "the cast for converted ones. (Names, shapes, dtypes and roles are always checked.)",
+        ),
+    ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", "-n", help="Print the plan, tensor by tensor, and write nothing. Needs no torch."),
+    ] = False,
+    fmt: Annotated[
+        ConvertFormat,
+        typer.Option(
+            "--format",
+            "-f",
+            help="table: the plan or a summary, for people; json: statecli.plan/1 or statecli.conversion/1.",
+        ),
+    ] = ConvertFormat.table,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary table.")] = False,
+) -> None:
+    """Convert a checkpoint's dtype, device or file format the way nn.Module.to() would, losing nothing.
+
+    Only floating tensors change dtype (num_batches_tracked stays int64). Values that would overflow to
+    inf in the target dtype stop the conversion (exit 1) unless --allow-overflow; values that flush to
+    zero are reported. Tied weights stay tied. Output appears whole or not at all, and is read back and
+    checked before it gets its name. No pickle code runs.
+
+    Examples:
+
+        statecli convert model.pt -o model-bf16.safetensors --dtype bf16
+        statecli convert gpu_run.pt -o cpu_run.pt --device cpu
+        statecli convert run.ckpt -o w.safetensors --strip-prefix model. --dtype fp16 --keep-buffers
+        statecli convert big.pt -o out/ --max-shard-size 2GB
+        statecli convert model.pt -o model-fp16.pt --dtype fp16 --dry-run
+    """
+    from statecli import convert as conv
+
+    options = {
+        "dtype": dtype,
+        "device": device,
+        "keep_buffers": keep_buffers,
+        "only": tuple(only or ()),
+        "exclude": tuple(exclude or ()),
+        "select": select,
+        "strip_prefix": tuple(strip_prefix or ()),
+        "add_prefix": add_prefix,
+        "allow_overflow": allow_overflow,
+        "max_shard_size": max_shard_size,
+        "force": force,
+        "verify": verify,
+    }
+    plan = conv.plan(path, output, **options)
+    if dry_run:
+        if fmt is ConvertFormat.json:
+            _output.write(_output.to_json(plan.to_dict()))
+        else:
+            _print(plan)
+        return
+
+    from statecli.convert.engine import execute
+
+    started = time.monotonic()
+    progress_bar = None if quiet or not sys.stderr.isatty() else _ProgressBar(plan)
+    try:
+        result = execute(plan, progress_bar.update if progress_bar else None)
+    finally:
+        if progress_bar is not None:
+            progress_bar.stop()
+    elapsed = time.monotonic() - started
+    for n in result.findings:
+        (_output.warning if n.level == "warning" else _output.note)(n.message)
+    for n in plan.notes:
+        (_output.warning if n.level == "warning" else _output.note)(n.message)
+    if fmt is ConvertFormat.json:
+        _output.write(_output.to_json(result.to_dict()))
+    elif not quiet:
+        from statecli.render import human_bytes
+
+        casts = sum(1 for i in plan.items if i.action == "cast")
+        target = f" ({casts} cast to {plan.target_dtype})" if plan.target_dtype else ""
+        checked = "values verified" if result.values_verified else "names, shapes, dtypes and roles checked"
+        where = result.files[0] if len(result.files) == 1 else f"{plan.output} ({len(result.files)} files)"
+        _output.write(
+            f"wrote {where}: {len(plan.items)} tensors{target}, {human_bytes(result.bytes_written)} "
+            f"in {elapsed:.1f} s; {checked}\n"
+        )
+
+
+def _print(plan: Plan) -> None:
+    from statecli import render
+
+    view = render.plan_view(plan)
+    _output.stdout_console(view).print(view, soft_wrap=True)
+
+
+class _ProgressBar:
+    """rich's progress on stderr, bytes and tensors; only made when stderr is a terminal."""
+
+    def __init__(self, plan: Plan) -> None:
+        from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+        total = sum(i.nbytes_out for i in plan.items if i.alias_of is None)
+        self.count = len(plan.items)
+        self.progress = Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            DownloadColumn(),
+            TimeRemainingColumn(),
+            console=_output.stderr_console(),
+            transient=True,
+        )
+        self.task = self.progress.add_task("converting", total=max(total, 1))
+        self.progress.start()
+
+    def update(self, done_bytes: int, done_tensors: int) -> None:
+        self.progress.update(self.task, completed=done_bytes, description=f"converting {done_tensors}/{self.count}")
+
+    def stop(self) -> None:
+        self.progress.stop()

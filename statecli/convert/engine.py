@@ -1,0 +1,662 @@
+"""Carrying out a plan: read each storage once, cast it, write it, then read the output back.
+
+torch is imported here and only here (lazily, by the callers): planning and ``--dry-run`` never need it.
+Memory stays near the largest storage: one storage is read, cast and written before the next.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import os
+import pickle
+import re
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from statecli import dtypes
+from statecli.convert.atomic import PendingFile, check_destination, output_error, sync_folder
+from statecli.convert.plan import DEFAULT_SHARD_SIZE, INDEX_NAME, Plan, PlanItem
+from statecli.convert.source import Source, byte_view
+from statecli.convert.zipwriter import ZipWriter, write_all
+from statecli.errors import CheckFailedError, OutputError, StatecliError
+from statecli.formats.safetensors_reader import METADATA_KEY, ROLES_SCHEMA
+from statecli.records import Finding, Report
+
+if TYPE_CHECKING:
+    import torch
+
+Progress = Callable[[int, int], None]  # (bytes done, tensors done)
+_CHUNK_ELEMENTS = 8 << 20
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
+
+
+@dataclass(slots=True)
+class CastStats:
+    """What a cast did to the values: counted, never guessed."""
+
+    overflow: int = 0  # finite values that became ±inf (or NaN in formats without inf)
+    underflow: int = 0  # finite non-zero values that became zero
+    nonfinite: int = 0  # NaN/inf already in the input (reported, not created)
+
+    def add(self, other: CastStats) -> None:
+        self.overflow += other.overflow
+        self.underflow += other.underflow
+        self.nonfinite += other.nonfinite
+
+
+@dataclass(slots=True)
+class ConversionReport:
+    """What ``convert`` did. ``to_dict()`` is ``--format json``; the table shows the same records."""
+
+    plan: Plan
+    files: list[str] = field(default_factory=list)
+    stats: dict[str, CastStats] = field(default_factory=dict)  # by output name of each cast unit's leader
+    bytes_written: int = 0
+    values_verified: bool = False
+    findings: list[Finding] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = self.plan.to_dict()
+        out["schema"] = "statecli.conversion/1"
+        out["files"] = list(self.files)
+        out["bytes_written"] = self.bytes_written
+        out["values_verified"] = self.values_verified
+        for t in out["tensors"]:
+            s = self.stats.get(t["name"])
+            t["overflow"] = s.overflow if s else 0
+            t["underflow"] = s.underflow if s else 0
+            t["nonfinite"] = s.nonfinite if s else 0
+        out["notes"] = [f.to_dict() for f in [*self.plan.notes, *self.findings]]
+        return out
+
+
+# ---------------------------------------------------------------- units: storages converted as one
+
+
+@dataclass(slots=True)
+class _Unit:
+    """A storage and the plan items that view it. ``compact``: one view, written alone."""
+
+    items: list[PlanItem]
+    src_dtype: str
+    dst_dtype: str
+    compact: bool
+    storage_numel: int  # in elements of the source dtype (the whole storage, or the compact view)
+
+    @property
+    def leader(self) -> PlanItem:
+        return self.items[0]
+
+    def out_nbytes(self) -> int:
+        return dtypes.nbytes(self.dst_dtype, self.storage_numel)
+
+    def view_of(self, item: PlanItem) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+        """(offset, shape, stride) of ``item`` inside this unit's output storage."""
+        t = item.source
+        if self.compact:
+            return 0, t.shape, _contiguous(t.shape)
+        return t.storage_offset, t.shape, t.stride or _contiguous(t.shape)
+
+
+def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
+    out = []
+    acc = 1
+    for s in reversed(shape):
+        out.append(acc)
+        acc *= max(s, 1)
+    return tuple(reversed(out))
+
+
+def _extent(t: Any) -> int:
+    """Elements from the storage offset to one past the last element ``t`` reaches."""
+    if any(s == 0 for s in t.shape):
+        return 0
+    stride = t.stride or _contiguous(t.shape)
+    return 1 + sum((s - 1) * st for s, st in zip(t.shape, stride, strict=True))
+
+
+def build_units(plan: Plan) -> list[_Unit]:
+    storage_sizes = plan.report.storage_sizes
+    by_unit: dict[str, list[PlanItem]] = {}
+    for i in plan.items:
+        by_unit.setdefault(i.unit, []).append(i)
+    units = []
+    for key, items in by_unit.items():
+        lead = items[0]
+        itemsize = dtypes.DTYPES[lead.src_dtype].itemsize
+        views = {(i.source.storage_offset, i.source.shape, i.source.stride) for i in items}
+        whole = storage_sizes.get(key)
+        t = lead.source
+        contiguous_full = t.storage_offset == 0 and (t.stride in (None, _contiguous(t.shape)))
+        if len(views) == 1 and (whole is None or not (contiguous_full and _extent(t) * itemsize == whole)):
+            units.append(_Unit(items, lead.src_dtype, lead.dst_dtype, True, t.numel))
+        elif len(views) == 1:
+            units.append(_Unit(items, lead.src_dtype, lead.dst_dtype, False, t.numel))
+        else:
+            numel = (whole if whole is not None else max(_extent(i.source) for i in items) * itemsize) // itemsize
+            units.append(_Unit(items, lead.src_dtype, lead.dst_dtype, False, numel))
+    return units
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return getattr(torch, name)
+
+
+def _narrow_checkable(t: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    if t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) or t.is_complex():
+        return t
+    return t.to(torch.float32)  # float8: isfinite is not implemented for every float8 kind
+
+
+def cast(src: torch.Tensor, dst_dtype: torch.dtype) -> tuple[torch.Tensor, CastStats]:
+    """``src`` (contiguous) cast to ``dst_dtype`` in chunks, counting overflow, underflow and NaN/inf."""
+    import torch
+
+    out = torch.empty(src.shape, dtype=dst_dtype)
+    stats = CastStats()
+    flat_s = src.reshape(-1)
+    flat_o = out.view(-1)
+    n = flat_s.numel()
+    for lo in range(0, n, _CHUNK_ELEMENTS):
+        s = flat_s[lo : lo + _CHUNK_ELEMENTS]
+        o = flat_o[lo : lo + _CHUNK_ELEMENTS]
+        o.copy_(s)
+        size = s.numel()
+        oc = _narrow_checkable(o)
+        # A non-finite input stays non-finite and a zero stays zero, so the differences in counts are
+        # exactly the values the cast itself broke. The input is only scanned when the output shows a sign.
+        bad_out = size - int(torch.count_nonzero(torch.isfinite(oc)))
+        if bad_out:
+            bad_in = size - int(torch.count_nonzero(torch.isfinite(_narrow_checkable(s))))
+            stats.nonfinite += bad_in
+            stats.overflow += bad_out - bad_in
+        zero_out = size - int(torch.count_nonzero(oc))
+        if zero_out:
+            zero_in = size - int(torch.count_nonzero(s))
+            stats.underflow += zero_out - zero_in
+    return out, stats
+
+
+def materialize(source: Source, unit: _Unit) -> tuple[torch.Tensor, CastStats | None]:
+    """The unit's output storage as a 1-D tensor of its destination dtype, and the cast's counts."""
+    raw = source.read(unit.leader.source)
+    src_dtype = _torch_dtype(unit.src_dtype)
+    t = unit.leader.source
+    base = raw.view(src_dtype)
+    if unit.compact:
+        values = base.as_strided(t.shape, t.stride or _contiguous(t.shape), t.storage_offset).contiguous().view(-1)
+    else:
+        values = base[: unit.storage_numel]
+    if unit.dst_dtype == unit.src_dtype:
+        return values, None
+    out, stats = cast(values, _torch_dtype(unit.dst_dtype))
+    return out, stats
+
+
+# ---------------------------------------------------------------- writers
+
+
+class _StorageOut:
+    __slots__ = ("dtype", "key", "location", "nbytes", "numel")
+
+    def __init__(self, key: str, dtype: str, location: str, numel: int, nbytes: int) -> None:
+        self.key, self.dtype, self.location, self.numel, self.nbytes = key, dtype, location, numel, nbytes
+
+
+class _TensorOut:
+    __slots__ = ("dtype", "offset", "shape", "storage", "stride")
+
+    def __init__(self, storage: _StorageOut, offset: int, shape: tuple[int, ...], stride: tuple[int, ...]) -> None:
+        self.storage, self.offset, self.shape, self.stride = storage, offset, shape, stride
+        self.dtype = storage.dtype
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        import torch
+
+        # Exactly the arguments torch's own Tensor.__reduce_ex__ gives, so torch.load reads it as its own.
+        args = (self.storage, self.offset, self.shape, self.stride, False, collections.OrderedDict())
+        dt = _torch_dtype(self.dtype)
+        if dt in torch.storage._new_dtypes():
+            return torch._utils._rebuild_tensor_v3, (*args, dt)
+        return torch._utils._rebuild_tensor_v2, args
+
+
+class _ParameterOut:
+    __slots__ = ("data", "requires_grad")
+
+    def __init__(self, data: _TensorOut, requires_grad: bool) -> None:
+        self.data, self.requires_grad = data, requires_grad
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        import torch
+
+        return torch._utils._rebuild_parameter, (self.data, self.requires_grad, collections.OrderedDict())
+
+
+_LEGACY_STORAGE = {v: k for k, v in dtypes.STORAGE_TYPES.items() if k != "UntypedStorage"}
+
+
+class _Pickler(pickle.Pickler):
+    def persistent_id(self, obj: Any) -> Any:
+        if type(obj) is not _StorageOut:
+            return None
+        import torch
+
+        name = _LEGACY_STORAGE.get(obj.dtype)
+        if name is None or _torch_dtype(obj.dtype) in torch.storage._new_dtypes():
+            return ("storage", torch.UntypedStorage, obj.key, obj.location, obj.nbytes)
+        return ("storage", getattr(torch, name), obj.key, obj.location, obj.numel)
+
+
+def _exact_module_roles(items: list[PlanItem]) -> bool:
+    """Write nn.Parameter objects (state_dict(keep_vars=True)) only when every role is a known fact:
+    a reader then sees exact roles again. Mixing in guesses would make them look like facts."""
+    return all(i.exact and i.role in ("parameter", "buffer") for i in items) and any(
+        i.role == "parameter" for i in items
+    )
+
+
+def _write_torch(
+    pending: PendingFile, plan: Plan, units: list[_Unit], produce: Iterator[tuple[_Unit, Any]], root: str
+) -> int:
+    storages: dict[int, _StorageOut] = {}
+    state: collections.OrderedDict[str, Any] = collections.OrderedDict()
+    keep_vars = _exact_module_roles(plan.items)
+    for k, u in enumerate(units):
+        location = u.leader.dst_device or "cpu"
+        numel = u.storage_numel
+        storages[id(u)] = _StorageOut(str(k), u.dst_dtype, location, numel, u.out_nbytes())
+    for u in units:
+        s = storages[id(u)]
+        for item in u.items:
+            offset, shape, stride = u.view_of(item)
+            t = _TensorOut(s, offset, shape, stride)
+            if keep_vars and item.role == "parameter":
+                grad = item.source.requires_grad
+                state[item.name] = _ParameterOut(t, True if grad is None else grad)
+            else:
+                state[item.name] = t
+    # Restore plan order: units group items, the state dict keeps the input's order.
+    ordered = collections.OrderedDict((i.name, state[i.name]) for i in plan.items)
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=2).dump(ordered)
+    data = buf.getvalue()
+    writer = ZipWriter(pending.fd)
+    writer.add(f"{root}/data.pkl", len(data), [data])
+    for name, value in ((".format_version", b"1"), (".storage_alignment", b"64"), ("byteorder", b"little")):
+        writer.add(f"{root}/{name}", len(value), [value])
+    written = 0
+    for u, tensor in produce:
+        s = storages[id(u)]
+        mv = byte_view(tensor)
+        writer.add(f"{root}/data/{s.key}", s.nbytes, _chunks(mv))
+        written += s.nbytes
+    writer.add(f"{root}/version", 2, [b"3\n"])
+    sid = str(zlib.crc32(data)).rjust(20, "0").encode()
+    writer.add(f"{root}/.data/serialization_id", len(sid), [sid])
+    writer.close()
+    return written
+
+
+def _chunks(mv: memoryview) -> Iterator[memoryview]:
+    step = 64 << 20
+    for lo in range(0, len(mv), step):
+        yield mv[lo : lo + step]
+
+
+@dataclass(slots=True)
+class _StEntry:
+    item: PlanItem
+    unit: _Unit
+    nbytes: int
+
+
+def _role_metadata(items: list[PlanItem], aliases: dict[str, str]) -> str:
+    roles = {i.name: i.role for i in items if i.exact}
+    grads = {i.name: i.source.requires_grad for i in items if i.source.requires_grad is not None}
+    doc: dict[str, Any] = {"schema": ROLES_SCHEMA}
+    if roles:
+        doc["roles"] = roles
+    if grads:
+        doc["requires_grad"] = grads
+    if aliases:
+        doc["aliases"] = aliases
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True)
+
+
+def _safetensors_header(entries: list[_StEntry], items: list[PlanItem], aliases: dict[str, str]) -> bytes:
+    header: dict[str, Any] = {
+        "__metadata__": {"format": "pt", METADATA_KEY: _role_metadata(items, aliases)},
+    }
+    pos = 0
+    for e in entries:
+        header[e.item.name] = {
+            "dtype": dtypes.SAFETENSORS_CODES[e.item.dst_dtype],
+            "shape": list(e.item.shape),
+            "data_offsets": [pos, pos + e.nbytes],
+        }
+        pos += e.nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def _st_layout(plan: Plan, units: list[_Unit]) -> tuple[list[_StEntry], dict[str, str]]:
+    """Stored tensors in file order (widest dtype first, so every tensor is aligned) and the aliases."""
+    entries: list[_StEntry] = []
+    aliases: dict[str, str] = {}
+    for u in units:
+        for i in u.items:
+            if i.alias_of is not None:
+                aliases[i.name] = i.alias_of
+            else:
+                entries.append(_StEntry(i, u, i.nbytes_out))
+    order = {id(u): k for k, u in enumerate(units)}
+    entries.sort(key=lambda e: (-dtypes.DTYPES[e.item.dst_dtype].itemsize, order[id(e.unit)]))
+    return entries, aliases
+
+
+def _shards(entries: list[_StEntry], max_size: int) -> list[list[_StEntry]]:
+    shards: list[list[_StEntry]] = [[]]
+    size = 0
+    for e in entries:
+        if shards[-1] and size + e.nbytes > max_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += e.nbytes
+    return shards
+
+
+# ---------------------------------------------------------------- the conversion
+
+
+def _produce(
+    plan: Plan,
+    source: Source,
+    units: list[_Unit],
+    report: ConversionReport,
+    progress: Progress | None,
+) -> Iterator[tuple[_Unit, Any]]:
+    """Each unit's output storage, in ``units`` order; counts go to ``report.stats``."""
+    done_bytes = 0
+    done_tensors = 0
+    for u in units:
+        tensor, stats = materialize(source, u)
+        if stats is not None:
+            report.stats[u.leader.name] = stats
+        done_bytes += u.out_nbytes()
+        done_tensors += len(u.items)
+        yield u, tensor
+        if progress is not None:
+            progress(done_bytes, done_tensors)
+
+
+def _overflow_error(report: ConversionReport) -> CheckFailedError | None:
+    bad = [(name, s.overflow) for name, s in report.stats.items() if s.overflow]
+    if not bad:
+        return None
+    target = report.plan.target_dtype
+    lines = ", ".join(f"{name} ({n} value{'s' if n != 1 else ''})" for name, n in bad[:20])
+    more = f" and {len(bad) - 20} more" if len(bad) > 20 else ""
+    return CheckFailedError(
+        f"{len(bad)} tensor{'s' if len(bad) != 1 else ''} would overflow to inf/NaN in {target}: {lines}{more}. "
+        "Nothing was written. Keep them in their dtype with --exclude GLOB (or --keep-buffers), convert to a "
+        "wider dtype such as bf16, or accept it with --allow-overflow"
+    )
+
+
+def output_paths(plan: Plan) -> list[str]:
+    """The files a plan will create (for sharded output, only known exactly once sizes are)."""
+    if plan.output_format != "sharded":
+        return [plan.output]
+    units = build_units(plan)
+    entries, _ = _st_layout(plan, units)
+    n = len(_shards(entries, plan.options.max_shard_size or DEFAULT_SHARD_SIZE))
+    folder = plan.output
+    names = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    return [os.path.join(folder, x) for x in [*names, INDEX_NAME]]
+
+
+def execute(plan: Plan, progress: Progress | None = None) -> ConversionReport:
+    """Write the plan's output. Raises StatecliError (exit 1 overflow, 3 input, 4 output)."""
+    report = ConversionReport(plan)
+    inputs = _input_files(plan.report)
+    units = build_units(plan)
+    if plan.output_format == "sharded":
+        folder = plan.output.rstrip("/") or "/"
+        if not os.path.isdir(folder):
+            parent = os.path.dirname(os.path.abspath(folder))
+            if not os.path.isdir(parent):
+                raise OutputError(f"output folder's parent {parent} does not exist", path=folder)
+        paths = output_paths(plan)
+        for p in paths:
+            if os.path.isdir(folder):
+                check_destination(p, plan.options.force, inputs)
+    else:
+        check_destination(plan.output, plan.options.force, inputs)
+
+    with Source(plan.report) as source:
+        if plan.output_format == "sharded":
+            os.makedirs(plan.output, exist_ok=True)
+        pendings: list[tuple[PendingFile, str]] = []
+        try:
+            if plan.output_format == "torch":
+                p = PendingFile(plan.output)
+                pendings.append((p, "torch"))
+                stem = os.path.splitext(os.path.basename(plan.output))[0]
+                root = stem if _SAFE_NAME.match(stem) else "archive"
+                produce = _produce(plan, source, units, report, progress)
+                report.bytes_written = _write_torch(p, plan, units, produce, root)
+            else:
+                _write_safetensors(plan, units, source, report, progress, pendings)
+            # Overflow is known only once every value has been cast; the files are thrown away unnamed.
+            err = None if plan.options.allow_overflow else _overflow_error(report)
+            if err is not None:
+                raise err
+            for p, _ in pendings:
+                p.finish()
+            _read_back(plan, pendings)
+            if plan.options.verify:
+                _verify_values(plan, units, source, pendings)
+                report.values_verified = True
+        except OSError as e:
+            for p, _ in pendings:
+                p.discard()
+            raise output_error(e, plan.output) from e
+        except BaseException:
+            for p, _ in pendings:
+                p.discard()
+            raise
+        # Everything is written and checked: only now do names appear, index last.
+        try:
+            for p, _ in pendings:
+                p.commit()
+                report.files.append(p.path)
+        except StatecliError:
+            for p, _ in pendings:
+                p.discard()
+            raise
+        sync_folder(os.path.dirname(os.path.abspath(report.files[0])))
+    report.findings.extend(range_findings(report.stats, plan.target_dtype))
+    return report
+
+
+def range_findings(stats: dict[str, CastStats], target: str | None) -> list[Finding]:
+    """Overflow (allowed), underflow and NaN/inf already in the input, one finding per tensor."""
+    out = []
+    for name, s in stats.items():
+        if s.overflow:
+            out.append(Finding("warning", "overflow", f"{name}: {s.overflow} values became inf/NaN in {target}"))
+        if s.underflow:
+            msg = f"{name}: {s.underflow} non-zero values became zero in {target}"
+            out.append(Finding("warning", "underflow", msg))
+        if s.nonfinite:
+            out.append(Finding("info", "nonfinite-input", f"{name}: {s.nonfinite} NaN/inf values in the input, kept"))
+    return out
+
+
+def _write_safetensors(
+    plan: Plan,
+    units: list[_Unit],
+    source: Source,
+    report: ConversionReport,
+    progress: Progress | None,
+    pendings: list[tuple[PendingFile, str]],
+) -> None:
+    entries, aliases = _st_layout(plan, units)
+    sharded = plan.output_format == "sharded"
+    groups = _shards(entries, plan.options.max_shard_size or DEFAULT_SHARD_SIZE) if sharded else [entries]
+    n = len(groups)
+    weight_map: dict[str, str] = {}
+    total = 0
+    cache: dict[int, Any] = {}  # a unit's cast storage, kept only while its views are written
+    remaining = collections.Counter(id(e.unit) for e in entries)
+    done_bytes = 0
+    done_tensors = 0
+    for k, group in enumerate(groups):
+        path = os.path.join(plan.output, f"model-{k + 1:05d}-of-{n:05d}.safetensors") if sharded else plan.output
+        shard_names = {e.item.name for e in group}
+        shard_aliases = {a: t for a, t in aliases.items() if t in shard_names}
+        shard_items = [i for i in plan.items if i.name in shard_names or i.name in shard_aliases]
+        header = _safetensors_header(group, shard_items, shard_aliases)
+        pending = PendingFile(path)
+        pendings.append((pending, "safetensors"))
+        write_all(pending.fd, header)
+        for e in group:
+            u = e.unit
+            base = cache.get(id(u))
+            if base is None:
+                base, stats = materialize(source, u)
+                if stats is not None:
+                    report.stats[u.leader.name] = stats
+                cache[id(u)] = base
+            offset, shape, stride = u.view_of(e.item)
+            t = base.as_strided(shape, stride, offset).contiguous()
+            write_all(pending.fd, byte_view(t))
+            report.bytes_written += e.nbytes
+            total += e.nbytes
+            remaining[id(u)] -= 1
+            if not remaining[id(u)]:
+                del cache[id(u)]
+            weight_map[e.item.name] = os.path.basename(path)
+            done_bytes += e.nbytes
+            done_tensors += 1
+            if progress is not None:
+                progress(done_bytes, done_tensors)
+    if sharded:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        body = (json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+        pending = PendingFile(os.path.join(plan.output, INDEX_NAME))
+        pendings.append((pending, "index"))
+        write_all(pending.fd, body)
+
+
+def _input_files(report: Report) -> list[str]:
+    if report.format.startswith("sharded"):
+        folder = os.path.dirname(report.path)
+        return [report.path, *sorted({os.path.join(folder, t.file) for t in report.tensors if t.file})]
+    return [report.path]
+
+
+# ---------------------------------------------------------------- checking what was written
+
+
+def _read_back(plan: Plan, pendings: list[tuple[PendingFile, str]]) -> None:
+    """Read every output file with statecli's own readers and compare it with the plan."""
+    from statecli.api import open_checkpoint
+
+    seen: dict[str, Any] = {}
+    for p, kind in pendings:
+        if kind == "index":
+            continue
+        back = open_checkpoint(p.readable_path)
+        for t in back.tensors:
+            seen[t.name] = t
+    problems = []
+    # A .pt keeps roles only as Parameter objects, written when every role is exact (see _exact_module_roles).
+    roles_stored = plan.output_format != "torch" or _exact_module_roles(plan.items)
+    for i in plan.items:
+        t = seen.pop(i.name, None)
+        if t is None:
+            problems.append(f"{i.name} is missing")
+            continue
+        if t.shape != i.shape:
+            problems.append(f"{i.name} has shape {list(t.shape)}, expected {list(i.shape)}")
+        if t.dtype != i.dst_dtype:
+            problems.append(f"{i.name} is {t.dtype}, expected {i.dst_dtype}")
+        if roles_stored and i.exact and (t.role != i.role or not t.exact):
+            problems.append(f"{i.name} reads back as {t.role} ({t.evidence}), expected exact {i.role}")
+        if plan.output_format == "torch" and t.device != i.dst_device:
+            problems.append(f"{i.name} is saved on {t.device}, expected {i.dst_device}")
+    problems.extend(f"{name} was not planned" for name in seen)
+    if problems:
+        raise OutputError(
+            "the written file does not match the plan, so it was not kept: " + "; ".join(problems[:10]),
+            path=plan.output,
+        )
+
+
+def _verify_values(plan: Plan, units: list[_Unit], source: Source, pendings: list[tuple[PendingFile, str]]) -> None:
+    """--verify: every written tensor's bytes equal a fresh conversion of the input's."""
+    from statecli.api import open_checkpoint
+
+    written: dict[str, tuple[Source, Any]] = {}
+    backs = []
+    for p, kind in pendings:
+        if kind == "index":
+            continue
+        back = open_checkpoint(p.readable_path)
+        s = Source(back)
+        backs.append(s)
+        for t in back.tensors:
+            written[t.name] = (s, t)
+    try:
+        for u in units:
+            expected, _ = materialize(source, u)
+            for item in u.items:
+                s, t = written[item.name]
+                got = s.read(t)
+                got_view = got.view(_torch_dtype(t.dtype)) if got.numel() else got
+                offset, shape, stride = u.view_of(item)
+                want = expected.as_strided(shape, stride, offset).contiguous()
+                have = got_view.as_strided(t.shape, t.stride or _contiguous(t.shape), t.storage_offset).contiguous()
+                if bytes(byte_view(want)) != bytes(byte_view(have)):
+                    raise OutputError(
+                        f"--verify: the values of {item.name} in the output differ from the input's; "
+                        "the output was not kept",
+                        path=plan.output,
+                    )
+    finally:
+        for s in backs:
+            s.__exit__(None, None, None)
+
+
+def load_units(plan: Plan, units: list[_Unit], device: str) -> dict[str, Any]:
+    """The plan's tensors as a state dict on ``device``; each storage is moved once, so ties hold."""
+    report = ConversionReport(plan)
+    out: dict[str, Any] = {}
+    with Source(plan.report) as source:
+        for u in units:
+            base, stats = materialize(source, u)
+            if stats is not None:
+                report.stats[u.leader.name] = stats
+            if device != "cpu":
+                base = base.to(device)
+            elif base.untyped_storage().nbytes() != base.numel() * base.element_size():
+                base = base.clone()  # do not keep a larger read buffer alive behind a small view
+            for item in u.items:
+                offset, shape, stride = u.view_of(item)
+                out[item.name] = base.as_strided(shape, stride, offset)
+    err = None if plan.options.allow_overflow else _overflow_error(report)
+    if err is not None:
+        raise CheckFailedError(err.message.replace("Nothing was written. ", ""))
+    return {i.name: out[i.name] for i in plan.items}

@@ -1,0 +1,387 @@
+"""What a conversion will do, decided from the report alone: no torch, no tensor bytes.
+
+The plan names every tensor of the input: the ones written (each with its output name, dtype and
+device, and why a tensor keeps its dtype) and the ones left out (optimizer state, non-persistent
+buffers, ...). ``--dry-run`` prints it; the engine carries it out.
+
+Dtype rules are ``nn.Module.to(dtype)``'s, made safe: only floating tensors change; integer, bool and
+quantized tensors never do; complex tensors go to the complex dtype of the same width or the
+conversion stops. Tensors that share a storage (tied weights) are one unit: converted once, together.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Any
+
+from statecli import dtypes
+from statecli.errors import UnsupportedFormatError, UsageError
+from statecli.records import Finding, RawTensor, Report, TensorInfo
+from statecli.roles import infer
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+SAFETENSORS_SUFFIX = ".safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_SHARD_SIZE = 5 * 10**9  # what transformers' save_pretrained uses
+
+# The complex dtype that holds two of each float width; bf16 and fp8 have none.
+COMPLEX_OF = {"float16": "complex32", "float32": "complex64", "float64": "complex128"}
+_DEVICE = re.compile(r"^(cpu|meta|cuda(:\d{1,3})?)$")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?B?)\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class ConvertOptions:
+    """Everything ``statecli convert`` can be asked; the Python API takes the same fields."""
+
+    dtype: str | None = None  # target floating dtype, any spelling dtypes.canonical() accepts
+    device: str | None = None  # cpu | cuda | cuda:N | meta
+    keep_buffers: bool = False
+    only: tuple[str, ...] = ()  # name globs: only these may change dtype
+    exclude: tuple[str, ...] = ()  # name globs: these never change dtype
+    select: str | None = None  # a sub-dict of the checkpoint (model, state_dict, ema, ...)
+    strip_prefix: tuple[str, ...] = ()
+    add_prefix: str = ""
+    allow_overflow: bool = False
+    max_shard_size: int | None = None
+    output_format: str | None = None  # "safetensors" | "torch" | "sharded"; None: from the output path
+    force: bool = False
+    verify: bool = False
+
+
+@dataclass(slots=True)
+class PlanItem:
+    """One tensor the output will hold."""
+
+    name: str  # in the output
+    source: TensorInfo  # in the input
+    role: str
+    exact: bool  # the role is a fact from the input, not a guess
+    evidence: str
+    src_dtype: str
+    dst_dtype: str
+    action: str  # "cast" | "keep"
+    reason: str
+    dst_device: str | None
+    unit: str  # tensors with the same unit share memory and are converted together
+    alias_of: str | None = None  # same memory, offset, shape and stride as this earlier output name
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.source.shape
+
+    @property
+    def numel(self) -> int:
+        return self.source.numel
+
+    @property
+    def nbytes_out(self) -> int:
+        return dtypes.nbytes(self.dst_dtype, self.source.numel)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "source": self.source.name,
+            "role": self.role,
+            "exact": self.exact,
+            "evidence": self.evidence,
+            "from_dtype": self.src_dtype,
+            "to_dtype": self.dst_dtype,
+            "action": self.action,
+            "reason": self.reason,
+            "shape": list(self.shape),
+            "from_device": self.source.device,
+            "to_device": self.dst_device,
+            "alias_of": self.alias_of,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """A tensor of the input the output leaves out, and why."""
+
+    name: str
+    group: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"name": self.name, "group": self.group, "reason": self.reason}
+
+
+@dataclass(slots=True)
+class Plan:
+    report: Report
+    output: str
+    output_format: str  # "safetensors" | "torch" | "sharded"
+    options: ConvertOptions
+    items: list[PlanItem]
+    dropped: list[Dropped]
+    notes: list[Finding] = field(default_factory=list)
+
+    @property
+    def target_dtype(self) -> str | None:
+        return dtypes.canonical(self.options.dtype) if self.options.dtype else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": "statecli.plan/1",
+            "input": self.report.path,
+            "input_format": self.report.format,
+            "output": self.output,
+            "output_format": self.output_format,
+            "tensors": [i.to_dict() for i in self.items],
+            "dropped": [d.to_dict() for d in self.dropped],
+            "notes": [n.to_dict() for n in self.notes],
+        }
+
+
+def parse_size(text: str) -> int:
+    """``2GB`` -> 2*10**9, ``2GiB`` -> 2*2**30, ``500MB``, ``123`` (bytes); the units transformers accepts."""
+    m = _SIZE.match(text)
+    if m is None:
+        raise UsageError(f"cannot read size {text!r} (examples: 2GB, 500MB, 1.5GiB)")
+    number, unit, suffix = float(m.group(1)), m.group(2).upper(), m.group(3).upper()
+    base = 1024 if suffix.startswith("I") else 1000
+    power = " KMGT".index(unit) if unit else 0
+    size = int(number * base**power)
+    if size <= 0:
+        raise UsageError(f"size {text!r} must be positive")
+    return size
+
+
+def target_dtype(name: str | None) -> str | None:
+    """The canonical floating dtype a user asked for; UsageError for an unknown or impossible one."""
+    if name is None:
+        return None
+    canon = dtypes.canonical(name)
+    if canon is None:
+        raise UsageError(f"unknown dtype {name!r} (try bf16, fp16, fp32, fp64, float8_e4m3fn, float8_e5m2)")
+    kind = dtypes.DTYPES[canon].kind
+    if kind != "float" or canon == "float4_e2m1fn_x2" or canon == "float8_e8m0fnu":
+        raise UsageError(
+            f"cannot convert to {canon}: only floating tensors change dtype, and only to a floating dtype "
+            "(bf16, fp16, fp32, fp64, float8_e4m3fn, float8_e5m2); integer, bool and quantized tensors "
+            "keep theirs, as nn.Module.to() does"
+        )
+    return canon
+
+
+def check_device(device: str | None) -> str | None:
+    if device is None:
+        return None
+    d = device.strip().lower()
+    if not _DEVICE.match(d):
+        raise UsageError(f"unknown device {device!r} (use cpu, cuda, cuda:N or meta)")
+    return d
+
+
+def output_format(output: str, options: ConvertOptions) -> str:
+    """safetensors / torch / sharded, from ``--format``-like option or the output path."""
+    if options.output_format is not None:
+        fmt = options.output_format
+        if fmt not in ("safetensors", "torch", "sharded"):
+            raise UsageError(f"unknown output format {fmt!r} (safetensors, torch or sharded)")
+        return fmt
+    if output.endswith(os.sep) or output.endswith("/") or os.path.isdir(output):
+        return "sharded"
+    lower = output.lower()
+    if lower.endswith(SAFETENSORS_SUFFIX):
+        if options.max_shard_size is not None:
+            raise UsageError("--max-shard-size writes a folder of shards: give a folder as -o (for example out/)")
+        return "safetensors"
+    if lower.endswith(TORCH_SUFFIXES):
+        if options.max_shard_size is not None:
+            raise UsageError("--max-shard-size writes sharded safetensors: give a folder as -o (for example out/)")
+        return "torch"
+    raise UsageError(
+        f"cannot tell the output format from {output!r}: end it with .safetensors, .pt, .pth, .bin or .ckpt, "
+        "or with / for a folder of safetensors shards"
+    )
+
+
+def _select(report: Report, key: str | None) -> tuple[list[tuple[TensorInfo, str]], list[Dropped]]:
+    """The tensors that form the output's state dict, each with its name inside the selection."""
+    kept: list[tuple[TensorInfo, str]] = []
+    dropped: list[Dropped] = []
+    container = report.container
+    model_key = container.state_dict_at
+    for t in report.tensors:
+        if key is None or key == model_key:
+            inside = t.group == "model"
+            name = t.name
+        else:
+            prefix = key + "."
+            inside = t.group == key or (t.group == "model" and t.name.startswith(prefix))
+            name = t.name.removeprefix(prefix) if inside else t.name
+        if not inside:
+            dropped.append(Dropped(t.name, t.group, _why_not(t, key)))
+            continue
+        if t.persistent is False and t.role == "buffer":
+            dropped.append(Dropped(t.name, t.group, "non-persistent buffer: state_dict() leaves it out"))
+            continue
+        if t.evidence == "module-attribute":
+            dropped.append(Dropped(t.name, t.group, "plain tensor attribute of a module: not in its state_dict()"))
+            continue
+        kept.append((t, name))
+    if not kept and key is not None:
+        groups = sorted({t.group for t in report.tensors} | {t.name.split(".", 1)[0] for t in report.tensors})
+        raise UsageError(f"--select {key!r} names no tensors in {report.path}; try one of: {', '.join(groups[:20])}")
+    return kept, dropped
+
+
+def _why_not(t: TensorInfo, key: str | None) -> str:
+    if "optim" in t.group:
+        return "optimizer state"
+    if key is None:
+        return f"not part of the model (under {t.group!r}; --select {t.group} converts it)"
+    return f"outside --select {key}"
+
+
+def _rename(name: str, options: ConvertOptions) -> str:
+    for p in options.strip_prefix:
+        if p and name.startswith(p):
+            name = name[len(p) :]
+            break
+    return options.add_prefix + name
+
+
+def _role(t: TensorInfo, selected_group: bool) -> tuple[str, bool, str]:
+    """The role in the output. A sub-dict picked with --select was "other" in the container; as a
+    state dict of its own its roles are inferred again from names and dtypes."""
+    if not selected_group or t.role != "other" or t.evidence != "container":
+        return t.role, t.exact, t.evidence
+    probe = RawTensor(name=t.name, dtype=t.dtype, shape=t.shape)
+    role, evidence = infer(probe)
+    return role, False, evidence
+
+
+def _dtype_decision(
+    t: TensorInfo, name: str, role: str, target: str | None, options: ConvertOptions
+) -> tuple[str, str, str]:
+    """(action, destination dtype, reason) for one tensor on its own, before ties are considered."""
+    src = t.dtype
+    kind = dtypes.DTYPES[src].kind if src in dtypes.DTYPES else "unknown"
+    if kind == "quant" or t.layout == "quantized":
+        raise UnsupportedFormatError(
+            f"tensor {t.name!r} is quantized ({src}): convert does not write quantized tensors yet "
+            "(their scales live in the pickle, not in the tensor data)"
+        )
+    if t.layout != "strided":
+        raise UnsupportedFormatError(f"tensor {t.name!r} has layout {t.layout}: convert handles strided tensors only")
+    if target is None:
+        return "keep", src, "no --dtype"
+    if kind in ("int", "uint", "bool", "bits"):
+        return "keep", src, f"{src} is not floating: never changes"
+    if options.only and not any(fnmatchcase(name, g) or fnmatchcase(t.name, g) for g in options.only):
+        return "keep", src, "not matched by --only"
+    if any(fnmatchcase(name, g) or fnmatchcase(t.name, g) for g in options.exclude):
+        return "keep", src, "matched by --exclude"
+    if options.keep_buffers and role == "buffer":
+        return "keep", src, "buffer: --keep-buffers"
+    dst = target
+    if kind == "complex":
+        if target not in COMPLEX_OF:
+            raise UsageError(
+                f"tensor {t.name!r} is {src} and {target} has no complex counterpart; dropping the imaginary "
+                f"part would lose data. Leave it as it is with --exclude '{t.name}'"
+            )
+        dst = COMPLEX_OF[target]
+        if dst == src:
+            return "keep", src, f"already {src}"
+    if src == dst:
+        return "keep", src, f"already {src}"
+    if src in ("float8_e8m0fnu", "float4_e2m1fn_x2"):
+        return "keep", src, f"{src} is a scale/packed format: never changes"
+    return "cast", dst, f"{src} → {dst}"
+
+
+def build_plan(report: Report, output: str, options: ConvertOptions) -> Plan:
+    """Decide every tensor's fate. Raises UsageError for options that cannot apply to this input."""
+    target = target_dtype(options.dtype)
+    device = check_device(options.device)
+    fmt = output_format(output, options)
+    notes: list[Finding] = []
+
+    selected, dropped = _select(report, options.select)
+    picked_other = options.select is not None and options.select != report.container.state_dict_at
+
+    # Names first: a collision is an error before anything else is decided.
+    names: dict[str, str] = {}
+    for t, inner in selected:
+        out = _rename(inner, options)
+        if not out:
+            raise UsageError(f"tensor {t.name!r} would have an empty name after --strip-prefix")
+        if out in names:
+            raise UsageError(
+                f"tensors {names[out]!r} and {t.name!r} would both be named {out!r}; "
+                "change --strip-prefix / --add-prefix or narrow the selection with --select"
+            )
+        names[out] = t.name
+
+    items: list[PlanItem] = []
+    for (t, inner), out in zip(selected, names, strict=True):
+        role, exact, evidence = _role(t, picked_other)
+        action, dst, reason = _dtype_decision(t, inner, role, target, options)
+        unit = t.storage if t.storage is not None else f"tensor:{t.file or ''}:{t.name}"
+        dst_device = (device or t.device or "cpu") if fmt == "torch" else None  # safetensors stores none
+        items.append(PlanItem(out, t, role, exact, evidence, t.dtype, dst, action, reason, dst_device, unit))
+
+    _tie_units(items)
+    if fmt != "torch":
+        unstorable = sorted({i.dst_dtype for i in items if i.dst_dtype not in dtypes.SAFETENSORS_CODES})
+        if unstorable:
+            names = ", ".join(i.name for i in items if i.dst_dtype in unstorable)
+            raise UsageError(
+                f"safetensors cannot store {', '.join(unstorable)} (tensors {names:.200}); write a .pt file instead"
+            )
+    if fmt != "torch":
+        if device is not None:
+            notes.append(
+                Finding(
+                    "warning", "device-not-stored", "safetensors stores no device: --device does not change the file"
+                )
+            )
+        elif any(i.source.device not in (None, "cpu") for i in items):
+            saved = sorted({i.source.device for i in items if i.source.device not in (None, "cpu")})
+            notes.append(
+                Finding(
+                    "info",
+                    "device-not-stored",
+                    f"the input was saved on {', '.join(saved)}; safetensors stores no device, so loaders "
+                    "put these tensors on the CPU",
+                )
+            )
+    if dropped:
+        by_reason: dict[str, int] = {}
+        for d in dropped:
+            by_reason[d.reason] = by_reason.get(d.reason, 0) + 1
+        for reason, n in by_reason.items():
+            notes.append(Finding("info", "dropped", f"{n} tensor{'s' if n != 1 else ''} left out: {reason}"))
+    if not items:
+        raise UsageError(f"nothing to convert: no model tensors found in {report.path}")
+    return Plan(report, output, fmt, options, items, dropped, notes)
+
+
+def _tie_units(items: list[PlanItem]) -> None:
+    """Tensors sharing memory are converted once, together: if one changes dtype, all do."""
+    by_unit: dict[str, list[PlanItem]] = {}
+    for i in items:
+        by_unit.setdefault(i.unit, []).append(i)
+    for members in by_unit.values():
+        if len(members) == 1:
+            continue
+        leader = next((m for m in members if m.action == "cast"), None)
+        seen_views: dict[tuple[Any, ...], str] = {}
+        for m in members:
+            if leader is not None and m.action != "cast":
+                m.action, m.dst_dtype = "cast", leader.dst_dtype
+                m.reason = f"{m.src_dtype} → {m.dst_dtype} (shares memory with {leader.name})"
+            view = (m.source.storage_offset, m.source.shape, m.source.stride, m.src_dtype)
+            first = seen_views.get(view)
+            if first is not None:
+                m.alias_of = first
+            else:
+                seen_views[view] = m.name

@@ -1,0 +1,123 @@
+"""Reading tensor bytes for conversion: one storage at a time, straight from the file, never unpickled.
+
+The readers already validated every storage record (it lies inside its zip member, shapes and strides
+stay inside the storage). Here those records are turned into torch tensors over bytes read with plain
+``readinto``: no ``torch.load``, so no pickle runs and a whole pickled ``nn.Module`` converts like a
+state dict. Reading (not mapping) keeps the process's memory at one storage, whatever the file size.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import zlib
+from typing import TYPE_CHECKING, Any
+
+from statecli.errors import InputError
+from statecli.formats.safetensors_reader import tensor_spans
+from statecli.formats.torchzip import archive_root
+from statecli.formats.zipdir import Member, data_offset, read_central_directory
+from statecli.records import Report, TensorInfo
+
+if TYPE_CHECKING:
+    import torch
+
+CHUNK = 64 << 20
+
+
+def byte_view(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy and without numpy."""
+    n = t.numel() * t.element_size()
+    if n == 0:
+        return memoryview(b"")
+    return memoryview((ctypes.c_ubyte * n).from_address(t.data_ptr())).cast("B")
+
+
+class _ZipFile:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.members: dict[str, Member] = read_central_directory(path)
+        self.root = archive_root(list(self.members), path)
+
+
+class Source:
+    """Reads the bytes behind the tensors of ``report``. Use as a context manager."""
+
+    def __init__(self, report: Report) -> None:
+        self.report = report
+        self.sharded = report.format.startswith("sharded")
+        self.folder = os.path.dirname(report.path)
+        self._files: dict[str, Any] = {}
+        self._zips: dict[str, _ZipFile] = {}
+        self._spans: dict[str, dict[str, tuple[int, int]]] = {}
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def path_of(self, t: TensorInfo) -> str:
+        if self.sharded and t.file is not None:
+            return os.path.join(self.folder, t.file)
+        return self.report.path
+
+    def _file(self, path: str) -> Any:
+        f = self._files.get(path)
+        if f is None:
+            try:
+                f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed in __exit__
+            except OSError as e:
+                raise InputError(f"cannot read file ({e.strerror or e})", path=path) from e
+            self._files[path] = f
+        return f
+
+    def span(self, t: TensorInfo) -> tuple[str, int, int, int | None]:
+        """(file, first byte, byte count, expected CRC or None) of the storage ``t`` views."""
+        path = self.path_of(t)
+        storage = t.storage
+        if self.sharded and storage is not None and t.file is not None:
+            storage = storage.removeprefix(f"{t.file}:")  # the index reader made keys unique per shard
+        if storage is not None and storage.startswith("data/"):
+            z = self._zips.get(path)
+            if z is None:
+                z = self._zips[path] = _ZipFile(path)
+            m = z.members.get(f"{z.root}/{storage}")
+            if m is None:
+                raise InputError(f"storage {storage} is missing from the archive", path=path)
+            if m.method != 0:
+                raise InputError(f"storage {storage} is compressed; torch never writes that", path=path)
+            start = data_offset(self._file(path), m, path)
+            return path, start, m.size, m.crc
+        spans = self._spans.get(path)
+        if spans is None:
+            spans = self._spans[path] = tensor_spans(path)
+        name = storage.removeprefix("alias:") if storage is not None and storage.startswith("alias:") else t.name
+        if name not in spans:
+            raise InputError(f"tensor {name!r} is not stored in the file", path=path)
+        begin, end = spans[name]
+        return path, begin, end - begin, None
+
+    def read(self, t: TensorInfo) -> torch.Tensor:
+        """The whole storage behind ``t`` as a flat uint8 tensor, CRC-checked where the file has one."""
+        import torch
+
+        path, start, size, crc = self.span(t)
+        buf = torch.empty(size, dtype=torch.uint8)
+        view = byte_view(buf)
+        f = self._file(path)
+        f.seek(start)
+        done = 0
+        check = 0
+        while done < size:
+            n = f.readinto(view[done : min(size, done + CHUNK)])
+            if not n:
+                raise InputError(f"file ends inside the data of {t.name!r} (truncated)", path=path)
+            if crc is not None:
+                check = zlib.crc32(view[done : done + n], check)
+            done += n
+        if crc is not None and check != crc:
+            raise InputError(f"the bytes of {t.name!r} fail their CRC check (corrupt file)", path=path)
+        return buf

@@ -1,0 +1,131 @@
+"""A minimal zip writer for torch.save archives: stored members, 64-byte aligned data, ZIP64 when needed.
+
+torch's own writer (``PyTorchFileWriter``) takes whole storages, so every converted tensor would have to
+exist at once. This one takes a member's bytes in chunks, which lets convert stream tensor by tensor.
+Layout follows what torch writes (see ``torch/serialization.py`` and ``caffe2/serialize``): members are
+stored (method 0), each member's data starts on a 64-byte boundary, padded with an extra field ``FB``.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+ALIGNMENT = 64
+_LOCAL = struct.Struct("<4sHHHHHIIIHH")
+_CENTRAL = struct.Struct("<4sHHHHHHIIIHHHHHII")
+_EOCD = struct.Struct("<4sHHHHIIH")
+_EOCD64 = struct.Struct("<4sQHHIIQQQQ")
+_EOCD64_LOCATOR = struct.Struct("<4sIQI")
+_U32 = 0xFFFFFFFF
+_DOS_DATE = 0x21  # 1980-01-01: fixed, so two conversions of one input give identical bytes
+
+
+@dataclass(slots=True)
+class _Entry:
+    name: bytes
+    offset: int
+    size: int
+    crc: int
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """``os.write`` until every byte is out (a write may be short, above all past 2 GiB)."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+class ZipWriter:
+    """Writes members one after another to ``fd``, which must be a fresh, seekable file at offset 0."""
+
+    def __init__(self, fd: int, force_zip64: bool = False) -> None:
+        self.fd = fd
+        self.pos = 0
+        self.entries: list[_Entry] = []
+        self.force_zip64 = force_zip64
+
+    def add(self, name: str, size: int, chunks: Iterable[bytes | memoryview]) -> None:
+        """Write member ``name`` whose data, ``size`` bytes in all, comes from ``chunks``."""
+        raw_name = name.encode("utf-8")
+        zip64 = self.force_zip64 or size >= _U32
+        extra = struct.pack("<HHQQ", 1, 16, size, size) if zip64 else b""
+        header_end = self.pos + _LOCAL.size + len(raw_name) + len(extra)
+        pad = (-(header_end + 4)) % ALIGNMENT
+        extra += struct.pack("<HH", 0x4246, pad) + b"Z" * pad  # "FB": torch's padding field
+        stored = _U32 if zip64 else size
+        header = _LOCAL.pack(
+            b"PK\x03\x04", 45 if zip64 else 20, 0, 0, 0, _DOS_DATE, 0, stored, stored, len(raw_name), len(extra)
+        )
+        offset = self.pos
+        write_all(self.fd, header + raw_name + extra)
+        self.pos += len(header) + len(raw_name) + len(extra)
+        crc = 0
+        written = 0
+        for chunk in chunks:
+            crc = zlib.crc32(chunk, crc)
+            write_all(self.fd, chunk)
+            written += len(memoryview(chunk).cast("B"))
+        if written != size:
+            raise AssertionError(f"member {name}: wrote {written} bytes, announced {size}")
+        self.pos += size
+        os.pwrite(self.fd, struct.pack("<I", crc), offset + 14)
+        self.entries.append(_Entry(raw_name, offset, size, crc))
+
+    def close(self) -> None:
+        """Write the central directory and the end records."""
+        cd_start = self.pos
+        parts = []
+        for e in self.entries:
+            fields = []
+            size = e.size
+            offset = e.offset
+            if self.force_zip64 or e.size >= _U32:
+                fields += [e.size, e.size]
+                size = _U32
+            if self.force_zip64 or e.offset >= _U32:
+                fields.append(e.offset)
+                offset = _U32
+            extra = struct.pack(f"<HH{len(fields)}Q", 1, 8 * len(fields), *fields) if fields else b""
+            parts.append(
+                _CENTRAL.pack(
+                    b"PK\x01\x02",
+                    45,
+                    45 if fields else 20,
+                    0,
+                    0,
+                    0,
+                    _DOS_DATE,
+                    e.crc,
+                    size,
+                    size,
+                    len(e.name),
+                    len(extra),
+                    0,
+                    0,
+                    0,
+                    0,
+                    offset,
+                )
+                + e.name
+                + extra
+            )
+        cd = b"".join(parts)
+        write_all(self.fd, cd)
+        self.pos += len(cd)
+        count = len(self.entries)
+        if self.force_zip64 or count >= 0xFFFF or cd_start >= _U32 or len(cd) >= _U32:
+            eocd64_at = self.pos
+            rec = _EOCD64.pack(b"PK\x06\x06", _EOCD64.size - 12, 45, 45, 0, 0, count, count, len(cd), cd_start)
+            loc = _EOCD64_LOCATOR.pack(b"PK\x06\x07", 0, eocd64_at, 1)
+            write_all(self.fd, rec + loc)
+            self.pos += len(rec) + len(loc)
+            end = _EOCD.pack(b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, _U32, _U32, 0)
+        else:
+            end = _EOCD.pack(b"PK\x05\x06", 0, 0, count, count, len(cd), cd_start, 0)
+        write_all(self.fd, end)
+        self.pos += len(end)
