@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+from typing import TYPE_CHECKING, Any
+
 from statecli.api import open_checkpoint
 from statecli.errors import (
+    CheckFailedError,
     InputError,
     LimitExceededError,
     OutputError,
@@ -14,9 +18,38 @@ from statecli.errors import (
 )
 from statecli.records import Container, Finding, Report, Summary, TensorInfo
 
+if TYPE_CHECKING:
+    import torch
+
+    from statecli.conversion import ConversionReport, Progress
+
 __version__ = "0.1.0"
 
+
+def convert(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], progress: Progress | None = None, **options: Any
+) -> ConversionReport:
+    """Convert ``src`` into ``dst``; see :func:`statecli.conversion.convert` (imports torch when called)."""
+    from statecli.conversion import convert as run
+
+    return run(src, dst, progress, **options)
+
+
+def load(
+    path: str | os.PathLike[str],
+    dtype: str | None = None,
+    device: str | None = None,
+    select: str | None = None,
+    **options: Any,
+) -> dict[str, torch.Tensor]:
+    """A converted state dict; see :func:`statecli.conversion.load` (imports torch when called)."""
+    from statecli.conversion import load as run
+
+    return run(path, dtype=dtype, device=device, select=select, **options)
+
+
 __all__ = [
+    "CheckFailedError",
     "Container",
     "Finding",
     "InputError",
@@ -30,5 +63,7 @@ __all__ = [
     "UnsupportedFormatError",
     "UsageError",
     "__version__",
+    "convert",
+    "load",
     "open_checkpoint",
 ]

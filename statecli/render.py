@@ -20,8 +20,8 @@ from rich.text import Text
 from rich.tree import Tree
 
 if TYPE_CHECKING:
-    from statecli.convert.engine import CastStats
-    from statecli.convert.plan import Plan, PlanItem
+    from statecli.conversion.engine import CastStats
+    from statecli.conversion.plan import Plan, PlanItem
 
 from statecli.records import Report, TensorInfo, Totals
 from statecli.tree import TreeNode

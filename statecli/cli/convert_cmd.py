@@ -13,7 +13,7 @@ from statecli.cli import _output
 from statecli.cli.options import PathArg
 
 if TYPE_CHECKING:
-    from statecli.convert.plan import Plan
+    from statecli.conversion.plan import Plan
 
 SELECTION = "Selection and names"
 DTYPE = "Dtype and device"
@@ -171,7 +171,7 @@ def convert_command(
         statecli convert big.pt -o out/ --max-shard-size 2GB
         statecli convert model.pt -o model-fp16.pt --dtype fp16 --dry-run
     """
-    from statecli import convert as conv
+    from statecli import conversion as conv
 
     options = {
         "dtype": dtype,
@@ -195,7 +195,7 @@ def convert_command(
             _print(plan)
         return
 
-    from statecli.convert.engine import execute
+    from statecli.conversion.engine import execute
 
     started = time.monotonic()
     progress_bar = None if quiet or not sys.stderr.isatty() else _ProgressBar(plan)

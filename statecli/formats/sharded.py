@@ -129,7 +129,14 @@ def read_index(path: str, read_shard: Callable[[str], RawCheckpoint]) -> RawChec
             if t.storage is not None:
                 t.storage = f"{shard}:{t.storage}"
             tensors.append(t)
-        for name in held:
+        for name, t in held.items():
+            target = t.storage.removeprefix("alias:") if t.storage and t.storage.startswith("alias:") else None
+            if target is not None and weight_map.get(target) == shard:
+                # A tied tensor statecli recorded in the shard's metadata: HF indexes list stored tensors only.
+                t.file = shard
+                t.storage = f"{shard}:{t.storage}"
+                tensors.append(t)
+                continue
             findings.append(
                 Finding(
                     level="warning",

@@ -10,8 +10,8 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from statecli.api import gc_paused, open_checkpoint
-from statecli.convert.engine import CastStats, ConversionReport, Progress
-from statecli.convert.plan import ConvertOptions, Dropped, Plan, PlanItem, build_plan, parse_size
+from statecli.conversion.engine import CastStats, ConversionReport, Progress
+from statecli.conversion.plan import ConvertOptions, Dropped, Plan, PlanItem, build_plan, parse_size
 from statecli.errors import UsageError
 
 if TYPE_CHECKING:
@@ -24,6 +24,7 @@ __all__ = [
     "Dropped",
     "Plan",
     "PlanItem",
+    "Progress",
     "convert",
     "load",
     "parse_size",
@@ -66,7 +67,7 @@ def convert(
     ``keep_buffers=True``, ``max_shard_size="2GB"``, ...). Raises a :class:`statecli.StatecliError`
     carrying its exit code: 1 overflow, 2 bad option, 3 bad input, 4 output not written.
     """
-    from statecli.convert.engine import execute
+    from statecli.conversion.engine import execute
 
     return execute(plan(src, dst, **options), progress)
 
@@ -84,7 +85,7 @@ def load(
     result as they did in the file. ``options`` takes the other :class:`ConvertOptions` fields
     (``keep_buffers``, ``only``, ``exclude``, ``strip_prefix``, ``allow_overflow``, ...).
     """
-    from statecli.convert.engine import build_units, load_units
+    from statecli.conversion.engine import build_units, load_units
 
     p = plan(path, "statecli.load.pt", dtype=dtype, device=device, select=select, output_format="torch", **options)
     return load_units(p, build_units(p), device or "cpu")

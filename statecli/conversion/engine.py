@@ -7,6 +7,7 @@ Memory stays near the largest storage: one storage is read, cast and written bef
 from __future__ import annotations
 
 import collections
+import functools
 import io
 import json
 import os
@@ -18,10 +19,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from statecli import dtypes
-from statecli.convert.atomic import PendingFile, check_destination, output_error, sync_folder
-from statecli.convert.plan import DEFAULT_SHARD_SIZE, INDEX_NAME, Plan, PlanItem
-from statecli.convert.source import Source, byte_view
-from statecli.convert.zipwriter import ZipWriter, write_all
+from statecli.conversion.atomic import PendingFile, check_destination, output_error, sync_folder
+from statecli.conversion.plan import DEFAULT_SHARD_SIZE, INDEX_NAME, Plan, PlanItem
+from statecli.conversion.source import Source, byte_view
+from statecli.conversion.zipwriter import ZipWriter, write_all
 from statecli.errors import CheckFailedError, OutputError, StatecliError
 from statecli.formats.safetensors_reader import METADATA_KEY, ROLES_SCHEMA
 from statecli.records import Finding, Report
@@ -142,6 +143,12 @@ def build_units(plan: Plan) -> list[_Unit]:
     return units
 
 
+def view(base: torch.Tensor, offset: int, shape: tuple[int, ...], stride: tuple[int, ...]) -> torch.Tensor:
+    """A view ``offset`` elements into ``base``. ``as_strided`` counts from the start of the storage,
+    and ``base`` itself may start further in (a slice that ``contiguous()`` returned as it was)."""
+    return base.as_strided(shape, stride, base.storage_offset() + offset)
+
+
 def _torch_dtype(name: str) -> torch.dtype:
     import torch
 
@@ -156,12 +163,22 @@ def _narrow_checkable(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32)  # float8: isfinite is not implemented for every float8 kind
 
 
+@functools.cache
+def _saturating() -> dict[Any, float]:
+    import torch
+
+    # float8_e4m3fn has no inf and torch's cast saturates at ±448. Halfway to the next power-of-two step
+    # (480) is where a value stops rounding to 448: beyond it the cast changed the value, not rounded it.
+    return {torch.float8_e4m3fn: 464.0}
+
+
 def cast(src: torch.Tensor, dst_dtype: torch.dtype) -> tuple[torch.Tensor, CastStats]:
     """``src`` (contiguous) cast to ``dst_dtype`` in chunks, counting overflow, underflow and NaN/inf."""
     import torch
 
     out = torch.empty(src.shape, dtype=dst_dtype)
     stats = CastStats()
+
     flat_s = src.reshape(-1)
     flat_o = out.view(-1)
     n = flat_s.numel()
@@ -171,9 +188,18 @@ def cast(src: torch.Tensor, dst_dtype: torch.dtype) -> tuple[torch.Tensor, CastS
         o.copy_(s)
         size = s.numel()
         oc = _narrow_checkable(o)
-        # A non-finite input stays non-finite and a zero stays zero, so the differences in counts are
-        # exactly the values the cast itself broke. The input is only scanned when the output shows a sign.
-        bad_out = size - int(torch.count_nonzero(torch.isfinite(oc)))
+        limit = _saturating().get(dst_dtype)
+        if limit is not None:
+            # torch clamps to the largest finite value here (inf included): overflow leaves no inf to count.
+            sc = _narrow_checkable(s)
+            finite = torch.isfinite(sc)
+            stats.nonfinite += size - int(torch.count_nonzero(finite))
+            stats.overflow += int(torch.count_nonzero((sc.abs() > limit) & finite))
+            bad_out = 0
+        else:
+            # A non-finite input stays non-finite and a zero stays zero, so the differences in counts are
+            # exactly the values the cast broke. The input is only scanned when the output shows a sign.
+            bad_out = size - int(torch.count_nonzero(torch.isfinite(oc)))
         if bad_out:
             bad_in = size - int(torch.count_nonzero(torch.isfinite(_narrow_checkable(s))))
             stats.nonfinite += bad_in
@@ -192,7 +218,7 @@ def materialize(source: Source, unit: _Unit) -> tuple[torch.Tensor, CastStats | 
     t = unit.leader.source
     base = raw.view(src_dtype)
     if unit.compact:
-        values = base.as_strided(t.shape, t.stride or _contiguous(t.shape), t.storage_offset).contiguous().view(-1)
+        values = view(base, t.storage_offset, t.shape, t.stride or _contiguous(t.shape)).contiguous().view(-1)
     else:
         values = base[: unit.storage_numel]
     if unit.dst_dtype == unit.src_dtype:
@@ -540,7 +566,7 @@ def _write_safetensors(
                     report.stats[u.leader.name] = stats
                 cache[id(u)] = base
             offset, shape, stride = u.view_of(e.item)
-            t = base.as_strided(shape, stride, offset).contiguous()
+            t = view(base, offset, shape, stride).contiguous()
             write_all(pending.fd, byte_view(t))
             report.bytes_written += e.nbytes
             total += e.nbytes
@@ -627,8 +653,8 @@ def _verify_values(plan: Plan, units: list[_Unit], source: Source, pendings: lis
                 got = s.read(t)
                 got_view = got.view(_torch_dtype(t.dtype)) if got.numel() else got
                 offset, shape, stride = u.view_of(item)
-                want = expected.as_strided(shape, stride, offset).contiguous()
-                have = got_view.as_strided(t.shape, t.stride or _contiguous(t.shape), t.storage_offset).contiguous()
+                want = view(expected, offset, shape, stride).contiguous()
+                have = view(got_view, t.storage_offset, t.shape, t.stride or _contiguous(t.shape)).contiguous()
                 if bytes(byte_view(want)) != bytes(byte_view(have)):
                     raise OutputError(
                         f"--verify: the values of {item.name} in the output differ from the input's; "
@@ -655,7 +681,7 @@ def load_units(plan: Plan, units: list[_Unit], device: str) -> dict[str, Any]:
                 base = base.clone()  # do not keep a larger read buffer alive behind a small view
             for item in u.items:
                 offset, shape, stride = u.view_of(item)
-                out[item.name] = base.as_strided(shape, stride, offset)
+                out[item.name] = view(base, offset, shape, stride)
     err = None if plan.options.allow_overflow else _overflow_error(report)
     if err is not None:
         raise CheckFailedError(err.message.replace("Nothing was written. ", ""))
