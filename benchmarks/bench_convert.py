@@ -365,20 +365,22 @@ def measure_format(
     measurer: Measurer,
     runs: int,
     timeout: float,
-    keep: bool,
+    kept: set[Path] | None,
 ) -> None:
-    """Warm up and check every case of one output format, then measure them round-robin."""
+    """Warm up and check every case of one output format, then measure them round-robin.
+
+    kept: None deletes every output after its run; a set (for --keep) collects the last round's
+    outputs, which later clean-ups then leave alone."""
     ref = outdir / f"reference-naive{cases[0].ext}"
     for case in cases:
         case.warmup = run_case(case, measurer, timeout, warmup=True)
-        if case.warmup is None:
-            continue
-        has_ref = ref.exists()
-        case.check = check_output(case.dst, layout, ref if has_ref else None)
-        log(f"  output check: {case.check}")
-        if case.kind == "naive":
-            case.dst.rename(ref)
-        case.stray += clear_outputs(outdir, case.dst, keep=frozenset({ref}))
+        if case.warmup is not None:
+            case.check = check_output(case.dst, layout, ref if ref.exists() else None)
+            log(f"  output check: {case.check}")
+            if case.kind == "naive":
+                case.dst.rename(ref)
+        # Also after a failure: what a failed command leaves behind is its finding, not the next case's.
+        case.stray += clear_outputs(outdir, case.dst, keep=frozenset({ref, *(kept or ())}))
     with contextlib.suppress(FileNotFoundError):
         ref.unlink()
     # Round-robin rather than case after case: a shared machine's slow minute then hits every case,
@@ -390,10 +392,11 @@ def measure_format(
             run = run_case(case, measurer, timeout, warmup=False)
             if run is None:
                 case.runs.clear()
-                continue
-            case.runs.append(run)
-            kept = frozenset(c.dst for c in cases) if keep and i == runs - 1 else frozenset()
-            case.stray += clear_outputs(outdir, case.dst, keep=kept)
+            else:
+                case.runs.append(run)
+                if kept is not None and i == runs - 1:
+                    kept.add(case.dst)
+            case.stray += clear_outputs(outdir, case.dst, keep=frozenset(kept or ()))
     for case in cases:
         if case.ok:
             log(f"{case.ext}: {case.kind}: median {case.median_s:.3f} s, peak RSS {case.median_rss_mb:.1f} MB")
@@ -570,8 +573,9 @@ def main(argv: list[str] | None = None) -> int:
         log(f"removed files left in {outdir} by an earlier run: {', '.join(stale)}")
 
     cases = make_cases(source.path, outdir, statecli_cmd)
+    kept: set[Path] | None = set() if args.keep else None
     for ext in (".safetensors", ".pt"):
-        measure_format([c for c in cases if c.ext == ext], outdir, layout, measurer, args.runs, args.timeout, args.keep)
+        measure_format([c for c in cases if c.ext == ext], outdir, layout, measurer, args.runs, args.timeout, kept)
 
     facts = machine_facts(statecli_cmd)
     file_bytes = source.path.stat().st_size

@@ -87,6 +87,7 @@ class _Unit:
     dst_dtype: str
     compact: bool
     storage_numel: int  # in elements of the source dtype (the whole storage, or the compact view)
+    streamable: bool = False  # one contiguous view over all of its bytes: can go through in pieces
 
     @property
     def leader(self) -> PlanItem:
@@ -134,9 +135,10 @@ def build_units(plan: Plan) -> list[_Unit]:
         t = lead.source
         contiguous_full = t.storage_offset == 0 and (t.stride in (None, _contiguous(t.shape)))
         if len(views) == 1 and (whole is None or not (contiguous_full and _extent(t) * itemsize == whole)):
-            units.append(_Unit(items, lead.src_dtype, lead.dst_dtype, True, t.numel))
+            # No storage size: safetensors, where a tensor is exactly its own byte range.
+            units.append(_Unit(items, lead.src_dtype, lead.dst_dtype, True, t.numel, streamable=whole is None))
         elif len(views) == 1:
-            units.append(_Unit(items, lead.src_dtype, lead.dst_dtype, False, t.numel))
+            units.append(_Unit(items, lead.src_dtype, lead.dst_dtype, False, t.numel, streamable=True))
         else:
             numel = (whole if whole is not None else max(_extent(i.source) for i in items) * itemsize) // itemsize
             units.append(_Unit(items, lead.src_dtype, lead.dst_dtype, False, numel))
@@ -227,6 +229,25 @@ def materialize(source: Source, unit: _Unit) -> tuple[torch.Tensor, CastStats | 
     return out, stats
 
 
+def stream(source: Source, unit: _Unit, stats: CastStats, advance: Callable[[int], None]) -> Iterator[memoryview]:
+    """A streamable unit's output bytes, piece by piece: memory stays at one piece, whatever the tensor.
+
+    Each piece is valid until the next is asked for. ``stats`` fills in as the pieces go by;
+    ``advance(n)`` is told of each ``n`` output bytes."""
+    src_dtype = _torch_dtype(unit.src_dtype)
+    dst_dtype = _torch_dtype(unit.dst_dtype)
+    same = unit.src_dtype == unit.dst_dtype
+    for piece in source.chunks(unit.leader.source):
+        if same:
+            mv = byte_view(piece)
+        else:
+            out, got = cast(piece.view(src_dtype), dst_dtype)
+            stats.add(got)
+            mv = byte_view(out)
+        yield mv
+        advance(len(mv))
+
+
 # ---------------------------------------------------------------- writers
 
 
@@ -290,9 +311,7 @@ def _exact_module_roles(items: list[PlanItem]) -> bool:
     )
 
 
-def _write_torch(
-    pending: PendingFile, plan: Plan, units: list[_Unit], produce: Iterator[tuple[_Unit, Any]], root: str
-) -> int:
+def _write_torch(pending: PendingFile, plan: Plan, units: list[_Unit], feeder: _Feeder, root: str) -> int:
     storages: dict[int, _StorageOut] = {}
     state: collections.OrderedDict[str, Any] = collections.OrderedDict()
     keep_vars = _exact_module_roles(plan.items)
@@ -320,22 +339,15 @@ def _write_torch(
     for name, value in ((".format_version", b"1"), (".storage_alignment", b"64"), ("byteorder", b"little")):
         writer.add(f"{root}/{name}", len(value), [value])
     written = 0
-    for u, tensor in produce:
+    for u in units:
         s = storages[id(u)]
-        mv = byte_view(tensor)
-        writer.add(f"{root}/data/{s.key}", s.nbytes, _chunks(mv))
+        writer.add(f"{root}/data/{s.key}", s.nbytes, feeder.storage(u))
         written += s.nbytes
     writer.add(f"{root}/version", 2, [b"3\n"])
     sid = str(zlib.crc32(data)).rjust(20, "0").encode()
     writer.add(f"{root}/.data/serialization_id", len(sid), [sid])
     writer.close()
     return written
-
-
-def _chunks(mv: memoryview) -> Iterator[memoryview]:
-    step = 64 << 20
-    for lo in range(0, len(mv), step):
-        yield mv[lo : lo + step]
 
 
 @dataclass(slots=True)
@@ -405,25 +417,64 @@ def _shards(entries: list[_StEntry], max_size: int) -> list[list[_StEntry]]:
 # ---------------------------------------------------------------- the conversion
 
 
-def _produce(
-    plan: Plan,
-    source: Source,
-    units: list[_Unit],
-    report: ConversionReport,
-    progress: Progress | None,
-) -> Iterator[tuple[_Unit, Any]]:
-    """Each unit's output storage, in ``units`` order; counts go to ``report.stats``."""
-    done_bytes = 0
-    done_tensors = 0
-    for u in units:
-        tensor, stats = materialize(source, u)
+class _Feeder:
+    """Hands out each unit's output bytes, streamed in pieces where it can, and keeps the counts and
+    the progress. A unit with several distinct views is materialized once and kept only until its last
+    view is written."""
+
+    def __init__(self, source: Source, report: ConversionReport, progress: Progress | None) -> None:
+        self.source = source
+        self.report = report
+        self.progress = progress
+        self.done_bytes = 0
+        self.done_tensors = 0
+        self._bases: dict[int, tuple[Any, int]] = {}  # id(unit) -> (cast storage, views still to write)
+
+    def _advance(self, n: int) -> None:
+        self.done_bytes += n
+        if self.progress is not None:
+            self.progress(self.done_bytes, self.done_tensors)
+
+    def _stats_for(self, u: _Unit) -> CastStats:
+        stats = CastStats()
+        if u.dst_dtype != u.src_dtype:
+            self.report.stats[u.leader.name] = stats
+        return stats
+
+    def _whole(self, u: _Unit) -> Any:
+        base, stats = materialize(self.source, u)
         if stats is not None:
-            report.stats[u.leader.name] = stats
-        done_bytes += u.out_nbytes()
-        done_tensors += len(u.items)
-        yield u, tensor
-        if progress is not None:
-            progress(done_bytes, done_tensors)
+            self.report.stats[u.leader.name] = stats
+        return base
+
+    def _pieces(self, mv: memoryview) -> Iterator[memoryview]:
+        step = 64 << 20
+        for lo in range(0, len(mv), step):
+            piece = mv[lo : lo + step]
+            yield piece
+            self._advance(len(piece))
+
+    def storage(self, u: _Unit) -> Iterator[memoryview]:
+        """All of ``u``'s output storage (a .pt member)."""
+        if u.streamable:
+            yield from stream(self.source, u, self._stats_for(u), self._advance)
+        else:
+            yield from self._pieces(byte_view(self._whole(u)))
+        self.done_tensors += len(u.items)
+
+    def tensor(self, u: _Unit, item: PlanItem, views: int) -> Iterator[memoryview]:
+        """``item``'s bytes alone, contiguous (a safetensors entry); ``views``: how many entries ``u`` has."""
+        if u.streamable:
+            yield from stream(self.source, u, self._stats_for(u), self._advance)
+        else:
+            base, left = self._bases.get(id(u)) or (self._whole(u), views)
+            offset, shape, stride = u.view_of(item)
+            yield from self._pieces(byte_view(view(base, offset, shape, stride).contiguous()))
+            if left > 1:
+                self._bases[id(u)] = (base, left - 1)
+            else:
+                self._bases.pop(id(u), None)
+        self.done_tensors += 1
 
 
 def _overflow_error(report: ConversionReport) -> CheckFailedError | None:
@@ -480,10 +531,10 @@ def execute(plan: Plan, progress: Progress | None = None) -> ConversionReport:
                 pendings.append((p, "torch"))
                 stem = os.path.splitext(os.path.basename(plan.output))[0]
                 root = stem if _SAFE_NAME.match(stem) else "archive"
-                produce = _produce(plan, source, units, report, progress)
-                report.bytes_written = _write_torch(p, plan, units, produce, root)
+                feeder = _Feeder(source, report, progress)
+                report.bytes_written = _write_torch(p, plan, units, feeder, root)
             else:
-                _write_safetensors(plan, units, source, report, progress, pendings)
+                _write_safetensors(plan, units, _Feeder(source, report, progress), report, pendings)
             # Overflow is known only once every value has been cast; the files are thrown away unnamed.
             err = None if plan.options.allow_overflow else _overflow_error(report)
             if err is not None:
@@ -533,53 +584,31 @@ def range_findings(stats: dict[str, CastStats], target: str | None) -> list[Find
 def _write_safetensors(
     plan: Plan,
     units: list[_Unit],
-    source: Source,
+    feeder: _Feeder,
     report: ConversionReport,
-    progress: Progress | None,
     pendings: list[tuple[PendingFile, str]],
 ) -> None:
     entries, aliases = _st_layout(plan, units)
     sharded = plan.output_format == "sharded"
     groups = _shards(entries, plan.options.max_shard_size or DEFAULT_SHARD_SIZE) if sharded else [entries]
     n = len(groups)
+    views = collections.Counter(id(e.unit) for e in entries)
     weight_map: dict[str, str] = {}
-    total = 0
-    cache: dict[int, Any] = {}  # a unit's cast storage, kept only while its views are written
-    remaining = collections.Counter(id(e.unit) for e in entries)
-    done_bytes = 0
-    done_tensors = 0
     for k, group in enumerate(groups):
         path = os.path.join(plan.output, f"model-{k + 1:05d}-of-{n:05d}.safetensors") if sharded else plan.output
         shard_names = {e.item.name for e in group}
         shard_aliases = {a: t for a, t in aliases.items() if t in shard_names}
         shard_items = [i for i in plan.items if i.name in shard_names or i.name in shard_aliases]
-        header = _safetensors_header(group, shard_items, shard_aliases)
         pending = PendingFile(path)
         pendings.append((pending, "safetensors"))
-        write_all(pending.fd, header)
+        write_all(pending.fd, _safetensors_header(group, shard_items, shard_aliases))
         for e in group:
-            u = e.unit
-            base = cache.get(id(u))
-            if base is None:
-                base, stats = materialize(source, u)
-                if stats is not None:
-                    report.stats[u.leader.name] = stats
-                cache[id(u)] = base
-            offset, shape, stride = u.view_of(e.item)
-            t = view(base, offset, shape, stride).contiguous()
-            write_all(pending.fd, byte_view(t))
+            for piece in feeder.tensor(e.unit, e.item, views[id(e.unit)]):
+                write_all(pending.fd, piece)
             report.bytes_written += e.nbytes
-            total += e.nbytes
-            remaining[id(u)] -= 1
-            if not remaining[id(u)]:
-                del cache[id(u)]
             weight_map[e.item.name] = os.path.basename(path)
-            done_bytes += e.nbytes
-            done_tensors += 1
-            if progress is not None:
-                progress(done_bytes, done_tensors)
     if sharded:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        index = {"metadata": {"total_size": report.bytes_written}, "weight_map": weight_map}
         body = (json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
         pending = PendingFile(os.path.join(plan.output, INDEX_NAME))
         pendings.append((pending, "index"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import zlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from statecli.errors import InputError
@@ -22,7 +23,7 @@ from statecli.records import Report, TensorInfo
 if TYPE_CHECKING:
     import torch
 
-CHUNK = 64 << 20
+STREAM_CHUNK = 16 << 20  # big enough to keep reads and casts efficient, small next to any model
 
 
 def byte_view(t: torch.Tensor) -> memoryview:
@@ -30,7 +31,11 @@ def byte_view(t: torch.Tensor) -> memoryview:
     n = t.numel() * t.element_size()
     if n == 0:
         return memoryview(b"")
-    return memoryview((ctypes.c_ubyte * n).from_address(t.data_ptr())).cast("B")
+    arr = (ctypes.c_ubyte * n).from_address(t.data_ptr())
+    # from_address does not own the memory: the array holds the tensor, the view holds the array, so
+    # the bytes live exactly as long as anyone can read them.
+    arr.keep_alive = t  # type: ignore[attr-defined]
+    return memoryview(arr).cast("B")
 
 
 class _ZipFile:
@@ -104,20 +109,40 @@ class Source:
         """The whole storage behind ``t`` as a flat uint8 tensor, CRC-checked where the file has one."""
         import torch
 
-        path, start, size, crc = self.span(t)
+        _, _, size, _ = self.span(t)
         buf = torch.empty(size, dtype=torch.uint8)
-        view = byte_view(buf)
+        for _ in self._fill(t, buf, size):
+            pass
+        return buf
+
+    def chunks(self, t: TensorInfo, chunk: int = STREAM_CHUNK) -> Iterator[torch.Tensor]:
+        """The storage behind ``t`` in pieces of at most ``chunk`` bytes, each valid until the next is
+        asked for (one buffer is reused). The CRC is checked after the last piece: a consumer writing
+        the pieces out learns of corruption before it can finish, so nothing corrupt is ever kept."""
+        import torch
+
+        _, _, size, _ = self.span(t)
+        buf = torch.empty(min(size, chunk), dtype=torch.uint8)
+        yield from self._fill(t, buf, chunk)
+
+    def _fill(self, t: TensorInfo, buf: torch.Tensor, chunk: int) -> Iterator[torch.Tensor]:
+        path, start, size, crc = self.span(t)
         f = self._file(path)
-        f.seek(start)
+        view = byte_view(buf)
         done = 0
         check = 0
         while done < size:
-            n = f.readinto(view[done : min(size, done + CHUNK)])
-            if not n:
-                raise InputError(f"file ends inside the data of {t.name!r} (truncated)", path=path)
+            n = min(chunk, size - done)
+            f.seek(start + done)  # several readers may take turns on one file
+            got = 0
+            while got < n:
+                k = f.readinto(view[got:n])
+                if not k:
+                    raise InputError(f"file ends inside the data of {t.name!r} (truncated)", path=path)
+                got += k
             if crc is not None:
-                check = zlib.crc32(view[done : done + n], check)
+                check = zlib.crc32(view[:n], check)
             done += n
+            yield buf[:n]
         if crc is not None and check != crc:
             raise InputError(f"the bytes of {t.name!r} fail their CRC check (corrupt file)", path=path)
-        return buf

@@ -1,0 +1,221 @@
+"""``statecli convert`` as a user runs it: exit codes, messages on stderr, data on stdout, and what is on
+disk afterwards (nothing, for every failure). Crashes are real processes: killed, or out of file size."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from statecli.cli.main import app
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+CNN = str(SAMPLES / "cnn_bn_state_dict.pt")
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(os.listdir(folder))
+
+
+def test_convert_prints_a_summary_line_and_writes(tmp_path: Path) -> None:
+    code, out, err = run("convert", CNN, "-o", str(tmp_path / "a.safetensors"), "--dtype", "bf16")
+    assert code == 0, err
+    assert out.startswith(f"wrote {tmp_path / 'a.safetensors'}: 16 tensors (14 cast to bfloat16)")
+    assert "names, shapes, dtypes and roles checked" in out
+    assert listing(tmp_path) == ["a.safetensors"]
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path: Path) -> None:
+    out_path = tmp_path / "a.pt"
+    code, out, err = run("convert", CNN, "-o", str(out_path), "--dtype", "fp16", "--keep-buffers", "--dry-run")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == f"{CNN} → {out_path} (torch)"
+    assert lines[1].split() == ["Name", "Role", "From", "To", "Shape", "Size", "Device", "Why"]
+    mean = next(line for line in lines if line.startswith("bn1.running_mean"))
+    assert "buffer: --keep-buffers" in mean and " = " in mean
+    nbt = next(line for line in lines if line.startswith("bn1.num_batches_tracked"))
+    assert "int64 is not floating: never changes" in nbt
+    w = next(line for line in lines if line.startswith("conv1.weight"))
+    assert "float32  float16" in w and "float32 → float16" in w
+    assert "16 tensors written, 10 change dtype" in out
+    assert listing(tmp_path) == []
+
+
+def test_dry_run_json_is_the_plan(tmp_path: Path) -> None:
+    code, out, _ = run("convert", str(SAMPLES / "training_adam.pt"), "-o", str(tmp_path / "a.pt"), "-n", "-f", "json")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["schema"] == "statecli.plan/1"
+    assert doc["output_format"] == "torch"
+    assert len(doc["tensors"]) == 16
+    assert {d["reason"] for d in doc["dropped"]} == {"optimizer state"}
+    assert listing(tmp_path) == []
+
+
+def test_json_after_converting_has_the_counts(tmp_path: Path) -> None:
+    torch.save({"t": torch.tensor([1e-10, 1.0, 7e4])}, tmp_path / "r.pt")
+    code, out, err = run(
+        "convert", str(tmp_path / "r.pt"), "-o", str(tmp_path / "o.pt"), "--dtype", "fp16", "--allow-overflow", "-f",
+        "json",
+    )  # fmt: skip
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["schema"] == "statecli.conversion/1"
+    (t,) = doc["tensors"]
+    assert (t["overflow"], t["underflow"], t["nonfinite"]) == (1, 1, 0)
+    assert "statecli: warning: t: 1 values became inf/NaN in float16" in err
+    assert "statecli: warning: t: 1 non-zero values became zero in float16" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--dtype", "bf17"], 2, "unknown dtype 'bf17'"),
+        (["--dtype", "int8"], 2, "cannot convert to int8: only floating tensors change dtype"),
+        (["--device", "tpu"], 2, "unknown device 'tpu' (use cpu, cuda, cuda:N or meta)"),
+        (["--select", "ema"], 2, "--select 'ema' names no tensors"),
+        (["--max-shard-size", "lots"], 2, "cannot read size 'lots'"),
+        (["--strip-prefix", "conv1.", "--add-prefix", ""], 0, ""),
+    ],
+)
+def test_bad_options(tmp_path: Path, args: list[str], code: int, message: str) -> None:
+    got, out, err = run("convert", CNN, "-o", str(tmp_path / "o.pt"), *args)
+    assert got == code, err
+    assert message in err
+    if code:
+        assert err.startswith("statecli: error: ") and "Traceback" not in err
+        assert out == ""
+        assert listing(tmp_path) == []
+
+
+def test_unknown_output_extension(tmp_path: Path) -> None:
+    code, _, err = run("convert", CNN, "-o", str(tmp_path / "o.npz"))
+    assert code == 2
+    assert "cannot tell the output format from" in err and ".safetensors, .pt" in err
+    assert listing(tmp_path) == []
+
+
+def test_overflow_exits_1_naming_tensors(tmp_path: Path) -> None:
+    torch.save({"big": torch.tensor([1e6, 2e6]), "ok": torch.ones(2)}, tmp_path / "r.pt")
+    code, out, err = run("convert", str(tmp_path / "r.pt"), "-o", str(tmp_path / "o.safetensors"), "--dtype", "fp16")
+    assert code == 1
+    assert "1 tensor would overflow to inf/NaN in float16: big (2 values). Nothing was written." in err
+    assert out == ""
+    assert listing(tmp_path) == ["r.pt"]
+
+
+@pytest.mark.parametrize(
+    ("make", "code", "message"),
+    [
+        (lambda p: p.write_bytes(b""), 3, "empty file"),
+        (lambda p: p.write_bytes(b"PK\x03\x04garbage"), 3, ""),
+        (lambda p: None, 3, "no such file"),
+    ],
+)
+def test_bad_input_files(tmp_path: Path, make: object, code: int, message: str) -> None:
+    src = tmp_path / "in.pt"
+    make(src)  # type: ignore[operator]
+    got, _, err = run("convert", str(src), "-o", str(tmp_path / "o.safetensors"))
+    assert got == code
+    assert message in err and "Traceback" not in err
+    assert "o.safetensors" not in listing(tmp_path)
+
+
+def test_output_exists_and_force(tmp_path: Path) -> None:
+    (tmp_path / "o.pt").write_bytes(b"old")
+    code, _, err = run("convert", CNN, "-o", str(tmp_path / "o.pt"))
+    assert code == 4 and "output exists; pass --force to replace it" in err
+    assert (tmp_path / "o.pt").read_bytes() == b"old"
+    code, _, err = run("convert", CNN, "-o", str(tmp_path / "o.pt"), "--force")
+    assert code == 0, err
+    assert (tmp_path / "o.pt").read_bytes() != b"old"
+
+
+def test_output_folder_missing(tmp_path: Path) -> None:
+    code, _, err = run("convert", CNN, "-o", str(tmp_path / "no" / "o.pt"))
+    assert code == 4 and "does not exist" in err
+
+
+def test_onto_the_input_is_refused(tmp_path: Path) -> None:
+    src = tmp_path / "m.pt"
+    src.write_bytes(Path(CNN).read_bytes())
+    code, _, err = run("convert", str(src), "-o", str(src), "--force", "--dtype", "fp16")
+    assert code == 4 and "refusing to convert onto the input file" in err
+    assert src.read_bytes() == Path(CNN).read_bytes()
+
+
+def test_help_names_the_options() -> None:
+    code, out, _ = run("convert", "--help")
+    assert code == 0
+    for opt in ("--dtype", "--device", "--keep-buffers", "--only", "--exclude", "--allow-overflow", "--select",
+                "--strip-prefix", "--add-prefix", "--max-shard-size", "--force", "--verify", "--dry-run"):  # fmt: skip
+        assert opt in out
+
+
+# ----------------------------------------------------------------------------------------------- real crashes
+
+_CHILD = textwrap.dedent(
+    """
+    import os, resource, signal, sys
+    import statecli
+
+    mode, src, dst = sys.argv[1:4]
+    if mode == "fsize":
+        limit = int(sys.argv[4])
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        from statecli.cli.main import main
+        sys.argv = ["statecli", "convert", src, "-o", dst]
+        main()
+    else:
+        def die(done, tensors):
+            if tensors >= 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+        statecli.convert(src, dst, progress=die)
+    """
+)
+
+
+@pytest.fixture
+def big_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("big")
+    path = folder / "big.pt"
+    torch.save({f"w{i}": torch.full((256, 1024), float(i)) for i in range(6)}, path)  # 6 MiB
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_killed_process_leaves_no_file_at_all(tmp_path: Path, big_checkpoint: Path, suffix: str) -> None:
+    dst = tmp_path / f"out{suffix}"
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, "kill", str(big_checkpoint), str(dst)], capture_output=True, text=True
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert listing(tmp_path) == []  # not even a temporary name: the file was anonymous
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_file_size_limit_is_exit_4_and_leaves_nothing(tmp_path: Path, big_checkpoint: Path, suffix: str) -> None:
+    dst = tmp_path / f"out{suffix}"
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, "fsize", str(big_checkpoint), str(dst), str(1 << 20)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 4, proc.stderr
+    assert "file size limit reached" in proc.stderr and "nothing was written" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert listing(tmp_path) == []
