@@ -13,6 +13,7 @@ import contextlib
 import errno
 import os
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from statecli.errors import OutputError
 
@@ -64,6 +65,28 @@ class PendingFile:
             except OSError as e:
                 raise output_error(e, path) from e
         self.fd = fd
+        self._unsynced = 0
+        self._sync: Future[None] | None = None
+        self._syncer: ThreadPoolExecutor | None = None
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append ``data``. Every so often the kernel is asked, from a worker thread, to start putting
+        what is written on disk, so the final fsync has little left to wait for."""
+        view = memoryview(data).cast("B")
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+            self._unsynced += n
+        if self._unsynced >= _SYNC_EVERY and (self._sync is None or self._sync.done()):
+            if self._sync is not None:
+                self._sync.result()  # raises the OSError (no space, ...) the last sync met
+            if self._syncer is None:
+                self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="statecli-sync")
+            self._sync = self._syncer.submit(_datasync, self.fd)
+            self._unsynced = 0
+
+    def pwrite(self, data: bytes, offset: int) -> None:
+        os.pwrite(self.fd, data, offset)
 
     @property
     def readable_path(self) -> str:
@@ -73,10 +96,19 @@ class PendingFile:
     def finish(self) -> None:
         """Flush to disk and set the normal permissions; the file still has no name."""
         try:
+            self._join_sync()
             os.fchmod(self.fd, _umask_mode())
             os.fsync(self.fd)
         except OSError as e:
             raise output_error(e, self.path) from e
+
+    def _join_sync(self) -> None:
+        if self._sync is not None:
+            sync, self._sync = self._sync, None
+            sync.result()
+        if self._syncer is not None:
+            self._syncer.shutdown(wait=True)
+            self._syncer = None
 
     def commit(self) -> None:
         """Give the file its name, replacing what was there (the caller checked --force)."""
@@ -111,10 +143,19 @@ class PendingFile:
             self.temp_name = None
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._join_sync()  # a sync still running must not outlive its file descriptor
         if self.fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
             self.fd = -1
+
+
+_SYNC_EVERY = 256 << 20
+
+
+def _datasync(fd: int) -> None:
+    getattr(os, "fdatasync", os.fsync)(fd)  # macOS has no fdatasync
 
 
 def sync_folder(folder: str) -> None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from statecli.errors import InputError
@@ -55,11 +57,15 @@ class Source:
         self._files: dict[str, Any] = {}
         self._zips: dict[str, _ZipFile] = {}
         self._spans: dict[str, dict[str, tuple[int, int]]] = {}
+        self._pool: ThreadPoolExecutor | None = None
 
     def __enter__(self) -> Source:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         for f in self._files.values():
             f.close()
         self._files.clear()
@@ -109,40 +115,69 @@ class Source:
         """The whole storage behind ``t`` as a flat uint8 tensor, CRC-checked where the file has one."""
         import torch
 
-        _, _, size, _ = self.span(t)
+        path, start, size, crc = self.span(t)
         buf = torch.empty(size, dtype=torch.uint8)
-        for _ in self._fill(t, buf, size):
-            pass
+        view = byte_view(buf)
+        _pread_into(self._file(path), view, start, path, t.name)
+        if crc is not None and zlib.crc32(view) != crc:
+            raise InputError(f"the bytes of {t.name!r} fail their CRC check (corrupt file)", path=path)
         return buf
 
     def chunks(self, t: TensorInfo, chunk: int = STREAM_CHUNK) -> Iterator[torch.Tensor]:
         """The storage behind ``t`` in pieces of at most ``chunk`` bytes, each valid until the next is
-        asked for (one buffer is reused). The CRC is checked after the last piece: a consumer writing
-        the pieces out learns of corruption before it can finish, so nothing corrupt is ever kept."""
+        asked for. The next piece is read (and its CRC summed) in a worker thread while the caller works
+        on this one: both release the GIL, so reading overlaps casting and writing on a second core.
+        The CRC is checked after the last piece: a consumer writing the pieces out learns of corruption
+        before it can finish, so nothing corrupt is ever kept."""
         import torch
 
-        _, _, size, _ = self.span(t)
-        buf = torch.empty(min(size, chunk), dtype=torch.uint8)
-        yield from self._fill(t, buf, chunk)
-
-    def _fill(self, t: TensorInfo, buf: torch.Tensor, chunk: int) -> Iterator[torch.Tensor]:
         path, start, size, crc = self.span(t)
         f = self._file(path)
-        view = byte_view(buf)
-        done = 0
-        check = 0
-        while done < size:
-            n = min(chunk, size - done)
-            f.seek(start + done)  # several readers may take turns on one file
-            got = 0
-            while got < n:
-                k = f.readinto(view[got:n])
-                if not k:
-                    raise InputError(f"file ends inside the data of {t.name!r} (truncated)", path=path)
-                got += k
+        bufs = [torch.empty(min(size, chunk), dtype=torch.uint8) for _ in range(2 if size > chunk else 1)]
+        views = [byte_view(b) for b in bufs]
+        running = [0]
+
+        def load(k: int, offset: int, n: int) -> None:
+            _pread_into(f, views[k][:n], start + offset, path, t.name)
             if crc is not None:
-                check = zlib.crc32(view[:n], check)
-            done += n
-            yield buf[:n]
-        if crc is not None and check != crc:
+                running[0] = zlib.crc32(views[k][:n], running[0])
+
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="statecli-read")
+        pending = self._pool.submit(load, 0, 0, min(size, chunk)) if size else None
+        try:
+            for i, offset in enumerate(range(0, size, chunk)):
+                assert pending is not None
+                pending.result()
+                following = offset + chunk
+                pending = None
+                if following < size:
+                    pending = self._pool.submit(load, (i + 1) % 2, following, min(chunk, size - following))
+                yield bufs[i % 2][: min(chunk, size - offset)]
+        finally:
+            if pending is not None:
+                pending.exception()  # wait: the worker must not write into a buffer nobody holds
+        if crc is not None and running[0] != crc:
             raise InputError(f"the bytes of {t.name!r} fail their CRC check (corrupt file)", path=path)
+
+
+def _pread_into(f: Any, view: memoryview, offset: int, path: str, name: str) -> None:
+    """Fill ``view`` from ``offset``; positional reads, so threads need no shared file position."""
+    got = 0
+    n = len(view)
+    fd = f.fileno()
+    while got < n:
+        k = os.preadv(fd, [view[got:]], offset + got) if _HAS_PREADV else _seek_read(f, view[got:], offset + got)
+        if not k:
+            raise InputError(f"file ends inside the data of {name!r} (truncated)", path=path)
+        got += k
+
+
+_HAS_PREADV = hasattr(os, "preadv")
+_SEEK_LOCK = threading.Lock()
+
+
+def _seek_read(f: Any, view: memoryview, offset: int) -> int:
+    with _SEEK_LOCK:
+        f.seek(offset)
+        return int(f.readinto(view))

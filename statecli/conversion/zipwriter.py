@@ -8,11 +8,11 @@ stored (method 0), each member's data starts on a 64-byte boundary, padded with 
 
 from __future__ import annotations
 
-import os
 import struct
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 ALIGNMENT = 64
 _LOCAL = struct.Struct("<4sHHHHHIIIHH")
@@ -32,19 +32,19 @@ class _Entry:
     crc: int
 
 
-def write_all(fd: int, data: bytes | memoryview) -> None:
-    """``os.write`` until every byte is out (a write may be short, above all past 2 GiB)."""
-    view = memoryview(data).cast("B")
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
+class Sink(Protocol):
+    """Where the archive goes: appended to in order, with one patch per member (its CRC)."""
+
+    def write(self, data: bytes | memoryview) -> None: ...
+
+    def pwrite(self, data: bytes, offset: int) -> None: ...
 
 
 class ZipWriter:
-    """Writes members one after another to ``fd``, which must be a fresh, seekable file at offset 0."""
+    """Writes members one after another to ``sink``, a fresh file at offset 0."""
 
-    def __init__(self, fd: int, force_zip64: bool = False) -> None:
-        self.fd = fd
+    def __init__(self, sink: Sink, force_zip64: bool = False) -> None:
+        self.sink = sink
         self.pos = 0
         self.entries: list[_Entry] = []
         self.force_zip64 = force_zip64
@@ -62,18 +62,18 @@ class ZipWriter:
             b"PK\x03\x04", 45 if zip64 else 20, 0, 0, 0, _DOS_DATE, 0, stored, stored, len(raw_name), len(extra)
         )
         offset = self.pos
-        write_all(self.fd, header + raw_name + extra)
+        self.sink.write(header + raw_name + extra)
         self.pos += len(header) + len(raw_name) + len(extra)
         crc = 0
         written = 0
         for chunk in chunks:
             crc = zlib.crc32(chunk, crc)
-            write_all(self.fd, chunk)
+            self.sink.write(chunk)
             written += len(memoryview(chunk).cast("B"))
         if written != size:
             raise AssertionError(f"member {name}: wrote {written} bytes, announced {size}")
         self.pos += size
-        os.pwrite(self.fd, struct.pack("<I", crc), offset + 14)
+        self.sink.pwrite(struct.pack("<I", crc), offset + 14)
         self.entries.append(_Entry(raw_name, offset, size, crc))
 
     def close(self) -> None:
@@ -115,17 +115,17 @@ class ZipWriter:
                 + extra
             )
         cd = b"".join(parts)
-        write_all(self.fd, cd)
+        self.sink.write(cd)
         self.pos += len(cd)
         count = len(self.entries)
         if self.force_zip64 or count >= 0xFFFF or cd_start >= _U32 or len(cd) >= _U32:
             eocd64_at = self.pos
             rec = _EOCD64.pack(b"PK\x06\x06", _EOCD64.size - 12, 45, 45, 0, 0, count, count, len(cd), cd_start)
             loc = _EOCD64_LOCATOR.pack(b"PK\x06\x07", 0, eocd64_at, 1)
-            write_all(self.fd, rec + loc)
+            self.sink.write(rec + loc)
             self.pos += len(rec) + len(loc)
             end = _EOCD.pack(b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, _U32, _U32, 0)
         else:
             end = _EOCD.pack(b"PK\x05\x06", 0, 0, count, count, len(cd), cd_start, 0)
-        write_all(self.fd, end)
+        self.sink.write(end)
         self.pos += len(end)
