@@ -464,7 +464,7 @@ def test_interrupt_leaves_no_file(tmp_path: Path) -> None:
     assert listing(tmp_path) == []
 
 
-def test_corrupt_storage_bytes_fail_their_crc(tmp_path: Path) -> None:
+def test_corrupt_storage_bytes_fail_their_crc_under_verify(tmp_path: Path) -> None:
     import zipfile
 
     src = tmp_path / "m.pt"
@@ -479,8 +479,12 @@ def test_corrupt_storage_bytes_fail_their_crc(tmp_path: Path) -> None:
     data[start + 5] ^= 0xFF
     src.write_bytes(bytes(data))
     with pytest.raises(statecli.InputError, match="CRC"):
-        conv.convert(src, tmp_path / "o.safetensors")
+        conv.convert(src, tmp_path / "o.safetensors", verify=True)
     assert listing(tmp_path) == ["m.pt"]
+    with pytest.raises(statecli.InputError, match="CRC"):
+        statecli.load(src)
+    # Without --verify, like torch.load (which checks no CRC at all), the bytes are taken as they are.
+    conv.convert(src, tmp_path / "o.safetensors")
 
 
 # ----------------------------------------------------------------------------------------------- load()

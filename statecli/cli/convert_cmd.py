@@ -138,8 +138,9 @@ def convert_command(
         bool,
         typer.Option(
             "--verify",
-            help="After writing, also compare every value with the input: exact for unchanged tensors, equal to "
-            "the cast for converted ones. (Names, shapes, dtypes and roles are always checked.)",
+            help="Also check the input's zip CRCs (torch.load never does) and compare every written value with "
+            "the input: exact for unchanged tensors, equal to the cast for converted ones. (Names, shapes, "
+            "dtypes and roles are always checked.)",
         ),
     ] = False,
     dry_run: Annotated[

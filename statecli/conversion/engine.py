@@ -348,18 +348,21 @@ def _write_torch(pending: PendingFile, plan: Plan, units: list[_Unit], feeder: _
     _Pickler(buf, protocol=2).dump(ordered)
     data = buf.getvalue()
     writer = ZipWriter(pending)
-    writer.add(f"{root}/data.pkl", len(data), [data])
-    for name, value in ((".format_version", b"1"), (".storage_alignment", b"64"), ("byteorder", b"little")):
-        writer.add(f"{root}/{name}", len(value), [value])
-    written = 0
-    for u in units:
-        s = storages[id(u)]
-        writer.add(f"{root}/data/{s.key}", s.nbytes, feeder.storage(u))
-        written += s.nbytes
-    writer.add(f"{root}/version", 2, [b"3\n"])
-    sid = str(zlib.crc32(data)).rjust(20, "0").encode()
-    writer.add(f"{root}/.data/serialization_id", len(sid), [sid])
-    writer.close()
+    try:
+        writer.add(f"{root}/data.pkl", len(data), [data])
+        for name, value in ((".format_version", b"1"), (".storage_alignment", b"64"), ("byteorder", b"little")):
+            writer.add(f"{root}/{name}", len(value), [value])
+        written = 0
+        for u in units:
+            s = storages[id(u)]
+            writer.add(f"{root}/data/{s.key}", s.nbytes, feeder.storage(u))
+            written += s.nbytes
+        writer.add(f"{root}/version", 2, [b"3\n"])
+        sid = str(zlib.crc32(data)).rjust(20, "0").encode()
+        writer.add(f"{root}/.data/serialization_id", len(sid), [sid])
+        writer.close()
+    finally:
+        writer.shutdown()
     return written
 
 
@@ -534,7 +537,7 @@ def execute(plan: Plan, progress: Progress | None = None) -> ConversionReport:
     else:
         check_destination(plan.output, plan.options.force, inputs)
 
-    with Source(plan.report) as source:
+    with Source(plan.report, check_crc=plan.options.verify) as source:
         if plan.output_format == "sharded":
             os.makedirs(plan.output, exist_ok=True)
         pendings: list[tuple[PendingFile, str]] = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -48,6 +49,12 @@ class ZipWriter:
         self.pos = 0
         self.entries: list[_Entry] = []
         self.force_zip64 = force_zip64
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _crc_pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="statecli-crc")
+        return self._pool
 
     def add(self, name: str, size: int, chunks: Iterable[bytes | memoryview]) -> None:
         """Write member ``name`` whose data, ``size`` bytes in all, comes from ``chunks``."""
@@ -67,17 +74,31 @@ class ZipWriter:
         crc = 0
         written = 0
         for chunk in chunks:
-            crc = zlib.crc32(chunk, crc)
-            self.sink.write(chunk)
-            written += len(memoryview(chunk).cast("B"))
+            n = len(memoryview(chunk).cast("B"))
+            if n >= 1 << 20:
+                # zlib.crc32 and the write both release the GIL: sum on a second core while writing.
+                summed = self._crc_pool().submit(zlib.crc32, chunk, crc)
+                self.sink.write(chunk)
+                crc = summed.result()
+            else:
+                crc = zlib.crc32(chunk, crc)
+                self.sink.write(chunk)
+            written += n
         if written != size:
             raise AssertionError(f"member {name}: wrote {written} bytes, announced {size}")
         self.pos += size
         self.sink.pwrite(struct.pack("<I", crc), offset + 14)
         self.entries.append(_Entry(raw_name, offset, size, crc))
 
+    def shutdown(self) -> None:
+        """Stop the CRC worker (after :meth:`close`, or on an error)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
     def close(self) -> None:
         """Write the central directory and the end records."""
+        self.shutdown()
         cd_start = self.pos
         parts = []
         for e in self.entries:
