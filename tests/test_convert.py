@@ -455,6 +455,28 @@ def test_a_read_back_mismatch_keeps_nothing(tmp_path: Path, monkeypatch: pytest.
     assert listing(tmp_path) == []
 
 
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_disk_full_is_exit_4_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str) -> None:
+    import errno
+
+    from statecli.conversion import atomic
+
+    real = atomic.PendingFile.write
+    calls = []
+
+    def full(self: atomic.PendingFile, data: bytes | memoryview) -> None:
+        calls.append(1)
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, data)
+
+    monkeypatch.setattr(atomic.PendingFile, "write", full)
+    with pytest.raises(OutputError, match="no space left on the device; nothing was written") as e:
+        conv.convert(SAMPLES / "cnn_bn_state_dict.pt", tmp_path / f"o{suffix}", dtype="fp16")
+    assert e.value.exit_code == 4
+    assert listing(tmp_path) == []
+
+
 def test_interrupt_leaves_no_file(tmp_path: Path) -> None:
     def stop(done: int, tensors: int) -> None:
         raise KeyboardInterrupt

@@ -247,6 +247,7 @@ class _ProgressBar:
             TimeRemainingColumn(),
             console=_output.stderr_console(),
             transient=True,
+            refresh_per_second=4,  # the conversion shares two cores with this redraw
         )
         self.task = self.progress.add_task("converting", total=max(total, 1))
         self.progress.start()
