@@ -24,7 +24,6 @@ import compileall
 import contextlib
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -52,6 +51,7 @@ from bench_inspect import (
     error_line,
     layout_bytes,
     log,
+    machine_facts,
     resnet_spec,
 )
 
@@ -404,38 +404,6 @@ def measure_format(
 
 # --------------------------------------------------------------------------------------------------
 # Reporting
-
-
-def machine_facts(statecli_cmd: list[str]) -> dict[str, Any]:
-    import safetensors
-    import torch
-
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        affinity = None
-    mem_total = None
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_total = int(line.split()[1]) * 1024
-    git = None
-    with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        git = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    return {
-        "nproc": os.cpu_count(),
-        "cpus_usable": affinity,
-        "mem_total_gib": round(mem_total / GIB, 1) if mem_total else None,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "python_executable": sys.executable,
-        "torch": torch.__version__,
-        "safetensors": safetensors.__version__,
-        "statecli_cmd": statecli_cmd,
-        "repo_commit": git,
-    }
 
 
 def fmt(x: float | None, spec: str) -> str:

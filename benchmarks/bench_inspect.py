@@ -468,7 +468,8 @@ def measure(case: Case, runs: int, launcher: Launcher, timeout: float, dropping:
 # Reporting
 
 
-def machine_facts(statecli_cmd: list[str], files: Files) -> dict:
+def machine_facts(statecli_cmd: list[str], files: Files | None = None) -> dict:
+    """The machine, the versions and the commit; with ``files``, each benchmark file's size and tensors."""
     import safetensors
     import torch
 
@@ -488,7 +489,7 @@ def machine_facts(statecli_cmd: list[str], files: Files) -> dict:
         git = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
         ).stdout.strip()
-    return {
+    facts = {
         "nproc": os.cpu_count(),
         "cpus_usable": affinity,
         "mem_total_gib": round(mem_total / GIB, 1) if mem_total else None,
@@ -499,15 +500,17 @@ def machine_facts(statecli_cmd: list[str], files: Files) -> dict:
         "safetensors": safetensors.__version__,
         "statecli_cmd": statecli_cmd,
         "repo_commit": git,
-        "files": {
+    }
+    if files is not None:
+        facts["files"] = {
             str(p): {"bytes": p.stat().st_size, "tensors": n}
             for p, n in (
                 (files.pt, files.resnet_tensors),
                 (files.st, files.resnet_tensors),
                 (files.many, files.many_tensors),
             )
-        },
-    }
+        }
+    return facts
 
 
 def fmt_value(value: float, unit: str) -> str:

@@ -25,6 +25,7 @@ from statecli.conversion.plan import DEFAULT_SHARD_SIZE, INDEX_NAME, Plan, PlanI
 from statecli.conversion.source import Source, byte_view
 from statecli.conversion.zipwriter import ZipWriter
 from statecli.errors import CheckFailedError, OutputError, StatecliError
+from statecli.formats.base import contiguous_strides
 from statecli.formats.safetensors_reader import METADATA_KEY, ROLES_SCHEMA
 from statecli.records import Finding, Report
 
@@ -101,24 +102,15 @@ class _Unit:
         """(offset, shape, stride) of ``item`` inside this unit's output storage."""
         t = item.source
         if self.compact:
-            return 0, t.shape, _contiguous(t.shape)
-        return t.storage_offset, t.shape, t.stride or _contiguous(t.shape)
-
-
-def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
-    out = []
-    acc = 1
-    for s in reversed(shape):
-        out.append(acc)
-        acc *= max(s, 1)
-    return tuple(reversed(out))
+            return 0, t.shape, contiguous_strides(t.shape)
+        return t.storage_offset, t.shape, t.stride or contiguous_strides(t.shape)
 
 
 def _extent(t: Any) -> int:
     """Elements from the storage offset to one past the last element ``t`` reaches."""
     if any(s == 0 for s in t.shape):
         return 0
-    stride = t.stride or _contiguous(t.shape)
+    stride = t.stride or contiguous_strides(t.shape)
     return 1 + sum((s - 1) * st for s, st in zip(t.shape, stride, strict=True))
 
 
@@ -134,7 +126,7 @@ def build_units(plan: Plan) -> list[_Unit]:
         views = {(i.source.storage_offset, i.source.shape, i.source.stride) for i in items}
         whole = storage_sizes.get(key)
         t = lead.source
-        contiguous_full = t.storage_offset == 0 and (t.stride in (None, _contiguous(t.shape)))
+        contiguous_full = t.storage_offset == 0 and (t.stride in (None, contiguous_strides(t.shape)))
         if len(views) == 1 and (whole is None or not (contiguous_full and _extent(t) * itemsize == whole)):
             # No storage size: safetensors, where a tensor is exactly its own byte range.
             units.append(_Unit(items, lead.src_dtype, lead.dst_dtype, True, t.numel, streamable=whole is None))
@@ -233,7 +225,7 @@ def materialize(source: Source, unit: _Unit) -> tuple[torch.Tensor, CastStats | 
     t = unit.leader.source
     base = raw.view(src_dtype)
     if unit.compact:
-        values = view(base, t.storage_offset, t.shape, t.stride or _contiguous(t.shape)).contiguous().view(-1)
+        values = view(base, t.storage_offset, t.shape, t.stride or contiguous_strides(t.shape)).contiguous().view(-1)
     else:
         values = base[: unit.storage_numel]
     if unit.dst_dtype == unit.src_dtype:
@@ -699,7 +691,7 @@ def _verify_values(plan: Plan, units: list[_Unit], source: Source, pendings: lis
                 got_view = got.view(_torch_dtype(t.dtype)) if got.numel() else got
                 offset, shape, stride = u.view_of(item)
                 want = view(expected, offset, shape, stride).contiguous()
-                have = view(got_view, t.storage_offset, t.shape, t.stride or _contiguous(t.shape)).contiguous()
+                have = view(got_view, t.storage_offset, t.shape, t.stride or contiguous_strides(t.shape)).contiguous()
                 if bytes(byte_view(want)) != bytes(byte_view(have)):
                     raise OutputError(
                         f"--verify: the values of {item.name} in the output differ from the input's; "

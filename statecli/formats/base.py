@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from statecli.records import Container, Finding, RawTensor
@@ -20,3 +21,15 @@ class RawCheckpoint:
     file_size: int = 0
     # storage key -> bytes that storage holds on disk, for "bytes on disk vs logical bytes"
     storage_sizes: dict[str, int] = field(default_factory=dict)
+
+
+@functools.lru_cache(maxsize=4096)
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of ``shape``, as torch computes them."""
+    # torch treats size-0 dimensions as 1 here; matching it keeps strides equal to what torch reports.
+    strides = []
+    acc = 1
+    for size in reversed(shape):
+        strides.append(acc)
+        acc *= max(size, 1)
+    return tuple(reversed(strides))

@@ -47,7 +47,6 @@ half-trusted metadata would present guesses as facts.
 
 from __future__ import annotations
 
-import functools
 import os
 import struct
 from typing import Any
@@ -55,7 +54,7 @@ from typing import Any
 from statecli.dtypes import DTYPES, SAFETENSORS_DTYPES
 from statecli.errors import InputError, LimitExceededError, UnsupportedFormatError
 from statecli.formats._json import load_object
-from statecli.formats.base import RawCheckpoint
+from statecli.formats.base import RawCheckpoint, contiguous_strides
 from statecli.records import ROLES, Container, Finding, RawTensor
 
 __all__ = [
@@ -81,18 +80,6 @@ ROLES_SCHEMA = "statecli.roles/1"
 def _is_int(x: Any) -> bool:
     # json yields exactly int for integers; bool is an int subclass but not an integer in JSON.
     return type(x) is int
-
-
-@functools.lru_cache(maxsize=4096)
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    # torch treats size-0 dimensions as 1 when computing contiguous strides; match it so strides compare
-    # equal with what torch reports for the loaded tensor.
-    strides = []
-    acc = 1
-    for size in reversed(shape):
-        strides.append(acc)
-        acc *= max(size, 1)
-    return tuple(reversed(strides))
 
 
 def _read_header(path: str) -> tuple[bytes, int, int]:
@@ -324,7 +311,7 @@ def read_safetensors(path: str) -> RawCheckpoint:
             name=name,
             dtype=dtype,
             shape=shape,
-            stride=_contiguous_strides(shape),
+            stride=contiguous_strides(shape),
             storage_offset=0,
             device=None,
             storage=None,
