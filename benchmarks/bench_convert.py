@@ -52,6 +52,7 @@ from bench_inspect import (
     layout_bytes,
     log,
     machine_facts,
+    print_header,
     resnet_spec,
 )
 
@@ -547,17 +548,7 @@ def main(argv: list[str] | None = None) -> int:
 
     facts = machine_facts(statecli_cmd)
     file_bytes = source.path.stat().st_size
-    print()
-    print("statecli convert benchmark (fp32 .pt -> bf16)")
-    print(
-        f"machine: nproc={facts['nproc']} (usable {facts['cpus_usable']}), RAM {facts['mem_total_gib']} GiB, "
-        f"{facts['platform']}"
-    )
-    print(
-        f"python {facts['python']} ({facts['python_executable']}), torch {facts['torch']}, "
-        f"safetensors {facts['safetensors']}, repo commit {facts['repo_commit'] or '(none)'}"
-    )
-    print(f"statecli command: {shlex.join(statecli_cmd)}")
+    print_header("statecli convert benchmark (fp32 .pt -> bf16)", facts)
     print(
         f"input: {source.path}  {file_bytes / MIB:,.1f} MiB, {source.n_tensors} tensors"
         f"{' (built this run)' if source.built else ''}"

@@ -513,6 +513,21 @@ def machine_facts(statecli_cmd: list[str], files: Files | None = None) -> dict:
     return facts
 
 
+def print_header(title: str, facts: dict) -> None:
+    """The title and the lines that say where the figures come from."""
+    print()
+    print(title)
+    print(
+        f"machine: nproc={facts['nproc']} (usable {facts['cpus_usable']}), RAM {facts['mem_total_gib']} GiB, "
+        f"{facts['platform']}"
+    )
+    print(
+        f"python {facts['python']} ({facts['python_executable']}), torch {facts['torch']}, "
+        f"safetensors {facts['safetensors']}, repo commit {facts['repo_commit'] or '(none)'}"
+    )
+    print(f"statecli command: {shlex.join(facts['statecli_cmd'])}")
+
+
 def fmt_value(value: float, unit: str) -> str:
     return f"{value:.1f}x" if unit == "x" else f"{value:.3f} {unit}"
 
@@ -668,17 +683,7 @@ def main(argv: list[str] | None = None) -> int:
         return next((c for c in cases if c.case == case and c.kind == kind), None)
 
     facts = machine_facts(statecli_cmd, files)
-    print()
-    print("statecli inspect benchmark")
-    print(
-        f"machine: nproc={facts['nproc']} (usable {facts['cpus_usable']}), RAM {facts['mem_total_gib']} GiB, "
-        f"{facts['platform']}"
-    )
-    print(
-        f"python {facts['python']} ({facts['python_executable']}), torch {facts['torch']}, "
-        f"safetensors {facts['safetensors']}, repo commit {facts['repo_commit'] or '(none)'}"
-    )
-    print(f"statecli command: {shlex.join(statecli_cmd)}")
+    print_header("statecli inspect benchmark", facts)
     for p, info in facts["files"].items():
         print(f"file: {p}  {info['bytes'] / MIB:,.1f} MiB, {info['tensors']} tensors")
     if files.built:
