@@ -370,6 +370,28 @@ def test_single_to_sharded_and_back(tmp_path: Path) -> None:
     assert sd["embed.weight"].data_ptr() == sd["lm_head.weight"].data_ptr()
 
 
+def test_sharded_output_folder_is_created_and_removed_again_on_failure(tmp_path: Path) -> None:
+    path = _save(tmp_path, "r.pt", {"big": torch.tensor([1e6]), "ok": torch.ones(3)})
+    with pytest.raises(CheckFailedError):
+        conv.convert(path, tmp_path / "out", output_format="sharded", dtype="fp16")
+    assert listing(tmp_path) == ["r.pt"]
+    with pytest.raises(OutputError, match=r"parent .* does not exist"):
+        conv.convert(path, tmp_path / "a" / "b", max_shard_size="1KB")
+    assert listing(tmp_path) == ["r.pt"]
+    conv.convert(path, str(tmp_path / "out") + "/", max_shard_size="1KB")
+    assert "model.safetensors.index.json" in listing(tmp_path / "out")
+
+
+def test_stale_shards_of_an_earlier_conversion_are_named(tmp_path: Path) -> None:
+    out = str(tmp_path / "out") + "/"
+    conv.convert(SAMPLES / "tied_lm.pt", out, max_shard_size="2KB")
+    before = listing(tmp_path / "out")
+    report = conv.convert(SAMPLES / "tied_lm.pt", out, max_shard_size="1MB", force=True)
+    (stale,) = [f for f in report.findings if f.code == "stale-shards"]
+    assert f"{len(before) - 1} shard file(s)" in stale.message
+    assert json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"]
+
+
 def test_sharded_input_to_safetensors(tmp_path: Path) -> None:
     out = tmp_path / "one.safetensors"
     conv.convert(SAMPLES / "sharded", out, dtype="bf16")

@@ -7,6 +7,7 @@ Memory stays near the largest storage: one storage is read, cast and written bef
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import io
 import json
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 Progress = Callable[[int, int], None]  # (bytes done, tensors done)
 _CHUNK_ELEMENTS = 8 << 20
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
+_SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 
 
 @dataclass(slots=True)
@@ -516,22 +518,27 @@ def execute(plan: Plan, progress: Progress | None = None) -> ConversionReport:
     report = ConversionReport(plan)
     inputs = _input_files(plan.report)
     units = build_units(plan)
+    made_folder = None
     if plan.output_format == "sharded":
-        folder = plan.output.rstrip("/") or "/"
-        if not os.path.isdir(folder):
-            parent = os.path.dirname(os.path.abspath(folder))
-            if not os.path.isdir(parent):
-                raise OutputError(f"output folder's parent {parent} does not exist", path=folder)
-        paths = output_paths(plan)
-        for p in paths:
-            if os.path.isdir(folder):
+        folder = os.path.abspath(plan.output)
+        if os.path.isdir(folder):
+            for p in output_paths(plan):
                 check_destination(p, plan.options.force, inputs)
+            report.findings.extend(_stale_shards(folder, output_paths(plan)))
+        elif not os.path.isdir(os.path.dirname(folder)):
+            raise OutputError(f"output folder's parent {os.path.dirname(folder)} does not exist", path=plan.output)
+        elif os.path.lexists(folder):
+            raise OutputError("output path exists and is not a folder", path=plan.output)
+        else:
+            try:
+                os.mkdir(folder)  # only the last level, like save_pretrained; removed again on failure
+            except OSError as e:
+                raise output_error(e, plan.output) from e
+            made_folder = folder
     else:
         check_destination(plan.output, plan.options.force, inputs)
 
     with Source(plan.report, check_crc=plan.options.verify) as source:
-        if plan.output_format == "sharded":
-            os.makedirs(plan.output, exist_ok=True)
         pendings: list[tuple[PendingFile, str]] = []
         try:
             if plan.output_format == "torch":
@@ -553,13 +560,14 @@ def execute(plan: Plan, progress: Progress | None = None) -> ConversionReport:
             if plan.options.verify:
                 _verify_values(plan, units, source, pendings)
                 report.values_verified = True
-        except OSError as e:
+        except BaseException as e:
             for p, _ in pendings:
                 p.discard()
-            raise output_error(e, plan.output) from e
-        except BaseException:
-            for p, _ in pendings:
-                p.discard()
+            if made_folder is not None:
+                with contextlib.suppress(OSError):
+                    os.rmdir(made_folder)  # fails, as it should, if anything else appeared in it
+            if isinstance(e, OSError):
+                raise output_error(e, plan.output) from e
             raise
         # Everything is written and checked: only now do names appear, index last.
         try:
@@ -573,6 +581,23 @@ def execute(plan: Plan, progress: Progress | None = None) -> ConversionReport:
         sync_folder(os.path.dirname(os.path.abspath(report.files[0])))
     report.findings.extend(range_findings(report.stats, plan.target_dtype))
     return report
+
+
+def _stale_shards(folder: str, paths: list[str]) -> list[Finding]:
+    """Shards of an earlier conversion with another shard count: loaders follow the new index and
+    ignore them, but a person listing the folder would not know."""
+    ours = {os.path.basename(p) for p in paths}
+    stale = sorted(n for n in os.listdir(folder) if _SHARD_NAME.match(n) and n not in ours)
+    if not stale:
+        return []
+    return [
+        Finding(
+            "warning",
+            "stale-shards",
+            f"{len(stale)} shard file(s) of an earlier conversion stay in {folder} and are not in the new "
+            f"index: {', '.join(stale[:5])}{' …' if len(stale) > 5 else ''}",
+        )
+    ]
 
 
 def range_findings(stats: dict[str, CastStats], target: str | None) -> list[Finding]:

@@ -187,6 +187,8 @@ def output_format(output: str, options: ConvertOptions) -> str:
         return fmt
     if output.endswith(os.sep) or output.endswith("/") or os.path.isdir(output):
         return "sharded"
+    if options.max_shard_size is not None and not os.path.splitext(output)[1]:
+        return "sharded"  # `-o out --max-shard-size 2GB`: a folder is the only thing that can be meant
     lower = output.lower()
     if lower.endswith(SAFETENSORS_SUFFIX):
         if options.max_shard_size is not None:
