@@ -553,6 +553,12 @@ def test_load_to_meta() -> None:
     assert sd["fc.weight"].dtype == torch.bfloat16
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_load_to_cuda_without_a_gpu_says_so() -> None:
+    with pytest.raises(UsageError, match="torch sees no CUDA GPU"):
+        statecli.load(SAMPLES / "tied_lm.pt", device="cuda")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 def test_load_really_moves_to_cuda() -> None:
     sd = statecli.load(SAMPLES / "tied_lm.pt", device="cuda", dtype="bf16")

@@ -158,6 +158,14 @@ def test_onto_the_input_is_refused(tmp_path: Path) -> None:
     assert src.read_bytes() == Path(CNN).read_bytes()
 
 
+def test_dangerous_input_is_named_and_its_code_never_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the payload would touch statecli_pwned_marker here
+    code, _, err = run("convert", str(SAMPLES / "malicious_os_system.pt"), "-o", str(tmp_path / "m.safetensors"))
+    assert code == 0, err
+    assert "pickle would call posix.system" in err and "(dangerous-global)" in err
+    assert listing(tmp_path) == ["m.safetensors"]
+
+
 def test_help_names_the_options() -> None:
     code, out, _ = run("convert", "--help")
     assert code == 0

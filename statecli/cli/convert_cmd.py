@@ -189,6 +189,7 @@ def convert_command(
         "verify": verify,
     }
     plan = conv.plan(path, output, **options)
+    _output.warn_dangerous(plan.report)  # nothing of it runs, and the output holds only tensors
     if dry_run:
         if fmt is ConvertFormat.json:
             _output.write(_output.to_json(plan.to_dict()))

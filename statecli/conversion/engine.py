@@ -25,7 +25,7 @@ from statecli.conversion.atomic import PendingFile, check_destination, output_er
 from statecli.conversion.plan import DEFAULT_SHARD_SIZE, INDEX_NAME, Plan, PlanItem
 from statecli.conversion.source import Source, byte_view
 from statecli.conversion.zipwriter import ZipWriter
-from statecli.errors import CheckFailedError, OutputError, StatecliError
+from statecli.errors import CheckFailedError, OutputError, StatecliError, UsageError
 from statecli.formats.base import contiguous_strides
 from statecli.formats.safetensors_reader import METADATA_KEY, ROLES_SCHEMA
 from statecli.records import Finding, Report
@@ -730,6 +730,10 @@ def _verify_values(plan: Plan, units: list[_Unit], source: Source, pendings: lis
 
 def load_units(plan: Plan, units: list[_Unit], device: str) -> dict[str, Any]:
     """The plan's tensors as a state dict on ``device``; each storage is moved once, so ties hold."""
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device {device!r} is not available here: torch sees no CUDA GPU")
     report = ConversionReport(plan)
     out: dict[str, Any] = {}
     with Source(plan.report) as source:
