@@ -22,6 +22,7 @@ from rich.tree import Tree
 if TYPE_CHECKING:
     from statecli.conversion.engine import CastStats
     from statecli.conversion.plan import Plan, PlanItem
+    from statecli.stats import StatsReport, TensorStats
 
 from statecli.records import Report, TensorInfo, Totals
 from statecli.tree import TreeNode
@@ -219,6 +220,78 @@ class PlanGrid(TensorGrid):
         if len(row) > 8:
             styles[8] = _style("yellow" if row[8] else "")
         return styles
+
+
+def _num(v: float | None) -> str:
+    if v is None:
+        return UNKNOWN
+    if v == 0:
+        return "0"
+    return f"{v:.4g}"
+
+
+class StatsGrid(TensorGrid):
+    """Value statistics, one line per tensor and a total line."""
+
+    RIGHT = frozenset(range(3, 13))
+
+    def __init__(self, report: StatsReport) -> None:
+        self.title = report.path
+        self.tensors = [*report.tensors, report.total]  # type: ignore[list-item]
+        self.headers = ["Name", "DType", "Shape", "Min", "Max", "Mean", "Std", "Absmax", "L2", "NaN", "+Inf", "-Inf"]
+        self.headers.append("Zeros")
+        self.rows = []
+        for t in self.tensors:
+            m = t.moments  # type: ignore[attr-defined]
+            if t.skipped:  # type: ignore[attr-defined]
+                cells = [t.name, t.dtype, shape_text(t.shape), *([UNKNOWN] * 10)]
+            else:
+                cells = [
+                    t.name,
+                    t.dtype,
+                    shape_text(t.shape) if t.name != "(total)" else f"{t.numel:,} values",  # type: ignore[attr-defined]
+                    *(_num(v) for v in (t.min, t.max, t.mean, t.std, t.absmax, t.l2)),  # type: ignore[attr-defined]
+                    f"{m.nan:,}",
+                    f"{m.posinf:,}",
+                    f"{m.neginf:,}",
+                    f"{m.zeros:,}",
+                ]
+            self.rows.append(cells)
+        self.widths = [
+            max(_width(h), max((_width(r[k]) for r in self.rows), default=0)) for k, h in enumerate(self.headers)
+        ]
+
+    @staticmethod
+    def _styles(t: TensorStats, row: list[str]) -> list[Style | None]:  # type: ignore[override]
+        styles: list[Style | None] = [None] * len(row)
+        if t.name == "(total)":
+            return [_style("bold")] * len(row)
+        for k in (9, 10, 11):
+            if row[k] not in ("0", UNKNOWN):
+                styles[k] = _style("bold red")
+        styles[1] = _style("dim")
+        return styles
+
+
+_SPARK = " ▁▂▃▄▅▆▇█"
+
+
+def histograms(report: StatsReport) -> Group:
+    """Each tensor's value distribution as a row of bars between its lowest and highest value."""
+    parts: list[RenderableType] = []
+    shown = [t for t in report.tensors if t.histogram is not None]
+    width = max((_width(t.name) for t in shown), default=0)
+    for t in shown:
+        assert t.histogram is not None
+        counts, lo, hi = t.histogram
+        top = max(counts) or 1
+        bars = "".join(_SPARK[0 if c == 0 else max(1, round(c / top * (len(_SPARK) - 1)))] for c in counts)
+        line = Text(t.name.ljust(width) + "  ")
+        line.append(f"{_num(lo):>10} ", style="dim")
+        line.append(bars, style="cyan")
+        line.append(f" {_num(hi)}", style="dim")
+        parts.append(line)
+    return Group(*parts)
 
 
 def _range_text(s: CastStats | None) -> str:

@@ -27,6 +27,8 @@ def readable(t: TensorInfo) -> str | None:
         return f"{t.layout} layout is not read"
     if kind == "bits":
         return f"{t.dtype} holds raw bits, not numbers"
+    if t.dtype == "float4_e2m1fn_x2":
+        return "packed 4-bit floats are not decoded"
     return None
 
 

@@ -1,0 +1,151 @@
+"""statecli stats against torch: the same numbers from the file's bytes, chunk by chunk."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import statecli
+from statecli import stats
+from statecli.cli.main import app
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+
+
+def reference(t: torch.Tensor) -> dict[str, float | int]:
+    v = (t.abs() if t.is_complex() else t).double().reshape(-1)
+    fin = v[torch.isfinite(v)]
+    return {
+        "min": float(fin.min()),
+        "max": float(fin.max()),
+        "mean": float(fin.mean()),
+        "std": float(fin.std(unbiased=False)),
+        "absmax": float(fin.abs().max()),
+        "l2": float(fin.norm()),
+        "nan": int(torch.isnan(v).sum()),
+        "posinf": int(torch.isposinf(v).sum()),
+        "neginf": int(torch.isneginf(v).sum()),
+        "zeros": int((v == 0).sum()),
+    }
+
+
+SD = {
+    "big": torch.randn(300_000, generator=torch.Generator().manual_seed(0)) * 3 + 5,
+    "special": torch.tensor([1.0, float("nan"), float("inf"), -float("inf"), 0.0, -2.0]),
+    "ints": torch.arange(-5, 10, dtype=torch.int64),
+    "flags": torch.tensor([True, False, True]),
+    "cplx": torch.tensor([3 + 4j, 0j, -1j]),
+    "half": torch.linspace(-3, 3, 101).half(),
+    "bf": torch.linspace(-1, 1, 11).bfloat16(),
+    "view": torch.arange(20.0).reshape(4, 5).t(),
+}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("stats") / "s.pt"
+    torch.save(SD, path)
+    return path
+
+
+@pytest.mark.parametrize("chunk", [stats._CHUNK, 7])
+def test_numbers_match_torch(ckpt: Path, chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stats, "_CHUNK", chunk)
+    result = stats.compute(statecli.open_checkpoint(ckpt))
+    got = {t.name: t.to_dict() for t in result.tensors}
+    assert list(got) == list(SD)
+    for name, tensor in SD.items():
+        want = reference(tensor)
+        for key, value in want.items():
+            # float32 sums inside each chunk: about 1e-7 of the values' scale
+            assert got[name][key] == pytest.approx(value, rel=2e-6, abs=1e-6), (name, key)
+
+
+def test_total_combines_every_tensor(ckpt: Path) -> None:
+    result = stats.compute(statecli.open_checkpoint(ckpt))
+    everything = torch.cat([(t.abs() if t.is_complex() else t).double().reshape(-1) for t in SD.values()])
+    want = reference(everything)
+    total = result.total.to_dict()
+    for key, value in want.items():
+        assert total[key] == pytest.approx(value, rel=2e-6), key
+    assert total["numel"] == sum(t.numel() for t in SD.values())
+
+
+def test_no_pickle_runs(ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*a: object, **k: object) -> None:
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    assert stats.compute(statecli.open_checkpoint(ckpt)).total.moments.nan == 1
+
+
+def test_quantized_tensors_are_listed_not_read() -> None:
+    result = stats.compute(statecli.open_checkpoint(SAMPLES / "all_dtypes.pt"))
+    by_name = {t.name: t for t in result.tensors}
+    assert "scales live in the pickle" in (by_name["qint8"].skipped or "")
+    assert by_name["float8_e4m3fn"].skipped is None and by_name["float8_e4m3fn"].max is not None
+
+
+def test_histogram_counts_every_finite_value(ckpt: Path) -> None:
+    result = stats.compute(statecli.open_checkpoint(ckpt), histogram_bins=10)
+    by_name = {t.name: t for t in result.tensors}
+    counts, lo, hi = by_name["big"].histogram or ([], 0, 0)
+    assert sum(counts) == 300_000 and len(counts) == 10
+    assert lo == by_name["big"].min and hi == by_name["big"].max
+    assert sum(by_name["special"].histogram[0]) == 3  # type: ignore[index]
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    r = CliRunner().invoke(app, list(args))
+    return r.exit_code, r.stdout, r.stderr
+
+
+def test_cli_json_csv_and_filters(ckpt: Path) -> None:
+    code, out, err = run("stats", str(ckpt), "--format", "json", "--match", "b*")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["schema"] == "statecli.stats/1"
+    assert [t["name"] for t in doc["tensors"]] == ["big", "bf"]
+    assert doc["total"]["numel"] == 300_011
+    code, out, _ = run("stats", str(ckpt), "--format", "csv", "--role", "buffer")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [r["name"] for r in rows] == ["ints", "flags", "(total)"]
+    assert rows[0]["min"] == "-5.0"
+
+
+def test_cli_table_and_histogram(ckpt: Path) -> None:
+    code, out, _ = run("stats", str(ckpt), "--histogram", "--bins", "12", "--match", "half")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[1].split()[:4] == ["Name", "DType", "Shape", "Min"]
+    row = next(line for line in lines if line.startswith("half "))
+    assert "-3" in row and "3" in row
+    assert any(line.startswith("(total)") for line in lines)
+    spark = next(line for line in lines if (line.startswith("half") and "▁" in line) or "█" in line)
+    assert len(spark.split()[2]) == 12 if len(spark.split()) > 2 else True
+
+
+def test_cli_notes_unread_tensors() -> None:
+    code, _, err = run("stats", str(SAMPLES / "all_dtypes.pt"))
+    assert code == 0
+    assert "not read (" in err and "qint8" in err
+
+
+def test_cli_bad_input(tmp_path: Path) -> None:
+    code, out, err = run("stats", str(tmp_path / "missing.pt"))
+    assert code == 3 and out == "" and "no such file" in err and "Traceback" not in err
+
+
+def test_std_of_one_value_is_zero() -> None:
+    t = stats.tensor_stats(
+        statecli.TensorInfo("x", "parameter", False, "default", True, None, "float32", (1,), 1, 4, "cpu"),
+        torch.tensor([2.5]),
+    )
+    assert t.std == 0 and t.l2 == 2.5 and not math.isnan(t.mean or 0)
