@@ -21,6 +21,7 @@ from statecli.records import Container, Finding, Report, Summary, TensorInfo
 if TYPE_CHECKING:
     import torch
 
+    from statecli.checking import CheckResult, Policy
     from statecli.conversion import ConversionReport, Progress
 
 __version__ = "0.1.0"
@@ -33,6 +34,21 @@ def convert(
     from statecli.conversion import convert as run
 
     return run(src, dst, progress, **options)
+
+
+def check(path: str | os.PathLike[str], policy: Policy | str | os.PathLike[str] | None = None) -> CheckResult:
+    """Apply ``policy`` (a :class:`statecli.checking.Policy` or a policy file's path) to a checkpoint.
+
+    With no policy only the default rule applies: no pickle global that could run code. Value rules
+    import torch; the rest reads metadata only.
+    """
+    from statecli.checking import Policy, load_policy, run
+
+    if policy is None:
+        policy = Policy()
+    elif not isinstance(policy, Policy):
+        policy = load_policy(os.fspath(policy))
+    return run(open_checkpoint(path), policy)
 
 
 def load(
@@ -63,6 +79,7 @@ __all__ = [
     "UnsupportedFormatError",
     "UsageError",
     "__version__",
+    "check",
     "convert",
     "load",
     "open_checkpoint",

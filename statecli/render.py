@@ -20,6 +20,7 @@ from rich.text import Text
 from rich.tree import Tree
 
 if TYPE_CHECKING:
+    from statecli.checking import CheckResult
     from statecli.conversion.engine import CastStats
     from statecli.conversion.plan import Plan, PlanItem
     from statecli.stats import StatsReport, TensorStats
@@ -291,6 +292,34 @@ def histograms(report: StatsReport) -> Group:
         line.append(bars, style="cyan")
         line.append(f" {_num(hi)}", style="dim")
         parts.append(line)
+    return Group(*parts)
+
+
+def check_view(result: CheckResult) -> Group:
+    """One line per rule (✔ or ✘, what it asks, how many it looked at) and every failure under it."""
+    table = Table(title=Text(result.path, style="bold"), title_justify="left", box=None, pad_edge=False)
+    for name, justify in (("", "left"), ("Rule", "left"), ("Expects", "left"), ("Checked", "right")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    table.add_column("Result", overflow="fold")
+    for r in result.results:
+        mark = Text("✔", style="green") if r.passed else Text("✘", style="bold red")
+        outcome = Text("pass", style="green") if r.passed else Text(f"{len(r.failures)} failed", style="bold red")
+        table.add_row(mark, Text(r.id), Text(r.expected, style="dim"), f"{r.checked:,}", outcome)
+    parts: list[RenderableType] = [table]
+    for r in result.results:
+        if r.failures:
+            parts.append(Text())
+            parts.append(Text(f"✘ {r.id}", style="bold red"))
+            for f in r.failures[:50]:
+                parts.append(Text("  " + f.message))
+            if len(r.failures) > 50:
+                parts.append(Text(f"  … and {len(r.failures) - 50} more (--format json lists all)", style="dim"))
+    failed = sum(1 for r in result.results if not r.passed)
+    parts.append(Text())
+    if failed:
+        parts.append(Text(f"FAILED: {failed} of {_plural(len(result.results), 'rule')}", style="bold red"))
+    else:
+        parts.append(Text(f"passed: {_plural(len(result.results), 'rule')}", style="bold green"))
     return Group(*parts)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import statecli
 from statecli.cli import _output
@@ -15,10 +16,13 @@ def open_selected(
     roles: list[Role] | None,
     match: list[str] | None,
     dtypes: list[str] | None,
+    adopt: Callable[[Report], Report] | None = None,
 ) -> Report:
     """``statecli.open_checkpoint(path).select(...)``, saying on stderr what a user must not miss:
     every ``dangerous`` finding, and a filter that keeps none of the file's tensors."""
     full = statecli.open_checkpoint(path)
+    if adopt is not None:
+        full = adopt(full)  # e.g. roles from --model, before filtering by role
     report = full.select([r.value for r in roles] if roles else None, match, dtypes)
     _output.warn_dangerous(report)
     if not report.tensors and full.tensors:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import typer
 
@@ -14,6 +15,7 @@ from statecli.cli.options import (
     FormatOpt,
     LegendOpt,
     MatchOpt,
+    ModelOpt,
     OutputFormat,
     PathsArg,
     RoleOpt,
@@ -51,6 +53,7 @@ def inspect_command(
     fmt: FormatOpt = OutputFormat.table,
     summary: SummaryOpt = True,
     legend: LegendOpt = True,
+    model: ModelOpt = None,
 ) -> None:
     """List every tensor in a checkpoint: parameter or buffer (with the evidence), dtype, shape, device.
 
@@ -67,13 +70,15 @@ def inspect_command(
         statecli inspect model.pt --role buffer --dtype fp16
         statecli inspect ckpt.ckpt --format json | jq '.tensors[].name'
         statecli inspect a.safetensors b.safetensors --sort size --format csv
+        statecli inspect model.pt --model mypkg.models:build_resnet
     """
     debug = bool(ctx.find_root().params.get("debug"))
     reports: list[Report] = []
     worst = 0
+    adopt = _model_roles(model) if model is not None else None
     for path in paths:
         try:
-            selected = sort_report(open_selected(path, role, match, dtype), sort)
+            selected = sort_report(open_selected(path, role, match, dtype, adopt), sort)
         except StatecliError as err:
             if len(paths) == 1:
                 raise  # the app's error mapping reports it
@@ -91,6 +96,33 @@ def inspect_command(
         _output.write(_output.to_csv(reports, with_path=len(paths) > 1))
     if worst:
         raise typer.Exit(worst)
+
+
+def _model_roles(spec: str) -> Callable[[Report], Report]:
+    """Build the model once; for each file, match it, say on stderr what would not load, take its roles."""
+    from statecli.model_match import build_model, match, with_model_roles
+
+    model = build_model(spec)
+
+    def adopt(report: Report) -> Report:
+        m = match(report, model)
+        problems = [f"{len(m.missing)} missing", f"{len(m.unexpected)} unexpected"]
+        problems.append(f"{len(m.shape_mismatch)} shape mismatch{'es' if len(m.shape_mismatch) != 1 else ''}")
+        if m.ok:
+            _output.note(f"{report.path}: loads into {spec} (strict); roles from the model")
+        else:
+            _output.warning(f"{report.path}: would not load into {spec}: {', '.join(problems)}")
+            for name in m.missing[:10]:
+                _output.warning(f"missing: {name}")
+            for name in m.unexpected[:10]:
+                _output.warning(f"unexpected: {name}")
+            for sm in m.shape_mismatch[:10]:
+                _output.warning(f"shape: {sm.name} is {list(sm.file_shape)}, the model wants {list(sm.model_shape)}")
+        for tip in m.suggestions:
+            _output.note(tip)
+        return with_model_roles(report, m)
+
+    return adopt
 
 
 def _markdown(report: Report, heading: bool) -> str:

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from statecli.cli import convert_cmd, inspect_cmd, stats_cmd, tree_cmd
+from statecli.cli import check_cmd, convert_cmd, diff_cmd, inspect_cmd, schema_cmd, stats_cmd, tree_cmd
 from statecli.cli._errors import StatecliGroup
 
 app = typer.Typer(
@@ -32,7 +32,10 @@ app = typer.Typer(
 app.command("inspect", no_args_is_help=True)(inspect_cmd.inspect_command)
 app.command("tree", no_args_is_help=True)(tree_cmd.tree_command)
 app.command("convert", no_args_is_help=True)(convert_cmd.convert_command)
+app.command("diff", no_args_is_help=True)(diff_cmd.diff_command)
 app.command("stats", no_args_is_help=True)(stats_cmd.stats_command)
+app.command("check", no_args_is_help=True)(check_cmd.check_command)
+app.command("schema", no_args_is_help=True)(schema_cmd.schema_command)
 
 
 def _version(value: bool) -> None:

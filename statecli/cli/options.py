@@ -171,3 +171,14 @@ DepthOpt = Annotated[
         rich_help_panel=OUTPUT,
     ),
 ]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        metavar="MOD:CALLABLE",
+        help="A model factory (package.module:callable) to match the checkpoint against, built on the meta "
+        "device: exact roles, and missing / unexpected keys and shape mismatches as load_state_dict(strict=True) "
+        "would report them. This imports and runs your code.",
+        show_default=False,
+    ),
+]

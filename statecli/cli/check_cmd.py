@@ -1,0 +1,257 @@
+"""``statecli check PATH``: rules from flags and a policy file; exit 1 when any fails. For CI gates."""
+
+from __future__ import annotations
+
+import io
+from enum import Enum
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from statecli.cli import _output
+from statecli.cli._errors import report_error
+from statecli.cli.options import MatchOpt, ModelOpt, PathsArg, RoleOpt
+from statecli.errors import StatecliError
+
+if TYPE_CHECKING:
+    from statecli.checking import CheckResult
+
+RULES = "Rules (apply to the tensors --match / --role select)"
+CHECKPOINT = "Whole-checkpoint rules"
+
+
+class CheckFormat(str, Enum):
+    table = "table"
+    json = "json"
+    junit = "junit"
+    github = "github"
+    html = "html"
+
+
+def check_command(
+    ctx: typer.Context,
+    paths: PathsArg,
+    match: MatchOpt = None,
+    role: RoleOpt = None,
+    dtype: Annotated[
+        list[str] | None,
+        typer.Option("--dtype", "-d", metavar="NAME", help="Allowed dtype; repeatable.", rich_help_panel=RULES),
+    ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option("--device", metavar="DEV", help="Every tensor saved on this device.", rich_help_panel=RULES),
+    ] = None,
+    no_nan: Annotated[
+        bool, typer.Option("--no-nan", help="No NaN value (reads values).", rich_help_panel=RULES)
+    ] = False,
+    no_inf: Annotated[
+        bool, typer.Option("--no-inf", help="No ±inf value (reads values).", rich_help_panel=RULES)
+    ] = False,
+    absmax: Annotated[
+        float | None,
+        typer.Option(
+            "--absmax", metavar="X", min=0, help="No value with |v| > X (reads values).", rich_help_panel=RULES
+        ),
+    ] = None,
+    require: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--require", metavar="GLOB", help="At least one tensor matches; repeatable.", rich_help_panel=RULES
+        ),
+    ] = None,
+    forbid: Annotated[
+        list[str] | None,
+        typer.Option("--forbid", metavar="GLOB", help="No tensor matches; repeatable.", rich_help_panel=RULES),
+    ] = None,
+    require_exact_roles: Annotated[
+        bool,
+        typer.Option(
+            "--require-exact-roles", help="Every role stated by the file, none inferred.", rich_help_panel=RULES
+        ),
+    ] = False,
+    max_size: Annotated[
+        str | None,
+        typer.Option(
+            "--max-size", metavar="SIZE", help="Files hold at most SIZE (2GB, 500MiB).", rich_help_panel=CHECKPOINT
+        ),
+    ] = None,
+    schema: Annotated[
+        str | None,
+        typer.Option(
+            "--schema",
+            metavar="FILE",
+            help="Match a `statecli schema` file: names, shapes, dtypes, roles.",
+            rich_help_panel=CHECKPOINT,
+        ),
+    ] = None,
+    model: ModelOpt = None,
+    reference: Annotated[
+        str | None,
+        typer.Option(
+            "--reference",
+            metavar="FILE",
+            help="Values within --atol/--rtol of this checkpoint.",
+            rich_help_panel=CHECKPOINT,
+        ),
+    ] = None,
+    atol: Annotated[
+        float | None, typer.Option("--atol", min=0, help="Absolute tolerance for --reference (default 0).")
+    ] = None,
+    rtol: Annotated[
+        float | None, typer.Option("--rtol", min=0, help="Relative tolerance for --reference (default 0).")
+    ] = None,
+    allow_dangerous: Annotated[
+        bool,
+        typer.Option("--allow-dangerous", help="Do not fail on pickle globals that could run code (on by default)."),
+    ] = False,
+    policy: Annotated[
+        str | None,
+        typer.Option(
+            "--policy",
+            metavar="FILE",
+            help="Rules from this statecli.toml ([check]) or pyproject.toml ([tool.statecli.check]). Without it, "
+            "./statecli.toml or ./pyproject.toml's table is used when there is one.",
+        ),
+    ] = None,
+    no_policy: Annotated[bool, typer.Option("--no-policy", help="Ignore policy files; flags only.")] = False,
+    fmt: Annotated[
+        CheckFormat,
+        typer.Option(
+            "--format",
+            "-f",
+            help="table: for people; json: statecli.check/1; junit: JUnit XML, one test case per rule; github: "
+            "workflow annotations (::error); html: a self-contained report to keep as a CI artifact.",
+        ),
+    ] = CheckFormat.table,
+) -> None:
+    """Check a checkpoint against rules; exit 0 when all pass, 1 when any fails. For CI gates.
+
+    Rules come from flags and from a policy file, scoped by name glob and role. Every failure names
+    the tensor, the rule and the value. Pickle globals that could run code fail the check unless
+    --allow-dangerous. Nothing is run from the file; --model runs your model factory. Several files
+    (as pre-commit passes them): each is checked; a file that cannot be read is reported on stderr
+    and the exit status is the worst (3 unreadable, 1 a rule failed).
+
+    Examples:
+
+        statecli check model.safetensors --dtype bf16 --no-nan --no-inf --device cpu --max-size 2GB
+        statecli check release.pt --policy statecli.toml --format junit > report.xml
+        statecli check release.pt --model mypkg.models:build_resnet
+        statecli check new.pt --schema model.schema.json
+        statecli check model.pt --role buffer --match '*running_var' --absmax 1e6 --format github
+    """
+    from statecli import checking as core
+    from statecli import open_checkpoint
+
+    flags = core.RuleSet(
+        match=tuple(match or ()),
+        roles=tuple(r.value for r in role) if role else (),
+        dtype=core.canonical_dtypes("--dtype", tuple(dtype or ())),
+        device=device,
+        no_nan=no_nan,
+        no_inf=no_inf,
+        absmax=absmax,
+        required=tuple(require or ()),
+        forbidden=tuple(forbid or ()),
+        require_exact_roles=require_exact_roles,
+    )
+    from_flags = core.Policy(
+        sets=[flags],
+        max_size=core.parse_size("--max-size", max_size) if max_size is not None else None,
+        schema=schema,
+        model=model,
+        reference=reference,
+        atol=atol,
+        rtol=rtol,
+        allow_dangerous=allow_dangerous,
+    )
+    file = policy if policy is not None else (None if no_policy else core.discover_policy())
+    if file is not None:
+        if policy is None:
+            _output.note(f"using the policy in {file} (--no-policy to ignore it)")
+        from_flags = core.load_policy(file).merge(from_flags)
+
+    debug = bool(ctx.find_root().params.get("debug"))
+    results: list[CheckResult] = []
+    worst = 0
+    for path in paths:
+        try:
+            results.append(core.run(open_checkpoint(path), from_flags))
+        except StatecliError as err:
+            if len(paths) == 1:
+                raise  # the app's error mapping reports it
+            worst = max(worst, report_error(err, debug))  # an unreadable file fails the gate, the rest still run
+    _render(results, fmt, several=len(paths) > 1)
+    code = max(worst, 0 if all(r.passed for r in results) else 1)
+    if code:
+        raise typer.Exit(code)
+
+
+def _render(results: list[CheckResult], fmt: CheckFormat, several: bool) -> None:
+    if fmt is CheckFormat.json:
+        docs = [r.to_dict() for r in results]
+        _output.write(_output.to_json(docs if several else docs[0]))
+    elif fmt is CheckFormat.junit:
+        _output.write(junit(results))
+    elif fmt is CheckFormat.github:
+        _output.write("".join(github(r) for r in results))
+    elif fmt is CheckFormat.html:
+        from rich.console import Console
+
+        from statecli import render
+
+        console = Console(record=True, width=120, file=io.StringIO(), force_terminal=True)
+        for r in results:
+            console.print(render.check_view(r))
+        _output.write(console.export_html(inline_styles=True, theme=None))
+    else:
+        from statecli import render
+
+        for i, r in enumerate(results):
+            view = render.check_view(r)
+            console = _output.stdout_console(view)
+            if i:
+                console.print()
+            console.print(view, soft_wrap=True)
+
+
+def junit(results: list[CheckResult]) -> str:
+    """JUnit XML: a suite per checkpoint, a test case per rule, a failure listing each offender."""
+    import xml.etree.ElementTree as ET
+
+    tests = sum(len(res.results) for res in results)
+    failed = sum(1 for res in results for r in res.results if not r.passed)
+    suites = ET.Element("testsuites", name="statecli check", tests=str(tests), failures=str(failed))
+    for res in results:
+        n_failed = sum(1 for r in res.results if not r.passed)
+        suite = ET.SubElement(
+            suites, "testsuite", name=f"statecli check {res.path}", tests=str(len(res.results)), failures=str(n_failed)
+        )
+        for r in res.results:
+            case = ET.SubElement(suite, "testcase", classname=f"statecli.check.{r.rule}", name=f"{r.id}: {r.expected}")
+            if not r.passed:
+                head = f"{len(r.failures)} failure{'s' if len(r.failures) != 1 else ''}: {r.failures[0].message}"
+                fail = ET.SubElement(case, "failure", message=head, type=r.rule)
+                fail.text = "\n".join(f.message for f in r.failures)
+    ET.indent(suites)
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
+
+
+def _gh_escape(text: str, prop: bool = False) -> str:
+    text = text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+    if prop:
+        text = text.replace(":", "%3A").replace(",", "%2C")
+    return text
+
+
+def github(result: CheckResult) -> str:
+    """GitHub Actions workflow commands: one ``::error`` per failure, a ``::notice`` when all pass."""
+    lines = []
+    file = _gh_escape(result.path, prop=True)
+    for r in result.results:
+        for f in r.failures:
+            title = _gh_escape(f"statecli check: {r.id}", prop=True)
+            lines.append(f"::error file={file},title={title}::{_gh_escape(f.message)}")
+    if not lines:
+        lines.append(f"::notice file={file},title=statecli check::{len(result.results)} rules passed")
+    return "\n".join(lines) + "\n"
