@@ -137,12 +137,15 @@ class TensorGrid:
         yield Segment(self.title, _style("bold"))
         yield Segment.line()
         for i, h in enumerate(self.headers):
-            yield Segment(self._pad(h, widths[i], i), _style("bold"))
+            bare = i == len(widths) - 1 and i not in self.RIGHT
+            yield Segment(h if bare else self._pad(h, widths[i], i), _style("bold"))
             yield Segment(self.GAP if i < len(widths) - 1 else "\n")
         yield Segment("─" * self.total_width(widths) + "\n")
         plain = console.no_color or console.color_system is None
         for t, row in zip(self.tensors, self.rows, strict=True):
-            cells = [self._pad(c, widths[i], i) for i, c in enumerate(row)]
+            last = len(row) - 1
+            # The last column is not padded unless right-aligned: no trailing blanks on every line.
+            cells = [c if i == last and i not in self.RIGHT else self._pad(c, widths[i], i) for i, c in enumerate(row)]
             if plain:
                 # No styles to carry: one segment per line keeps 100,000 rows to about a second.
                 yield Segment(self.GAP.join(cells) + "\n")
