@@ -9,12 +9,12 @@ are counted apart. Complex tensors are summarised by magnitude; bool and integer
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from statecli.records import Report, TensorInfo
-from statecli.values import iter_values
+from statecli.values import iter_pieces, iter_values
 
 if TYPE_CHECKING:
     import torch
@@ -183,20 +183,24 @@ def _chunk_moments(x: torch.Tensor) -> Moments:
 
 def tensor_stats(
     t: TensorInfo,
-    values: torch.Tensor | None,
+    values: torch.Tensor | list[torch.Tensor] | Iterator[torch.Tensor] | None,
     histogram_bins: int = 0,
 ) -> TensorStats:
-    """Statistics of one tensor's ``values`` (``None``: not readable, see :func:`statecli.values.readable`)."""
+    """Statistics of one tensor's ``values``: a tensor, or its 1-D pieces in order (``None``: not readable,
+    see :func:`statecli.values.readable`). A histogram needs the values whole (one piece)."""
     from statecli.values import readable
 
     ts = TensorStats(t.name, t.dtype, t.shape, t.numel, t.role)
     if values is None:
         ts.skipped = readable(t) or "not read"
         return ts
-    flat = values.reshape(-1)
-    for lo in range(0, flat.numel(), _CHUNK):
-        ts.moments.merge(_chunk_moments(_as_real(flat[lo : lo + _CHUNK])))
-    if histogram_bins and ts.moments.count:
+    pieces = [values.reshape(-1)] if not isinstance(values, (list, Iterator)) else values
+    flat = None
+    for piece in pieces:
+        flat = piece
+        for lo in range(0, piece.numel(), _CHUNK):
+            ts.moments.merge(_chunk_moments(_as_real(piece[lo : lo + _CHUNK])))
+    if histogram_bins and ts.moments.count and flat is not None:
         ts.histogram = _histogram(flat, histogram_bins, ts.moments.min, ts.moments.max)
     return ts
 
@@ -223,7 +227,9 @@ def compute(
     """Statistics for each tensor of ``report`` that ``keep`` accepts, and their total."""
     tensors: list[TensorStats] = []
     done_bytes = 0
-    for t, values in iter_values(report, keep):
+    # Streaming keeps memory at one piece; a histogram needs min and max first, so it reads tensors whole.
+    source = iter_values(report, keep) if histogram_bins else iter_pieces(report, keep)
+    for t, values in source:
         tensors.append(tensor_stats(t, values, histogram_bins))
         done_bytes += t.nbytes
         if progress is not None:

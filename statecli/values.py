@@ -6,16 +6,18 @@ pickle runs and a whole pickled module reads like a state dict. torch is importe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from statecli import dtypes
-from statecli.conversion.source import Source
+from statecli.conversion.source import STREAM_CHUNK, Source
 from statecli.formats.base import contiguous_strides
 from statecli.records import Report, TensorInfo
 
 if TYPE_CHECKING:
     import torch
+
+PIECE_BYTES = STREAM_CHUNK
 
 
 def readable(t: TensorInfo) -> str | None:
@@ -65,3 +67,44 @@ def iter_values(
             for g in group:
                 stride = g.stride or contiguous_strides(g.shape)
                 yield g, base.as_strided(g.shape, stride, g.storage_offset)
+
+
+def iter_pieces(
+    report: Report,
+    keep: Callable[[TensorInfo], bool] | None = None,
+    check_crc: bool = False,
+) -> Iterator[tuple[TensorInfo, Iterable[torch.Tensor] | None]]:
+    """Like :func:`iter_values`, but each tensor's values come as 1-D pieces, in element order. A tensor
+    that is all of its storage and contiguous is streamed from the file a piece at a time, so memory
+    stays at one piece whatever its size; others come as one piece. Consume each tensor's pieces
+    before asking for the next tensor."""
+    import torch
+
+    chosen = [t for t in report.tensors if keep is None or keep(t)]
+    sharing: dict[str, int] = {}
+    for t in report.tensors:
+        if t.storage is not None:
+            sharing[t.storage] = sharing.get(t.storage, 0) + 1
+    whole = report.storage_sizes
+    streamable = {
+        t.name
+        for t in chosen
+        if readable(t) is None
+        and (t.storage is None or (sharing.get(t.storage) == 1 and whole.get(t.storage) == t.nbytes))
+        and t.storage_offset == 0
+        and (t.stride is None or t.stride == contiguous_strides(t.shape) or t.numel <= 1)
+    }
+    rest = [t for t in chosen if t.name not in streamable]
+    others = iter_values(report, lambda t: t in rest, check_crc) if rest else iter([])
+    pending = {}
+    with Source(report, check_crc=check_crc) as source:
+        for t in chosen:
+            if t.name in streamable:
+                dtype = getattr(torch, t.dtype)
+                yield t, (piece.view(dtype) for piece in source.chunks(t, PIECE_BYTES))
+                continue
+            while t.name not in pending:
+                got, values = next(others)
+                pending[got.name] = values
+            values = pending.pop(t.name)
+            yield t, None if values is None else [values.reshape(-1)]

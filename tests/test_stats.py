@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 import statecli
-from statecli import stats
+from statecli import stats, values
 from statecli.cli.main import app
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
@@ -55,9 +55,10 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("chunk", [stats._CHUNK, 7])
-def test_numbers_match_torch(ckpt: Path, chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("chunk", "piece"), [(stats._CHUNK, values.PIECE_BYTES), (7, 1000)])
+def test_numbers_match_torch(ckpt: Path, chunk: int, piece: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(stats, "_CHUNK", chunk)
+    monkeypatch.setattr(values, "PIECE_BYTES", piece)  # the 1.2 MB tensor streams in 1 kB pieces
     result = stats.compute(statecli.open_checkpoint(ckpt))
     got = {t.name: t.to_dict() for t in result.tensors}
     assert list(got) == list(SD)

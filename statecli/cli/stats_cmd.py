@@ -40,7 +40,7 @@ def stats_command(
     ] = False,
     bins: Annotated[int, typer.Option("--bins", min=2, max=200, help="Bars in each histogram.")] = 40,
 ) -> None:
-    """Value statistics per tensor and in total: min, max, mean, std, absmax, L2 norm, NaN/+inf/-inf/zeros.
+    """Value statistics per tensor and in total: min, max, mean, std (population), absmax, L2 norm, NaN/inf/zeros.
 
     Reads values one storage at a time straight from the file (no pickle runs; torch is imported).
     Statistics are over finite values; NaN and infinities are counted apart. Complex tensors are
