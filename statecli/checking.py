@@ -453,6 +453,10 @@ def _model_rule(report: Report, spec: str) -> RuleResult:
     for sm in m.shape_mismatch:
         msg = f"{sm.name}: shape {list(sm.file_shape)} in the file, {list(sm.model_shape)} in the model"
         r.failures.append(Failure(sm.name, msg, list(sm.file_shape)))
+    for dm in m.dtype_mismatch:
+        if dm.level == "warning":  # integer <-> floating: load_state_dict would copy it, but it is not this model's
+            msg = f"{dm.name}: dtype {dm.file_dtype} in the file, {dm.model_dtype} in the model"
+            r.failures.append(Failure(dm.name, msg, dm.file_dtype))
     if r.failures:
         r.failures.extend(Failure(None, f"fix: {tip}", None) for tip in m.suggestions)
     return r

@@ -351,3 +351,11 @@ def test_a_flag_tolerance_of_0_overrides_the_policy_file(tmp_path: Path) -> None
     statecli.convert(CNN, bf16, dtype="bf16")
     assert cli("check", str(bf16), "--policy", str(tmp_path / "p.toml"))[0] == 0
     assert cli("check", str(bf16), "--policy", str(tmp_path / "p.toml"), "--atol", "0")[0] == 1
+
+
+def test_check_model_fails_an_integer_tensor_where_the_model_has_floats(on_sample_path: None, tmp_path: Path) -> None:
+    sd = torch.load(CNN, weights_only=True)
+    sd["fc.bias"] = sd["fc.bias"].long()
+    torch.save(sd, tmp_path / "m.pt")
+    code, out, _ = cli("check", str(tmp_path / "m.pt"), "--model", "sample_nets:SmallCNN", "--no-policy")
+    assert code == 1 and "fc.bias: dtype int64 in the file, float32 in the model" in out

@@ -118,6 +118,12 @@ def _model_roles(spec: str) -> Callable[[Report], Report]:
                 _output.warning(f"unexpected: {name}")
             for sm in m.shape_mismatch[:10]:
                 _output.warning(f"shape: {sm.name} is {list(sm.file_shape)}, the model wants {list(sm.model_shape)}")
+        for dm in m.dtype_mismatch:
+            say = _output.warning if dm.level == "warning" else _output.note
+            say(f"dtype: {dm.name} is {dm.file_dtype}, the model's is {dm.model_dtype}")
+        if m.non_persistent:
+            names = ", ".join(m.non_persistent[:8])
+            _output.note(f"the model's non-persistent buffers are not saved in state dicts (none needed): {names}")
         for tip in m.suggestions:
             _output.note(tip)
         return with_model_roles(report, m)
