@@ -97,6 +97,43 @@ def note(text: str) -> None:
     message("note", text, "cyan")
 
 
+class ByteProgress:
+    """A progress bar on stderr counting bytes and items; see :func:`progress_bar`."""
+
+    def __init__(self, verb: str, total_bytes: int, total_items: int | None = None) -> None:
+        from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+        self.verb = verb
+        self.items = total_items
+        self.progress = Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            DownloadColumn(),
+            TimeRemainingColumn(),
+            console=stderr_console(),
+            transient=True,
+            refresh_per_second=4,  # the work shares two cores with this redraw
+        )
+        self.task = self.progress.add_task(verb, total=max(total_bytes, 1))
+        self.progress.start()
+
+    def update(self, done_bytes: int, done_items: int) -> None:
+        count = f"{done_items}/{self.items}" if self.items is not None else f"{done_items}"
+        self.progress.update(self.task, completed=done_bytes, description=f"{self.verb} {count}")
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+
+def progress_bar(
+    verb: str, total_bytes: int, total_items: int | None = None, quiet: bool = False
+) -> ByteProgress | None:
+    """A progress bar when stderr is a terminal (and not ``quiet``); ``None`` otherwise."""
+    if quiet or not sys.stderr.isatty():
+        return None
+    return ByteProgress(verb, total_bytes, total_items)
+
+
 def warn_dangerous(report: Report) -> None:
     """Repeat every ``dangerous`` finding on stderr, whatever the output format."""
     for f in report.findings:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from enum import Enum
 from typing import TYPE_CHECKING, Annotated
@@ -200,7 +199,8 @@ def convert_command(
     from statecli.conversion.engine import execute
 
     started = time.monotonic()
-    progress_bar = None if quiet or not sys.stderr.isatty() else _ProgressBar(plan)
+    total = sum(i.nbytes_out for i in plan.items if i.alias_of is None)
+    progress_bar = _output.progress_bar("converting", total, len(plan.items), quiet)
     try:
         result = execute(plan, progress_bar.update if progress_bar else None)
     finally:
@@ -231,30 +231,3 @@ def _print(plan: Plan) -> None:
 
     view = render.plan_view(plan)
     _output.stdout_console(view).print(view, soft_wrap=True)
-
-
-class _ProgressBar:
-    """rich's progress on stderr, bytes and tensors; only made when stderr is a terminal."""
-
-    def __init__(self, plan: Plan) -> None:
-        from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
-
-        total = sum(i.nbytes_out for i in plan.items if i.alias_of is None)
-        self.count = len(plan.items)
-        self.progress = Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            DownloadColumn(),
-            TimeRemainingColumn(),
-            console=_output.stderr_console(),
-            transient=True,
-            refresh_per_second=4,  # the conversion shares two cores with this redraw
-        )
-        self.task = self.progress.add_task("converting", total=max(total, 1))
-        self.progress.start()
-
-    def update(self, done_bytes: int, done_tensors: int) -> None:
-        self.progress.update(self.task, completed=done_bytes, description=f"converting {done_tensors}/{self.count}")
-
-    def stop(self) -> None:
-        self.progress.stop()

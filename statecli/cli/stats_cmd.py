@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import sys
 from enum import Enum
 from fnmatch import fnmatchcase
 from typing import Annotated
@@ -67,7 +66,7 @@ def stats_command(
     chosen = [t for t in report.tensors if keep(t)]
     if not chosen and report.tensors:
         _output.note(f"{report.path}: no tensor matches the filters ({len(report.tensors)} in the file)")
-    bar = _Progress(sum(t.nbytes for t in chosen)) if sys.stderr.isatty() else None
+    bar = _output.progress_bar("reading", sum(t.nbytes for t in chosen), len(chosen))
     try:
         result = compute(report, keep, bins if histogram else 0, bar.update if bar else None)
     finally:
@@ -110,28 +109,3 @@ def _cell(v: object) -> str:
     if isinstance(v, list):
         return "x".join(str(x) for x in v)
     return str(v)
-
-
-class _Progress:
-    """Bytes read so far, on stderr; only when stderr is a terminal."""
-
-    def __init__(self, total: int) -> None:
-        from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
-
-        self.progress = Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            DownloadColumn(),
-            TimeRemainingColumn(),
-            console=_output.stderr_console(),
-            transient=True,
-            refresh_per_second=4,
-        )
-        self.task = self.progress.add_task("reading", total=max(total, 1))
-        self.progress.start()
-
-    def update(self, done_bytes: int, tensors: int) -> None:
-        self.progress.update(self.task, completed=done_bytes, description=f"reading {tensors} tensors")
-
-    def stop(self) -> None:
-        self.progress.stop()
