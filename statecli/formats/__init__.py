@@ -25,6 +25,10 @@ def read_raw(path: str) -> RawCheckpoint:
     except OSError as e:
         raise InputError(f"cannot access ({e.strerror or e})", path=path) from None
     if stat.S_ISDIR(st.st_mode):
+        if is_dcp_folder(path):
+            from statecli.formats.dcp import read_dcp
+
+            return read_dcp(path)
         return read_raw(_pick_in_folder(path))
     if not stat.S_ISREG(st.st_mode):
         raise InputError("not a regular file", path=path)
@@ -41,7 +45,15 @@ def read_raw(path: str) -> RawCheckpoint:
         from statecli.formats.zipdir import read_central_directory
 
         members = read_central_directory(path)
-        _check_zip_kind(path, members)
+        zip_kind = _check_zip_kind(path, members)
+        if zip_kind == "torchscript":
+            from statecli.formats.torchscript import read_torchscript
+
+            return read_torchscript(path, members)
+        if zip_kind == "pt2":
+            from statecli.formats.pt2 import read_pt2
+
+            return read_pt2(path, members)
         return read_torch_zip(path, members)
     if kind == "safetensors":
         from statecli.formats.safetensors_reader import read_safetensors
@@ -51,6 +63,14 @@ def read_raw(path: str) -> RawCheckpoint:
         from statecli.formats.sharded import read_index
 
         return read_index(path, _read_shard)
+    if kind == "legacy":
+        from statecli.formats.legacy import read_legacy
+
+        return read_legacy(path)
+    if kind == "dcp-metadata":
+        from statecli.formats.dcp import read_dcp
+
+        return read_dcp(os.path.dirname(path) or ".")
     raise AssertionError(kind)  # sniff() raises for everything else
 
 
@@ -75,11 +95,9 @@ def sniff(path: str, head: bytes, size: int) -> str:
             return "safetensors"
         raise InputError(f"safetensors header claims {n} bytes but the file holds {size - 8}", path=path)
     if head.startswith(LEGACY_MAGIC):
-        raise UnsupportedFormatError(
-            "legacy torch format (torch < 1.6, or _use_new_zipfile_serialization=False) is not read yet; "
-            "re-save it with a current torch",
-            path=path,
-        )
+        return "legacy"
+    if os.path.basename(path) == ".metadata" and is_dcp_folder(os.path.dirname(path) or "."):
+        return "dcp-metadata"
     if len(head) >= 262 and head[257:262] == b"ustar":
         raise UnsupportedFormatError("legacy torch tar format (torch < 0.4) is not read yet", path=path)
     if head[:1] == b"\x80" and len(head) > 1 and head[1] <= 5:
@@ -93,16 +111,26 @@ def sniff(path: str, head: bytes, size: int) -> str:
     raise InputError(f"unrecognised format (first bytes {head[:8].hex(' ')})", path=path)
 
 
-def _check_zip_kind(path: str, names: Iterable[str]) -> None:
-    """Refuse, by name, the zip-based formats that are not ``torch.save`` archives."""
+def _check_zip_kind(path: str, names: Iterable[str]) -> str:
+    """``torch`` (a torch.save archive), ``torchscript`` (torch.jit.save) or ``pt2`` (torch.export.save),
+    by the members' names."""
     names = list(names)
     if any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names):
-        raise UnsupportedFormatError("a TorchScript archive (torch.jit.save): not read yet", path=path)
+        return "torchscript"
     if any(n.endswith("/data.pkl") for n in names):
-        return
+        return "torch"
     if any("models/" in n and n.endswith(".json") for n in names) or any(n.endswith("archive_format") for n in names):
-        raise UnsupportedFormatError("a torch.export program (.pt2): not read yet", path=path)
-    # Anything else without a data.pkl is refused by torchzip.archive_root, with its own message.
+        return "pt2"
+    return "torch"  # without a data.pkl, torchzip.archive_root refuses it with its own message
+
+
+def is_dcp_folder(folder: str) -> bool:
+    """A torch.distributed.checkpoint folder: a ``.metadata`` file beside ``*.distcp`` files."""
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return False
+    return ".metadata" in entries and any(e.endswith(".distcp") for e in entries)
 
 
 def _looks_like_text(head: bytes) -> bool:
@@ -125,8 +153,6 @@ def _pick_in_folder(folder: str) -> str:
     indexes = [e for e in entries if e.endswith(".index.json")]
     if len(indexes) == 1:
         return os.path.join(folder, indexes[0])
-    if ".metadata" in entries and any(e.endswith(".distcp") for e in entries):
-        raise UnsupportedFormatError("a torch.distributed.checkpoint folder: not read yet", path=folder)
     files = [e for e in entries if e.endswith(CHECKPOINT_SUFFIXES) and os.path.isfile(os.path.join(folder, e))]
     if len(files) == 1 and not indexes:
         return os.path.join(folder, files[0])
