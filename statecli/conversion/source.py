@@ -60,6 +60,7 @@ class Source:
         self._files: dict[str, Any] = {}
         self._zips: dict[str, _ZipFile] = {}
         self._spans: dict[str, dict[str, tuple[int, int]]] = {}
+        self._legacy: dict[str, dict[str, tuple[int, int]]] = {}
         self._pool: ThreadPoolExecutor | None = None
 
     def __enter__(self) -> Source:
@@ -105,6 +106,17 @@ class Source:
                 raise InputError(f"storage {storage} is compressed; torch never writes that", path=path)
             start = data_offset(self._file(path), m, path)
             return path, start, m.size, m.crc if self.check_crc else None
+        if storage is not None and storage.startswith("legacy/"):
+            legacy = self._legacy.get(path)
+            if legacy is None:
+                from statecli.formats.legacy import storage_spans
+
+                legacy = self._legacy[path] = storage_spans(path)[0]
+            key = storage.removeprefix("legacy/")
+            if key not in legacy:
+                raise InputError(f"storage '{key}' is missing from the file", path=path)
+            start, size = legacy[key]
+            return path, start, size, None  # the legacy format has no checksums
         spans = self._spans.get(path)
         if spans is None:
             spans = self._spans[path] = tensor_spans(path)

@@ -1,14 +1,187 @@
-"""Legacy torch files (torch < 1.6, or ``_use_new_zipfile_serialization=False``). Not read yet."""
+"""Legacy torch files (torch < 1.6, or ``torch.save(..., _use_new_zipfile_serialization=False)``).
+
+The file is a stream (``torch/serialization.py``, ``_legacy_save``): five pickles, then the storages.
+
+1. the magic number ``0x1950a86a20f9469cfc6c``; 2. the protocol version (1001); 3. ``sys_info``
+   (byte order, C type sizes);
+4. the object, whose storages are persistent ids ``('storage', <StorageType>, key, location, numel,
+   view_metadata)`` and whose whole-module classes are ``('module', <class>, source_file, source)``;
+5. the storage keys, sorted;
+
+then, for each key in that order, an int64 element count and ``count × itemsize`` bytes.
+
+All five pickles go through statecli's restricted reader (nothing is imported or called); the
+storage records are checked against the data section, which is walked by its length prefixes
+without reading the bytes. The object is then walked like a ``torch.save`` zip's.
+"""
 
 from __future__ import annotations
 
-from statecli.errors import UnsupportedFormatError
+import os
+import struct
+from typing import Any
+
+from statecli.dtypes import DTYPES, STORAGE_TYPES
+from statecli.errors import InputError, LimitExceededError, StatecliError, UnsupportedFormatError
 from statecli.formats.base import RawCheckpoint
+from statecli.formats.torchzip import MAX_PICKLE_BYTES, _Walker
+from statecli.records import Finding
+from statecli.safepickle import Global, Limits, StorageRef, loads
+from statecli.security import findings_for
+
+MAGIC = 0x1950A86A20F9469CFC6C
+PROTOCOL = 1001
+_COUNT = struct.Struct("<q")
+
+
+class _LegacyStorages:
+    """Storage records from persistent ids, checked against the data section once it is walked."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.refs: dict[str, StorageRef] = {}
+
+    def __call__(self, pid: Any) -> Any:
+        if isinstance(pid, tuple) and len(pid) == 4 and pid[0] == "module":
+            # A whole-module save names the module's class (and its source text, which is never used).
+            return pid[1]
+        if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage"):
+            raise InputError(f"corrupt pickle: unexpected persistent id {str(pid)[:80]}", path=self.path)
+        _, stype, key, location, numel, view = pid
+        if not (isinstance(stype, Global) and stype.module in ("torch", "torch.cuda", "torch.storage")):
+            raise InputError(f"corrupt pickle: storage type {stype!r} is not a torch storage", path=self.path)
+        dtype = STORAGE_TYPES.get(stype.name)
+        if dtype is None:
+            raise UnsupportedFormatError(f"unknown storage type torch.{stype.name}", path=self.path)
+        if not isinstance(key, str) or not isinstance(location, str) or type(numel) is not int:
+            raise InputError("corrupt pickle: malformed storage record", path=self.path)
+        if view is not None:
+            raise UnsupportedFormatError("legacy storage views (torch < 0.4) are not read", path=self.path)
+        if numel < 0 or numel > 2**62:
+            raise InputError(f"storage '{key}' claims {numel} elements", path=self.path)
+        ref = self.refs.get(key)
+        if ref is None:
+            ref = self.refs[key] = StorageRef(key, dtype, location[:64], numel, numel * DTYPES[dtype].itemsize)
+        return ref
+
+
+def _pickle_at(data: bytes, start: int, path: str, persistent: Any = None) -> tuple[Any, int, Any]:
+    """The pickle starting at ``start``: (object, offset after it, unpickler)."""
+    if start >= len(data):
+        raise InputError("legacy torch file ends before its pickles do (truncated)", path=path)
+    try:
+        obj, u = loads(data[start:], persistent, Limits())
+    except StatecliError as e:
+        if e.path is None:
+            e.path = path
+            e.args = (f"{path}: {e.message}",)
+        raise
+    except RecursionError as e:
+        raise InputError("corrupt pickle: structure nested too deeply", path=path) from e
+    return obj, start + u.end, u
+
+
+def storage_spans(path: str) -> tuple[dict[str, tuple[int, int]], int]:
+    """Each storage key's bytes as (file offset, byte count) from the count prefixes, and where the
+    data section starts; used by :func:`read_legacy` and by convert to find the bytes."""
+    raw, header_end = _read_pickles(path)
+    keys = raw[4]
+    return _walk_data(path, keys, raw[5], header_end)[0], header_end
+
+
+def _read_pickles(path: str) -> tuple[list[Any], int]:
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            data = f.read(min(size, MAX_PICKLE_BYTES))
+    except OSError as e:
+        raise InputError(f"cannot read file ({e.strerror or e})", path=path) from e
+    magic, pos, _ = _pickle_at(data, 0, path)
+    if magic != MAGIC:
+        raise InputError("not a legacy torch file (wrong magic number)", path=path)
+    version, pos, _ = _pickle_at(data, pos, path)
+    if version != PROTOCOL:
+        raise UnsupportedFormatError(f"legacy torch protocol {version!r} is not read (only {PROTOCOL})", path=path)
+    sys_info, pos, _ = _pickle_at(data, pos, path)
+    if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
+        raise UnsupportedFormatError("a big-endian legacy torch file is not read", path=path)
+    storages = _LegacyStorages(path)
+    obj, pos, unpickler = _pickle_at(data, pos, path, storages)
+    keys, pos, _ = _pickle_at(data, pos, path)
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise InputError("corrupt legacy torch file: the storage key list is not a list of strings", path=path)
+    return [magic, version, sys_info, obj, keys, storages, unpickler, size], pos
+
+
+def _walk_data(
+    path: str, keys: list[str], storages: _LegacyStorages, start: int
+) -> tuple[dict[str, tuple[int, int]], int]:
+    """Follow the count prefixes through the data section, checking each against its storage record."""
+    spans: dict[str, tuple[int, int]] = {}
+    pos = start
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            for key in keys:
+                ref = storages.refs.get(key)
+                if ref is None:
+                    raise InputError(f"storage '{key}' is in the key list but no tensor uses it", path=path)
+                f.seek(pos)
+                head = f.read(8)
+                if len(head) < 8:
+                    raise InputError(f"legacy torch file ends before storage '{key}' (truncated)", path=path)
+                (count,) = _COUNT.unpack(head)
+                nbytes = count * DTYPES[ref.dtype].itemsize
+                if count < 0 or pos + 8 + nbytes > size:
+                    msg = f"storage '{key}' ({count} elements) runs past the end of the file (truncated)"
+                    raise InputError(msg, path=path)
+                if count < ref.numel:
+                    msg = f"storage '{key}' holds {count} elements, its record claims {ref.numel}"
+                    raise InputError(msg, path=path)
+                spans[key] = (pos + 8, nbytes)
+                pos += 8 + nbytes
+    except OSError as e:
+        raise InputError(f"cannot read file ({e.strerror or e})", path=path) from e
+    missing = sorted(set(storages.refs) - set(keys))
+    if missing:
+        raise InputError(f"storage '{missing[0]}' is used by a tensor but has no data", path=path)
+    if len(keys) != len(set(keys)):
+        raise InputError("corrupt legacy torch file: a storage key is listed twice", path=path)
+    if len(keys) > 10_000_000:
+        raise LimitExceededError("legacy torch file lists more than 10,000,000 storages", path=path)
+    return spans, pos
 
 
 def read_legacy(path: str) -> RawCheckpoint:
-    raise UnsupportedFormatError(
-        "legacy torch format (torch < 1.6, or _use_new_zipfile_serialization=False) is not read yet; "
-        "re-save it with a current torch",
+    """Read a legacy torch file's metadata without torch and without running its pickles."""
+    (_, _, _, obj, keys, storages, unpickler, size), data_start = _read_pickles(path)
+    spans, end = _walk_data(path, keys, storages, data_start)
+    findings = findings_for(unpickler.globals_seen, unpickler.calls)
+    findings.append(
+        Finding(
+            "info",
+            "legacy-format",
+            "legacy torch format (torch < 1.6 or _use_new_zipfile_serialization=False); torch.load still reads "
+            "it, `statecli convert` writes the current format",
+        )
+    )
+    if end < size:
+        findings.append(Finding("warning", "trailing-data", f"{size - end} bytes after the last storage were ignored"))
+    walker = _Walker(path)
+    container = walker.analyse(obj)
+    findings.extend(walker.findings)
+    for t in walker.tensors:
+        if t.storage is not None:
+            t.storage = "legacy/" + t.storage.removeprefix("data/")
+    if not walker.tensors:
+        keys_text = ", ".join(container.other_keys) or "none"
+        findings.append(Finding("warning", "no-tensors", f"no tensors found (top-level keys: {keys_text})"))
+    return RawCheckpoint(
         path=path,
+        format="torch-legacy",
+        tensors=walker.tensors,
+        container=container,
+        findings=findings,
+        file_size=size,
+        storage_sizes={f"legacy/{k}": n for k, (_, n) in spans.items()},
     )
