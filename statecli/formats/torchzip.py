@@ -13,6 +13,7 @@ from typing import Any
 from statecli.dtypes import DTYPES, STORAGE_TYPES
 from statecli.errors import InputError, LimitExceededError, StatecliError
 from statecli.formats.base import RawCheckpoint
+from statecli.formats.optimizer import apply_optimizer_evidence
 from statecli.formats.zipdir import Member, read_central_directory, read_member
 from statecli.records import Container, Finding, RawTensor
 from statecli.safepickle import Global, Limits, StorageRef, Stub, TensorRef, loads
@@ -135,6 +136,7 @@ def read_torch_zip(path: str, members: dict[str, Member] | None = None, limits: 
     walker = _Walker(path)
     container = walker.analyse(obj)
     findings.extend(walker.findings)
+    findings.extend(apply_optimizer_evidence(obj, walker.tensors))
     if not walker.tensors:
         keys = ", ".join(container.other_keys) or "none"
         findings.append(
