@@ -1,10 +1,845 @@
-"""torch.distributed.checkpoint folders (``.metadata`` + ``*.distcp``). Not read yet."""
+"""torch.distributed.checkpoint (DCP) folders: a ``.metadata`` pickle beside ``*.distcp`` data files.
+
+``.metadata`` pickles a ``torch.distributed.checkpoint.metadata.Metadata`` dataclass; torch's own
+``FileSystemReader.read_metadata`` opens it with plain ``pickle.load``. Here it goes through statecli's
+restricted reader: the dataclasses come back as inert :class:`~statecli.safepickle.Stub` records whose
+BUILD state is walked by name, nothing is imported or called.
+
+What the file holds (torch 2.13, ``metadata.py`` / ``filesystem.py``):
+
+- ``state_dict_metadata``: flattened key (``model.conv1.weight``, ``optim.state.conv1.weight.exp_avg``,
+  ``epoch``) -> ``TensorStorageMetadata(properties=TensorProperties(dtype, ...), size, chunks)`` for a
+  tensor, ``BytesStorageMetadata()`` for any other object. Each chunk is ``ChunkStorageMetadata(offsets,
+  sizes)``: one block of the global tensor; several chunks mean the tensor was sharded (FSDP, DTensor).
+- ``storage_data``: ``MetadataIndex(fqn, offset=<chunk offsets>)`` -> ``_StorageInfo(relative_path,
+  offset, length)``: the byte span of one chunk (or bytes entry) in one ``.distcp`` file. Every span is
+  checked before anything else: the file must resolve inside the folder (no absolute paths, no ``..``,
+  no symlink out; :class:`~statecli.errors.UnsafeError`), exist, and hold ``offset + length`` bytes.
+- ``planner_data``: flattened key -> its path in the saved dict (``('model', 'conv1.weight')``); used to
+  find top-level keys and the original key order.
+- ``storage_meta`` (save id, ``checkpoint_id`` as a ``pathlib`` path) and ``version``.
+
+A chunk's span holds a ``torch.save`` archive of that chunk (the default TORCH_SAVE serialization), not
+raw tensor bytes. A bytes entry's span holds a ``torch.save`` of a Python object that torch's DCP
+loader opens with ``torch.load(weights_only=False)`` (``DefaultLoadPlanner.load_bytes``): those small
+pickles are scanned here with the restricted reader too, so a payload hidden there is reported.
+Tensor bytes are never read.
+
+Role evidence: names (the rules of :mod:`statecli.roles`) and ``optimizer``; see :func:`_optimizer_evidence`.
+"""
 
 from __future__ import annotations
 
-from statecli.errors import UnsupportedFormatError
-from statecli.formats.base import RawCheckpoint
+import io
+import os
+import zipfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from statecli.dtypes import DTYPES, STORAGE_TYPES, nbytes
+from statecli.errors import InputError, LimitExceededError, StatecliError, UnsafeError, UnsupportedFormatError
+from statecli.formats.base import RawCheckpoint, contiguous_strides
+from statecli.formats.torchzip import MODEL_KEYS, OPTIMIZER_KEYS
+from statecli.records import Container, Finding, RawTensor
+from statecli.safepickle import MAX_INDEX, Global, Limits, StorageRef, Stub, loads
+from statecli.security import findings_for
+
+__all__ = ["MAX_METADATA_BYTES", "Chunk", "chunk_map", "read_dcp"]
+
+METADATA_NAME = ".metadata"
+MAX_METADATA_BYTES = 256 << 20  # ~1M chunk records; a bigger .metadata is not DCP's
+MAX_BYTES_ENTRY = 16 << 20  # one pickled non-tensor entry scanned for globals
+MAX_BYTES_TOTAL = 256 << 20  # all of them together
+MAX_RANK = 64
+LIST_LIMIT = 8  # names listed in one finding
+
+_MD = "torch.distributed.checkpoint.metadata"
+_FS = "torch.distributed.checkpoint.filesystem"
+METADATA = f"{_MD}.Metadata"
+TENSOR_MD = f"{_MD}.TensorStorageMetadata"
+BYTES_MD = f"{_MD}.BytesStorageMetadata"
+CHUNK_MD = f"{_MD}.ChunkStorageMetadata"
+PROPERTIES = f"{_MD}.TensorProperties"
+INDEX = f"{_MD}.MetadataIndex"
+STORAGE_INFO = f"{_FS}._StorageInfo"
+STORAGE_META = f"{_MD}.StorageMeta"
+
+# Names every DCP ``.metadata`` uses. They are the format's own vocabulary, not findings:
+# - the metadata dataclasses and enum: instantiated by NEWOBJ (``cls.__new__``) and BUILD, which sets
+#   fields (TensorProperties.__setstate__ is torch's own and only decodes a memory format);
+# - ``torch.serialization._get_layout('torch.strided')``: how a ``torch.layout`` pickles; a lookup in a
+#   dict of layouts. ``security.classify`` calls all of ``torch.serialization`` dangerous (for its
+#   ``load``), so without this every DCP file would carry a false "dangerous" finding;
+# - ``pathlib.PosixPath('ckpt')``: ``StorageMeta.checkpoint_id`` as FileSystemWriter records it. The
+#   constructor only joins strings; ``pathlib`` is on the dangerous list for its methods, and a dotted
+#   name such as ``Path.write_text`` is a different name, still reported.
+# Any other global, and BUILD on a global, still goes through security.findings_for.
+DCP_NAMES = frozenset(
+    [
+        (_MD, n)
+        for n in (
+            "Metadata",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "TensorProperties",
+            "_MEM_FORMAT_ENCODING",
+            "MetadataIndex",
+            "StorageMeta",
+        )
+    ]
+    + [(_FS, "_StorageInfo"), ("torch.serialization", "_get_layout")]
+    + [
+        (m, n)
+        for m in ("pathlib", "pathlib._local")
+        for n in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")
+    ]
+)
+# Top-level keys whose tensors are optimizer state; schedulers and the like keep their own key as group.
+OPTIMIZER_GROUP_KEYS = OPTIMIZER_KEYS - {"scheduler", "lr_scheduler", "lr_schedulers"}
+_LEVELS = {"dangerous": 0, "warning": 1, "info": 2}
 
 
-def read_dcp(folder: str) -> RawCheckpoint:
-    raise UnsupportedFormatError("a torch.distributed.checkpoint folder: not read yet", path=folder)
+class Chunk(NamedTuple):
+    """Where one block of a tensor lives: ``length`` bytes at ``offset`` of the ``.distcp`` file ``path``.
+
+    ``path`` is joined to the checkpoint folder and was checked to stay inside it; the span was checked
+    to lie inside that file. The span holds a ``torch.save`` archive (zip, stored members) of exactly
+    this block, contiguous: its ``data.pkl`` names one storage, its ``data/<key>`` member the bytes.
+    ``offsets`` / ``sizes`` place the block in the global tensor, one entry per dimension.
+    """
+
+    path: str
+    offset: int
+    length: int
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+
+@dataclass(slots=True)
+class _Span:
+    rel: str  # as the metadata names it
+    path: str  # joined to the folder
+    offset: int
+    length: int
+    transforms: tuple[str, ...]
+
+
+@dataclass(slots=True)
+class _TensorEntry:
+    fqn: str
+    dtype: str
+    shape: tuple[int, ...]
+    chunks: list[tuple[tuple[int, ...], tuple[int, ...]]]  # (offsets, sizes)
+
+
+@dataclass(slots=True)
+class _Parsed:
+    """``.metadata`` read and every span checked: what read_dcp and chunk_map share."""
+
+    folder: str
+    meta_path: str
+    tensors: list[_TensorEntry]
+    byte_entries: list[str]
+    unknown: list[tuple[str, str]]  # (key, what it is)
+    tops: dict[str, str]  # key -> top-level key of the saved dict
+    nested: set[str]  # keys that sit below their top-level key (not a top-level value themselves)
+    spans: dict[tuple[str, tuple[int, ...] | None], _Span] | None
+    file_sizes: dict[str, int]  # relative path -> size, for every file a span names
+    findings: list[Finding] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    metadata_size: int = 0
+
+
+def read_dcp(folder: str, limits: Limits | None = None) -> RawCheckpoint:
+    """Read a torch.distributed.checkpoint folder's metadata without torch and without running its pickle.
+
+    Raises :class:`~statecli.errors.UnsafeError` (exit 5) for a data file that leaves the folder and
+    :class:`~statecli.errors.InputError` (exit 3) for a corrupt, truncated or oversized ``.metadata``,
+    a missing ``.distcp`` file, or a span or chunk that does not fit the bytes that are there.
+    """
+    p = _parse(folder, limits)
+    findings = p.findings
+    findings.extend(_scan_byte_entries(p))
+
+    model_key, groups, other_keys = _containers(p)
+    evidence = _optimizer_evidence(p, model_key, groups)
+    optimizer_tops = _optimizer_state_tops(p)
+
+    tensors: list[RawTensor] = []
+    storage_sizes: dict[str, int] = {}
+    shared_spans = _shared_spans(p)
+    sharded: list[str] = []
+    for e in p.tensors:
+        spans = _spans_of(p, e)
+        size = nbytes(e.dtype, _numel(e.shape))
+        group = groups[e.fqn]
+        raw = RawTensor(
+            name=e.fqn,
+            dtype=e.dtype,
+            shape=e.shape,
+            stride=contiguous_strides(e.shape),
+            device=None,  # DCP stores no device: chunks are saved from CPU copies
+            storage_nbytes=size,
+            group=group,
+            file=spans[0].rel if spans and spans[0] is not None else None,
+        )
+        first = spans[0] if len(spans) == 1 else None
+        if first is not None and (first.rel, first.offset) not in shared_spans:
+            raw.storage = f"{first.rel}:{first.offset}"
+            storage_sizes[raw.storage] = size
+        if len(e.chunks) > 1:
+            sharded.append(f"{e.fqn} ({len(e.chunks)} chunks)")
+        if group != "model":
+            raw.role = "other"
+            raw.evidence = "container"
+            raw.exact = group == "optimizer" and p.tops[e.fqn] in optimizer_tops
+        elif e.fqn in evidence:
+            raw.role, raw.evidence, raw.exact = "parameter", "optimizer", False
+        tensors.append(raw)
+
+    if sharded:
+        files = {s.rel for e in p.tensors if len(e.chunks) > 1 for s in _spans_of(p, e) if s is not None}
+        findings.append(
+            Finding(
+                "info",
+                "sharded-tensors",
+                f"{_count(len(sharded), 'tensor')} stored in several chunks (sharded, e.g. by FSDP or DTensor) "
+                f"across {_count(len(files), 'file')}, each listed once with its global shape: {_names(sharded)}",
+            )
+        )
+    if not tensors:
+        keys = ", ".join(other_keys) or "none"
+        findings.append(
+            Finding("warning", "no-tensors", f"no tensors found in the checkpoint (top-level keys: {keys})")
+        )
+    if model_key is not None:
+        state_dict_at: str | None = model_key
+    else:
+        state_dict_at = "" if any(g == "model" for g in groups.values()) else None
+    findings.sort(key=lambda f: _LEVELS.get(f.level, 3))
+    return RawCheckpoint(
+        path=folder,
+        format="dcp",
+        tensors=tensors,
+        container=Container(kind="dcp", state_dict_at=state_dict_at, other_keys=tuple(other_keys)),
+        findings=findings,
+        metadata=p.metadata,
+        file_size=p.metadata_size + sum(p.file_sizes.values()),
+        storage_sizes=storage_sizes,
+    )
+
+
+def chunk_map(folder: str, limits: Limits | None = None) -> dict[str, list[Chunk]]:
+    """Every tensor's chunks, by its key in ``.metadata``, in the order :func:`read_dcp` lists the tensors.
+
+    This is what a converter needs to rebuild a tensor: read each chunk's span, take the block out of
+    its ``torch.save`` archive, and place it at ``offsets``. The same checks as :func:`read_dcp` run
+    first (every file inside the folder, every span inside its file, every chunk's bytes fit its span).
+    A tensor saved whole has one chunk whose offsets are all zero and whose sizes are its shape.
+
+    Raises :class:`~statecli.errors.UnsupportedFormatError` where a span is not a plain ``torch.save``
+    archive of one block (DCP stream transforms such as compression, or several chunks naming the same
+    bytes as the SAFETENSORS serialization does) and :class:`~statecli.errors.InputError` when the
+    metadata carries no storage_data.
+    """
+    p = _parse(folder, limits)
+    if p.spans is None:
+        raise InputError(".metadata has no storage_data: the chunks' files are unknown", path=p.meta_path)
+    shared = _shared_spans(p)
+    out: dict[str, list[Chunk]] = {}
+    for e in p.tensors:
+        chunks = []
+        for offsets, sizes in e.chunks:
+            s = _span_of(p, e.fqn, offsets)
+            assert s is not None  # _parse checked every chunk has a span
+            if s.transforms or (s.rel, s.offset) in shared:
+                how = f"through stream transforms {'/'.join(s.transforms)}" if s.transforms else "in a shared span"
+                raise UnsupportedFormatError(
+                    f"tensor {e.fqn!r} is stored {how}, not as one torch.save archive per chunk; not read yet",
+                    path=p.meta_path,
+                )
+            chunks.append(Chunk(s.path, s.offset, s.length, offsets, sizes))
+        out[e.fqn] = chunks
+    return out
+
+
+# ------------------------------------------------------------------------------------- parsing
+
+
+def _parse(folder: str, limits: Limits | None) -> _Parsed:
+    folder_real = os.path.realpath(folder)
+    meta_path = os.path.join(folder, METADATA_NAME)
+    _inside(folder_real, meta_path, METADATA_NAME, meta_path)
+    data = _read_metadata(meta_path)
+    try:
+        root, unpickler = loads(data, None, limits)
+    except StatecliError as e:
+        if e.path is None:
+            e.path = meta_path
+            e.args = (f"{meta_path}: {e.message}",)
+        raise
+    except RecursionError as e:
+        raise InputError("corrupt pickle: structure nested too deeply", path=meta_path) from e
+    seen = {k: n for k, n in unpickler.globals_seen.items() if k not in DCP_NAMES}
+    calls = [(g, a) for g, a in unpickler.calls if (g.module, g.name) not in DCP_NAMES]
+    findings = findings_for(seen, calls)
+    if unpickler.end < len(data):
+        findings.append(
+            Finding(
+                "warning",
+                "trailing-pickle-data",
+                f".metadata has {len(data) - unpickler.end} bytes after the pickle's end; they were ignored",
+            )
+        )
+
+    if not (isinstance(root, Stub) and root.class_name == METADATA):
+        danger = [f.message for f in findings if f.level == "dangerous"]
+        extra = f"; {danger[0]}" if danger else ""
+        raise InputError(
+            f"not a torch.distributed.checkpoint .metadata: the pickle holds {_describe(root)}{extra}", path=meta_path
+        )
+    md = _fields(root, METADATA, "the Metadata record", meta_path)
+    sdm = md.get("state_dict_metadata")
+    if not isinstance(sdm, dict):
+        raise InputError(f"Metadata.state_dict_metadata is {_describe(sdm)}, not a mapping", path=meta_path)
+
+    tensors: list[_TensorEntry] = []
+    byte_entries: list[str] = []
+    unknown: list[tuple[str, str]] = []
+    for key, entry in sdm.items():
+        if not isinstance(key, str):
+            raise InputError(f"state_dict_metadata key {_describe(key)} is not a string", path=meta_path)
+        cls = entry.class_name if isinstance(entry, Stub) else None
+        if cls == TENSOR_MD:
+            tensors.append(_tensor_entry(key, entry, meta_path))
+        elif cls == BYTES_MD:
+            byte_entries.append(key)
+        else:
+            unknown.append((key, _describe(entry)))
+
+    tops, nested, order = _planner_paths(md.get("planner_data"), sdm)
+    if order:
+        rank = {k: i for i, k in enumerate(order)}
+        tensors.sort(key=lambda e: rank.get(e.fqn, len(rank)))  # stable: unlisted keys keep their order
+
+    p = _Parsed(folder, meta_path, tensors, byte_entries, unknown, tops, nested, None, {}, findings)
+    p.metadata_size = len(data)
+    _storage_spans(p, md.get("storage_data"), folder_real)
+    _check_chunks(p)
+    p.metadata.update(_meta_strings(md))
+    if unknown:
+        what = _names([f"{k} ({w})" for k, w in unknown])
+        p.findings.append(
+            Finding("warning", "unknown-entry", f"entries of an unknown storage type, not listed: {what}")
+        )
+    _unreferenced_files(p, folder)
+    return p
+
+
+def _read_metadata(meta_path: str) -> bytes:
+    try:
+        size = os.path.getsize(meta_path)
+        if size > MAX_METADATA_BYTES:
+            raise LimitExceededError(
+                f".metadata is {size} bytes, more than the {MAX_METADATA_BYTES}-byte limit", path=meta_path
+            )
+        with open(meta_path, "rb") as f:
+            data = f.read(MAX_METADATA_BYTES + 1)
+    except FileNotFoundError:
+        raise InputError(
+            "no .metadata file: not a complete torch.distributed.checkpoint folder", path=meta_path
+        ) from None
+    except OSError as e:
+        raise InputError(f"cannot read .metadata ({e.strerror or e})", path=meta_path) from None
+    if len(data) > MAX_METADATA_BYTES:
+        raise LimitExceededError(f".metadata grew past the {MAX_METADATA_BYTES}-byte limit while read", path=meta_path)
+    if not data:
+        raise InputError("empty .metadata (0 bytes)", path=meta_path)
+    return data
+
+
+def _describe(v: Any) -> str:
+    if isinstance(v, Stub):
+        return f"a {v.class_name} object"
+    if isinstance(v, Global):
+        return f"the global {v.qualname}"
+    if isinstance(v, str):
+        return repr(v[:60])
+    return f"a {type(v).__name__}"
+
+
+def _fields(obj: Any, cls: str, what: str, path: str) -> dict[str, Any]:
+    """The field dict BUILD gave a dataclass stub of class ``cls``."""
+    if not (isinstance(obj, Stub) and obj.class_name == cls):
+        raise InputError(f"{what} is {_describe(obj)}, not a {cls.rpartition('.')[2]}", path=path)
+    state = obj.state
+    if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict):
+        state = state[0]  # (dict, slotstate)
+    if state is None:
+        return {}
+    if not isinstance(state, dict):
+        raise InputError(f"{what} has {_describe(state)} as its fields", path=path)
+    return state
+
+
+def _dims(v: Any, what: str, path: str) -> tuple[int, ...]:
+    # torch.Size arrives as a tuple (safepickle's handler); a list is accepted too.
+    if not isinstance(v, (tuple, list)):
+        raise InputError(f"{what} is {_describe(v)}, not a size", path=path)
+    if len(v) > MAX_RANK:
+        raise InputError(f"{what} has {len(v)} dimensions", path=path)
+    for x in v:
+        if type(x) is not int or x < 0 or x > MAX_INDEX:
+            raise InputError(f"{what} {_short_list(v)} has an impossible value", path=path)
+    return tuple(v)
+
+
+def _short_list(v: Iterable[Any]) -> str:
+    items = list(v)
+    text = ", ".join(repr(x)[:20] for x in items[:8])
+    return f"[{text}{', …' if len(items) > 8 else ''}]"
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _dtype(props: Any, key: str, path: str) -> str:
+    st = props.state if isinstance(props, Stub) and props.class_name == PROPERTIES else None
+    # TensorProperties.__getstate__ gives (dtype, layout, requires_grad, memory format, pin_memory);
+    # torch versions before it pickled the field dict.
+    if isinstance(st, tuple) and st:
+        dt = st[0]
+    elif isinstance(st, dict):
+        dt = st.get("dtype")
+    else:
+        raise InputError(f"tensor {key!r}: properties are {_describe(props)}, not TensorProperties", path=path)
+    if isinstance(dt, Global) and dt.module == "torch" and dt.name in DTYPES:
+        return dt.name
+    raise InputError(f"tensor {key!r}: dtype is {_describe(dt)}, not a torch dtype", path=path)
+
+
+def _tensor_entry(key: str, entry: Stub, path: str) -> _TensorEntry:
+    st = _fields(entry, TENSOR_MD, f"entry {key!r}", path)
+    dtype = _dtype(st.get("properties"), key, path)
+    shape = _dims(st.get("size"), f"tensor {key!r}: size", path)
+    numel = _numel(shape)
+    if numel > MAX_INDEX:
+        raise InputError(f"tensor {key!r}: size {list(shape)} overflows the element count", path=path)
+    raw_chunks = st.get("chunks")
+    if not isinstance(raw_chunks, list):
+        raise InputError(f"tensor {key!r}: chunks are {_describe(raw_chunks)}, not a list", path=path)
+    chunks = []
+    for i, c in enumerate(raw_chunks):
+        cs = _fields(c, CHUNK_MD, f"tensor {key!r}: chunk {i}", path)
+        offsets = _dims(cs.get("offsets"), f"tensor {key!r}: chunk {i} offsets", path)
+        sizes = _dims(cs.get("sizes"), f"tensor {key!r}: chunk {i} sizes", path)
+        if len(offsets) != len(shape) or len(sizes) != len(shape):
+            raise InputError(
+                f"tensor {key!r}: chunk {i} (offsets {list(offsets)}, sizes {list(sizes)}) does not match "
+                f"the rank of its size {list(shape)}",
+                path=path,
+            )
+        if any(o + s > d for o, s, d in zip(offsets, sizes, shape, strict=True)):
+            raise InputError(
+                f"tensor {key!r}: chunk {i} (offsets {list(offsets)}, sizes {list(sizes)}) reaches past "
+                f"its size {list(shape)}",
+                path=path,
+            )
+        chunks.append((offsets, sizes))
+    return _TensorEntry(key, dtype, shape, chunks)
+
+
+def _planner_paths(planner: Any, sdm: dict[str, Any]) -> tuple[dict[str, str], set[str], list[str]]:
+    """(key -> top-level key, keys below their top-level key, the saved dict's key order).
+
+    The default planner's ``planner_data`` maps each flattened key to its path in the saved dict
+    (``'optim.state.fc.bias.step'`` -> ``('optim', 'state', 'fc.bias', 'step')``); without it the top-level
+    key is the text before the first dot.
+    """
+    paths = planner if isinstance(planner, dict) else {}
+    tops: dict[str, str] = {}
+    nested: set[str] = set()
+    for key in sdm:
+        if not isinstance(key, str):
+            continue
+        path = paths.get(key)
+        if isinstance(path, (tuple, list)) and path and isinstance(path[0], str):
+            tops[key] = path[0]
+            if len(path) > 1:
+                nested.add(key)
+        else:
+            head, dot, _ = key.partition(".")
+            tops[key] = head
+            if dot:
+                nested.add(key)
+    order = [k for k in paths if isinstance(k, str) and k in sdm]
+    return tops, nested, order
+
+
+def _storage_spans(p: _Parsed, storage: Any, folder_real: str) -> None:
+    """Every storage_data record, each file checked to stay inside the folder and hold its span."""
+    if storage is None:
+        p.findings.append(
+            Finding("warning", "no-storage-data", ".metadata has no storage_data: the chunks' files are unknown")
+        )
+        return
+    if not isinstance(storage, dict):
+        raise InputError(f"Metadata.storage_data is {_describe(storage)}, not a mapping", path=p.meta_path)
+    spans: dict[tuple[str, tuple[int, ...] | None], _Span] = {}
+    checked: dict[str, str] = {}  # relative path -> full path
+    for k, v in storage.items():
+        ks = _fields(k, INDEX, "a storage_data key", p.meta_path)
+        fqn = ks.get("fqn")
+        if not isinstance(fqn, str):
+            raise InputError(f"a storage_data key names {_describe(fqn)}, not a key", path=p.meta_path)
+        off = ks.get("offset")
+        offsets = None if off is None else _dims(off, f"storage_data key {fqn!r} offset", p.meta_path)
+        vs = _fields(v, STORAGE_INFO, f"storage_data[{fqn!r}]", p.meta_path)
+        rel, offset, length = vs.get("relative_path"), vs.get("offset"), vs.get("length")
+        if not isinstance(rel, str) or not rel:
+            raise InputError(f"storage_data[{fqn!r}] names {_describe(rel)} as its file", path=p.meta_path)
+        for name, n in (("offset", offset), ("length", length)):
+            if type(n) is not int or n < 0 or n > MAX_INDEX:
+                raise InputError(f"storage_data[{fqn!r}] has an impossible {name} {n!r:.40}", path=p.meta_path)
+        td = vs.get("transform_descriptors")
+        if td is not None and not (isinstance(td, (list, tuple)) and all(isinstance(x, str) for x in td)):
+            raise InputError(f"storage_data[{fqn!r}] has transform descriptors {_describe(td)}", path=p.meta_path)
+        full = checked.get(rel)
+        if full is None:
+            full = checked[rel] = _inside(folder_real, os.path.join(p.folder, rel), rel, p.meta_path)
+            p.file_sizes[rel] = _file_size(full, rel, p.meta_path)
+        size = p.file_sizes[rel]
+        if offset + length > size:
+            raise InputError(
+                f"storage_data[{fqn!r}] spans bytes {offset}..{offset + length} of {rel!r}, which holds {size}",
+                path=p.meta_path,
+            )
+        spans[(fqn, offsets)] = _Span(rel, full, offset, length, tuple(td or ()))
+    p.spans = spans
+
+
+def _inside(folder_real: str, full: str, name: str, meta_path: str) -> str:
+    """``full`` when it resolves inside the folder; :class:`UnsafeError` when it could reach outside."""
+    if "\0" in name:
+        raise UnsafeError(f"file name {name!r} contains a NUL byte", path=meta_path)
+    # A leading "\" or a drive letter is absolute on Windows even where os.path.isabs says no.
+    if os.path.isabs(name) or name.startswith(("/", "\\")) or (len(name) > 1 and name[0].isalpha() and name[1] == ":"):
+        raise UnsafeError(f"file {name!r} is an absolute path and leaves the checkpoint folder", path=meta_path)
+    real = os.path.realpath(full)
+    # realpath resolves both ".." and symlinks, so one comparison covers both escapes.
+    if os.path.commonpath([real, folder_real]) != folder_real:
+        raise UnsafeError(f"file {name!r} leaves the checkpoint folder", path=meta_path)
+    return full
+
+
+def _file_size(full: str, rel: str, meta_path: str) -> int:
+    try:
+        st = os.stat(full)
+    except FileNotFoundError:
+        raise InputError(f"data file {rel!r} named in .metadata does not exist", path=meta_path) from None
+    except OSError as e:
+        raise InputError(f"cannot access data file {rel!r} ({e.strerror or e})", path=meta_path) from None
+    if not os.path.isfile(full):
+        raise InputError(f"data file {rel!r} named in .metadata is not a regular file", path=meta_path)
+    return st.st_size
+
+
+def _span_of(p: _Parsed, fqn: str, offsets: tuple[int, ...] | None) -> _Span | None:
+    return p.spans.get((fqn, offsets)) if p.spans is not None else None
+
+
+def _spans_of(p: _Parsed, e: _TensorEntry) -> list[_Span | None]:
+    return [_span_of(p, e.fqn, offsets) for offsets, _ in e.chunks]
+
+
+def _check_chunks(p: _Parsed) -> None:
+    """Each chunk has a span big enough for its bytes, and the chunks cover their tensor."""
+    partial = []
+    for e in p.tensors:
+        covered = 0
+        for offsets, sizes in e.chunks:
+            n = _numel(sizes)
+            covered += n
+            if p.spans is None:
+                continue
+            s = p.spans.get((e.fqn, offsets))
+            if s is None:
+                raise InputError(
+                    f"tensor {e.fqn!r}: the chunk at offsets {list(offsets)} has no storage_data record",
+                    path=p.meta_path,
+                )
+            need = nbytes(e.dtype, n)
+            # A torch.save archive of the chunk holds at least its bytes; a transformed (compressed) one may not.
+            if not s.transforms and s.length < need:
+                raise InputError(
+                    f"tensor {e.fqn!r}: the chunk at offsets {list(offsets)} (sizes {list(sizes)}, {e.dtype}) "
+                    f"needs {need} bytes but its span in {s.rel!r} holds {s.length}",
+                    path=p.meta_path,
+                )
+        if covered != _numel(e.shape):
+            partial.append(f"{e.fqn} ({covered} of {_numel(e.shape)} elements)")
+    if partial:
+        p.findings.append(
+            Finding("warning", "chunk-coverage", f"chunks do not add up to their tensor's size: {_names(partial)}")
+        )
+    if p.spans is not None:
+        missing = [k for k in p.byte_entries if (k, None) not in p.spans]
+        if missing:
+            raise InputError(f"non-tensor entries without a storage_data record: {_names(missing)}", path=p.meta_path)
+        transformed = sorted({"/".join(s.transforms) for s in p.spans.values() if s.transforms})
+        if transformed:
+            p.findings.append(
+                Finding(
+                    "info",
+                    "stream-transforms",
+                    f"data is stored through DCP stream transforms ({', '.join(transformed)}); "
+                    "statecli lists it but does not read it",
+                )
+            )
+
+
+def _shared_spans(p: _Parsed) -> set[tuple[str, int]]:
+    """Spans that several chunks name (a safetensors-serialized DCP or a hand-made file): no storage key."""
+    counts: dict[tuple[str, int], int] = {}
+    for e in p.tensors:
+        for offsets, _ in e.chunks:
+            s = _span_of(p, e.fqn, offsets)
+            if s is not None:
+                counts[(s.rel, s.offset)] = counts.get((s.rel, s.offset), 0) + 1
+    shared = {k for k, n in counts.items() if n > 1}
+    if shared:
+        where = _names([f"{rel} at byte {off}" for rel, off in sorted(shared)])
+        p.findings.append(
+            Finding(
+                "warning",
+                "shared-span",
+                f"several chunks name the same bytes ({where}); their layout is not DCP's TORCH_SAVE one",
+            )
+        )
+    return shared
+
+
+def _meta_strings(md: dict[str, Any]) -> dict[str, str]:
+    out = {}
+    version = md.get("version")
+    if isinstance(version, str):
+        out["version"] = version[:100]
+    sm = md.get("storage_meta")
+    if isinstance(sm, Stub) and sm.class_name == STORAGE_META and isinstance(sm.state, dict):
+        save_id = sm.state.get("save_id")
+        if isinstance(save_id, str):
+            out["save_id"] = save_id[:100]
+    return out
+
+
+def _unreferenced_files(p: _Parsed, folder: str) -> None:
+    if p.spans is None:
+        return
+    try:
+        present = sorted(e for e in os.listdir(folder) if e.endswith(".distcp"))
+    except OSError:
+        return
+    stray = [e for e in present if e not in p.file_sizes]
+    if stray:
+        p.findings.append(
+            Finding(
+                "info",
+                "unreferenced-file",
+                f".distcp files that .metadata does not name (left from another save?): {_names(stray)}",
+            )
+        )
+
+
+# ------------------------------------------------------------------------------------- structure
+
+
+def _containers(p: _Parsed) -> tuple[str | None, dict[str, str], list[str]]:
+    """(the model's top-level key or None, tensor key -> group, top-level keys besides the model)."""
+    tensor_tops: dict[str, None] = {}
+    for e in p.tensors:
+        if e.fqn in p.nested:
+            tensor_tops.setdefault(p.tops[e.fqn], None)
+    model_key = next((k for k in tensor_tops if k in MODEL_KEYS), None)
+    groups: dict[str, str] = {}
+    for e in p.tensors:
+        top = p.tops[e.fqn]
+        if e.fqn in p.nested and top in OPTIMIZER_GROUP_KEYS and top != model_key:
+            groups[e.fqn] = "optimizer"
+        elif model_key is None or top == model_key:
+            groups[e.fqn] = "model"
+        else:
+            groups[e.fqn] = top
+    others: dict[str, None] = {}
+    for key in [e.fqn for e in p.tensors] + p.byte_entries + [k for k, _ in p.unknown]:
+        top = p.tops.get(key, key.partition(".")[0])
+        if top == model_key or (model_key is None and groups.get(key) == "model"):
+            continue
+        others.setdefault(top, None)
+    if p.byte_entries:
+        p.findings.append(
+            Finding(
+                "info",
+                "non-tensor-entries",
+                f"{_count(len(p.byte_entries), 'non-tensor entry', 'non-tensor entries')} stored as pickled "
+                f"objects, scanned but not loaded: {_names(p.byte_entries)}",
+            )
+        )
+    return model_key, groups, list(others)
+
+
+def _optimizer_state_tops(p: _Parsed) -> set[str]:
+    """Top-level keys holding both ``state.*`` and ``param_groups.*``: structurally an optimizer state dict."""
+    state: set[str] = set()
+    groups: set[str] = set()
+    for key in [e.fqn for e in p.tensors] + p.byte_entries:
+        top = p.tops.get(key)
+        if top is None or key not in p.nested:
+            continue
+        rest = key[len(top) + 1 :]
+        if rest.startswith("state."):
+            state.add(top)
+        elif rest.startswith("param_groups."):
+            groups.add(top)
+    return state & groups
+
+
+def _optimizer_evidence(p: _Parsed, model_key: str | None, groups: dict[str, str]) -> set[str]:
+    """Model tensors that have optimizer state: ``<optim>.state.<param fqn>.<name>`` names them.
+
+    ``get_state_dict`` (torch.distributed.checkpoint.state_dict) keys optimizer state by the parameter's
+    fully qualified name, the same name the model state dict uses, so ``optim.state.fc.weight.exp_avg``
+    points at ``model.fc.weight``. The tensor then gets role ``parameter`` with evidence ``optimizer``,
+    ``exact: false`` (DESIGN.md §2 lists ``optimizer`` among the inferred sources). It is strong
+    evidence, but not a record of the role: the link is a naming convention of get_state_dict rather
+    than something the file states (a hand-built dict can use any names, an index-keyed optimizer
+    ``optim.state.0.exp_avg`` names nothing), and what it shows is that the optimizer *updated* the
+    tensor when saved, not that it is an ``nn.Parameter`` of the model today (a tied parameter has state
+    under one name only). Its absence proves nothing either: a frozen parameter, or one that never got
+    a gradient, has no state. Integer and bool tensors never take it (autograd cannot train them).
+    """
+    model_names = {e.fqn: e for e in p.tensors if groups.get(e.fqn) == "model"}
+    found: set[str] = set()
+    for e in p.tensors:
+        top = p.tops.get(e.fqn)
+        if groups.get(e.fqn) != "optimizer" or top is None:
+            continue
+        rest = e.fqn.removeprefix(f"{top}.state.")
+        if rest == e.fqn:
+            continue
+        param = rest.rpartition(".")[0]  # drop the state's own name (exp_avg, step, momentum_buffer, ...)
+        target = f"{model_key}.{param}" if model_key is not None else param
+        t = model_names.get(target)
+        if t is not None and t.dtype in DTYPES and not DTYPES[t.dtype].is_integral:
+            found.add(target)
+    return found
+
+
+# ------------------------------------------------------------------------------------- bytes entries
+
+
+def _inert_storage(pid: Any) -> StorageRef:
+    """A storage record for a pickled object's tensor: named, never read or checked against a file."""
+    if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[1], Global):
+        dtype = STORAGE_TYPES.get(pid[1].name, "uint8")
+        numel = pid[4] if type(pid[4]) is int and 0 <= pid[4] <= MAX_INDEX else 0
+        return StorageRef(str(pid[2])[:64], dtype, str(pid[3])[:64], numel, nbytes(dtype, numel))
+    raise InputError(f"unexpected persistent id {str(pid)[:80]}")
+
+
+def _pickles_of(blob: bytes) -> list[bytes]:
+    """The pickles torch.load would unpickle from a bytes entry: a torch.save archive's data.pkl, or
+    up to five pickles back to back (the pre-1.6 format: magic, protocol, sys info, object, keys)."""
+    if blob[:4] == b"PK\x03\x04":
+        with zipfile.ZipFile(io.BytesIO(blob)) as zf:
+            pkls = [i for i in zf.infolist() if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1]
+            if len(pkls) != 1:
+                raise InputError(f"a zip archive with {len(pkls)} data.pkl members")
+            if pkls[0].file_size > MAX_BYTES_ENTRY:
+                raise LimitExceededError(f"data.pkl of {pkls[0].file_size} bytes")
+            return [zf.read(pkls[0])]
+    return [blob]
+
+
+def _scan_blob(blob: bytes) -> tuple[dict[tuple[str, str], int], list[tuple[Global, Any]]]:
+    seen: dict[tuple[str, str], int] = {}
+    calls: list[tuple[Global, Any]] = []
+    for data in _pickles_of(blob):
+        rest = data
+        for _ in range(5):
+            _, u = loads(rest, _inert_storage)
+            for k, n in u.globals_seen.items():
+                seen[k] = seen.get(k, 0) + n
+            calls.extend(u.calls)
+            rest = rest[u.end :]
+            if rest[:1] != b"\x80":
+                break
+    return seen, calls
+
+
+def _scan_byte_entries(p: _Parsed) -> list[Finding]:
+    """Findings for the pickled objects torch's DCP loader would ``torch.load(weights_only=False)``."""
+    if p.spans is None or not p.byte_entries:
+        return []
+    by_message: dict[tuple[str, str, str], list[str]] = {}
+    unscanned: list[str] = []
+    total = 0
+    handles: dict[str, Any] = {}
+    try:
+        for key in p.byte_entries:
+            s = p.spans[(key, None)]
+            if s.transforms or s.length > MAX_BYTES_ENTRY or total + s.length > MAX_BYTES_TOTAL:
+                unscanned.append(f"{key} (transformed or too large)" if s.transforms else f"{key} ({s.length} bytes)")
+                continue
+            total += s.length
+            try:
+                f = handles.get(s.path)
+                if f is None:
+                    f = handles[s.path] = open(s.path, "rb")  # noqa: SIM115 - closed below
+                f.seek(s.offset)
+                blob = f.read(s.length)
+                seen, calls = _scan_blob(blob)
+            except (StatecliError, zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
+                unscanned.append(f"{key} ({getattr(e, 'message', None) or e})"[:160])
+                continue
+            except RecursionError:
+                unscanned.append(f"{key} (nested too deeply)")
+                continue
+            seen = {k: n for k, n in seen.items() if k not in DCP_NAMES}
+            calls = [(g, a) for g, a in calls if (g.module, g.name) not in DCP_NAMES]
+            for finding in findings_for(seen, calls):
+                by_message.setdefault((finding.level, finding.code, finding.message), []).append(key)
+    finally:
+        for h in handles.values():
+            h.close()
+    out = []
+    for (level, code, message), keys in by_message.items():
+        more = f" (and {_count(len(keys) - 1, 'more entry', 'more entries')})" if len(keys) > 1 else ""
+        out.append(Finding(level, code, f"non-tensor entry {keys[0]!r}{more}: {message}"))
+    if unscanned:
+        out.append(
+            Finding(
+                "warning",
+                "unscanned-entry",
+                "non-tensor entries statecli could not scan; torch's DCP loader unpickles them with "
+                f"torch.load(weights_only=False): {_names(unscanned)}",
+            )
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------------- text
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else (many or one + 's')}"
+
+
+def _names(items: list[str]) -> str:
+    shown = ", ".join(items[:LIST_LIMIT])
+    return shown + (f", … (+{len(items) - LIST_LIMIT} more)" if len(items) > LIST_LIMIT else "")
