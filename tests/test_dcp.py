@@ -94,6 +94,11 @@ def small_dcp(folder: Path, state: dict[str, Any]) -> Path:
 # --- against torch's own reading of the samples ----------------------------------------------------
 
 
+def fqn(t: Any) -> str:
+    """The key as DCP stores it: statecli names a model's tensors inside the model, like a torch.save dict."""
+    return f"model.{t.name}" if t.group == "model" else t.name
+
+
 @pytest.mark.parametrize("sample", [TRAINING, SHARDED])
 def test_names_dtypes_shapes_match_torch(samples_dir: Path, sample: str) -> None:
     md = oracle_metadata(samples_dir / sample)
@@ -104,10 +109,10 @@ def test_names_dtypes_shapes_match_torch(samples_dir: Path, sample: str) -> None
     }
     raw = read_dcp(str(samples_dir / sample))
     assert raw.format == "dcp"
-    assert {t.name: (t.dtype, t.shape) for t in raw.tensors} == expected
+    assert {fqn(t): (t.dtype, t.shape) for t in raw.tensors} == expected
     assert len(raw.tensors) == len(expected)
     # Listed in the saved dict's order (planner_data), not the order ranks reported their chunks in.
-    assert [t.name for t in raw.tensors] == [k for k in md.planner_data if k in expected]
+    assert [fqn(t) for t in raw.tensors] == [k for k in md.planner_data if k in expected]
     assert all(t.device is None and t.requires_grad is None for t in raw.tensors)
 
 
@@ -162,15 +167,15 @@ def test_training_sample_container_groups_and_roles(samples_dir: Path) -> None:
     by_name = {t.name: t for t in report.tensors}
     assert len(by_name) == 16 + 30
 
-    w = by_name["model.conv1.weight"]
+    w = by_name["conv1.weight"]
     assert (w.role, w.evidence, w.exact, w.group) == ("parameter", "optimizer", False, "model")
     assert (w.storage, w.file, w.stride) == (f"__0_0.distcp:{w_offset(samples_dir)}", "__0_0.distcp", (27, 9, 3, 1))
     assert w.persistent is True
-    for name in ("model.bn1.running_mean", "model.bn1.running_var", "model.bn2.num_batches_tracked"):
+    for name in ("bn1.running_mean", "bn1.running_var", "bn2.num_batches_tracked"):
         assert (by_name[name].role, by_name[name].evidence) == ("buffer", "rule:batchnorm-stats")
     params = [t.name for t in report.tensors if t.role == "parameter"]
     assert params == [
-        n for n in by_name if n.startswith("model.") and not n.rpartition(".")[2].startswith(("running", "num"))
+        n for n in by_name if by_name[n].group == "model" and not n.rpartition(".")[2].startswith(("running", "num"))
     ]
     assert all(by_name[n].evidence == "optimizer" for n in params)
 
@@ -195,17 +200,17 @@ def w_offset(samples_dir: Path) -> int:
 def test_sharded_sample_one_logical_tensor_per_key(samples_dir: Path) -> None:
     raw = read_dcp(str(samples_dir / SHARDED))
     by_name = {t.name: t for t in raw.tensors}
-    conv = by_name["model.conv1.weight"]
+    conv = by_name["conv1.weight"]
     assert conv.shape == (8, 3, 3, 3) and conv.storage is None and conv.file == "__0_0.distcp"
     assert conv.storage_nbytes == 8 * 27 * 4
     chunks = chunk_map(str(samples_dir / SHARDED))["model.conv1.weight"]
     assert [(c.offsets[0], c.sizes[0]) for c in chunks] == [(0, 3), (3, 3), (6, 2)]
     assert [os.path.basename(c.path) for c in chunks] == ["__0_0.distcp", "__1_0.distcp", "__2_0.distcp"]
     # Replicated buffers are written once: one chunk, so a storage key.
-    assert by_name["model.bn1.running_mean"].storage is not None
+    assert by_name["bn1.running_mean"].storage is not None
     (sharded,) = [f for f in raw.findings if f.code == "sharded-tensors"]
     assert sharded.level == "info" and "10 tensors" in sharded.message and "3 files" in sharded.message
-    assert "model.conv1.weight (3 chunks)" in sharded.message
+    assert "conv1.weight (3 chunks)" in sharded.message
     report = statecli.open_checkpoint(samples_dir / SHARDED)
     assert report.summary.parameters.count == 10 and report.summary.buffers.count == 6
     assert report.summary.storage_nbytes == report.summary.logical_nbytes
@@ -222,7 +227,7 @@ def test_cli_inspect_json(samples_dir: Path) -> None:
     data = json.loads(result.stdout)
     assert data["schema"] == "statecli.report/1" and data["format"] == "dcp"
     assert data["container"]["state_dict_at"] == "model"
-    w = next(t for t in data["tensors"] if t["name"] == "model.fc.weight")
+    w = next(t for t in data["tensors"] if t["name"] == "fc.weight")
     assert (w["role"], w["evidence"], w["exact"], w["shape"], w["device"]) == (
         "parameter",
         "optimizer",
@@ -268,7 +273,7 @@ def test_optimizer_state_by_index_names_no_parameter(tmp_path: Path) -> None:
 def test_other_top_level_tensors_keep_their_key_as_group(tmp_path: Path) -> None:
     state = {"model": {"w": torch.ones(2)}, "rng": torch.zeros(4, dtype=torch.uint8), "step": 7}
     raw = read_dcp(str(small_dcp(tmp_path / "c", state)))
-    assert [(t.name, t.group, t.role) for t in raw.tensors] == [("model.w", "model", None), ("rng", "rng", "other")]
+    assert [(t.name, t.group, t.role) for t in raw.tensors] == [("w", "model", None), ("rng", "rng", "other")]
     assert raw.container.other_keys == ("rng", "step")
 
 
@@ -384,7 +389,7 @@ def test_subfolder_inside_is_fine(training_copy: Path) -> None:
     shutil.copy(training_copy / "__0_0.distcp", training_copy / "sub" / "x.distcp")
     rewrite(training_copy, lambda md: retarget(md, "model.fc.bias", relative_path="sub/x.distcp"))
     by_name = {t.name: t for t in read_dcp(str(training_copy)).tensors}
-    assert by_name["model.fc.bias"].file == "sub/x.distcp"
+    assert by_name["fc.bias"].file == "sub/x.distcp"
 
 
 @pytest.mark.parametrize(
@@ -495,8 +500,8 @@ def test_chunks_naming_the_same_bytes_get_no_storage_key(training_copy: Path) ->
 
     rewrite(training_copy, change)
     by_name = {t.name: t for t in read_dcp(str(training_copy)).tensors}
-    assert by_name["model.fc.weight"].storage is None and by_name["model.fc.bias"].storage is None
-    assert by_name["model.conv1.weight"].storage is not None
+    assert by_name["fc.weight"].storage is None and by_name["fc.bias"].storage is None
+    assert by_name["conv1.weight"].storage is not None
     with pytest.raises(UnsupportedFormatError, match="shared span"):
         chunk_map(str(training_copy))
 
@@ -515,3 +520,12 @@ def test_bytes_after_the_pickle_are_a_warning(training_copy: Path) -> None:
     meta.write_bytes(meta.read_bytes() + b"junk")
     raw = read_dcp(str(training_copy))
     assert any(f.code == "trailing-pickle-data" and "4 bytes" in f.message for f in raw.findings)
+
+
+@pytest.mark.parametrize("command", [["stats"], ["convert", "-o", "OUT"], ["diff", "OTHER"]])
+def test_value_commands_say_dcp_values_are_not_read(samples_dir: Path, tmp_path: Path, command: list[str]) -> None:
+    folder = str(samples_dir / TRAINING)
+    args = [a.replace("OUT", str(tmp_path / "o.safetensors")).replace("OTHER", folder) for a in command]
+    result = run(args[0], folder, *args[1:])
+    assert result.exit_code == 3 and "not read yet" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "o.safetensors").exists()

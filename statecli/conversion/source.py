@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from statecli.errors import InputError
+from statecli.errors import InputError, UnsupportedFormatError
 from statecli.formats.safetensors_reader import tensor_spans
 from statecli.formats.torchzip import archive_root
 from statecli.formats.zipdir import Member, data_offset, read_central_directory
@@ -51,6 +51,12 @@ class Source:
     """Reads the bytes behind the tensors of ``report``. Use as a context manager."""
 
     def __init__(self, report: Report, check_crc: bool = True) -> None:
+        if report.format == "dcp":
+            raise UnsupportedFormatError(
+                "tensor values of a torch.distributed.checkpoint folder are not read yet (inspect, tree, schema "
+                "and metadata checks work); torch.distributed.checkpoint.format_utils.dcp_to_torch_save converts it",
+                path=report.path,
+            )
         self.report = report
         # torch.load checks no CRC either (its miniz is built without reader CRC checks); summing 2 GiB
         # costs ~0.8 s of CPU here, so convert asks for it only under --verify.

@@ -175,8 +175,12 @@ def read_dcp(folder: str, limits: Limits | None = None) -> RawCheckpoint:
         spans = _spans_of(p, e)
         size = nbytes(e.dtype, _numel(e.shape))
         group = groups[e.fqn]
+        name = e.fqn
+        if group == "model" and model_key:
+            # As for a torch.save training dict: the model's tensors are named inside the model.
+            name = name.removeprefix(model_key + ".")
         raw = RawTensor(
-            name=e.fqn,
+            name=name,
             dtype=e.dtype,
             shape=e.shape,
             stride=contiguous_strides(e.shape),
@@ -190,7 +194,7 @@ def read_dcp(folder: str, limits: Limits | None = None) -> RawCheckpoint:
             raw.storage = f"{first.rel}:{first.offset}"
             storage_sizes[raw.storage] = size
         if len(e.chunks) > 1:
-            sharded.append(f"{e.fqn} ({len(e.chunks)} chunks)")
+            sharded.append(f"{name} ({len(e.chunks)} chunks)")
         if group != "model":
             raw.role = "other"
             raw.evidence = "container"
