@@ -363,7 +363,9 @@ def build_plan(report: Report, output: str, options: ConvertOptions) -> Plan:
         for reason, n in by_reason.items():
             notes.append(Finding("info", "dropped", f"{n} tensor{'s' if n != 1 else ''} left out: {reason}"))
     if not items:
-        raise UsageError(f"nothing to convert: no model tensors found in {report.path}")
+        groups = sorted({t.group for t in report.tensors if t.group != "model"})
+        hint = f"; its tensors are under {', '.join(groups)} (--select {groups[0]})" if groups else ""
+        raise UsageError(f"nothing to convert: no model tensors found in {report.path}{hint}")
     return Plan(report, output, fmt, options, items, dropped, notes)
 
 

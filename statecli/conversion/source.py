@@ -41,10 +41,19 @@ def byte_view(t: torch.Tensor) -> memoryview:
 
 
 class _ZipFile:
+    """A zip archive's members by root-relative name: torch.save, TorchScript and torch.export archives
+    all put everything under one top folder, and their readers name storages inside it."""
+
     def __init__(self, path: str) -> None:
         self.path = path
         self.members: dict[str, Member] = read_central_directory(path)
-        self.root = archive_root(list(self.members), path)
+        roots = {n.split("/", 1)[0] for n in self.members if "/" in n}
+        if any(n.endswith("/data.pkl") for n in self.members):
+            self.root = archive_root(list(self.members), path)
+        elif len(roots) == 1:
+            self.root = roots.pop()  # a .pt2 has no data.pkl
+        else:
+            raise InputError("zip archive without a single top folder", path=path)
 
 
 class Source:
@@ -67,6 +76,7 @@ class Source:
         self._zips: dict[str, _ZipFile] = {}
         self._spans: dict[str, dict[str, tuple[int, int]]] = {}
         self._legacy: dict[str, dict[str, tuple[int, int]]] = {}
+        self._zipped: dict[str, bool] = {}
         self._pool: ThreadPoolExecutor | None = None
 
     def __enter__(self) -> Source:
@@ -85,6 +95,14 @@ class Source:
             return os.path.join(self.folder, t.file)
         return self.report.path
 
+    def _is_zip(self, path: str) -> bool:
+        zipped = self._zipped.get(path)
+        if zipped is None:
+            f = self._file(path)
+            f.seek(0)
+            zipped = self._zipped[path] = f.read(4) in (b"PK\x03\x04", b"PK\x05\x06")
+        return zipped
+
     def _file(self, path: str) -> Any:
         f = self._files.get(path)
         if f is None:
@@ -101,7 +119,7 @@ class Source:
         storage = t.storage
         if self.sharded and storage is not None and t.file is not None:
             storage = storage.removeprefix(f"{t.file}:")  # the index reader made keys unique per shard
-        if storage is not None and storage.startswith("data/"):
+        if storage is not None and not storage.startswith(("alias:", "legacy/")) and self._is_zip(path):
             z = self._zips.get(path)
             if z is None:
                 z = self._zips[path] = _ZipFile(path)

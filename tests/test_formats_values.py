@@ -1,0 +1,63 @@
+"""Tensor values of TorchScript and torch.export archives: stats, convert and load read them from the
+archive's members (no TorchScript or pickle runs), equal to what torch's own loaders give."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import statecli
+from statecli.stats import compute
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+
+
+def jit_state(name: str) -> dict[str, torch.Tensor]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {k: v.detach() for k, v in torch.jit.load(SAMPLES / name).state_dict().items()}
+
+
+def export_state(name: str) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in torch.export.load(SAMPLES / name).state_dict.items()}
+
+
+@pytest.mark.parametrize(("name", "oracle"), [("torchscript_cnn.pt", jit_state), ("export_tied_lm.pt2", export_state)])
+def test_load_equals_torchs_own_loader(name: str, oracle: object) -> None:
+    want = oracle(name)  # type: ignore[operator]
+    got = statecli.load(SAMPLES / name)
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key
+
+
+def test_export_ties_survive_convert(tmp_path: Path) -> None:
+    out = tmp_path / "lm.pt"
+    statecli.convert(SAMPLES / "export_tied_lm.pt2", out, dtype="bf16", verify=True)
+    sd = torch.load(out, weights_only=True)
+    assert sd["embed.weight"].data_ptr() == sd["lm_head.weight"].data_ptr()
+    assert sd["embed.weight"].dtype == torch.bfloat16
+
+
+def test_stats_on_torchscript_matches_torch() -> None:
+    want = jit_state("torchscript_cnn.pt")
+    got = {t.name: t for t in compute(statecli.open_checkpoint(SAMPLES / "torchscript_cnn.pt")).tensors}
+    for key, value in want.items():
+        if value.is_floating_point():
+            assert got[key].max == pytest.approx(float(value.max()))
+            assert got[key].mean == pytest.approx(float(value.double().mean()), rel=1e-6, abs=1e-7)
+
+
+def test_pt2_sample_inputs_are_listed_not_read() -> None:
+    result = compute(statecli.open_checkpoint(SAMPLES / "export_tied_lm.pt2"))
+    skipped = [t for t in result.tensors if t.skipped]
+    assert [t.name for t in skipped] == ["sample_inputs.0.0"] and "nested archive" in (skipped[0].skipped or "")
+
+
+def test_frozen_constants_need_select(tmp_path: Path) -> None:
+    with pytest.raises(statecli.UsageError, match=r"--select constants"):
+        statecli.convert(SAMPLES / "torchscript_freeze_constants.pt", tmp_path / "o.safetensors")
+    statecli.convert(SAMPLES / "torchscript_freeze_constants.pt", tmp_path / "o.safetensors", select="constants")
+    assert (tmp_path / "o.safetensors").exists()
