@@ -385,7 +385,8 @@ def make_all() -> list[Path]:
                 raise
             continue
         maker.make(HERE)
-    files = sorted(p for p in HERE.rglob("*") if p.is_file() and p.suffix in {".pt", ".ckpt", ".safetensors", ".json"})
+    kinds = {".pt", ".ckpt", ".safetensors", ".json", ".pt2", ".distcp"}
+    files = sorted(p for p in HERE.rglob("*") if p.is_file() and (p.suffix in kinds or p.name == ".metadata"))
     too_big = [p for p in files if p.stat().st_size >= SIZE_LIMIT]
     if too_big:
         raise SystemExit(f"sample files over {SIZE_LIMIT} bytes: {too_big}")
