@@ -520,12 +520,3 @@ def test_bytes_after_the_pickle_are_a_warning(training_copy: Path) -> None:
     meta.write_bytes(meta.read_bytes() + b"junk")
     raw = read_dcp(str(training_copy))
     assert any(f.code == "trailing-pickle-data" and "4 bytes" in f.message for f in raw.findings)
-
-
-@pytest.mark.parametrize("command", [["stats"], ["convert", "-o", "OUT"], ["diff", "OTHER"]])
-def test_value_commands_say_dcp_values_are_not_read(samples_dir: Path, tmp_path: Path, command: list[str]) -> None:
-    folder = str(samples_dir / TRAINING)
-    args = [a.replace("OUT", str(tmp_path / "o.safetensors")).replace("OTHER", folder) for a in command]
-    result = run(args[0], folder, *args[1:])
-    assert result.exit_code == 3 and "not read yet" in result.stderr and "Traceback" not in result.stderr
-    assert not (tmp_path / "o.safetensors").exists()

@@ -61,3 +61,33 @@ def test_frozen_constants_need_select(tmp_path: Path) -> None:
         statecli.convert(SAMPLES / "torchscript_freeze_constants.pt", tmp_path / "o.safetensors")
     statecli.convert(SAMPLES / "torchscript_freeze_constants.pt", tmp_path / "o.safetensors", select="constants")
     assert (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", ["dcp_training", "dcp_sharded"])
+def test_dcp_values_equal_torchs_own_conversion(name: str, tmp_path: Path) -> None:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(SAMPLES / name, tmp_path / "ref.pt")  # torch's own reader, on our trusted sample
+    ref = torch.load(tmp_path / "ref.pt", weights_only=False)
+    ref = ref.get("model", ref)
+    got = statecli.load(SAMPLES / name)
+    assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+    out = tmp_path / "model.safetensors"
+    statecli.convert(SAMPLES / name, out, dtype="bf16", verify=True)  # an FSDP-style folder to one file
+    assert statecli.open_checkpoint(out).summary.parameters.count == 10
+    stats = {t.name: t for t in compute(statecli.open_checkpoint(SAMPLES / name)).tensors}
+    assert stats["conv1.weight"].max == pytest.approx(float(ref["conv1.weight"].max()))
+
+
+def test_dcp_chunks_that_do_not_cover_a_tensor_are_refused(tmp_path: Path) -> None:
+    import shutil
+
+    from statecli.conversion.dcp_values import DcpValues
+
+    folder = tmp_path / "d"
+    shutil.copytree(SAMPLES / "dcp_sharded", folder)
+    values = DcpValues(statecli.open_checkpoint(folder))
+    values.chunks["model.conv1.weight"] = values.chunks["model.conv1.weight"][:2]  # drop a rank's rows
+    t = next(t for t in statecli.open_checkpoint(folder).tensors if t.name == "conv1.weight")
+    with pytest.raises(statecli.InputError, match="do not cover it exactly"):
+        values.read(t, lambda path, offset, n: b"")

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from statecli.errors import InputError, UnsupportedFormatError
+from statecli.errors import InputError
 from statecli.formats.safetensors_reader import tensor_spans
 from statecli.formats.torchzip import archive_root
 from statecli.formats.zipdir import Member, data_offset, read_central_directory
@@ -24,6 +24,8 @@ from statecli.records import Report, TensorInfo
 
 if TYPE_CHECKING:
     import torch
+
+    from statecli.conversion.dcp_values import DcpValues
 
 STREAM_CHUNK = 16 << 20  # big enough to keep reads and casts efficient, small next to any model
 
@@ -60,13 +62,12 @@ class Source:
     """Reads the bytes behind the tensors of ``report``. Use as a context manager."""
 
     def __init__(self, report: Report, check_crc: bool = True) -> None:
-        if report.format == "dcp":
-            raise UnsupportedFormatError(
-                "tensor values of a torch.distributed.checkpoint folder are not read yet (inspect, tree, schema "
-                "and metadata checks work); torch.distributed.checkpoint.format_utils.dcp_to_torch_save converts it",
-                path=report.path,
-            )
         self.report = report
+        self._dcp: DcpValues | None = None
+        if report.format == "dcp":
+            from statecli.conversion.dcp_values import DcpValues
+
+            self._dcp = DcpValues(report)
         # torch.load checks no CRC either (its miniz is built without reader CRC checks); summing 2 GiB
         # costs ~0.8 s of CPU here, so convert asks for it only under --verify.
         self.check_crc = check_crc
@@ -94,6 +95,11 @@ class Source:
         if self.sharded and t.file is not None:
             return os.path.join(self.folder, t.file)
         return self.report.path
+
+    def _read_span(self, path: str, offset: int, n: int) -> bytes:
+        buf = bytearray(n)
+        _pread_into(self._file(path), memoryview(buf), offset, path, "a chunk")
+        return bytes(buf)
 
     def _is_zip(self, path: str) -> bool:
         zipped = self._zipped.get(path)
@@ -154,6 +160,9 @@ class Source:
         """The whole storage behind ``t`` as a flat uint8 tensor, CRC-checked where the file has one."""
         import torch
 
+        if self._dcp is not None:
+            return self._dcp.read(t, self._read_span)
+
         path, start, size, crc = self.span(t)
         buf = torch.empty(size, dtype=torch.uint8)
         view = byte_view(buf)
@@ -170,6 +179,9 @@ class Source:
         before it can finish, so nothing corrupt is ever kept."""
         import torch
 
+        if self._dcp is not None:  # a DCP tensor is rebuilt from its chunks: one piece
+            yield self.read(t)
+            return
         path, start, size, crc = self.span(t)
         f = self._file(path)
         bufs = [torch.empty(min(size, chunk), dtype=torch.uint8) for _ in range(2 if size > chunk else 1)]

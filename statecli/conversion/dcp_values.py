@@ -1,0 +1,103 @@
+"""Tensor values of a torch.distributed.checkpoint folder, rebuilt from its chunks without torch.load.
+
+Each chunk's span in a ``.distcp`` file is a small ``torch.save`` archive of one contiguous block
+(see :func:`statecli.formats.dcp.chunk_map`). Its ``data.pkl`` goes through statecli's restricted
+reader; the block's bytes come from its ``data/<key>`` member; the block is placed at the chunk's
+offsets in the global tensor. A tensor whose chunks do not cover it exactly is refused rather than
+written with bytes nobody saved.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import zipfile
+from typing import TYPE_CHECKING, Any
+
+from statecli.dtypes import DTYPES, STORAGE_TYPES
+from statecli.errors import InputError, StatecliError
+from statecli.formats.base import contiguous_strides
+from statecli.records import Report, TensorInfo
+from statecli.safepickle import Global, Limits, StorageRef, TensorRef, loads
+
+if TYPE_CHECKING:
+    import torch
+
+MAX_CHUNK_PICKLE = 1 << 20  # a chunk's data.pkl describes one tensor: a few hundred bytes
+
+
+class DcpValues:
+    """Whole tensors of one DCP folder, by the names :func:`statecli.formats.dcp.read_dcp` gives them."""
+
+    def __init__(self, report: Report) -> None:
+        from statecli.formats.dcp import chunk_map
+
+        self.report = report
+        self.folder = report.path
+        self.chunks = chunk_map(report.path)
+        model_key = report.container.state_dict_at
+
+        def stored(t: TensorInfo) -> str:
+            return f"{model_key}.{t.name}" if t.group == "model" and model_key else t.name
+
+        self.fqn = {t.name: stored(t) for t in report.tensors}
+
+    def read(self, t: TensorInfo, read_span: Any) -> torch.Tensor:
+        """``t``'s values as flat uint8 bytes of a contiguous tensor; ``read_span(path, offset, n)`` -> bytes."""
+        import torch
+
+        chunks = self.chunks.get(self.fqn.get(t.name, t.name))
+        if chunks is None:
+            raise InputError(f"tensor {t.name!r} has no chunks in .metadata", path=self.folder)
+        dtype = getattr(torch, t.dtype)
+        if sum(math.prod(c.sizes) for c in chunks) != math.prod(t.shape):
+            raise InputError(f"the chunks of {t.name!r} do not cover it exactly; not read", path=self.folder)
+        out = torch.empty(t.shape, dtype=dtype)
+        for c in chunks:
+            block = self._block(t, read_span(c.path, c.offset, c.length), dtype)
+            if tuple(block.shape) != tuple(c.sizes):
+                raise InputError(f"a chunk of {t.name!r} holds shape {tuple(block.shape)}, .metadata says "
+                                 f"{tuple(c.sizes)}", path=self.folder)  # fmt: skip
+            if not t.shape:
+                out.copy_(block)
+            else:
+                out[tuple(slice(o, o + s) for o, s in zip(c.offsets, c.sizes, strict=True))].copy_(block)
+        return out.reshape(-1).view(torch.uint8) if out.numel() else torch.empty(0, dtype=torch.uint8)
+
+    def _block(self, t: TensorInfo, span: bytes, dtype: torch.dtype) -> torch.Tensor:
+        import torch
+
+        try:
+            z = zipfile.ZipFile(io.BytesIO(span))
+            pickles = [n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+            if len(pickles) != 1:
+                raise InputError(f"a chunk of {t.name!r} is not one torch.save archive", path=self.folder)
+            root = pickles[0][: -len("/data.pkl")]
+            info = z.getinfo(pickles[0])
+            if info.file_size > MAX_CHUNK_PICKLE:
+                raise InputError(f"a chunk of {t.name!r} has a {info.file_size}-byte pickle", path=self.folder)
+
+            def storage(pid: Any) -> StorageRef:
+                if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+                    raise InputError("corrupt chunk: unexpected persistent id", path=self.folder)
+                _, stype, key, location, numel = pid
+                name = stype.name if isinstance(stype, Global) else None
+                kind = STORAGE_TYPES.get(name or "")
+                if kind is None or not isinstance(key, str) or type(numel) is not int or numel < 0:
+                    raise InputError("corrupt chunk: malformed storage record", path=self.folder)
+                nbytes = numel * DTYPES[kind].itemsize
+                member = z.getinfo(f"{root}/data/{key}")
+                if member.file_size < nbytes:
+                    raise InputError(f"a chunk of {t.name!r} claims more bytes than it holds", path=self.folder)
+                return StorageRef(key, kind, str(location), numel, nbytes)
+
+            ref, _ = loads(z.read(info), storage, Limits())
+            if not isinstance(ref, TensorRef) or ref.storage is None or ref.dtype != t.dtype:
+                raise InputError(f"a chunk of {t.name!r} is not one {t.dtype} tensor", path=self.folder)
+            data = bytearray(z.read(f"{root}/data/{ref.storage.key}"))  # zipfile checks the CRC
+        except StatecliError:
+            raise
+        except (zipfile.BadZipFile, KeyError, OSError, ValueError) as e:
+            raise InputError(f"a chunk of {t.name!r} is corrupt ({e})", path=self.folder) from None
+        base = torch.frombuffer(data, dtype=torch.uint8).view(dtype) if data else torch.empty(0, dtype=dtype)
+        return base.as_strided(ref.shape, ref.stride or contiguous_strides(ref.shape), ref.offset)
