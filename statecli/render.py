@@ -79,6 +79,14 @@ def shape_text(shape: Sequence[int]) -> str:
     return "×".join(str(d) for d in shape) if shape else "scalar"
 
 
+def clean(text: str) -> str:
+    """``text`` with control characters shown as escapes (``\\x1b``), so a name from a file cannot
+    drive the terminal (hide what follows, set the clipboard, forge a line). Printable text is kept."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _width(text: str) -> int:
     # The marks statecli adds (● ○ × —) are one cell wide; only names from files may hold wide characters.
     return len(text) if text.isascii() else cell_len(text)
@@ -126,10 +134,24 @@ class TensorGrid:
         widths = widths or self.widths
         return sum(widths) + len(self.GAP) * (len(widths) - 1)
 
+    def _cleaned(self) -> None:
+        """Escape control characters in every cell once, before anything is measured or printed."""
+        if getattr(self, "_clean", False):
+            return
+        self._clean = True
+        self.title = clean(self.title)
+        if not all(c.isprintable() for row in self.rows for c in row):
+            self.rows = [[clean(c) for c in row] for row in self.rows]
+            self.widths = [
+                max(_width(h), max((_width(r[k]) for r in self.rows), default=0)) for k, h in enumerate(self.headers)
+            ]
+
     def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        self._cleaned()
         return Measurement(min(self.total_width(), 20), max(self.total_width(), cell_len(self.title)))
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        self._cleaned()
         widths = list(self.widths)
         excess = self.total_width(widths) - options.max_width
         if excess > 0:
@@ -290,7 +312,7 @@ def histograms(report: StatsReport) -> Group:
         counts, lo, hi = t.histogram
         top = max(counts) or 1
         bars = "".join(_SPARK[0 if c == 0 else max(1, round(c / top * (len(_SPARK) - 1)))] for c in counts)
-        line = Text(t.name.ljust(width) + "  ")
+        line = Text(clean(t.name).ljust(width) + "  ")
         line.append(f"{_num(lo):>10} ", style="dim")
         line.append(bars, style="cyan")
         line.append(f" {_num(hi)}", style="dim")
@@ -300,21 +322,21 @@ def histograms(report: StatsReport) -> Group:
 
 def check_view(result: CheckResult) -> Group:
     """One line per rule (✔ or ✘, what it asks, how many it looked at) and every failure under it."""
-    table = Table(title=Text(result.path, style="bold"), title_justify="left", box=None, pad_edge=False)
+    table = Table(title=Text(clean(result.path), style="bold"), title_justify="left", box=None, pad_edge=False)
     for name, justify in (("", "left"), ("Rule", "left"), ("Expects", "left"), ("Checked", "right")):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     table.add_column("Result", overflow="fold")
     for r in result.results:
         mark = Text("✔", style="green") if r.passed else Text("✘", style="bold red")
         outcome = Text("pass", style="green") if r.passed else Text(f"{len(r.failures)} failed", style="bold red")
-        table.add_row(mark, Text(r.id), Text(r.expected, style="dim"), f"{r.checked:,}", outcome)
+        table.add_row(mark, Text(clean(r.id)), Text(clean(r.expected), style="dim"), f"{r.checked:,}", outcome)
     parts: list[RenderableType] = [table]
     for r in result.results:
         if r.failures:
             parts.append(Text())
             parts.append(Text(f"✘ {r.id}", style="bold red"))
             for f in r.failures[:50]:
-                parts.append(Text("  " + f.message))
+                parts.append(Text("  " + clean(f.message)))
             if len(r.failures) > 50:
                 parts.append(Text(f"  … and {len(r.failures) - 50} more (--format json lists all)", style="dim"))
     failed = sum(1 for r in result.results if not r.passed)
@@ -351,7 +373,7 @@ def plan_view(plan: Plan, stats: dict[str, CastStats] | None = None) -> Group:
     parts.append(Text())
     parts.append(line)
     for n in plan.notes:
-        parts.append(Text.assemble((f"{n.level}: ", LEVEL_STYLES.get(n.level, "")), n.message))
+        parts.append(Text.assemble((f"{n.level}: ", LEVEL_STYLES.get(n.level, "")), clean(n.message)))
     return Group(*parts)
 
 
@@ -397,13 +419,13 @@ def _container_text(report: Report) -> Text:
     text = Text(c.kind, style="bold")
     if c.state_dict_at is not None:
         text.append(" · state dict at ")
-        text.append(c.state_dict_at or "(root)")
+        text.append(clean(c.state_dict_at) or "(root)")
     if c.other_keys:
         text.append(" · other keys: ")
-        text.append(", ".join(c.other_keys))
+        text.append(clean(", ".join(c.other_keys)))
     if c.module_class:
         text.append(" · module class ")
-        text.append(c.module_class)
+        text.append(clean(c.module_class))
     if c.training is not None:
         text.append(" · saved in train mode" if c.training else " · saved in eval mode")
     return text
@@ -417,7 +439,7 @@ def findings(report: Report) -> list[Text]:
     for f in report.findings:
         line = Text(f.level.ljust(level_w), style=LEVEL_STYLES.get(f.level, ""))
         line.append(f"  {f.code.ljust(code_w)}", style="bold")
-        line.append(f"  {f.message}")
+        line.append(f"  {clean(f.message)}")
         lines.append(line)
     return lines
 
@@ -449,7 +471,7 @@ def summary(report: Report) -> Table:
             ),
         )
     if report.metadata:
-        grid.add_row("Metadata", Text(", ".join(report.metadata)))
+        grid.add_row("Metadata", Text(clean(", ".join(report.metadata))))
     for i, line in enumerate(findings(report)):
         grid.add_row("Findings" if i == 0 else "", line)
     return grid
@@ -498,7 +520,7 @@ def _sizes(node: TreeNode) -> Text:
 
 def _module_label(node: TreeNode, width: int, total: int) -> Text:
     fraction = node.nbytes / total if total else 0.0
-    text = Text(node.name.ljust(width), style="bold")
+    text = Text(clean(node.name).ljust(width), style="bold")
     text.append("  ")
     text.append(bar(fraction), style="magenta")
     text.append(f" {fraction * 100:5.1f}%  ")
@@ -517,7 +539,7 @@ def _tensor_labels(node: TreeNode, width: int) -> list[Text]:
     role_w, dtype_w, shape_w, size_w = (max(map(len, col), default=0) for col in (roles, dtypes, shapes, sizes))
     labels = []
     for t, role, dtype, shape, size in zip(node.tensors, roles, dtypes, shapes, sizes, strict=True):
-        text = Text(t.name.rsplit(".", 1)[-1].ljust(width) + "  ")
+        text = Text(clean(t.name.rsplit(".", 1)[-1]).ljust(width) + "  ")
         text.append_text(role)
         text.append(" " * (role_w - len(role) + 2))
         text.append(f"{dtype.ljust(dtype_w)}  {shape.ljust(shape_w)}  {size.rjust(size_w)}", style="dim")
@@ -537,7 +559,7 @@ def _grow(branch: Tree, node: TreeNode, total: int) -> None:
 def tree(root: TreeNode, title: str) -> Tree:
     """``root`` drawn with rich: each module with a bar for its share of all bytes, then its totals;
     tensors within the depth with role mark, dtype, shape and size."""
-    label = Text(title, style="bold")
+    label = Text(clean(title), style="bold")
     label.append(f"  {human_bytes(root.nbytes)}  ")
     label.append_text(_sizes(root))
     if root.folded:

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 from statecli.dtypes import DTYPES, nbytes
 from statecli.formats.base import RawCheckpoint
-from statecli.records import RawTensor, Report, Summary, TensorInfo
+from statecli.records import Finding, RawTensor, Report, Summary, TensorInfo
+
+MAX_SHARERS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +123,10 @@ def resolve(raw: RawCheckpoint) -> Report:
             persistent = True  # present in a saved state: it was persistent when saved
         numel, size = _strided_nbytes(t)
         sharers = by_storage.get(t.storage, ()) if t.storage is not None else ()
+        if len(sharers) > MAX_SHARERS:
+            # Listing every sharer beside every tensor is quadratic: 10,000 names for one storage would be
+            # 100 million entries. The first ones show the tie; a finding gives the count.
+            sharers = sharers[: MAX_SHARERS + 1]
         infos.append(
             TensorInfo(
                 name=t.name,
@@ -143,13 +149,23 @@ def resolve(raw: RawCheckpoint) -> Report:
                 file=t.file,
             )
         )
+    findings = list(raw.findings)
+    for key, names in by_storage.items():
+        if len(names) > MAX_SHARERS:
+            findings.append(
+                Finding(
+                    "warning",
+                    "many-sharers",
+                    f"{len(names):,} tensors share storage {key}; shares_with lists at most {MAX_SHARERS} of them",
+                )
+            )
     return Report(
         path=raw.path,
         format=raw.format,
         container=raw.container,
         tensors=tuple(infos),
         summary=Summary.of(infos, raw.storage_sizes),
-        findings=tuple(raw.findings),
+        findings=tuple(findings),
         metadata=dict(raw.metadata),
         file_size=raw.file_size,
         storage_sizes=dict(raw.storage_sizes),

@@ -79,9 +79,11 @@ def message(kind: str, text: str, style: str = "") -> None:
     """
     from rich.text import Text
 
+    from statecli.render import clean
+
     line = Text(f"{PROG}: ")
     line.append(f"{kind}:", style=style)
-    line.append(f" {text}")
+    line.append(f" {clean(text)}")  # one line, and nothing from a file reaches the terminal as a control code
     stderr_console().print(line, soft_wrap=True)
 
 
