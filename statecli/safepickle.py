@@ -21,6 +21,7 @@ from __future__ import annotations
 import _compat_pickle
 import re
 import struct
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,19 @@ from statecli.errors import InputError, LimitExceededError
 
 MAX_INDEX = 2**62  # element counts, offsets and strides beyond this are not real tensors
 _U32 = struct.Struct("<I").unpack_from
+# A global's module or name longer than this is not a Python name (real ones are well under 200).
+MAX_GLOBAL_NAME = 1024
+# Distinct globals one pickle may name; a whole pickled model names a few hundred classes at most.
+MAX_GLOBALS = 10_000
+# Values a dict key or set item may hold (tuples inside tuples): Python hashes tuples without caching or a
+# depth check, so a memoized DAG of nested tuples costs 2**depth and a million-deep one crashes the process.
+MAX_KEY_VALUES = 10_000
+# Keys of one dict (items of one set) that may share one hash. Only str and bytes hashes are randomized:
+# ints past 2**61, floats and tuples can be made to collide, and each collision costs every later insert.
+MAX_SAME_HASH = 64
+# STACK_GLOBAL on operands that are not literal strings: the module "name" of such a global.
+COMPUTED = "<computed>"
+_HASH_MODULUS = sys.hash_info.modulus
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +152,95 @@ class TensorRef:
         return n
 
 
+def describe(v: Any, depth: int = 0) -> str:
+    """A short text for any value a pickle built, for error messages: bounded whatever ``v`` is.
+
+    ``repr`` is not: a memoized DAG of lists repr()s to ``2**depth`` items, a deep one overflows the stack.
+    """
+    if isinstance(v, str):
+        return repr(v if len(v) <= 60 else v[:57] + "...")
+    if isinstance(v, bool) or v is None or isinstance(v, float):
+        return repr(v)
+    if isinstance(v, int):
+        return repr(v) if v.bit_length() <= 128 else f"<{v.bit_length()}-bit integer>"
+    if isinstance(v, (bytes, bytearray)):
+        return f"<{len(v)} bytes>"
+    if isinstance(v, Global):
+        return describe_name(v.qualname)
+    if isinstance(v, Stub):
+        return f"<result of {describe_name(v.class_name)}>"
+    if isinstance(v, TensorRef):
+        return "<tensor>"
+    if isinstance(v, StorageRef):
+        return f"<storage {describe(v.key)}>"
+    if type(v) is tuple and depth < 2:
+        inner = ", ".join(describe(x, depth + 1) for x in v[:5])
+        return f"({inner}{', ...' if len(v) > 5 else ''}{',' if len(v) == 1 else ''})"
+    if isinstance(v, (tuple, list, dict, set, frozenset)):
+        return f"<{type(v).__name__} of {len(v)}>"
+    return f"<{type(v).__name__}>"
+
+
+def describe_name(name: str) -> str:
+    """``name`` (a global's, a key's) fit for a one-line message: escaped, and clipped to 200 characters."""
+    return printable(name if len(name) <= 200 else name[:197] + "...")
+
+
+def printable(text: str) -> str:
+    """``text`` with every character that is not printable escaped (``\\x1b``, ``\\n``, ``\\udcff``).
+
+    Names in a file are the attacker's text: printed raw, an escape sequence in one can move the cursor,
+    erase the warning line above it, or retitle the terminal, and a newline forges a message of its own.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def check_key(k: Any, what: str) -> int:
+    """``hash(k)``, once ``k`` is proven cheap to hash (see :data:`MAX_KEY_VALUES`); raises for a key that is not."""
+    if type(k) is tuple:
+        todo = [k]
+        count = 0
+        while todo:
+            v = todo.pop()
+            count += 1
+            if count > MAX_KEY_VALUES:
+                raise LimitExceededError(
+                    f"corrupt pickle: a {what} is a structure of more than {MAX_KEY_VALUES} values"
+                )
+            if type(v) is tuple:
+                todo.extend(v)
+    try:
+        return hash(k)
+    except TypeError:
+        raise InputError(f"corrupt pickle: a {what} is a {type(k).__name__}, which cannot be one") from None
+
+
+class HashCounts:
+    """Counts the hashes of one dict's (or set's) keys that Python does not randomize; refuses a flood."""
+
+    __slots__ = ("counts", "what")
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.counts: dict[int, int] = {}
+
+    def add(self, k: Any) -> None:
+        t = type(k)
+        if t is str or t is bytes:
+            return  # randomized hashes (PYTHONHASHSEED): collisions cannot be planned
+        h = check_key(k, self.what)
+        if t is int and -_HASH_MODULUS < k < _HASH_MODULUS and k != -1:
+            return  # ints below the hash modulus hash to themselves: no two collide
+        n = self.counts.get(h, 0) + 1
+        self.counts[h] = n
+        if n > MAX_SAME_HASH:
+            raise LimitExceededError(
+                f"corrupt pickle: more than {MAX_SAME_HASH} {self.what}s share one hash (a hash-collision flood)"
+            )
+
+
 def _as_int(v: Any, what: str) -> int:
     if type(v) is not int and not isinstance(v, bool):
         raise InputError(f"corrupt pickle: {what} is {type(v).__name__}, not an integer")
@@ -178,14 +281,14 @@ def checked_numel(shape: tuple[int, ...]) -> int:
 def _dtype_name(v: Any) -> str:
     if isinstance(v, Global) and v.module == "torch" and v.name in DTYPES:
         return v.name
-    raise InputError(f"corrupt pickle: expected a torch dtype, found {v!r}")
+    raise InputError(f"corrupt pickle: expected a torch dtype, found {describe(v)}")
 
 
 def _tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: str | None) -> TensorRef:
     if type(storage) is not StorageRef:
         raise InputError("corrupt pickle: a tensor's storage is not a storage record")
     if type(offset) is not int or offset < 0 or offset > MAX_INDEX:
-        raise InputError(f"corrupt pickle: storage offset {offset!r} is impossible")
+        raise InputError(f"corrupt pickle: storage offset {describe(offset)} is impossible")
     return _checked_view(storage, offset, _as_shape(size, "shape"), _as_shape(stride, "stride"), dtype or storage.dtype)
 
 
@@ -194,7 +297,7 @@ def _checked_view(
 ) -> TensorRef:
     """A tensor record once its view is proven to stay inside ``storage`` (``shape`` and ``strides`` hold ints)."""
     if offset < 0 or offset > MAX_INDEX:
-        raise InputError(f"corrupt pickle: storage offset {offset!r} is impossible")
+        raise InputError(f"corrupt pickle: storage offset {describe(offset)} is impossible")
     for x in shape:
         if x < 0 or x > MAX_INDEX:
             raise InputError(f"corrupt pickle: tensor shape {list(shape)} has an impossible value")
@@ -214,7 +317,7 @@ def _checked_view(
         if last >= capacity:
             raise InputError(
                 f"corrupt pickle: a tensor of shape {list(shape)}, stride {list(strides)}, offset {offset} "
-                f"reaches element {last} of storage '{storage.key}', which holds {capacity} {dt} elements"
+                f"reaches element {last} of storage {describe(storage.key)}, which holds {capacity} {dt} elements"
             )
     return TensorRef(storage, offset, shape, strides, dt, None)
 
@@ -298,15 +401,26 @@ def _h_device_from_cpu(args: tuple[Any, ...]) -> Any:
 def _h_ordered_dict(args: tuple[Any, ...]) -> PickledDict:
     d = PickledDict()
     if args and isinstance(args[0], (list, tuple)):
+        counts = HashCounts("dict key")
         for kv in args[0]:
             if isinstance(kv, (list, tuple)) and len(kv) == 2:
+                counts.add(kv[0])
                 d[kv[0]] = kv[1]
     return d
 
 
 def _h_set(args: tuple[Any, ...]) -> Any:
     items = args[0] if args else ()
-    return set(items) if isinstance(items, (list, tuple, set, frozenset)) else set()
+    if not isinstance(items, (list, tuple, set, frozenset)):
+        return set()
+    _check_items(items)
+    return set(items)
+
+
+def _check_items(items: Any) -> None:
+    counts = HashCounts("set item")
+    for x in items:
+        counts.add(x)
 
 
 def _h_frozenset(args: tuple[Any, ...]) -> Any:
@@ -422,6 +536,18 @@ _TENSOR_V2 = re.compile(
 )
 
 
+MAX_CALLS = 10_000  # calls recorded for the findings; the globals themselves are all counted
+
+
+def _operand(v: Any) -> str:
+    """How a STACK_GLOBAL operand that may not be a literal string is named in a finding."""
+    if type(v) is str:
+        return describe(v)
+    if isinstance(v, Global):
+        return f"the value of {describe_name(v.qualname)}"
+    return f"the result of calling {describe_name(v.class_name)}"
+
+
 def _no_fast_path(g: Any, pos: int, memo: Any) -> None:
     return None
 
@@ -468,6 +594,7 @@ class RestrictedUnpickler:
         persistent_load: Callable[[Any], Any] | None = None,
         limits: Limits | None = None,
         fast_paths: bool = True,
+        start: int = 0,
     ) -> None:
         self.data = data
         self.persistent_load = persistent_load
@@ -475,8 +602,10 @@ class RestrictedUnpickler:
         self.globals_seen: dict[tuple[str, str], int] = {}
         self.calls: list[tuple[Global, Any]] = []
         self.proto = 0
+        self.start = start
         self.end = 0  # offset just past STOP
         self.fast_paths = fast_paths
+        self._hash_counts: dict[int, HashCounts] = {}
 
     # The hot loop is one function with local variables and an if-chain ordered by how often torch
     # pickles use each opcode: a 100,000-tensor state dict runs about two million of them.
@@ -495,7 +624,7 @@ class RestrictedUnpickler:
         persistent = self._persistent
         call = self._call
         fast = self._fast_tensor_v2 if self.fast_paths else _no_fast_path
-        pos = 0
+        pos = self.start
         # Every opcode takes at least one byte, so the opcode count is bounded by the pickle's size,
         # which the caller caps; an explicit counter would cost ~10% of the loop.
         if n > lim.max_ops:
@@ -613,8 +742,9 @@ class RestrictedUnpickler:
                     name = stack.pop()
                     module = stack.pop()
                     if type(name) is not str or type(module) is not str:
-                        raise InputError("corrupt pickle: STACK_GLOBAL operands are not strings")
-                    stack.append(self._global(module, name))
+                        stack.append(self._computed_global(module, name))
+                    else:
+                        stack.append(self._global(module, name))
                 elif op == 0x62:  # BUILD
                     state = stack.pop()
                     self._build(stack[-1], state)
@@ -677,6 +807,9 @@ class RestrictedUnpickler:
                     del stack[k:]
                     target = stack[-1]
                     if isinstance(target, set):
+                        counts = self._counts_for(target, "set item")
+                        for x in items:
+                            counts.add(x)
                         target.update(items)
                     else:
                         raise InputError("corrupt pickle: ADDITEMS on something that is not a set")
@@ -684,6 +817,7 @@ class RestrictedUnpickler:
                     k = marks.pop()
                     items = stack[k:]
                     del stack[k:]
+                    _check_items(items)
                     stack.append(frozenset(items))
                 elif op == 0x8A:  # LONG1
                     size = data[pos]
@@ -821,6 +955,11 @@ class RestrictedUnpickler:
         return int(line)
 
     def _global(self, module: str, name: str) -> Global:
+        for part in (module, name):
+            if len(part) > MAX_GLOBAL_NAME:
+                raise LimitExceededError(
+                    f"pickle names a global with a name of {len(part)} characters; the limit is {MAX_GLOBAL_NAME}"
+                )
         if self.proto < 3:
             # Overriding name lookup skips pickle's own protocol-2 mapping (__builtin__ -> builtins).
             mapped = _compat_pickle.NAME_MAPPING.get((module, name))
@@ -828,9 +967,26 @@ class RestrictedUnpickler:
                 module, name = mapped
             else:
                 module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        key = (module, name)
-        self.globals_seen[key] = self.globals_seen.get(key, 0) + 1
+        self._count_global(module, name)
         return Global(module, name)
+
+    def _count_global(self, module: str, name: str) -> None:
+        key = (module, name)
+        seen = self.globals_seen
+        seen[key] = seen.get(key, 0) + 1
+        if len(seen) > MAX_GLOBALS:
+            raise LimitExceededError(f"pickle names more than {MAX_GLOBALS} different globals")
+
+    def _computed_global(self, module: Any, name: Any) -> Global:
+        """STACK_GLOBAL on operands that are not literal strings. Real pickle requires strings, but what
+        the operands evaluate to at load time (``os.name`` is ``'posix'``, a call's result is anything) is
+        unknowable here: such a global is recorded under :data:`COMPUTED` and reported as dangerous."""
+        for v in (module, name):
+            if type(v) is not str and not isinstance(v, (Global, Stub)):
+                raise InputError("corrupt pickle: STACK_GLOBAL operands are not strings")
+        what = f"module: {_operand(module)}; name: {_operand(name)}"
+        self._count_global(COMPUTED, what)
+        return Global(COMPUTED, what)
 
     def _call(self, callee: Any, args: Any, kind: str) -> Any:
         if isinstance(callee, Global):
@@ -842,7 +998,7 @@ class RestrictedUnpickler:
                     return handler(args)
                 except IndexError as e:
                     raise InputError(f"corrupt pickle: too few arguments to {callee.qualname}") from e
-            if (callee.module, callee.name) not in ALLOWED_NAMES and len(self.calls) < 10_000:
+            if (callee.module, callee.name) not in ALLOWED_NAMES and len(self.calls) < MAX_CALLS:
                 self.calls.append((callee, args))
         return Stub(callee, args, kind)
 
@@ -914,20 +1070,29 @@ class RestrictedUnpickler:
         # shape and stride came out of _int_tuple: ints already, so only the bounds need checking.
         return _with_grad(_checked_view(storage, args[1], shape, stride, storage.dtype), args[4]), m.end()
 
-    @staticmethod
-    def _setitems(target: Any, items: list[Any]) -> None:
+    def _setitems(self, target: Any, items: list[Any]) -> None:
         if len(items) % 2:
             raise InputError("corrupt pickle: SETITEMS with an odd number of items")
         if isinstance(target, dict):
-            for i in range(0, len(items), 2):
-                target[items[i]] = items[i + 1]
+            d = target
         elif isinstance(target, Stub):
             if target.dictitems is None:
                 target.dictitems = {}
-            for i in range(0, len(items), 2):
-                target.dictitems[items[i]] = items[i + 1]
+            d = target.dictitems
         else:
             raise InputError(f"corrupt pickle: SETITEM on a {type(target).__name__}")
+        for i in range(0, len(items), 2):
+            k = items[i]
+            if type(k) is not str:
+                self._counts_for(d, "dict key").add(k)
+            d[k] = items[i + 1]
+
+    def _counts_for(self, container: Any, what: str) -> HashCounts:
+        """The hash counts of one dict or set of this pickle's, by identity (containers stay alive)."""
+        counts = self._hash_counts.get(id(container))
+        if counts is None:
+            counts = self._hash_counts[id(container)] = HashCounts(what)
+        return counts
 
     @staticmethod
     def _extend(target: Any, items: list[Any]) -> None:
@@ -946,7 +1111,7 @@ class RestrictedUnpickler:
         elif isinstance(target, PickledDict):
             if isinstance(state, dict):
                 target.attrs.update((k, v) for k, v in state.items() if isinstance(k, str))
-        elif isinstance(target, Global):
+        elif isinstance(target, Global) and len(self.calls) < MAX_CALLS:
             # Real pickle would set attributes on a module-level object: record it as a call.
             self.calls.append((Global(target.module, f"{target.name}.__setstate__"), state))
         # BUILD on plain data (lists, tensors) has no meaning for statecli; it is ignored.
@@ -957,10 +1122,12 @@ def loads(
     persistent_load: Callable[[Any], Any] | None = None,
     limits: Limits | None = None,
     fast_paths: bool = True,
+    start: int = 0,
 ) -> tuple[Any, RestrictedUnpickler]:
-    """Parse ``data``; returns the object and the unpickler (for ``globals_seen`` and ``calls``).
+    """Parse ``data`` from byte ``start`` (a pickle stacked after another: ``start`` is the first's
+    ``end``); returns the object and the unpickler (for ``globals_seen``, ``calls`` and ``end``).
 
     ``fast_paths=False`` runs every opcode through the general loop (the tests compare both).
     """
-    u = RestrictedUnpickler(data, persistent_load, limits, fast_paths)
+    u = RestrictedUnpickler(data, persistent_load, limits, fast_paths, start)
     return u.load(), u

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from statecli.records import Finding
-from statecli.safepickle import ALLOWED_NAMES, Global, Stub, TensorRef
+from statecli.safepickle import ALLOWED_NAMES, COMPUTED, Global, Stub, TensorRef, describe_name, printable
 
 # Modules whose every member can run code, touch files or the network, or load more pickles.
 DANGEROUS_MODULES = (
@@ -101,6 +101,8 @@ def classify(module: str, name: str) -> str:
     """``allowed``, ``dangerous``, ``info`` (torch / numpy names) or ``unknown`` for one global."""
     if (module, name) in ALLOWED_NAMES:
         return "allowed"
+    if module == COMPUTED:
+        return "dangerous"  # a name computed at load time: it could be anything
     root = name.split(".", 1)[0]
     if module in ("builtins", "__builtin__") and root in DANGEROUS_BUILTINS:
         return "dangerous"
@@ -135,9 +137,9 @@ def _short(v: Any, depth: int = 0) -> str:
     if isinstance(v, (list, dict, set)):
         return f"<{type(v).__name__} of {len(v)}>"
     if isinstance(v, Global):
-        return v.qualname
+        return describe_name(v.qualname)
     if isinstance(v, Stub):
-        return f"<result of {v.class_name}>"
+        return f"<result of {describe_name(v.class_name)}>"
     if isinstance(v, TensorRef):
         return "<tensor>"
     return f"<{type(v).__name__}>"
@@ -157,22 +159,32 @@ def findings_for(globals_seen: dict[tuple[str, str], int], calls: list[tuple[Glo
         if kind == "allowed":
             continue
         what = called.get((module, name))
+        if what is not None:
+            what = printable(what)
+        qual = describe_name(f"{module}.{name}")
         times = f" ({count}×)" if count > 1 else ""
-        if kind == "dangerous":
-            action = f"would call {what}" if what else f"names {module}.{name}"
+        if module == COMPUTED:
+            call = f" and would call it with {what[len(COMPUTED) + 1 + len(name) :]}" if what else ""
+            msg = (
+                f"pickle computes the name of a global at load time ({name}){call}{times}; statecli cannot "
+                "tell what it would import, and did not run it"
+            )
+            out.append(Finding("dangerous", "computed-global", msg))
+        elif kind == "dangerous":
+            action = f"would call {what}" if what else f"names {qual}"
             msg = f"pickle {action}{times}; statecli did not run it"
             out.append(Finding("dangerous", "dangerous-global", msg))
         elif kind == "unknown":
-            msg = f"pickle names {module}.{name}{times}, outside statecli's allowlist; read as an inert stub"
+            msg = f"pickle names {qual}{times}, outside statecli's allowlist; read as an inert stub"
             out.append(Finding("warning", "unknown-global", msg))
         else:
-            msg = f"pickle names {module}.{name}{times}; read as an inert stub"
+            msg = f"pickle names {qual}{times}; read as an inert stub"
             out.append(Finding("info", "global", msg))
     # BUILD on a global (setting attributes on a module-level object) is recorded as a call.
-    for g, _ in calls:
-        if g.name.endswith(".__setstate__"):
-            msg = f"pickle would set state on the global {g.module}.{g.name[: -len('.__setstate__')]}"
-            out.append(Finding("dangerous", "build-on-global", msg))
+    built = {(g.module, g.name) for g, _ in calls if g.name.endswith(".__setstate__")}
+    for module, name in sorted(built):
+        msg = f"pickle would set state on the global {describe_name(module + '.' + name[: -len('.__setstate__')])}"
+        out.append(Finding("dangerous", "build-on-global", msg))
     order = {"dangerous": 0, "warning": 1, "info": 2}
     out.sort(key=lambda f: order.get(f.level, 3))
     return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,9 @@ __all__ = ["MAX_INDEX_BYTES", "read_index"]
 
 # Real indexes are a few MB even for 100B-parameter models; anything near this is not an index.
 MAX_INDEX_BYTES = 100_000_000
+# Indexes being read on this thread: a shard that is itself an index (the index itself, or a cycle of
+# them) would otherwise recurse until Python's stack runs out.
+_reading = threading.local()
 
 
 def _load_index(path: str) -> dict[str, Any]:
@@ -33,7 +37,7 @@ def _load_index(path: str) -> dict[str, Any]:
         if size > MAX_INDEX_BYTES:
             raise LimitExceededError(f"index is {size} bytes, more than the {MAX_INDEX_BYTES}-byte limit", path=path)
         with open(path, "rb") as f:
-            raw = f.read(MAX_INDEX_BYTES + 1)
+            raw = f.read(size + 1)  # not MAX_INDEX_BYTES + 1: read(n) allocates n bytes up front
     except OSError as e:
         raise InputError(f"cannot read index: {e.strerror or e}", path=path) from e
     doc = load_object(raw, "index", path)
@@ -82,6 +86,17 @@ def read_index(path: str, read_shard: Callable[[str], RawCheckpoint]) -> RawChec
     for a shard name that leaves the index's folder and :class:`~statecli.errors.InputError` for a bad
     index, a missing shard, or a tensor its shard does not hold.
     """
+    outer = getattr(_reading, "path", None)
+    if outer is not None:
+        raise InputError(f"a shard index names another index as a shard ({os.path.basename(path)})", path=outer)
+    _reading.path = path
+    try:
+        return _read_index(path, read_shard)
+    finally:
+        _reading.path = None
+
+
+def _read_index(path: str, read_shard: Callable[[str], RawCheckpoint]) -> RawCheckpoint:
     doc = _load_index(path)
     weight_map: dict[str, str] = doc["weight_map"]
     folder_real = os.path.realpath(os.path.dirname(path) or ".")

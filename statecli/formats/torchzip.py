@@ -16,12 +16,15 @@ from statecli.formats.base import RawCheckpoint
 from statecli.formats.optimizer import apply_optimizer_evidence
 from statecli.formats.zipdir import Member, read_central_directory, read_member
 from statecli.records import Container, Finding, RawTensor
-from statecli.safepickle import Global, Limits, StorageRef, Stub, TensorRef, loads
+from statecli.safepickle import MAX_CALLS, Global, Limits, StorageRef, Stub, TensorRef, describe, loads, printable
 from statecli.security import findings_for
 
 MAX_PICKLE_BYTES = 1 << 30  # a data.pkl larger than this is not a checkpoint's metadata
 MAX_WALK_DEPTH = 200
 MAX_WALK_NODES = 20_000_000
+MAX_NAME_CHARS = 65_536  # a tensor's dotted name; real ones are a few hundred characters at most
+MAX_SHARED_FINDINGS = 100  # "same object" findings listed one by one; the rest are counted
+MAX_STACKED_PICKLES = 64  # pickles after data.pkl's first that are read for the globals they name
 
 # Keys under which training scripts keep the model's state, most specific first.
 MODEL_KEYS = (
@@ -64,7 +67,19 @@ def archive_root(names: list[str], path: str) -> str:
         raise InputError("zip archive without a data.pkl: not a torch.save checkpoint", path=path)
     if len(roots) > 1:
         raise InputError(f"zip archive with {len(roots)} archive roots ({', '.join(sorted(roots))})", path=path)
-    return roots.pop()
+    root = roots.pop()
+    # torch's zip reader (miniz) finds a record by name case-insensitively and takes the last match: beside
+    # data.pkl, a DATA.pkl is what torch.load would unpickle, and not what statecli reads.
+    pkl = f"{root}/data.pkl"
+    low = pkl.lower()
+    twins = [n for n in names if n[-1:] in "lL" and len(n) == len(pkl) and n != pkl and n.lower() == low]
+    if twins:
+        raise InputError(
+            f"zip archive holds {pkl} and {', '.join(sorted(twins))}: torch matches record names without regard "
+            "to case and could read the other one",
+            path=path,
+        )
+    return root
 
 
 class _Storages:
@@ -77,31 +92,37 @@ class _Storages:
         self.cache: dict[str, StorageRef] = {}
 
     def __call__(self, pid: Any) -> StorageRef:
-        if type(pid) is tuple and len(pid) == 5:
-            hit = self.cache.get(pid[2])  # type: ignore[arg-type]
-            if hit is not None and type(pid[2]) is str:
+        # The key's type is checked before it is hashed: a tuple key could cost anything to hash.
+        if type(pid) is tuple and len(pid) == 5 and type(pid[2]) is str:
+            hit = self.cache.get(pid[2])
+            if hit is not None:
                 return hit
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise InputError(f"corrupt pickle: unexpected persistent id {str(pid)[:80]}", path=self.path)
+            raise InputError(f"corrupt pickle: unexpected persistent id {describe(pid)}", path=self.path)
         _, stype, key, location, numel = pid
         if not (isinstance(stype, Global) and stype.module in ("torch", "torch.cuda", "torch.storage")):
-            raise InputError(f"corrupt pickle: storage type {stype!r} is not a torch storage", path=self.path)
+            raise InputError(f"corrupt pickle: storage type {describe(stype)} is not a torch storage", path=self.path)
         dtype = STORAGE_TYPES.get(stype.name)
         if dtype is None:
-            raise InputError(f"unknown storage type torch.{stype.name}", path=self.path)
+            raise InputError(f"unknown storage type torch.{printable(stype.name)}", path=self.path)
         if not isinstance(key, str) or not isinstance(location, str) or type(numel) is not int:
             raise InputError("corrupt pickle: malformed storage record", path=self.path)
         cached = self.cache.get(key)
         if cached is not None:
             return cached
         if numel < 0 or numel > 2**62:
-            raise InputError(f"storage '{key}' claims {numel} elements", path=self.path)
+            raise InputError(f"storage {describe(key)} claims {numel} elements", path=self.path)
         nbytes = numel * DTYPES[dtype].itemsize
         info = self.members.get(f"{self.root}/data/{key}")
         if info is None:
-            raise InputError(f"storage '{key}' has no data/{key} member in the archive", path=self.path)
+            raise InputError(
+                f"storage {describe(key)} has no data/{printable(key)} member in the archive", path=self.path
+            )
         if info.size < nbytes:
-            raise InputError(f"storage '{key}' claims {nbytes} bytes but data/{key} holds {info.size}", path=self.path)
+            raise InputError(
+                f"storage {describe(key)} claims {nbytes} bytes but data/{printable(key)} holds {info.size}",
+                path=self.path,
+            )
         ref = StorageRef(key, dtype, location[:64], numel, nbytes)
         self.cache[key] = ref
         return ref
@@ -118,27 +139,30 @@ def read_torch_zip(path: str, members: dict[str, Member] | None = None, limits: 
     try:
         obj, unpickler = loads(data, storages, limits)
     except StatecliError as e:
-        if e.path is None:
-            e.path = path
-            e.args = (f"{path}: {e.message}",)
-        raise
+        raise _with_path(e, path) from None
     except RecursionError as e:
         raise InputError("corrupt pickle: structure nested too deeply", path=path) from e
+    stacked = _stacked_pickles(data, unpickler, storages, limits)
     findings = findings_for(unpickler.globals_seen, unpickler.calls)
     if unpickler.end < len(data):
+        also = f"; {stacked} more pickle(s) there were read only for the globals they name" if stacked else ""
         findings.append(
             Finding(
                 "warning",
                 "trailing-pickle-data",
-                f"data.pkl has {len(data) - unpickler.end} bytes after the pickle's end; they were ignored",
+                f"data.pkl has {len(data) - unpickler.end} bytes after the pickle's end; torch.load ignores them{also}",
             )
         )
     walker = _Walker(path)
-    container = walker.analyse(obj)
+    try:
+        container = walker.analyse(obj)
+    except StatecliError as e:
+        raise _with_path(e, path) from None
+    walker.shared_summary()
     findings.extend(walker.findings)
     findings.extend(apply_optimizer_evidence(obj, walker.tensors))
     if not walker.tensors:
-        keys = ", ".join(container.other_keys) or "none"
+        keys = printable(", ".join(container.other_keys)[:1000]) or "none"
         findings.append(
             Finding("warning", "no-tensors", f"no tensors found in the checkpoint (top-level keys: {keys})")
         )
@@ -151,6 +175,31 @@ def read_torch_zip(path: str, members: dict[str, Member] | None = None, limits: 
         file_size=size,
         storage_sizes={f"data/{k}": s.nbytes for k, s in storages.cache.items()},
     )
+
+
+def _with_path(e: StatecliError, path: str) -> StatecliError:
+    if e.path is None:
+        e.path = path
+        e.args = (f"{path}: {e.message}",)
+    return e
+
+
+def _stacked_pickles(data: bytes, first: Any, storages: _Storages, limits: Limits | None) -> int:
+    """Read the pickles stacked after data.pkl's first one (torch.load stops at the first STOP; a loader
+    that reads on would run them) and merge the globals they name into ``first``'s; returns how many."""
+    count = 0
+    end = first.end
+    while end < len(data) and count < MAX_STACKED_PICKLES:
+        try:
+            _, more = loads(data, storages, limits, start=end)
+        except (StatecliError, RecursionError):
+            break  # trailing bytes that are no pickle: the trailing-data warning says they are there
+        for key, n in more.globals_seen.items():
+            first.globals_seen[key] = first.globals_seen.get(key, 0) + n
+        first.calls.extend(more.calls[: max(0, MAX_CALLS - len(first.calls))])
+        count += 1
+        end = more.end
+    return count
 
 
 def _module_state(obj: Any) -> dict[str, Any] | None:
@@ -179,11 +228,25 @@ def _as_mapping(obj: Any) -> dict[Any, Any] | None:
 
 
 def _key(k: Any) -> str:
-    return k if isinstance(k, str) else str(k)
+    if isinstance(k, str):
+        return k
+    if (type(k) is int and k.bit_length() <= 128) or isinstance(k, (bool, float)) or k is None:
+        return str(k)
+    return describe(k)  # bounded: str() of a key holding a 100 MB bytes object is 400 MB
 
 
 def _join(prefix: str, k: Any) -> str:
-    return f"{prefix}.{_key(k)}" if prefix else _key(k)
+    key = _key(k)
+    if len(prefix) + len(key) >= MAX_NAME_CHARS:
+        raise LimitExceededError(
+            f"a tensor name would be longer than {MAX_NAME_CHARS} characters ({len(key)}-character key "
+            f"under a {len(prefix)}-character path)"
+        )
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _clip(name: str) -> str:
+    return printable(name if len(name) <= 300 else f"{name[:150]}…{name[-100:]}")
 
 
 def _is_optimizer_state(obj: Any) -> bool:
@@ -201,6 +264,8 @@ class _Walker:
         self.nodes = 0
         self.module_class: str | None = None
         self.training: bool | None = None
+        self.holds: dict[tuple[int, int], bool] = {}  # (id, depth) -> _holds_tensors: DAGs cost their size
+        self.shared = 0
 
     def analyse(self, root: Any) -> Container:
         if isinstance(root, TensorRef):
@@ -257,12 +322,21 @@ class _Walker:
             return False
         if isinstance(obj, TensorRef) or _module_state(obj) is not None:
             return True
+        # Memoized by identity and depth: a memoized DAG (a list of 16 references to a list of 16 references
+        # to ...) would otherwise be walked once per path, 16 ** 8 times.
+        key = (id(obj), depth)
+        hit = self.holds.get(key)
+        if hit is not None:
+            return hit
+        self.holds[key] = False  # a cycle back to here finds nothing new
+        found = False
         m = _as_mapping(obj)
         if m is not None:
-            return any(self._holds_tensors(v, depth + 1) for v in list(m.values())[:10_000])
-        if isinstance(obj, (list, tuple)):
-            return any(self._holds_tensors(v, depth + 1) for v in obj[:10_000])
-        return False
+            found = any(self._holds_tensors(v, depth + 1) for v in list(m.values())[:10_000])
+        elif isinstance(obj, (list, tuple)):
+            found = any(self._holds_tensors(v, depth + 1) for v in obj[:10_000])
+        self.holds[key] = found
+        return found
 
     def _enter(self, obj: Any, path: str, depth: int) -> bool:
         """Bookkeeping for each container visited; False when it was already listed elsewhere."""
@@ -273,16 +347,26 @@ class _Walker:
             raise LimitExceededError(f"checkpoint structure has more than {MAX_WALK_NODES} nodes", path=self.path)
         first = self.seen.get(id(obj))
         if first is not None:
-            self.findings.append(
-                Finding(
-                    "info",
-                    "shared-subtree",
-                    f"'{path or '(root)'}' is the same object as '{first or '(root)'}'; listed once",
+            self.shared += 1
+            if self.shared <= MAX_SHARED_FINDINGS:
+                self.findings.append(
+                    Finding(
+                        "info",
+                        "shared-subtree",
+                        f"'{_clip(path) or '(root)'}' is the same object as '{_clip(first) or '(root)'}'; listed once",
+                    )
                 )
-            )
             return False
         self.seen[id(obj)] = path
         return True
+
+    def shared_summary(self) -> None:
+        """One finding for the shared references beyond the first :data:`MAX_SHARED_FINDINGS`."""
+        extra = self.shared - MAX_SHARED_FINDINGS
+        if extra > 0:
+            self.findings.append(
+                Finding("info", "shared-subtree", f"{extra} more references to objects listed once are not shown")
+            )
 
     def _state_dict(self, obj: Any, prefix: str) -> None:
         start = len(self.tensors)
@@ -326,14 +410,14 @@ class _Walker:
         if mapping is not None:
             if self._enter(obj, prefix, depth):
                 for k, v in mapping.items():
-                    name = _join(prefix, k)
                     if type(v) is TensorRef:  # the common case, without a recursive call per tensor
-                        self._emit(name, v, group)
-                    else:
-                        self._generic(v, name, group, depth + 1)
+                        self._emit(_join(prefix, k), v, group)
+                    elif isinstance(v, (dict, list, tuple, Stub)):  # leaves (numbers, text) need no name
+                        self._generic(v, _join(prefix, k), group, depth + 1)
         elif isinstance(obj, (list, tuple)) and self._enter(obj, prefix, depth):
             for i, v in enumerate(obj):
-                self._generic(v, _join(prefix, i), group, depth + 1)
+                if isinstance(v, (TensorRef, dict, list, tuple, Stub)):
+                    self._generic(v, _join(prefix, i), group, depth + 1)
 
     def _module(self, stub: Stub, prefix: str, depth: int) -> None:
         if not self._enter(stub, prefix, depth):

@@ -15,6 +15,7 @@ import zlib
 from dataclasses import dataclass
 
 from statecli.errors import InputError, LimitExceededError
+from statecli.safepickle import printable
 
 _EOCD = struct.Struct("<4s4H2LH")
 _EOCD64_LOCATOR = struct.Struct("<4sLQL")
@@ -22,6 +23,10 @@ _EOCD64 = struct.Struct("<4sQ2H2L4Q")
 _CENTRAL = struct.Struct("<4s6H3L5H2L")
 _LOCAL = struct.Struct("<4s5H3L2H")
 MAX_CENTRAL_DIRECTORY = 1 << 30
+# Deflate can shrink data ~1000x; torch pickles shrink ~5x. A member that claims to expand more than this
+# (past the first MiB) is refused before anything is inflated: a zip bomb, not a checkpoint.
+MAX_DEFLATE_RATIO = 100
+_RATIO_SLACK = 1 << 20
 
 
 @dataclass(slots=True)  # not frozen: its __init__ would cost 0.3 s for a 100,000-member archive
@@ -97,9 +102,9 @@ def _read(f, file_size: int, path: str) -> dict[str, Member]:  # type: ignore[no
             usize, csize, offset = _zip64_extra(cd[start + nlen : start + nlen + xlen], usize, csize, offset)
         pos = start + nlen + xlen + clen
         if name in members:
-            raise InputError(f"zip archive holds {name} twice", path=path)
+            raise InputError(f"zip archive holds {printable(name)} twice", path=path)
         if offset + csize > cd_offset:
-            raise InputError(f"corrupt zip archive ({name} runs past the data area)", path=path)
+            raise InputError(f"corrupt zip archive ({printable(name)} runs past the data area)", path=path)
         members[name] = Member(name, offset, csize, usize, method, crc)
     return members
 
@@ -127,39 +132,52 @@ def data_offset(f, m: Member, path: str) -> int:  # type: ignore[no-untyped-def]
     f.seek(m.header_offset)
     head = f.read(_LOCAL.size)
     if len(head) < _LOCAL.size or head[:4] != b"PK\x03\x04":
-        raise InputError(f"corrupt zip archive (bad local header for {m.name})", path=path)
+        raise InputError(f"corrupt zip archive (bad local header for {printable(m.name)})", path=path)
     fields = _LOCAL.unpack(head)
     nlen, xlen = fields[9], fields[10]
     local_name = f.read(nlen)
     if local_name.decode("utf-8", "replace") != m.name and local_name.decode("cp437") != m.name:
-        raise InputError(f"corrupt zip archive (local name differs from directory name {m.name})", path=path)
+        raise InputError(f"corrupt zip archive (local name differs from directory name {printable(m.name)})", path=path)
     return m.header_offset + _LOCAL.size + nlen + xlen
 
 
 def read_member(path: str, m: Member, cap: int) -> bytes:
     """``m``'s bytes, never more than ``cap`` whatever the archive claims, CRC checked."""
+    name = printable(m.name)
     if m.size > cap:
-        raise LimitExceededError(f"{m.name} claims {m.size} bytes; the limit is {cap}", path=path)
+        raise LimitExceededError(f"{name} claims {m.size} bytes; the limit is {cap}", path=path)
+    if m.method == 0 and m.compressed_size != m.size:
+        raise InputError(
+            f"corrupt zip archive ({name} is stored with {m.compressed_size} bytes, directory says {m.size})",
+            path=path,
+        )
+    if m.method == 8 and m.size > MAX_DEFLATE_RATIO * m.compressed_size + _RATIO_SLACK:
+        raise LimitExceededError(
+            f"{name} would inflate {m.compressed_size} bytes to {m.size} (over {MAX_DEFLATE_RATIO}x): "
+            "a zip bomb, not a checkpoint",
+            path=path,
+        )
     try:
         with open(path, "rb") as f:
             f.seek(data_offset(f, m, path))
             if m.method == 0:
                 data = f.read(m.compressed_size)
                 if len(data) != m.compressed_size:
-                    raise InputError(f"truncated zip archive ({m.name} is cut short)", path=path)
+                    raise InputError(f"truncated zip archive ({name} is cut short)", path=path)
             elif m.method == 8:
+                # Never more than the directory claims (plus one byte, to tell a lie): the claim was checked.
                 d = zlib.decompressobj(-15)
-                data = d.decompress(f.read(min(m.compressed_size, cap + 1)), cap + 1)
+                data = d.decompress(f.read(min(m.compressed_size, cap + 1)), m.size + 1)
                 if len(data) > cap:
-                    raise LimitExceededError(f"{m.name} expands past {cap} bytes", path=path)
+                    raise LimitExceededError(f"{name} expands past {cap} bytes", path=path)
             else:
-                raise InputError(f"{m.name} uses zip compression method {m.method}, not supported", path=path)
+                raise InputError(f"{name} uses zip compression method {m.method}, not supported", path=path)
     except OSError as e:
         raise InputError(f"cannot read file ({e.strerror or e})", path=path) from e
     except zlib.error as e:
-        raise InputError(f"corrupt zip member {m.name} ({e})", path=path) from e
+        raise InputError(f"corrupt zip member {name} ({e})", path=path) from e
     if len(data) != m.size:
-        raise InputError(f"corrupt zip member {m.name} ({len(data)} bytes, directory says {m.size})", path=path)
+        raise InputError(f"corrupt zip member {name} ({len(data)} bytes, directory says {m.size})", path=path)
     if zlib.crc32(data) != m.crc:
-        raise InputError(f"corrupt zip member {m.name} (CRC mismatch)", path=path)
+        raise InputError(f"corrupt zip member {name} (CRC mismatch)", path=path)
     return data
