@@ -350,7 +350,7 @@ def _read_metadata(meta_path: str) -> bytes:
                 f".metadata is {size} bytes, more than the {MAX_METADATA_BYTES}-byte limit", path=meta_path
             )
         with open(meta_path, "rb") as f:
-            data = f.read(MAX_METADATA_BYTES + 1)
+            data = f.read(size + 1)  # what is there (+1 to see growth), not the limit: read() allocates it up front
     except FileNotFoundError:
         raise InputError(
             "no .metadata file: not a complete torch.distributed.checkpoint folder", path=meta_path
