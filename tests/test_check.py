@@ -105,6 +105,12 @@ def test_rules_are_scoped_by_glob_and_role(tmp_path: Path) -> None:
     }
 
 
+def test_dangerous_file_is_exit_5_refused_as_unsafe() -> None:
+    code, out, _ = cli("check", str(SAMPLES / "malicious_os_system.pt"), "--no-policy", "--dtype", "bf16")
+    assert code == 5 and "no_dangerous_globals" in out  # worse than the failed dtype rule (1)
+    assert cli("check", str(SAMPLES / "malicious_os_system.pt"), "--no-policy", "--allow-dangerous")[0] == 0
+
+
 def test_dangerous_globals_fail_by_default() -> None:
     result = run(statecli.open_checkpoint(SAMPLES / "malicious_os_system.pt"), Policy())
     assert not result.passed

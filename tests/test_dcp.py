@@ -297,7 +297,7 @@ def test_os_system_inside_the_metadata_is_a_finding_and_never_runs(
     assert len(report.tensors) == 46
     assert not (tmp_path / MARKER).exists()
     result = run("check", str(training_copy))
-    assert result.exit_code == 1
+    assert result.exit_code == 5  # refused as unsafe
 
 
 def test_metadata_that_is_only_a_payload_is_refused(training_copy: Path, tmp_path: Path) -> None:

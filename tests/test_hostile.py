@@ -6,7 +6,7 @@ an address-space cap, each in its own empty working folder: ``inspect``, ``inspe
 
 - the outcome is the one the case expects: an error (its exit code, one stderr line naming the problem,
   nothing on stdout, no traceback), or a report with the expected finding (a dangerous one makes
-  ``inspect`` exit 0 and ``check`` exit 1), or a plain report;
+  ``inspect`` exit 0 and ``check`` exit 5), or a plain report;
 - nothing ran: no audit event for a process, exec/compile, an unexpected import, or a file opened for
   writing; the payload's marker file does not exist; the working folder is still empty; the input is
   unchanged;
@@ -178,7 +178,7 @@ def test_hostile_input(outcomes: dict[str, tuple[Case, dict[str, Any]]], name: s
         assert "\x1b" not in r["stdout"], "a raw escape sequence on stdout"
     if exp.dangerous:
         assert dangerous, findings
-        assert check["exit_code"] == 1, check["stderr"] + check["stdout"][:2000]
+        assert check["exit_code"] == 5, check["stderr"] + check["stdout"][:2000]  # refused as unsafe
         assert "no_dangerous_globals" in check["stdout"]
         # inspect says so on stderr too, one line per dangerous finding.
         assert inspect["stderr"].count("statecli: warning:") >= len(dangerous)

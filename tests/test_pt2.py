@@ -319,7 +319,7 @@ def assert_dangerous(path: Path, cwd: Path, where: str, monkeypatch: pytest.Monk
     dangerous = [f for f in data["findings"] if f["level"] == "dangerous"]
     assert dangerous, data["findings"]
     assert any(f["message"].startswith(where) and "system" in f["message"] for f in dangerous), dangerous
-    assert CliRunner().invoke(app, ["check", str(path), "--no-policy"]).exit_code == 1
+    assert CliRunner().invoke(app, ["check", str(path), "--no-policy"]).exit_code == 5  # refused as unsafe
     assert not (cwd / "statecli_pwned_marker").exists()
     return data
 

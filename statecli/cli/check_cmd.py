@@ -124,13 +124,14 @@ def check_command(
         ),
     ] = CheckFormat.table,
 ) -> None:
-    """Check a checkpoint against rules; exit 0 when all pass, 1 when any fails. For CI gates.
+    """Check a checkpoint against rules; exit 0 when all pass, 1 when one fails, 5 when it is unsafe. For CI gates.
 
     Rules come from flags and from a policy file, scoped by name glob and role. Every failure names
-    the tensor, the rule and the value. Pickle globals that could run code fail the check unless
-    --allow-dangerous. Nothing is run from the file; --model runs your model factory. Several files
-    (as pre-commit passes them): each is checked; a file that cannot be read is reported on stderr
-    and the exit status is the worst (3 unreadable, 1 a rule failed).
+    the tensor, the rule and the value. Pickle globals that could run code fail the check with exit 5
+    (refused as unsafe) unless --allow-dangerous. Nothing is run from the file; --model runs your
+    model factory. Several files (as pre-commit passes them): each is checked; a file that cannot be
+    read is reported on stderr and the exit status is the worst (5 unsafe, 3 unreadable, 1 a rule
+    failed).
 
     Examples:
 
@@ -182,7 +183,9 @@ def check_command(
                 raise  # the app's error mapping reports it
             worst = max(worst, report_error(err, debug))  # an unreadable file fails the gate, the rest still run
     _render(results, fmt, several=len(paths) > 1)
-    code = max(worst, 0 if all(r.passed for r in results) else 1)
+    unsafe = any(not r.passed for res in results for r in res.results if r.rule == "no_dangerous_globals")
+    failed = 0 if all(r.passed for r in results) else (5 if unsafe else 1)  # 5: refused as unsafe
+    code = max(worst, failed)
     if code:
         raise typer.Exit(code)
 
