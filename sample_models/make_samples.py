@@ -33,6 +33,7 @@ import io
 import json
 import os
 import pickletools
+import subprocess
 import sys
 import warnings
 from collections.abc import Iterator
@@ -363,6 +364,23 @@ def make_malicious_file() -> None:
         text = io.StringIO()
         pickletools.dis(zf.read(pkl), out=text)
     assert "GLOBAL     'posix system'" in text.getvalue() or "GLOBAL     'os system'" in text.getvalue()
+
+
+def assert_portable(path: Path) -> Path:
+    """Fail when a sample names this machine's paths (torch.jit / torch.export embed source paths)."""
+    data = path.read_bytes()
+    for marker in (str(HERE).encode(), str(Path(torch.__file__).parent).encode()):
+        assert marker not in data, f"{path.name} names a local path"
+    return path
+
+
+def generate_in_child(module: str, out_dir: Path) -> None:
+    """Run ``module.generate(out_dir)`` in a child with ``PYTHONHASHSEED=0``, importing the module by name,
+    so that set order and class names never depend on this process or how it was started."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import {module} as m; m.generate(sys.argv[1])"
+    env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
+    subprocess.run([sys.executable, "-c", code, str(out_dir)], env=env, check=True)
 
 
 def make_all() -> list[Path]:
