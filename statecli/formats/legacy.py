@@ -21,12 +21,12 @@ import os
 import struct
 from typing import Any
 
-from statecli.dtypes import DTYPES, STORAGE_TYPES
+from statecli.dtypes import DTYPES
 from statecli.errors import InputError, LimitExceededError, StatecliError, UnsupportedFormatError
 from statecli.formats.base import RawCheckpoint
-from statecli.formats.torchzip import MAX_PICKLE_BYTES, _Walker
+from statecli.formats.torchzip import MAX_PICKLE_BYTES, _Walker, storage_dtype
 from statecli.records import Finding
-from statecli.safepickle import Global, Limits, StorageRef, loads
+from statecli.safepickle import Limits, StorageRef, describe, loads
 from statecli.security import findings_for
 
 MAGIC = 0x1950A86A20F9469CFC6C
@@ -46,15 +46,9 @@ class _LegacyStorages:
             # A whole-module save names the module's class (and its source text, which is never used).
             return pid[1]
         if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage"):
-            raise InputError(f"corrupt pickle: unexpected persistent id {str(pid)[:80]}", path=self.path)
+            raise InputError(f"corrupt pickle: unexpected persistent id {describe(pid)}", path=self.path)
         _, stype, key, location, numel, view = pid
-        if not (isinstance(stype, Global) and stype.module in ("torch", "torch.cuda", "torch.storage")):
-            raise InputError(f"corrupt pickle: storage type {stype!r} is not a torch storage", path=self.path)
-        dtype = STORAGE_TYPES.get(stype.name)
-        if dtype is None:
-            raise UnsupportedFormatError(f"unknown storage type torch.{stype.name}", path=self.path)
-        if not isinstance(key, str) or not isinstance(location, str) or type(numel) is not int:
-            raise InputError("corrupt pickle: malformed storage record", path=self.path)
+        dtype = storage_dtype(stype, key, location, numel, self.path)
         if view is not None:
             raise UnsupportedFormatError("legacy storage views (torch < 0.4) are not read", path=self.path)
         if numel < 0 or numel > 2**62:

@@ -82,6 +82,19 @@ def archive_root(names: list[str], path: str) -> str:
     return root
 
 
+def storage_dtype(stype: Any, key: Any, location: Any, numel: Any, path: str) -> str:
+    """The dtype a storage record's type names, after checking the record's fields' types (a torch.save
+    zip and a legacy stream name storages alike). Messages never repr() file values: that can hang."""
+    if not (isinstance(stype, Global) and stype.module in ("torch", "torch.cuda", "torch.storage")):
+        raise InputError(f"corrupt pickle: storage type {describe(stype)} is not a torch storage", path=path)
+    dtype = STORAGE_TYPES.get(stype.name)
+    if dtype is None:
+        raise InputError(f"unknown storage type torch.{printable(stype.name)}", path=path)
+    if not isinstance(key, str) or not isinstance(location, str) or type(numel) is not int:
+        raise InputError("corrupt pickle: malformed storage record", path=path)
+    return dtype
+
+
 class _Storages:
     """Builds storage records from persistent ids, checking each against the archive's members."""
 
@@ -100,13 +113,7 @@ class _Storages:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise InputError(f"corrupt pickle: unexpected persistent id {describe(pid)}", path=self.path)
         _, stype, key, location, numel = pid
-        if not (isinstance(stype, Global) and stype.module in ("torch", "torch.cuda", "torch.storage")):
-            raise InputError(f"corrupt pickle: storage type {describe(stype)} is not a torch storage", path=self.path)
-        dtype = STORAGE_TYPES.get(stype.name)
-        if dtype is None:
-            raise InputError(f"unknown storage type torch.{printable(stype.name)}", path=self.path)
-        if not isinstance(key, str) or not isinstance(location, str) or type(numel) is not int:
-            raise InputError("corrupt pickle: malformed storage record", path=self.path)
+        dtype = storage_dtype(stype, key, location, numel, self.path)
         cached = self.cache.get(key)
         if cached is not None:
             return cached
