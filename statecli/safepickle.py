@@ -398,6 +398,20 @@ def _h_device_from_cpu(args: tuple[Any, ...]) -> Any:
     return Stub(Global("torch._utils", "_rebuild_device_tensor_from_cpu_tensor"), args, "reduce")
 
 
+_LAYOUTS = frozenset(
+    {"strided", "sparse_coo", "sparse_csr", "sparse_csc", "sparse_bsr", "sparse_bsc", "_mkldnn", "jagged"}
+)
+
+
+def _h_get_layout(args: tuple[Any, ...]) -> Any:
+    """``torch.serialization._get_layout('torch.sparse_coo')``: a lookup among torch's layout objects,
+    which sparse and wrapper-subclass tensors pickle; it runs nothing, so it is not a finding."""
+    name = args[0] if args else None
+    if isinstance(name, str) and name.startswith("torch.") and name[6:] in _LAYOUTS:
+        return Global("torch", name[6:])
+    return Stub(Global("torch.serialization", "_get_layout"), args, "reduce")
+
+
 def _h_ordered_dict(args: tuple[Any, ...]) -> PickledDict:
     d = PickledDict()
     if args and isinstance(args[0], (list, tuple)):
@@ -468,6 +482,7 @@ HANDLERS: dict[tuple[str, str], Callable[[tuple[Any, ...]], Any]] = {
     ("torch._tensor", "_rebuild_from_type_v2"): _h_rebuild_from_type_v2,
     # torch.device('cuda', 0) and the like: harmless values statecli does not need.
     ("torch", "device"): _h_inert,
+    ("torch.serialization", "_get_layout"): _h_get_layout,
 }
 
 # Names that are data, not behaviour: storage types, dtypes, layouts, qschemes. They stay Globals.

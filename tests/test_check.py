@@ -365,3 +365,13 @@ def test_check_model_fails_an_integer_tensor_where_the_model_has_floats(on_sampl
     torch.save(sd, tmp_path / "m.pt")
     code, out, _ = cli("check", str(tmp_path / "m.pt"), "--model", "sample_nets:SmallCNN", "--no-policy")
     assert code == 1 and "fc.bias: dtype int64 in the file, float32 in the model" in out
+
+
+def test_sparse_tensors_are_not_a_dangerous_finding(tmp_path: Path) -> None:
+    # torch pickles a sparse tensor's layout as torch.serialization._get_layout('torch.sparse_coo'): a lookup
+    # among torch's layouts that runs nothing, so it must not make `check` refuse the file.
+    torch.save({"s": torch.eye(3).to_sparse(), "w": torch.ones(2)}, tmp_path / "sparse.pt")
+    report = statecli.open_checkpoint(tmp_path / "sparse.pt")
+    assert not [f for f in report.findings if f.level == "dangerous"]
+    assert {t.name: t.layout for t in report.tensors} == {"s": "sparse_coo", "w": "strided"}
+    assert cli("check", str(tmp_path / "sparse.pt"), "--no-policy")[0] == 0
