@@ -283,3 +283,16 @@ def test_malicious_sample_triggers_no_audit_events(samples_dir: Path, repo_root:
     assert "dangerous" in result["levels"]
     assert not (tmp_path / MARKER).exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_member_names_that_differ_only_in_case_are_refused(tmp_path: Path) -> None:
+    # torch finds records case-insensitively: a second `Data/0` could be the bytes torch loads instead.
+    src = tmp_path / "ok.pt"
+    torch.save({"w": torch.ones(2)}, src)
+    p = tmp_path / "twins.pt"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(p, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info.filename))
+            if info.filename.endswith("/data/0"):
+                zout.writestr(info.filename.replace("/data/0", "/DATA/0"), b"\x00" * 8)
+    expect_error(p, "without regard to case")

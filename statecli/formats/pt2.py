@@ -35,7 +35,6 @@ from statecli.dtypes import DTYPES
 from statecli.errors import InputError, LimitExceededError, StatecliError, UnsupportedFormatError
 from statecli.formats._json import load_object
 from statecli.formats.base import RawCheckpoint
-from statecli.formats.torchscript import refuse_case_twins
 from statecli.formats.torchzip import MAX_PICKLE_BYTES, _Storages, archive_root
 from statecli.formats.zipdir import Member, data_offset, read_member
 from statecli.records import Container, Finding, RawTensor
@@ -88,7 +87,6 @@ _MODEL_NAME = re.compile(r"[^/\\]{1,255}\Z")
 
 def read_pt2(path: str, members: dict[str, Member]) -> RawCheckpoint:
     """Read a ``torch.export.save`` archive's tensors and their exact roles without running anything."""
-    refuse_case_twins(members, path)
     return _Reader(path, members, _root(members, path)).read()
 
 

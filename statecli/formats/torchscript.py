@@ -84,26 +84,9 @@ def read_torchscript(path: str, members: dict[str, Member]) -> RawCheckpoint:
                 "a TorchScript archive in the pre-1.4 layout (model.json + attributes.pkl): not read", path=path
             )
         raise InputError("TorchScript archive without a data.pkl", path=path)
-    refuse_case_twins(members, path)
     root = archive_root(names, path)
     reader = _Reader(path, members, root)
     return reader.read()
-
-
-def refuse_case_twins(members: dict[str, Member], path: str) -> None:
-    """torch's zip reader (miniz) finds records by name without regard to case: two names that differ only
-    in case would let torch read a member other than the one statecli reads."""
-    seen: dict[str, str] = {}
-    for name in members:
-        key = name.lower()
-        other = seen.get(key)
-        if other is not None:
-            raise InputError(
-                f"zip archive holds {other} and {name}: torch matches record names without regard to case "
-                "and could read the other one",
-                path=path,
-            )
-        seen[key] = name
 
 
 # ------------------------------------------------------------------------------------------ type declarations
@@ -579,4 +562,4 @@ def _join(prefix: str, k: Any) -> str:
     return f"{prefix}.{key}" if prefix else key
 
 
-__all__ = ["ClassDecl", "parse_declarations", "read_torchscript", "refuse_case_twins"]
+__all__ = ["ClassDecl", "parse_declarations", "read_torchscript"]

@@ -106,7 +106,24 @@ def _read(f, file_size: int, path: str) -> dict[str, Member]:  # type: ignore[no
         if offset + csize > cd_offset:
             raise InputError(f"corrupt zip archive ({printable(name)} runs past the data area)", path=path)
         members[name] = Member(name, offset, csize, usize, method, crc)
+    refuse_case_twins(members, path)
     return members
+
+
+def refuse_case_twins(members: dict[str, Member], path: str) -> None:
+    """torch's zip reader (miniz) finds records by name without regard to case: two names that differ only
+    in case would let torch read a member other than the one statecli reads."""
+    seen: dict[str, str] = {}
+    for name in members:
+        key = name.lower()
+        other = seen.get(key)
+        if other is not None:
+            raise InputError(
+                f"zip archive holds {printable(other)} and {printable(name)}: torch matches record names "
+                "without regard to case and could read the other one",
+                path=path,
+            )
+        seen[key] = name
 
 
 def _zip64_extra(extra: bytes, usize: int, csize: int, offset: int) -> tuple[int, int, int]:
