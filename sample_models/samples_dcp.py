@@ -40,7 +40,6 @@ if str(HERE) not in sys.path:
 import sample_nets  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch.distributed.checkpoint.filesystem import FileSystemWriter  # noqa: E402
 from torch.distributed.checkpoint.metadata import StorageMeta  # noqa: E402
 
@@ -65,26 +64,14 @@ def _fresh(folder: Path) -> Path:
     return folder
 
 
-def _adam_trained_cnn(seed: int = 1) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    torch.manual_seed(seed)
-    model = sample_nets.SmallCNN()
-    model.train()
-    adam = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(2):
-        x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
-        adam.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        adam.step()
-    model.eval()
-    return model, adam
-
-
 def make_training(out_dir: Path) -> Path:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     folder = _fresh(out_dir / TRAINING)
     torch.set_num_threads(1)
-    model, adam = _adam_trained_cnn()
+    from make_samples import adam_trained_cnn
+
+    model, adam = adam_trained_cnn()
     model_sd, optim_sd = get_state_dict(model, adam)
     # get_state_dict keys the optimizer state by parameter name ("conv1.weight"), not by index.
     assert "conv1.weight" in optim_sd["state"], list(optim_sd["state"])[:3]

@@ -48,17 +48,6 @@ SIZE_LIMIT = 200 * 1024
 NAMES = ("torchscript_cnn.pt", "torchscript_frozen.pt", "torchscript_freeze_constants.pt")
 
 
-def _trained_cnn(seed: int) -> sample_nets.SmallCNN:
-    torch.manual_seed(seed)
-    model = sample_nets.SmallCNN()
-    model.train()
-    with torch.no_grad():
-        for _ in range(2):
-            model(torch.randn(4, 3, 8, 8) * 2 + 0.5)
-    model.eval()
-    return model
-
-
 def _frozen_net(seed: int) -> sample_nets.FrozenNet:
     torch.manual_seed(seed)
     model = sample_nets.FrozenNet()
@@ -101,8 +90,10 @@ def generate(out_dir: str) -> list[Path]:
     assert os.environ.get("PYTHONHASHSEED") == "0", "run through make()"
     folder = Path(out_dir)
     torch.set_num_threads(1)
-    cnn = torch.jit.script(_trained_cnn(seed=11))
-    frozen = torch.jit.freeze(cnn)  # freeze() wants eval mode: _trained_cnn returns it so
+    from make_samples import trained_cnn
+
+    cnn = torch.jit.script(trained_cnn(seed=11))
+    frozen = torch.jit.freeze(cnn)  # freeze() wants eval mode: trained_cnn returns it so
     modules = (cnn, torch.jit.script(_frozen_net(seed=12)), frozen)
     paths = [save_portable(m, folder / name) for m, name in zip(modules, NAMES, strict=True)]
     for p in paths:

@@ -13,7 +13,6 @@ import pickletools
 import subprocess
 import sys
 import warnings
-import zipfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 from typer.testing import CliRunner
+from zip_members import member, rewrite
 
 import statecli
 from statecli.cli.main import app
@@ -65,30 +65,6 @@ def oracle(module: torch.jit.ScriptModule) -> dict[str, Any]:
         n.removesuffix("training").removesuffix("."): v for n, v in attrs.items() if n.rpartition(".")[2] == "training"
     }
     return {"params": params, "buffers": buffers, "others": others, "training": training}
-
-
-def rewrite(src: Path, dst: Path, changes: dict[str, bytes | None]) -> Path:
-    """A copy of the zip ``src`` with members replaced (bytes) or dropped (None), names relative to the root."""
-    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
-        root = zin.namelist()[0].split("/", 1)[0]
-        todo = {f"{root}/{k}": v for k, v in changes.items()}
-        for info in zin.infolist():
-            if info.filename in todo:
-                data = todo.pop(info.filename)
-                if data is not None:
-                    zout.writestr(info.filename, data)
-            else:
-                zout.writestr(info, zin.read(info.filename))
-        for name, data in todo.items():
-            if data is not None:
-                zout.writestr(name, data)
-    return dst
-
-
-def member(path: Path, rel: str) -> bytes:
-    with zipfile.ZipFile(path) as z:
-        root = z.namelist()[0].split("/", 1)[0]
-        return z.read(f"{root}/{rel}")
 
 
 def inspect_json(path: Path) -> tuple[int, dict[str, Any] | None, str]:
