@@ -5,14 +5,13 @@ from __future__ import annotations
 import csv
 import io
 from enum import Enum
-from fnmatch import fnmatchcase
 from typing import Annotated
 
 import typer
 
 from statecli.cli import _output
+from statecli.cli._common import open_selected
 from statecli.cli.options import MatchOpt, PathArg, RoleOpt
-from statecli.records import TensorInfo
 
 
 class StatsFormat(str, Enum):
@@ -52,23 +51,12 @@ def stats_command(
         statecli stats ckpt.pt --histogram --match 'layer1.*'
         statecli stats model.pt --format json | jq '.tensors[] | select(.nan > 0) | .name'
     """
-    from statecli import open_checkpoint
     from statecli.stats import compute
 
-    report = open_checkpoint(path)
-    _output.warn_dangerous(report)
-    roles = {r.value for r in role} if role else None
-    globs = list(match) if match else None
-
-    def keep(t: TensorInfo) -> bool:
-        return (roles is None or t.role in roles) and (globs is None or any(fnmatchcase(t.name, g) for g in globs))
-
-    chosen = [t for t in report.tensors if keep(t)]
-    if not chosen and report.tensors:
-        _output.note(f"{report.path}: no tensor matches the filters ({len(report.tensors)} in the file)")
-    bar = _output.progress_bar("reading", sum(t.nbytes for t in chosen), len(chosen))
+    report = open_selected(path, role, match, None)
+    bar = _output.progress_bar("reading", sum(t.nbytes for t in report.tensors), len(report.tensors))
     try:
-        result = compute(report, keep, bins if histogram else 0, bar.update if bar else None)
+        result = compute(report, None, bins if histogram else 0, bar.update if bar else None)
     finally:
         if bar is not None:
             bar.stop()

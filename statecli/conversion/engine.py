@@ -522,9 +522,10 @@ def execute(plan: Plan, progress: Progress | None = None) -> ConversionReport:
     if plan.output_format == "sharded":
         folder = os.path.abspath(plan.output)
         if os.path.isdir(folder):
-            for p in output_paths(plan):
+            paths = output_paths(plan)
+            for p in paths:
                 check_destination(p, plan.options.force, inputs)
-            report.findings.extend(_stale_shards(folder, output_paths(plan)))
+            report.findings.extend(_stale_shards(folder, paths))
         elif not os.path.isdir(os.path.dirname(folder)):
             raise OutputError(f"output folder's parent {os.path.dirname(folder)} does not exist", path=plan.output)
         elif os.path.lexists(folder):
