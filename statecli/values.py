@@ -96,8 +96,9 @@ def iter_pieces(
         and t.storage_offset == 0
         and (t.stride is None or t.stride == contiguous_strides(t.shape) or t.numel <= 1)
     }
-    rest = [t for t in chosen if t.name not in streamable]
-    others = iter_values(report, lambda t: t in rest, check_crc) if rest else iter([])
+    rest = {t.name for t in chosen} - streamable
+    # A set, not the list of records: membership is asked once per tensor (100,000 on large models).
+    others = iter_values(report, lambda t: t.name in rest, check_crc) if rest else iter([])
     pending = {}
     with Source(report, check_crc=check_crc) as source:
         for t in chosen:
