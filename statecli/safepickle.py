@@ -23,7 +23,7 @@ import re
 import struct
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from statecli.dtypes import DTYPES, STORAGE_TYPES
@@ -111,11 +111,15 @@ class Stub:
 class PickledDict(dict):  # type: ignore[type-arg]
     """A dict (or OrderedDict) from the pickle; ``attrs`` holds what BUILD set on it (``_metadata``)."""
 
-    __slots__ = ("attrs",)
+    __slots__ = ("_attrs",)  # made on first use: a state dict holds one of these per tensor, nearly all bare
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.attrs: dict[str, Any] = {}
+    @property
+    def attrs(self) -> dict[str, Any]:
+        try:
+            return self._attrs
+        except AttributeError:
+            self._attrs: dict[str, Any] = {}
+            return self._attrs
 
 
 @dataclass(slots=True)
@@ -142,7 +146,7 @@ class TensorRef:
     is_parameter: bool = False
     layout: str = "strided"
     device: str | None = None  # only where no storage says it (meta tensors)
-    extra: list[TensorRef] = field(default_factory=list)  # sparse components, quantizer params
+    extra: list[TensorRef] | tuple[()] = ()  # sparse components, quantizer params
 
     @property
     def numel(self) -> int:
@@ -515,24 +519,25 @@ ALLOWED_NAMES: frozenset[tuple[str, str]] = frozenset(
 # One ``_rebuild_tensor_v2`` call as torch.save writes it once the names it uses are memoized: the
 # argument tuple (storage persistent id, offset, shape, stride, requires_grad, hooks) and the REDUCE.
 # Matched in one regex step instead of ~25 trips through the opcode loop; anything else (first use of a
-# name, metadata, LONG1 sizes, hostile bytes) does not match and takes the general loop.
+# name, metadata, LONG1 sizes, hostile bytes) does not match and takes the general loop. Memo operations
+# are captured whole (``h`` + 1 byte or ``j`` + 4): the index is the little-endian number after the opcode.
 _INT = rb"(?:K.|M..|J....)"
-_MEMO_GET = rb"(?:h(.)|j(....))"
-_MEMO_PUT = rb"(?:q(.)|r(....))"
+_GET = rb"(h.|j....)"
+_PUT = rb"(q.|r....)"
 _TUPLE = rb"(\)|" + _INT + rb"[\x85]|" + _INT + rb"{2}\x86|" + _INT + rb"{3}\x87|\(" + _INT + rb"{0,64}t)"
-_OPT_PUT = rb"(?:q(.)|r(....))?"  # pickle does not memoize the empty tuple of a 0-dim tensor
-_TENSOR_V2 = re.compile(
+_OPT_PUT = rb"(q.|r....)?"  # pickle does not memoize the empty tuple of a 0-dim tensor
+_TENSOR_V2_BODY = (
     rb"\(\("
-    + _MEMO_GET  # 'storage'
-    + _MEMO_GET  # storage type
+    + _GET  # 'storage'
+    + _GET  # storage type
     + rb"X(....)([0-9]{1,20})"  # storage key (decimal)
-    + _MEMO_PUT
+    + _PUT
     # location: memoized ('cpu' after its first use) or written afresh each time (CUDA saves)
-    + rb"(?:h(.)|j(....)|X(....)([\x20-\x7e]{1,64}?)(?:q(.)|r(....)))"
+    + rb"(?:(h.|j....)|X(....)([\x20-\x7e]{1,64}?)(q.|r....))"
     + rb"("
     + _INT
     + rb")t"  # numel, TUPLE
-    + _MEMO_PUT
+    + _PUT
     + rb"Q("
     + _INT
     + rb")"  # BINPERSID, storage offset
@@ -541,14 +546,17 @@ _TENSOR_V2 = re.compile(
     + _TUPLE
     + _OPT_PUT
     + rb"([\x88\x89])"  # requires_grad
-    + _MEMO_GET  # OrderedDict
+    + _GET  # OrderedDict
     + rb"\)R"
-    + _MEMO_PUT
+    + _PUT
     + rb"t"
-    + _MEMO_PUT
-    + rb"R",
-    re.DOTALL,
+    + _PUT
+    + rb"R"
 )
+# The call alone (the GET of ``_rebuild_tensor_v2`` just read), then a state-dict entry after a tensor:
+# the next key's PUT, the GET of ``_rebuild_tensor_v2``, the call. The key itself is read in Python.
+_TENSOR_V2 = re.compile(rb"()()" + _TENSOR_V2_BODY, re.DOTALL)  # empty groups where the entry's PUT, GET go
+_KEYED_TENSOR_V2 = re.compile(_PUT + _GET + _TENSOR_V2_BODY, re.DOTALL)
 
 
 MAX_CALLS = 10_000  # calls recorded for the findings; the globals themselves are all counted
@@ -563,8 +571,8 @@ def _operand(v: Any) -> str:
     return f"the result of calling {describe_name(v.class_name)}"
 
 
-def _no_fast_path(g: Any, pos: int, memo: Any) -> None:
-    return None
+def _no_fast_path(g: Any, pos: int, memo: Any, stack: Any) -> int:
+    return 0
 
 
 def _at(short: bytes | None, long: bytes | None) -> int:
@@ -621,6 +629,7 @@ class RestrictedUnpickler:
         self.end = 0  # offset just past STOP
         self.fast_paths = fast_paths
         self._hash_counts: dict[int, HashCounts] = {}
+        self.fast_hits = 0  # tensors built by the fast path (the tests check it really runs)
 
     # The hot loop is one function with local variables and an if-chain ordered by how often torch
     # pickles use each opcode: a 100,000-tensor state dict runs about two million of them.
@@ -638,7 +647,7 @@ class RestrictedUnpickler:
         max_str = lim.max_str
         persistent = self._persistent
         call = self._call
-        fast = self._fast_tensor_v2 if self.fast_paths else _no_fast_path
+        fast = self._fast_tensors if self.fast_paths else _no_fast_path
         pos = self.start
         # Every opcode takes at least one byte, so the opcode count is bounded by the pickle's size,
         # which the caller caps; an explicit counter would cost ~10% of the loop.
@@ -661,10 +670,9 @@ class RestrictedUnpickler:
                         v = memo[u32(data, pos)[0]]
                         pos += 4
                     if type(v) is Global and v.handler is _h_rebuild_tensor_v2 and data[pos] == 0x28:
-                        hit = fast(v, pos, memo)
-                        if hit is not None:
-                            stack.append(hit[0])
-                            pos = hit[1]
+                        after = fast(v, pos, memo, stack)
+                        if after:
+                            pos = after
                             continue
                     stack.append(v)
                 elif op == 0x4B:  # BININT1
@@ -1022,68 +1030,137 @@ class RestrictedUnpickler:
             raise InputError("pickle refers to external data (a persistent id) outside a torch archive")
         return self.persistent_load(pid)
 
-    def _fast_tensor_v2(self, g: Global, pos: int, memo: dict[int, Any]) -> tuple[Any, int] | None:
-        """The tensor the ``_rebuild_tensor_v2`` call at ``pos`` builds and the position after its REDUCE,
-        or ``None`` (nothing changed) when the bytes are not the common form; see ``_TENSOR_V2``."""
-        m = _TENSOR_V2.match(self.data, pos)
-        if m is None:
-            return None
-        (g_tag, l_tag, g_st, l_st, klen, key, p_key, lp_key, g_loc, l_loc, loclen, loc, p_loc, lp_loc, numel,
-         p_pid, lp_pid, offset, shape_b, p_shape, lp_shape, stride_b, p_stride, lp_stride, grad, g_od, l_od,
-         p_hooks, lp_hooks, p_args, lp_args) = m.groups()  # fmt: skip
-        if int.from_bytes(klen, "little") != len(key):
-            return None
-        key_at = _at(p_key, lp_key)
-        loc_put = _at(p_loc, lp_loc) if loc is not None else None
-        loc_get = _at(g_loc, l_loc) if loc is None else None
-        pid_at = _at(p_pid, lp_pid)
-        shape_at = _at(p_shape, lp_shape) if p_shape or lp_shape else None
-        stride_at = _at(p_stride, lp_stride) if p_stride or lp_stride else None
-        od_at = _at(g_od, l_od)
-        # A GET that reads what this very call PUT earlier is legal pickle that torch never writes: the
-        # general loop handles it, so the fast path cannot disagree with it.
-        if loc_get == key_at or od_at in (key_at, loc_put, pid_at, shape_at, stride_at):
-            return None
-        try:
-            tag = memo[_at(g_tag, l_tag)]
-            stype = memo[_at(g_st, l_st)]
-            odict = memo[od_at]
-            if loc_get is not None:
-                location = memo[loc_get]
-            elif int.from_bytes(loclen, "little") == len(loc):
+    def _fast_tensors(self, g: Global, pos: int, memo: dict[int, Any], stack: list[Any]) -> int:
+        """Build the ``_rebuild_tensor_v2`` call at ``pos`` (just after the GET of ``g``) and, while the bytes
+        keep to torch's form, the state-dict entries after it (the result's PUT, the next key, its PUT, a GET
+        of ``g``, the call), pushing keys and tensors on ``stack``. Returns the position after the last byte
+        taken, or 0 when the first call is not in the common form (then nothing changed).
+
+        Every PUT taken here must name a slot the memo does not hold yet, as torch's do: then no GET can
+        read a value stored during the run, so the GETs' values (checked once per run) stay valid, and no
+        GET in an entry can read that entry's own PUTs. Anything else is left to the general loop.
+        """
+        data = self.data
+        n = len(data)
+        persistent = self.persistent_load
+        if persistent is None:
+            return 0
+        from_bytes = int.from_bytes
+        max_memo = self.limits.max_memo
+        max_str = self.limits.max_str
+        m = _TENSOR_V2.match(data, pos)
+        key = None
+        checked: dict[tuple[Any, ...], tuple[Global, str]] = {}
+        hits = 0
+        while m is not None:
+            (kput, get, tag, st, klen, skey, skput, locget, loclen, loc, locput, numel, pidput, off, shape_b, shput,
+             stride_b, stput, grad, od, hput, aput) = m.groups()  # fmt: skip
+            gets = (tag, st, locget, od, get)
+            known = checked.get(gets)
+            if known is None:
+                # The first entry of the run with these GET slots: look the values up and check them.
+                at = {x: from_bytes(x[1:], "little") for x in gets if x}
+                if get and memo.get(at[get]) is not g:
+                    break
+                stype = memo.get(at[st])
+                if memo.get(at[tag]) != "storage" or type(stype) is not Global:
+                    break
+                odict = memo.get(at[od])
+                if type(odict) is not Global or odict.handler is not _h_ordered_dict:
+                    break
+                location = memo.get(at[locget]) if locget else ""
+                if type(location) is not str:
+                    break
+                known = checked[gets] = (stype, location)
+            stype, location = known
+            if locget is None:
+                if from_bytes(loclen, "little") != len(loc):
+                    break
                 location = loc.decode("ascii")
+                locput_at = from_bytes(locput[1:], "little")
+            if from_bytes(klen, "little") != len(skey):
+                break
+            # Written out, not looped: this runs once per tensor.
+            skput_at = from_bytes(skput[1:], "little")
+            pidput_at = from_bytes(pidput[1:], "little")
+            hput_at = from_bytes(hput[1:], "little")
+            aput_at = from_bytes(aput[1:], "little")
+            if skput_at in memo or pidput_at in memo or hput_at in memo or aput_at in memo:
+                break
+            if kput:
+                kput_at = from_bytes(kput[1:], "little")
+                if kput_at in memo:
+                    break
+                try:
+                    key_s = str(key, "utf-8", "surrogatepass")  # type: ignore[arg-type]
+                except UnicodeDecodeError:
+                    break
+            if shput:
+                shput_at = from_bytes(shput[1:], "little")
+                if shput_at in memo:
+                    break
+            if stput:
+                stput_at = from_bytes(stput[1:], "little")
+                if stput_at in memo:
+                    break
+            if locget is None and locput_at in memo:
+                break
+            # Every check passed: from here on the entry is taken, memo entries stored in file order.
+            skey_s = skey.decode("ascii")
+            pid = ("storage", stype, skey_s, location, numel[1] if numel[0] == 0x4B else _small_int(numel))
+            shape = (shape_b[1],) if len(shape_b) == 3 and shape_b[0] == 0x4B else _int_tuple(shape_b)
+            stride = (stride_b[1],) if len(stride_b) == 3 and stride_b[0] == 0x4B else _int_tuple(stride_b)
+            hooks = PickledDict()
+            if kput:
+                memo[kput_at] = key_s
+                stack.append(key_s)
+            memo[skput_at] = skey_s
+            if locget is None:
+                memo[locput_at] = location
+            memo[pidput_at] = pid
+            if shput:
+                memo[shput_at] = shape
+            if stput:
+                memo[stput_at] = stride
+            memo[hput_at] = hooks
+            storage = persistent(pid)
+            args = (storage, off[1] if off[0] == 0x4B else _small_int(off), shape, stride, grad == b"\x88", hooks)
+            memo[aput_at] = args
+            if len(memo) > max_memo:
+                raise LimitExceededError(f"pickle memo exceeds {max_memo} entries")
+            if type(storage) is StorageRef:
+                # shape and stride came out of _int_tuple: ints already, so only the bounds need checking.
+                t = _checked_view(storage, args[1], shape, stride, storage.dtype)
+                t.requires_grad = args[4]
             else:
-                return None
-        except KeyError:
-            return None
-        if tag != "storage" or type(stype) is not Global or type(location) is not str:
-            return None
-        if type(odict) is not Global or odict.handler is not _h_ordered_dict:
-            return None
-        key_s = key.decode("ascii")
-        pid = ("storage", stype, key_s, location, _small_int(numel))
-        shape = _int_tuple(shape_b)
-        stride = _int_tuple(stride_b)
-        hooks = PickledDict()
-        # Only now, with every check passed, does anything change: memo entries in file order.
-        memo[key_at] = key_s
-        if loc_put is not None:
-            memo[loc_put] = location
-        memo[pid_at] = pid
-        if shape_at is not None:
-            memo[shape_at] = shape
-        if stride_at is not None:
-            memo[stride_at] = stride
-        memo[_at(p_hooks, lp_hooks)] = hooks
-        args = (self._persistent(pid), _small_int(offset), shape, stride, grad == b"\x88", hooks)
-        memo[_at(p_args, lp_args)] = args
-        if len(memo) > self.limits.max_memo:
-            raise LimitExceededError(f"pickle memo exceeds {self.limits.max_memo} entries")
-        storage = args[0]
-        if type(storage) is not StorageRef:
-            return _h_rebuild_tensor_v2(args), m.end()  # the general path raises the right error
-        # shape and stride came out of _int_tuple: ints already, so only the bounds need checking.
-        return _with_grad(_checked_view(storage, args[1], shape, stride, storage.dtype), args[4]), m.end()
+                t = _h_rebuild_tensor_v2(args)  # the general path raises the right error
+            stack.append(t)
+            pos = m.end()
+            hits += 1
+            # The result's PUT: a whole opcode, taken alone; a slot already used ends the run after it.
+            op = data[pos] if pos < n else 0
+            if op == 0x71:
+                i = data[pos + 1]
+                pos += 2
+            elif op == 0x72 and pos + 5 <= n:
+                i = _U32(data, pos + 1)[0]
+                pos += 5
+            else:
+                break
+            fresh = i not in memo
+            memo[i] = t
+            if len(memo) > max_memo:
+                raise LimitExceededError(f"pickle memo exceeds {max_memo} entries")
+            if not fresh or pos + 5 > n or data[pos] != 0x58:  # the next entry's key is a BINUNICODE
+                break
+            size = _U32(data, pos + 1)[0]
+            kend = pos + 5 + size
+            if size > max_str or kend > n:
+                break
+            key = data[pos + 5 : kend]
+            m = _KEYED_TENSOR_V2.match(data, kend)
+        self.fast_hits += hits
+        return pos if hits else 0
 
     def _setitems(self, target: Any, items: list[Any]) -> None:
         if len(items) % 2:

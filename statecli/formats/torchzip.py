@@ -103,6 +103,8 @@ class _Storages:
         self.root = root
         self.path = path
         self.cache: dict[str, StorageRef] = {}
+        self.prefix = f"{root}/data/"
+        self.dtypes: dict[Global, str] = {}  # storage type objects checked already (by identity)
 
     def __call__(self, pid: Any) -> StorageRef:
         # The key's type is checked before it is hashed: a tuple key could cost anything to hash.
@@ -113,14 +115,16 @@ class _Storages:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise InputError(f"corrupt pickle: unexpected persistent id {describe(pid)}", path=self.path)
         _, stype, key, location, numel = pid
-        dtype = storage_dtype(stype, key, location, numel, self.path)
-        cached = self.cache.get(key)
-        if cached is not None:
-            return cached
+        # One check per storage type object: a state dict names the same few thousands of times.
+        dtype = self.dtypes.get(stype) if type(stype) is Global else None
+        if dtype is None or type(key) is not str or type(location) is not str or type(numel) is not int:
+            dtype = storage_dtype(stype, key, location, numel, self.path)
+            if type(stype) is Global:
+                self.dtypes[stype] = dtype
         if numel < 0 or numel > 2**62:
             raise InputError(f"storage {describe(key)} claims {numel} elements", path=self.path)
         nbytes = numel * DTYPES[dtype].itemsize
-        info = self.members.get(f"{self.root}/data/{key}")
+        info = self.members.get(self.prefix + key)
         if info is None:
             raise InputError(
                 f"storage {describe(key)} has no data/{printable(key)} member in the archive", path=self.path
@@ -130,7 +134,7 @@ class _Storages:
                 f"storage {describe(key)} claims {nbytes} bytes but data/{printable(key)} holds {info.size}",
                 path=self.path,
             )
-        ref = StorageRef(key, dtype, location[:64], numel, nbytes)
+        ref = StorageRef(key, dtype, location if len(location) <= 64 else location[:64], numel, nbytes)
         self.cache[key] = ref
         return ref
 
