@@ -159,6 +159,18 @@ def to_json(data: Any) -> str:
         return json.dumps(data) + "\n"
 
 
+def reports_json(reports: Sequence[Report], many: bool) -> str:
+    """:func:`to_json` of the reports' dicts (a list when ``many``), through ``Report.to_json`` when piped."""
+    if sys.stdout.isatty():
+        data = [r.to_dict() for r in reports]
+        return to_json(data if many else data[0])
+    from statecli.api import gc_paused
+
+    with gc_paused():
+        texts = [r.to_json() for r in reports]
+    return (f"[{', '.join(texts)}]" if many else texts[0]) + "\n"
+
+
 def shape_text(shape: Sequence[int]) -> str:
     """``64x3x3``; a 0-dim tensor has the empty string."""
     return "x".join(str(d) for d in shape)

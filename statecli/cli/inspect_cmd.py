@@ -90,8 +90,7 @@ def inspect_command(
         elif fmt is OutputFormat.markdown:
             _output.write(("" if len(reports) == 1 else "\n") + _markdown(selected, len(paths) > 1))
     if fmt is OutputFormat.json:
-        data = [r.to_dict() for r in reports]
-        _output.write(_output.to_json(data[0] if len(paths) == 1 else data))
+        _output.write(_output.reports_json(reports, many=len(paths) > 1))
     elif fmt is OutputFormat.csv:
         _output.write(_output.to_csv(reports, with_path=len(paths) > 1))
     if worst:

@@ -1,0 +1,70 @@
+"""``Report.to_json`` writes the text ``json.dumps(report.to_dict())`` writes, byte for byte."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import statecli
+from statecli.records import Container, Finding, Report, Summary, TensorInfo
+
+SAMPLES = sorted(
+    p.name
+    for p in (Path(__file__).parent.parent / "sample_models").iterdir()
+    if p.suffix not in (".py", ".md") and p.name[0] != "."
+)
+
+
+@pytest.mark.parametrize("name", SAMPLES)
+def test_every_sample(samples_dir: Path, name: str) -> None:
+    report = statecli.open_checkpoint(samples_dir / name)
+    assert report.to_json() == json.dumps(report.to_dict())
+
+
+text = st.text(st.characters(), max_size=12)  # control characters, quotes, astral-plane text, lone surrogates
+maybe_text = st.none() | text
+maybe_flag = st.none() | st.booleans()
+ints = st.lists(st.integers(0, 2**63), max_size=5).map(tuple)
+
+
+@st.composite
+def tensors(draw: st.DrawFn) -> TensorInfo:
+    return TensorInfo(
+        name=draw(text),
+        role=draw(st.sampled_from(["parameter", "buffer", "other"])),
+        exact=draw(st.booleans()),
+        evidence=draw(text),
+        persistent=draw(maybe_flag),
+        requires_grad=draw(maybe_flag),
+        dtype=draw(text),
+        shape=draw(ints),
+        numel=draw(st.integers(0, 2**64)),
+        nbytes=draw(st.integers(0, 2**64)),
+        device=draw(maybe_text),
+        shares_with=tuple(draw(st.lists(text, max_size=3))),
+        group=draw(text),
+        stride=draw(st.none() | ints),
+        storage_offset=draw(st.integers(0, 2**62)),
+        storage=draw(maybe_text),
+        layout=draw(text),
+        file=draw(maybe_text),
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(items=st.lists(tensors(), max_size=6), path=text, metadata=st.dictionaries(text, text, max_size=3))
+def test_any_report(items: list[TensorInfo], path: str, metadata: dict[str, str]) -> None:
+    report = Report(
+        path=path,
+        format="torch-zip",
+        container=Container("state_dict", "", ("epoch",)),
+        tensors=tuple(items),
+        summary=Summary.of(items),
+        findings=(Finding("info", "x", 'a "quoted" \x00 message'),),
+        metadata=metadata,
+    )
+    assert report.to_json() == json.dumps(report.to_dict())
