@@ -138,36 +138,46 @@ class Summary:
 
     @classmethod
     def of(cls, tensors: Iterable[TensorInfo], storage_sizes: dict[str, int] | None = None) -> Summary:
-        # Plain [count, numel, nbytes] lists while counting: building a frozen Totals per tensor and
-        # group would cost more than the rest of the summary.
-        roles: dict[str, list[int]] = {r: [0, 0, 0] for r in ROLES}
-        by_dtype: dict[str, list[int]] = {}
-        by_device: dict[str, list[int]] = {}
-        exact = inferred = logical = unshared = 0
+        # Tensors are counted per (role, dtype, device) combination first, a few dozen of them, and the
+        # combinations summed after: one lookup per tensor instead of three.
+        combos: dict[tuple[str, str, str | None], list[int]] = {}
+        exact = logical = unshared = 0
+        n = 0
         seen: dict[str, int] = {}
         sizes = storage_sizes or {}
         for t in tensors:
-            numel, size = t.numel, t.nbytes
-            for acc in (
-                roles[t.role],
-                by_dtype.setdefault(t.dtype, [0, 0, 0]),
-                by_device.setdefault(t.device if t.device is not None else "unknown", [0, 0, 0]),
-            ):
-                acc[0] += 1
-                acc[1] += numel
-                acc[2] += size
+            n += 1
+            size = t.nbytes
+            key = (t.role, t.dtype, t.device)
+            acc = combos.get(key)
+            if acc is None:
+                acc = combos[key] = [0, 0, 0]
+            acc[0] += 1
+            acc[1] += t.numel
+            acc[2] += size
             if t.exact:
                 exact += 1
-            else:
-                inferred += 1
             logical += size
-            key = t.storage
-            if key is None:
+            storage = t.storage
+            if storage is None:
                 unshared += size
-            elif key in sizes:
-                seen[key] = sizes[key]
-            elif seen.get(key, -1) < size:
-                seen[key] = size
+            elif storage in sizes:
+                seen[storage] = sizes[storage]
+            elif seen.get(storage, -1) < size:
+                seen[storage] = size
+        inferred = n - exact
+        roles: dict[str, list[int]] = {r: [0, 0, 0] for r in ROLES}
+        by_dtype: dict[str, list[int]] = {}
+        by_device: dict[str, list[int]] = {}
+        for (role, dtype, device), (count, numel, nbytes) in combos.items():
+            for acc in (
+                roles[role],
+                by_dtype.setdefault(dtype, [0, 0, 0]),
+                by_device.setdefault(device if device is not None else "unknown", [0, 0, 0]),
+            ):
+                acc[0] += count
+                acc[1] += numel
+                acc[2] += nbytes
         return cls(
             parameters=Totals(*roles["parameter"]),
             buffers=Totals(*roles["buffer"]),

@@ -98,13 +98,6 @@ def infer(t: RawTensor) -> tuple[str, str]:
     return "parameter", "default"
 
 
-def _strided_nbytes(t: RawTensor) -> tuple[int, int]:
-    n = 1
-    for s in t.shape:
-        n *= s
-    return n, nbytes(t.dtype, n)
-
-
 def resolve(raw: RawCheckpoint) -> Report:
     """Turn a reader's facts into the report: roles with evidence, shared storages, summary."""
     by_storage: dict[str, list[str]] = {}
@@ -112,43 +105,34 @@ def resolve(raw: RawCheckpoint) -> Report:
         if t.storage is not None:
             by_storage.setdefault(t.storage, []).append(t.name)
     infos: list[TensorInfo] = []
+    append = infos.append
     for t in raw.tensors:
-        if t.role is not None:
-            role, exact, evidence = t.role, t.exact, t.evidence or "reader"
+        role = t.role
+        if role is not None:
+            exact, evidence = t.exact, t.evidence or "reader"
         else:
             role, evidence = infer(t)
             exact = False
         persistent = t.persistent
-        if persistent is None and role in ("parameter", "buffer") and t.group == "model":
+        if persistent is None and t.group == "model" and role in ("parameter", "buffer"):
             persistent = True  # present in a saved state: it was persistent when saved
-        numel, size = _strided_nbytes(t)
-        sharers = by_storage.get(t.storage, ()) if t.storage is not None else ()
-        if len(sharers) > MAX_SHARERS:
-            # Listing every sharer beside every tensor is quadratic: 10,000 names for one storage would be
-            # 100 million entries. The first ones show the tie; a finding gives the count.
-            sharers = sharers[: MAX_SHARERS + 1]
-        infos.append(
-            TensorInfo(
-                name=t.name,
-                role=role,
-                exact=exact,
-                evidence=evidence,
-                persistent=persistent,
-                requires_grad=t.requires_grad,
-                dtype=t.dtype,
-                shape=t.shape,
-                numel=numel,
-                nbytes=size,
-                device=t.device,
-                shares_with=tuple(n for n in sharers if n != t.name) if len(sharers) > 1 else (),
-                group=t.group,
-                stride=t.stride,
-                storage_offset=t.storage_offset,
-                storage=t.storage,
-                layout=t.layout,
-                file=t.file,
-            )
-        )
+        n = 1
+        for d in t.shape:
+            n *= d
+        storage = t.storage
+        shares: tuple[str, ...] = ()
+        if storage is not None:
+            sharers = by_storage[storage]
+            if len(sharers) > 1:
+                # Listing every sharer beside every tensor is quadratic: 10,000 names for one storage would be
+                # 100 million entries. The first ones show the tie; a finding gives the count.
+                shares = tuple(x for x in sharers[: MAX_SHARERS + 1] if x != t.name)
+        # Positional: this runs once per tensor, and keyword calls cost more (the order is TensorInfo's).
+        info = TensorInfo(
+            t.name, role, exact, evidence, persistent, t.requires_grad, t.dtype, t.shape, n,
+            nbytes(t.dtype, n), t.device, shares, t.group, t.stride, t.storage_offset, storage, t.layout, t.file,
+        )  # fmt: skip
+        append(info)
     findings = list(raw.findings)
     for key, names in by_storage.items():
         if len(names) > MAX_SHARERS:
