@@ -36,6 +36,8 @@ def _optimizers(root: Any) -> list[tuple[str, dict[Any, Any]]]:
         return []
     found = []
     for key, value in top.items():
+        if not isinstance(value, (dict, Stub, list, tuple)):
+            continue  # a tensor or a number: a state dict's top holds 100,000 of them
         if isinstance(value, (list, tuple)):  # Lightning: optimizer_states = [opt0, opt1, ...]
             found += [(f"{key}.{i}", m) for i, v in enumerate(value) if (m := _opt(v)) is not None]
         elif (m := _opt(value)) is not None:

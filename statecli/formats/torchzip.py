@@ -292,7 +292,7 @@ class _Walker:
                 self._generic(root, "", "model", 0)
                 return Container(kind="list", state_dict_at="")
             return Container(kind="empty", state_dict_at=None)
-        keys = [_key(k) for k in mapping]
+        keys = [k if type(k) is str else _key(k) for k in mapping]
         lightning = bool(LIGHTNING_MARKERS & set(keys))
         direct = any(isinstance(v, TensorRef) for v in mapping.values())
         model_key = None
@@ -314,8 +314,13 @@ class _Walker:
         model_items = {}
         other_keys = []
         for k, v in mapping.items():
-            name = _key(k)
-            if name in OPTIMIZER_KEYS or _is_optimizer_state(v):
+            name = k if type(k) is str else _key(k)
+            if name in OPTIMIZER_KEYS:
+                other_keys.append(name)
+                self._other(v, name, name)
+            elif type(v) is TensorRef:
+                model_items[k] = v
+            elif _is_optimizer_state(v):
                 other_keys.append(name)
                 self._other(v, name, name)
             elif isinstance(v, TensorRef) or self._holds_tensors(v, 0):
@@ -420,9 +425,13 @@ class _Walker:
         mapping = _as_mapping(obj)
         if mapping is not None:
             if self._enter(obj, prefix, depth):
+                dot = f"{prefix}." if prefix else ""
+                room = MAX_NAME_CHARS - len(dot)
                 for k, v in mapping.items():
-                    if type(v) is TensorRef:  # the common case, without a recursive call per tensor
-                        self._emit(_join(prefix, k), v, group)
+                    if type(v) is TensorRef:
+                        # The common case, without a call per name or a recursive call per tensor.
+                        name = dot + k if type(k) is str and len(k) < room else _join(prefix, k)
+                        self._emit(name, v, group)
                     elif isinstance(v, (dict, list, tuple, Stub)):  # leaves (numbers, text) need no name
                         self._generic(v, _join(prefix, k), group, depth + 1)
         elif isinstance(obj, (list, tuple)) and self._enter(obj, prefix, depth):
@@ -471,21 +480,14 @@ class _Walker:
         persistent: bool | None = None,
     ) -> RawTensor:
         s = t.storage
-        dtype = t.dtype
-        raw = RawTensor(
-            name=name or "(root)",
-            dtype=dtype,
-            shape=t.shape,
-            stride=t.stride,
-            storage_offset=t.offset,
-            device=s.location if s is not None else t.device,
-            storage=f"data/{s.key}" if s is not None else None,
-            storage_nbytes=s.nbytes if s is not None else 0,
-            group=group,
-            requires_grad=t.requires_grad,
-            is_parameter=t.is_parameter,
-            layout=t.layout,
-        )
+        name = name or "(root)"
+        # Positional (RawTensor's field order): this runs once per tensor, and keyword calls cost more.
+        if s is not None:
+            raw = RawTensor(name, t.dtype, t.shape, t.stride, t.offset, s.location, f"data/{s.key}", s.nbytes,
+                            group, t.requires_grad, None, None, False, None, t.is_parameter, t.layout)  # fmt: skip
+        else:
+            raw = RawTensor(name, t.dtype, t.shape, t.stride, t.offset, t.device, None, 0,
+                            group, t.requires_grad, None, None, False, None, t.is_parameter, t.layout)  # fmt: skip
         if t.device is not None:
             raw.device = t.device
         if role is not None:
