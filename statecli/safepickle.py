@@ -553,10 +553,9 @@ _TENSOR_V2_BODY = (
     + _PUT
     + rb"R"
 )
-# The call alone (the GET of ``_rebuild_tensor_v2`` just read), then a state-dict entry after a tensor:
-# the next key's PUT, the GET of ``_rebuild_tensor_v2``, the call. The key itself is read in Python.
-_TENSOR_V2 = re.compile(rb"()()" + _TENSOR_V2_BODY, re.DOTALL)  # empty groups where the entry's PUT, GET go
-_KEYED_TENSOR_V2 = re.compile(_PUT + _GET + _TENSOR_V2_BODY, re.DOTALL)
+# One state-dict entry: the key's PUT, the GET of ``_rebuild_tensor_v2`` and the call (the key itself is
+# read in Python); matched where the call starts, after a GET the opcode loop took, the first two are absent.
+_TENSOR_V2 = re.compile(rb"(?:" + _PUT + _GET + rb")?" + _TENSOR_V2_BODY, re.DOTALL)
 
 
 MAX_CALLS = 10_000  # calls recorded for the findings; the globals themselves are all counted
@@ -1048,7 +1047,10 @@ class RestrictedUnpickler:
         from_bytes = int.from_bytes
         max_memo = self.limits.max_memo
         max_str = self.limits.max_str
-        m = _TENSOR_V2.match(data, pos)
+        match = _TENSOR_V2.match
+        m = match(data, pos)
+        if m is None or m.group(1) is not None:
+            return 0
         key = None
         checked: dict[tuple[Any, ...], tuple[Global, str]] = {}
         hits = 0
@@ -1158,7 +1160,9 @@ class RestrictedUnpickler:
             if size > max_str or kend > n:
                 break
             key = data[pos + 5 : kend]
-            m = _KEYED_TENSOR_V2.match(data, kend)
+            m = match(data, kend)
+            if m is not None and m.group(1) is None:
+                break  # the next entry must begin with the key's PUT
         self.fast_hits += hits
         return pos if hits else 0
 
