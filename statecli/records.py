@@ -274,18 +274,18 @@ class Report:
     def to_json(self) -> str:
         """``json.dumps(self.to_dict())``, the same text, written without the tensors' dicts: at 100,000
         tensors building and encoding those dicts cost more than reading the file's pickle."""
-        head = {
-            "schema": SCHEMA,
-            "path": self.path,
-            "format": self.format,
-            "file_size": self.file_size,
-            "container": self.container.to_dict(),
-            "metadata": dict(self.metadata),
-        }
-        tail = {"summary": self.summary.to_dict(), "findings": [f.to_dict() for f in self.findings]}
-        return f'{json.dumps(head)[:-1]}, "tensors": [{_tensors_json(self.tensors)}], {json.dumps(tail)[1:]}'
+        fields = self._fields(None)
+        keys = list(fields)
+        at = keys.index("tensors")
+        head = json.dumps({k: fields[k] for k in keys[:at]})
+        tail = json.dumps({k: fields[k] for k in keys[at + 1 :]})
+        return f'{head[:-1]}, "tensors": [{_tensors_json(self.tensors)}], {tail[1:]}'
 
     def to_dict(self) -> dict[str, Any]:
+        return self._fields([t.to_dict() for t in self.tensors])
+
+    def _fields(self, tensors: Any) -> dict[str, Any]:
+        """The JSON document's fields in order, with ``tensors`` as given."""
         return {
             "schema": SCHEMA,
             "path": self.path,
@@ -293,7 +293,7 @@ class Report:
             "file_size": self.file_size,
             "container": self.container.to_dict(),
             "metadata": dict(self.metadata),
-            "tensors": [t.to_dict() for t in self.tensors],
+            "tensors": tensors,
             "summary": self.summary.to_dict(),
             "findings": [f.to_dict() for f in self.findings],
         }
