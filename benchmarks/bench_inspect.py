@@ -10,7 +10,8 @@ Builds synthetic checkpoints (cached between runs), then times whole processes:
 Each command is its own process, started with ``subprocess.Popen`` and reaped with ``os.wait4`` so
 that its wall time (``time.perf_counter`` around spawn + reap) and its peak RSS
 (``rusage.ru_maxrss``) are its own.  One warm-up run per command comes first and is not counted,
-so the medians are warm page-cache numbers unless ``--drop-caches`` is given.
+so the medians are warm page-cache numbers unless ``--drop-caches`` is given.  The commands on one
+file are measured in turns (A B C A B C ...), so the machine's drift reaches each of them alike.
 
 Standard library + torch + safetensors only.  See benchmarks/README.md.
 """
@@ -430,38 +431,58 @@ def verify_json(stdout: bytes, expect: int | None) -> str:
     return f"ok ({len(tensors)} tensors)"
 
 
-def measure(case: Case, runs: int, launcher: Launcher, timeout: float, dropping: bool) -> None:
-    runs = case.runs_wanted or runs
-    log(f"{case.case}: {case.label} ({'1 warm-up + ' if case.warmup else ''}{runs} measured)")
-    what = "statecli not runnable" if case.kind.startswith("statecli") else "command failed"
-    if case.warmup:
-        if dropping:
-            drop_caches()
-        capture = case.kind == "statecli-json"
-        warm, stdout, stderr = launcher.run(case.argv, timeout, capture=capture)
-        if warm.rc != 0:
-            case.error = f"{what} (exit {warm.rc}): {error_line(stderr)}"
-            log(case.error)
-            return
-        if capture:
-            case.check = verify_json(stdout or b"", case.expect_tensors)
-            if not case.check.startswith("ok"):
-                log(f"output check: {case.check}")
-    for i in range(runs):
-        if dropping:
-            drop_caches()
-        r, _, stderr = launcher.run(case.argv, timeout)
-        if r.rc != 0:
-            first = i == 0 and not case.warmup
-            case.error = (
-                f"{what} (exit {r.rc}): {error_line(stderr)}"
-                if first
-                else f"exit {r.rc} on a measured run: {error_line(stderr)}"
-            )
-            log(case.error)
-            return
-        case.runs.append(r)
-    log(f"  median {case.median_s:.3f} s, peak RSS {case.median_rss_mb:.1f} MB")
+def _what(case: Case) -> str:
+    return "statecli not runnable" if case.kind.startswith("statecli") else "command failed"
+
+
+def warm_up(case: Case, launcher: Launcher, timeout: float, dropping: bool) -> None:
+    """The unmeasured first run (and the JSON output check); sets ``case.error`` when it fails."""
+    if not case.warmup:
+        return
+    if dropping:
+        drop_caches()
+    capture = case.kind == "statecli-json"
+    warm, stdout, stderr = launcher.run(case.argv, timeout, capture=capture)
+    if warm.rc != 0:
+        case.error = f"{_what(case)} (exit {warm.rc}): {error_line(stderr)}"
+        log(case.error)
+        return
+    if capture:
+        case.check = verify_json(stdout or b"", case.expect_tensors)
+        if not case.check.startswith("ok"):
+            log(f"output check: {case.check}")
+
+
+def measure_once(case: Case, launcher: Launcher, timeout: float, dropping: bool) -> None:
+    if dropping:
+        drop_caches()
+    r, _, stderr = launcher.run(case.argv, timeout)
+    if r.rc != 0:
+        first = not case.runs and not case.warmup
+        case.error = (
+            f"{_what(case)} (exit {r.rc}): {error_line(stderr)}"
+            if first
+            else f"exit {r.rc} on a measured run: {error_line(stderr)}"
+        )
+        log(case.error)
+        return
+    case.runs.append(r)
+
+
+def measure_round_robin(group: list[Case], runs: int, launcher: Launcher, timeout: float, dropping: bool) -> None:
+    """Measure the commands on one file in turns (A B C A B C ...), not one after another: this machine's
+    speed drifts from minute to minute, and turns spread the drift over every command alike, so the
+    ratios between them hold even when the absolute figures move."""
+    for case in group:
+        log(f"{case.case}: {case.label} ({'1 warm-up + ' if case.warmup else ''}{case.runs_wanted or runs} measured)")
+        warm_up(case, launcher, timeout, dropping)
+    for _ in range(max(c.runs_wanted or runs for c in group)):
+        for case in group:
+            if not case.error and len(case.runs) < (case.runs_wanted or runs):
+                measure_once(case, launcher, timeout, dropping)
+    for case in group:
+        if case.runs and not case.error:
+            log(f"  {case.case}: {case.label}: median {case.median_s:.3f} s, peak RSS {case.median_rss_mb:.1f} MB")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -596,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
         "--table-runs",
         type=int,
         default=1,
-        help="measured runs of the default table format, no warm-up: it follows the json runs (default 1)",
+        help="measured runs of the default table format, no warm-up: the json warm-up read the file (default 1)",
     )
     ap.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write raw results here")
     ap.add_argument("--skip-baselines", action="store_true", help="skip the torch / safe_open scripts")
@@ -674,8 +695,11 @@ def main(argv: list[str] | None = None) -> int:
     launcher = Launcher(env)
     launcher_mb = launcher.hwm_kib / 1024 if launcher.hwm_kib else None
     try:
+        groups: dict[str, list[Case]] = {}
         for c in cases:
-            measure(c, args.runs, launcher, args.timeout, dropping)
+            groups.setdefault(c.case, []).append(c)
+        for group in groups.values():
+            measure_round_robin(group, args.runs, launcher, args.timeout, dropping)
     finally:
         launcher.close()
 
@@ -690,8 +714,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"built this run: {', '.join(files.built)}")
     print(f"page cache: {drop_note}")
     print(
-        f"runs: {args.runs} measured per command after 1 warm-up; table format {args.table_runs}, "
-        "right after the json runs on the same file"
+        f"runs: {args.runs} measured per command after 1 warm-up, in turns with the other commands on the "
+        f"same file; table format {args.table_runs}, no warm-up (the json warm-up read the file)"
     )
     print("wall = fork..reap (perf_counter); RSS = ru_maxrss")
     print(
