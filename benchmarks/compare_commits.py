@@ -75,7 +75,10 @@ def instructions(argv: list[str], env: dict[str, str], cwd: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        usage="%(prog)s [-h] [--runs N] [--instructions] OLD NEW -- STATECLI_ARGUMENTS...",
+    )
     ap.add_argument("old", help="the revision to compare against (a commit, tag or branch)")
     ap.add_argument("new", help="the revision under test")
     ap.add_argument("--runs", type=int, default=5, help="measured runs per revision, after one warm-up each")
