@@ -113,6 +113,8 @@ def _read(f, file_size: int, path: str) -> dict[str, Member]:  # type: ignore[no
 def refuse_case_twins(members: dict[str, Member], path: str) -> None:
     """torch's zip reader (miniz) finds records by name without regard to case: two names that differ only
     in case would let torch read a member other than the one statecli reads."""
+    if len({name.lower() for name in members}) == len(members):
+        return  # the common case, in one pass without a dict of originals
     seen: dict[str, str] = {}
     for name in members:
         key = name.lower()
