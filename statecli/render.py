@@ -92,6 +92,27 @@ def _width(text: str) -> int:
     return len(text) if text.isascii() else cell_len(text)
 
 
+# Characters one terminal cell wide: printable ASCII and the marks statecli itself writes.
+_ONE_CELL = frozenset(map(chr, range(0x20, 0x7F))) | frozenset("●○×—…→")
+
+
+def _narrow(column: list[str]) -> bool:
+    """Every character of every cell is one cell wide, so ``len`` measures them."""
+    text = "".join(column)
+    return text.isascii() or set(text) <= _ONE_CELL
+
+
+def column_widths(headers: list[str], rows: list[list[str]]) -> list[int]:
+    """Each column's width in cells: its header's or its widest cell's. A column of narrow characters
+    (nearly all of them) is measured with ``len`` in one pass, without a Python call per cell."""
+    widths = []
+    for i, h in enumerate(headers):
+        col = [r[i] for r in rows]
+        widest = max(map(len if _narrow(col) else _width, col), default=0)
+        widths.append(max(_width(h), widest))
+    return widths
+
+
 class TensorGrid:
     """The tensor table: a title, a header, a rule, one aligned line per tensor.
 
@@ -126,9 +147,7 @@ class TensorGrid:
             if shares:
                 row.append(", ".join(t.shares_with))
             self.rows.append(row)
-        self.widths = [
-            max(_width(h), max((_width(r[i]) for r in self.rows), default=0)) for i, h in enumerate(self.headers)
-        ]
+        self.widths = column_widths(self.headers, self.rows)
 
     def total_width(self, widths: list[int] | None = None) -> int:
         widths = widths or self.widths
@@ -140,11 +159,9 @@ class TensorGrid:
             return
         self._clean = True
         self.title = clean(self.title)
-        if not all(c.isprintable() for row in self.rows for c in row):
+        if not "".join(c for row in self.rows for c in row).isprintable():
             self.rows = [[clean(c) for c in row] for row in self.rows]
-            self.widths = [
-                max(_width(h), max((_width(r[k]) for r in self.rows), default=0)) for k, h in enumerate(self.headers)
-            ]
+            self.widths = column_widths(self.headers, self.rows)
 
     def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
         self._cleaned()
@@ -164,6 +181,18 @@ class TensorGrid:
             yield Segment(self.GAP if i < len(widths) - 1 else "\n")
         yield Segment("─" * self.total_width(widths) + "\n")
         plain = console.no_color or console.color_system is None
+        if plain and widths == self.widths and all(_narrow([r[i] for r in self.rows]) for i in range(len(widths))):
+            # Nothing to shorten and one cell per character: str.ljust / rjust pad in C, and one segment
+            # per line keeps 100,000 rows well under a second.
+            last = len(widths) - 1
+            just = [str.rjust if i in self.RIGHT else str.ljust for i in range(last)]
+            tail = str.rjust if last in self.RIGHT else None  # the last column only when right-aligned
+            gap = self.GAP
+            for row in self.rows:
+                cells = [pad(c, w) for pad, w, c in zip(just, widths[:last], row[:last], strict=True)]
+                cells.append(row[last] if tail is None else tail(row[last], widths[last]))
+                yield Segment(gap.join(cells) + "\n")
+            return
         for t, row in zip(self.tensors, self.rows, strict=True):
             last = len(row) - 1
             # The last column is not padded unless right-aligned: no trailing blanks on every line.
@@ -233,9 +262,7 @@ class PlanGrid(TensorGrid):
             if stats:
                 row.append(_range_text(stats.get(i.name)))
             self.rows.append(row)
-        self.widths = [
-            max(_width(h), max((_width(r[k]) for r in self.rows), default=0)) for k, h in enumerate(self.headers)
-        ]
+        self.widths = column_widths(self.headers, self.rows)
 
     @staticmethod
     def _styles(t: PlanItem, row: list[str]) -> list[Style | None]:  # type: ignore[override]
@@ -283,9 +310,7 @@ class StatsGrid(TensorGrid):
                     f"{m.zeros:,}",
                 ]
             self.rows.append(cells)
-        self.widths = [
-            max(_width(h), max((_width(r[k]) for r in self.rows), default=0)) for k, h in enumerate(self.headers)
-        ]
+        self.widths = column_widths(self.headers, self.rows)
 
     @staticmethod
     def _styles(t: TensorStats, row: list[str]) -> list[Style | None]:  # type: ignore[override]

@@ -220,3 +220,20 @@ def test_non_persistent_buffer_is_marked_and_explained() -> None:
 )
 def test_grad_labels(role: str, requires_grad: bool | None, label: str) -> None:
     assert tensor("x", role=role, requires_grad=requires_grad).trainable == label
+
+
+def test_plain_table_fast_path_writes_what_the_general_path_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One cell per character (ASCII and statecli's marks): cells are padded with str.ljust/rjust.
+    report = make_report(TENSORS)
+    fast = text_of(render.report_table(report))
+    monkeypatch.setattr(render, "_narrow", lambda column: False)  # every cell measured and padded one by one
+    assert text_of(render.report_table(report)) == fast
+
+
+def test_wide_characters_in_names_keep_the_columns_aligned() -> None:
+    from rich.cells import cell_len
+
+    report = make_report((tensor("層.weight"), tensor("a.bias"), tensor("emoji😀.w")))
+    lines = text_of(render.report_table(report)).splitlines()[3:]
+    starts = {cell_len(line[: line.index("parameter")]) for line in lines}
+    assert len(lines) == 3 and len(starts) == 1

@@ -232,10 +232,9 @@ def diff_view(report: DiffReport, show_all: bool = False) -> Group:
 def _grid_class() -> type:
     """:class:`statecli.render.TensorGrid` for diff rows; made on first use so that rich is imported
     only by the table output."""
-    from rich.cells import cell_len
     from rich.style import Style
 
-    from statecli.render import TensorGrid
+    from statecli.render import TensorGrid, column_widths
 
     styles = {k: Style.parse(v) for k, v in STATUS_STYLES.items()}
     dim = Style.parse("dim")
@@ -250,10 +249,7 @@ def _grid_class() -> type:
             self.tensors = rows  # type: ignore[assignment]
             self.headers = ["Name", "Status", "DType", "Shape", "Max abs", "Max rel", "Cosine", "Notes"]
             self.rows = [list(r.cells) for r in rows]
-            self.widths = [
-                max(cell_len(h), max((cell_len(r[i]) for r in self.rows), default=0))
-                for i, h in enumerate(self.headers)
-            ]
+            self.widths = column_widths(self.headers, self.rows)
 
         @staticmethod
         def _styles(t: DiffRow, row: list[str]) -> list[Style | None]:  # type: ignore[override]
