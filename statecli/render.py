@@ -7,7 +7,7 @@ Strings that come from a checkpoint (tensor names, paths, keys, metadata, findin
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from rich.cells import cell_len
@@ -96,21 +96,24 @@ def _width(text: str) -> int:
 _ONE_CELL = frozenset(map(chr, range(0x20, 0x7F))) | frozenset("●○×—…→")
 
 
-def _narrow(column: list[str]) -> bool:
+def _narrow(column: Iterable[str]) -> bool:
     """Every character of every cell is one cell wide, so ``len`` measures them."""
     text = "".join(column)
     return text.isascii() or set(text) <= _ONE_CELL
 
 
-def column_widths(headers: list[str], rows: list[list[str]]) -> list[int]:
-    """Each column's width in cells: its header's or its widest cell's. A column of narrow characters
-    (nearly all of them) is measured with ``len`` in one pass, without a Python call per cell."""
+def measure_columns(headers: list[str], rows: list[list[str]]) -> tuple[list[int], bool]:
+    """Each column's width in cells (its header's or its widest cell's), and whether every cell is narrow
+    (one cell per character). A narrow column, nearly all of them, is measured with ``len`` in one pass
+    instead of a Python call per cell."""
     widths = []
-    for i, h in enumerate(headers):
-        col = [r[i] for r in rows]
-        widest = max(map(len if _narrow(col) else _width, col), default=0)
-        widths.append(max(_width(h), widest))
-    return widths
+    narrow = True
+    columns = list(zip(*rows, strict=True)) if rows else [()] * len(headers)
+    for h, col in zip(headers, columns, strict=True):
+        fits = _narrow(col)
+        narrow = narrow and fits
+        widths.append(max(_width(h), max(map(len if fits else _width, col), default=0)))
+    return widths, narrow
 
 
 class TensorGrid:
@@ -147,7 +150,7 @@ class TensorGrid:
             if shares:
                 row.append(", ".join(t.shares_with))
             self.rows.append(row)
-        self.widths = column_widths(self.headers, self.rows)
+        self.widths, self.narrow = measure_columns(self.headers, self.rows)
 
     def total_width(self, widths: list[int] | None = None) -> int:
         widths = widths or self.widths
@@ -161,7 +164,7 @@ class TensorGrid:
         self.title = clean(self.title)
         if not "".join(c for row in self.rows for c in row).isprintable():
             self.rows = [[clean(c) for c in row] for row in self.rows]
-            self.widths = column_widths(self.headers, self.rows)
+            self.widths, self.narrow = measure_columns(self.headers, self.rows)
 
     def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
         self._cleaned()
@@ -181,7 +184,7 @@ class TensorGrid:
             yield Segment(self.GAP if i < len(widths) - 1 else "\n")
         yield Segment("─" * self.total_width(widths) + "\n")
         plain = console.no_color or console.color_system is None
-        if plain and widths == self.widths and all(_narrow([r[i] for r in self.rows]) for i in range(len(widths))):
+        if plain and self.narrow and widths == self.widths:
             # Nothing to shorten and one cell per character: str.ljust / rjust pad in C, and one segment
             # per line keeps 100,000 rows well under a second.
             last = len(widths) - 1
@@ -262,7 +265,7 @@ class PlanGrid(TensorGrid):
             if stats:
                 row.append(_range_text(stats.get(i.name)))
             self.rows.append(row)
-        self.widths = column_widths(self.headers, self.rows)
+        self.widths, self.narrow = measure_columns(self.headers, self.rows)
 
     @staticmethod
     def _styles(t: PlanItem, row: list[str]) -> list[Style | None]:  # type: ignore[override]
@@ -310,7 +313,7 @@ class StatsGrid(TensorGrid):
                     f"{m.zeros:,}",
                 ]
             self.rows.append(cells)
-        self.widths = column_widths(self.headers, self.rows)
+        self.widths, self.narrow = measure_columns(self.headers, self.rows)
 
     @staticmethod
     def _styles(t: TensorStats, row: list[str]) -> list[Style | None]:  # type: ignore[override]

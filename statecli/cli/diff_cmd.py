@@ -234,7 +234,7 @@ def _grid_class() -> type:
     only by the table output."""
     from rich.style import Style
 
-    from statecli.render import TensorGrid, column_widths
+    from statecli.render import TensorGrid, measure_columns
 
     styles = {k: Style.parse(v) for k, v in STATUS_STYLES.items()}
     dim = Style.parse("dim")
@@ -249,7 +249,7 @@ def _grid_class() -> type:
             self.tensors = rows  # type: ignore[assignment]
             self.headers = ["Name", "Status", "DType", "Shape", "Max abs", "Max rel", "Cosine", "Notes"]
             self.rows = [list(r.cells) for r in rows]
-            self.widths = column_widths(self.headers, self.rows)
+            self.widths, self.narrow = measure_columns(self.headers, self.rows)
 
         @staticmethod
         def _styles(t: DiffRow, row: list[str]) -> list[Style | None]:  # type: ignore[override]
