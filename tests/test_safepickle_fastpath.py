@@ -39,6 +39,10 @@ def canon(obj: Any, seen: dict[int, int] | None = None) -> Any:
         return ("dict", [(canon(k, seen), canon(v, seen)) for k, v in obj.items()], attrs)
     if isinstance(obj, (list, tuple)):
         return (type(obj).__name__, [canon(v, seen) for v in obj])
+    if isinstance(obj, (set, frozenset)):
+        # Iteration order follows hashes (of stubs: addresses), so members are compared as sorted text,
+        # each numbered on its own.
+        return (type(obj).__name__, sorted(repr(canon(v, {})) for v in obj))
     return obj
 
 
