@@ -13,6 +13,13 @@ class StatecliError(Exception):
         self.path = path
         super().__init__(f"{path}: {message}" if path else message)
 
+    def at(self, path: str) -> StatecliError:
+        """This error, naming ``path`` unless it names a file already (readers below the format know none)."""
+        if self.path is None:
+            self.path = path
+            self.args = (f"{path}: {self.message}",)
+        return self
+
 
 class CheckFailedError(StatecliError):
     """A check found a problem: a conversion would overflow, a diff beyond tolerance (exit 1)."""

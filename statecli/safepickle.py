@@ -954,6 +954,8 @@ class RestrictedUnpickler:
             raise InputError(f"corrupt pickle: {detail} near byte {pos}") from e
         except (TypeError, ValueError, UnicodeDecodeError, OverflowError) as e:
             raise InputError(f"corrupt pickle near byte {pos}: {e}") from e
+        except RecursionError as e:  # here, not in each reader that calls this one
+            raise InputError("corrupt pickle: structure nested too deeply") from e
 
     def _bytes(self, pos: int, size: int) -> bytes:
         if size > self.limits.max_str:

@@ -280,12 +280,7 @@ def _parse(folder: str, limits: Limits | None) -> _Parsed:
     try:
         root, unpickler = loads(data, None, limits)
     except StatecliError as e:
-        if e.path is None:
-            e.path = meta_path
-            e.args = (f"{meta_path}: {e.message}",)
-        raise
-    except RecursionError as e:
-        raise InputError("corrupt pickle: structure nested too deeply", path=meta_path) from e
+        raise e.at(meta_path) from None
     seen = {k: n for k, n in unpickler.globals_seen.items() if k not in DCP_NAMES}
     calls = [(g, a) for g, a in unpickler.calls if (g.module, g.name) not in DCP_NAMES]
     findings = findings_for(seen, calls)
@@ -810,9 +805,6 @@ def _scan_byte_entries(p: _Parsed) -> list[Finding]:
                 seen, calls = _scan_blob(blob)
             except (StatecliError, zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
                 unscanned.append(f"{key} ({getattr(e, 'message', None) or e})"[:160])
-                continue
-            except RecursionError:
-                unscanned.append(f"{key} (nested too deeply)")
                 continue
             seen = {k: n for k, n in seen.items() if k not in DCP_NAMES}
             calls = [(g, a) for g, a in calls if (g.module, g.name) not in DCP_NAMES]

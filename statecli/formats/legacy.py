@@ -66,12 +66,7 @@ def _pickle_at(data: bytes, start: int, path: str, persistent: Any = None) -> tu
     try:
         obj, u = loads(data[start:], persistent, Limits())
     except StatecliError as e:
-        if e.path is None:
-            e.path = path
-            e.args = (f"{path}: {e.message}",)
-        raise
-    except RecursionError as e:
-        raise InputError("corrupt pickle: structure nested too deeply", path=path) from e
+        raise e.at(path) from None
     return obj, start + u.end, u
 
 

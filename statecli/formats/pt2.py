@@ -429,8 +429,6 @@ class _Reader:
             obj, unpickler = loads(data, storages)
         except StatecliError as e:
             raise type(e)(f"{rel}: {e.message}", path=self.path) from e
-        except RecursionError as e:
-            raise InputError(f"{rel}: corrupt pickle: structure nested too deeply", path=self.path) from e
         self._add_security(unpickler.globals_seen, unpickler.calls, rel)
         self.nested_nbytes = sum(s.nbytes for s in storages.cache.values())
         return obj
@@ -442,8 +440,8 @@ class _Reader:
         obj = None
         try:
             obj = unpickler.load()
-        except (StatecliError, RecursionError) as e:
-            reason = e.message if isinstance(e, StatecliError) else "nested too deeply"
+        except StatecliError as e:
+            reason = e.message
             self.security.append(
                 Finding(
                     "dangerous",

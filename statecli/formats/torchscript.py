@@ -344,8 +344,6 @@ class _Reader:
                 # _Storages names the data/ folder; this pickle's storages live in its own.
                 message = message.replace("data/", f"{folder}/")
             raise type(e)(f"{name}: {message}", path=self.path) from e
-        except RecursionError as e:
-            raise InputError(f"{name}: corrupt pickle: structure nested too deeply", path=self.path) from e
         for key, count in unpickler.globals_seen.items():
             self.globals_seen[key] = self.globals_seen.get(key, 0) + count
         self.calls.extend(unpickler.calls)

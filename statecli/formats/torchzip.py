@@ -150,9 +150,7 @@ def read_torch_zip(path: str, members: dict[str, Member] | None = None, limits: 
     try:
         obj, unpickler = loads(data, storages, limits)
     except StatecliError as e:
-        raise _with_path(e, path) from None
-    except RecursionError as e:
-        raise InputError("corrupt pickle: structure nested too deeply", path=path) from e
+        raise e.at(path) from None
     stacked = _stacked_pickles(data, unpickler, storages, limits)
     findings = findings_for(unpickler.globals_seen, unpickler.calls)
     if unpickler.end < len(data):
@@ -168,7 +166,7 @@ def read_torch_zip(path: str, members: dict[str, Member] | None = None, limits: 
     try:
         container = walker.analyse(obj)
     except StatecliError as e:
-        raise _with_path(e, path) from None
+        raise e.at(path) from None
     walker.shared_summary()
     findings.extend(walker.findings)
     findings.extend(apply_optimizer_evidence(obj, walker.tensors))
@@ -188,13 +186,6 @@ def read_torch_zip(path: str, members: dict[str, Member] | None = None, limits: 
     )
 
 
-def _with_path(e: StatecliError, path: str) -> StatecliError:
-    if e.path is None:
-        e.path = path
-        e.args = (f"{path}: {e.message}",)
-    return e
-
-
 def _stacked_pickles(data: bytes, first: Any, storages: _Storages, limits: Limits | None) -> int:
     """Read the pickles stacked after data.pkl's first one (torch.load stops at the first STOP; a loader
     that reads on would run them) and merge the globals they name into ``first``'s; returns how many."""
@@ -203,7 +194,7 @@ def _stacked_pickles(data: bytes, first: Any, storages: _Storages, limits: Limit
     while end < len(data) and count < MAX_STACKED_PICKLES:
         try:
             _, more = loads(data, storages, limits, start=end)
-        except (StatecliError, RecursionError):
+        except StatecliError:
             break  # trailing bytes that are no pickle: the trailing-data warning says they are there
         for key, n in more.globals_seen.items():
             first.globals_seen[key] = first.globals_seen.get(key, 0) + n
