@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from statecli.records import Finding
-from statecli.safepickle import ALLOWED_NAMES, COMPUTED, Global, Stub, TensorRef, describe_name, printable
+from statecli.safepickle import ALLOWED_NAMES, COMPUTED, Global, describe, describe_name, printable
 
 # Modules whose every member can run code, touch files or the network, or load more pickles.
 DANGEROUS_MODULES = (
@@ -122,27 +122,13 @@ def classify(module: str, name: str) -> str:
     return "unknown"
 
 
-def _short(v: Any, depth: int = 0) -> str:
-    if depth > 2:
-        return "…"
-    if isinstance(v, str):
-        return repr(v if len(v) <= 60 else v[:57] + "...")
-    if isinstance(v, (int, float, bool)) or v is None:
-        return repr(v)
-    if isinstance(v, bytes):
-        return f"<{len(v)} bytes>"
-    if isinstance(v, tuple):
-        inner = ", ".join(_short(x, depth + 1) for x in v[:4])
-        return f"({inner}{', …' if len(v) > 4 else ''})"
-    if isinstance(v, (list, dict, set)):
-        return f"<{type(v).__name__} of {len(v)}>"
-    if isinstance(v, Global):
-        return describe_name(v.qualname)
-    if isinstance(v, Stub):
-        return f"<result of {describe_name(v.class_name)}>"
-    if isinstance(v, TensorRef):
-        return "<tensor>"
-    return f"<{type(v).__name__}>"
+def _call_args(args: Any) -> str:
+    """What a call would be given, as the call writes it (``('touch /tmp/x')``); each value bounded by
+    :func:`describe`."""
+    if not isinstance(args, tuple):
+        return f"({describe(args, 1)})"
+    inner = ", ".join(describe(x, 1) for x in args[:4])
+    return f"({inner}{', …' if len(args) > 4 else ''})"
 
 
 def findings_for(globals_seen: dict[tuple[str, str], int], calls: list[tuple[Global, Any]]) -> list[Finding]:
@@ -151,8 +137,7 @@ def findings_for(globals_seen: dict[tuple[str, str], int], calls: list[tuple[Glo
     for g, args in calls:
         key = (g.module, g.name)
         if key not in called:
-            rendered = _short(args) if isinstance(args, tuple) else f"({_short(args)})"
-            called[key] = f"{g.qualname}{rendered}"
+            called[key] = f"{g.qualname}{_call_args(args)}"
     out: list[Finding] = []
     for (module, name), count in globals_seen.items():
         kind = classify(module, name)

@@ -471,16 +471,11 @@ class _Walker:
         persistent: bool | None = None,
     ) -> RawTensor:
         s = t.storage
-        name = name or "(root)"
+        device = t.device if t.device is not None or s is None else s.location
+        storage, nbytes = (f"data/{s.key}", s.nbytes) if s is not None else (None, 0)
         # Positional (RawTensor's field order): this runs once per tensor, and keyword calls cost more.
-        if s is not None:
-            raw = RawTensor(name, t.dtype, t.shape, t.stride, t.offset, s.location, f"data/{s.key}", s.nbytes,
-                            group, t.requires_grad, None, None, False, None, t.is_parameter, t.layout)  # fmt: skip
-        else:
-            raw = RawTensor(name, t.dtype, t.shape, t.stride, t.offset, t.device, None, 0,
-                            group, t.requires_grad, None, None, False, None, t.is_parameter, t.layout)  # fmt: skip
-        if t.device is not None:
-            raw.device = t.device
+        raw = RawTensor(name or "(root)", t.dtype, t.shape, t.stride, t.offset, device, storage, nbytes,
+                        group, t.requires_grad, None, None, False, None, t.is_parameter, t.layout)  # fmt: skip
         if role is not None:
             raw.role = role
             raw.exact = True
