@@ -89,6 +89,18 @@ def trained_cnn(seed: int = 0) -> sample_nets.SmallCNN:
     return model
 
 
+def frozen_net(seed: int) -> sample_nets.FrozenNet:
+    """A FrozenNet in eval mode with a scaled frozen parameter and its non-persistent buffer filled."""
+    torch.manual_seed(seed)
+    model = sample_nets.FrozenNet()
+    model.train()
+    with torch.no_grad():
+        model.scale.mul_(1.5)
+        model(torch.randn(3, 8))  # fills the non-persistent `cache` buffer
+    model.eval()
+    return model
+
+
 def adam_trained_cnn(seed: int = 1) -> tuple[sample_nets.SmallCNN, torch.optim.Adam]:
     """A SmallCNN after two Adam steps, so the optimizer holds step / exp_avg / exp_avg_sq."""
     torch.manual_seed(seed)
@@ -162,14 +174,7 @@ def make_cnn_files() -> None:
 
 
 def make_frozen_file() -> None:
-    torch.manual_seed(2)
-    model = sample_nets.FrozenNet()
-    model.train()
-    with torch.no_grad():
-        model.scale.mul_(1.5)
-        model(torch.randn(3, 8))  # fills the non-persistent `cache` buffer
-    model.eval()
-    save(model, "frozen_nonpersistent_module.pt")
+    save(frozen_net(seed=2), "frozen_nonpersistent_module.pt")
 
 
 def make_tied_lm_file() -> None:

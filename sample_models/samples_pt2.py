@@ -50,17 +50,6 @@ class WithConstant(nn.Module):
         return self.net(x) + self.offset
 
 
-def _frozen_net(seed: int) -> sample_nets.FrozenNet:
-    torch.manual_seed(seed)
-    model = sample_nets.FrozenNet()
-    model.train()
-    with torch.no_grad():
-        model.scale.mul_(1.5)
-        model(torch.randn(3, 8))  # fills the non-persistent `cache` buffer
-    model.eval()
-    return model
-
-
 def save_portable(ep: torch.export.ExportedProgram, path: Path) -> Path:
     """``torch.export.save`` without this machine's source paths in the nodes' metadata."""
     for node in ep.graph.nodes:
@@ -86,7 +75,9 @@ def generate(out_dir: str) -> list[Path]:
     torch.set_num_threads(1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # export's notes on buffer mutation and deprecated paths
-        frozen = WithConstant(_frozen_net(seed=21))
+        from make_samples import frozen_net
+
+        frozen = WithConstant(frozen_net(seed=21))
         ep_frozen = torch.export.export(frozen, (torch.randn(2, 8, generator=torch.Generator().manual_seed(22)),))
         torch.manual_seed(23)
         lm = sample_nets.TinyLM(tie=True).eval()

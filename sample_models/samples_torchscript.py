@@ -49,14 +49,10 @@ NAMES = ("torchscript_cnn.pt", "torchscript_frozen.pt", "torchscript_freeze_cons
 
 
 def _frozen_net(seed: int) -> sample_nets.FrozenNet:
-    torch.manual_seed(seed)
-    model = sample_nets.FrozenNet()
-    model.train()
-    with torch.no_grad():
-        model.scale.mul_(1.5)
-        model(torch.randn(3, 8))  # fills the non-persistent `cache` buffer
+    from make_samples import frozen_net
+
+    model = frozen_net(seed)
     model.anchor = torch.linspace(-1.0, 1.0, 5)  # a plain tensor attribute: scripted as an attribute
-    model.eval()
     model.norm.train()  # one submodule in train mode: the archive keeps each module's flag
     return model
 
