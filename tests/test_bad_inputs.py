@@ -4,18 +4,15 @@ and the hostile sample is reported, never run."""
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import pickle
 import shutil
-import subprocess
-import sys
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from subproc import audited_open
 
 import statecli
 from statecli import InputError, StatecliError, UnsupportedFormatError
@@ -240,45 +237,8 @@ def test_malicious_sample_is_reported_not_run(
     assert "payload" in report.container.other_keys
 
 
-AUDIT_SCRIPT = r"""
-import json, sys
-import statecli
-
-# Warm up on a benign file first: every module statecli imports lazily is loaded before the hook goes in,
-# so the 'exec' and 'import' events below can only come from reading the hostile file.
-statecli.open_checkpoint(sys.argv[2])
-
-events = []
-RUNS = ("os.system", "subprocess.Popen", "exec", "os.exec", "os.spawn", "os.posix_spawn", "os.fork", "os.startfile")
-
-def hook(event, args):
-    if event.startswith(RUNS):
-        events.append([event, repr(args)[:200]])
-    elif event == "import":
-        events.append([event, str(args[0])])
-    elif event == "open" and isinstance(args[0], str) and "statecli_pwned_marker" in args[0]:
-        events.append([event, args[0]])
-
-sys.addaudithook(hook)
-report = statecli.open_checkpoint(sys.argv[1])
-levels = [f.level for f in report.findings]
-print(json.dumps({"events": events, "levels": levels}))
-"""
-
-
-def test_malicious_sample_triggers_no_audit_events(samples_dir: Path, repo_root: Path, tmp_path: Path) -> None:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(repo_root), *filter(None, [env.get("PYTHONPATH")])])
-    proc = subprocess.run(
-        [sys.executable, "-c", AUDIT_SCRIPT, str(samples_dir / MALICIOUS), str(samples_dir / GOOD)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+def test_malicious_sample_triggers_no_audit_events(samples_dir: Path, tmp_path: Path) -> None:
+    result = audited_open(samples_dir / MALICIOUS, samples_dir / GOOD, tmp_path)
     assert result["events"] == [], result["events"]
     assert "dangerous" in result["levels"]
     assert not (tmp_path / MARKER).exists()

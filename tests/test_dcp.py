@@ -12,8 +12,6 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from subproc import audited_open
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
@@ -320,42 +319,12 @@ def test_payload_in_a_non_tensor_entry_is_a_finding(tmp_path: Path, monkeypatch:
     assert not (tmp_path / MARKER).exists()
 
 
-AUDIT_SCRIPT = r"""
-import json, sys
-import statecli
-
-statecli.open_checkpoint(sys.argv[2])  # warm up: every lazy import happens before the hook
-events = []
-RUNS = ("os.system", "subprocess.Popen", "exec", "os.exec", "os.spawn", "os.posix_spawn", "os.fork")
-
-def hook(event, args):
-    if event.startswith(RUNS):
-        events.append([event, repr(args)[:200]])
-    elif event == "import":
-        events.append([event, str(args[0])])
-
-sys.addaudithook(hook)
-report = statecli.open_checkpoint(sys.argv[1])
-print(json.dumps({"events": events, "levels": sorted({f.level for f in report.findings})}))
-"""
-
-
-def test_hostile_folder_triggers_no_audit_events(samples_dir: Path, repo_root: Path, tmp_path: Path) -> None:
+def test_hostile_folder_triggers_no_audit_events(samples_dir: Path, tmp_path: Path) -> None:
     folder = small_dcp(tmp_path / "c", {"model": {"w": torch.ones(2)}, "payload": Evil()})
     rewrite(folder, lambda md: md.planner_data.__setitem__("payload2", Evil()))
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo_root), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    proc = subprocess.run(
-        [sys.executable, "-c", AUDIT_SCRIPT, str(folder), str(samples_dir / TRAINING)],
-        cwd=run_dir,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = audited_open(folder, samples_dir / TRAINING, run_dir)
     assert result["events"] == []
     assert "dangerous" in result["levels"]
     assert list(run_dir.iterdir()) == []

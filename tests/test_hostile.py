@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from subproc import checkout_env
 
 import statecli
 
@@ -65,10 +66,7 @@ def snapshot(root: Path) -> dict[str, Any]:
 
 
 def _env() -> dict[str, str]:
-    env = {**os.environ, "NO_COLOR": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-    env["STATECLI_HOSTILE_SECONDS"] = str(SECONDS_PER_COMMAND)
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), *filter(None, [env.get("PYTHONPATH")])])
-    return env
+    return checkout_env(NO_COLOR="1", PYTHONDONTWRITEBYTECODE="1", STATECLI_HOSTILE_SECONDS=str(SECONDS_PER_COMMAND))
 
 
 def run_batch(cases: list[Case], base: Path, tag: str) -> dict[str, dict[str, Any]]:

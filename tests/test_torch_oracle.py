@@ -7,9 +7,6 @@ evidence the file really holds. Hypothesis adds random state dicts with views an
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
@@ -20,6 +17,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from subproc import run_python
 
 import statecli
 from statecli.records import Report, TensorInfo
@@ -366,24 +364,18 @@ def test_lightning_checkpoint(samples_dir: Path) -> None:
 # ------------------------------------------------------------------------------ no torch on the inspect path
 
 
-@pytest.mark.parametrize("name", ["cnn_bn_state_dict.pt", "cnn_bn_module.pt", "training_adam.pt", "cnn_bn.safetensors"])
-def test_inspect_does_not_import_torch(samples_dir: Path, repo_root: Path, name: str) -> None:
-    if name.endswith(".safetensors"):
-        pytest.importorskip("statecli.formats.safetensors_reader")
+@pytest.mark.parametrize(
+    "name",
+    ["cnn_bn_state_dict.pt", "cnn_bn_module.pt", "training_adam.pt", "cnn_bn.safetensors", "export_frozen.pt2",
+     "torchscript_frozen.pt"],
+)  # fmt: skip
+def test_inspect_does_not_import_torch(samples_dir: Path, name: str) -> None:
     code = (
         "import statecli, sys; r = statecli.open_checkpoint(sys.argv[1]); assert r.tensors; "
         "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')); "
         "assert not bad, bad"
     )
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(repo_root), *filter(None, [env.get("PYTHONPATH")])])
-    proc = subprocess.run(
-        [sys.executable, "-c", code, str(samples_dir / name)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    proc = run_python(code, str(samples_dir / name))
     assert proc.returncode == 0, proc.stderr
 
 
