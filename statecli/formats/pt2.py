@@ -35,7 +35,7 @@ from statecli.dtypes import DTYPES
 from statecli.errors import InputError, LimitExceededError, StatecliError, UnsupportedFormatError
 from statecli.formats._json import load_object
 from statecli.formats.base import RawCheckpoint
-from statecli.formats.torchzip import MAX_PICKLE_BYTES, _Storages, archive_root
+from statecli.formats.torchzip import MAX_PICKLE_BYTES, _Storages, archive_root, raw_tensor
 from statecli.formats.zipdir import Member, data_offset, read_member
 from statecli.records import Container, Finding, RawTensor
 from statecli.safepickle import MAX_INDEX, Global, RestrictedUnpickler, Stub, TensorRef, loads
@@ -351,24 +351,9 @@ class _Reader:
             raise LimitExceededError(f"{rel}: sample inputs nest deeper than 64", path=self.path)
         if isinstance(obj, TensorRef):
             s = obj.storage
-            self.tensors.append(
-                RawTensor(
-                    name=prefix,
-                    dtype=obj.dtype,
-                    shape=obj.shape,
-                    stride=obj.stride,
-                    storage_offset=obj.offset,
-                    device=obj.device if obj.device is not None else (s.location if s is not None else None),
-                    storage=f"{rel}:data/{s.key}" if s is not None else None,
-                    storage_nbytes=s.nbytes if s is not None else 0,
-                    group="sample_inputs",
-                    requires_grad=obj.requires_grad,
-                    role="other",
-                    evidence=EVIDENCE,
-                    exact=True,
-                    layout=obj.layout,
-                )
-            )
+            raw = raw_tensor(obj, prefix, "sample_inputs", f"{rel}:data")
+            raw.role, raw.evidence, raw.exact = "other", EVIDENCE, True
+            self.tensors.append(raw)
             if s is not None:
                 self.storage_sizes[f"{rel}:data/{s.key}"] = s.nbytes
         elif isinstance(obj, dict):

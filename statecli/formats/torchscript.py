@@ -32,7 +32,14 @@ from typing import Any
 from statecli.dtypes import DTYPES, STORAGE_TYPES
 from statecli.errors import InputError, LimitExceededError, StatecliError, UnsupportedFormatError
 from statecli.formats.base import RawCheckpoint
-from statecli.formats.torchzip import MAX_PICKLE_BYTES, MAX_WALK_DEPTH, MAX_WALK_NODES, _Storages, archive_root
+from statecli.formats.torchzip import (
+    MAX_PICKLE_BYTES,
+    MAX_WALK_DEPTH,
+    MAX_WALK_NODES,
+    _Storages,
+    archive_root,
+    raw_tensor,
+)
 from statecli.formats.zipdir import Member, read_member
 from statecli.records import Container, Finding, RawTensor
 from statecli.safepickle import Global, StorageRef, Stub, TensorRef, loads
@@ -529,22 +536,7 @@ class _Reader:
                 self._generic(v, _join(prefix, i), group, depth + 1)
 
     def _emit(self, name: str, t: TensorRef, group: str, role: str | None) -> None:
-        s = t.storage
-        folder = "constants" if group == "constants" else "data"
-        raw = RawTensor(
-            name=name or "(root)",
-            dtype=t.dtype,
-            shape=t.shape,
-            stride=t.stride,
-            storage_offset=t.offset,
-            device=t.device if t.device is not None else (s.location if s is not None else None),
-            storage=f"{folder}/{s.key}" if s is not None else None,
-            storage_nbytes=s.nbytes if s is not None else 0,
-            group=group,
-            requires_grad=t.requires_grad,
-            is_parameter=t.is_parameter,
-            layout=t.layout,
-        )
+        raw = raw_tensor(t, name or "(root)", group, "constants" if group == "constants" else "data")
         if role is not None:
             raw.role = role
             raw.exact = True

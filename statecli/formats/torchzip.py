@@ -186,6 +186,17 @@ def read_torch_zip(path: str, members: dict[str, Member] | None = None, limits: 
     )
 
 
+def raw_tensor(t: TensorRef, name: str, group: str, folder: str = "data") -> RawTensor:
+    """The record of pickled tensor ``t``: its storage named ``<folder>/<key>``, its device the storage's
+    unless the tensor names its own (meta tensors). Roles are the caller's to set."""
+    s = t.storage
+    device = t.device if t.device is not None or s is None else s.location
+    storage, nbytes = (f"{folder}/{s.key}", s.nbytes) if s is not None else (None, 0)
+    # Positional (RawTensor's field order): this runs once per tensor, and keyword calls cost more.
+    return RawTensor(name, t.dtype, t.shape, t.stride, t.offset, device, storage, nbytes,
+                     group, t.requires_grad, None, None, False, None, t.is_parameter, t.layout)  # fmt: skip
+
+
 def _stacked_pickles(data: bytes, first: Any, storages: _Storages, limits: Limits | None) -> int:
     """Read the pickles stacked after data.pkl's first one (torch.load stops at the first STOP; a loader
     that reads on would run them) and merge the globals they name into ``first``'s; returns how many."""
@@ -470,12 +481,7 @@ class _Walker:
         role: str | None = None,
         persistent: bool | None = None,
     ) -> RawTensor:
-        s = t.storage
-        device = t.device if t.device is not None or s is None else s.location
-        storage, nbytes = (f"data/{s.key}", s.nbytes) if s is not None else (None, 0)
-        # Positional (RawTensor's field order): this runs once per tensor, and keyword calls cost more.
-        raw = RawTensor(name or "(root)", t.dtype, t.shape, t.stride, t.offset, device, storage, nbytes,
-                        group, t.requires_grad, None, None, False, None, t.is_parameter, t.layout)  # fmt: skip
+        raw = raw_tensor(t, name or "(root)", group)
         if role is not None:
             raw.role = role
             raw.exact = True
