@@ -18,12 +18,12 @@ from typing import Any
 
 import pytest
 import torch
+from torch_facts import facts, statecli_facts, tensors_of
 from typer.testing import CliRunner
 from zip_members import member, rewrite
 
 import statecli
 from statecli.cli.main import app
-from statecli.records import Report, TensorInfo
 
 SAMPLES = ("export_frozen.pt2", "export_tied_lm.pt2")
 ROLE_OF_KIND = {"PARAMETER": "parameter", "BUFFER": "buffer", "CONSTANT_TENSOR": "other"}
@@ -36,20 +36,6 @@ def export_load(path: Path) -> torch.export.ExportedProgram:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.export.load(str(path))
-
-
-def tensors_of(report: Report) -> dict[str, TensorInfo]:
-    names = [t.name for t in report.tensors]
-    assert len(names) == len(set(names)), names
-    return {t.name: t for t in report.tensors}
-
-
-def facts(t: torch.Tensor) -> tuple[Any, ...]:
-    return (str(t.dtype).removeprefix("torch."), tuple(t.shape), tuple(t.stride()), t.storage_offset(), str(t.device))
-
-
-def statecli_facts(t: TensorInfo) -> tuple[Any, ...]:
-    return (t.dtype, tuple(t.shape), tuple(t.stride or ()), t.storage_offset, t.device)
 
 
 def flatten(obj: Any, prefix: str) -> dict[str, torch.Tensor]:

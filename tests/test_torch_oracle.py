@@ -18,6 +18,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from subproc import run_python
+from torch_facts import tensors_of
 
 import statecli
 from statecli.records import Report, TensorInfo
@@ -48,12 +49,6 @@ def flatten(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
             yield from flatten(v, f"{prefix}.{i}" if prefix else str(i))
-
-
-def tensors_of(report: Report) -> dict[str, TensorInfo]:
-    names = [t.name for t in report.tensors]
-    assert len(names) == len(set(names)), f"duplicate names in the report: {names}"
-    return {t.name: t for t in report.tensors}
 
 
 def facts_of_torch(t: torch.Tensor, device: str | None = None) -> dict[str, Any]:

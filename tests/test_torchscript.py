@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 import torch
+from torch_facts import facts, statecli_facts, tensors_of
 from typer.testing import CliRunner
 from zip_members import member, rewrite
 
 import statecli
 from statecli.cli.main import app
 from statecli.formats.torchscript import parse_declarations
-from statecli.records import Report, TensorInfo
 
 SAMPLES = ("torchscript_cnn.pt", "torchscript_frozen.pt", "torchscript_freeze_constants.pt")
 MODULE_SAMPLES = ("torchscript_cnn.pt", "torchscript_frozen.pt")
@@ -35,20 +35,6 @@ def jit_load(path: Path) -> torch.jit.ScriptModule:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.jit.load(str(path), map_location="cpu")
-
-
-def tensors_of(report: Report) -> dict[str, TensorInfo]:
-    names = [t.name for t in report.tensors]
-    assert len(names) == len(set(names)), names
-    return {t.name: t for t in report.tensors}
-
-
-def facts(t: torch.Tensor) -> tuple[Any, ...]:
-    return (str(t.dtype).removeprefix("torch."), tuple(t.shape), tuple(t.stride()), t.storage_offset(), str(t.device))
-
-
-def statecli_facts(t: TensorInfo) -> tuple[Any, ...]:
-    return (t.dtype, tuple(t.shape), tuple(t.stride or ()), t.storage_offset, t.device)
 
 
 def oracle(module: torch.jit.ScriptModule) -> dict[str, Any]:
