@@ -121,11 +121,13 @@ class TensorGrid:
 
     Not a ``rich.table.Table``: that measures, wraps and pads every cell through several layers,
     1.4 ms a row here (three minutes for 100,000 tensors). This computes each column's width once,
-    never wraps, and on a terminal too narrow for it shortens only the names (``…`` + their end).
+    never wraps; on a terminal too narrow for it, it leaves out optional columns and shortens names (see :meth:`fit`).
     """
 
     GAP = "  "
     RIGHT = frozenset({5, 6})  # Numel, Size
+    # Columns a narrow terminal may leave out, first to go first; the rest always show.
+    OPTIONAL: tuple[str, ...] = ("Numel", "Evidence", "Grad", "Device", "Shares")
 
     def __init__(self, report: Report) -> None:
         self.title = report.path
@@ -170,24 +172,56 @@ class TensorGrid:
         self._cleaned()
         return Measurement(min(self.total_width(), 20), max(self.total_width(), cell_len(self.title)))
 
+    def fit(self, max_width: int) -> tuple[list[int], list[int]]:
+        """The columns shown in ``max_width`` cells (indices into the headers) and their widths.
+
+        Too wide: first the names give up what they can spare down to a third of the width, then the
+        :attr:`OPTIONAL` columns go (those holding only ``—`` first, then in order), and only then are the
+        names shortened further, to 12 cells at least. Names cut short look alike (``…unning_mean``), and a
+        table wider than the terminal wraps every row onto two lines: both are worse than a missing column.
+        """
+        cols = list(range(len(self.headers)))
+        widths = list(self.widths)
+        full = widths[0]
+
+        def total(name: int) -> int:
+            return name + sum(widths[i] for i in cols[1:]) + len(self.GAP) * (len(cols) - 1)
+
+        if total(full) <= max_width:
+            return cols, widths
+        floor = min(full, max(24, max_width // 3))
+        index = {h: i for i, h in enumerate(self.headers)}
+        optional = [index[h] for h in self.OPTIONAL if h in index]
+        blank = [i for i in optional if all(row[i] in (UNKNOWN, "") for row in self.rows)]
+        for i in blank + [i for i in optional if i not in blank]:
+            if total(floor) <= max_width:
+                break
+            cols.remove(i)
+        widths[0] = max(12, min(full, full - (total(full) - max_width)))
+        return cols, widths
+
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         self._cleaned()
-        widths = list(self.widths)
-        excess = self.total_width(widths) - options.max_width
-        if excess > 0:
-            widths[0] = max(12, widths[0] - excess)
+        cols, widths = self.fit(options.max_width)
+        hidden = [h for i, h in enumerate(self.headers) if i not in cols]
         yield Segment(self.title, _style("bold"))
         yield Segment.line()
-        for i, h in enumerate(self.headers):
-            bare = i == len(widths) - 1 and i not in self.RIGHT
+        if hidden:
+            note = f"(hidden to fit the width: {', '.join(hidden)})"
+            yield Segment(note if len(note) <= options.max_width else f"(hidden: {', '.join(hidden)})", _style("dim"))
+            yield Segment.line()
+        last = cols[-1]
+        for i in cols:
+            h = self.headers[i]
+            bare = i == last and i not in self.RIGHT
             yield Segment(h if bare else self._pad(h, widths[i], i), _style("bold"))
-            yield Segment(self.GAP if i < len(widths) - 1 else "\n")
-        yield Segment("─" * self.total_width(widths) + "\n")
+            yield Segment(self.GAP if i != last else "\n")
+        yield Segment("─" * (sum(widths[i] for i in cols) + len(self.GAP) * (len(cols) - 1)) + "\n")
         plain = console.no_color or console.color_system is None
-        if plain and self.narrow and widths == self.widths:
+        every = len(cols) == len(self.headers)
+        if plain and self.narrow and every and widths == self.widths:
             # Nothing to shorten and one cell per character: str.ljust / rjust pad in C, and one segment
             # per line keeps 100,000 rows well under a second.
-            last = len(widths) - 1
             just = [str.rjust if i in self.RIGHT else str.ljust for i in range(last)]
             tail = str.rjust if last in self.RIGHT else None  # the last column only when right-aligned
             gap = self.GAP
@@ -197,17 +231,16 @@ class TensorGrid:
                 yield Segment(gap.join(cells) + "\n")
             return
         for t, row in zip(self.tensors, self.rows, strict=True):
-            last = len(row) - 1
             # The last column is not padded unless right-aligned: no trailing blanks on every line.
-            cells = [c if i == last and i not in self.RIGHT else self._pad(c, widths[i], i) for i, c in enumerate(row)]
+            cells = [row[i] if i == last and i not in self.RIGHT else self._pad(row[i], widths[i], i) for i in cols]
             if plain:
                 # No styles to carry: one segment per line keeps 100,000 rows to about a second.
                 yield Segment(self.GAP.join(cells) + "\n")
                 continue
             styles = self._styles(t, row)
-            for i, cell in enumerate(cells):
+            for k, (i, cell) in enumerate(zip(cols, cells, strict=True)):
                 yield Segment(cell, styles[i])
-                yield Segment(self.GAP if i < len(cells) - 1 else "\n")
+                yield Segment(self.GAP if k < len(cells) - 1 else "\n")
 
     def _pad(self, text: str, width: int, column: int) -> str:
         used = _width(text)
@@ -240,6 +273,7 @@ class PlanGrid(TensorGrid):
     """The conversion plan, one line per output tensor: what it is, what it becomes, and why."""
 
     RIGHT = frozenset({5})
+    OPTIONAL = ("Device", "Shape", "Role", "Size")
 
     def __init__(self, plan: Plan, stats: dict[str, CastStats] | None = None) -> None:
         self.title = f"{plan.report.path} → {plan.output} ({plan.output_format})"
@@ -290,6 +324,7 @@ class StatsGrid(TensorGrid):
     """Value statistics, one line per tensor and a total line."""
 
     RIGHT = frozenset(range(3, 13))
+    OPTIONAL = ("L2", "Absmax", "Zeros", "Std", "Shape", "Mean", "DType")
 
     def __init__(self, report: StatsReport) -> None:
         self.title = report.path
@@ -459,6 +494,20 @@ def _container_text(report: Report) -> Text:
     return text
 
 
+MAX_METADATA_VALUE = 60  # longer values (statecli's own role table, a JSON config) are sized, not shown
+
+
+def _metadata_text(metadata: dict[str, str]) -> Text:
+    """``format: pt · statecli: (2,345 characters)``: short values as they are, long ones by their length
+    (``--format json`` has them whole)."""
+    parts = []
+    for k, v in metadata.items():
+        v = str(v)
+        shown = v if len(v) <= MAX_METADATA_VALUE else f"({len(v):,} characters)"
+        parts.append(f"{k}: {shown}")
+    return Text(clean(" · ".join(parts)))
+
+
 def findings(report: Report) -> list[Text]:
     """One line per finding: level (coloured; ``dangerous`` in bold red), code, message; columns lined up."""
     level_w = max((len(f.level) for f in report.findings), default=0)
@@ -481,7 +530,13 @@ def summary(report: Report) -> Table:
     grid.add_column(overflow="fold")
     fmt = Text(report.format)
     if report.file_size:
-        fmt.append(f" · {human_bytes(report.file_size)} file")
+        # Sharded and DCP checkpoints: the data files plus the index (or .metadata) they hang from.
+        files = len({t.file for t in report.tensors if t.file is not None})
+        fmt.append(
+            f" · {human_bytes(report.file_size)} in {files + 1} files"
+            if files
+            else f" · {human_bytes(report.file_size)} file"
+        )
     grid.add_row("Format", fmt)
     grid.add_row("Container", _container_text(report))
     for label, line in _role_rows(report):
@@ -499,7 +554,7 @@ def summary(report: Report) -> Table:
             ),
         )
     if report.metadata:
-        grid.add_row("Metadata", Text(clean(", ".join(report.metadata))))
+        grid.add_row("Metadata", _metadata_text(report.metadata))
     for i, line in enumerate(findings(report)):
         grid.add_row("Findings" if i == 0 else "", line)
     return grid

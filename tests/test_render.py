@@ -85,7 +85,7 @@ Other       1 tensor   1,728 elements  6.8 KiB
 DTypes      float32 4 tensors (16.2 KiB) · int64 1 tensor (8 B)
 Devices     cuda:0 3 tensors (7.0 KiB) · — (not stored) 1 tensor (2.5 KiB) · cpu 1 tensor (6.8 KiB)
 Roles       2 exact ● · 3 inferred ○
-Metadata    format, [i]source[/i]
+Metadata    format: pt · [i]source[/i]: x
 Findings    dangerous  unsafe-global  pickle would call os.system
             warning    unknown-class  stub for [b]foo.Bar[/b]
 ● exact: the file states the role · ○ inferred: see Evidence · — not stored in the file"""
@@ -237,3 +237,56 @@ def test_wide_characters_in_names_keep_the_columns_aligned() -> None:
     lines = text_of(render.report_table(report)).splitlines()[3:]
     starts = {cell_len(line[: line.index("parameter")]) for line in lines}
     assert len(lines) == 3 and len(starts) == 1
+
+
+# --- narrow terminals ----------------------------------------------------------------------------
+
+BN_TENSORS = tuple(
+    tensor(f"{block}.{kind}", "buffer" if "running" in kind else "parameter", evidence=evidence)
+    for block in ("encoder.layers.0.bn1", "encoder.layers.0.bn2")
+    for kind, evidence in (("weight", "default"), ("running_mean", "rule:batchnorm-stats"))
+)
+
+
+def test_a_narrow_terminal_hides_optional_columns_before_cutting_names() -> None:
+    text = text_of(render.report_table(make_report(BN_TENSORS)), width=80)
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 80  # no row wraps onto a second line
+    assert lines[1] == "(hidden to fit the width: Evidence, Numel, Grad)"
+    assert lines[2].split() == ["Name", "Role", "DType", "Shape", "Size", "Device"]
+    # Whole names: cut to their ends, the two running_means would look alike.
+    assert "encoder.layers.0.bn1.running_mean" in text and "encoder.layers.0.bn2.running_mean" in text
+
+
+def test_blank_optional_columns_go_first() -> None:
+    # Every Grad cell is "—" (not stored): it is the first to go, and Numel stays if that is enough.
+    table = render.report_table(make_report(BN_TENSORS))
+    full = table.total_width()
+    cols, _ = table.fit(full - 1)
+    assert [table.headers[i] for i in range(len(table.headers)) if i not in cols] == ["Grad"]
+
+
+def test_a_wide_terminal_shows_every_column() -> None:
+    table = render.report_table(make_report(BN_TENSORS))
+    text = text_of(table, width=table.total_width())
+    assert "hidden" not in text
+    assert text.splitlines()[1].split() == table.headers
+
+
+def test_names_are_cut_only_when_every_optional_column_is_gone() -> None:
+    text = text_of(render.report_table(make_report(BN_TENSORS)), width=50)
+    lines = text.splitlines()
+    assert lines[1] == "(hidden: Evidence, Numel, Device, Grad)"  # the long form would not fit
+    assert lines[4].startswith("…")  # names shortened from the left, ends kept
+    assert max(len(line) for line in lines[2:]) <= 50
+
+
+def test_summary_shows_short_metadata_values_and_sizes_long_ones() -> None:
+    report = make_report(TENSORS, metadata={"format": "pt", "statecli": "x" * 500})
+    assert "Metadata    format: pt · statecli: (500 characters)" in text_of(render.report_view(report))
+
+
+def test_multi_file_checkpoints_count_their_files() -> None:
+    shards = tuple(tensor(f"w{i}", file=f"model-0000{i % 2 + 1}-of-00002.safetensors") for i in range(4))
+    text = text_of(render.report_view(make_report(shards, format="sharded-safetensors")))
+    assert "Format      sharded-safetensors · 20.0 KiB in 3 files" in text
