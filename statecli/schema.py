@@ -28,8 +28,11 @@ def make_schema(report: Report) -> dict[str, Any]:
 def dumps(schema: dict[str, Any]) -> str:
     """One tensor per line: a reviewer reads a diff of the file line by line, one changed tensor each."""
     lines = [f"{json.dumps(name)}: {json.dumps(entry)}" for name, entry in schema["tensors"].items()]
+    head = f'{{\n  "schema": {json.dumps(schema["schema"])},\n  "tensors": {{'
+    if not lines:  # no blank-only line where the entries would be
+        return f"{head}}}\n}}\n"
     body = ",\n    ".join(lines)
-    return f'{{\n  "schema": {json.dumps(schema["schema"])},\n  "tensors": {{\n    {body}\n  }}\n}}\n'
+    return f"{head}\n    {body}\n  }}\n}}\n"
 
 
 def load_schema(path: str | os.PathLike[str]) -> dict[str, Any]:

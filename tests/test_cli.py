@@ -343,11 +343,32 @@ def test_unexpected_exception_is_an_internal_error() -> None:
     assert "Traceback" in debug.stderr and "RuntimeError: boom" in debug.stderr
 
 
-def test_usage_errors_exit_2() -> None:
-    bare = run("inspect")  # no path: the help, as a usage error
-    assert bare.exit_code == 2 and "Usage: statecli inspect" in bare.output
-    assert run("nosuchcommand").exit_code == 2
-    assert run("inspect", "model.pt", "--nosuchoption").exit_code == 2
+@pytest.mark.parametrize(
+    ("args", "text"),
+    [
+        (["inspect"], "statecli: error: Missing argument 'PATH...' (see: statecli inspect --help)\n"),
+        (["convert"], "statecli: error: Missing argument 'PATH' (see: statecli convert --help)\n"),
+        (["nosuchcommand"], "statecli: error: No such command 'nosuchcommand' (see: statecli --help)\n"),
+        (["inspect", "model.pt", "--nosuchoption"], "statecli: error: No such option: --nosuchoption"),
+        (["inspect", "model.pt", "--dtype", "foo"], "statecli: error: Invalid value for '--dtype' / '-d': unknown"),
+        (["diff", "a.pt", "b.pt", "--atol", "-1"], "statecli: error: Invalid value for '--atol': -1.0 is not"),
+    ],
+)
+def test_usage_errors_are_one_line_on_stderr_exit_2(args: list[str], text: str) -> None:
+    """Whatever finds a usage error (Typer's parser or statecli), it is one ``statecli: error:`` line on
+    stderr, like every other error: no boxed panel, no help text on stdout."""
+    result = run(*args)
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith(text)
+    assert result.stderr.count("\n") == 1
+
+
+def test_bare_statecli_shows_the_help() -> None:
+    result = run()
+    assert result.exit_code == 2
+    assert "Usage: statecli" in result.stdout and "inspect" in result.stdout
+    assert result.stderr == ""
 
 
 def test_version() -> None:

@@ -2,7 +2,8 @@
 
 - :class:`statecli.errors.StatecliError`: one line ``statecli: error: <message>`` on stderr, exit
   ``err.exit_code`` (2 usage, 3 input, 4 output, 5 unsafe).
-- Typer's own usage errors: Typer prints them, exit 2.
+- Usage errors found while parsing the command line (unknown option, bad value, missing path): the same
+  one line, ``statecli: error: <what> (see: statecli <command> --help)``, exit 2.
 - Anything else is a bug: ``statecli: internal error: <type>: <msg> (re-run with --debug ...)``, exit 3.
 
 ``--debug`` adds the Python traceback above the line; the exit code stays the same.
@@ -16,6 +17,7 @@ import traceback
 from typing import Any
 
 import typer
+from typer._click.exceptions import ClickException, NoArgsIsHelpError
 from typer.core import TyperGroup
 
 from statecli.cli import _output
@@ -52,8 +54,32 @@ def _passes_through(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno == errno.EPIPE
 
 
+def report_usage(exc: ClickException) -> int:
+    """A command-line parsing error as one stderr line, like every other error; return its exit code."""
+    ctx = getattr(exc, "ctx", None)
+    where = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+    _output.error(exc.format_message().rstrip(".") + where)
+    return exc.exit_code
+
+
 class StatecliGroup(TyperGroup):
     """The app's command group: every command runs inside this error mapping."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        # Typer would print a usage error as a boxed panel with the usage above it; statecli's errors are
+        # one line each, whatever found them. Everything else keeps Typer's standalone handling.
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except NoArgsIsHelpError as exc:
+            sys.exit(exc.exit_code)  # bare ``statecli``: building the error printed the help already
+        except ClickException as exc:
+            sys.exit(report_usage(exc))
+        except typer.Abort:
+            _output.error("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: Any) -> Any:
         try:

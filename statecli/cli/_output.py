@@ -51,13 +51,40 @@ def stdout_console(renderable: Any = None) -> Console:
     from rich.console import Console
 
     console = Console(highlight=False)
-    if renderable is not None and not console.is_terminal and "COLUMNS" not in os.environ:
+    if console.is_terminal:
+        return console
+    width = None
+    if renderable is not None and "COLUMNS" not in os.environ:
         from rich.measure import Measurement
 
         wide = Console(highlight=False, width=10_000)
         needed = Measurement.get(wide, wide.options, renderable).maximum
-        console = Console(highlight=False, width=max(80, min(needed, 10_000)))
-    return console
+        width = max(80, min(needed, 10_000))
+    return Console(highlight=False, width=width, file=_TrimmedLines(sys.stdout))
+
+
+class _TrimmedLines:
+    """A text stream that drops the blanks rich pads lines with (a grid pads every row to its widest):
+    in a file or a pipe they are noise for ``diff`` and ``grep``, and on a terminal they never show."""
+
+    def __init__(self, out: Any) -> None:
+        self.out = out
+        self.pending = ""
+
+    def write(self, text: str) -> int:
+        head, sep, self.pending = (self.pending + text).rpartition("\n")
+        if sep:
+            self.out.write("\n".join(line.rstrip(" ") for line in head.split("\n")) + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending:  # a line left open by its writer: kept as it is, it may go on later
+            self.out.write(self.pending)
+            self.pending = ""
+        self.out.flush()
+
+    def isatty(self) -> bool:
+        return False
 
 
 def stderr_console() -> Console:

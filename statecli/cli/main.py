@@ -29,13 +29,13 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-app.command("inspect", no_args_is_help=True)(inspect_cmd.inspect_command)
-app.command("tree", no_args_is_help=True)(tree_cmd.tree_command)
-app.command("convert", no_args_is_help=True)(convert_cmd.convert_command)
-app.command("diff", no_args_is_help=True)(diff_cmd.diff_command)
-app.command("stats", no_args_is_help=True)(stats_cmd.stats_command)
-app.command("check", no_args_is_help=True)(check_cmd.check_command)
-app.command("schema", no_args_is_help=True)(schema_cmd.schema_command)
+app.command("inspect")(inspect_cmd.inspect_command)
+app.command("tree")(tree_cmd.tree_command)
+app.command("convert")(convert_cmd.convert_command)
+app.command("diff")(diff_cmd.diff_command)
+app.command("stats")(stats_cmd.stats_command)
+app.command("check")(check_cmd.check_command)
+app.command("schema")(schema_cmd.schema_command)
 
 
 def _version(value: bool) -> None:

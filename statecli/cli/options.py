@@ -74,7 +74,7 @@ PathArg = Annotated[
 PathsArg = Annotated[
     list[Path],
     typer.Argument(
-        metavar="PATH",
+        metavar="PATH...",
         help=f"One or more checkpoints, each {_CHECKPOINT}",
         show_default=False,
     ),
@@ -176,9 +176,9 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         metavar="MOD:CALLABLE",
-        help="A model factory (package.module:callable) to match the checkpoint against, built on the meta "
-        "device: exact roles, and missing / unexpected keys and shape mismatches as load_state_dict(strict=True) "
-        "would report them. This imports and runs your code.",
+        help="A model factory, given as package.module:callable, to match the checkpoint against, built on the "
+        "meta device: exact roles, and missing / unexpected keys and shape mismatches as a strict "
+        "load_state_dict would report them. This imports and runs your code.",
         show_default=False,
     ),
 ]

@@ -1,0 +1,46 @@
+"""What a file or a pipe receives from the table views: no blank padding at line ends, and rows that fit
+the width they were given. A grid pads every row to its widest; in a file that is noise for diff and grep."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from statecli.cli.main import app
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    result = CliRunner().invoke(app, list(args), env=env)
+    return result.exit_code, result.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["inspect", "all_dtypes.pt"],  # a summary line far longer than the others
+        ["inspect", "tied_lm.pt"],  # a Shares column, empty on most rows
+        ["inspect", "cnn_bn_module.pt"],  # findings
+        ["tree", "cnn_bn_state_dict.pt"],
+        ["check", "cnn_bn_state_dict.pt", "--no-nan"],
+        ["schema", "torchscript_freeze_constants.pt"],
+        ["stats", "cnn_bn_state_dict.pt"],
+        ["diff", "cnn_bn_state_dict.pt", "cnn_bn.safetensors"],
+    ],
+)
+def test_piped_tables_have_no_trailing_blanks(samples_dir: Path, args: list[str]) -> None:
+    code, out = run(args[0], *[str(samples_dir / a) if a.endswith((".pt", ".safetensors")) else a for a in args[1:]])
+    assert code == 0, out
+    padded = [line for line in out.splitlines() if line != line.rstrip()]
+    assert padded == []
+
+
+def test_columns_env_fits_the_table_without_wrapping(samples_dir: Path) -> None:
+    code, out = run("inspect", str(samples_dir / "cnn_bn_state_dict.pt"), "--no-summary", env={"COLUMNS": "80"})
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[1].startswith("(hidden to fit the width: ")
+    rows = [line for line in lines[4:] if line and not line.startswith("●")]
+    assert len(rows) == 16 and all(len(line) <= 80 for line in rows)
+    assert {line.split()[0] for line in rows} >= {"bn1.running_mean", "bn2.running_mean"}
