@@ -334,13 +334,14 @@ class StatsGrid(TensorGrid):
         self.rows = []
         for t in self.tensors:
             m = t.moments  # type: ignore[attr-defined]
+            shape = shape_text(t.shape) if t.name != "(total)" else f"{t.numel:,} values"  # type: ignore[attr-defined]
             if t.skipped:  # type: ignore[attr-defined]
-                cells = [t.name, t.dtype, shape_text(t.shape), *([UNKNOWN] * 10)]
+                cells = [t.name, t.dtype, shape, *([UNKNOWN] * 10)]
             else:
                 cells = [
                     t.name,
                     t.dtype,
-                    shape_text(t.shape) if t.name != "(total)" else f"{t.numel:,} values",  # type: ignore[attr-defined]
+                    shape,
                     *(_num(v) for v in (t.min, t.max, t.mean, t.std, t.absmax, t.l2)),  # type: ignore[attr-defined]
                     f"{m.nan:,}",
                     f"{m.posinf:,}",

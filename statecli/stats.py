@@ -4,6 +4,7 @@ Values are read one storage at a time (:mod:`statecli.values`) and reduced in ch
 are combined in float64 with Chan's formula, so a 2 GB checkpoint costs one chunk of memory and the
 mean and std of a billion values stay accurate. Statistics are over the finite values; NaN and ±inf
 are counted apart. Complex tensors are summarised by magnitude; bool and integer tensors as numbers.
+A value that was not computed (a tensor not read, or one without a finite value) is ``None``, never 0.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from statecli import dtypes
 from statecli.records import Report, TensorInfo
-from statecli.values import iter_pieces, iter_values
+from statecli.values import iter_pieces, iter_values, readable
 
 if TYPE_CHECKING:
     import torch
@@ -54,7 +56,8 @@ class Moments:
 
 @dataclass(slots=True)
 class TensorStats:
-    """One tensor's statistics (or the total's). ``skipped`` says why values were not read."""
+    """One tensor's statistics (or the total's). ``skipped`` says why values were not read; then every
+    statistic, counts included, is ``None``: a 0 would claim the values were checked."""
 
     name: str
     dtype: str
@@ -64,6 +67,27 @@ class TensorStats:
     moments: Moments = field(default_factory=Moments)
     skipped: str | None = None
     histogram: tuple[list[int], float, float] | None = None  # counts, low edge, high edge
+    bins: int = 0  # histogram bins asked for: then every record carries ``histogram``, null where none was drawn
+
+    @property
+    def read(self) -> bool:
+        return self.skipped is None
+
+    @property
+    def nan(self) -> int | None:
+        return self.moments.nan if self.read else None
+
+    @property
+    def posinf(self) -> int | None:
+        return self.moments.posinf if self.read else None
+
+    @property
+    def neginf(self) -> int | None:
+        return self.moments.neginf if self.read else None
+
+    @property
+    def zeros(self) -> int | None:
+        return self.moments.zeros if self.read else None
 
     @property
     def min(self) -> float | None:
@@ -93,7 +117,6 @@ class TensorStats:
         return math.sqrt(max(m.m2 + m.count * m.mean * m.mean, 0.0)) if m.count else None
 
     def to_dict(self) -> dict[str, Any]:
-        m = self.moments
         out: dict[str, Any] = {
             "name": self.name,
             "dtype": self.dtype,
@@ -106,15 +129,17 @@ class TensorStats:
             "std": self.std,
             "absmax": self.absmax,
             "l2": self.l2,
-            "nan": m.nan,
-            "posinf": m.posinf,
-            "neginf": m.neginf,
-            "zeros": m.zeros,
+            "nan": self.nan,
+            "posinf": self.posinf,
+            "neginf": self.neginf,
+            "zeros": self.zeros,
             "skipped": self.skipped,
         }
         if self.histogram is not None:
             counts, lo, hi = self.histogram
             out["histogram"] = {"counts": counts, "low": lo, "high": hi}
+        elif self.bins:
+            out["histogram"] = None
         return out
 
 
@@ -188,11 +213,9 @@ def tensor_stats(
 ) -> TensorStats:
     """Statistics of one tensor's ``values``: a tensor, or its 1-D pieces in order (``None``: not readable,
     see :func:`statecli.values.readable`). A histogram needs the values whole (one piece)."""
-    from statecli.values import readable
-
-    ts = TensorStats(t.name, t.dtype, t.shape, t.numel, t.role)
+    ts = TensorStats(t.name, t.dtype, t.shape, t.numel, t.role, bins=histogram_bins)
     if values is None:
-        ts.skipped = readable(t) or "not read"
+        ts.skipped = unread_reason(t)
         return ts
     pieces = [values.reshape(-1)] if not isinstance(values, (list, Iterator)) else values
     flat = None
@@ -203,6 +226,21 @@ def tensor_stats(
     if histogram_bins and ts.moments.count and flat is not None:
         ts.histogram = _histogram(flat, histogram_bins, ts.moments.min, ts.moments.max)
     return ts
+
+
+def unread_reason(t: TensorInfo) -> str:
+    """Why ``t`` is not read, short enough to sit in parentheses after its name in a note. Follows the
+    order of :func:`statecli.values.readable`, whose sentences other commands' notes use as they are."""
+    kind = dtypes.DTYPES[t.dtype].kind if t.dtype in dtypes.DTYPES else None
+    if kind == "quant" or t.layout == "quantized":
+        return f"quantized {t.dtype}: scales live in the pickle"
+    if kind is None:
+        return f"unknown dtype {t.dtype}"
+    if t.layout != "strided":
+        return f"{t.layout} layout"
+    why = readable(t)
+    # Nested parentheses read badly inside the note's own: "member (a .pt2's …)" becomes "member: a .pt2's …".
+    return why.replace(" (", ": ").removesuffix(")") if why else "not readable"
 
 
 def _histogram(flat: torch.Tensor, bins: int, lo: float, hi: float) -> tuple[list[int], float, float]:
@@ -236,12 +274,21 @@ def compute(
             progress(done_bytes, len(tensors))
     order = {t.name: i for i, t in enumerate(report.tensors)}
     tensors.sort(key=lambda s: order.get(s.name, 0))  # shared storages come out together; show file order
-    return StatsReport(report.path, report.format, tensors, total_of(tensors))
+    total = total_of(tensors)
+    total.bins = histogram_bins
+    return StatsReport(report.path, report.format, tensors, total)
 
 
 def total_of(tensors: Iterable[TensorStats]) -> TensorStats:
+    """The tensors' statistics together: over the values read; ``numel`` counts every tensor's."""
     total = TensorStats("(total)", "", (), 0, "")
+    seen = read = 0
     for t in tensors:
+        seen += 1
         total.numel += t.numel
-        total.moments.merge(t.moments)
+        if t.read:
+            read += 1
+            total.moments.merge(t.moments)
+    if seen and not read:
+        total.skipped = "no tensor was read"
     return total

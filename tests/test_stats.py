@@ -136,7 +136,64 @@ def test_cli_table_and_histogram(ckpt: Path) -> None:
 def test_cli_notes_unread_tensors() -> None:
     code, _, err = run("stats", str(SAMPLES / "all_dtypes.pt"))
     assert code == 0
-    assert "not read (" in err and "qint8" in err
+    assert "1 tensor not read: quint8 (quantized quint8: scales live in the pickle)" in err
+    assert "2 tensors not read: qint8, qint8_per_channel (quantized qint8: scales live in the pickle)" in err
+    assert "1 tensor not read: float4_e2m1fn_x2 (packed 4-bit floats are not decoded)" in err
+    notes = [line for line in err.splitlines() if "not read" in line]
+    assert notes and all(line.count("(") == 1 for line in notes), notes  # no parentheses inside parentheses
+
+
+COMPUTED = ("min", "max", "mean", "std", "absmax", "l2", "nan", "posinf", "neginf", "zeros")
+
+
+def test_cli_json_unread_tensor_is_null_not_zero() -> None:
+    code, out, err = run("stats", str(SAMPLES / "all_dtypes.pt"), "--format", "json", "--histogram")
+    assert code == 0, err
+    doc = json.loads(out)
+    by_name = {t["name"]: t for t in doc["tensors"]}
+    for name in ("quint8", "qint8_per_channel", "float4_e2m1fn_x2"):
+        record = by_name[name]
+        assert {k: record[k] for k in (*COMPUTED, "histogram")} == dict.fromkeys((*COMPUTED, "histogram")), name
+        assert record["skipped"]
+    # Read but with no value: the counts were measured (0), the value statistics cannot be.
+    empty = by_name["empty_0x3"]
+    assert [empty[k] for k in ("nan", "posinf", "neginf", "zeros")] == [0, 0, 0, 0]
+    assert empty["min"] is None and empty["histogram"] is None and empty["skipped"] is None
+    read = by_name["vector"]
+    assert read["zeros"] == 1 and read["nan"] == 0 and read["histogram"]["counts"]
+    assert doc["total"]["nan"] == 0 and doc["total"]["skipped"] is None and "histogram" in doc["total"]
+    # The README's recipes: `select(.nan > 0)` cannot mistake an unread tensor for a clean one, and
+    # `select(.skipped)` finds it.
+    assert not [t for t in doc["tensors"] if t["nan"] == 0 and t["skipped"]]
+    assert "quint8" in [t["name"] for t in doc["tensors"] if t["skipped"]]
+
+
+def test_cli_csv_unread_tensor_has_empty_cells() -> None:
+    code, out, err = run("stats", str(SAMPLES / "all_dtypes.pt"), "--format", "csv")
+    assert code == 0, err
+    rows = {r["name"]: r for r in csv.DictReader(io.StringIO(out))}
+    assert [rows["quint8"][k] for k in COMPUTED] == [""] * len(COMPUTED)
+    assert rows["quint8"]["skipped"] == "quantized quint8: scales live in the pickle"
+    assert [rows["vector"][k] for k in ("nan", "zeros", "skipped")] == ["0", "1", ""]
+
+
+def test_total_of_nothing_read_is_null() -> None:
+    code, out, err = run("stats", str(SAMPLES / "all_dtypes.pt"), "--format", "json", "--match", "q*")
+    assert code == 0, err
+    total = json.loads(out)["total"]
+    assert [total[k] for k in COMPUTED] == [None] * len(COMPUTED)
+    assert total["skipped"] == "no tensor was read" and total["numel"] == 32
+    assert "histogram" not in total  # none asked for
+    code, out, _ = run("stats", str(SAMPLES / "all_dtypes.pt"), "--match", "q*")
+    assert code == 0
+    assert next(line for line in out.splitlines() if line.startswith("(total)")).split()[1:3] == ["32", "values"]
+
+
+def test_histogram_key_only_when_asked(ckpt: Path) -> None:
+    code, out, _ = run("stats", str(ckpt), "--format", "json")
+    assert code == 0
+    doc = json.loads(out)
+    assert all("histogram" not in t for t in [*doc["tensors"], doc["total"]])
 
 
 def test_cli_bad_input(tmp_path: Path) -> None:

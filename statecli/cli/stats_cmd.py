@@ -42,7 +42,8 @@ def stats_command(
 
     Reads values one storage at a time straight from the file (no pickle runs; torch is imported).
     Statistics are over finite values; NaN and infinities are counted apart. Complex tensors are
-    summarised by magnitude. Quantized tensors are listed but not read.
+    summarised by magnitude. Quantized tensors are listed but not read: in JSON their statistics and
+    counts are null (empty in CSV, — in the table), never 0, and `skipped` says why.
 
     Examples:
 
@@ -50,6 +51,7 @@ def stats_command(
         statecli stats model.pt --role buffer --match '*running_var'
         statecli stats ckpt.pt --histogram --match 'layer1.*'
         statecli stats model.pt --format json | jq '.tensors[] | select(.nan > 0) | .name'
+        statecli stats model.pt --format json | jq '.tensors[] | select(.skipped) | .name'
     """
     from statecli.stats import compute
 
@@ -66,7 +68,8 @@ def stats_command(
         if t.skipped:
             skipped.setdefault(t.skipped, []).append(t.name)
     for reason, names in skipped.items():
-        _output.note(f"{len(names)} tensor{'s' if len(names) != 1 else ''} not read ({reason}): {', '.join(names[:8])}")
+        shown = ", ".join(names[:8]) + (f", … ({len(names) - 8} more)" if len(names) > 8 else "")
+        _output.note(f"{len(names)} tensor{'s' if len(names) != 1 else ''} not read: {shown} ({reason})")
 
     if fmt is StatsFormat.json:
         _output.write(_output.to_json(result.to_dict()))
