@@ -44,3 +44,21 @@ def test_columns_env_fits_the_table_without_wrapping(samples_dir: Path) -> None:
     rows = [line for line in lines[4:] if line and not line.startswith("●")]
     assert len(rows) == 16 and all(len(line) <= 80 for line in rows)
     assert {line.split()[0] for line in rows} >= {"bn1.running_mean", "bn2.running_mean"}
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 20])
+def test_trimmed_stream_keeps_every_character_but_trailing_blanks(monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
+    import io
+
+    from statecli.cli import _output
+
+    monkeypatch.setattr(_output, "_CHUNK", chunk)
+    out = io.StringIO()
+    stream = _output._TrimmedLines(out)
+    pieces = ["a  b   \nlong line without end ", "   still it  \n\n   \n", "x" * 30 + " \n", "open  "]
+    for p in pieces:
+        stream.write(p)
+    stream.flush()
+    text = "".join(pieces)
+    expected = "\n".join(line.rstrip(" ") for line in text[: text.rfind("\n")].split("\n")) + "\nopen  "
+    assert out.getvalue() == expected

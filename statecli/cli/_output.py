@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import os
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -63,6 +64,10 @@ def stdout_console(renderable: Any = None) -> Console:
     return Console(highlight=False, width=width, file=_TrimmedLines(sys.stdout))
 
 
+_TRAILING_BLANKS = re.compile(r" +(?=\n)")
+_CHUNK = 1 << 20
+
+
 class _TrimmedLines:
     """A text stream that drops the blanks rich pads lines with (a grid pads every row to its widest):
     in a file or a pipe they are noise for ``diff`` and ``grep``, and on a terminal they never show."""
@@ -72,9 +77,19 @@ class _TrimmedLines:
         self.pending = ""
 
     def write(self, text: str) -> int:
-        head, sep, self.pending = (self.pending + text).rpartition("\n")
-        if sep:
-            self.out.write("\n".join(line.rstrip(" ") for line in head.split("\n")) + "\n")
+        # 100,000 table rows arrive as one string: trimmed a megabyte of whole lines at a time, so no
+        # second copy of all of it is ever held.
+        whole = self.pending + text if self.pending else text
+        start = 0
+        while start < len(whole):
+            end = whole.rfind("\n", start, start + _CHUNK) + 1
+            if end == 0:  # a line longer than a chunk
+                end = whole.find("\n", start + _CHUNK) + 1
+                if end == 0:
+                    break
+            self.out.write(_TRAILING_BLANKS.sub("", whole[start:end]))
+            start = end
+        self.pending = whole[start:]
         return len(text)
 
     def flush(self) -> None:
