@@ -6,7 +6,8 @@ equality, and whether every element is within ``|a - b| <= atol + rtol * |b|`` (
 NaN equals NaN at the same position). Values are compared in float64 (complex128 for complex tensors,
 by the magnitude of the difference), in chunks, so memory stays near the largest tensor.
 
-What fails a diff: a name on one side only, a shape change, values beyond tolerance. A dtype change
+What fails a diff: a name on one side only, a shape change, values beyond tolerance, and nothing to
+compare (no tensor on either side after the filters: a gate must not pass having compared nothing). A dtype change
 alone does not (``fp32.pt`` vs ``bf16.safetensors`` passes at a tolerance that covers bf16 rounding);
 role, device and sharing changes are notes. Values are read with :func:`statecli.values.iter_values`
 and :class:`statecli.conversion.source.Source`, never with ``torch.load``: no pickle code runs.
@@ -174,9 +175,19 @@ class DiffReport:
         return [t for t in self.tensors if t.status != IDENTICAL]
 
     @property
+    def nothing_compared(self) -> bool:
+        """Neither side kept a tensor (the filters matched none, or both files hold none)."""
+        return not self.tensors_a and not self.tensors_b
+
+    @property
     def same(self) -> bool:
-        """No name on one side only, no shape change, every value within tolerance."""
-        return not self.only_in_a and not self.only_in_b and not any(t.fails for t in self.tensors)
+        """Something was compared, no name on one side only, no shape change, every value within tolerance."""
+        return (
+            not self.nothing_compared
+            and not self.only_in_a
+            and not self.only_in_b
+            and not any(t.fails for t in self.tensors)
+        )
 
     @property
     def summary(self) -> DiffSummary:
@@ -267,6 +278,8 @@ def diff(
 
     side_a = kept(a.tensors, rename_a)
     side_b = kept(b.tensors, rename_b)
+    if not side_a and not side_b:
+        notes.append(Finding("warning", "nothing-compared", _nothing_compared(a, b, role_set, globs)))
     common = [n for n in side_a if n in side_b]
     diffs = {n: _metadata_diff(n, side_a[n], side_b[n], rename_a, rename_b) for n in common}
     _compare_values(a, b, side_a, side_b, diffs, atol, rtol)
@@ -300,6 +313,17 @@ def diff(
         notes=tuple(notes),
         tensors_a=len(side_a),
         tensors_b=len(side_b),
+    )
+
+
+def _nothing_compared(a: Report, b: Report, roles: set[str] | None, globs: list[str] | None) -> str:
+    """Why the diff has nothing to compare, naming the filters the way they are typed."""
+    filters = [f"--role {r}" for r in sorted(roles or ())] + [f"--match {g!r}" for g in globs or ()]
+    if not filters:
+        return "neither A nor B holds a tensor: nothing was compared"
+    return (
+        f"no tensor matches the filters ({' '.join(filters)}) in A ({_count(len(a.tensors), 'tensor')}) "
+        f"or B ({_count(len(b.tensors), 'tensor')}): nothing was compared"
     )
 
 

@@ -453,3 +453,56 @@ def test_a_hostile_pickle_is_never_run(tmp_path: Path, monkeypatch: pytest.Monke
     assert doc["identical"] == ["weight"]
     assert "statecli: warning:" in err and "posix.system" in err
     assert not (tmp_path / "statecli_pwned_marker").exists()
+
+
+# ---------------------------------------------------------------------------------- nothing compared
+
+
+def test_a_filter_that_matches_nothing_fails(tmp_path: Path) -> None:
+    safetensors = str(SAMPLES / "cnn_bn.safetensors")
+    code, out, err = run(safetensors, TIED, "--match", "nothing*")
+    assert code == 1
+    assert out.splitlines() == [f"{safetensors} → {TIED}", "nothing compared: no tensors (atol 0, rtol 0)"]
+    assert err == (
+        "statecli: warning: no tensor matches the filters (--match 'nothing*') in A (16 tensors) or B (18 tensors): "
+        "nothing was compared\n"
+    )
+    code, doc, err = run_json(safetensors, TIED, "--match", "nothing*", "--role", "buffer")
+    assert code == 1 and doc["same"] is False
+    assert doc["notes"] == [
+        {
+            "level": "warning",
+            "code": "nothing-compared",
+            "message": "no tensor matches the filters (--role buffer --match 'nothing*') in A (16 tensors) "
+            "or B (18 tensors): nothing was compared",
+        }
+    ]
+    assert doc["summary"]["tensors_a"] == doc["summary"]["tensors_b"] == 0
+    assert "--role buffer --match 'nothing*'" in err
+
+
+def test_a_role_that_neither_side_has_fails(tmp_path: Path) -> None:
+    code, doc, err = run_json(CNN, CNN, "--role", "other")
+    assert code == 1 and doc["same"] is False
+    assert [n["code"] for n in doc["notes"]] == ["nothing-compared"]
+    assert "(--role other)" in err
+
+
+def test_a_filter_that_matches_one_side_only_is_a_plain_difference(tmp_path: Path) -> None:
+    a = save(tmp_path / "a.pt", {"enc.w": torch.ones(2)})
+    b = save(tmp_path / "b.pt", {"dec.w": torch.ones(2)})
+    code, doc, err = run_json(a, b, "--match", "enc.*")
+    assert code == 1 and doc["only_in_a"] == ["enc.w"] and doc["only_in_b"] == []
+    assert doc["notes"] == [] and "nothing" not in err
+
+
+def test_two_files_without_tensors_compare_nothing_and_fail(tmp_path: Path) -> None:
+    a = save(tmp_path / "a.pt", {})
+    b = save(tmp_path / "b.pt", {"epoch": 3})
+    code, out, err = run(a, b)
+    assert code == 1
+    assert out.splitlines()[-1] == "nothing compared: no tensors (atol 0, rtol 0)"
+    assert err == "statecli: warning: neither A nor B holds a tensor: nothing was compared\n"
+    report = diff(a, b)
+    assert report.nothing_compared and not report.same
+    assert not diff(CNN, a).nothing_compared  # one empty side: 16 only in A, an ordinary difference

@@ -95,7 +95,8 @@ def diff_command(
 
     For each tensor on both sides: max abs and max relative difference, cosine similarity and exact
     equality, computed in float64 one tensor at a time (no pickle code runs). Exit 1 when a name is on
-    one side only, a shape changed, or values differ beyond --atol/--rtol. A dtype change alone does not
+    one side only, a shape changed, values differ beyond --atol/--rtol, or the filters (--role,
+    --match) leave no tensor on either side, so nothing was compared. A dtype change alone does not
     fail (an fp32 file and its bf16 copy pass at a tolerance that covers bf16 rounding); role, device and
     tied-weight changes are notes. NaN equals NaN at the same position.
 
@@ -212,7 +213,7 @@ def summary_text(report: DiffReport) -> str:
         (s.identical, "identical"),
     ]
     counts = ", ".join(f"{n:,} {what}" for n, what in parts if n) or "no tensors"
-    verdict = "same" if report.same else "different"
+    verdict = "nothing compared" if report.nothing_compared else "same" if report.same else "different"
     return f"{verdict}: {counts} (atol {report.atol:g}, rtol {report.rtol:g})"
 
 
