@@ -20,6 +20,9 @@ A policy is a list of rule sets. Each set has a scope (``match`` name globs and 
 
 In ``statecli.toml`` the global set is ``[check]`` and scoped sets are ``[[check.rules]]`` with
 ``match`` / ``role``; in ``pyproject.toml`` the same lives under ``[tool.statecli.check]``.
+
+A rule set that selects no tensor fails (rule ``selects_tensors``) when it has a scope or a tensor
+rule: a typo in a glob, or an empty file, must not turn a gate into one that checks nothing.
 """
 
 from __future__ import annotations
@@ -57,6 +60,19 @@ class RuleSet:
     required: tuple[str, ...] = ()
     forbidden: tuple[str, ...] = ()
     require_exact_roles: bool = False
+
+    @property
+    def has_tensor_rules(self) -> bool:
+        return bool(
+            self.dtype
+            or self.device is not None
+            or self.no_nan
+            or self.no_inf
+            or self.absmax is not None
+            or self.required
+            or self.forbidden
+            or self.require_exact_roles
+        )
 
     def covers(self, t: TensorInfo) -> bool:
         return (not self.match or any(fnmatchcase(t.name, g) for g in self.match)) and (
@@ -352,6 +368,8 @@ def run(report: Report, policy: Policy, progress: Callable[[int, int], None] | N
     stats = _value_stats(report, policy, progress)
     for rs in policy.sets:
         scoped = [t for t in tensors if rs.covers(t)]
+        if not scoped and (rs.match or rs.roles or rs.has_tensor_rules):
+            results.append(_empty_scope(rs, len(tensors)))
         results.extend(_apply(rs, scoped, stats))
 
     if policy.schema is not None:
@@ -378,6 +396,18 @@ def _value_stats(report: Report, policy: Policy, progress: Callable[[int, int], 
         return any(rs.covers(t) for rs in wanted)
 
     return {s.name: s for s in compute(report, keep, progress=progress).tensors}
+
+
+def _empty_scope(rs: RuleSet, in_file: int) -> RuleResult:
+    """A failed ``selects_tensors``: every rule of ``rs`` would pass having looked at nothing."""
+    r = RuleResult("selects_tensors", rs.scope, "selects at least one tensor", in_file)
+    if rs.match or rs.roles:
+        among = f"among the {in_file:,} in the file" if in_file else "(the file holds no tensor)"
+        message = f"no tensor matches the filters ({rs.scope}) {among}: the rules they scope checked nothing"
+    else:
+        message = "the checkpoint holds no tensor: the rules on all tensors checked nothing"
+    r.failures.append(Failure(None, message, 0))
+    return r
 
 
 def _apply(rs: RuleSet, scoped: list[TensorInfo], stats: dict[str, Any]) -> list[RuleResult]:
@@ -471,6 +501,8 @@ def _reference_rule(report: Report, policy: Policy) -> RuleResult:
     d = diff(report, open_checkpoint(policy.reference), atol=atol, rtol=rtol).to_dict()
     where = f"within atol={_g(atol)} rtol={_g(rtol)} of {policy.reference}"
     r = RuleResult("reference", "all tensors", where, d["summary"]["common"])
+    if not d["summary"]["tensors_a"] and not d["summary"]["tensors_b"]:
+        r.failures.append(Failure(None, "neither this checkpoint nor the reference holds a tensor: nothing compared"))
     r.failures.extend(Failure(n, f"{n}: not in the reference", None) for n in d["only_in_a"])
     r.failures.extend(Failure(n, f"{n}: in the reference, not here", None) for n in d["only_in_b"])
     for c in d["changed"]:

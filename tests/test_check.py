@@ -375,3 +375,81 @@ def test_sparse_tensors_are_not_a_dangerous_finding(tmp_path: Path) -> None:
     assert not [f for f in report.findings if f.level == "dangerous"]
     assert {t.name: t.layout for t in report.tensors} == {"s": "sparse_coo", "w": "strided"}
     assert cli("check", str(tmp_path / "sparse.pt"), "--no-policy")[0] == 0
+
+
+# ------------------------------------------------------------------------------------ scopes that select nothing
+
+SAFETENSORS = SAMPLES / "cnn_bn.safetensors"
+EMPTY_SCOPE = (
+    "no tensor matches the filters (match nothing*) among the 16 in the file: the rules they scope checked nothing"
+)
+
+
+@pytest.mark.parametrize("fmt", ["table", "json", "junit", "github", "html"])
+def test_a_glob_that_matches_nothing_fails_in_every_format(fmt: str) -> None:
+    code, out, err = cli("check", str(SAFETENSORS), "--match", "nothing*", "--no-nan", "--no-policy", "-f", fmt)
+    assert code == 1
+    assert err == f"statecli: warning: {SAFETENSORS}: {EMPTY_SCOPE}\n"
+    if fmt == "json":
+        doc = json.loads(out)
+        assert doc["passed"] is False
+        (rule,) = [r for r in doc["rules"] if r["rule"] == "selects_tensors"]
+        assert rule == {
+            "rule": "selects_tensors",
+            "scope": "match nothing*",
+            "expected": "selects at least one tensor",
+            "checked": 16,
+            "passed": False,
+            "failures": [{"tensor": None, "message": EMPTY_SCOPE, "value": 0}],
+        }
+    elif fmt == "junit":
+        suite = ET.fromstring(out).find("testsuite")
+        assert suite is not None and suite.get("failures") == "1"
+        failure = suite.find("testcase[@classname='statecli.check.selects_tensors']/failure")
+        assert failure is not None and failure.text == EMPTY_SCOPE
+    elif fmt == "github":
+        assert out == f"::error file={SAFETENSORS},title=statecli check%3A selects_tensors [match nothing*]::" + (
+            EMPTY_SCOPE + "\n"
+        )
+    else:
+        assert "selects_tensors" in out and EMPTY_SCOPE in out
+        if fmt == "table":
+            assert "FAILED: 1 of 3 rules" in out
+
+
+def test_a_role_or_policy_scope_that_selects_nothing_fails(tmp_path: Path) -> None:
+    code, out, err = cli("check", str(SAFETENSORS), "--role", "other", "--no-policy")
+    assert code == 1 and "✘  selects_tensors [role other]" in out
+    assert "no tensor matches the filters (role other) among the 16 in the file" in err
+    (tmp_path / "p.toml").write_text('[check]\n[[check.rules]]\nmatch = ["*.runing_var"]\nabsmax = 1e6\n')
+    code, out, err = cli("check", str(CNN), "--policy", str(tmp_path / "p.toml"), "-f", "json")
+    assert code == 1
+    failed = [(r["rule"], r["scope"]) for r in json.loads(out)["rules"] if not r["passed"]]
+    assert failed == [("selects_tensors", "match *.runing_var")]
+    assert "(match *.runing_var)" in err
+    # a scope that selects a tensor adds nothing
+    code, out, err = cli("check", str(CNN), "--match", "*.running_var", "--absmax", "1e6", "--no-policy", "-f", "json")
+    assert code == 0 and err == ""
+    assert [r["rule"] for r in json.loads(out)["rules"]] == ["no_dangerous_globals", "absmax"]
+
+
+def test_a_file_without_tensors_fails_the_rules_on_tensors(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.pt"
+    torch.save({"epoch": 3}, empty)
+    code, out, err = cli("check", str(empty), "--no-nan", "--no-policy", "-f", "json")
+    assert code == 1
+    message = "the checkpoint holds no tensor: the rules on all tensors checked nothing"
+    assert err == f"statecli: warning: {empty}: {message}\n"
+    (rule,) = [r for r in json.loads(out)["rules"] if r["rule"] == "selects_tensors"]
+    assert rule["scope"] == "all tensors" and rule["failures"][0]["message"] == message
+    # no rule on tensors asked for: nothing to fail
+    assert cli("check", str(empty), "--max-size", "1MB", "--no-policy")[0] == 0
+    code, out, _ = cli("check", str(empty), "--match", "w*", "--no-policy")
+    assert code == 1 and "(match w*) (the file holds no tensor)" in out
+
+
+def test_a_reference_rule_that_compares_nothing_fails(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.pt"
+    torch.save({}, empty)
+    failures = rules(empty, Policy(reference=str(empty)))["reference"]
+    assert failures == ["neither this checkpoint nor the reference holds a tensor: nothing compared"]

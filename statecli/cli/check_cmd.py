@@ -127,11 +127,12 @@ def check_command(
     """Check a checkpoint against rules; exit 0 when all pass, 1 when one fails, 5 when it is unsafe. For CI gates.
 
     Rules come from flags and from a policy file, scoped by name glob and role. Every failure names
-    the tensor, the rule and the value. Pickle globals that could run code fail the check with exit 5
-    (refused as unsafe) unless --allow-dangerous. Nothing is run from the file; --model runs your
-    model factory. Several files (as pre-commit passes them): each is checked; a file that cannot be
-    read is reported on stderr and the exit status is the worst (5 unsafe, 3 unreadable, 1 a rule
-    failed).
+    the tensor, the rule and the value. A --match / --role scope (or a file) that selects no tensor
+    fails, so a mistyped glob cannot turn the gate into a no-op. Pickle globals that could run code
+    fail the check with exit 5 (refused as unsafe) unless --allow-dangerous. Nothing is run from the
+    file; --model runs your model factory.
+    Several files (as pre-commit passes them): each is checked; a file that cannot be read is reported
+    on stderr and the exit status is the worst (5 unsafe, 3 unreadable, 1 a rule failed).
 
     Examples:
 
@@ -177,7 +178,13 @@ def check_command(
     worst = 0
     for path in paths:
         try:
-            results.append(core.run(open_checkpoint(path), from_flags))
+            report = open_checkpoint(path)
+            result = core.run(report, from_flags)
+            for r in result.results:
+                if r.rule == "selects_tensors":
+                    for f in r.failures:
+                        _output.warning(f"{result.path}: {f.message}")
+            results.append(result)
         except StatecliError as err:
             if len(paths) == 1:
                 raise  # the app's error mapping reports it
