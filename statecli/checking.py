@@ -12,7 +12,7 @@ A policy is a list of rule sets. Each set has a scope (``match`` name globs and 
 ``required = [globs]``      each glob matches at least one tensor
 ``forbidden = [globs]``     no tensor matches any glob
 ``require_exact_roles``     every tensor's role is stated by the file, not inferred
-``allow_dangerous = true``  turns off the rule that is otherwise always on: no dangerous pickle global
+``allow_dangerous = true``  dangerous pickle globals are reported as allowed instead of failing the rule
 ``schema = "file"``         names, shapes, dtypes and roles match a ``statecli schema`` file (global)
 ``model = "mod:callable"``  the tensors load into this architecture, strict (global; runs user code)
 ``reference = "file"``      values within ``atol`` / ``rtol`` of another checkpoint (global)
@@ -298,6 +298,7 @@ class RuleResult:
     expected: str  # the rule in words: "dtype in bfloat16, float32"
     checked: int  # tensors (or items) the rule looked at
     failures: list[Failure] = field(default_factory=list)
+    allowed: list[Failure] = field(default_factory=list)  # would fail, but the policy allows them: reported only
 
     @property
     def passed(self) -> bool:
@@ -315,6 +316,7 @@ class RuleResult:
             "checked": self.checked,
             "passed": self.passed,
             "failures": [f.to_dict() for f in self.failures],
+            "allowed": [f.to_dict() for f in self.allowed],
         }
 
 
@@ -352,11 +354,14 @@ def run(report: Report, policy: Policy, progress: Callable[[int, int], None] | N
     results: list[RuleResult] = []
     tensors = report.tensors
 
-    if not policy.allow_dangerous:
-        bad = [f for f in report.findings if f.level == "dangerous"]
-        r = RuleResult("no_dangerous_globals", "all tensors", "no pickle global that could run code", 1)
-        r.failures = [Failure(None, f.message, f.code) for f in bad]
-        results.append(r)
+    dangerous = [Failure(None, f.message, f.code) for f in report.findings if f.level == "dangerous"]
+    if policy.allow_dangerous:
+        # Allowed, not hidden: the result still names every global, so a report shows what was let through.
+        expected = "no pickle global that could run code (allow_dangerous: reported, not failed)"
+        results.append(RuleResult("no_dangerous_globals", "all tensors", expected, 1, allowed=dangerous))
+    else:
+        expected = "no pickle global that could run code"
+        results.append(RuleResult("no_dangerous_globals", "all tensors", expected, 1, failures=dangerous))
     if policy.max_size is not None:
         r = RuleResult("max_size", "all tensors", f"at most {policy.max_size:,} bytes", 1)
         if report.file_size > policy.max_size:

@@ -393,16 +393,20 @@ def check_view(result: CheckResult) -> Group:
     for r in result.results:
         mark = Text("✔", style="green") if r.passed else Text("✘", style="bold red")
         outcome = Text("pass", style="green") if r.passed else Text(f"{len(r.failures)} failed", style="bold red")
+        if r.passed and r.allowed:
+            mark, outcome = Text("!", style="yellow"), Text(f"{len(r.allowed)} allowed", style="yellow")
         table.add_row(mark, Text(clean(r.id)), Text(clean(r.expected), style="dim"), f"{r.checked:,}", outcome)
     parts: list[RenderableType] = [table]
     for r in result.results:
-        if r.failures:
+        for head, items, style in ((f"✘ {r.id}", r.failures, "bold red"), (f"! {r.id} (allowed)", r.allowed, "yellow")):
+            if not items:
+                continue
             parts.append(Text())
-            parts.append(Text(f"✘ {r.id}", style="bold red"))
-            for f in r.failures[:50]:
+            parts.append(Text(head, style=style))
+            for f in items[:50]:
                 parts.append(Text("  " + clean(f.message)))
-            if len(r.failures) > 50:
-                parts.append(Text(f"  … and {len(r.failures) - 50} more (--format json lists all)", style="dim"))
+            if len(items) > 50:
+                parts.append(Text(f"  … and {len(items) - 50} more (--format json lists all)", style="dim"))
     failed = sum(1 for r in result.results if not r.passed)
     parts.append(Text())
     if failed:

@@ -3,6 +3,7 @@ outputs parse (JUnit with xml.etree, JSON, GitHub annotations); bad policies are
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import xml.etree.ElementTree as ET
@@ -401,6 +402,7 @@ def test_a_glob_that_matches_nothing_fails_in_every_format(fmt: str) -> None:
             "checked": 16,
             "passed": False,
             "failures": [{"tensor": None, "message": EMPTY_SCOPE, "value": 0}],
+            "allowed": [],
         }
     elif fmt == "junit":
         suite = ET.fromstring(out).find("testsuite")
@@ -453,3 +455,55 @@ def test_a_reference_rule_that_compares_nothing_fails(tmp_path: Path) -> None:
     torch.save({}, empty)
     failures = rules(empty, Policy(reference=str(empty)))["reference"]
     assert failures == ["neither this checkpoint nor the reference holds a tensor: nothing compared"]
+
+
+# ------------------------------------------------------------------------------------ --allow-dangerous
+
+MALICIOUS = SAMPLES / "malicious_os_system.pt"
+POSIX = "pickle would call posix.system('touch statecli_pwned_marker'); statecli did not run it"
+
+
+@pytest.mark.parametrize("fmt", ["table", "json", "junit", "github", "html"])
+def test_allow_dangerous_reports_the_global_as_allowed(fmt: str) -> None:
+    code, out, err = cli("check", str(MALICIOUS), "--allow-dangerous", "--no-policy", "-f", fmt)
+    assert code == 0
+    assert err == f"statecli: warning: {MALICIOUS}: {POSIX} (dangerous-global)\n"  # as inspect and stats say it
+    if fmt == "json":
+        doc = json.loads(out)
+        assert doc["passed"] is True
+        (rule,) = doc["rules"]
+        assert rule["rule"] == "no_dangerous_globals" and rule["passed"] is True and rule["failures"] == []
+        assert rule["allowed"] == [{"tensor": None, "message": POSIX, "value": "dangerous-global"}]
+        assert "allow_dangerous" in rule["expected"]
+    elif fmt == "junit":
+        root = ET.fromstring(out)
+        assert root.get("tests") == "1" and root.get("failures") == "0"
+        case = root.find("testsuite/testcase[@classname='statecli.check.no_dangerous_globals']")
+        assert case is not None and case.find("failure") is None
+        assert case.findtext("system-out") == f"allowed: {POSIX}"
+    elif fmt == "github":
+        lines = out.splitlines()
+        assert lines[0] == (
+            f"::warning file={MALICIOUS},title=statecli check%3A no_dangerous_globals (allowed)::{POSIX}"
+        )
+        assert lines[1].startswith("::notice ")
+    else:
+        out = html.unescape(out)
+        assert "1 allowed" in out and POSIX in out
+        if fmt == "table":
+            assert "!  no_dangerous_globals" in out and "passed: 1 rule" in out
+
+
+def test_without_allow_dangerous_the_file_is_still_refused() -> None:
+    code, out, err = cli("check", str(MALICIOUS), "--no-policy", "-f", "json")
+    assert code == 5 and err == ""
+    (rule,) = json.loads(out)["rules"]
+    assert rule["passed"] is False and rule["allowed"] == [] and rule["failures"][0]["message"] == POSIX
+
+
+def test_allow_dangerous_help_says_what_it_does() -> None:
+    code, out, _ = cli("check", "--help")
+    assert code == 0
+    text = " ".join(out.replace("│", " ").split())
+    assert "on by default" not in text
+    assert "instead of refusing the file with exit 5" in text

@@ -102,7 +102,11 @@ def check_command(
     ] = None,
     allow_dangerous: Annotated[
         bool,
-        typer.Option("--allow-dangerous", help="Do not fail on pickle globals that could run code (on by default)."),
+        typer.Option(
+            "--allow-dangerous",
+            help="Report pickle globals that could run code as allowed (a warning on stderr, exit 0 if the rest "
+            "passes) instead of refusing the file with exit 5, which is what happens without this flag.",
+        ),
     ] = False,
     policy: Annotated[
         str | None,
@@ -129,8 +133,8 @@ def check_command(
     Rules come from flags and from a policy file, scoped by name glob and role. Every failure names
     the tensor, the rule and the value. A --match / --role scope (or a file) that selects no tensor
     fails, so a mistyped glob cannot turn the gate into a no-op. Pickle globals that could run code
-    fail the check with exit 5 (refused as unsafe) unless --allow-dangerous. Nothing is run from the
-    file; --model runs your model factory.
+    fail the check with exit 5 (refused as unsafe); with --allow-dangerous they are reported as
+    allowed and warned about on stderr. Nothing is run from the file; --model runs your model factory.
     Several files (as pre-commit passes them): each is checked; a file that cannot be read is reported
     on stderr and the exit status is the worst (5 unsafe, 3 unreadable, 1 a rule failed).
 
@@ -179,6 +183,8 @@ def check_command(
     for path in paths:
         try:
             report = open_checkpoint(path)
+            if from_flags.allow_dangerous:
+                _output.warn_dangerous(report)  # allowed, yet a user must not miss it (as every other command)
             result = core.run(report, from_flags)
             for r in result.results:
                 if r.rule == "selects_tensors":
@@ -243,6 +249,10 @@ def junit(results: list[CheckResult]) -> str:
                 head = f"{len(r.failures)} failure{'s' if len(r.failures) != 1 else ''}: {r.failures[0].message}"
                 fail = ET.SubElement(case, "failure", message=head, type=r.rule)
                 fail.text = "\n".join(f.message for f in r.failures)
+            if r.allowed:
+                # JUnit has no "passed with a warning"; the case passes and its output names what was allowed.
+                out = ET.SubElement(case, "system-out")
+                out.text = "\n".join(f"allowed: {f.message}" for f in r.allowed)
     ET.indent(suites)
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
 
@@ -255,13 +265,17 @@ def _gh_escape(text: str, prop: bool = False) -> str:
 
 
 def github(result: CheckResult) -> str:
-    """GitHub Actions workflow commands: one ``::error`` per failure, a ``::notice`` when all pass."""
+    """GitHub Actions workflow commands: one ``::error`` per failure, one ``::warning`` per allowed finding,
+    a ``::notice`` when all pass."""
     lines = []
     file = _gh_escape(result.path, prop=True)
     for r in result.results:
         for f in r.failures:
             title = _gh_escape(f"statecli check: {r.id}", prop=True)
             lines.append(f"::error file={file},title={title}::{_gh_escape(f.message)}")
-    if not lines:
+        for f in r.allowed:
+            title = _gh_escape(f"statecli check: {r.id} (allowed)", prop=True)
+            lines.append(f"::warning file={file},title={title}::{_gh_escape(f.message)}")
+    if result.passed:
         lines.append(f"::notice file={file},title=statecli check::{len(result.results)} rules passed")
     return "\n".join(lines) + "\n"
