@@ -157,8 +157,10 @@ def _pick_in_folder(folder: str) -> str:
     if len(files) == 1 and not indexes:
         return os.path.join(folder, files[0])
     if not files and not indexes:
+        looked_for = ", ".join(f"*{s}" for s in (".index.json", *CHECKPOINT_SUFFIXES))
         raise InputError(
-            "folder holds no checkpoint (looked for *.index.json, *.safetensors, *.pt, *.pth, *.bin, *.ckpt)",
+            f"folder holds no checkpoint (looked for {looked_for}, "
+            "and a torch.distributed.checkpoint .metadata beside *.distcp files)",
             path=folder,
         )
     found = ", ".join(indexes + files)
