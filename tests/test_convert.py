@@ -304,6 +304,77 @@ def test_whole_module_becomes_a_state_dict_with_exact_roles(tmp_path: Path) -> N
     model.load_state_dict(sd)
 
 
+def _pickled_module_with_an_attribute(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
+    model = sample_nets.FrozenNet()
+    model.anchor = torch.linspace(-1.0, 1.0, 5)  # neither parameter nor buffer: not in state_dict()
+    path = tmp_path / "module.pt"
+    torch.save(model, path)
+    return path, model
+
+
+def _jit_module(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
+    path = SAMPLES / "torchscript_frozen.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.load is deprecated, still the oracle
+        return path, torch.jit.load(str(path), map_location="cpu")
+
+
+def _export_module(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
+    path = SAMPLES / "export_frozen.pt2"
+    return path, torch.export.load(str(path)).module()
+
+
+@pytest.mark.parametrize("source", [_pickled_module_with_an_attribute, _jit_module, _export_module])
+def test_a_module_converts_to_exactly_its_state_dict(tmp_path: Path, source: Any) -> None:
+    # torch is the oracle: the module's own state_dict() names what a conversion must write, and the
+    # output must load back into that module with strict=True.
+    path, module = source(tmp_path)
+    oracle = module.state_dict()
+    out = tmp_path / "out.safetensors"
+    report = conv.convert(path, out)
+    sd = st_load(out)
+    assert sorted(sd) == sorted(oracle)
+    assert all(same_bits(sd[k], oracle[k]) for k in oracle)
+    module.load_state_dict(sd, strict=True)
+    left_out = {d.name for d in report.plan.dropped}
+    assert "anchor" in left_out or "offset" in left_out  # the plain attribute / the exported constant
+    assert sorted(statecli.load(path)) == sorted(oracle)  # the same rules without a file
+
+
+def test_a_torchscript_attribute_is_left_out_with_a_note_naming_it() -> None:
+    plan = conv.plan(SAMPLES / "torchscript_frozen.pt", "o.safetensors")
+    assert [(d.name, d.reason) for d in plan.dropped] == [
+        ("anchor", "plain tensor attribute of a module: not in its state_dict()")
+    ]
+    assert [n.message for n in plan.notes] == [
+        "1 tensor left out (anchor): plain tensor attribute of a module: not in its state_dict()"
+    ]
+
+
+def test_notes_name_a_few_left_out_tensors_and_count_many() -> None:
+    plan = conv.plan(SAMPLES / "training_adam.pt", "o.safetensors")
+    assert [n.message for n in plan.notes] == ["30 tensors left out: optimizer state"]
+
+
+def test_constants_picked_with_select_are_written(tmp_path: Path) -> None:
+    # Exact "other" tensors outside the model group are what --select asks for: they stay.
+    src = SAMPLES / "torchscript_freeze_constants.pt"
+    out = tmp_path / "c.safetensors"
+    conv.convert(src, out, select="constants")
+    assert sorted(st_load(out)) == [f"CONSTANTS.c{i}" for i in range(6)]
+
+
+def test_an_other_tensor_of_a_state_dict_file_is_written(tmp_path: Path) -> None:
+    # In a safetensors file every tensor is a key of the state dict, whatever role its metadata gives.
+    src = tmp_path / "in.safetensors"
+    meta = {"statecli": json.dumps({"schema": "statecli.roles/1", "roles": {"w": "parameter", "x": "other"}})}
+    save_file({"w": torch.ones(2), "x": torch.zeros(3)}, src, metadata=meta)
+    x = next(t for t in statecli.open_checkpoint(src).tensors if t.name == "x")
+    assert (x.role, x.exact) == ("other", True)
+    conv.convert(src, tmp_path / "o.safetensors")
+    assert sorted(st_load(tmp_path / "o.safetensors")) == ["w", "x"]
+
+
 def test_lightning_checkpoint_with_strip_prefix_drops_optimizer_state(tmp_path: Path) -> None:
     out = tmp_path / "w.safetensors"
     report = conv.convert(SAMPLES / "lightning.ckpt", out, strip_prefix="model.", dtype="fp16", keep_buffers=True)

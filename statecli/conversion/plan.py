@@ -26,10 +26,13 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SAFETENSORS_SUFFIX = ".safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_SHARD_SIZE = 5 * 10**9  # what transformers' save_pretrained uses
+MAX_NAMED_LEFT_OUT = 3  # a note names the tensors it leaves out when there are this many or fewer
 
 # The complex dtype that holds two of each float width; bf16 and fp8 have none.
 COMPLEX_OF = {"float16": "complex32", "float32": "complex64", "float64": "complex128"}
 _DEVICE = re.compile(r"^(cpu|meta|cuda(:\d{1,3})?)$")
+# The evidence of readers that walk a module's own structure (formats/torchzip.py, torchscript.py, pt2.py).
+_MODULE_EVIDENCE = frozenset({"module-attribute", "torchscript", "export"})
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?B?)\s*$", re.IGNORECASE)
 
 
@@ -224,7 +227,7 @@ def _select(report: Report, key: str | None) -> tuple[list[tuple[TensorInfo, str
         if t.persistent is False and t.role == "buffer":
             dropped.append(Dropped(t.name, t.group, "non-persistent buffer: state_dict() leaves it out"))
             continue
-        if t.evidence == "module-attribute":
+        if _module_attribute(t):
             dropped.append(Dropped(t.name, t.group, "plain tensor attribute of a module: not in its state_dict()"))
             continue
         kept.append((t, name))
@@ -232,6 +235,17 @@ def _select(report: Report, key: str | None) -> tuple[list[tuple[TensorInfo, str
         groups = sorted({t.group for t in report.tensors} | {t.name.split(".", 1)[0] for t in report.tensors})
         raise UsageError(f"--select {key!r} names no tensors in {report.path}; try one of: {', '.join(groups[:20])}")
     return kept, dropped
+
+
+def _module_attribute(t: TensorInfo) -> bool:
+    """A tensor the module holds that is neither a parameter nor a buffer: ``state_dict()`` leaves it out.
+
+    Only readers that see the module itself (a pickled ``nn.Module``, a TorchScript archive, a ``.pt2``
+    program) can say so, and they say it the same way: an exact role ``other`` in the model group. In a
+    state dict (or a safetensors file whose metadata says ``other``) every tensor is a key of it and
+    stays; so do the tensors of another group (constants, sample inputs) picked with ``--select``.
+    """
+    return t.group == "model" and t.role == "other" and t.exact and t.evidence in _MODULE_EVIDENCE
 
 
 def _why_not(t: TensorInfo, key: str | None) -> str:
@@ -357,16 +371,24 @@ def build_plan(report: Report, output: str, options: ConvertOptions) -> Plan:
                 )
             )
     if dropped:
-        by_reason: dict[str, int] = {}
+        by_reason: dict[str, list[str]] = {}
         for d in dropped:
-            by_reason[d.reason] = by_reason.get(d.reason, 0) + 1
-        for reason, n in by_reason.items():
-            notes.append(Finding("info", "dropped", f"{n} tensor{'s' if n != 1 else ''} left out: {reason}"))
+            by_reason.setdefault(d.reason, []).append(d.name)
+        for reason, left in by_reason.items():
+            notes.append(Finding("info", "dropped", _left_out(left, reason)))
     if not items:
         groups = sorted({t.group for t in report.tensors if t.group != "model"})
         hint = f"; its tensors are under {', '.join(groups)} (--select {groups[0]})" if groups else ""
         raise UsageError(f"nothing to convert: no model tensors found in {report.path}{hint}")
     return Plan(report, output, fmt, options, items, dropped, notes)
+
+
+def _left_out(names: list[str], reason: str) -> str:
+    """``1 tensor left out (anchor): <reason>``; a few names are worth a line, thirty optimizer moments
+    are not (the JSON plan lists every one under ``dropped``)."""
+    n = len(names)
+    shown = f" ({', '.join(names)})" if n <= MAX_NAMED_LEFT_OUT else ""
+    return f"{n} tensor{'s' if n != 1 else ''} left out{shown}: {reason}"
 
 
 def _tie_units(items: list[PlanItem]) -> None:
