@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from subproc import checkout_env
 from typer.testing import CliRunner
 
 from statecli.cli.main import app
@@ -30,12 +31,35 @@ def listing(folder: Path) -> list[str]:
     return sorted(os.listdir(folder))
 
 
-def test_convert_prints_a_summary_line_and_writes(tmp_path: Path) -> None:
+def test_convert_prints_a_summary_line_on_stderr_and_writes(tmp_path: Path) -> None:
     code, out, err = run("convert", CNN, "-o", str(tmp_path / "a.safetensors"), "--dtype", "bf16")
     assert code == 0, err
-    assert out.startswith(f"wrote {tmp_path / 'a.safetensors'}: 16 tensors (14 cast to bfloat16)")
-    assert "names, shapes, dtypes and roles checked" in out
+    assert out == ""  # the summary is a message: stdout carries data only
+    assert err.startswith(f"wrote {tmp_path / 'a.safetensors'}: 16 tensors (14 cast to bfloat16)")
+    assert err.rstrip("\n").endswith("; names, shapes, dtypes and roles checked")
     assert listing(tmp_path) == ["a.safetensors"]
+
+
+def test_quiet_convert_prints_nothing(tmp_path: Path) -> None:
+    code, out, err = run("convert", CNN, "-o", str(tmp_path / "a.safetensors"), "-q")
+    assert code == 0, err
+    assert (out, err) == ("", "")
+    assert listing(tmp_path) == ["a.safetensors"]
+
+
+def test_stdout_of_a_real_process_stays_empty(tmp_path: Path) -> None:
+    # What a user's `statecli convert ... > out` keeps: no summary line in the file.
+    proc = subprocess.run(
+        [sys.executable, "-m", "statecli", "convert", CNN, "-o", str(tmp_path / "x.safetensors")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=checkout_env(),
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""
+    assert proc.stderr.startswith(f"wrote {tmp_path / 'x.safetensors'}: 16 tensors, ")
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path: Path) -> None:
@@ -51,8 +75,52 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path: Path) -> None:
     assert "int64 is not floating: never changes" in nbt
     w = next(line for line in lines if line.startswith("conv1.weight"))
     assert "float32  float16" in w and "float32 → float16" in w
-    assert "16 tensors written, 10 change dtype" in out
+    assert lines[-1].startswith("fc.bias")  # the plan is all of stdout
+    assert "written" not in out
+    assert err == f"would write {out_path}: 16 tensors (10 cast to float16); nothing written (dry run)\n"
     assert listing(tmp_path) == []
+
+
+def test_dry_run_never_says_tensors_were_written(tmp_path: Path) -> None:
+    code, out, err = run("convert", CNN, "-o", str(tmp_path / "a.safetensors"), "-n")
+    assert code == 0, err
+    assert err == f"would write {tmp_path / 'a.safetensors'}: 16 tensors; nothing written (dry run)\n"
+    code, out, err = run("convert", CNN, "-o", str(tmp_path / "a.safetensors"), "-n", "-q")
+    assert code == 0, err
+    assert err == ""  # -q: no summary, as after a real run
+    assert "written" not in out and out.splitlines()[-1].startswith("fc.bias")
+    assert listing(tmp_path) == []
+
+
+@pytest.mark.parametrize("fmt", ["table", "json"])
+def test_what_is_left_out_is_the_same_note_on_stderr_with_or_without_dry_run(tmp_path: Path, fmt: str) -> None:
+    src = str(SAMPLES / "training_adam.pt")
+    dst = str(tmp_path / "a.safetensors")
+    note = "statecli: note: 30 tensors left out: optimizer state\n"
+    code, dry_out, dry_err = run("convert", src, "-o", dst, "-n", "-f", fmt)
+    assert code == 0, dry_err
+    assert "left out" not in dry_out or fmt == "json"  # the JSON plan lists them under "dropped": data
+    assert note in dry_err
+    assert listing(tmp_path) == []
+    code, real_out, real_err = run("convert", src, "-o", dst, "-f", fmt)
+    assert code == 0, real_err
+    assert note in real_err
+    assert "statecli: note:" not in real_out
+    if fmt == "json":
+        assert json.loads(dry_out)["schema"] == "statecli.plan/1"
+        assert json.loads(real_out)["schema"] == "statecli.conversion/1"
+
+
+def test_torchscript_attribute_left_out_is_named_on_stderr(tmp_path: Path) -> None:
+    dst = tmp_path / "ts.safetensors"
+    code, out, err = run("convert", str(SAMPLES / "torchscript_frozen.pt"), "-o", str(dst))
+    assert code == 0, err
+    assert out == ""
+    assert err.splitlines() == [
+        "statecli: note: 1 tensor left out (anchor): plain tensor attribute of a module: not in its state_dict()",
+        err.splitlines()[-1],
+    ]
+    assert err.splitlines()[-1].startswith(f"wrote {dst}: 8 tensors, ")
 
 
 def test_dry_run_json_is_the_plan(tmp_path: Path) -> None:

@@ -12,7 +12,10 @@ from statecli.cli import _output
 from statecli.cli.options import PathArg
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from statecli.conversion.plan import Plan
+    from statecli.records import Finding
 
 SELECTION = "Selection and names"
 DTYPE = "Dtype and device"
@@ -151,10 +154,14 @@ def convert_command(
         typer.Option(
             "--format",
             "-f",
-            help="table: the plan or a summary, for people; json: statecli.plan/1 or statecli.conversion/1.",
+            help="table: the plan (with --dry-run) as a table, for people; json: statecli.plan/1 or "
+            "statecli.conversion/1. Either way messages and the closing line go to stderr.",
         ),
     ] = ConvertFormat.table,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary table.")] = False,
+    quiet: Annotated[
+        bool,
+        typer.Option("--quiet", "-q", help="No progress bar and no closing line; notes and warnings still show."),
+    ] = False,
 ) -> None:
     """Convert a checkpoint's dtype, device or file format the way nn.Module.to() would, losing nothing.
 
@@ -190,10 +197,15 @@ def convert_command(
     plan = conv.plan(path, output, **options)
     _output.warn_dangerous(plan.report)  # nothing of it runs, and the output holds only tensors
     if dry_run:
+        # The plan is the data of a dry run; what it leaves out, and that nothing was written, are
+        # messages, on stderr with the same words a real run uses.
         if fmt is ConvertFormat.json:
             _output.write(_output.to_json(plan.to_dict()))
         else:
             _print(plan)
+        _notes(plan.notes)
+        if fmt is ConvertFormat.table and not quiet:
+            _summary(f"would write {plan.output}: {len(plan.items)} tensors{_casts(plan)}; nothing written (dry run)")
         return
 
     from statecli.conversion.engine import execute
@@ -207,27 +219,44 @@ def convert_command(
         if progress_bar is not None:
             progress_bar.stop()
     elapsed = time.monotonic() - started
-    for n in result.findings:
-        (_output.warning if n.level == "warning" else _output.note)(n.message)
-    for n in plan.notes:
-        (_output.warning if n.level == "warning" else _output.note)(n.message)
+    _notes([*result.findings, *plan.notes])
     if fmt is ConvertFormat.json:
         _output.write(_output.to_json(result.to_dict()))
     elif not quiet:
         from statecli.render import human_bytes
 
-        casts = sum(1 for i in plan.items if i.action == "cast")
-        target = f" ({casts} cast to {plan.target_dtype})" if plan.target_dtype else ""
         checked = "values verified" if result.values_verified else "names, shapes, dtypes and roles checked"
         where = result.files[0] if len(result.files) == 1 else f"{plan.output} ({len(result.files)} files)"
-        _output.write(
-            f"wrote {where}: {len(plan.items)} tensors{target}, {human_bytes(result.bytes_written)} "
-            f"in {elapsed:.1f} s; {checked}\n"
+        _summary(
+            f"wrote {where}: {len(plan.items)} tensors{_casts(plan)}, {human_bytes(result.bytes_written)} "
+            f"in {elapsed:.1f} s; {checked}"
         )
+
+
+def _casts(plan: Plan) -> str:
+    """`` (14 cast to bfloat16)`` when a dtype was asked for."""
+    if not plan.target_dtype:
+        return ""
+    casts = sum(1 for i in plan.items if i.action == "cast")
+    return f" ({casts} cast to {plan.target_dtype})"
+
+
+def _notes(findings: Sequence[Finding]) -> None:
+    for n in findings:
+        (_output.warning if n.level == "warning" else _output.note)(n.message)
+
+
+def _summary(line: str) -> None:
+    """The closing line for people: a message, so on stderr (stdout stays the data's), unprefixed."""
+    from rich.text import Text
+
+    from statecli.render import clean
+
+    _output.stderr_console().print(Text(clean(line)), soft_wrap=True)
 
 
 def _print(plan: Plan) -> None:
     from statecli import render
 
-    view = render.plan_view(plan)
+    view = render.PlanGrid(plan)  # the grid alone: plan_view's closing lines are messages, see _notes
     _output.stdout_console(view).print(view, soft_wrap=True)
