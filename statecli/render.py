@@ -429,22 +429,6 @@ def _range_text(s: CastStats | None) -> str:
     return ", ".join(parts)
 
 
-def plan_view(plan: Plan, stats: dict[str, CastStats] | None = None) -> Group:
-    """The plan's grid and, under it, what is left out and why."""
-    parts: list[RenderableType] = [PlanGrid(plan, stats)]
-    casts = sum(1 for i in plan.items if i.action == "cast")
-    line = Text()
-    line.append(f"{_plural(len(plan.items), 'tensor')} written", style="bold")
-    line.append(f", {casts} change dtype")
-    if plan.dropped:
-        line.append(f", {len(plan.dropped)} left out")
-    parts.append(Text())
-    parts.append(line)
-    for n in plan.notes:
-        parts.append(Text.assemble((f"{n.level}: ", LEVEL_STYLES.get(n.level, "")), clean(n.message)))
-    return Group(*parts)
-
-
 def report_table(report: Report) -> TensorGrid:
     """One row per tensor: Name, Role (● exact / ○ inferred), Evidence, DType, Shape, Numel, Size,
     Device, Grad, and Shares when any tensor shares its storage with another."""

@@ -62,3 +62,26 @@ def test_trimmed_stream_keeps_every_character_but_trailing_blanks(monkeypatch: p
     text = "".join(pieces)
     expected = "\n".join(line.rstrip(" ") for line in text[: text.rfind("\n")].split("\n")) + "\nopen  "
     assert out.getvalue() == expected
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["stats", "cnn_bn_state_dict.pt"],
+        ["diff", "cnn_bn_state_dict.pt", "training_adam.pt", "--all"],
+        ["convert", "training_adam.pt", "-o", "never-written.safetensors", "--dtype", "fp16", "--dry-run"],
+    ],
+)
+def test_other_grids_fit_80_columns(samples_dir: Path, tmp_path: Path, args: list[str]) -> None:
+    def arg(a: str) -> str:
+        if a.startswith("never-written"):
+            return str(tmp_path / a)
+        return str(samples_dir / a) if a.endswith((".pt", ".safetensors")) else a
+
+    code, out = run(args[0], *map(arg, args[1:]), env={"COLUMNS": "80"})
+    assert code in (0, 1), out
+    lines = out.splitlines()
+    assert lines[1].startswith("(hidden to fit the width: ")
+    grid = lines[2 : lines.index("")] if "" in lines else lines[2:]
+    assert len(grid) > 3 and all(len(line) <= 80 for line in grid)
+    assert list(tmp_path.iterdir()) == []

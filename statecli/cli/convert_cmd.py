@@ -258,5 +258,5 @@ def _summary(line: str) -> None:
 def _print(plan: Plan) -> None:
     from statecli import render
 
-    view = render.PlanGrid(plan)  # the grid alone: plan_view's closing lines are messages, see _notes
+    view = render.PlanGrid(plan)  # the data of a dry run; what is left out and the closing line are messages
     _output.stdout_console(view).print(view, soft_wrap=True)

@@ -244,6 +244,7 @@ def _grid_class() -> type:
         """Name, Status, DType, Shape, Max abs, Max rel, Cosine, Notes: one aligned line per row."""
 
         RIGHT = frozenset({4, 5, 6})
+        OPTIONAL = ("Cosine", "Max rel", "Shape", "DType", "Notes")
 
         def __init__(self, title: str, rows: list[DiffRow]) -> None:
             self.title = title
