@@ -299,6 +299,7 @@ class RuleResult:
     checked: int  # tensors (or items) the rule looked at
     failures: list[Failure] = field(default_factory=list)
     allowed: list[Failure] = field(default_factory=list)  # would fail, but the policy allows them: reported only
+    unread: list[str] = field(default_factory=list)  # in scope, but their values could not be read: not checked
 
     @property
     def passed(self) -> bool:
@@ -317,6 +318,7 @@ class RuleResult:
             "passed": self.passed,
             "failures": [f.to_dict() for f in self.failures],
             "allowed": [f.to_dict() for f in self.allowed],
+            "unread": list(self.unread),
         }
 
 
@@ -432,14 +434,16 @@ def _apply(rs: RuleSet, scoped: list[TensorInfo], stats: dict[str, Any]) -> list
             if dev != want:
                 r.failures.append(Failure(t.name, f"{t.name}: saved on {dev}, expected {want}", dev))
         out.append(r)
+    # Value rules count only the tensors whose values were read; the others (quantized, unknown dtypes) are
+    # named in ``unread``, so a gate never reports as checked what it did not look at.
+    read = [t for t in scoped if (s := stats.get(t.name)) is not None and not s.skipped]
+    unread = [t.name for t in scoped if (s := stats.get(t.name)) is None or s.skipped] if len(read) < n else []
     for rule, key, word in (("no_nan", "nan", "NaN"), ("no_inf", None, "inf")):
         if not getattr(rs, rule):
             continue
-        r = RuleResult(rule, rs.scope, f"no {word} value", n)
-        for t in scoped:
-            s = stats.get(t.name)
-            if s is None or s.skipped:
-                continue
+        r = RuleResult(rule, rs.scope, f"no {word} value", len(read), unread=unread)
+        for t in read:
+            s = stats[t.name]
             count = s.moments.nan if key else s.moments.posinf + s.moments.neginf
             if count:
                 r.failures.append(
@@ -448,8 +452,8 @@ def _apply(rs: RuleSet, scoped: list[TensorInfo], stats: dict[str, Any]) -> list
         out.append(r)
     if rs.absmax is not None:
         bound = rs.absmax
-        r = RuleResult("absmax", rs.scope, f"|value| <= {_g(bound)}", n)
-        for t in scoped:
+        r = RuleResult("absmax", rs.scope, f"|value| <= {_g(bound)}", len(read), unread=unread)
+        for t in read:
             s = stats.get(t.name)
             if s is not None and s.absmax is not None and s.absmax > bound:
                 r.failures.append(Failure(t.name, f"{t.name}: absmax {_g(s.absmax)} > {_g(bound)}", s.absmax))

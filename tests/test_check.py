@@ -403,6 +403,7 @@ def test_a_glob_that_matches_nothing_fails_in_every_format(fmt: str) -> None:
             "passed": False,
             "failures": [{"tensor": None, "message": EMPTY_SCOPE, "value": 0}],
             "allowed": [],
+            "unread": [],
         }
     elif fmt == "junit":
         suite = ET.fromstring(out).find("testsuite")
@@ -507,3 +508,23 @@ def test_allow_dangerous_help_says_what_it_does() -> None:
     text = " ".join(out.replace("│", " ").split())
     assert "on by default" not in text
     assert "instead of refusing the file with exit 5" in text
+
+
+def test_value_rules_count_only_the_tensors_they_read() -> None:
+    # all_dtypes.pt holds quantized and packed-fp4 tensors whose values statecli does not read: a gate must
+    # not report them as checked, and says which they are.
+    code, out, err = cli(
+        "check", str(SAMPLES / "all_dtypes.pt"), "--no-policy", "--no-nan", "--absmax", "1e9", "-f", "json"
+    )
+    assert code == 0
+    rules = {r["rule"]: r for r in json.loads(out)["rules"]}
+    unread = {"quint8", "qint8", "qint32", "quint4x2", "qint8_per_channel", "float4_e2m1fn_x2"}
+    for name in ("no_nan", "absmax"):
+        assert set(rules[name]["unread"]) == unread
+        assert rules[name]["checked"] == 32 - len(unread)
+    assert rules["no_dangerous_globals"]["unread"] == []
+    assert err.count("statecli: note: ") == 2 and "6 tensors not checked, their values are not read" in err
+    # A file whose every tensor is read: nothing unread, no note.
+    code, out, err = cli("check", str(CNN), "--no-policy", "--no-nan", "-f", "json")
+    assert code == 0 and err == ""
+    assert all(r["unread"] == [] for r in json.loads(out)["rules"])

@@ -190,6 +190,13 @@ def check_command(
                 if r.rule == "selects_tensors":
                     for f in r.failures:
                         _output.warning(f"{result.path}: {f.message}")
+                if r.unread:
+                    names = ", ".join(r.unread[:5]) + (f" … ({len(r.unread) - 5} more)" if len(r.unread) > 5 else "")
+                    many = "tensors" if len(r.unread) > 1 else "tensor"
+                    _output.note(
+                        f"{result.path}: {r.id}: {len(r.unread)} {many} not checked, their values are not read "
+                        f"(quantized, packed or unknown dtypes): {names}"
+                    )
             results.append(result)
         except StatecliError as err:
             if len(paths) == 1:
