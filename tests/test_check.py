@@ -257,7 +257,9 @@ def test_github_annotations_escape_and_name_the_file(bad: Path) -> None:
     assert code == 1
     assert out == f"::error file={bad},title=statecli check%3A no_nan::w: 1 NaN value\n"
     code, out, _ = cli("check", str(CNN), "--no-policy", "-f", "github")
-    assert code == 0 and out.startswith("::notice ")
+    assert code == 0 and out == f"::notice file={CNN},title=statecli check::1 rule passed\n"
+    code, out, _ = cli("check", str(CNN), "--no-policy", "--no-nan", "-f", "github")
+    assert code == 0 and out.endswith("::2 rules passed\n")
 
 
 def test_html_is_a_self_contained_page(bad: Path) -> None:
