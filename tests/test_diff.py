@@ -433,7 +433,7 @@ def test_corrupt_file_exits_3(tmp_path: Path) -> None:
     assert err.startswith("statecli: error: ") and "Traceback" not in err
 
 
-@pytest.mark.parametrize("args", [["--atol", "-1"], ["--rtol", "nan"], ["--format", "csv"]])
+@pytest.mark.parametrize("args", [["--atol", "-1"], ["--rtol", "nan"], ["--format", "xml"]])
 def test_bad_options_exit_2(args: list[str]) -> None:
     code, out, err = run(CNN, CNN, *args)
     assert code == 2 and out == ""
@@ -506,3 +506,46 @@ def test_two_files_without_tensors_compare_nothing_and_fail(tmp_path: Path) -> N
     report = diff(a, b)
     assert report.nothing_compared and not report.same
     assert not diff(CNN, a).nothing_compared  # one empty side: 16 only in A, an ordinary difference
+
+
+# --- csv and markdown ------------------------------------------------------------------------------
+
+
+def test_csv_has_a_row_per_tensor_with_unrounded_numbers(tmp_path: Path) -> None:
+    import csv
+    import io
+
+    a = save(tmp_path / "a.pt", {"w": torch.tensor([1.0, 2.0]), "same": torch.ones(3), "gone": torch.zeros(1)})
+    b = save(tmp_path / "b.pt", {"w": torch.tensor([1.0, 2.0 + 1 / 3]), "same": torch.ones(3), "new|x": torch.zeros(2)})
+    code, out, _ = run(a, b, "--format", "csv")
+    assert code == 1  # the exit code follows the comparison whatever the format
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [(r["name"], r["status"]) for r in rows] == [
+        ("w", "differs"),
+        ("same", "identical"),
+        ("gone", "only in A"),
+        ("new|x", "only in B"),
+    ]
+    w = rows[0]
+    assert float(w["max_abs"]) == pytest.approx(1 / 3, rel=1e-6) and len(w["max_abs"]) > 8  # not the table's 3 digits
+    assert (w["equal"], w["within_tolerance"], w["mismatched"], w["shape_a"]) == ("false", "false", "1", "2")
+    assert (rows[2]["dtype_a"], rows[2]["dtype_b"], rows[3]["dtype_a"], rows[3]["shape_b"]) == ("float32", "", "", "2")
+    assert rows[1]["max_abs"] == "0" or float(rows[1]["max_abs"]) == 0
+
+
+def test_markdown_is_a_pull_request_comment(tmp_path: Path) -> None:
+    a = save(tmp_path / "a.pt", {"w": torch.tensor([1.0, 2.0]), "same": torch.ones(3)})
+    b = save(tmp_path / "b.pt", {"w": torch.tensor([1.0, 2.5]), "same": torch.ones(3), "new|x": torch.zeros(2)})
+    code, out, _ = run(a, b, "--format", "markdown")
+    assert code == 1
+    lines = out.splitlines()
+    assert (
+        lines[0]
+        == f"**`{a}` → `{b}`**: different: 1 differs beyond tolerance, 1 only in B, 1 identical (atol 0, rtol 0)"
+    )
+    assert lines[2] == "| name | status | dtype | shape | max abs | max rel | cosine | notes |"
+    assert lines[4].startswith("| `w` | differs | float32 | 2 | 0.5 | 0.2 |")
+    assert lines[5] == "| `new\\|x` | only in B | float32 | 2 |  |  |  |  |"  # a pipe in a name cannot split a cell
+    assert len(lines) == 6  # identical tensors only with --all
+    code, out, _ = run(CNN, CNN, "--format", "markdown")
+    assert code == 0 and out == f"**`{CNN}` → `{CNN}`**: same: 16 identical (atol 0, rtol 0)\n"

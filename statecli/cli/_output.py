@@ -261,7 +261,8 @@ def to_csv(reports: Iterable[Report], with_path: bool = False) -> str:
 _RIGHT = {"numel", "nbytes"}
 
 
-def _md(cell: str) -> str:
+def md_cell(cell: str) -> str:
+    """A Markdown table cell: pipes escaped, on one line."""
     return cell.replace("|", "\\|").replace("\n", " ")
 
 
@@ -274,5 +275,5 @@ def to_markdown(report: Report) -> str:
     for t in report.tensors:
         cells = row(t)
         cells[0] = f"`{cells[0]}`"
-        lines.append("| " + " | ".join(_md(c) for c in cells) + " |")
+        lines.append("| " + " | ".join(md_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"

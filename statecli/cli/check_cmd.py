@@ -284,5 +284,6 @@ def github(result: CheckResult) -> str:
             title = _gh_escape(f"statecli check: {r.id} (allowed)", prop=True)
             lines.append(f"::warning file={file},title={title}::{_gh_escape(f.message)}")
     if result.passed:
-        lines.append(f"::notice file={file},title=statecli check::{len(result.results)} rule{'' if len(result.results) == 1 else 's'} passed")
+        n = len(result.results)
+        lines.append(f"::notice file={file},title=statecli check::{n} rule{'' if n == 1 else 's'} passed")
     return "\n".join(lines) + "\n"

@@ -26,6 +26,8 @@ _CHECKPOINT = "a .pt/.pth/.bin/.ckpt file, a .safetensors file, a sharded *.inde
 class DiffFormat(str, Enum):
     table = "table"
     json = "json"
+    csv = "csv"
+    markdown = "markdown"
 
 
 def diff_command(
@@ -86,7 +88,9 @@ def diff_command(
         typer.Option(
             "--format",
             "-f",
-            help="table: the tensors that differ and a summary line, for people; json: the statecli.diff/1 schema.",
+            help="table: the tensors that differ and a summary line, for people; json: the statecli.diff/1 schema; "
+            "csv: one row per tensor, every common tensor and every name on one side, numbers unrounded; "
+            "markdown: the summary line and the table's rows, to post in a pull request.",
             rich_help_panel=OUTPUT,
         ),
     ] = DiffFormat.table,
@@ -127,6 +131,10 @@ def diff_command(
         (_output.warning if n.level == "warning" else _output.note)(n.message)
     if fmt is DiffFormat.json:
         _output.write(_output.to_json(result.to_dict()))
+    elif fmt is DiffFormat.csv:
+        _output.write(to_csv(result))
+    elif fmt is DiffFormat.markdown:
+        _output.write(to_markdown(result, show_all))
     else:
         view = diff_view(result, show_all)
         _output.stdout_console(view).print(view, soft_wrap=True)
@@ -215,6 +223,84 @@ def summary_text(report: DiffReport) -> str:
     counts = ", ".join(f"{n:,} {what}" for n, what in parts if n) or "no tensors"
     verdict = "nothing compared" if report.nothing_compared else "same" if report.same else "different"
     return f"{verdict}: {counts} (atol {report.atol:g}, rtol {report.rtol:g})"
+
+
+CSV_COLUMNS = (
+    "name",
+    "status",
+    "dtype_a",
+    "dtype_b",
+    "shape_a",
+    "shape_b",
+    "max_abs",
+    "max_rel",
+    "cosine",
+    "equal",
+    "within_tolerance",
+    "mismatched",
+    "notes",
+)
+
+
+def _value(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return repr(v) if isinstance(v, float) else str(v)
+
+
+def to_csv(report: DiffReport) -> str:
+    """:data:`CSV_COLUMNS`, a row per common tensor (identical ones too) and per name on one side only; numbers
+    as computed (``repr``), not rounded as in the table; empty where not computed or not on that side."""
+    import csv
+    import io
+
+    from statecli.cli._output import shape_text
+
+    buf = io.StringIO()
+    out = csv.writer(buf, lineterminator="\n")
+    out.writerow(CSV_COLUMNS)
+    for t in report.tensors:
+        out.writerow(
+            [
+                t.name,
+                t.status,
+                t.dtype_a,
+                t.dtype_b,
+                shape_text(t.shape_a),
+                shape_text(t.shape_b),
+                *map(_value, (t.max_abs, t.max_rel, t.cosine, t.equal, t.within_tolerance, t.mismatched)),
+                "; ".join(t.notes),
+            ]
+        )
+    for side, only in (("A", report.only_in_a), ("B", report.only_in_b)):
+        for o in only:
+            dtypes = (o.dtype, "") if side == "A" else ("", o.dtype)
+            shapes = (shape_text(o.shape), "") if side == "A" else ("", shape_text(o.shape))
+            note = "" if o.group == "model" else f"{o.group} state"
+            out.writerow([o.name, f"only in {side}", *dtypes, *shapes, "", "", "", "", "", "", note])
+    return buf.getvalue()
+
+
+def to_markdown(report: DiffReport, show_all: bool = False) -> str:
+    """The summary line under a heading naming both files, then the table's rows as a GitHub table: what a
+    pull-request comment about a checkpoint change needs."""
+    from statecli.cli._output import md_cell
+
+    lines = [f"**`{md_cell(report.path_a)}` → `{md_cell(report.path_b)}`**: {md_cell(summary_text(report))}"]
+    rows = diff_rows(report, show_all)
+    if rows:
+        lines += [
+            "",
+            "| name | status | dtype | shape | max abs | max rel | cosine | notes |",
+            "|---|---|---|---|---:|---:|---:|---|",
+        ]
+        for r in rows:
+            cells = [md_cell(c) for c in r.cells]
+            cells[0] = f"`{cells[0]}`"
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def diff_view(report: DiffReport, show_all: bool = False) -> Group:
