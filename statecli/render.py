@@ -590,6 +590,20 @@ def _sizes(node: TreeNode) -> Text:
     return text
 
 
+def _notes(node: TreeNode, logical: bool = False) -> Text:
+    """``  (2 folded · 1 shared)``: tensors counted but not listed, tensors whose bytes an earlier tensor
+    carries, and (for the root) the logical bytes when shared storages make them differ; empty when
+    there is nothing to say."""
+    notes = []
+    if node.folded:
+        notes.append(f"{node.folded:,} folded")
+    if node.shared:
+        notes.append(f"{node.shared:,} shared")
+    if logical and node.logical_nbytes != node.nbytes:
+        notes.append(f"{human_bytes(node.logical_nbytes)} logical")
+    return Text(f"  ({' · '.join(notes)})", style="dim") if notes else Text()
+
+
 def _module_label(node: TreeNode, width: int, total: int) -> Text:
     fraction = node.nbytes / total if total else 0.0
     text = Text(clean(node.name).ljust(width), style="bold")
@@ -597,13 +611,14 @@ def _module_label(node: TreeNode, width: int, total: int) -> Text:
     text.append(bar(fraction), style="magenta")
     text.append(f" {fraction * 100:5.1f}%  ")
     text.append_text(_sizes(node))
-    if node.folded:
-        text.append(f"  ({node.folded:,} folded)", style="dim")
+    text.append_text(_notes(node))
     return text
 
 
 def _tensor_labels(node: TreeNode, width: int) -> list[Text]:
-    """The node's own tensors: name, role and mark, dtype, shape and size, lined up in columns."""
+    """The node's own tensors: name, role and mark, dtype, shape and size, lined up in columns; then,
+    for a tensor whose storage an earlier tensor carries, that tensor's name, and for one that carries
+    a storage of another size than itself, the bytes it counts."""
     roles = [role_text(t) for t in node.tensors]
     dtypes = [t.dtype for t in node.tensors]
     shapes = [shape_text(t.shape) for t in node.tensors]
@@ -615,6 +630,13 @@ def _tensor_labels(node: TreeNode, width: int) -> list[Text]:
         text.append_text(role)
         text.append(" " * (role_w - len(role) + 2))
         text.append(f"{dtype.ljust(dtype_w)}  {shape.ljust(shape_w)}  {size.rjust(size_w)}", style="dim")
+        carrier = node.shared_with.get(t.name)
+        if carrier is not None:
+            text.append("  shares storage with ", style="yellow")
+            text.append(clean(carrier), style="bold yellow")
+            text.append(" (counted there)", style="yellow")
+        elif t.name in node.storage_nbytes:
+            text.append(f"  views a {human_bytes(node.storage_nbytes[t.name])} storage, counted here", style="yellow")
         labels.append(text)
     return labels
 
@@ -629,13 +651,13 @@ def _grow(branch: Tree, node: TreeNode, total: int) -> None:
 
 
 def tree(root: TreeNode, title: str) -> Tree:
-    """``root`` drawn with rich: each module with a bar for its share of all bytes, then its totals;
-    tensors within the depth with role mark, dtype, shape and size."""
+    """``root`` drawn with rich: each module with a bar for its share of all bytes (in storages: shared
+    storages count once), then its totals; tensors within the depth with role mark, dtype, shape and
+    size, and what they share storage with."""
     label = Text(clean(title), style="bold")
     label.append(f"  {human_bytes(root.nbytes)}  ")
     label.append_text(_sizes(root))
-    if root.folded:
-        label.append(f"  ({root.folded:,} folded)", style="dim")
+    label.append_text(_notes(root, logical=True))
     out = Tree(label, guide_style="dim")
     _grow(out, root, root.nbytes)
     return out

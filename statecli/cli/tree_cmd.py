@@ -27,8 +27,10 @@ def tree_command(
     """Draw the module tree (tensor names split on '.') with each module's share of the bytes.
 
     Each module shows a bar and percentage of the checkpoint's bytes and its parameter, buffer and
-    other totals; tensors within --depth show role mark, dtype, shape and size. Filters apply first,
-    so percentages are shares of what is selected.
+    other totals; tensors within --depth show role mark, dtype, shape and size. Bytes are bytes in
+    storages: a storage shared by tied or sliced tensors counts once, at the first of them in file
+    order, and the others are marked with the tensor they share with. Filters apply first, so
+    percentages are shares of what is selected.
 
     Examples:
 
@@ -42,6 +44,6 @@ def tree_command(
         return
     from statecli import render
 
-    root = tree_core.build_tree(report.tensors, depth)
+    root = tree_core.build_tree(report.tensors, depth, report.storage_sizes)
     view = render.tree(root, report.path)
     _output.stdout_console(view).print(view)
