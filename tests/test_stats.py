@@ -207,3 +207,13 @@ def test_std_of_one_value_is_zero() -> None:
         torch.tensor([2.5]),
     )
     assert t.std == 0 and t.l2 == 2.5 and not math.isnan(t.mean or 0)
+
+
+def test_markdown_is_the_table_as_a_github_table() -> None:
+    code, out, _ = run("stats", str(SAMPLES / "cnn_bn_state_dict.pt"), "--format", "markdown")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == "| Name | DType | Shape | Min | Max | Mean | Std | Absmax | L2 | NaN | +Inf | -Inf | Zeros |"
+    assert lines[1] == "|---|---|---|" + "---:|" * 10
+    assert lines[2].startswith("| `conv1.weight` | float32 | 8×3×3×3 | ")
+    assert len(lines) == 2 + 16 + 1 and lines[-1].startswith("| `(total)` |  | 1,660 values |")

@@ -266,14 +266,21 @@ def md_cell(cell: str) -> str:
     return cell.replace("|", "\\|").replace("\n", " ")
 
 
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[str]], right: Iterable[int] = ()) -> str:
+    """A GitHub table: the first cell of each row (a tensor name) in a code span, columns ``right``
+    (indices) right-aligned."""
+    right = set(right)
+    lines = [
+        "| " + " | ".join(md_cell(h) for h in headers) + " |",
+        "|" + "|".join("---:" if i in right else "---" for i in range(len(headers))) + "|",
+    ]
+    for cells in rows:
+        first = f"`{md_cell(cells[0])}`" if cells and cells[0] else ""
+        lines.append("| " + " | ".join([first, *(md_cell(c) for c in cells[1:])]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def to_markdown(report: Report) -> str:
     """A GitHub table of :data:`COLUMNS`, one row per tensor; names in code spans, numbers right-aligned."""
-    lines = [
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "|".join("---:" if c in _RIGHT else "---" for c in COLUMNS) + "|",
-    ]
-    for t in report.tensors:
-        cells = row(t)
-        cells[0] = f"`{cells[0]}`"
-        lines.append("| " + " | ".join(md_cell(c) for c in cells) + " |")
-    return "\n".join(lines) + "\n"
+    right = [i for i, c in enumerate(COLUMNS) if c in _RIGHT]
+    return markdown_table(COLUMNS, (row(t) for t in report.tensors), right)

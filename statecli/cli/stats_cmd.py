@@ -18,6 +18,7 @@ class StatsFormat(str, Enum):
     table = "table"
     json = "json"
     csv = "csv"
+    markdown = "markdown"
 
 
 _CSV = ("name", "dtype", "shape", "numel", "role", "min", "max", "mean", "std", "absmax", "l2")
@@ -30,7 +31,12 @@ def stats_command(
     match: MatchOpt = None,
     fmt: Annotated[
         StatsFormat,
-        typer.Option("--format", "-f", help="table: for people; json: the statecli.stats/1 schema; csv: one row each."),
+        typer.Option(
+            "--format",
+            "-f",
+            help="table: for people; json: the statecli.stats/1 schema; csv: one row each; markdown: the table's "
+            "rows as a GitHub table.",
+        ),
     ] = StatsFormat.table,
     histogram: Annotated[
         bool,
@@ -81,6 +87,11 @@ def stats_command(
             d = t.to_dict()
             out.writerow([*(_cell(d[c]) for c in _CSV), *(_cell(d[c]) for c in _CSV_COUNTS)])
         _output.write(buf.getvalue())
+    elif fmt is StatsFormat.markdown:
+        from statecli import render
+
+        grid = render.StatsGrid(result)
+        _output.write(_output.markdown_table(grid.headers, grid.rows, grid.RIGHT))
     else:
         from rich.console import Group
         from rich.text import Text
