@@ -111,14 +111,18 @@ def test_negative_depth_is_refused() -> None:
         build_tree(TENSORS, -1)
 
 
-def test_tree_json_schema() -> None:
-    report = Report(
+def _report(tensors: tuple[TensorInfo, ...]) -> Report:
+    return Report(
         path="m.pt",
         format="torch-zip",
         container=Container("state_dict", ""),
-        tensors=TENSORS,
-        summary=Summary.of(TENSORS),
+        tensors=tensors,
+        summary=Summary.of(tensors),
     )
+
+
+def test_tree_json_schema() -> None:
+    report = _report(TENSORS)
     data = json.loads(json.dumps(tree_dict(report, depth=1)))
     assert data["schema"] == SCHEMA == "statecli.tree/1"
     assert data["path"] == "m.pt" and data["depth"] == 1
@@ -199,13 +203,7 @@ def test_without_a_known_size_a_storage_is_its_largest_tensor() -> None:
 
 
 def test_tree_json_adds_the_sharing_fields() -> None:
-    report = Report(
-        path="m.pt",
-        format="torch-zip",
-        container=Container("state_dict", ""),
-        tensors=TIED,
-        summary=Summary.of(TIED),
-    )
+    report = _report(TIED)
     root = json.loads(json.dumps(tree_dict(report, depth=3)))["root"]
     assert root["nbytes"] == report.summary.storage_nbytes and root["logical_nbytes"] == report.summary.logical_nbytes
     assert root["parameters"]["nbytes"] + root["buffers"]["nbytes"] == root["nbytes"]
