@@ -246,13 +246,14 @@ def unread_reason(t: TensorInfo) -> str:
 def _histogram(flat: torch.Tensor, bins: int, lo: float, hi: float) -> tuple[list[int], float, float]:
     import torch
 
-    if lo == hi:
-        hi = lo + 1.0  # one value: one full bin rather than a zero-width range
+    # One value: histc needs a range, so the bins span [lo, lo + 1) and every value lands in the first;
+    # the edges reported stay the values' own (low == high says "constant").
+    top = hi if hi > lo else lo + 1.0
     counts = torch.zeros(bins, dtype=torch.int64)
     for start in range(0, flat.numel(), _CHUNK):
         x = _as_real(flat[start : start + _CHUNK]).to(torch.float64)
         x = x[torch.isfinite(x)]
-        counts += torch.histc(x, bins=bins, min=lo, max=hi).to(torch.int64)
+        counts += torch.histc(x, bins=bins, min=lo, max=top).to(torch.int64)
     return [int(c) for c in counts], lo, hi
 
 

@@ -87,6 +87,17 @@ def test_only_and_exclude_limit_what_changes(tmp_path: Path) -> None:
     assert sd["fc.weight"].dtype == torch.float32  # not in --only
 
 
+@pytest.mark.parametrize(("add", "glob"), [("", "fc.*"), ("", "model.fc.*"), ("x.", "x.fc.*"), ("x.", "model.fc.*")])
+def test_exclude_matches_the_output_name_as_well_as_the_stored_one(tmp_path: Path, add: str, glob: str) -> None:
+    # Lightning stores model.fc.weight; renamed, it is written as fc.weight or x.fc.weight. A user may write
+    # either name: a glob that silently matched nothing would cast the tensor they meant to keep.
+    out = tmp_path / "a.safetensors"
+    conv.convert(SAMPLES / "lightning.ckpt", out, dtype="fp16", strip_prefix=["model."], add_prefix=add, exclude=[glob])
+    sd = st_load(out)
+    assert sd[f"{add}fc.weight"].dtype == torch.float32 and sd[f"{add}fc.bias"].dtype == torch.float32
+    assert sd[f"{add}conv1.weight"].dtype == torch.float16
+
+
 @pytest.mark.parametrize(
     ("spelling", "dtype"),
     [("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16), ("half", torch.float16), ("torch.float16", torch.float16),

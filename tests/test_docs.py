@@ -41,3 +41,15 @@ def test_every_option_and_argument_has_help(command: str, param: str) -> None:
 def test_every_command_is_in_the_readme(name: str) -> None:
     text = README.read_text(encoding="utf-8")
     assert re.search(rf"statecli {name}\b", text), f"README.md does not mention `statecli {name}`"
+
+
+def test_the_readme_sample_output_is_what_inspect_prints(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    command = "statecli inspect sample_models/frozen_nonpersistent_module.pt"
+    text = README.read_text(encoding="utf-8")
+    start = text.index("```\n", text.index(f"(`{command}`)")) + 4
+    shown = text[start : text.index("```", start)]
+    monkeypatch.chdir(README.parent)
+    result = CliRunner().invoke(app, command.split()[1:])
+    assert result.exit_code == 0 and result.stdout == shown

@@ -217,3 +217,9 @@ def test_markdown_is_the_table_as_a_github_table() -> None:
     assert lines[1] == "|---|---|---|" + "---:|" * 10
     assert lines[2].startswith("| `conv1.weight` | float32 | 8×3×3×3 | ")
     assert len(lines) == 2 + 16 + 1 and lines[-1].startswith("| `(total)` |  | 1,660 values |")
+
+
+def test_a_constant_tensor_histogram_has_its_value_for_both_edges() -> None:
+    result = stats.compute(statecli.open_checkpoint(SAMPLES / "cnn_bn_state_dict.pt"), histogram_bins=8)
+    ones = next(t for t in result.tensors if t.name == "bn1.weight")  # BatchNorm weights start at 1
+    assert ones.histogram == ([8, 0, 0, 0, 0, 0, 0, 0], 1.0, 1.0)

@@ -275,9 +275,14 @@ def _role(t: TensorInfo, selected_group: bool) -> tuple[str, bool, str]:
 
 
 def _dtype_decision(
-    t: TensorInfo, name: str, role: str, target: str | None, options: ConvertOptions
+    t: TensorInfo, names: tuple[str, ...], role: str, target: str | None, options: ConvertOptions
 ) -> tuple[str, str, str]:
-    """(action, destination dtype, reason) for one tensor on its own, before ties are considered."""
+    """(action, destination dtype, reason) for one tensor on its own, before ties are considered.
+
+    ``--only`` / ``--exclude`` globs match any of ``names``: the output name (after --strip-prefix /
+    --add-prefix), the name inside the --select'ed sub-dict and the name in the file. Users write the one
+    they see, and a glob that silently matches nothing would cast what they meant to keep.
+    """
     src = t.dtype
     kind = dtypes.DTYPES[src].kind if src in dtypes.DTYPES else "unknown"
     if kind == "quant" or t.layout == "quantized":
@@ -291,9 +296,9 @@ def _dtype_decision(
         return "keep", src, "no --dtype"
     if kind in ("int", "uint", "bool", "bits"):
         return "keep", src, f"{src} is not floating: never changes"
-    if options.only and not any(fnmatchcase(name, g) or fnmatchcase(t.name, g) for g in options.only):
+    if options.only and not any(fnmatchcase(n, g) for g in options.only for n in names):
         return "keep", src, "not matched by --only"
-    if any(fnmatchcase(name, g) or fnmatchcase(t.name, g) for g in options.exclude):
+    if any(fnmatchcase(n, g) for g in options.exclude for n in names):
         return "keep", src, "matched by --exclude"
     if options.keep_buffers and role == "buffer":
         return "keep", src, "buffer: --keep-buffers"
@@ -340,7 +345,7 @@ def build_plan(report: Report, output: str, options: ConvertOptions) -> Plan:
     items: list[PlanItem] = []
     for (t, inner), out in zip(selected, names, strict=True):
         role, exact, evidence = _role(t, picked_other)
-        action, dst, reason = _dtype_decision(t, inner, role, target, options)
+        action, dst, reason = _dtype_decision(t, (out, inner, t.name), role, target, options)
         unit = t.storage if t.storage is not None else f"tensor:{t.file or ''}:{t.name}"
         dst_device = (device or t.device or "cpu") if fmt == "torch" else None  # safetensors stores none
         items.append(PlanItem(out, t, role, exact, evidence, t.dtype, dst, action, reason, dst_device, unit))
