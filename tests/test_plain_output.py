@@ -85,3 +85,21 @@ def test_other_grids_fit_80_columns(samples_dir: Path, tmp_path: Path, args: lis
     grid = lines[2 : lines.index("")] if "" in lines else lines[2:]
     assert len(grid) > 3 and all(len(line) <= 80 for line in grid)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_ascii_stdout_gets_a_clear_error_not_a_crash(samples_dir: Path) -> None:
+    import subprocess
+    import sys
+
+    from subproc import checkout_env
+
+    env = checkout_env(PYTHONIOENCODING="ascii")
+    sample = str(samples_dir / "tied_lm.pt")
+    table = subprocess.run([sys.executable, "-m", "statecli", "inspect", sample], env=env, capture_output=True)
+    assert table.returncode == 4
+    assert table.stderr.decode().startswith("statecli: error: standard output uses the ascii encoding")
+    assert table.stderr.count(b"\n") == 1 and b"internal error" not in table.stderr
+    as_json = subprocess.run(
+        [sys.executable, "-m", "statecli", "inspect", sample, "-f", "json"], env=env, capture_output=True
+    )
+    assert as_json.returncode == 0 and as_json.stdout.startswith(b'{"schema": "statecli.report/1"')

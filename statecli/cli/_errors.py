@@ -21,7 +21,7 @@ from typer._click.exceptions import ClickException, NoArgsIsHelpError
 from typer.core import TyperGroup
 
 from statecli.cli import _output
-from statecli.errors import StatecliError
+from statecli.errors import OutputError, StatecliError
 
 INTERNAL_EXIT = 3
 
@@ -90,4 +90,13 @@ class StatecliGroup(TyperGroup):
             debug = bool(ctx.params.get("debug"))
             if isinstance(exc, StatecliError):
                 raise typer.Exit(report_error(exc, debug)) from None
+            if isinstance(exc, UnicodeEncodeError):
+                # stdout set to ASCII or a legacy code page: the table's marks (● ○ ─) or a tensor's name
+                # cannot be written. Replacing them would silently change names in CSV or Markdown.
+                enc = getattr(sys.stdout, "encoding", None) or "unknown"
+                err = OutputError(
+                    f"standard output uses the {enc} encoding, which cannot write this output; "
+                    "set PYTHONIOENCODING=utf-8 (JSON is always ASCII: --format json works with any encoding)"
+                )
+                raise typer.Exit(report_error(err, debug)) from None
             raise typer.Exit(report_internal(exc, debug)) from None
