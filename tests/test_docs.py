@@ -43,10 +43,16 @@ def test_every_command_is_in_the_readme(name: str) -> None:
     assert re.search(rf"statecli {name}\b", text), f"README.md does not mention `statecli {name}`"
 
 
-def test_the_readme_sample_output_is_what_inspect_prints(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "command",
+    [
+        "statecli inspect sample_models/frozen_nonpersistent_module.pt",
+        "statecli tree sample_models/cnn_bn_module.pt --depth 1",
+    ],
+)
+def test_the_readme_sample_outputs_are_what_statecli_prints(monkeypatch: pytest.MonkeyPatch, command: str) -> None:
     from typer.testing import CliRunner
 
-    command = "statecli inspect sample_models/frozen_nonpersistent_module.pt"
     text = README.read_text(encoding="utf-8")
     start = text.index("```\n", text.index(f"(`{command}`)")) + 4
     shown = text[start : text.index("```", start)]
