@@ -356,14 +356,7 @@ def run(report: Report, policy: Policy, progress: Callable[[int, int], None] | N
     results: list[RuleResult] = []
     tensors = report.tensors
 
-    dangerous = [Failure(None, f.message, f.code) for f in report.findings if f.level == "dangerous"]
-    if policy.allow_dangerous:
-        # Allowed, not hidden: the result still names every global, so a report shows what was let through.
-        expected = "no pickle global that could run code (allow_dangerous: reported, not failed)"
-        results.append(RuleResult("no_dangerous_globals", "all tensors", expected, 1, allowed=dangerous))
-    else:
-        expected = "no pickle global that could run code"
-        results.append(RuleResult("no_dangerous_globals", "all tensors", expected, 1, failures=dangerous))
+    results.append(_dangerous_rule(report, policy, "all tensors"))
     if policy.max_size is not None:
         r = RuleResult("max_size", "all tensors", f"at most {policy.max_size:,} bytes", 1)
         if report.file_size > policy.max_size:
@@ -389,8 +382,19 @@ def run(report: Report, policy: Policy, progress: Callable[[int, int], None] | N
     if policy.model is not None:
         results.append(_model_rule(report, policy.model))
     if policy.reference is not None:
-        results.append(_reference_rule(report, policy))
+        results.extend(_reference_rules(report, policy))
     return CheckResult(report.path, report.format, results, policy.source)
+
+
+def _dangerous_rule(report: Report, policy: Policy, scope: str) -> RuleResult:
+    """``no_dangerous_globals`` for ``report``: failed by every dangerous global, or listing them as allowed."""
+    where = "" if scope == "all tensors" else f"{scope} {report.path}: "
+    dangerous = [Failure(None, f"{where}{f.message}", f.code) for f in report.findings if f.level == "dangerous"]
+    if policy.allow_dangerous:
+        # Allowed, not hidden: the result still names every global, so a report shows what was let through.
+        expected = "no pickle global that could run code (allow_dangerous: reported, not failed)"
+        return RuleResult("no_dangerous_globals", scope, expected, 1, allowed=dangerous)
+    return RuleResult("no_dangerous_globals", scope, "no pickle global that could run code", 1, failures=dangerous)
 
 
 def _value_stats(report: Report, policy: Policy, progress: Callable[[int, int], None] | None) -> dict[str, Any]:
@@ -501,13 +505,22 @@ def _model_rule(report: Report, spec: str) -> RuleResult:
     return r
 
 
-def _reference_rule(report: Report, policy: Policy) -> RuleResult:
+def _reference_rules(report: Report, policy: Policy) -> list[RuleResult]:
+    """The comparison with the reference, and the reference's own dangerous globals: a gate compares
+    against a file it was handed, and a hostile one must not pass unseen (never run, but refused alike)."""
     from statecli import open_checkpoint
+
+    assert policy.reference is not None
+    reference = open_checkpoint(policy.reference)
+    return [_dangerous_rule(reference, policy, "reference"), _reference_rule(report, reference, policy)]
+
+
+def _reference_rule(report: Report, reference: Report, policy: Policy) -> RuleResult:
     from statecli.diff import diff
 
     assert policy.reference is not None
     atol, rtol = policy.atol or 0.0, policy.rtol or 0.0
-    d = diff(report, open_checkpoint(policy.reference), atol=atol, rtol=rtol).to_dict()
+    d = diff(report, reference, atol=atol, rtol=rtol).to_dict()
     where = f"within atol={_g(atol)} rtol={_g(rtol)} of {policy.reference}"
     r = RuleResult("reference", "all tensors", where, d["summary"]["common"])
     if not d["summary"]["tensors_a"] and not d["summary"]["tensors_b"]:

@@ -530,3 +530,24 @@ def test_value_rules_count_only_the_tensors_they_read() -> None:
     code, out, err = cli("check", str(CNN), "--no-policy", "--no-nan", "-f", "json")
     assert code == 0 and err == ""
     assert all(r["unread"] == [] for r in json.loads(out)["rules"])
+
+
+def test_a_dangerous_reference_is_refused_like_a_dangerous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # where the payload would create its marker
+    code, out, err = cli("check", str(CNN), "--no-policy", "--reference", str(MALICIOUS), "-f", "json")
+    assert code == 5 and err == ""
+    rules = {(r["rule"], r["scope"]): r for r in json.loads(out)["rules"]}
+    ref = rules[("no_dangerous_globals", "reference")]
+    assert ref["passed"] is False and ref["failures"][0]["message"] == f"reference {MALICIOUS}: {POSIX}"
+    assert rules[("no_dangerous_globals", "all tensors")]["passed"] is True
+    # Allowed: reported on stderr and as allowed, no longer refused (the comparison itself still fails here).
+    code, out, err = cli(
+        "check", str(CNN), "--no-policy", "--reference", str(MALICIOUS), "--allow-dangerous", "-f", "json"
+    )
+    assert code == 1
+    assert err == f"statecli: warning: reference {MALICIOUS}: {POSIX}\n"
+    ref = next(r for r in json.loads(out)["rules"] if r["scope"] == "reference")
+    assert ref["passed"] is True and ref["allowed"][0]["message"] == f"reference {MALICIOUS}: {POSIX}"
+    assert list(tmp_path.iterdir()) == []  # nothing ran

@@ -187,6 +187,10 @@ def check_command(
                 _output.warn_dangerous(report)  # allowed, yet a user must not miss it (as every other command)
             result = core.run(report, from_flags)
             for r in result.results:
+                if r.rule == "no_dangerous_globals" and r.scope == "reference":
+                    for f in r.allowed:  # the checked file's own were warned about above
+                        _output.warning(f.message)
+            for r in result.results:
                 if r.rule == "selects_tensors":
                     for f in r.failures:
                         _output.warning(f"{result.path}: {f.message}")
