@@ -103,3 +103,20 @@ def test_an_ascii_stdout_gets_a_clear_error_not_a_crash(samples_dir: Path) -> No
         [sys.executable, "-m", "statecli", "inspect", sample, "-f", "json"], env=env, capture_output=True
     )
     assert as_json.returncode == 0 and as_json.stdout.startswith(b'{"schema": "statecli.report/1"')
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv", "json"])
+def test_a_closed_pipe_exits_quietly_as_sigpipe_would(samples_dir: Path, fmt: str) -> None:
+    # `statecli diff a b | head -1`: exit 1 would read as "different" under `set -o pipefail`.
+    import subprocess
+    import sys
+
+    from subproc import checkout_env
+
+    args = [sys.executable, "-m", "statecli", "inspect", str(samples_dir / "tied_lm.pt"), "-f", fmt]
+    proc = subprocess.Popen(args, env=checkout_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before statecli writes a byte
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 141
+    assert err == b""

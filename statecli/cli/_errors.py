@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import sys
 import traceback
 from typing import Any
@@ -47,11 +48,24 @@ def _print_traceback(exc: BaseException) -> None:
     sys.stderr.flush()
 
 
+BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for `cat big | head -1`
+
+
 def _passes_through(exc: BaseException) -> bool:
-    """Exceptions Typer itself turns into exits: usage errors (2), ``Exit``, ``Abort``, a closed pipe."""
-    if isinstance(exc, (typer.Exit, typer.Abort, typer.TyperException)):
-        return True
-    return isinstance(exc, OSError) and exc.errno == errno.EPIPE
+    """Exceptions Typer itself turns into exits: usage errors (2), ``Exit``, ``Abort``."""
+    return isinstance(exc, (typer.Exit, typer.Abort, typer.TyperException))
+
+
+def _closed_pipe() -> int:
+    """The reader of stdout went away (``| head``): stop quietly. Typer would exit 1, which for ``diff`` and
+    ``check`` means "found a problem"; a closed pipe is none, so exit as a process SIGPIPE ends does.
+    stdout goes to /dev/null so that the interpreter's last flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no file descriptor (a test runner's stream)
+        pass
+    return BROKEN_PIPE_EXIT
 
 
 def report_usage(exc: ClickException) -> int:
@@ -87,6 +101,8 @@ class StatecliGroup(TyperGroup):
         except Exception as exc:
             if _passes_through(exc):
                 raise
+            if isinstance(exc, OSError) and exc.errno == errno.EPIPE:
+                raise typer.Exit(_closed_pipe()) from None
             debug = bool(ctx.params.get("debug"))
             if isinstance(exc, StatecliError):
                 raise typer.Exit(report_error(exc, debug)) from None

@@ -9,6 +9,8 @@ only when a console is made, so ``--format json`` stays light.
 from __future__ import annotations
 
 import csv
+import errno
+import functools
 import io
 import json
 import os
@@ -50,7 +52,7 @@ def stdout_console(renderable: Any = None) -> Console:
     """
     from rich.console import Console
 
-    console = Console(highlight=False)
+    console = _console_class()(highlight=False)
     if console.is_terminal:
         return console
     width = None
@@ -60,7 +62,20 @@ def stdout_console(renderable: Any = None) -> Console:
         wide = Console(highlight=False, width=10_000)
         needed = Measurement.get(wide, wide.options, renderable).maximum
         width = max(80, min(needed, 10_000))
-    return Console(highlight=False, width=width, file=_TrimmedLines(sys.stdout))
+    return _console_class()(highlight=False, width=width, file=_TrimmedLines(sys.stdout))
+
+
+@functools.cache
+def _console_class() -> type[Console]:
+    """rich's Console, except that a closed stdout (``| head``) raises ``BrokenPipeError`` like any other
+    write: rich would exit 1 itself, which for ``diff`` and ``check`` reads as "found a problem"."""
+    from rich.console import Console
+
+    class StdoutConsole(Console):
+        def on_broken_pipe(self) -> None:
+            raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+    return StdoutConsole
 
 
 _CHUNK = 1 << 20
