@@ -429,6 +429,17 @@ def _only_in_notes(
                     f"a tied weight that {there} stores once?",
                 )
             )
+    transient = [t.name for t in only if t.persistent is False]
+    if transient:
+        shown = ", ".join(transient[:8]) + (f" … ({len(transient) - 8} more)" if len(transient) > 8 else "")
+        notes.append(
+            Finding(
+                "info",
+                "non-persistent-only-in",
+                f"{_count(len(transient), 'non-persistent buffer')} only in {here} ({shown}): a whole module keeps "
+                "non-persistent buffers, state_dict() and statecli convert leave them out",
+            )
+        )
     other_state = [t for t in only if t.role == "other"]
     if other_state and len(other_state) == len(only):
         groups = sorted({t.group for t in other_state})

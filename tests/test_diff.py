@@ -549,3 +549,14 @@ def test_markdown_is_a_pull_request_comment(tmp_path: Path) -> None:
     assert len(lines) == 6  # identical tensors only with --all
     code, out, _ = run(CNN, CNN, "--format", "markdown")
     assert code == 0 and out == f"**`{CNN}` → `{CNN}`**: same: 16 identical (atol 0, rtol 0)\n"
+
+
+def test_a_non_persistent_buffer_on_one_side_is_explained(tmp_path: Path) -> None:
+    # A whole module keeps its non-persistent buffers; its conversion (a state_dict) does not.
+    out = tmp_path / "m.safetensors"
+    statecli.convert(SAMPLES / "frozen_nonpersistent_module.pt", out)
+    code, doc, err = run_json(str(SAMPLES / "frozen_nonpersistent_module.pt"), str(out))
+    assert code == 1 and doc["only_in_a"] == ["cache"]
+    (note,) = [n for n in doc["notes"] if n["code"] == "non-persistent-only-in"]
+    assert note["message"].startswith("1 non-persistent buffer only in A (cache): ")
+    assert note["message"] in err
