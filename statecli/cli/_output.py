@@ -12,6 +12,7 @@ import csv
 import errno
 import functools
 import io
+import itertools
 import json
 import os
 import sys
@@ -264,13 +265,40 @@ def row(t: TensorInfo) -> list[str]:
 
 def to_csv(reports: Iterable[Report], with_path: bool = False) -> str:
     """A header and one row per tensor; ``with_path`` adds a leading ``path`` column (several files)."""
+    header = (["path"] if with_path else []) + list(COLUMNS)
+    rows = (([report.path] if with_path else []) + row(t) for report in reports for t in report.tensors)
+    return csv_text(header, rows)
+
+
+_CSV_CHUNK = 4096
+
+
+def csv_text(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """CSV with LF row ends that ``csv.reader`` reads back exactly, whatever the cells hold.
+
+    A cell with a comma, a quote, LF or CR is quoted. Python's writer quotes only the characters of its
+    own line terminator: with ``"\\n"`` it writes a CR bare, and a reader ends the row there. Rows are
+    written a chunk at a time at C speed; a chunk that holds a CR (rare: it comes from a name) is written
+    again a row at a time, its quoting decided with CR as a line character too.
+    """
+    pieces = [_lf_rows([header])]
+    remaining = iter(rows)
+    while chunk := list(itertools.islice(remaining, _CSV_CHUNK)):
+        text = _lf_rows(chunk)
+        pieces.append("".join(map(_crlf_safe_row, chunk)) if "\r" in text else text)
+    return "".join(pieces)
+
+
+def _lf_rows(rows: Sequence[Sequence[str]]) -> str:
     buf = io.StringIO()
-    out = csv.writer(buf, lineterminator="\n")
-    out.writerow((["path"] if with_path else []) + list(COLUMNS))
-    for report in reports:
-        for t in report.tensors:
-            out.writerow(([report.path] if with_path else []) + row(t))
+    csv.writer(buf, lineterminator="\n").writerows(rows)
     return buf.getvalue()
+
+
+def _crlf_safe_row(cells: Sequence[str]) -> str:
+    one = io.StringIO()
+    csv.writer(one, lineterminator="\r\n").writerow(cells)  # quotes a cell with CR or LF
+    return one.getvalue()[:-2] + "\n"
 
 
 _RIGHT = {"numel", "nbytes"}

@@ -253,16 +253,11 @@ def _value(v: Any) -> str:
 def to_csv(report: DiffReport) -> str:
     """:data:`CSV_COLUMNS`, a row per common tensor (identical ones too) and per name on one side only; numbers
     as computed (``repr``), not rounded as in the table; empty where not computed or not on that side."""
-    import csv
-    import io
+    from statecli.cli._output import csv_text, shape_text
 
-    from statecli.cli._output import shape_text
-
-    buf = io.StringIO()
-    out = csv.writer(buf, lineterminator="\n")
-    out.writerow(CSV_COLUMNS)
+    rows: list[list[str]] = []
     for t in report.tensors:
-        out.writerow(
+        rows.append(
             [
                 t.name,
                 t.status,
@@ -279,8 +274,8 @@ def to_csv(report: DiffReport) -> str:
             dtypes = (o.dtype, "") if side == "A" else ("", o.dtype)
             shapes = (shape_text(o.shape), "") if side == "A" else ("", shape_text(o.shape))
             note = "" if o.group == "model" else f"{o.group} state"
-            out.writerow([o.name, f"only in {side}", *dtypes, *shapes, "", "", "", "", "", "", note])
-    return buf.getvalue()
+            rows.append([o.name, f"only in {side}", *dtypes, *shapes, "", "", "", "", "", "", note])
+    return csv_text(CSV_COLUMNS, rows)
 
 
 def to_markdown(report: DiffReport, show_all: bool = False) -> str:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from enum import Enum
 from typing import Annotated
 
@@ -80,13 +78,8 @@ def stats_command(
     if fmt is StatsFormat.json:
         _output.write(_output.to_json(result.to_dict()))
     elif fmt is StatsFormat.csv:
-        buf = io.StringIO()
-        out = csv.writer(buf, lineterminator="\n")
-        out.writerow(_CSV + _CSV_COUNTS)
-        for t in [*result.tensors, result.total]:
-            d = t.to_dict()
-            out.writerow([*(_cell(d[c]) for c in _CSV), *(_cell(d[c]) for c in _CSV_COUNTS)])
-        _output.write(buf.getvalue())
+        dicts = (t.to_dict() for t in [*result.tensors, result.total])
+        _output.write(_output.csv_text(_CSV + _CSV_COUNTS, ([_cell(d[c]) for c in _CSV + _CSV_COUNTS] for d in dicts)))
     elif fmt is StatsFormat.markdown:
         from statecli import render
 

@@ -1,0 +1,130 @@
+"""Machine-readable outputs stay valid whatever a tensor name holds (names come from untrusted files).
+
+CSV reads back every name exactly through ``csv.reader``; Markdown shows it in a code span a CommonMark
+renderer (markdown-it, which rich depends on) reads back; JUnit parses as XML 1.0; GitHub annotations
+stay one line each with no control character; the HTML page is inert. And a file that cannot be read
+still appears in every CI format.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from statecli.cli import _output
+from statecli.cli.main import app
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+TIED = SAMPLES / "tied_lm.pt"
+
+NAMES = [
+    "plain.weight",
+    "cr\rx",
+    "lf\ny",
+    "crlf\r\nz",
+    "a,b",
+    'q"uo"te',
+    '"',
+    "tab\tx",
+    "nul\x00x",
+    "esc\x1b[31mred",
+    "ünï€😀",
+    "`tick`",
+    "``dbl``x",
+    "a`b",
+    " sp ",
+    "|pipe|",
+    "<b>&amp;</b>",
+    "bidi\u202eevil",
+    "100%",
+    "",
+]
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    r = CliRunner().invoke(app, list(args))
+    return r.exit_code, r.stdout_bytes.decode(), r.stderr  # Result.stdout turns CRLF into LF
+
+
+@pytest.fixture
+def named(tmp_path: Path) -> Path:
+    path = tmp_path / "named.pt"
+    torch.save({n: torch.tensor([float(i), float("nan")]) for i, n in enumerate(NAMES)}, path)
+    return path
+
+
+@pytest.fixture
+def other(tmp_path: Path) -> Path:
+    path = tmp_path / "other.pt"
+    torch.save({n: torch.tensor([float(i) + 1, 0.0]) for i, n in enumerate(NAMES)}, path)
+    return path
+
+
+def json_names(*args: str) -> list[str]:
+    code, out, _ = cli(*args, "-f", "json")
+    assert code in (0, 1)
+    return [t["name"] for t in json.loads(out)["tensors"]]
+
+
+def csv_rows(text: str) -> list[list[str]]:
+    return list(csv.reader(io.StringIO(text, newline="")))
+
+
+# ----------------------------------------------------------------------------------------------- CSV
+
+
+def test_inspect_csv_reads_back_every_name(named: Path) -> None:
+    code, out, _ = cli("inspect", str(named), "-f", "csv")
+    assert code == 0
+    rows = csv_rows(out)
+    names = json_names("inspect", str(named))
+    assert {*NAMES} - {""} <= {*names}  # the JSON's names are the file's (the empty key is shown as "(root)")
+    assert [r[0] for r in rows[1:]] == names
+    assert all(len(r) == len(_output.COLUMNS) for r in rows)
+    assert out.count("\r") == 2  # CR kept inside quoted cells, rows end in LF
+    assert '"cr\rx",' in out and "\r\n" not in out.replace('"crlf\r\nz"', "")
+
+
+def test_inspect_csv_of_several_paths_reads_back(named: Path, other: Path) -> None:
+    code, out, _ = cli("inspect", str(named), str(other), "-f", "csv")
+    assert code == 0
+    rows = csv_rows(out)
+    assert [r[1] for r in rows[1:]] == json_names("inspect", str(named)) * 2
+
+
+def test_diff_csv_reads_back_every_name(named: Path, other: Path) -> None:
+    code, out, _ = cli("diff", str(named), str(other), "-f", "csv")
+    assert code == 1
+    code, doc, _ = cli("diff", str(named), str(other), "-f", "json")
+    expected = [t["name"] for t in json.loads(doc)["changed"]]
+    rows = csv_rows(out)
+    assert len(expected) == len(NAMES) and [r[0] for r in rows[1:]] == expected
+    assert all(len(r) == 13 for r in rows)
+
+
+def test_stats_csv_reads_back_every_name(named: Path) -> None:
+    code, out, _ = cli("stats", str(named), "-f", "csv")
+    assert code == 0
+    rows = csv_rows(out)
+    assert [r[0] for r in rows[1:]] == [*json_names("stats", str(named)), "(total)"]
+    assert all(len(r) == 16 for r in rows)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 1000])
+def test_csv_text_quotes_cr_in_any_chunk(monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
+    monkeypatch.setattr(_output, "_CSV_CHUNK", chunk)
+    rows = [["a", "b"], ["c\rd", "e"], ["f", "g,h"], ["", "i\r"], ["j", "\r\n"], ["k", ""]]
+    text = _output.csv_text(["x", "y"], iter(rows))
+    assert csv_rows(text) == [["x", "y"], *rows]
+    assert text.startswith("x,y\na,b\n") and text.endswith("\nk,\n")  # ordinary rows as before: unquoted, LF
+    assert '"c\rd",e\n' in text and ',"i\r"\n' in text
+
+
+def test_csv_text_with_no_rows() -> None:
+    assert _output.csv_text(["x", "y"], []) == "x,y\n"
