@@ -128,3 +128,67 @@ def test_csv_text_quotes_cr_in_any_chunk(monkeypatch: pytest.MonkeyPatch, chunk:
 
 def test_csv_text_with_no_rows() -> None:
     assert _output.csv_text(["x", "y"], []) == "x,y\n"
+
+
+# ------------------------------------------------------------------------------------------ Markdown
+
+
+def rendered_first_cells(text: str) -> list[str]:
+    """The first cell of each body row as a CommonMark + GFM-tables renderer reads it (a code span's text)."""
+    from markdown_it import MarkdownIt
+
+    cells = []
+    first = False
+    for token in MarkdownIt("commonmark").enable("table").parse(text):
+        if token.type == "tr_open":
+            first = True
+        elif token.type == "inline" and first:
+            first = False
+            if token.children and token.children[0].type == "code_inline":
+                assert len(token.children) == 1, token.content  # the whole cell is one code span
+                cells.append(token.children[0].content)
+            else:
+                cells.append(token.content)
+    return cells[1:]  # the header row
+
+
+def shown(name: str) -> str:
+    """A name as a Markdown cell shows it: CR and LF as blanks (a row is one line); CommonMark shows NUL as U+FFFD."""
+    return name.replace("\r", " ").replace("\n", " ").replace("\x00", "\ufffd")
+
+
+def test_inspect_markdown_shows_every_name(named: Path) -> None:
+    code, out, _ = cli("inspect", str(named), "-f", "markdown")
+    assert code == 0
+    assert "\r" not in out and len(out.splitlines()) == 2 + len(NAMES)
+    assert rendered_first_cells(out) == [shown(n) for n in json_names("inspect", str(named))]
+    assert "| `` `tick` `` | " in out and "| ``` ``dbl``x ``` |" in out and "| ``a`b`` |" in out
+
+
+def test_diff_markdown_shows_every_name(named: Path, tmp_path: Path) -> None:
+    ticked = tmp_path / "`b`.pt"
+    torch.save({"w": torch.ones(1)}, ticked)
+    code, out, _ = cli("diff", str(named), str(ticked), "-f", "markdown")
+    assert code == 1
+    assert out.startswith(f"**`{named}` → ``{ticked.parent}/`b`.pt``**")
+    names = json_names("inspect", str(named))
+    assert "\r" not in out and rendered_first_cells(out) == [shown(n) for n in [*names, "w"]]
+
+
+def test_stats_markdown_shows_every_name(named: Path) -> None:
+    code, out, _ = cli("stats", str(named), "-f", "markdown")
+    assert code == 0
+    assert "\r" not in out
+    assert rendered_first_cells(out) == [shown(n) for n in [*json_names("stats", str(named)), "(total)"]]
+
+
+@pytest.mark.parametrize(
+    "text", ["x", "`", "``", "a`b", "`a", "a`", "a``b`", " a ", " a", "a ", "  ", " ", " `` ", "a\\b", "x\\"]
+)
+def test_code_span_reads_back(text: str) -> None:
+    cell = _output.code_span(text)
+    assert rendered_first_cells(f"| h |\n|---|\n| {cell} |\n") == [text]
+
+
+def test_md_cell_puts_a_cell_on_one_line() -> None:
+    assert _output.md_cell("a|b\rc\nd\r\ne") == "a\\|b c d  e"

@@ -15,6 +15,7 @@ import io
 import itertools
 import json
 import os
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -305,8 +306,20 @@ _RIGHT = {"numel", "nbytes"}
 
 
 def md_cell(cell: str) -> str:
-    """A Markdown table cell: pipes escaped, on one line."""
-    return cell.replace("|", "\\|").replace("\n", " ")
+    """A Markdown table cell: pipes escaped, on one line (CR and LF as blanks: a table row is one line)."""
+    return cell.replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
+def code_span(text: str) -> str:
+    """``text`` as a CommonMark code span, shown as is whatever backticks it holds.
+
+    The fence is one backtick longer than the longest run inside. A space pads each side when the text
+    starts or ends with a backtick (it would join the fence), or starts and ends with a blank (the one
+    blank a renderer strips from each side would be the text's own).
+    """
+    fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
+    pad = text[:1] == "`" or text[-1:] == "`" or (text[:1] == " " and text[-1:] == " " and text.strip(" ") != "")
+    return f"{fence} {text} {fence}" if pad else f"{fence}{text}{fence}"
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[str]], right: Iterable[int] = ()) -> str:
@@ -318,7 +331,7 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[str]], right:
         "|" + "|".join("---:" if i in right else "---" for i in range(len(headers))) + "|",
     ]
     for cells in rows:
-        first = f"`{md_cell(cells[0])}`" if cells and cells[0] else ""
+        first = code_span(md_cell(cells[0])) if cells and cells[0] else ""
         lines.append("| " + " | ".join([first, *(md_cell(c) for c in cells[1:])]) + " |")
     return "\n".join(lines) + "\n"
 

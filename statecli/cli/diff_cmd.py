@@ -281,20 +281,14 @@ def to_csv(report: DiffReport) -> str:
 def to_markdown(report: DiffReport, show_all: bool = False) -> str:
     """The summary line under a heading naming both files, then the table's rows as a GitHub table: what a
     pull-request comment about a checkpoint change needs."""
-    from statecli.cli._output import md_cell
+    from statecli.cli._output import code_span, markdown_table, md_cell
 
-    lines = [f"**`{md_cell(report.path_a)}` → `{md_cell(report.path_b)}`**: {md_cell(summary_text(report))}"]
+    heading = f"**{code_span(md_cell(report.path_a))} → {code_span(md_cell(report.path_b))}**"
+    lines = [f"{heading}: {md_cell(summary_text(report))}"]
     rows = diff_rows(report, show_all)
     if rows:
-        lines += [
-            "",
-            "| name | status | dtype | shape | max abs | max rel | cosine | notes |",
-            "|---|---|---|---|---:|---:|---:|---|",
-        ]
-        for r in rows:
-            cells = [md_cell(c) for c in r.cells]
-            cells[0] = f"`{cells[0]}`"
-            lines.append("| " + " | ".join(cells) + " |")
+        headers = ("name", "status", "dtype", "shape", "max abs", "max rel", "cosine", "notes")
+        lines += ["", markdown_table(headers, (r.cells for r in rows), right=(4, 5, 6)).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
