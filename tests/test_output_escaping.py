@@ -11,6 +11,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
+import xml.etree.ElementTree as ET
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -45,6 +48,8 @@ NAMES = [
     "100%",
     "",
 ]
+# Characters outside XML 1.0 and anything a terminal or log viewer would obey.
+CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202e]")
 
 
 def cli(*args: str) -> tuple[int, str, str]:
@@ -192,3 +197,73 @@ def test_code_span_reads_back(text: str) -> None:
 
 def test_md_cell_puts_a_cell_on_one_line() -> None:
     assert _output.md_cell("a|b\rc\nd\r\ne") == "a\\|b c d  e"
+
+
+# --------------------------------------------------------------------------------------------- check
+
+
+def test_junit_is_xml_1_0_whatever_the_names(named: Path) -> None:
+    code, out, _ = cli("check", str(named), "--no-nan", "--no-policy", "-f", "junit")
+    assert code == 1
+    assert not CONTROL.search(out)
+    root = ET.fromstring(out)  # well-formed
+    failure = root.find("testsuite/testcase[@classname='statecli.check.no_nan']/failure")
+    assert failure is not None and failure.text is not None
+    lines = failure.text.split("\n")
+    assert len(lines) == len(NAMES)  # one per offender: no name breaks a line
+    for text in ("esc\\x1b[31mred", "nul\\x00x", "cr\\rx", "lf\\ny", "crlf\\r\\nz", "tab\\tx", "bidi\\u202eevil"):
+        assert f"{text}: 1 NaN value" in lines
+    assert "<b>&amp;</b>: 1 NaN value" in lines and 'q"uo"te: 1 NaN value' in lines
+    assert (failure.get("message") or "").startswith(f"{len(NAMES)} failures: ")
+
+
+def test_junit_and_github_with_a_control_character_in_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "e\x1b[2Jvil\n.pt"
+    torch.save({"w\x07": torch.tensor([float("nan")])}, path)
+    code, out, _ = cli("check", str(path), "--no-nan", "--no-policy", "-f", "junit")
+    assert code == 1 and not CONTROL.search(out)
+    suite = ET.fromstring(out).find("testsuite")
+    assert suite is not None and suite.get("name") == f"statecli check {tmp_path}/e\\x1b[2Jvil\\n.pt"
+    code, out, _ = cli("check", str(path), "--no-nan", "--no-policy", "-f", "github")
+    assert code == 1 and not CONTROL.search(out)
+    file = str(tmp_path).replace(":", "%3A").replace(",", "%2C")
+    assert out == f"::error file={file}/e\\x1b[2Jvil\\n.pt,title=statecli check%3A no_nan::w\\x07: 1 NaN value\n"
+
+
+def test_github_annotations_are_one_line_each(named: Path) -> None:
+    code, out, _ = cli("check", str(named), "--no-nan", "--no-policy", "-f", "github")
+    assert code == 1
+    assert not CONTROL.search(out) and "\r" not in out
+    lines = out.splitlines()
+    assert len(lines) == len(NAMES) and all(line.startswith("::error file=") for line in lines)
+    assert any(line.endswith("::lf\\ny: 1 NaN value") for line in lines)
+    assert any(line.endswith("::100%25: 1 NaN value") for line in lines)  # GitHub decodes %25 back to %
+
+
+class _Page(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: set[str] = set()
+        self.attrs: set[str] = set()
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.add(tag)
+        self.attrs.update(a for a, _ in attrs)
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def test_html_is_inert_whatever_the_names(named: Path) -> None:
+    code, out, _ = cli("check", str(named), "--no-nan", "--no-policy", "-f", "html")
+    assert code == 1
+    assert not CONTROL.search(out)
+    page = _Page()
+    page.feed(out)
+    page.close()
+    assert page.tags == {"html", "head", "meta", "style", "body", "pre", "code", "span"}  # no <b> from a name
+    assert page.attrs <= {"charset", "style"}
+    text = "".join(page.text)
+    for name in ("<b>&amp;</b>", "esc\\x1b[31mred", "nul\\x00x", "lf\\ny", "bidi\\u202eevil", 'q"uo"te'):
+        assert f"{name}: 1 NaN value" in text

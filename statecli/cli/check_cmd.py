@@ -243,8 +243,14 @@ def _render(results: list[CheckResult], fmt: CheckFormat, several: bool) -> None
 
 
 def junit(results: list[CheckResult]) -> str:
-    """JUnit XML: a suite per checkpoint, a test case per rule, a failure listing each offender."""
+    """JUnit XML: a suite per checkpoint, a test case per rule, a failure listing each offender.
+
+    Every text from a file (tensor names in messages, paths, globs) goes through :func:`statecli.render.clean`:
+    XML 1.0 cannot hold most control characters, even as references, so they are written as ``\\x1b`` text.
+    """
     import xml.etree.ElementTree as ET
+
+    from statecli.render import clean
 
     tests = sum(len(res.results) for res in results)
     failed = sum(1 for res in results for r in res.results if not r.passed)
@@ -252,24 +258,34 @@ def junit(results: list[CheckResult]) -> str:
     for res in results:
         n_failed = sum(1 for r in res.results if not r.passed)
         suite = ET.SubElement(
-            suites, "testsuite", name=f"statecli check {res.path}", tests=str(len(res.results)), failures=str(n_failed)
+            suites,
+            "testsuite",
+            name=f"statecli check {clean(res.path)}",
+            tests=str(len(res.results)),
+            failures=str(n_failed),
         )
         for r in res.results:
-            case = ET.SubElement(suite, "testcase", classname=f"statecli.check.{r.rule}", name=f"{r.id}: {r.expected}")
+            case = ET.SubElement(
+                suite, "testcase", classname=f"statecli.check.{r.rule}", name=clean(f"{r.id}: {r.expected}")
+            )
             if not r.passed:
                 head = f"{len(r.failures)} failure{'s' if len(r.failures) != 1 else ''}: {r.failures[0].message}"
-                fail = ET.SubElement(case, "failure", message=head, type=r.rule)
-                fail.text = "\n".join(f.message for f in r.failures)
+                fail = ET.SubElement(case, "failure", message=clean(head), type=r.rule)
+                fail.text = "\n".join(clean(f.message) for f in r.failures)
             if r.allowed:
                 # JUnit has no "passed with a warning"; the case passes and its output names what was allowed.
                 out = ET.SubElement(case, "system-out")
-                out.text = "\n".join(f"allowed: {f.message}" for f in r.allowed)
+                out.text = "\n".join(f"allowed: {clean(f.message)}" for f in r.allowed)
     ET.indent(suites)
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
 
 
 def _gh_escape(text: str, prop: bool = False) -> str:
-    text = text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+    """A workflow-command value on one line. Control characters are shown as ``\\x1b`` text first: the
+    command is printed in the job's log, where an escape sequence from a name would be obeyed."""
+    from statecli.render import clean
+
+    text = clean(text).replace("%", "%25")  # clean leaves no CR or LF to encode as %0D, %0A
     if prop:
         text = text.replace(":", "%3A").replace(",", "%2C")
     return text
