@@ -295,7 +295,8 @@ def test_several_files_as_pre_commit_passes_them(good: Path, bad: Path, tmp_path
     assert [s.get("failures") for s in suites] == ["0", "1"]
     code, out, err = cli("check", str(good), str(tmp_path / "gone.pt"), "--no-policy", "-f", "json")
     assert code == 3 and "gone.pt" in err
-    assert [d["passed"] for d in json.loads(out)] == [True]
+    docs = json.loads(out)
+    assert [d["passed"] for d in docs] == [True, False] and docs[1]["error"]["exit_code"] == 3  # named, not dropped
 
 
 def test_pre_commit_hook_runs_check(repo_root: Path) -> None:

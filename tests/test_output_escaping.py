@@ -267,3 +267,65 @@ def test_html_is_inert_whatever_the_names(named: Path) -> None:
     text = "".join(page.text)
     for name in ("<b>&amp;</b>", "esc\\x1b[31mred", "nul\\x00x", "lf\\ny", "bidi\\u202eevil", 'q"uo"te'):
         assert f"{name}: 1 NaN value" in text
+
+
+# ------------------------------------------------------------------------------ files that cannot be read
+
+
+@pytest.fixture
+def junk(tmp_path: Path) -> Path:
+    path = tmp_path / "junk.pt"
+    path.write_bytes(b"\x01\x02garbage")
+    return path
+
+
+def unreadable(junk: Path) -> str:
+    return f"{junk}: unrecognised format (first bytes 01 02 67 61 72 62 61 67)"
+
+
+@pytest.mark.parametrize("fmt", ["json", "junit", "github", "html", "table"])
+def test_an_unreadable_file_is_in_every_ci_report(junk: Path, fmt: str) -> None:
+    code, out, err = cli("check", str(junk), str(TIED), "--no-policy", "-f", fmt)
+    message = unreadable(junk)
+    assert code == 3 and err == f"statecli: error: {message}\n"  # as before
+    if fmt == "json":
+        doc = json.loads(out)
+        assert doc[0] == {
+            "schema": "statecli.check/1",
+            "path": str(junk),
+            "passed": False,
+            "error": {"message": message, "exit_code": 3},
+        }
+        assert doc[1]["path"] == str(TIED) and doc[1]["passed"] is True
+    elif fmt == "junit":
+        root = ET.fromstring(out)
+        assert (root.get("tests"), root.get("failures"), root.get("errors")) == ("2", "0", "1")
+        first, second = root.findall("testsuite")
+        assert first.get("name") == f"statecli check {junk}" and first.get("errors") == "1"
+        error = first.find("testcase/error")
+        assert error is not None and error.get("message") == message and error.text == message
+        assert second.get("name") == f"statecli check {TIED}" and second.get("errors") == "0"
+    elif fmt == "github":
+        assert out.splitlines() == [
+            f"::error file={junk},title=statecli check%3A not checked::{message}",
+            f"::notice file={TIED},title=statecli check::1 rule passed",
+        ]
+    elif fmt == "html":
+        page = _Page()
+        page.feed(out)
+        text = " ".join("".join(page.text).split())  # the page folds long lines
+        assert f"✘ not checked (exit 3): {message}" in text and str(TIED) in text
+        assert text.index(str(junk)) < text.index(str(TIED))  # in the order given
+    else:
+        assert str(junk) not in out and str(TIED) in out  # a person reads the error on stderr
+
+
+def test_an_unreadable_file_still_fails_the_gate_when_the_others_fail(junk: Path, named: Path) -> None:
+    code, out, _ = cli("check", str(named), str(junk), "--no-nan", "--no-policy", "-f", "json")
+    assert code == 3
+    assert [("error" in d, d["passed"]) for d in json.loads(out)] == [(False, False), (True, False)]
+
+
+def test_one_unreadable_file_alone_is_an_error_with_nothing_on_stdout(junk: Path) -> None:
+    code, out, err = cli("check", str(junk), "--no-policy", "-f", "junit")
+    assert code == 3 and out == "" and err == f"statecli: error: {unreadable(junk)}\n"

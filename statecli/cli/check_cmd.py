@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
+from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -136,7 +138,8 @@ def check_command(
     fail the check with exit 5 (refused as unsafe); with --allow-dangerous they are reported as
     allowed and warned about on stderr. Nothing is run from the file; --model runs your model factory.
     Several files (as pre-commit passes them): each is checked; a file that cannot be read is reported
-    on stderr and the exit status is the worst (5 unsafe, 3 unreadable, 1 a rule failed).
+    on stderr and as an error in the json, junit, github and html report, and the exit status is the
+    worst (5 unsafe, 3 unreadable, 1 a rule failed).
 
     Examples:
 
@@ -178,7 +181,7 @@ def check_command(
         from_flags = core.load_policy(file).merge(from_flags)
 
     debug = bool(ctx.find_root().params.get("debug"))
-    results: list[CheckResult] = []
+    checked: list[CheckResult | Unreadable] = []
     worst = 0
     for path in paths:
         try:
@@ -201,12 +204,14 @@ def check_command(
                         f"{result.path}: {r.id}: {len(r.unread)} {many} not checked, their values are not read "
                         f"(quantized, packed or unknown dtypes): {names}"
                     )
-            results.append(result)
+            checked.append(result)
         except StatecliError as err:
             if len(paths) == 1:
                 raise  # the app's error mapping reports it
             worst = max(worst, report_error(err, debug))  # an unreadable file fails the gate, the rest still run
-    _render(results, fmt, several=len(paths) > 1)
+            checked.append(Unreadable(os.fspath(path), str(err), err.exit_code))
+    _render(checked, fmt, several=len(paths) > 1)
+    results = [c for c in checked if not isinstance(c, Unreadable)]
     unsafe = any(not r.passed for res in results for r in res.results if r.rule == "no_dangerous_globals")
     failed = 0 if all(r.passed for r in results) else (5 if unsafe else 1)  # 5: refused as unsafe
     code = max(worst, failed)
@@ -214,27 +219,45 @@ def check_command(
         raise typer.Exit(code)
 
 
-def _render(results: list[CheckResult], fmt: CheckFormat, several: bool) -> None:
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """A path given with others that could not be checked: the error stderr reported, kept for the report so
+    that a CI report names every file it was given."""
+
+    path: str
+    message: str
+    exit_code: int
+
+    def to_dict(self) -> dict[str, Any]:
+        from statecli.checking import SCHEMA
+
+        # Additive to statecli.check/1: no "rules"; "passed" false, so a reader of "passed" alone still fails it.
+        error = {"message": self.message, "exit_code": self.exit_code}
+        return {"schema": SCHEMA, "path": self.path, "passed": False, "error": error}
+
+
+def _render(checked: list[CheckResult | Unreadable], fmt: CheckFormat, several: bool) -> None:
+    results = [c for c in checked if not isinstance(c, Unreadable)]
     if fmt is CheckFormat.json:
-        docs = [r.to_dict() for r in results]
+        docs = [c.to_dict() for c in checked]
         _output.write(_output.to_json(docs if several else docs[0]))
     elif fmt is CheckFormat.junit:
-        _output.write(junit(results))
+        _output.write(junit(checked))
     elif fmt is CheckFormat.github:
-        _output.write("".join(github(r) for r in results))
+        _output.write("".join(github(c) for c in checked))
     elif fmt is CheckFormat.html:
         from rich.console import Console
 
         from statecli import render
 
         console = Console(record=True, width=120, file=io.StringIO(), force_terminal=True)
-        for r in results:
-            console.print(render.check_view(r))
+        for c in checked:
+            console.print(_unreadable_view(c) if isinstance(c, Unreadable) else render.check_view(c))
         _output.write(console.export_html(inline_styles=True, theme=None))
     else:
         from statecli import render
 
-        for i, r in enumerate(results):
+        for i, r in enumerate(results):  # an unreadable file is on stderr, where a person reads it
             view = render.check_view(r)
             console = _output.stdout_console(view)
             if i:
@@ -242,8 +265,24 @@ def _render(results: list[CheckResult], fmt: CheckFormat, several: bool) -> None
             console.print(view, soft_wrap=True)
 
 
-def junit(results: list[CheckResult]) -> str:
-    """JUnit XML: a suite per checkpoint, a test case per rule, a failure listing each offender.
+def _unreadable_view(entry: Unreadable) -> Any:
+    """The file's name and the error, in the place its rules would have been: a report kept as an artifact
+    shows every file it was given."""
+    from rich.console import Group
+    from rich.text import Text
+
+    from statecli.render import clean
+
+    return Group(
+        Text(clean(entry.path), style="bold"),
+        Text(f"✘ not checked (exit {entry.exit_code}): {clean(entry.message)}", style="bold red"),
+        Text(),
+    )
+
+
+def junit(checked: list[CheckResult | Unreadable]) -> str:
+    """JUnit XML: a suite per checkpoint, a test case per rule, a failure listing each offender; a file that
+    could not be checked is a suite whose one case is an ``error``.
 
     Every text from a file (tensor names in messages, paths, globs) goes through :func:`statecli.render.clean`:
     XML 1.0 cannot hold most control characters, even as references, so they are written as ``\\x1b`` text.
@@ -252,17 +291,22 @@ def junit(results: list[CheckResult]) -> str:
 
     from statecli.render import clean
 
-    tests = sum(len(res.results) for res in results)
+    results = [c for c in checked if not isinstance(c, Unreadable)]
+    errors = len(checked) - len(results)
+    tests = sum(len(res.results) for res in results) + errors
     failed = sum(1 for res in results for r in res.results if not r.passed)
-    suites = ET.Element("testsuites", name="statecli check", tests=str(tests), failures=str(failed))
-    for res in results:
+    suites = ET.Element("testsuites", name="statecli check", tests=str(tests), failures=str(failed), errors=str(errors))
+    for res in checked:
+        name = f"statecli check {clean(res.path)}"
+        if isinstance(res, Unreadable):
+            suite = ET.SubElement(suites, "testsuite", name=name, tests="1", failures="0", errors="1")
+            case = ET.SubElement(suite, "testcase", classname="statecli.check.read", name=f"read: {clean(res.path)}")
+            error = ET.SubElement(case, "error", message=clean(res.message), type=f"exit {res.exit_code}")
+            error.text = clean(res.message)
+            continue
         n_failed = sum(1 for r in res.results if not r.passed)
         suite = ET.SubElement(
-            suites,
-            "testsuite",
-            name=f"statecli check {clean(res.path)}",
-            tests=str(len(res.results)),
-            failures=str(n_failed),
+            suites, "testsuite", name=name, tests=str(len(res.results)), failures=str(n_failed), errors="0"
         )
         for r in res.results:
             case = ET.SubElement(
@@ -291,11 +335,13 @@ def _gh_escape(text: str, prop: bool = False) -> str:
     return text
 
 
-def github(result: CheckResult) -> str:
+def github(result: CheckResult | Unreadable) -> str:
     """GitHub Actions workflow commands: one ``::error`` per failure, one ``::warning`` per allowed finding,
-    a ``::notice`` when all pass."""
-    lines = []
+    a ``::notice`` when all pass; one ``::error`` for a file that could not be checked."""
     file = _gh_escape(result.path, prop=True)
+    if isinstance(result, Unreadable):
+        return f"::error file={file},title=statecli check%3A not checked::{_gh_escape(result.message)}\n"
+    lines = []
     for r in result.results:
         for f in r.failures:
             title = _gh_escape(f"statecli check: {r.id}", prop=True)
