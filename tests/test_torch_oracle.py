@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import safetensors.torch
 import torch
+import torch.distributed.checkpoint as dcp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from subproc import run_python
@@ -39,16 +41,17 @@ def dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
-def flatten(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor in a loaded object, named by its key path the way statecli names it."""
+def flatten(obj: Any, prefix: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor in a loaded object, named by its key path the way statecli names it: keys joined by
+    dots below the root (``None``), a key ``''`` included (``{'a': {'': t}}`` gives ``a.``)."""
     if isinstance(obj, torch.Tensor):
-        yield prefix, obj
+        yield ("tensor" if prefix is None else prefix), obj
     elif isinstance(obj, dict):
         for k, v in obj.items():
-            yield from flatten(v, f"{prefix}.{k}" if prefix else str(k))
+            yield from flatten(v, str(k) if prefix is None else f"{prefix}.{k}")
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
-            yield from flatten(v, f"{prefix}.{i}" if prefix else str(i))
+            yield from flatten(v, str(i) if prefix is None else f"{prefix}.{i}")
 
 
 def facts_of_torch(t: torch.Tensor, device: str | None = None) -> dict[str, Any]:
@@ -104,6 +107,70 @@ def open_sample(samples_dir: Path, name: str) -> Report:
 
 
 # ------------------------------------------------------------------------------------ plain state dicts
+
+
+EMPTY_KEYS = {"": torch.ones(2), "(root)": torch.zeros(3), "a": {"": torch.ones(1)}, "x": torch.ones(4)}
+
+
+@pytest.mark.parametrize("zipfile", [True, False], ids=["zip", "legacy"])
+def test_an_empty_key_is_a_name_like_any_other(tmp_path: Path, zipfile: bool) -> None:
+    """A key '' names its tensor '' (never '(root)', which is a label, and a key a file can hold too)."""
+    path = tmp_path / "empty_keys.pt"
+    torch.save(EMPTY_KEYS, path, _use_new_zipfile_serialization=zipfile)
+    oracle = dict(flatten(torch_load(path)))
+    report = statecli.open_checkpoint(path)
+    assert [t.name for t in report.tensors] == list(oracle) == ["", "(root)", "a.", "x"]
+    assert_facts_match(report, oracle)
+    assert (report.container.kind, report.container.state_dict_at) == ("state_dict", "")
+
+
+def test_keys_below_an_empty_key_are_joined_by_a_dot(tmp_path: Path) -> None:
+    """``{'': {'x': t}}`` gives '.x', apart from a top-level 'x': the names torch.distributed.checkpoint
+    gives the same dict (its .metadata keys), read by statecli's DCP reader."""
+    sd = {"": {"x": torch.ones(1), "": torch.zeros(1)}, "x": torch.ones(3), "a": {"": torch.ones(2)}}
+    torch.save(sd, tmp_path / "nested.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "torch.distributed is disabled ... assuming a single process"
+        dcp.save(sd, checkpoint_id=str(tmp_path / "nested_dcp"), no_dist=True)
+    report = statecli.open_checkpoint(tmp_path / "nested.pt")
+    names = [t.name for t in report.tensors]
+    assert names == list(dict(flatten(torch_load(tmp_path / "nested.pt")))) == [".x", ".", "x", "a."]
+    assert sorted(t.name for t in statecli.open_checkpoint(tmp_path / "nested_dcp").tensors) == sorted(names)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_names_below_an_empty_key_survive_conversion(tmp_path: Path, suffix: str) -> None:
+    """'.x' and 'x' are two names: converting them is no collision, and both keep their values."""
+    sd = {"": {"x": torch.ones(1), "": torch.zeros(1)}, "x": torch.full((3,), 2.0), "a": {"": torch.ones(2)}}
+    torch.save(sd, tmp_path / "nested.pt")
+    out = tmp_path / f"out{suffix}"
+    statecli.convert(tmp_path / "nested.pt", out)
+    got = torch_load(out) if suffix == ".pt" else safetensors.torch.load_file(out)
+    want = dict(flatten(sd))
+    assert list(got) == list(want) or suffix == ".safetensors"  # safetensors sorts its keys
+    assert set(got) == {".x", ".", "x", "a."}
+    for name, t in want.items():
+        assert torch.equal(got[name], t), name
+
+
+def test_an_empty_top_level_key_beside_the_model(tmp_path: Path) -> None:
+    path = tmp_path / "train.pt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "": {"x": torch.ones(1)}, "epoch": 3}, path)
+    report = statecli.open_checkpoint(path)
+    assert [(t.name, t.group) for t in report.tensors] == [("w", "model"), (".x", "")]
+    assert report.container.state_dict_at == "state_dict"
+    assert report.container.other_keys == ("", "epoch")
+
+
+def test_a_shared_subtree_under_an_empty_key_is_named_as_such(tmp_path: Path) -> None:
+    path = tmp_path / "shared.pt"
+    d = {"w": torch.ones(2)}
+    torch.save({"": d, "b": d}, path)
+    report = statecli.open_checkpoint(path)
+    assert [t.name for t in report.tensors] == [".w"]
+    assert [f.message for f in report.findings if f.code == "shared-subtree"] == [
+        "'b' is the same object as ''; listed once"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -376,7 +443,7 @@ def test_inspect_does_not_import_torch(samples_dir: Path, name: str) -> None:
 
 # ------------------------------------------------------------------------------- random state dicts
 
-SEGMENTS = ("a", "b", "w", "bias", "0", "1")
+SEGMENTS = ("a", "b", "w", "bias", "0", "1", "")  # '': names such as '', 'a.', '.w', 'a..b
 CLASSIC_DTYPES = (
     torch.float32,
     torch.float16,

@@ -221,6 +221,35 @@ def test_odd_attributes(odd_archive: Path) -> None:
     assert not [f for f in report.findings if f.level != "info"], report.findings
 
 
+class _StateIsATensor(torch.nn.Module):
+    """A module whose __getstate__ returns a bare tensor: its pickled state is that tensor, with no key."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.ones(2)
+
+    @torch.jit.export
+    def __getstate__(self) -> torch.Tensor:
+        return self.w
+
+    @torch.jit.export
+    def __setstate__(self, state: torch.Tensor) -> None:
+        self.w = state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.w
+
+
+def test_a_root_state_that_is_a_bare_tensor_is_named_tensor(tmp_path: Path) -> None:
+    """Named as a bare tensor torch.save'd is, never '(root)': that is a label, and a key can be '(root)'."""
+    path = tmp_path / "state_tensor.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(_StateIsATensor()), str(path))
+    report = statecli.open_checkpoint(path)
+    assert [(t.name, t.role, t.shape) for t in report.tensors] == [("tensor", "other", (2,))]
+
+
 # ------------------------------------------------------------------------------ hostile and corrupt files
 
 

@@ -286,10 +286,10 @@ class _Reader:
         self.storage_sizes: dict[str, int] = {}
         self.globals_seen: dict[tuple[str, str], int] = {}
         self.calls: list[tuple[Global, Any]] = []
-        self.seen: dict[int, str] = {}
+        self.seen: dict[int, str | None] = {}
         self.nodes = 0
         self.missing_decls: set[str] = set()
-        self.training: dict[str, bool] = {}
+        self.training: dict[str | None, bool] = {}  # module path (None: the root) -> training flag
         self.buffers = 0
 
     def read(self) -> RawCheckpoint:
@@ -299,7 +299,7 @@ class _Reader:
             self._refuse(f"data.pkl does not hold a TorchScript module (found {what})")
         elif self.decls.lookup(obj.callee) is None:
             self._refuse(f"data.pkl holds {obj.class_name}, which no file in code/ declares: not a TorchScript module")
-        self._object(obj, "", 0)
+        self._object(obj, None, 0)  # None: the root, whose attributes are named as they are
         other: list[str] = []
         if f"{self.root}/constants.pkl" in self.members:
             constants = self._pickle("constants.pkl", "constants")
@@ -319,7 +319,7 @@ class _Reader:
             path=self.path,
             format="torchscript",
             tensors=self.tensors,
-            container=Container("module", "", tuple(other), obj.class_name, self.training.get("")),
+            container=Container("module", "", tuple(other), obj.class_name, self.training.get(None)),
             findings=findings,
             file_size=os.path.getsize(self.path),
             storage_sizes=self.storage_sizes,
@@ -445,9 +445,9 @@ class _Reader:
                     "state_dict(), so all are reported persistent",
                 )
             )
-        root = self.training.get("")
+        root = self.training.get(None)
         if root is not None:
-            odd = [n for n, t in self.training.items() if n and t is not root]
+            odd = [n for n, t in self.training.items() if n is not None and t is not root]
             if odd:
                 shown = ", ".join(odd[:5]) + (", …" if len(odd) > 5 else "")
                 mode = "train" if not root else "eval"
@@ -456,7 +456,7 @@ class _Reader:
 
     # -- walking
 
-    def _enter(self, obj: Any, path: str, depth: int) -> bool:
+    def _enter(self, obj: Any, path: str | None, depth: int) -> bool:
         if depth > MAX_WALK_DEPTH:
             raise LimitExceededError(f"module structure nests deeper than {MAX_WALK_DEPTH}", path=self.path)
         self.nodes += 1
@@ -468,14 +468,14 @@ class _Reader:
                 Finding(
                     "info",
                     "shared-subtree",
-                    f"'{path or '(root)'}' is the same object as '{first or '(root)'}'; listed once",
+                    f"{_label(path)} is the same object as {_label(first)}; listed once",
                 )
             )
             return False
         self.seen[id(obj)] = path
         return True
 
-    def _object(self, stub: Stub, prefix: str, depth: int) -> None:
+    def _object(self, stub: Stub, prefix: str | None, depth: int) -> None:
         """A TorchScript object (module or class instance): its BUILD state holds its attributes."""
         if not self._enter(stub, prefix, depth):
             return
@@ -507,9 +507,11 @@ class _Reader:
             else:
                 self._generic(value, name, "model", depth + 1)
 
-    def _generic(self, obj: Any, prefix: str, group: str, depth: int) -> None:
+    def _generic(self, obj: Any, prefix: str | None, group: str, depth: int) -> None:
         if isinstance(obj, TensorRef):
-            self._emit(prefix, obj, group, "other")  # not declared a parameter or buffer: an attribute or constant
+            # Not declared a parameter or buffer: an attribute or constant. A None prefix: the root object's
+            # __getstate__ returned a bare tensor, named as a bare tensor torch.save'd is.
+            self._emit("tensor" if prefix is None else prefix, obj, group, "other")
             return
         if isinstance(obj, Stub):
             callee = obj.callee
@@ -536,7 +538,7 @@ class _Reader:
                 self._generic(v, _join(prefix, i), group, depth + 1)
 
     def _emit(self, name: str, t: TensorRef, group: str, role: str | None) -> None:
-        raw = raw_tensor(t, name or "(root)", group, "constants" if group == "constants" else "data")
+        raw = raw_tensor(t, name, group, "constants" if group == "constants" else "data")
         if role is not None:
             raw.role = role
             raw.exact = True
@@ -547,9 +549,15 @@ class _Reader:
         self.tensors.append(raw)
 
 
-def _join(prefix: str, k: Any) -> str:
+def _join(prefix: str | None, k: Any) -> str:
+    """The name of key ``k`` under ``prefix`` (None at the root); a key '' is a name like any other."""
     key = k if isinstance(k, str) else str(k)
-    return f"{prefix}.{key}" if prefix else key
+    return key if prefix is None else f"{prefix}.{key}"
+
+
+def _label(path: str | None) -> str:
+    """A walked object's path for a message: (root) for the root, else the path quoted ('' for a key '')."""
+    return "(root)" if path is None else f"'{path}'"
 
 
 __all__ = ["ClassDecl", "parse_declarations", "read_torchscript"]

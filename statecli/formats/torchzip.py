@@ -248,14 +248,21 @@ def _key(k: Any) -> str:
     return describe(k)  # bounded: str() of a key holding a 100 MB bytes object is 400 MB
 
 
-def _join(prefix: str, k: Any) -> str:
+def _join(prefix: str | None, k: Any) -> str:
+    """The name of key ``k`` under ``prefix`` (None at the root): joined by a dot, kept as is at the root."""
     key = _key(k)
-    if len(prefix) + len(key) >= MAX_NAME_CHARS:
+    under = 0 if prefix is None else len(prefix)
+    if under + len(key) >= MAX_NAME_CHARS:
         raise LimitExceededError(
             f"a tensor name would be longer than {MAX_NAME_CHARS} characters ({len(key)}-character key "
-            f"under a {len(prefix)}-character path)"
+            f"under a {under}-character path)"
         )
-    return f"{prefix}.{key}" if prefix else key
+    return key if prefix is None else f"{prefix}.{key}"
+
+
+def _label(path: str | None) -> str:
+    """A walked container's path for a message: (root) for the root, else the path quoted ('' for a key '')."""
+    return "(root)" if path is None else f"'{_clip(path)}'"
 
 
 def _clip(name: str) -> str:
@@ -273,7 +280,7 @@ class _Walker:
         self.path = path
         self.tensors: list[RawTensor] = []
         self.findings: list[Finding] = []
-        self.seen: dict[int, str] = {}  # container id -> first path: cycles and shared subtrees once
+        self.seen: dict[int, str | None] = {}  # container id -> first path: cycles and shared subtrees once
         self.nodes = 0
         self.module_class: str | None = None
         self.training: bool | None = None
@@ -281,17 +288,19 @@ class _Walker:
         self.shared = 0
 
     def analyse(self, root: Any) -> Container:
+        # The walk's prefix is None at the state dict's root and a string below it, '' included: a key ''
+        # is a name like any other (``{'': t}`` names t '', ``{'a': {'': t}}`` 'a.', ``{'': {'x': t}}`` '.x').
         if isinstance(root, TensorRef):
             self._emit("tensor", root, "model")
             return Container(kind="tensor", state_dict_at="")
         state = _module_state(root)
         if state is not None:
-            self._module(root, "", 0)
+            self._module(root, None, 0)
             return Container("module", "", (), self.module_class, self.training)
         mapping = _as_mapping(root)
         if mapping is None:
             if isinstance(root, (list, tuple)):
-                self._generic(root, "", "model", 0)
+                self._generic(root, None, "model", 0)
                 return Container(kind="list", state_dict_at="")
             return Container(kind="empty", state_dict_at=None)
         keys = [k if type(k) is str else _key(k) for k in mapping]
@@ -303,9 +312,9 @@ class _Walker:
         if model_key is not None:
             model = mapping[model_key]
             if _module_state(model) is not None:
-                self._module(model, "", 0)
+                self._module(model, None, 0)
             else:
-                self._state_dict(model, "")
+                self._state_dict(model, None)
             for k, v in mapping.items():
                 if k is not model_key:
                     self._other(v, _key(k), _key(k))
@@ -329,7 +338,7 @@ class _Walker:
                 model_items[k] = v
             else:
                 other_keys.append(name)
-        self._state_dict(model_items, "")
+        self._state_dict(model_items, None)
         kind = "training" if other_keys and not direct else "state_dict"
         if lightning:
             kind = "lightning"
@@ -356,7 +365,7 @@ class _Walker:
         self.holds[key] = found
         return found
 
-    def _enter(self, obj: Any, path: str, depth: int) -> bool:
+    def _enter(self, obj: Any, path: str | None, depth: int) -> bool:
         """Bookkeeping for each container visited; False when it was already listed elsewhere."""
         if depth > MAX_WALK_DEPTH:
             raise LimitExceededError(f"checkpoint structure nests deeper than {MAX_WALK_DEPTH}", path=self.path)
@@ -371,7 +380,7 @@ class _Walker:
                     Finding(
                         "info",
                         "shared-subtree",
-                        f"'{_clip(path) or '(root)'}' is the same object as '{_clip(first) or '(root)'}'; listed once",
+                        f"{_label(path)} is the same object as {_label(first)}; listed once",
                     )
                 )
             return False
@@ -386,7 +395,7 @@ class _Walker:
                 Finding("info", "shared-subtree", f"{extra} more references to objects listed once are not shown")
             )
 
-    def _state_dict(self, obj: Any, prefix: str) -> None:
+    def _state_dict(self, obj: Any, prefix: str | None) -> None:
         start = len(self.tensors)
         self._generic(obj, prefix, "model", 0)
         mine = self.tensors[start:]
@@ -417,9 +426,9 @@ class _Walker:
                 t.evidence = "container"
                 t.requires_grad = None if not t.is_parameter else t.requires_grad
 
-    def _generic(self, obj: Any, prefix: str, group: str, depth: int) -> None:
+    def _generic(self, obj: Any, prefix: str | None, group: str, depth: int) -> None:
         if isinstance(obj, TensorRef):
-            self._emit(prefix, obj, group)
+            self._emit("tensor" if prefix is None else prefix, obj, group)  # None: analyse() names a bare tensor
             return
         if _module_state(obj) is not None:
             self._module(obj, prefix, depth)
@@ -427,7 +436,7 @@ class _Walker:
         mapping = _as_mapping(obj)
         if mapping is not None:
             if self._enter(obj, prefix, depth):
-                dot = f"{prefix}." if prefix else ""
+                dot = "" if prefix is None else f"{prefix}."
                 room = MAX_NAME_CHARS - len(dot)
                 for k, v in mapping.items():
                     if type(v) is TensorRef:
@@ -441,7 +450,7 @@ class _Walker:
                 if isinstance(v, (TensorRef, dict, list, tuple, Stub)):
                     self._generic(v, _join(prefix, i), group, depth + 1)
 
-    def _module(self, stub: Stub, prefix: str, depth: int) -> None:
+    def _module(self, stub: Stub, prefix: str | None, depth: int) -> None:
         if not self._enter(stub, prefix, depth):
             return
         state = _module_state(stub)
@@ -481,7 +490,7 @@ class _Walker:
         role: str | None = None,
         persistent: bool | None = None,
     ) -> RawTensor:
-        raw = raw_tensor(t, name or "(root)", group)
+        raw = raw_tensor(t, name, group)
         if role is not None:
             raw.role = role
             raw.exact = True
