@@ -114,6 +114,45 @@ def test_zip_without_data_pkl(tmp_path: Path) -> None:
     expect_error(p, "data.pkl")
 
 
+# --------------------------------------------------------------- a torch.distributed.checkpoint data file
+
+
+@pytest.mark.parametrize("name", ["dcp_training/__0_0.distcp", "dcp_sharded/__1_0.distcp"])
+def test_a_distcp_file_names_its_folder(samples_dir: Path, tmp_path: Path, name: str) -> None:
+    folder = tmp_path / "ckpt"
+    shutil.copytree(samples_dir / Path(name).parent, folder)
+    path = folder / Path(name).name
+    err = expect_error(path, "torch.distributed.checkpoint data file", root=tmp_path)
+    assert err.message.endswith(f"pass the folder ({folder}) or its .metadata")
+    assert "zip" not in err.message
+
+
+def test_a_distcp_file_alone_says_its_metadata_is_missing(samples_dir: Path, tmp_path: Path) -> None:
+    path = tmp_path / "__0_0.distcp"
+    shutil.copyfile(samples_dir / "dcp_training" / "__0_0.distcp", path)
+    err = expect_error(path, "torch.distributed.checkpoint data file")
+    assert err.message.endswith(f"pass the folder that holds the checkpoint's .metadata (there is none in {tmp_path})")
+
+
+def test_a_renamed_data_file_beside_a_metadata_gets_a_hint(samples_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "ckpt"
+    shutil.copytree(samples_dir / "dcp_training", folder)
+    path = folder / "weights.bin"
+    (folder / "__0_0.distcp").rename(path)
+    err = expect_error(path, "corrupt zip archive", root=tmp_path)
+    assert err.message.endswith(
+        "it sits beside a torch.distributed.checkpoint .metadata: if it is one of that checkpoint's data "
+        f"files, pass the folder ({folder}) or its .metadata"
+    )
+
+
+def test_a_good_checkpoint_beside_a_metadata_is_read(samples_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "ckpt"
+    shutil.copytree(samples_dir / "dcp_training", folder)
+    shutil.copyfile(samples_dir / GOOD, folder / GOOD)
+    assert len(statecli.open_checkpoint(folder / GOOD).tensors) == 16
+
+
 # ---------------------------------------------------------------------------------- damaged torch zips
 
 

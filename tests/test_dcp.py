@@ -489,3 +489,18 @@ def test_bytes_after_the_pickle_are_a_warning(training_copy: Path) -> None:
     meta.write_bytes(meta.read_bytes() + b"junk")
     raw = read_dcp(str(training_copy))
     assert any(f.code == "trailing-pickle-data" and "4 bytes" in f.message for f in raw.findings)
+
+
+@pytest.mark.parametrize("command", ["inspect", "convert"])
+def test_a_distcp_file_given_alone_names_the_folder_to_pass(training_copy: Path, command: str) -> None:
+    path = training_copy / "__0_0.distcp"
+    before = sorted(p.name for p in training_copy.parent.rglob("*"))
+    extra = ["-o", str(training_copy.parent / "out.safetensors")] if command == "convert" else []
+    result = run(command, str(path), *extra)
+    assert result.exit_code == 3, result.stderr
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"statecli: error: {path}: a torch.distributed.checkpoint data file, which names none of its tensors: "
+        f"pass the folder ({training_copy}) or its .metadata\n"
+    )
+    assert sorted(p.name for p in training_copy.parent.rglob("*")) == before

@@ -14,6 +14,8 @@ INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 # torch < 1.6 (or _use_new_zipfile_serialization=False) starts with the pickled magic number 0x1950a86a20f9469cfc6c.
 LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
 LFS_PREFIX = b"version https://git-lfs"
+DCP_DATA_SUFFIX = ".distcp"
+DCP_METADATA = ".metadata"
 
 
 def read_raw(path: str) -> RawCheckpoint:
@@ -32,6 +34,37 @@ def read_raw(path: str) -> RawCheckpoint:
         return read_raw(_pick_in_folder(path))
     if not stat.S_ISREG(st.st_mode):
         raise InputError("not a regular file", path=path)
+    if path.endswith(DCP_DATA_SUFFIX):
+        # Its first bytes are often a torch.save zip with more stacked after it: read as one, it is "corrupt".
+        raise InputError(
+            f"a torch.distributed.checkpoint data file, which names none of its tensors: {_dcp_advice(path)}", path=path
+        )
+    try:
+        return _read_file(path, st)
+    except InputError as e:
+        if e.path != path or os.path.basename(path) == DCP_METADATA or not _beside_dcp_metadata(path):
+            raise
+        # A data file renamed: read alone it is no checkpoint, and the message says where the checkpoint is.
+        raise type(e)(
+            f"{e.message}; it sits beside a torch.distributed.checkpoint {DCP_METADATA}: if it is one of that "
+            f"checkpoint's data files, {_dcp_advice(path)}",
+            path=path,
+        ) from None
+
+
+def _beside_dcp_metadata(path: str) -> bool:
+    return os.path.isfile(os.path.join(os.path.dirname(path) or ".", DCP_METADATA))
+
+
+def _dcp_advice(path: str) -> str:
+    """What to pass instead of a torch.distributed.checkpoint data file."""
+    folder = os.path.dirname(path) or "."
+    if _beside_dcp_metadata(path):
+        return f"pass the folder ({folder}) or its {DCP_METADATA}"
+    return f"pass the folder that holds the checkpoint's {DCP_METADATA} (there is none in {folder})"
+
+
+def _read_file(path: str, st: os.stat_result) -> RawCheckpoint:
     if st.st_size == 0:
         raise InputError("empty file (0 bytes): not a checkpoint", path=path)
     try:
