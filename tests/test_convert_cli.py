@@ -218,6 +218,47 @@ def test_output_folder_missing(tmp_path: Path) -> None:
     assert code == 4 and "does not exist" in err
 
 
+def tree(folder: Path) -> dict[str, str]:
+    """Every entry under ``folder``: links with their target, files with their bytes."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        out[rel] = f"-> {os.readlink(p)}" if p.is_symlink() else "dir" if p.is_dir() else p.read_bytes().hex()
+    return out
+
+
+@pytest.mark.parametrize(
+    ("output", "message"),
+    [
+        ("afile/o.pt", "output folder {t}/afile is not a folder (it is a file)"),
+        ("afile/o.safetensors", "output folder {t}/afile is not a folder (it is a file)"),
+        ("afile/sub/o.pt", "output folder {t}/afile/sub does not exist: {t}/afile is not a folder (it is a file)"),
+        ("tofile/o.pt", "output folder {t}/tofile is not a folder (it is a symbolic link to the file afile)"),
+        ("dangling/o.pt", "output folder {t}/dangling is not a folder (it is a broken symbolic link to nowhere)"),
+        ("nowhere/o.pt", "output folder {t}/nowhere does not exist"),
+        ("dangling.pt", "output path is a broken symbolic link (to nowhere.pt); pass --force to replace the link"),
+    ],
+)
+def test_an_output_folder_that_is_not_one_is_named(tmp_path: Path, output: str, message: str) -> None:
+    (tmp_path / "afile").write_bytes(b"a file")
+    (tmp_path / "tofile").symlink_to("afile")
+    (tmp_path / "dangling").symlink_to("nowhere")
+    (tmp_path / "dangling.pt").symlink_to("nowhere.pt")
+    before = tree(tmp_path)
+    code, out, err = run("convert", CNN, "-o", str(tmp_path / output))
+    assert (code, out) == (4, "")
+    assert err == f"statecli: error: {tmp_path / output}: {message.format(t=tmp_path)}\n"
+    assert tree(tmp_path) == before
+
+
+def test_force_replaces_a_broken_link_not_its_target(tmp_path: Path) -> None:
+    (tmp_path / "o.pt").symlink_to("nowhere.pt")
+    code, _, err = run("convert", CNN, "-o", str(tmp_path / "o.pt"), "--force")
+    assert code == 0, err
+    assert listing(tmp_path) == ["o.pt"] and not (tmp_path / "o.pt").is_symlink()
+    assert list(torch.load(tmp_path / "o.pt")) == list(torch.load(CNN))
+
+
 def test_onto_the_input_is_refused(tmp_path: Path) -> None:
     src = tmp_path / "m.pt"
     src.write_bytes(Path(CNN).read_bytes())

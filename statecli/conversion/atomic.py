@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import PurePath
 
 from statecli.errors import OutputError
 
@@ -25,22 +27,68 @@ def _umask_mode() -> int:
 
 
 def check_destination(path: str, force: bool, inputs: list[str]) -> None:
-    """Refuse before any work: output onto an input, an existing output without --force, a missing or
-    read-only folder."""
+    """Refuse before any work: output onto an input, an existing output without --force, a folder that
+    is missing, not a folder, or read-only."""
     real = os.path.realpath(path)
     for src in inputs:
         if real == os.path.realpath(src):
             raise OutputError("refusing to convert onto the input file; choose another output path", path=path)
     folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise OutputError(f"output folder {folder} does not exist", path=path)
+    problem = folder_problem(folder)
+    if problem is not None:
+        raise OutputError(problem, path=path)
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError(f"output folder {folder} is not writable", path=path)
     if os.path.lexists(path):
         if os.path.isdir(path):
             raise OutputError("output path is a folder", path=path)
         if not force:
+            if os.path.islink(path) and not os.path.exists(path):
+                # --force replaces the link itself (a rename), never the file it names: say so.
+                raise OutputError(
+                    f"output path is a broken symbolic link (to {_link_target(path)}); "
+                    "pass --force to replace the link",
+                    path=path,
+                )
             raise OutputError("output exists; pass --force to replace it", path=path)
+
+
+def folder_problem(folder: str) -> str | None:
+    """Why new files cannot be made in ``folder`` (an absolute path), or None when it is a folder. The
+    first part of the path that is not a folder is named, with what it is: missing, a file, a link to a
+    file, a broken link."""
+    if os.path.isdir(folder):
+        return None
+    for part in [*map(str, reversed(PurePath(folder).parents)), folder]:
+        try:
+            st = os.stat(part)
+        except FileNotFoundError:
+            if os.path.islink(part):
+                what = f"{part} is not a folder (it is a broken symbolic link to {_link_target(part)})"
+                break
+            return f"output folder {folder} does not exist"
+        except OSError as e:
+            return f"output folder {folder} cannot be reached ({part}: {e.strerror or e})"
+        if stat.S_ISDIR(st.st_mode):
+            continue
+        if os.path.islink(part):
+            to = f"the file {_link_target(part)}" if stat.S_ISREG(st.st_mode) else _link_target(part)
+            what = f"{part} is not a folder (it is a symbolic link to {to})"
+        elif stat.S_ISREG(st.st_mode):
+            what = f"{part} is not a folder (it is a file)"
+        else:
+            what = f"{part} is not a folder"
+        break
+    else:
+        return f"output folder {folder} is not a folder"  # changed while it was looked at
+    return f"output folder {what}" if part == folder else f"output folder {folder} does not exist: {what}"
+
+
+def _link_target(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return "?"
 
 
 class PendingFile:
