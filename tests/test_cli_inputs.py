@@ -4,7 +4,6 @@ traceback, nothing on stdout, nothing written."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import zipfile
@@ -12,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from subproc import checkout_env
 
 
 def statecli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "NO_COLOR": "1"}
+    env = checkout_env(NO_COLOR="1")  # this checkout, not whichever statecli is installed
     return subprocess.run(
         [sys.executable, "-m", "statecli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=60
     )
