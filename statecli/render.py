@@ -139,7 +139,7 @@ class TensorGrid:
         self.rows: list[list[str]] = []
         for t in report.tensors:
             row = [
-                t.name,
+                t.name or "''",  # torch allows a key '' (JSON and CSV keep it empty; a blank cell reads as missing)
                 role_label(t),
                 t.evidence,
                 t.dtype,
@@ -474,7 +474,7 @@ def _container_text(report: Report) -> Text:
         text.append(clean(c.state_dict_at) or "(root)")
     if c.other_keys:
         text.append(" · other keys: ")
-        text.append(clean(", ".join(c.other_keys)))
+        text.append(clean(", ".join(k or "''" for k in c.other_keys)))  # a key may be the empty string
     if c.module_class:
         text.append(" · module class ")
         text.append(clean(c.module_class))

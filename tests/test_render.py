@@ -290,3 +290,10 @@ def test_multi_file_checkpoints_count_their_files() -> None:
     shards = tuple(tensor(f"w{i}", file=f"model-0000{i % 2 + 1}-of-00002.safetensors") for i in range(4))
     text = text_of(render.report_view(make_report(shards, format="sharded-safetensors")))
     assert "Format      sharded-safetensors · 20.0 KiB in 3 files" in text
+
+
+def test_an_empty_name_is_shown_as_two_quotes_not_a_blank_cell() -> None:
+    report = make_report((tensor(""), tensor("w")), container=Container("training", "model", ("", "epoch")))
+    lines = text_of(render.report_view(report)).splitlines()
+    assert lines[3].startswith("''  ") and lines[4].startswith("w   ")
+    assert "other keys: '', epoch" in text_of(render.report_view(report))
