@@ -182,7 +182,7 @@ def test_allow_overflow_writes_and_reports(tmp_path: Path) -> None:
     path = _save(tmp_path, "r.pt", {"big": torch.tensor([1.0, 7e4])})
     report = conv.convert(path, tmp_path / "o.safetensors", dtype="fp16", allow_overflow=True)
     assert report.stats["big"].overflow == 1
-    assert any(f.code == "overflow" and "big: 1 values" in f.message for f in report.findings)
+    assert any(f.code == "overflow" and f.message == "big: 1 value became ±inf in float16" for f in report.findings)
     assert torch.isinf(st_load(tmp_path / "o.safetensors")["big"][1])
 
 
@@ -213,6 +213,113 @@ def test_counts_span_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     t[30] = float("nan")
     _, stats = engine.cast(t, torch.float16)
     assert (stats.overflow, stats.underflow, stats.nonfinite) == (2, 1, 1)
+
+
+FP8 = [torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2, torch.float8_e5m2fnuz]
+NONFINITE = torch.tensor([1e6, 448.0, 1.0, -1e6, float("nan"), float("inf"), -float("inf")])
+
+
+def _oracle(x: torch.Tensor, dt: torch.dtype) -> tuple[int, int, int, str]:
+    """(overflow, NaN/inf in the input, infs not kept, what an inf becomes), all from torch's own cast."""
+    out = x.to(dt).to(torch.float64)
+    x64 = x.to(torch.float64)
+    finite = torch.isfinite(x64)
+    overflow = int((finite & (x64.abs() > torch.finfo(dt).max)).sum())
+    inf_changed = int((torch.isinf(x64) & (out != x64)).sum())
+    inf = float(torch.tensor(float("inf")).to(dt).to(torch.float64))
+    becomes = "±inf" if inf == float("inf") else "NaN" if inf != inf else f"±{inf:g}"
+    return overflow, int((~finite).sum()), inf_changed, becomes
+
+
+@pytest.mark.parametrize("dt", [*FP8, torch.float16, torch.bfloat16], ids=str)
+def test_an_inf_the_target_cannot_hold_is_counted_as_changed_not_kept(tmp_path: Path, dt: torch.dtype) -> None:
+    # float8_e4m3fn has no inf: torch makes an inf ±448 (the fnuz formats: NaN). The old note said "kept".
+    path = _save(tmp_path, "r.pt", {"big": NONFINITE})
+    overflow, nonfinite, inf_changed, becomes = _oracle(NONFINITE, dt)
+    assert (inf_changed == 0) == (dt in (torch.float8_e5m2, torch.float16, torch.bfloat16))  # torch's facts
+    report = conv.convert(path, tmp_path / "o.pt", dtype=str(dt).removeprefix("torch."), allow_overflow=True)
+    s = report.stats["big"]
+    assert (s.overflow, s.nonfinite, s.inf_changed) == (overflow, nonfinite, inf_changed)
+    got = tload(tmp_path / "o.pt")["big"]
+    assert same_bits(got, NONFINITE.to(dt))
+    assert torch.isnan(got.to(torch.float32)[4])  # every target keeps NaN
+    messages = {f.code: f.message for f in report.findings}
+    target = str(dt).removeprefix("torch.")
+    if inf_changed:
+        assert messages["inf-changed"] == (
+            f"big: 2 ±inf values in the input became {becomes} in {target}, which has no inf"
+        )
+        assert messages["nonfinite-input"] == "big: 1 NaN value in the input, kept"
+    else:
+        assert "inf-changed" not in messages
+        assert messages["nonfinite-input"] == "big: 3 NaN/inf values in the input, kept"
+    if overflow:
+        assert messages["overflow"] == f"big: {overflow} values became {becomes} in {target}"
+
+
+@pytest.mark.parametrize("dt", [torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz], ids=str)
+def test_an_inf_the_target_cannot_hold_is_an_error_like_overflow(tmp_path: Path, dt: torch.dtype) -> None:
+    path = _save(tmp_path, "r.pt", {"ok": torch.ones(2), "t": torch.tensor([1.0, float("inf"), -2.0])})
+    target = str(dt).removeprefix("torch.")
+    *_, becomes = _oracle(torch.ones(1), dt)
+    with pytest.raises(CheckFailedError) as e:
+        conv.convert(path, tmp_path / "o.safetensors", dtype=target)
+    assert e.value.exit_code == 1
+    assert e.value.message.startswith(
+        f"1 tensor would overflow to {becomes} in {target}, which has no inf: t (1 ±inf value). Nothing was written."
+    )
+    assert listing(tmp_path) == ["r.pt"]
+    with pytest.raises(CheckFailedError, match=r"t \(1 ±inf value\)"):
+        conv.load(path, dtype=target)
+
+
+def test_overflow_and_infs_are_named_together(tmp_path: Path) -> None:
+    path = _save(tmp_path, "r.pt", {"big": NONFINITE})
+    want = r"overflow to ±448 in float8_e4m3fn, which has no inf: big \(4 values, 2 of them ±inf\)"
+    with pytest.raises(CheckFailedError, match=want):
+        conv.convert(path, tmp_path / "o.pt", dtype="fp8")
+    assert listing(tmp_path) == ["r.pt"]
+
+
+@pytest.mark.parametrize("dt", FP8, ids=str)
+def test_nan_alone_is_kept_by_every_fp8_target(tmp_path: Path, dt: torch.dtype) -> None:
+    x = torch.tensor([1.0, float("nan"), -2.0])
+    assert torch.isnan(x.to(dt).to(torch.float32)[1])  # the fact the report relies on
+    path = _save(tmp_path, "r.pt", {"t": x})
+    report = conv.convert(path, tmp_path / "o.pt", dtype=str(dt).removeprefix("torch."))
+    s = report.stats["t"]
+    assert (s.overflow, s.nonfinite, s.inf_changed) == (0, 1, 0)
+    what = "NaN/inf" if _oracle(x, dt)[3] == "±inf" else "NaN"  # without an inf, only NaN can be kept
+    assert [f.message for f in report.findings] == [f"t: 1 {what} value in the input, kept"]
+    assert same_bits(tload(tmp_path / "o.pt")["t"], x.to(dt))
+
+
+def test_inf_counts_span_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from statecli.conversion import engine
+
+    monkeypatch.setattr(engine, "_CHUNK_ELEMENTS", 7)
+    t = torch.ones(50)
+    t[[2, 9, 48]] = float("inf")
+    t[30] = -float("inf")
+    t[17] = float("nan")
+    t[40] = 1000.0
+    _, stats = engine.cast(t, torch.float8_e4m3fn)
+    assert (stats.overflow, stats.nonfinite, stats.inf_changed) == (1, 5, 4)
+
+
+def test_a_clean_chunk_costs_one_min_max_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The range check stays cheap: values inside the target's range never reach isfinite / isinf.
+    from statecli.conversion import engine
+
+    calls = []
+    for name in ("isfinite", "isinf"):
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
+    engine.cast(torch.linspace(-400, 400, 1000), torch.float8_e4m3fn)  # warms _limits' probe of the target
+    calls.clear()
+    _, stats = engine.cast(torch.linspace(-400, 400, 1000), torch.float8_e4m3fn)
+    assert (stats.overflow, stats.nonfinite, stats.inf_changed) == (0, 0, 0)
+    assert calls == []
 
 
 # ----------------------------------------------------------------------------------------------- devices

@@ -145,7 +145,7 @@ def test_json_after_converting_has_the_counts(tmp_path: Path) -> None:
     assert doc["schema"] == "statecli.conversion/1"
     (t,) = doc["tensors"]
     assert (t["overflow"], t["underflow"], t["nonfinite"]) == (1, 1, 0)
-    assert "statecli: warning: t: 1 values became inf/NaN in float16" in err
+    assert "statecli: warning: t: 1 value became ±inf in float16" in err
     assert "statecli: warning: t: 1 non-zero values became zero in float16" in err
 
 
@@ -181,9 +181,33 @@ def test_overflow_exits_1_naming_tensors(tmp_path: Path) -> None:
     torch.save({"big": torch.tensor([1e6, 2e6]), "ok": torch.ones(2)}, tmp_path / "r.pt")
     code, out, err = run("convert", str(tmp_path / "r.pt"), "-o", str(tmp_path / "o.safetensors"), "--dtype", "fp16")
     assert code == 1
-    assert "1 tensor would overflow to inf/NaN in float16: big (2 values). Nothing was written." in err
+    assert "1 tensor would overflow to ±inf in float16: big (2 values). Nothing was written." in err
     assert out == ""
     assert listing(tmp_path) == ["r.pt"]
+
+
+def test_an_inf_that_fp8_e4m3fn_cannot_hold_is_reported_as_changed(tmp_path: Path) -> None:
+    # The review's case: the note said "2 NaN/inf values in the input, kept" while torch wrote 448 for the inf.
+    x = torch.tensor([1e6, 448.0, 1.0, -1e6, float("nan"), float("inf")])
+    torch.save({"big": x}, tmp_path / "ovf2.pt")
+    args = ["convert", str(tmp_path / "ovf2.pt"), "-o", str(tmp_path / "o8.pt"), "--dtype", "fp8"]
+    code, out, err = run(*args)
+    assert code == 1
+    assert (
+        "statecli: error: 1 tensor would overflow to ±448 in float8_e4m3fn, which has no inf: "
+        "big (3 values, 1 of them ±inf). Nothing was written." in err
+    )
+    assert out == "" and listing(tmp_path) == ["ovf2.pt"]
+    code, out, err = run(*args, "--allow-overflow", "-q")
+    assert code == 0, err
+    assert err.splitlines() == [
+        "statecli: warning: big: 2 values became ±448 in float8_e4m3fn",
+        "statecli: warning: big: 1 ±inf value in the input became ±448 in float8_e4m3fn, which has no inf",
+        "statecli: note: big: 1 NaN value in the input, kept",
+    ]
+    got = torch.load(tmp_path / "o8.pt", weights_only=True)["big"]
+    assert torch.equal(got.view(torch.uint8), x.to(torch.float8_e4m3fn).view(torch.uint8))
+    assert float(got[5]) == 448.0  # what the warning says: torch saturates the inf
 
 
 @pytest.mark.parametrize(

@@ -94,7 +94,8 @@ def convert_command(
         bool,
         typer.Option(
             "--allow-overflow",
-            help="Write even when values overflow to inf/NaN in the target dtype (a warning, not exit 1).",
+            help="Write even when values overflow the target dtype (to ±inf; ±448 in float8_e4m3fn; NaN in the "
+            "fnuz formats) or an input inf cannot be kept (a warning, not exit 1).",
             rich_help_panel=DTYPE,
         ),
     ] = False,
@@ -165,10 +166,11 @@ def convert_command(
 ) -> None:
     """Convert a checkpoint's dtype, device or file format the way nn.Module.to() would, losing nothing.
 
-    Only floating tensors change dtype (num_batches_tracked stays int64). Values that would overflow to
-    inf in the target dtype stop the conversion (exit 1) unless --allow-overflow; values that flush to
-    zero are reported. Tied weights stay tied. Output appears whole or not at all, and is read back and
-    checked before it gets its name. No pickle code runs.
+    Only floating tensors change dtype (num_batches_tracked stays int64). Values that would overflow the
+    target dtype, and infinities it cannot hold (fp8 e4m3fn has none), stop the conversion (exit 1)
+    unless --allow-overflow; values that flush to zero are reported. Tied weights stay tied. Output
+    appears whole or not at all, and is read back and checked before it gets its name. No pickle code
+    runs.
 
     Examples:
 

@@ -43,14 +43,16 @@ _SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 class CastStats:
     """What a cast did to the values: counted, never guessed."""
 
-    overflow: int = 0  # finite values that became ±inf (or NaN in formats without inf)
+    overflow: int = 0  # finite values that became ±inf (±448 in float8_e4m3fn, NaN in the fnuz formats)
     underflow: int = 0  # finite non-zero values that became zero
     nonfinite: int = 0  # NaN/inf already in the input (reported, not created)
+    inf_changed: int = 0  # of those, ±inf the target has no inf for: became ±max or NaN, not kept
 
     def add(self, other: CastStats) -> None:
         self.overflow += other.overflow
         self.underflow += other.underflow
         self.nonfinite += other.nonfinite
+        self.inf_changed += other.inf_changed
 
 
 @dataclass(slots=True)
@@ -75,6 +77,7 @@ class ConversionReport:
             t["overflow"] = s.overflow if s else 0
             t["underflow"] = s.underflow if s else 0
             t["nonfinite"] = s.nonfinite if s else 0
+            t["inf_changed"] = s.inf_changed if s else 0
         out["notes"] = [f.to_dict() for f in [*self.plan.notes, *self.findings]]
         return out
 
@@ -152,6 +155,13 @@ def _torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
+def _real(dt: torch.dtype) -> torch.dtype:
+    """The real dtype of a complex one's parts; a real dtype itself."""
+    import torch
+
+    return {torch.complex32: torch.float16, torch.complex64: torch.float32, torch.complex128: torch.float64}.get(dt, dt)
+
+
 def _checkable(t: torch.Tensor) -> torch.Tensor:
     """``t`` in a dtype whose reductions torch implements on CPU (not float8, not complex32)."""
     import torch
@@ -162,39 +172,58 @@ def _checkable(t: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def _limits(dst_dtype: torch.dtype) -> tuple[float, float | None]:
-    """(largest magnitude that surely survives the cast, saturation threshold or None).
+def _limits(dst_dtype: torch.dtype) -> tuple[float, float | None, bool]:
+    """(largest magnitude that surely survives the cast, saturation threshold or None, has an inf).
 
     float8_e4m3fn has no inf and torch's cast saturates at ±448: overflow leaves no inf to count, so it
     is counted from the input. Halfway to the next step above 448 (480) is where a value stops merely
-    rounding to 448: beyond 464 the cast changed the value.
+    rounding to 448: beyond 464 the cast changed the value. Whether the target has an inf is asked of
+    torch itself (float8_e4m3fn makes an inf ±448; float8_e4m3fnuz and float8_e5m2fnuz make it NaN).
     """
     import torch
 
-    real = {torch.complex32: torch.float16, torch.complex64: torch.float32, torch.complex128: torch.float64}
-    info = torch.finfo(real.get(dst_dtype, dst_dtype))
-    return float(info.max), 464.0 if dst_dtype == torch.float8_e4m3fn else None
+    real = _real(dst_dtype)
+    info = torch.finfo(real)
+    has_inf = bool(torch.isinf(torch.tensor(float("inf")).to(real).to(torch.float32)))
+    return float(info.max), 464.0 if dst_dtype == torch.float8_e4m3fn else None, has_inf
+
+
+@functools.cache
+def beyond_range(target: str) -> str:
+    """What a value beyond ``target``'s range (and an inf) becomes: ``±inf``, ``±448`` or ``NaN``, as torch casts."""
+    import torch
+
+    got = torch.tensor(float("inf")).to(_real(_torch_dtype(target))).to(torch.float64)
+    if torch.isinf(got):
+        return "±inf"
+    if torch.isnan(got):
+        return "NaN"
+    return f"±{float(got):g}"
 
 
 def _count_range(s: torch.Tensor, o: torch.Tensor, dst_dtype: torch.dtype, stats: CastStats) -> None:
     """Add one chunk's overflow, underflow and NaN/inf counts (``o`` is ``s`` cast)."""
     import torch
 
-    safe, saturate = _limits(dst_dtype)
+    safe, saturate, has_inf = _limits(dst_dtype)
     sc = _checkable(s)
     oc = _checkable(o)
     size = sc.numel()
     if size:
         real = torch.view_as_real(sc) if sc.is_complex() else sc
         # One min/max pass clears almost every chunk: isfinite is ~30x slower than aminmax on CPU.
+        # An inf fails it too, so counting infs the target cannot hold costs nothing in the common case.
         lo, hi = torch.aminmax(real)
         if not (float(lo) >= -safe and float(hi) <= safe):  # NaN fails both comparisons
             bad_in = size - int(torch.count_nonzero(torch.isfinite(sc)))
             stats.nonfinite += bad_in
+            if bad_in and not has_inf:  # complex targets all have inf: only a real source gets here
+                stats.inf_changed += int(torch.count_nonzero(torch.isinf(real)))
             if saturate is not None:
                 stats.overflow += int(torch.count_nonzero((real.abs() > saturate) & torch.isfinite(real)))
             else:
-                # A non-finite input stays non-finite, so the difference is what the cast broke.
+                # A non-finite input stays non-finite (an inf may become NaN), so the difference is what
+                # the cast broke.
                 stats.overflow += size - int(torch.count_nonzero(torch.isfinite(oc))) - bad_in
     # A zero stays zero, so the difference is what flushed to zero; the input is scanned only when needed.
     zero_out = size - int(torch.count_nonzero(oc))
@@ -488,17 +517,32 @@ class _Feeder:
 
 
 def _overflow_error(report: ConversionReport) -> CheckFailedError | None:
-    bad = [(name, s.overflow) for name, s in report.stats.items() if s.overflow]
+    bad = [(name, s) for name, s in report.stats.items() if s.overflow or s.inf_changed]
     if not bad:
         return None
-    target = report.plan.target_dtype
-    lines = ", ".join(f"{name} ({n} value{'s' if n != 1 else ''})" for name, n in bad[:20])
+    target = report.plan.target_dtype or ""
+    beyond = beyond_range(target)
+    no_inf = "" if beyond == "±inf" else ", which has no inf"
+    lines = ", ".join(f"{name} ({_out_of_range(s)})" for name, s in bad[:20])
     more = f" and {len(bad) - 20} more" if len(bad) > 20 else ""
     return CheckFailedError(
-        f"{len(bad)} tensor{'s' if len(bad) != 1 else ''} would overflow to inf/NaN in {target}: {lines}{more}. "
+        f"{_count(len(bad), 'tensor')} would overflow to {beyond} in {target}{no_inf}: {lines}{more}. "
         "Nothing was written. Keep them in their dtype with --exclude GLOB (or --keep-buffers), convert to a "
         "wider dtype such as bf16, or accept it with --allow-overflow"
     )
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'s' if n != 1 else ''}"
+
+
+def _out_of_range(s: CastStats) -> str:
+    """``2 values``, ``1 ±inf value`` or ``3 values, 1 of them ±inf``: what the target cannot hold."""
+    if not s.inf_changed:
+        return _count(s.overflow, "value")
+    if not s.overflow:
+        return _count(s.inf_changed, "±inf value")
+    return f"{s.overflow + s.inf_changed} values, {s.inf_changed} of them ±inf"
 
 
 def output_paths(plan: Plan) -> list[str]:
@@ -602,16 +646,25 @@ def _stale_shards(folder: str, paths: list[str]) -> list[Finding]:
 
 
 def range_findings(stats: dict[str, CastStats], target: str | None) -> list[Finding]:
-    """Overflow (allowed), underflow and NaN/inf already in the input, one finding per tensor."""
+    """Overflow (allowed), underflow, infinities the target has no inf for, and NaN/inf already in the
+    input that the output keeps, one finding per tensor and kind."""
     out = []
     for name, s in stats.items():
+        beyond = beyond_range(target) if target and (s.overflow or s.nonfinite) else "±inf"
         if s.overflow:
-            out.append(Finding("warning", "overflow", f"{name}: {s.overflow} values became inf/NaN in {target}"))
+            msg = f"{name}: {_count(s.overflow, 'value')} became {beyond} in {target}"
+            out.append(Finding("warning", "overflow", msg))
         if s.underflow:
             msg = f"{name}: {s.underflow} non-zero values became zero in {target}"
             out.append(Finding("warning", "underflow", msg))
-        if s.nonfinite:
-            out.append(Finding("info", "nonfinite-input", f"{name}: {s.nonfinite} NaN/inf values in the input, kept"))
+        if s.inf_changed:
+            infs = _count(s.inf_changed, "±inf value")
+            msg = f"{name}: {infs} in the input became {beyond} in {target}, which has no inf"
+            out.append(Finding("warning", "inf-changed", msg))
+        kept = s.nonfinite - s.inf_changed
+        if kept:
+            what = _count(kept, "NaN/inf value" if beyond == "±inf" else "NaN value")  # without an inf only NaN is kept
+            out.append(Finding("info", "nonfinite-input", f"{name}: {what} in the input, kept"))
     return out
 
 
