@@ -519,6 +519,58 @@ def test_missing_select_key_lists_what_there_is(tmp_path: Path) -> None:
     assert listing(tmp_path) == []
 
 
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def test_dcp_select_takes_the_top_level_key_that_inspect_shows(tmp_path: Path) -> None:
+    # The stored names are optim.state.…; --select optim used to be refused and then suggested.
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    src = SAMPLES / "dcp_training"
+    assert {t.name.split(".")[0] for t in statecli.open_checkpoint(src).tensors if t.group != "model"} == {"optim"}
+    sd = conv.load(src, select="optim")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "... assuming the intent is to load in a single process"
+        want = {k: v for k, v in _flat(_load_state_dict_from_keys(checkpoint_id=str(src))["optim"]).items()}
+    want = {k: v for k, v in want.items() if isinstance(v, torch.Tensor)}
+    assert sorted(sd) == sorted(want) and "state.conv1.weight.exp_avg" in sd
+    for k, v in want.items():
+        assert same_bits(sd[k], v), k
+    out = tmp_path / "o.safetensors"
+    conv.convert(src, out, select="optim", dtype="bf16")
+    assert same_bits(st_load(out)["state.fc.bias.exp_avg_sq"], want["state.fc.bias.exp_avg_sq"].bfloat16())
+
+
+SAMPLE_INPUTS = sorted(
+    p.name for p in SAMPLES.iterdir() if not p.name.endswith((".py", ".md")) and "malicious" not in p.name
+)
+
+
+@pytest.mark.parametrize("sample", SAMPLE_INPUTS)
+def test_every_select_key_suggested_works(tmp_path: Path, sample: str) -> None:
+    with pytest.raises(UsageError, match=r"--select 'nope' names no tensors") as e:
+        conv.plan(SAMPLES / sample, tmp_path / "o.pt", select="nope")
+    suggested = e.value.message.split("try one of: ")[1].split(", ")
+    assert suggested
+    for key in suggested:
+        try:
+            assert conv.plan(SAMPLES / sample, tmp_path / "o.pt", select=key).items, key
+        except UnsupportedFormatError as err:  # selected, then refused for another reason
+            assert "is quantized" in err.message, key
+
+
+def test_dcp_suggestions_name_the_key_not_the_internal_group(tmp_path: Path) -> None:
+    with pytest.raises(UsageError) as e:
+        conv.plan(SAMPLES / "dcp_training", tmp_path / "o.pt", select="nope")
+    assert e.value.message.endswith("try one of: bn1, bn2, conv1, conv2, fc, model, optim")
+
+
 def test_name_collision_after_strip_prefix_is_an_error(tmp_path: Path) -> None:
     path = _save(tmp_path, "c.pt", {"module.w": torch.ones(1), "w": torch.zeros(1)})
     with pytest.raises(UsageError, match=r"'module\.w' and 'w' would both be named 'w'"):

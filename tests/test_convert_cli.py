@@ -170,6 +170,18 @@ def test_bad_options(tmp_path: Path, args: list[str], code: int, message: str) -
         assert listing(tmp_path) == []
 
 
+def test_dcp_select_accepts_the_key_it_suggests(tmp_path: Path) -> None:
+    dcp = str(SAMPLES / "dcp_training")
+    code, _, err = run("convert", dcp, "-o", str(tmp_path / "s.pt"), "--select", "nope")
+    assert code == 2
+    assert err.rstrip().endswith("try one of: bn1, bn2, conv1, conv2, fc, model, optim")
+    code, _, err = run("convert", dcp, "-o", str(tmp_path / "s.pt"), "--select", "optim", "-q")
+    assert code == 0, err
+    assert err == "statecli: note: 16 tensors left out: outside --select optim\n"
+    sd = torch.load(tmp_path / "s.pt", weights_only=True)
+    assert len(sd) == 30 and "state.conv1.weight.exp_avg" in sd
+
+
 def test_unknown_output_extension(tmp_path: Path) -> None:
     code, _, err = run("convert", CNN, "-o", str(tmp_path / "o.npz"))
     assert code == 2

@@ -104,8 +104,9 @@ def convert_command(
         typer.Option(
             "--select",
             metavar="KEY",
-            help="Convert this sub-dict of the checkpoint (model, state_dict, ema, ...) instead of the model "
-            "statecli finds. Optimizer state is never written.",
+            help="Convert this sub-dict of the checkpoint instead of the model statecli finds: a top-level key "
+            "as inspect's names show it (ema, optimizer, optim, ...), the model's key (model, state_dict) or "
+            "one of its sub-modules; KEY. is removed from the names. Optimizer state is left out unless selected.",
             rich_help_panel=SELECTION,
             show_default=False,
         ),

@@ -207,33 +207,71 @@ def output_format(output: str, options: ConvertOptions) -> str:
     )
 
 
+def _inside(t: TensorInfo, key: str | None, model_key: str | None) -> str | None:
+    """``t``'s name inside ``--select key``, or None when the selection leaves it out.
+
+    A key is what the user sees: the model's own key (the default), a top-level key of the checkpoint
+    (``ema``, ``optimizer``; DCP's ``optim``, whose tensors the reader puts in the group ``optimizer``)
+    or a sub-module of the model (``encoder``). A reader's group name selects its tensors too.
+    """
+    if key is None or key == model_key:
+        return t.name if t.group == "model" else None
+    prefix = key + "."
+    if t.name.startswith(prefix):
+        return t.name.removeprefix(prefix)
+    return t.name if t.group == key else None
+
+
+def _keeps(t: TensorInfo) -> str | None:
+    """Why a selected tensor is still not written (None: it is)."""
+    if t.persistent is False and t.role == "buffer":
+        return "non-persistent buffer: state_dict() leaves it out"
+    if _module_attribute(t):
+        return "plain tensor attribute of a module: not in its state_dict()"
+    return None
+
+
+def select_keys(report: Report) -> list[str]:
+    """The ``--select`` keys that give a non-empty output: the first part of a written tensor's name, the
+    model's key, and a group name where no name shows it (``constants`` of a .pt2). A group whose names
+    all start with another key (DCP's ``optimizer`` for ``optim.…``) is offered under that key alone."""
+    keys: set[str] = set()
+    group_tops: dict[str, set[str]] = {}
+    model_key = report.container.state_dict_at
+    for t in report.tensors:
+        if _keeps(t) is not None:
+            continue
+        top, dot, _ = t.name.partition(".")
+        if dot:
+            keys.add(top)
+        group_tops.setdefault(t.group, set()).add(top if dot else "")
+        if t.group == "model" and model_key:
+            keys.add(model_key)
+    for group, tops in group_tops.items():
+        if group not in keys and (len(tops) != 1 or "" in tops):
+            keys.add(group)
+    return sorted(keys)
+
+
 def _select(report: Report, key: str | None) -> tuple[list[tuple[TensorInfo, str]], list[Dropped]]:
     """The tensors that form the output's state dict, each with its name inside the selection."""
     kept: list[tuple[TensorInfo, str]] = []
     dropped: list[Dropped] = []
-    container = report.container
-    model_key = container.state_dict_at
+    model_key = report.container.state_dict_at
     for t in report.tensors:
-        if key is None or key == model_key:
-            inside = t.group == "model"
-            name = t.name
-        else:
-            prefix = key + "."
-            inside = t.group == key or (t.group == "model" and t.name.startswith(prefix))
-            name = t.name.removeprefix(prefix) if inside else t.name
-        if not inside:
+        name = _inside(t, key, model_key)
+        if name is None:
             dropped.append(Dropped(t.name, t.group, _why_not(t, key)))
             continue
-        if t.persistent is False and t.role == "buffer":
-            dropped.append(Dropped(t.name, t.group, "non-persistent buffer: state_dict() leaves it out"))
-            continue
-        if _module_attribute(t):
-            dropped.append(Dropped(t.name, t.group, "plain tensor attribute of a module: not in its state_dict()"))
+        why = _keeps(t)
+        if why is not None:
+            dropped.append(Dropped(t.name, t.group, why))
             continue
         kept.append((t, name))
     if not kept and key is not None:
-        groups = sorted({t.group for t in report.tensors} | {t.name.split(".", 1)[0] for t in report.tensors})
-        raise UsageError(f"--select {key!r} names no tensors in {report.path}; try one of: {', '.join(groups[:20])}")
+        keys = select_keys(report)
+        hint = f"; try one of: {', '.join(keys[:20])}" if keys else ""
+        raise UsageError(f"--select {key!r} names no tensors in {report.path}{hint}")
     return kept, dropped
 
 
@@ -382,8 +420,8 @@ def build_plan(report: Report, output: str, options: ConvertOptions) -> Plan:
         for reason, left in by_reason.items():
             notes.append(Finding("info", "dropped", _left_out(left, reason)))
     if not items:
-        groups = sorted({t.group for t in report.tensors if t.group != "model"})
-        hint = f"; its tensors are under {', '.join(groups)} (--select {groups[0]})" if groups else ""
+        keys = select_keys(report)
+        hint = f"; to convert another part, --select one of: {', '.join(keys[:20])}" if keys else ""
         raise UsageError(f"nothing to convert: no model tensors found in {report.path}{hint}")
     return Plan(report, output, fmt, options, items, dropped, notes)
 
