@@ -571,6 +571,72 @@ def test_dcp_suggestions_name_the_key_not_the_internal_group(tmp_path: Path) -> 
     assert e.value.message.endswith("try one of: bn1, bn2, conv1, conv2, fc, model, optim")
 
 
+# ----------------------------------------------------------------------------------------------- --only / --exclude
+
+
+@pytest.mark.parametrize("api", ["convert", "plan", "load"])
+@pytest.mark.parametrize("dtype", ["bf16", None])
+def test_an_only_glob_that_matches_nothing_is_a_usage_error(tmp_path: Path, api: str, dtype: str | None) -> None:
+    # A mistyped --only used to write every tensor in its old dtype and exit 0.
+    call = {"convert": conv.convert, "plan": conv.plan, "load": lambda src, _dst, **kw: conv.load(src, **kw)}[api]
+    with pytest.raises(UsageError, match=r"^--only 'nomatch\*' matches no tensor in .*tied_lm\.pt") as e:
+        call(SAMPLES / "tied_lm.pt", tmp_path / "o.pt", dtype=dtype, only=["embed.*", "nomatch*"])
+    assert e.value.exit_code == 2
+    assert "'embed.*'" not in e.value.message  # only the glob that matched nothing is named
+    assert listing(tmp_path) == []
+
+
+def test_each_only_glob_that_matches_nothing_is_named(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match=r"^--only 'x\*' and --only 'y\*' match no tensor"):
+        conv.plan(SAMPLES / "tied_lm.pt", tmp_path / "o.pt", dtype="bf16", only=["x*", "y*"])
+
+
+def test_an_only_glob_that_matches_only_left_out_tensors_says_so(tmp_path: Path) -> None:
+    want = r"\('optimizer\.\*' matches only tensors left out: optimizer\.state\.0\.step, optimizer state\)"
+    with pytest.raises(UsageError, match=want):
+        conv.plan(SAMPLES / "training_adam.pt", tmp_path / "o.pt", dtype="bf16", only=["optimizer.*"])
+
+
+@pytest.mark.parametrize(
+    ("options", "glob"),
+    [
+        ({"strip_prefix": ["model."], "add_prefix": "x."}, "x.fc.*"),  # the output name
+        ({"strip_prefix": ["model."], "add_prefix": "x."}, "model.fc.*"),  # the name in the file
+        ({"select": "model"}, "fc.*"),  # the name inside --select
+    ],
+)
+def test_an_only_glob_may_match_any_of_the_names_a_tensor_has(
+    tmp_path: Path, options: dict[str, Any], glob: str
+) -> None:
+    p = conv.plan(SAMPLES / "lightning.ckpt", tmp_path / "o.pt", dtype="fp16", only=[glob], **options)
+    assert {i.name.rsplit(".", 2)[-2] for i in p.items if i.action == "cast"} == {"fc"}
+
+
+def test_an_only_glob_matching_integer_tensors_matches(tmp_path: Path) -> None:
+    # It names tensors that exist; that they never change dtype is the rule, not a typo.
+    p = conv.plan(SAMPLES / "cnn_bn_state_dict.pt", tmp_path / "o.pt", dtype="fp16", only=["*.num_batches_tracked"])
+    assert not any(i.action == "cast" for i in p.items) and not p.notes
+
+
+def test_an_exclude_glob_that_matches_nothing_is_a_warning(tmp_path: Path) -> None:
+    out = tmp_path / "o.pt"
+    report = conv.convert(SAMPLES / "cnn_bn_state_dict.pt", out, dtype="fp16", exclude=["*.bias", "head.*"])
+    assert [(n.level, n.code, n.message) for n in report.plan.notes] == [
+        ("warning", "exclude-matches-nothing", "--exclude 'head.*' matches no tensor: it leaves nothing out")
+    ]
+    sd = tload(out)
+    assert sd["fc.bias"].dtype == torch.float32 and sd["fc.weight"].dtype == torch.float16
+
+
+def test_globs_without_dtype_are_checked_and_said_to_change_nothing(tmp_path: Path) -> None:
+    p = conv.plan(SAMPLES / "cnn_bn_state_dict.pt", tmp_path / "o.pt", only=["conv*"], exclude=["nope"])
+    assert [n.message for n in p.notes] == [
+        "--exclude 'nope' matches no tensor: it leaves nothing out",
+        "--only / --exclude choose what --dtype casts; without --dtype nothing is cast",
+    ]
+    assert all(i.action == "keep" for i in p.items)
+
+
 def test_name_collision_after_strip_prefix_is_an_error(tmp_path: Path) -> None:
     path = _save(tmp_path, "c.pt", {"module.w": torch.ones(1), "w": torch.zeros(1)})
     with pytest.raises(UsageError, match=r"'module\.w' and 'w' would both be named 'w'"):

@@ -170,6 +170,26 @@ def test_bad_options(tmp_path: Path, args: list[str], code: int, message: str) -
         assert listing(tmp_path) == []
 
 
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
+def test_an_only_glob_that_matches_nothing_exits_2_and_writes_nothing(tmp_path: Path, dry_run: list[str]) -> None:
+    # The review's case: it used to write every tensor in full precision and exit 0.
+    tied = str(SAMPLES / "tied_lm.pt")
+    args = ["-o", str(tmp_path / "nm.pt"), "--only", "nomatch*", "--dtype", "bf16", *dry_run]
+    code, out, err = run("convert", tied, *args)
+    assert code == 2
+    assert err.startswith(f"statecli: error: --only 'nomatch*' matches no tensor in {tied}: ")
+    assert "Traceback" not in err and out == ""
+    assert listing(tmp_path) == []
+
+
+def test_an_exclude_glob_that_matches_nothing_is_a_warning_on_stderr(tmp_path: Path) -> None:
+    args = ["--exclude", "head.*", "--exclude", "*.bias", "--dtype", "fp16", "-q"]
+    code, out, err = run("convert", CNN, "-o", str(tmp_path / "o.pt"), *args)
+    assert code == 0, err
+    assert err == "statecli: warning: --exclude 'head.*' matches no tensor: it leaves nothing out\n"
+    assert out == "" and listing(tmp_path) == ["o.pt"]
+
+
 def test_dcp_select_accepts_the_key_it_suggests(tmp_path: Path) -> None:
     dcp = str(SAMPLES / "dcp_training")
     code, _, err = run("convert", dcp, "-o", str(tmp_path / "s.pt"), "--select", "nope")

@@ -75,7 +75,8 @@ def convert_command(
         typer.Option(
             "--only",
             metavar="GLOB",
-            help="Only tensors whose name matches change dtype; repeatable.",
+            help="Only tensors whose name matches change dtype; repeatable. Each glob must match a tensor "
+            "(exit 2 otherwise).",
             rich_help_panel=DTYPE,
             show_default=False,
         ),
@@ -85,7 +86,7 @@ def convert_command(
         typer.Option(
             "--exclude",
             metavar="GLOB",
-            help="Tensors whose name matches keep their dtype; repeatable.",
+            help="Tensors whose name matches keep their dtype; repeatable. A glob that matches nothing is a warning.",
             rich_help_panel=DTYPE,
             show_default=False,
         ),

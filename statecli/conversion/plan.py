@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
+from fnmatch import fnmatchcase, translate
 from typing import Any
 
 from statecli import dtypes
@@ -423,7 +424,58 @@ def build_plan(report: Report, output: str, options: ConvertOptions) -> Plan:
         keys = select_keys(report)
         hint = f"; to convert another part, --select one of: {', '.join(keys[:20])}" if keys else ""
         raise UsageError(f"nothing to convert: no model tensors found in {report.path}{hint}")
+    if options.only or options.exclude:
+        triples = ((i.name, inner, t.name) for i, (t, inner) in zip(items, selected, strict=True))
+        notes.extend(_check_globs(report, options, triples, dropped))
     return Plan(report, output, fmt, options, items, dropped, notes)
+
+
+def _check_globs(
+    report: Report, options: ConvertOptions, names: Iterable[tuple[str, str, str]], dropped: list[Dropped]
+) -> list[Finding]:
+    """Every ``--only`` glob must match a tensor the output holds; an ``--exclude`` glob that matches none
+    is a warning. A mistyped ``--only`` would otherwise write every tensor in its old dtype and exit 0;
+    one exclude list is often applied to many models, so an exclude glob may fit only some of them.
+
+    A glob matches as ``_dtype_decision`` matches: any of the output name, the name inside --select and
+    the name in the file. The check is the same with or without --dtype, so a command line that passes
+    a dry run without --dtype does not fail once --dtype is added.
+    """
+    globs = list(dict.fromkeys((*options.only, *options.exclude)))
+    pending = [(g, re.compile(translate(g)).match) for g in globs]
+    for triple in names:
+        if not pending:
+            break
+        pending = [(g, m) for g, m in pending if not any(m(n) for n in triple)]
+    unmatched = {g for g, _ in pending}
+    bad_only = [g for g in options.only if g in unmatched]
+    if bad_only:
+        which = " and ".join(f"--only {g!r}" for g in bad_only)
+        verb = "matches" if len(bad_only) == 1 else "match"
+        left_out = [(g, d) for g in bad_only for d in dropped if fnmatchcase(d.name, g)]
+        hint = ""
+        if left_out:
+            g, d = left_out[0]
+            hint = f" ({g!r} matches only tensors left out: {d.name}, {d.reason})"
+        raise UsageError(
+            f"{which} {verb} no tensor in {report.path}{hint}: a mistyped glob would leave tensors in their "
+            "dtype. A glob matches a tensor's name in the file, inside --select, or in the output (after "
+            "--strip-prefix / --add-prefix); statecli inspect lists the names"
+        )
+    notes = [
+        Finding("warning", "exclude-matches-nothing", f"--exclude {g!r} matches no tensor: it leaves nothing out")
+        for g in options.exclude
+        if g in unmatched
+    ]
+    if options.dtype is None and (options.only or options.exclude):
+        notes.append(
+            Finding(
+                "warning",
+                "globs-without-dtype",
+                "--only / --exclude choose what --dtype casts; without --dtype nothing is cast",
+            )
+        )
+    return notes
 
 
 def _left_out(names: list[str], reason: str) -> str:
