@@ -421,8 +421,8 @@ def build_plan(report: Report, output: str, options: ConvertOptions) -> Plan:
         for reason, left in by_reason.items():
             notes.append(Finding("info", "dropped", _left_out(left, reason)))
     if not items:
-        keys = select_keys(report)
-        hint = f"; to convert another part, --select one of: {', '.join(keys[:20])}" if keys else ""
+        groups = sorted({t.group for t in report.tensors if t.group != "model"})  # each works as a --select key
+        hint = f"; its tensors are under {', '.join(groups)} (--select {groups[0]})" if groups else ""
         raise UsageError(f"nothing to convert: no model tensors found in {report.path}{hint}")
     if options.only or options.exclude:
         triples = ((i.name, inner, t.name) for i, (t, inner) in zip(items, selected, strict=True))
