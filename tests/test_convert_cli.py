@@ -392,3 +392,26 @@ def test_file_size_limit_is_exit_4_and_leaves_nothing(tmp_path: Path, big_checkp
     assert "file size limit reached" in proc.stderr and "nothing was written" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert listing(tmp_path) == []
+
+
+def test_shards_under_a_file_name_the_file(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_bytes(b"x")
+    code, out, err = run("convert", CNN, "-o", str(tmp_path / "afile" / "out") + "/", "--max-shard-size", "4KB")
+    assert code == 4 and out == ""
+    assert f"output folder {tmp_path / 'afile'} is not a folder (it is a file)" in err
+    assert listing(tmp_path) == ["afile"]
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_a_key_that_is_the_empty_string_converts_as_itself(tmp_path: Path, suffix: str) -> None:
+    src = tmp_path / "e.pt"
+    torch.save({"": torch.ones(2), "w": torch.zeros(1)}, src)
+    dst = tmp_path / f"out{suffix}"
+    code, _, err = run("convert", str(src), "-o", str(dst), "-q")
+    assert code == 0, err
+    if suffix == ".pt":
+        assert list(torch.load(dst, weights_only=True)) == ["", "w"]
+    else:
+        from safetensors.torch import load_file
+
+        assert sorted(load_file(dst)) == ["", "w"]

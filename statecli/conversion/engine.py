@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from statecli import dtypes
-from statecli.conversion.atomic import PendingFile, check_destination, output_error, sync_folder
+from statecli.conversion.atomic import PendingFile, check_destination, folder_problem, output_error, sync_folder
 from statecli.conversion.plan import DEFAULT_SHARD_SIZE, INDEX_NAME, Plan, PlanItem
 from statecli.conversion.source import Source, byte_view
 from statecli.conversion.zipwriter import ZipWriter
@@ -570,8 +570,8 @@ def execute(plan: Plan, progress: Progress | None = None) -> ConversionReport:
             for p in paths:
                 check_destination(p, plan.options.force, inputs)
             report.findings.extend(_stale_shards(folder, paths))
-        elif not os.path.isdir(os.path.dirname(folder)):
-            raise OutputError(f"output folder's parent {os.path.dirname(folder)} does not exist", path=plan.output)
+        elif (problem := folder_problem(os.path.dirname(folder))) is not None:
+            raise OutputError(problem, path=plan.output)
         elif os.path.lexists(folder):
             raise OutputError("output path exists and is not a folder", path=plan.output)
         else:

@@ -374,7 +374,7 @@ def build_plan(report: Report, output: str, options: ConvertOptions) -> Plan:
     names: dict[str, str] = {}
     for t, inner in selected:
         out = _rename(inner, options)
-        if not out:
+        if not out and inner:  # a key '' is legal in torch; only a rename that empties a name is refused
             raise UsageError(f"tensor {t.name!r} would have an empty name after --strip-prefix")
         if out in names:
             raise UsageError(
