@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from statecli.records import Report, TensorInfo, Totals
 
@@ -23,8 +23,7 @@ DEFAULT_DEPTH = 3
 _ZERO = Totals()
 
 
-@dataclass(frozen=True, slots=True)
-class Charge:
+class Charge(NamedTuple):  # not a dataclass: this module is imported by every command, and those cost ~1 ms each
     """What one tensor adds to its modules' totals: ``nbytes`` of storage, or nothing when ``carrier``
     (an earlier tensor on the same storage) already counted it."""
 

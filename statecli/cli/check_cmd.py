@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -219,14 +218,17 @@ def check_command(
         raise typer.Exit(code)
 
 
-@dataclass(frozen=True, slots=True)
 class Unreadable:
     """A path given with others that could not be checked: the error stderr reported, kept for the report so
     that a CI report names every file it was given."""
 
-    path: str
-    message: str
-    exit_code: int
+    # A plain class: a dataclass is built at import, and every command pays for check's imports.
+    __slots__ = ("exit_code", "message", "path")
+
+    def __init__(self, path: str, message: str, exit_code: int) -> None:
+        self.path = path
+        self.message = message
+        self.exit_code = exit_code
 
     def to_dict(self) -> dict[str, Any]:
         from statecli.checking import SCHEMA
