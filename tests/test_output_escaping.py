@@ -158,8 +158,12 @@ def rendered_first_cells(text: str) -> list[str]:
 
 
 def shown(name: str) -> str:
-    """A name as a Markdown cell shows it: CR and LF as blanks (a row is one line); CommonMark shows NUL as U+FFFD."""
-    return name.replace("\r", " ").replace("\n", " ").replace("\x00", "\ufffd")
+    """A name as a Markdown cell shows it: CR and LF as blanks (a row is one line), any other control
+    character or lone surrogate as its escape, as the table shows it."""
+    from statecli.safepickle import printable
+
+    one_line = name.replace("\r", " ").replace("\n", " ")
+    return one_line if one_line.isprintable() else printable(one_line)
 
 
 def test_inspect_markdown_shows_every_name(named: Path) -> None:
@@ -329,3 +333,12 @@ def test_an_unreadable_file_still_fails_the_gate_when_the_others_fail(junk: Path
 def test_one_unreadable_file_alone_is_an_error_with_nothing_on_stdout(junk: Path) -> None:
     code, out, err = cli("check", str(junk), "--no-policy", "-f", "junit")
     assert code == 3 and out == "" and err == f"statecli: error: {unreadable(junk)}\n"
+
+
+def test_markdown_of_a_lone_surrogate_name_is_valid_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "s.pt"
+    torch.save({"bad\udcffname": torch.ones(1)}, path)  # pickle keeps it (surrogatepass); UTF-8 cannot
+    result = CliRunner().invoke(app, ["inspect", str(path), "-f", "markdown"])
+    assert result.exit_code == 0
+    text = result.stdout_bytes.decode("utf-8")  # strict: raises on a raw surrogate byte
+    assert "| `bad\\udcffname` |" in text

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from statecli.records import Report, TensorInfo
+from statecli.safepickle import printable
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -306,8 +307,11 @@ _RIGHT = {"numel", "nbytes"}
 
 
 def md_cell(cell: str) -> str:
-    """A Markdown table cell: pipes escaped, on one line (CR and LF as blanks: a table row is one line)."""
-    return cell.replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+    """A Markdown table cell: pipes escaped, on one line (CR and LF as blanks: a table row is one line), and
+    any other control character or lone surrogate shown as its escape (``\\x1b``), as the table shows it:
+    Markdown is read by people, and raw ESC or NUL would reach their terminal or break the UTF-8."""
+    cell = cell.replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+    return cell if cell.isprintable() else printable(cell)
 
 
 def code_span(text: str) -> str:
