@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from statecli import dtypes
 from statecli.errors import UsageError
 from statecli.records import Finding, Report, TensorInfo
+from statecli.wording import count, name_list
 
 if TYPE_CHECKING:
     import torch
@@ -294,7 +295,7 @@ def diff(
             Finding(
                 "warning",
                 "values-not-compared",
-                f"the values of {_count(len(unchecked), 'tensor')} were not compared "
+                f"the values of {count(len(unchecked), 'tensor')} were not compared "
                 f"({_listing([d.name for d in unchecked])}): see their notes",
             )
         )
@@ -322,8 +323,8 @@ def _nothing_compared(a: Report, b: Report, roles: set[str] | None, globs: list[
     if not filters:
         return "neither A nor B holds a tensor: nothing was compared"
     return (
-        f"no tensor matches the filters ({' '.join(filters)}) in A ({_count(len(a.tensors), 'tensor')}) "
-        f"or B ({_count(len(b.tensors), 'tensor')}): nothing was compared"
+        f"no tensor matches the filters ({' '.join(filters)}) in A ({count(len(a.tensors), 'tensor')}) "
+        f"or B ({count(len(b.tensors), 'tensor')}): nothing was compared"
     )
 
 
@@ -331,10 +332,6 @@ def _check_tolerance(atol: float, rtol: float) -> None:
     for flag, value in (("--atol", atol), ("--rtol", rtol)):
         if not (math.isfinite(value) and value >= 0):
             raise UsageError(f"{flag} must be a finite number >= 0, not {value!r}")
-
-
-def _count(n: int, word: str) -> str:
-    return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"
 
 
 def _listing(names: list[str], at_most: int = 3) -> str:
@@ -401,7 +398,7 @@ def _choose_prefixes(a: tuple[TensorInfo, ...], b: tuple[TensorInfo, ...]) -> tu
     if matched > plain:
         stripped = " and ".join(f"{side} {p!r}" for side, p in (("A", pa), ("B", pb)) if p)
         hint = (
-            f"--normalize-prefixes would match {_count(matched, 'model tensor')} by name "
+            f"--normalize-prefixes would match {count(matched, 'model tensor')} by name "
             f"(stripping {stripped}); now {plain:,} match"
         )
     return pa, pb, hint
@@ -431,13 +428,12 @@ def _only_in_notes(
             )
     transient = [t.name for t in only if t.persistent is False]
     if transient:
-        shown = ", ".join(transient[:8]) + (f" … ({len(transient) - 8} more)" if len(transient) > 8 else "")
         notes.append(
             Finding(
                 "info",
                 "non-persistent-only-in",
-                f"{_count(len(transient), 'non-persistent buffer')} only in {here} ({shown}): a whole module keeps "
-                "non-persistent buffers, state_dict() and statecli convert leave them out",
+                f"{count(len(transient), 'non-persistent buffer')} only in {here} ({name_list(transient)}): "
+                "a whole module keeps non-persistent buffers, state_dict() and statecli convert leave them out",
             )
         )
     other_state = [t for t in only if t.role == "other"]
@@ -447,7 +443,7 @@ def _only_in_notes(
             Finding(
                 "info",
                 "not-model-state",
-                f"the {_count(len(only), 'tensor')} only in {here} are not model state ({', '.join(groups)}); "
+                f"the {count(len(only), 'tensor')} only in {here} are not model state ({', '.join(groups)}); "
                 "compare the model alone with --role parameter --role buffer",
             )
         )
@@ -599,7 +595,7 @@ def _fill(d: TensorDiff, s: ValueStats) -> None:
     if not s.equal:
         d.differences = (*d.differences, "values")
     if s.mismatched:
-        notes.append(f"{_count(s.mismatched, 'value')} beyond tolerance")
+        notes.append(f"{count(s.mismatched, 'value')} beyond tolerance")
     if s.nan_mismatched:
         notes.append(f"{s.nan_mismatched:,} NaN where the other side has a number")
     d.notes = tuple(notes)

@@ -26,7 +26,9 @@ if TYPE_CHECKING:
     from statecli.stats import StatsReport, TensorStats
 
 from statecli.records import Report, TensorInfo, Totals
+from statecli.safepickle import printable
 from statecli.tree import TreeNode
+from statecli.wording import count
 
 EXACT_MARK = "●"
 NON_PERSISTENT = "np"
@@ -81,10 +83,9 @@ def shape_text(shape: Sequence[int]) -> str:
 
 def clean(text: str) -> str:
     """``text`` with control characters shown as escapes (``\\x1b``), so a name from a file cannot
-    drive the terminal (hide what follows, set the clipboard, forge a line). Printable text is kept."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    drive the terminal (hide what follows, set the clipboard, forge a line). Printable text is kept;
+    the same rule as :func:`statecli.safepickle.printable`, which error messages use."""
+    return printable(text)
 
 
 def _width(text: str) -> int:
@@ -410,9 +411,9 @@ def check_view(result: CheckResult) -> Group:
     failed = sum(1 for r in result.results if not r.passed)
     parts.append(Text())
     if failed:
-        parts.append(Text(f"FAILED: {failed} of {_plural(len(result.results), 'rule')}", style="bold red"))
+        parts.append(Text(f"FAILED: {failed} of {count(len(result.results), 'rule')}", style="bold red"))
     else:
-        parts.append(Text(f"passed: {_plural(len(result.results), 'rule')}", style="bold green"))
+        parts.append(Text(f"passed: {count(len(result.results), 'rule')}", style="bold green"))
     return Group(*parts)
 
 
@@ -435,10 +436,6 @@ def report_table(report: Report) -> TensorGrid:
     return TensorGrid(report)
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"
-
-
 def _tally(totals: dict[str, Totals], rename: dict[str, str] | None = None) -> Text:
     """``float32 5 tensors (5.0 KiB) · int64 1 tensor (8 B)``."""
     text = Text()
@@ -446,7 +443,7 @@ def _tally(totals: dict[str, Totals], rename: dict[str, str] | None = None) -> T
         if i:
             text.append(" · ")
         text.append((rename or {}).get(key, key), style="bold")
-        text.append(f" {_plural(tot.count, 'tensor')} ({human_bytes(tot.nbytes)})")
+        text.append(f" {count(tot.count, 'tensor')} ({human_bytes(tot.nbytes)})")
     return text or Text(UNKNOWN, style="dim")
 
 
@@ -585,7 +582,7 @@ def _sizes(node: TreeNode) -> Text:
             continue
         if text:
             text.append(" · ")
-        label = _plural(tot.count, word) if word != "other" else f"{tot.count:,} other"
+        label = count(tot.count, word) if word != "other" else f"{tot.count:,} other"
         text.append(f"{label} {human_bytes(tot.nbytes)}", style=ROLE_STYLES[role])
     return text
 

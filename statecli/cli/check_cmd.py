@@ -13,6 +13,7 @@ from statecli.cli import _output
 from statecli.cli._errors import report_error
 from statecli.cli.options import MatchOpt, ModelOpt, PathsArg, RoleOpt
 from statecli.errors import StatecliError
+from statecli.wording import count, name_list
 
 if TYPE_CHECKING:
     from statecli.checking import CheckResult
@@ -192,16 +193,13 @@ def check_command(
                 if r.rule == "no_dangerous_globals" and r.scope == "reference":
                     for f in r.allowed:  # the checked file's own were warned about above
                         _output.warning(f.message)
-            for r in result.results:
                 if r.rule == "selects_tensors":
                     for f in r.failures:
                         _output.warning(f"{result.path}: {f.message}")
                 if r.unread:
-                    names = ", ".join(r.unread[:5]) + (f" … ({len(r.unread) - 5} more)" if len(r.unread) > 5 else "")
-                    many = "tensors" if len(r.unread) > 1 else "tensor"
                     _output.note(
-                        f"{result.path}: {r.id}: {len(r.unread)} {many} not checked, their values are not read "
-                        f"(quantized, packed or unknown dtypes): {names}"
+                        f"{result.path}: {r.id}: {count(len(r.unread), 'tensor')} not checked, their values are not "
+                        f"read (quantized, packed or unknown dtypes): {name_list(r.unread, 5)}"
                     )
             checked.append(result)
         except StatecliError as err:

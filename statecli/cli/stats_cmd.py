@@ -10,6 +10,7 @@ import typer
 from statecli.cli import _output
 from statecli.cli._common import open_selected
 from statecli.cli.options import MatchOpt, PathArg, RoleOpt
+from statecli.wording import count, name_list
 
 
 class StatsFormat(str, Enum):
@@ -72,8 +73,7 @@ def stats_command(
         if t.skipped:
             skipped.setdefault(t.skipped, []).append(t.name)
     for reason, names in skipped.items():
-        shown = ", ".join(names[:8]) + (f", … ({len(names) - 8} more)" if len(names) > 8 else "")
-        _output.note(f"{len(names)} tensor{'s' if len(names) != 1 else ''} not read: {shown} ({reason})")
+        _output.note(f"{count(len(names), 'tensor')} not read: {name_list(names)} ({reason})")
 
     if fmt is StatsFormat.json:
         _output.write(_output.to_json(result.to_dict()))

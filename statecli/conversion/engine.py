@@ -29,6 +29,7 @@ from statecli.errors import CheckFailedError, OutputError, StatecliError, UsageE
 from statecli.formats.base import contiguous_strides
 from statecli.formats.safetensors_reader import METADATA_KEY, ROLES_SCHEMA
 from statecli.records import Finding, Report
+from statecli.wording import count
 
 if TYPE_CHECKING:
     import torch
@@ -526,22 +527,18 @@ def _overflow_error(report: ConversionReport) -> CheckFailedError | None:
     lines = ", ".join(f"{name} ({_out_of_range(s)})" for name, s in bad[:20])
     more = f" and {len(bad) - 20} more" if len(bad) > 20 else ""
     return CheckFailedError(
-        f"{_count(len(bad), 'tensor')} would overflow to {beyond} in {target}{no_inf}: {lines}{more}. "
+        f"{count(len(bad), 'tensor')} would overflow to {beyond} in {target}{no_inf}: {lines}{more}. "
         "Nothing was written. Keep them in their dtype with --exclude GLOB (or --keep-buffers), convert to a "
         "wider dtype such as bf16, or accept it with --allow-overflow"
     )
 
 
-def _count(n: int, word: str) -> str:
-    return f"{n} {word}{'s' if n != 1 else ''}"
-
-
 def _out_of_range(s: CastStats) -> str:
     """``2 values``, ``1 ±inf value`` or ``3 values, 1 of them ±inf``: what the target cannot hold."""
     if not s.inf_changed:
-        return _count(s.overflow, "value")
+        return count(s.overflow, "value")
     if not s.overflow:
-        return _count(s.inf_changed, "±inf value")
+        return count(s.inf_changed, "±inf value")
     return f"{s.overflow + s.inf_changed} values, {s.inf_changed} of them ±inf"
 
 
@@ -652,18 +649,18 @@ def range_findings(stats: dict[str, CastStats], target: str | None) -> list[Find
     for name, s in stats.items():
         beyond = beyond_range(target) if target and (s.overflow or s.nonfinite) else "±inf"
         if s.overflow:
-            msg = f"{name}: {_count(s.overflow, 'value')} became {beyond} in {target}"
+            msg = f"{name}: {count(s.overflow, 'value')} became {beyond} in {target}"
             out.append(Finding("warning", "overflow", msg))
         if s.underflow:
             msg = f"{name}: {s.underflow} non-zero values became zero in {target}"
             out.append(Finding("warning", "underflow", msg))
         if s.inf_changed:
-            infs = _count(s.inf_changed, "±inf value")
+            infs = count(s.inf_changed, "±inf value")
             msg = f"{name}: {infs} in the input became {beyond} in {target}, which has no inf"
             out.append(Finding("warning", "inf-changed", msg))
         kept = s.nonfinite - s.inf_changed
         if kept:
-            what = _count(kept, "NaN/inf value" if beyond == "±inf" else "NaN value")  # without an inf only NaN is kept
+            what = count(kept, "NaN/inf value" if beyond == "±inf" else "NaN value")  # without an inf only NaN is kept
             out.append(Finding("info", "nonfinite-input", f"{name}: {what} in the input, kept"))
     return out
 

@@ -22,6 +22,7 @@ from statecli import dtypes
 from statecli.errors import UnsupportedFormatError, UsageError
 from statecli.records import Finding, RawTensor, Report, TensorInfo
 from statecli.roles import infer
+from statecli.wording import count
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -485,7 +486,7 @@ def _left_out(names: list[str], reason: str) -> str:
     are not (the JSON plan lists every one under ``dropped``)."""
     n = len(names)
     shown = f" ({', '.join(names)})" if n <= MAX_NAMED_LEFT_OUT else ""
-    return f"{n} tensor{'s' if n != 1 else ''} left out{shown}: {reason}"
+    return f"{count(n, 'tensor')} left out{shown}: {reason}"
 
 
 def _tie_units(items: list[PlanItem]) -> None:

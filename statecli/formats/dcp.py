@@ -44,6 +44,7 @@ from statecli.formats.torchzip import MODEL_KEYS, OPTIMIZER_KEYS
 from statecli.records import Container, Finding, RawTensor
 from statecli.safepickle import MAX_INDEX, Global, Limits, StorageRef, Stub, loads
 from statecli.security import findings_for
+from statecli.wording import count, name_list
 
 __all__ = ["MAX_METADATA_BYTES", "Chunk", "chunk_map", "read_dcp"]
 
@@ -52,7 +53,6 @@ MAX_METADATA_BYTES = 256 << 20  # ~1M chunk records; a bigger .metadata is not D
 MAX_BYTES_ENTRY = 16 << 20  # one pickled non-tensor entry scanned for globals
 MAX_BYTES_TOTAL = 256 << 20  # all of them together
 MAX_RANK = 64
-LIST_LIMIT = 8  # names listed in one finding
 
 _MD = "torch.distributed.checkpoint.metadata"
 _FS = "torch.distributed.checkpoint.filesystem"
@@ -209,8 +209,8 @@ def read_dcp(folder: str, limits: Limits | None = None) -> RawCheckpoint:
             Finding(
                 "info",
                 "sharded-tensors",
-                f"{_count(len(sharded), 'tensor')} stored in several chunks (sharded, e.g. by FSDP or DTensor) "
-                f"across {_count(len(files), 'file')}, each listed once with its global shape: {_names(sharded)}",
+                f"{count(len(sharded), 'tensor')} stored in several chunks (sharded, e.g. by FSDP or DTensor) "
+                f"across {count(len(files), 'file')}, each listed once with its global shape: {name_list(sharded)}",
             )
         )
     if not tensors:
@@ -329,7 +329,7 @@ def _parse(folder: str, limits: Limits | None) -> _Parsed:
     _check_chunks(p)
     p.metadata.update(_meta_strings(md))
     if unknown:
-        what = _names([f"{k} ({w})" for k, w in unknown])
+        what = name_list([f"{k} ({w})" for k, w in unknown])
         p.findings.append(
             Finding("warning", "unknown-entry", f"entries of an unknown storage type, not listed: {what}")
         )
@@ -585,12 +585,14 @@ def _check_chunks(p: _Parsed) -> None:
             partial.append(f"{e.fqn} ({covered} of {_numel(e.shape)} elements)")
     if partial:
         p.findings.append(
-            Finding("warning", "chunk-coverage", f"chunks do not add up to their tensor's size: {_names(partial)}")
+            Finding("warning", "chunk-coverage", f"chunks do not add up to their tensor's size: {name_list(partial)}")
         )
     if p.spans is not None:
         missing = [k for k in p.byte_entries if (k, None) not in p.spans]
         if missing:
-            raise InputError(f"non-tensor entries without a storage_data record: {_names(missing)}", path=p.meta_path)
+            raise InputError(
+                f"non-tensor entries without a storage_data record: {name_list(missing)}", path=p.meta_path
+            )
         transformed = sorted({"/".join(s.transforms) for s in p.spans.values() if s.transforms})
         if transformed:
             p.findings.append(
@@ -613,7 +615,7 @@ def _shared_spans(p: _Parsed) -> set[tuple[str, int]]:
                 counts[(s.rel, s.offset)] = counts.get((s.rel, s.offset), 0) + 1
     shared = {k for k, n in counts.items() if n > 1}
     if shared:
-        where = _names([f"{rel} at byte {off}" for rel, off in sorted(shared)])
+        where = name_list([f"{rel} at byte {off}" for rel, off in sorted(shared)])
         p.findings.append(
             Finding(
                 "warning",
@@ -650,7 +652,7 @@ def _unreferenced_files(p: _Parsed, folder: str) -> None:
             Finding(
                 "info",
                 "unreferenced-file",
-                f".distcp files that .metadata does not name (left from another save?): {_names(stray)}",
+                f".distcp files that .metadata does not name (left from another save?): {name_list(stray)}",
             )
         )
 
@@ -685,8 +687,8 @@ def _containers(p: _Parsed) -> tuple[str | None, dict[str, str], list[str]]:
             Finding(
                 "info",
                 "non-tensor-entries",
-                f"{_count(len(p.byte_entries), 'non-tensor entry', 'non-tensor entries')} stored as pickled "
-                f"objects, scanned but not loaded: {_names(p.byte_entries)}",
+                f"{count(len(p.byte_entries), 'non-tensor entry', 'non-tensor entries')} stored as pickled "
+                f"objects, scanned but not loaded: {name_list(p.byte_entries)}",
             )
         )
     return model_key, groups, list(others)
@@ -815,7 +817,7 @@ def _scan_byte_entries(p: _Parsed) -> list[Finding]:
             h.close()
     out = []
     for (level, code, message), keys in by_message.items():
-        more = f" (and {_count(len(keys) - 1, 'more entry', 'more entries')})" if len(keys) > 1 else ""
+        more = f" (and {count(len(keys) - 1, 'more entry', 'more entries')})" if len(keys) > 1 else ""
         out.append(Finding(level, code, f"non-tensor entry {keys[0]!r}{more}: {message}"))
     if unscanned:
         out.append(
@@ -823,19 +825,10 @@ def _scan_byte_entries(p: _Parsed) -> list[Finding]:
                 "warning",
                 "unscanned-entry",
                 "non-tensor entries statecli could not scan; torch's DCP loader unpickles them with "
-                f"torch.load(weights_only=False): {_names(unscanned)}",
+                f"torch.load(weights_only=False): {name_list(unscanned)}",
             )
         )
     return out
 
 
 # ------------------------------------------------------------------------------------- text
-
-
-def _count(n: int, one: str, many: str | None = None) -> str:
-    return f"{n} {one if n == 1 else (many or one + 's')}"
-
-
-def _names(items: list[str]) -> str:
-    shown = ", ".join(items[:LIST_LIMIT])
-    return shown + (f", … (+{len(items) - LIST_LIMIT} more)" if len(items) > LIST_LIMIT else "")

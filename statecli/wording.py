@@ -1,0 +1,17 @@
+"""Counts and name lists in messages, worded one way everywhere (core code: no rich, no Typer)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def count(n: int, one: str, many: str | None = None) -> str:
+    """``1 tensor``, ``2 tensors``, ``1,024 files``; ``many`` for plurals that are not ``one + "s"``."""
+    return f"{n:,} {one if n == 1 else (many or one + 's')}"
+
+
+def name_list(names: Sequence[str], limit: int = 8) -> str:
+    """The first ``limit`` names, comma-separated, then ``, … (N more)``: a finding names what it is about
+    without growing with the checkpoint."""
+    shown = ", ".join(names[:limit])
+    return shown + (f", … ({len(names) - limit} more)" if len(names) > limit else "")
