@@ -11,6 +11,7 @@ import contextlib
 import functools
 import io
 import json
+import math
 import os
 import pickle
 import re
@@ -183,23 +184,27 @@ def _limits(dst_dtype: torch.dtype) -> tuple[float, float | None, bool]:
     """
     import torch
 
-    real = _real(dst_dtype)
-    info = torch.finfo(real)
-    has_inf = bool(torch.isinf(torch.tensor(float("inf")).to(real).to(torch.float32)))
+    info = torch.finfo(_real(dst_dtype))
+    has_inf = math.isinf(_inf_becomes(dst_dtype))
     return float(info.max), 464.0 if dst_dtype == torch.float8_e4m3fn else None, has_inf
 
 
 @functools.cache
-def beyond_range(target: str) -> str:
-    """What a value beyond ``target``'s range (and an inf) becomes: ``±inf``, ``±448`` or ``NaN``, as torch casts."""
+def _inf_becomes(dt: torch.dtype) -> float:
+    """What torch's cast to ``dt`` makes of +inf: inf, the largest finite value (float8_e4m3fn) or NaN."""
     import torch
 
-    got = torch.tensor(float("inf")).to(_real(_torch_dtype(target))).to(torch.float64)
-    if torch.isinf(got):
+    return float(torch.tensor(float("inf")).to(_real(dt)).to(torch.float64))
+
+
+def beyond_range(target: str) -> str:
+    """What a value beyond ``target``'s range (and an inf) becomes: ``±inf``, ``±448`` or ``NaN``, as torch casts."""
+    got = _inf_becomes(_torch_dtype(target))
+    if math.isinf(got):
         return "±inf"
-    if torch.isnan(got):
+    if math.isnan(got):
         return "NaN"
-    return f"±{float(got):g}"
+    return f"±{got:g}"
 
 
 def _count_range(s: torch.Tensor, o: torch.Tensor, dst_dtype: torch.dtype, stats: CastStats) -> None:
