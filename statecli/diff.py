@@ -579,7 +579,7 @@ def _compare_values(
             why = readable(ta) if values_a is None else readable(tb)
             if why is not None:
                 side = "A" if values_a is None else "B"
-                d.notes = (*d.notes, f"values not compared: {side}'s {why}")
+                d.notes = (*d.notes, f"values not compared ({side}: {why})")
                 continue
             assert values_a is not None
             stats = compare_tensors(values_a, reader_b.values(tb), atol, rtol)

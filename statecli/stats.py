@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from statecli import dtypes
 from statecli.records import Report, TensorInfo
 from statecli.values import iter_pieces, iter_values, readable
 
@@ -215,7 +214,7 @@ def tensor_stats(
     see :func:`statecli.values.readable`). A histogram needs the values whole (one piece)."""
     ts = TensorStats(t.name, t.dtype, t.shape, t.numel, t.role, bins=histogram_bins)
     if values is None:
-        ts.skipped = unread_reason(t)
+        ts.skipped = readable(t) or "not readable"
         return ts
     pieces = [values.reshape(-1)] if not isinstance(values, (list, Iterator)) else values
     flat = None
@@ -226,21 +225,6 @@ def tensor_stats(
     if histogram_bins and ts.moments.count and flat is not None:
         ts.histogram = _histogram(flat, histogram_bins, ts.moments.min, ts.moments.max)
     return ts
-
-
-def unread_reason(t: TensorInfo) -> str:
-    """Why ``t`` is not read, short enough to sit in parentheses after its name in a note. Follows the
-    order of :func:`statecli.values.readable`, whose sentences other commands' notes use as they are."""
-    kind = dtypes.DTYPES[t.dtype].kind if t.dtype in dtypes.DTYPES else None
-    if kind == "quant" or t.layout == "quantized":
-        return f"quantized {t.dtype}: scales live in the pickle"
-    if kind is None:
-        return f"unknown dtype {t.dtype}"
-    if t.layout != "strided":
-        return f"{t.layout} layout"
-    why = readable(t)
-    # Nested parentheses read badly inside the note's own: "member (a .pt2's …)" becomes "member: a .pt2's …".
-    return why.replace(" (", ": ").removesuffix(")") if why else "not readable"
 
 
 def _histogram(flat: torch.Tensor, bins: int, lo: float, hi: float) -> tuple[list[int], float, float]:

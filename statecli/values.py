@@ -21,18 +21,21 @@ PIECE_BYTES = STREAM_CHUNK
 
 
 def readable(t: TensorInfo) -> str | None:
-    """Why ``t``'s values cannot be read here, or ``None`` when they can."""
-    kind = dtypes.DTYPES[t.dtype].kind if t.dtype in dtypes.DTYPES else "unknown"
-    if kind in ("quant", "unknown") or t.layout == "quantized":
-        return f"{t.dtype} tensors are not read (their scales live in the pickle)"
+    """Why ``t``'s values cannot be read here, or ``None`` when they can: a short reason that reads in
+    parentheses after the tensor's name (stats' notes, diff's ``values not compared (A: …)``)."""
+    kind = dtypes.DTYPES[t.dtype].kind if t.dtype in dtypes.DTYPES else None
+    if kind == "quant" or t.layout == "quantized":
+        return f"quantized {t.dtype}: scales live in the pickle"
+    if kind is None:
+        return f"unknown dtype {t.dtype}"
     if t.layout != "strided":
-        return f"{t.layout} layout is not read"
+        return f"{t.layout} layout"
     if kind == "bits":
         return f"{t.dtype} holds raw bits, not numbers"
     if t.dtype == "float4_e2m1fn_x2":
         return "packed 4-bit floats are not decoded"
     if t.file is None and t.storage is not None and ":" in t.storage and not t.storage.startswith("alias:"):
-        return "stored inside a nested archive member (a .pt2's sample inputs)"
+        return "stored inside a nested archive member: a .pt2's sample inputs"
     return None
 
 
