@@ -209,6 +209,45 @@ def test_the_harness_sees_code_run(tmp_path: Path) -> None:
     assert (cwd / MARKER).exists()
 
 
+RUN_EXPLOIT = HERE / "hostile" / "run_exploit.py"
+EXPLOITS = [n for n, (_, _, exp) in CASES.items() if exp.runs_under]
+
+
+@pytest.fixture(scope="session")
+def exploit_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """Every exploit case loaded the unsafe way (its ``runs_under`` loader), each in its own scratch folder,
+    all in one child process: the working folder of each afterwards and how its load ended."""
+    base = tmp_path_factory.mktemp("exploits")
+    cases = build_all(base / "cases", EXPLOITS)
+    jobs = []
+    for c in cases:
+        cwd = base / "cwd" / c.name
+        cwd.mkdir(parents=True)
+        jobs.append({"name": c.name, "path": str(c.path.resolve()), "cwd": str(cwd), "loader": c.expected.runs_under})
+    (base / "jobs.json").write_text(json.dumps(jobs))
+    proc = subprocess.run(
+        [sys.executable, str(RUN_EXPLOIT), str(base / "jobs.json")],
+        cwd=base,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    records = {}
+    for line in proc.stdout.splitlines():
+        rec = json.loads(line)
+        records[rec["name"]] = rec
+    return {j["name"]: (Path(j["cwd"]), records.get(j["name"], {"error": proc.stderr[-2000:]})) for j in jobs}
+
+
+@pytest.mark.parametrize("name", EXPLOITS)
+def test_the_exploit_payload_really_runs(exploit_runs: dict[str, tuple[Path, dict[str, Any]]], name: str) -> None:
+    """A case that claims to be an exploit is one: loaded the unsafe way, its payload leaves the marker. So
+    statecli's dangerous verdict on it (test_hostile_input) is about a file that really runs code."""
+    cwd, rec = exploit_runs[name]
+    assert (cwd / MARKER).exists(), f"{name}: loaded with {CASES[name][2].runs_under}, no payload ran: {rec}"
+
+
 # ------------------------------------------------------------------------------ the fixes, one by one
 #
 # Each limit added for a case above, at its boundary: what it refuses, and the ordinary input beside it

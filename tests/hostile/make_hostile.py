@@ -24,6 +24,7 @@ Never load these files with ``torch.load(weights_only=False)`` or :mod:`pickle`.
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import os
@@ -46,7 +47,10 @@ class Expected(NamedTuple):
     kind: str  # "error" | "finding" | "ok"
     code: int | str  # the exit code (error), the finding's code (finding), 0 (ok)
     message: str  # a substring of the error line, of the finding's message, or of the output
-    dangerous: bool = False  # a dangerous finding must be reported: `statecli check` exits 1
+    dangerous: bool = False  # a dangerous finding must be reported: `statecli check` exits 5
+    # The loader under which the payload provably runs (a key of tests/hostile/run_exploit.py's LOADERS:
+    # "torch.load" is torch.load(weights_only=False)); "" for a case that does not claim to be an exploit.
+    runs_under: str = ""
 
 
 class Case(NamedTuple):
@@ -65,6 +69,12 @@ def finding(code: str, message: str, dangerous: bool = False) -> Expected:
 
 def ok(message: str) -> Expected:
     return Expected("ok", 0, message)
+
+
+def exploit(code: str, message: str, runs_under: str = "torch.load") -> Expected:
+    """A dangerous finding for a payload that really runs when the file is loaded ``runs_under``: the
+    tests load it that way, in a scratch folder, and expect the marker file to appear."""
+    return Expected("finding", code, message, True, runs_under)
 
 
 # ------------------------------------------------------------------------------------------ pickles
@@ -260,13 +270,13 @@ def _touch(a: Asm) -> Asm:
 # --- code execution attempts: reported by name, never run ------------------------------------------
 
 
-@case("reduce_os_system", "code", finding("dangerous-global", "os.system", dangerous=True))
+@case("reduce_os_system", "code", exploit("dangerous-global", "os.system"))
 def _(d: Path) -> Path:
     # What pickle writes for an object whose __reduce__ returns (os.system, ("touch ...",)).
     return torch_zip(d / "model.pt", with_payload(lambda a: a.call("os", "system", _touch)))
 
 
-@case("runpy_run_code", "code", finding("dangerous-global", "runpy._run_code", dangerous=True))
+@case("runpy_run_code", "code", exploit("dangerous-global", "runpy._run_code"))
 def _(d: Path) -> Path:
     source = f"import os; os.system({PAYLOAD!r})"
 
@@ -287,7 +297,7 @@ def _(d: Path) -> Path:
     return torch_zip(d / "model.pt", with_payload(payload))
 
 
-@case("pickle_loads_inner", "code", finding("dangerous-global", "pickle.loads", dangerous=True))
+@case("pickle_loads_inner", "code", exploit("dangerous-global", "pickle.loads"))
 def _(d: Path) -> Path:
     inner = Asm(2).call("os", "system", _touch).op("STOP").getvalue()
     return torch_zip(d / "model.pt", with_payload(lambda a: a.call("pickle", "loads", lambda a: a.bytes_(inner))))
@@ -317,13 +327,13 @@ def _(d: Path) -> Path:
     return torch_zip(d / "model.pt", with_payload(payload))
 
 
-@case("shutil_copy", "code", finding("dangerous-global", "shutil.copy", dangerous=True))
+@case("shutil_copy", "code", exploit("dangerous-global", "shutil.copy"))
 def _(d: Path) -> Path:
     args = (lambda a: a.str_("/etc/hostname"), lambda a: a.str_(MARKER))
     return torch_zip(d / "model.pt", with_payload(lambda a: a.call("shutil", "copy", *args)))
 
 
-@case("dotted_name_global", "code", finding("dangerous-global", "eval.__call__", dangerous=True))
+@case("dotted_name_global", "code", exploit("dangerous-global", "eval.__call__"))
 def _(d: Path) -> Path:
     # Protocol 4 resolves dotted names with getattr: GLOBAL 'builtins' 'eval.__call__'.
     def payload(a: Asm) -> None:
@@ -332,7 +342,7 @@ def _(d: Path) -> Path:
     return torch_zip(d / "model.pt", with_payload(payload, proto=4))
 
 
-@case("dotted_name_stack_global", "code", finding("dangerous-global", "__main__.__builtins__.exec", dangerous=True))
+@case("dotted_name_stack_global", "code", exploit("dangerous-global", "__main__.__builtins__.exec"))
 def _(d: Path) -> Path:
     # No blocklisted module or builtin in sight: the danger is the attribute path itself.
     def payload(a: Asm) -> None:
@@ -342,7 +352,7 @@ def _(d: Path) -> Path:
     return torch_zip(d / "model.pt", with_payload(payload, proto=4))
 
 
-@case("memo_indirection", "code", finding("dangerous-global", "os.system", dangerous=True))
+@case("memo_indirection", "code", exploit("dangerous-global", "os.system"))
 def _(d: Path) -> Path:
     # The names and the argument are memoized (MEMOIZE, BINPUT, LONG_BINPUT), dropped from the stack, and
     # fetched back (BINGET, LONG_BINGET) for STACK_GLOBAL: no "os" next to "system" anywhere in the bytes.
@@ -356,7 +366,7 @@ def _(d: Path) -> Path:
     return torch_zip(d / "model.pt", with_payload(payload, proto=4))
 
 
-@case("stack_global_computed_module", "code", finding("computed-global", "os.name", dangerous=True))
+@case("stack_global_computed_module", "code", exploit("computed-global", "os.name"))
 def _(d: Path) -> Path:
     # STACK_GLOBAL's module is os.name (the string 'posix' when really unpickled): posix.system.
     def payload(a: Asm) -> None:
@@ -366,7 +376,7 @@ def _(d: Path) -> Path:
     return torch_zip(d / "model.pt", with_payload(payload, proto=4))
 
 
-@case("stack_global_call_result", "code", finding("computed-global", "builtins.str", dangerous=True))
+@case("stack_global_call_result", "code", exploit("computed-global", "builtins.str"))
 def _(d: Path) -> Path:
     # The module name is the result of a call (str(b'os', 'ascii')), so no scanner can read it off the bytes.
     def payload(a: Asm) -> None:
@@ -388,7 +398,7 @@ def _(d: Path) -> Path:
     return torch_zip(d / "model.pt", with_payload(payload))
 
 
-@case("call_result_popped", "code", finding("dangerous-global", "os.system", dangerous=True))
+@case("call_result_popped", "code", exploit("dangerous-global", "os.system"))
 def _(d: Path) -> Path:
     # The call's result is thrown away (POP): nothing in the loaded object shows it ever happened.
     return torch_zip(d / "model.pt", with_payload(lambda a: a.call("os", "system", _touch).op("POP").op("NONE")))
@@ -421,7 +431,7 @@ def _(d: Path) -> Path:
     return torch_zip(d / "model.pt", state_dict(("weight", lambda a: a.tensor())), extra=(("archive/DATA.pkl", evil),))
 
 
-@case("inst_protocol0", "code", finding("dangerous-global", "os.system", dangerous=True))
+@case("inst_protocol0", "code", exploit("dangerous-global", "os.system"))
 def _(d: Path) -> Path:
     # Protocol 0's INST: the class and its call in one opcode, text all the way.
     evil = Asm(0).op("MARK").raw(b"V" + PAYLOAD.encode() + b"\n").op("INST", b"os\nsystem\n")
@@ -475,7 +485,7 @@ def _(d: Path) -> Path:
     return torch_zip(d / "model.pt", with_payload(lambda a: a.call("x\r\x1b[1A\x1b[2K", "y", _touch)))
 
 
-@case("terminal_escape_in_tensor_name", "code", finding("dangerous-global", "os.system", dangerous=True))
+@case("terminal_escape_in_tensor_name", "code", exploit("dangerous-global", "os.system"))
 def _(d: Path) -> Path:
     # SGR 8 (conceal) in a tensor name: on a terminal, everything printed after it is invisible, the
     # dangerous finding included; OSC 52 would write the clipboard.
@@ -974,6 +984,23 @@ KNOWN: dict[str, str] = {
 }
 
 
+# ------------------------------------------------------------------------------- more case modules
+#
+# Families of cases live in their own modules beside this one (``cases_*.py``), each registering its
+# cases with :func:`case` when imported; they may add to :data:`KNOWN` too.
+
+
+def _load_case_modules() -> None:
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    for p in sorted(Path(here).glob("cases_*.py")):
+        importlib.import_module(p.stem)
+
+
+_load_case_modules()
+
+
 # ------------------------------------------------------------------------------------------ driver
 
 
@@ -1007,4 +1034,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    # The case modules register into the importable ``make_hostile``, not into this ``__main__`` copy.
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import make_hostile
+
+    sys.exit(make_hostile.main(sys.argv[1:]))
