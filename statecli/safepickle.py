@@ -67,10 +67,12 @@ class Global:
 
     __slots__ = ("handler", "module", "name")
 
-    def __init__(self, module: str, name: str) -> None:
+    def __init__(self, module: str, name: str, trusted: bool = True) -> None:
         self.module = module
         self.name = name
-        self.handler: Callable[[tuple[Any, ...]], Any] | None = HANDLERS.get((module, name))
+        # Untrusted: named after the pickle patched a module's attributes, so the name may no longer be
+        # the function statecli knows (see RestrictedUnpickler._build).
+        self.handler: Callable[[tuple[Any, ...]], Any] | None = HANDLERS.get((module, name)) if trusted else None
 
     @property
     def qualname(self) -> str:
@@ -106,6 +108,43 @@ class Stub:
 
     def __repr__(self) -> str:
         return f"<stub {self.kind} {self.class_name}>"
+
+
+class Action:
+    """Something the pickle would make Python do under ``torch.load(weights_only=False)``, counted over every
+    occurrence of the same ``kind`` and target. statecli does none of it; :mod:`statecli.security` judges it.
+
+    ``kind``:
+
+    - ``call``: REDUCE, INST or OBJ calls ``target`` (a :class:`Global`) with ``example`` as arguments;
+    - ``instantiate``: NEWOBJ (or ``copyreg._reconstructor``, ``copyreg.__newobj__``) makes an instance of the
+      class ``target`` without calling it: ``target.__new__`` runs, and ``setstate`` / ``fills`` say whether
+      BUILD would call its ``__setstate__`` and SETITEM(S) / APPEND(S) its ``__setitem__`` / ``extend``;
+    - ``call-on-value``: a call whose callee is not a global but a value the pickle built (a call's result,
+      a string, a tensor): ``target`` is a text naming that value;
+    - ``patch``: BUILD on a global (a module, class or function): pickle would set its attributes, so every
+      name looked up after it may be something else (the overwritten-module attack);
+    - ``build``: BUILD on the result of a call of ``target``, with a state that sets special (dunder)
+      attributes (``__class__``, ``__setstate__``, ...), which can turn inert data into code.
+    """
+
+    __slots__ = ("count", "example", "fills", "kind", "setstate", "target")
+
+    def __init__(self, kind: str, target: Any, example: str) -> None:
+        self.kind = kind
+        self.target = target  # a Global, or (call-on-value) a text naming the callee
+        self.example = example  # the first occurrence's arguments (or state), as a bounded text
+        self.count = 0
+        self.setstate = False
+        self.fills = False
+
+    @property
+    def name(self) -> str:
+        t = self.target
+        return t.qualname if isinstance(t, Global) else str(t)
+
+    def __repr__(self) -> str:
+        return f"<action {self.kind} {self.name} x{self.count}>"
 
 
 class PickledDict(dict):  # type: ignore[type-arg]
@@ -147,6 +186,9 @@ class TensorRef:
     layout: str = "strided"
     device: str | None = None  # only where no storage says it (meta tensors)
     extra: list[TensorRef] | tuple[()] = ()  # sparse components, quantizer params
+
+    # Hashed by identity, as torch tensors are: a whole pickled optimizer keys its ``state`` by Parameter.
+    __hash__ = object.__hash__
 
     @property
     def numel(self) -> int:
@@ -380,18 +422,13 @@ def _h_rebuild_sparse(args: tuple[Any, ...]) -> TensorRef:
     return t
 
 
-def _h_rebuild_from_type_v2(args: tuple[Any, ...]) -> Any:
-    func, new_type, inner = args[0], args[1], args[2]
-    handler = HANDLERS.get((func.module, func.name)) if isinstance(func, Global) else None
-    if handler is None or not isinstance(inner, tuple):
-        return Stub(func, inner, "reduce")
-    t = handler(inner)
-    if isinstance(t, TensorRef) and isinstance(new_type, Global):
+def _subclass_layout(t: TensorRef, new_type: Any) -> None:
+    """Mark ``t`` as the tensor class ``new_type`` (``_rebuild_from_type_v2``'s second argument)."""
+    if isinstance(new_type, Global):
         if new_type.qualname == "torch.nn.parameter.Parameter":
             t.is_parameter = True
         elif new_type.qualname != "torch.Tensor":
             t.layout = f"subclass:{new_type.qualname}"
-    return t
 
 
 def _h_device_from_cpu(args: tuple[Any, ...]) -> Any:
@@ -478,12 +515,9 @@ HANDLERS: dict[tuple[str, str], Callable[[tuple[Any, ...]], Any]] = {
     ("torch._utils", "_rebuild_tensor_v3"): _h_rebuild_tensor_v3,
     ("torch._utils", "_rebuild_qtensor"): _h_rebuild_qtensor,
     ("torch._utils", "_rebuild_parameter"): _h_rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _h_rebuild_parameter,
     ("torch._utils", "_rebuild_meta_tensor_no_storage"): _h_rebuild_meta,
     ("torch._utils", "_rebuild_sparse_tensor"): _h_rebuild_sparse,
     ("torch._utils", "_rebuild_device_tensor_from_cpu_tensor"): _h_device_from_cpu,
-    ("torch._utils", "_rebuild_from_type_v2"): _h_rebuild_from_type_v2,
-    ("torch._tensor", "_rebuild_from_type_v2"): _h_rebuild_from_type_v2,
     # torch.device('cuda', 0) and the like: harmless values statecli does not need.
     ("torch", "device"): _h_inert,
     ("torch.serialization", "_get_layout"): _h_get_layout,
@@ -508,11 +542,26 @@ ALLOWED_NAMES: frozenset[tuple[str, str]] = frozenset(
             "sparse_bsr",
             "sparse_bsc",
             "strided",
+            "_mkldnn",
+            "jagged",
+            "contiguous_format",
+            "channels_last",
+            "channels_last_3d",
+            "preserve_format",
             "Tensor",
         )
     ]
     + [("torch.nn.parameter", "Parameter"), ("torch", "Tensor"), ("torch.storage", "UntypedStorage")]
+    # Plain builtin types, named as data (``copyreg._reconstructor(cls, object, None)``, dict factories).
+    + [("builtins", n) for n in ("object", "dict", "list", "tuple", "str", "int", "float", "bool", "bytes")]
     + list(HANDLERS)
+    + [("torch._tensor", "_rebuild_from_type_v2"), ("torch._utils", "_rebuild_parameter_with_state")]
+    + [("copyreg", "_reconstructor"), ("copyreg", "__newobj__"), ("copyreg", "__newobj_ex__")]
+)
+# ``base`` arguments of ``copyreg._reconstructor`` whose ``__new__`` / ``__init__`` only build plain data.
+_PLAIN_BASES = frozenset(
+    ("builtins", n)
+    for n in ("object", "dict", "list", "tuple", "str", "int", "float", "bool", "bytes", "set", "frozenset", "complex")
 )
 
 
@@ -558,7 +607,27 @@ _TENSOR_V2_BODY = (
 _TENSOR_V2 = re.compile(rb"(?:" + _PUT + _GET + rb")?" + _TENSOR_V2_BODY, re.DOTALL)
 
 
-MAX_CALLS = 10_000  # calls recorded for the findings; the globals themselves are all counted
+# What a call's arguments look like in a finding: each value clipped (see describe), at most four.
+def args_text(args: Any) -> str:
+    if not isinstance(args, tuple):
+        return f"({describe(args, 1)})"
+    inner = ", ".join(describe(x, 1) for x in args[:4])
+    return f"({inner}{', …' if len(args) > 4 else ''})"
+
+
+def _dunder_keys(state: Any) -> list[str]:
+    """Special attribute names (``__class__``, ``__setstate__``) that a BUILD state would set: ``setattr`` of
+    those on an inert object can make it code (an instance ``__setstate__`` is what the next BUILD calls)."""
+    parts = state if type(state) is tuple and len(state) == 2 else (state,)
+    found = []
+    for part in parts:
+        if isinstance(part, dict):
+            for k in part:
+                if type(k) is not str or (k.startswith("__") and k.endswith("__")):
+                    found.append(describe(k))
+                    if len(found) >= 3:
+                        return found
+    return found
 
 
 def _operand(v: Any) -> str:
@@ -606,8 +675,9 @@ def _int_tuple(b: bytes) -> tuple[int, ...]:
 class RestrictedUnpickler:
     """Parse one pickle into inert data. ``persistent_load`` turns persistent ids into storage records.
 
-    After :meth:`load`, ``globals_seen`` counts every global named, and ``calls`` records (callee,
-    args) for each REDUCE / NEWOBJ / INST on a name outside the allowlist: what the pickle *would* run.
+    After :meth:`load`, ``globals_seen`` counts every global named, and ``actions`` records what the pickle
+    *would* make Python do (calls, instantiations, BUILD on globals), one :class:`Action` per kind and
+    target, for :mod:`statecli.security` to judge. Calls statecli's own handlers model are not recorded.
     """
 
     def __init__(
@@ -622,7 +692,9 @@ class RestrictedUnpickler:
         self.persistent_load = persistent_load
         self.limits = limits or Limits()
         self.globals_seen: dict[tuple[str, str], int] = {}
-        self.calls: list[tuple[Global, Any]] = []
+        self.actions: dict[tuple[str, str], Action] = {}
+        # Set once a BUILD patched a global: from then on no name is trusted to be what statecli knows.
+        self.tainted = False
         self.proto = 0
         self.start = start
         self.end = 0  # offset just past STOP
@@ -992,7 +1064,7 @@ class RestrictedUnpickler:
             else:
                 module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         self._count_global(module, name)
-        return Global(module, name)
+        return Global(module, name, not self.tainted)
 
     def _count_global(self, module: str, name: str) -> None:
         key = (module, name)
@@ -1012,19 +1084,110 @@ class RestrictedUnpickler:
         self._count_global(COMPUTED, what)
         return Global(COMPUTED, what)
 
+    def _act(self, kind: str, target: Any, example: Any) -> Action:
+        """The :class:`Action` for ``kind`` on ``target``, counted once more; ``example`` (arguments or state)
+        is described only the first time, so a million calls cost a million counts and one text."""
+        if type(target) is Global:
+            key = (kind, target.qualname)
+        else:
+            # Keyed by the kind of value only: a million distinct strings called must not be a million actions.
+            target = f"a value the pickle built ({describe(target)})" if type(target) is not Stub else describe(target)
+            key = (kind, "")
+        action = self.actions.get(key)
+        if action is None:
+            text = describe(example) if kind == "patch" else args_text(example)
+            action = self.actions[key] = Action(kind, target, text)
+        action.count += 1
+        return action
+
     def _call(self, callee: Any, args: Any, kind: str) -> Any:
-        if isinstance(callee, Global):
-            handler = callee.handler
-            if handler is not None:
-                if not isinstance(args, tuple):
-                    raise InputError(f"corrupt pickle: arguments to {callee.qualname} are not a tuple")
-                try:
-                    return handler(args)
-                except IndexError as e:
-                    raise InputError(f"corrupt pickle: too few arguments to {callee.qualname}") from e
-            if (callee.module, callee.name) not in ALLOWED_NAMES and len(self.calls) < MAX_CALLS:
-                self.calls.append((callee, args))
+        if type(callee) is not Global:
+            # A call on a value: the result of an earlier call, a string, a tensor. No allow list can vouch
+            # for what that is (torch's dotted-name importer returns any function).
+            self._act("call-on-value", callee, args)
+            return Stub(callee, args, kind)
+        handler = callee.handler
+        if handler is not None:
+            if not isinstance(args, tuple):
+                raise InputError(f"corrupt pickle: arguments to {callee.qualname} are not a tuple")
+            try:
+                return handler(args)
+            except IndexError as e:
+                raise InputError(f"corrupt pickle: too few arguments to {callee.qualname}") from e
+        special = _SPECIAL.get((callee.module, callee.name)) if not self.tainted else None
+        if special is not None and type(args) is tuple:
+            return special(self, callee, args, kind)
+        # NEWOBJ runs cls.__new__(cls, *args) and no __init__; INST, OBJ and REDUCE call the callee.
+        self._act("instantiate" if kind == "newobj" else "call", callee, args)
         return Stub(callee, args, kind)
+
+    def _instance(self, cls: Any, args: tuple[Any, ...]) -> Any:
+        """An object made without calling its class (``cls.__new__``): BUILD / SETITEM on it are recorded."""
+        if type(cls) is not Global:
+            self._act("call-on-value", cls, args)
+            return Stub(cls, args, "newobj")
+        if cls.handler is not None:  # OrderedDict, set: statecli's own value, as NEWOBJ on them makes
+            return self._call(cls, (), "newobj")
+        self._act("instantiate", cls, args)
+        return Stub(cls, args, "newobj")
+
+    def _reconstructor(self, callee: Global, args: tuple[Any, ...], kind: str) -> Any:
+        """``copyreg._reconstructor(cls, base, state)``: ``object.__new__(cls)`` when ``base`` is ``object``,
+        else ``base.__new__(cls, state)`` and ``base.__init__``: how protocols 0 and 1 pickle an object."""
+        if len(args) != 3:
+            raise InputError("corrupt pickle: copyreg._reconstructor takes three arguments")
+        cls, base = args[0], args[1]
+        if not (type(base) is Global and (base.module, base.name) in _PLAIN_BASES):
+            # Another base's __new__ and __init__ run with the pickle's state: a call of that base.
+            self._act("call" if type(base) is Global else "call-on-value", base, (cls, args[2]))
+        return self._instance(cls, ())
+
+    def _newobj(self, callee: Global, args: tuple[Any, ...], kind: str) -> Any:
+        """``copyreg.__newobj__(cls, *args)``: ``cls.__new__(cls, *args)``, as NEWOBJ."""
+        if not args:
+            raise InputError("corrupt pickle: copyreg.__newobj__ without a class")
+        return self._instance(args[0], args[1:])
+
+    def _newobj_ex(self, callee: Global, args: tuple[Any, ...], kind: str) -> Any:
+        """``copyreg.__newobj_ex__(cls, args, kwargs)``: ``cls.__new__(cls, *args, **kwargs)``."""
+        if len(args) != 3:
+            raise InputError("corrupt pickle: copyreg.__newobj_ex__ takes three arguments")
+        return self._instance(args[0], (args[1], args[2]))
+
+    def _from_type(self, callee: Global, args: tuple[Any, ...], kind: str) -> Any:
+        """``torch._tensor._rebuild_from_type_v2(func, new_type, args, state)``: torch calls ``func(*args)``,
+        makes the result an instance of ``new_type`` and sets ``state`` on it. Each part is judged: ``func``
+        is a call like any other (a gadget hides a call here), ``new_type`` an instantiation."""
+        if len(args) < 3:
+            raise InputError(f"corrupt pickle: too few arguments to {callee.qualname}")
+        func, new_type, inner = args[0], args[1], args[2]
+        if type(func) is Global and func.handler is not None and type(inner) is tuple:
+            try:
+                t = func.handler(inner)
+            except IndexError as e:
+                raise InputError(f"corrupt pickle: too few arguments to {func.qualname}") from e
+        else:
+            t = self._call(func, inner, "reduce")
+        if type(new_type) is not Global:
+            self._act("call-on-value", new_type, (t,))
+        elif new_type.qualname not in ("torch.Tensor", "torch.nn.parameter.Parameter"):
+            self._act("instantiate", new_type, ())
+        if len(args) > 3 and _dunder_keys(args[3]):
+            self._act("build", callee, args[3])
+        if isinstance(t, TensorRef):
+            _subclass_layout(t, new_type)
+        return t
+
+    def _param_with_state(self, callee: Global, args: tuple[Any, ...], kind: str) -> Any:
+        """``torch._utils._rebuild_parameter_with_state(data, requires_grad, hooks, state)``: a Parameter whose
+        extra attributes ``state`` sets with ``setattr``."""
+        try:
+            p = _h_rebuild_parameter(args)
+        except IndexError as e:
+            raise InputError(f"corrupt pickle: too few arguments to {callee.qualname}") from e
+        if len(args) > 3 and _dunder_keys(args[3]):
+            self._act("build", callee, args[3])
+        return p
 
     def _persistent(self, pid: Any) -> Any:
         if self.persistent_load is None:
@@ -1176,6 +1339,7 @@ class RestrictedUnpickler:
         elif isinstance(target, Stub):
             if target.dictitems is None:
                 target.dictitems = {}
+                self._mark(target, "fills")
             d = target.dictitems
         else:
             raise InputError(f"corrupt pickle: SETITEM on a {type(target).__name__}")
@@ -1192,27 +1356,55 @@ class RestrictedUnpickler:
             counts = self._hash_counts[id(container)] = HashCounts(what)
         return counts
 
-    @staticmethod
-    def _extend(target: Any, items: list[Any]) -> None:
+    def _extend(self, target: Any, items: list[Any]) -> None:
         if isinstance(target, list):
             target.extend(items)
         elif isinstance(target, Stub):
             if target.items is None:
                 target.items = []
+                self._mark(target, "fills")
             target.items.extend(items)
         else:
             raise InputError(f"corrupt pickle: APPEND on a {type(target).__name__}")
 
     def _build(self, target: Any, state: Any) -> None:
         if isinstance(target, Stub):
+            if target.state is not None or _dunder_keys(state):
+                # A second BUILD calls whatever the first put in the instance's __setstate__; a special name
+                # set by any BUILD can turn the object into something else.
+                self._act("build", target.callee if type(target.callee) is Global else target, state)
+            else:
+                self._mark(target, "setstate")
             target.state = state
         elif isinstance(target, PickledDict):
-            if isinstance(state, dict):
+            if isinstance(state, dict) and not _dunder_keys(state):
                 target.attrs.update((k, v) for k, v in state.items() if isinstance(k, str))
-        elif isinstance(target, Global) and len(self.calls) < MAX_CALLS:
-            # Real pickle would set attributes on a module-level object: record it as a call.
-            self.calls.append((Global(target.module, f"{target.name}.__setstate__"), state))
-        # BUILD on plain data (lists, tensors) has no meaning for statecli; it is ignored.
+            else:
+                self._act("build", Global("collections", "OrderedDict"), state)
+        elif type(target) is Global:
+            # Real pickle would set attributes on a module, class or function: every name looked up after
+            # this may be the attacker's (ShadowPickle-style overwritten modules), so none is trusted again.
+            self._act("patch", target, state)
+            self.tainted = True
+        # BUILD on plain data (lists, dicts, tensors) fails or is ignored by real pickle: nothing runs.
+
+    def _mark(self, target: Stub, what: str) -> None:
+        """Note on an instantiation's action that BUILD (``setstate``) or SETITEM/APPEND (``fills``) reach it."""
+        callee = target.callee
+        if target.kind == "newobj" and type(callee) is Global:
+            action = self.actions.get(("instantiate", callee.qualname))
+            if action is not None:
+                setattr(action, what, True)
+
+
+# Calls statecli models by reading their arguments, because what they do depends on them.
+_SPECIAL: dict[tuple[str, str], Callable[[RestrictedUnpickler, Global, tuple[Any, ...], str], Any]] = {
+    ("torch._tensor", "_rebuild_from_type_v2"): RestrictedUnpickler._from_type,
+    ("torch._utils", "_rebuild_parameter_with_state"): RestrictedUnpickler._param_with_state,
+    ("copyreg", "_reconstructor"): RestrictedUnpickler._reconstructor,
+    ("copyreg", "__newobj__"): RestrictedUnpickler._newobj,
+    ("copyreg", "__newobj_ex__"): RestrictedUnpickler._newobj_ex,
+}
 
 
 def loads(
@@ -1223,9 +1415,20 @@ def loads(
     start: int = 0,
 ) -> tuple[Any, RestrictedUnpickler]:
     """Parse ``data`` from byte ``start`` (a pickle stacked after another: ``start`` is the first's
-    ``end``); returns the object and the unpickler (for ``globals_seen``, ``calls`` and ``end``).
+    ``end``); returns the object and the unpickler (for ``globals_seen``, ``actions`` and ``end``).
+
+    A pickle that fails after asking for something dangerous raises :class:`~statecli.errors.UnsafeError`
+    (exit 5), not the parse error: torch.load would have run the payload before failing.
 
     ``fast_paths=False`` runs every opcode through the general loop (the tests compare both).
     """
     u = RestrictedUnpickler(data, persistent_load, limits, fast_paths, start)
-    return u.load(), u
+    try:
+        return u.load(), u
+    except InputError as e:
+        if u.actions or u.globals_seen:
+            # Imported here: security judges what this module records, so it imports this module.
+            from statecli.security import refuse_if_dangerous
+
+            refuse_if_dangerous(u.globals_seen, u.actions.values(), e)
+        raise

@@ -1,14 +1,120 @@
-"""What a pickle *would* import or call, turned into findings. Classification is by name only."""
+"""What a pickle would do under ``torch.load(weights_only=False)``, judged against an allow list.
+
+The restricted reader (:mod:`statecli.safepickle`) records every call, instantiation and BUILD the pickle
+asks for as an :class:`~statecli.safepickle.Action`, and every global it names. Here each becomes a
+finding, by what it would *do*:
+
+- a **call** (REDUCE, INST, OBJ) of a global is ``dangerous`` unless the global is on
+  :data:`INERT_CALLABLES` (modelled on torch's own ``weights_only`` allow list: tensor rebuilds,
+  ``OrderedDict``, ``set``, dtypes, ...). No module prefix is trusted: ``torch.`` holds helpers that shell
+  out (``torch.utils.collect_env.run``) or ``exec`` source (``torch.fx``);
+- a call on a **value** the pickle built (the result of an earlier call) is ``dangerous``: nothing says
+  what that value is;
+- an **instantiation** (NEWOBJ, ``copyreg._reconstructor``) of a class runs that class's ``__new__`` and,
+  through BUILD, its ``__setstate__``. A class on :data:`INERT_CLASSES` (torch's module classes, its
+  hooks, optimizers, DCP metadata; see tests/allowlist/make_allowlist.py) is information. Any other class
+  of the standard library, torch or numpy is ``dangerous``: those namespaces are where gadget catalogues
+  find classes whose ``__setstate__`` or ``__del__`` run commands or delete files. A class of any other
+  package is the checkpoint's own code (``torch.save(model)`` pickles the model's class this way): an
+  ``unknown-global`` warning, since torch.load would import and run that package and statecli cannot
+  judge it (``check --strict-globals`` fails on it);
+- **BUILD on a global** (setting attributes of a module, class or function) is ``dangerous``: every
+  name looked up after it may have been replaced (the overwritten-module attack), so statecli trusts none;
+- BUILD that sets special attributes (``__class__``, ``__setstate__``) is ``dangerous``;
+- a global only *named* (passed as data) is an ``unknown-global`` warning, or ``dangerous`` when it is a
+  well-known way to run code (``os.system``, ``eval``, ``torch.load``, ...): a second line of defence.
+"""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+from statecli._torch_classes import TORCH_CLASSES
+from statecli.errors import InputError, UnsafeError
 from statecli.records import Finding
-from statecli.safepickle import ALLOWED_NAMES, COMPUTED, Global, describe, describe_name, printable
+from statecli.safepickle import ALLOWED_NAMES, COMPUTED, HANDLERS, Action, Global, describe_name, printable
 
-# Modules whose every member can run code, touch files or the network, or load more pickles.
-DANGEROUS_MODULES = (
+
+def _names(*qualnames: str) -> frozenset[tuple[str, str]]:
+    return frozenset(tuple(q.rsplit(".", 1)) for q in qualnames)  # type: ignore[misc]
+
+
+_PATHS = [f"{m}.{c}" for m in ("pathlib", "pathlib._local") for c in ("Path", "PosixPath", "WindowsPath", "PurePath")]
+_PATHS += [f"{m}.{c}" for m in ("pathlib", "pathlib._local") for c in ("PurePosixPath", "PureWindowsPath")]
+_NUMPY = [
+    f"{m}.{n}" for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")
+] + ["numpy.dtype", "numpy.ndarray"]
+_NUMPY_RNG = [f"numpy.random._pickle.{n}" for n in ("__randomstate_ctor", "__bit_generator_ctor", "__generator_ctor")]
+_PLAIN_TYPES = [f"builtins.{n}" for n in ("object", "dict", "list", "tuple", "str", "int", "float", "bool")]
+_PLAIN_TYPES += [f"builtins.{n}" for n in ("bytes", "bytearray", "set", "frozenset", "complex", "slice", "range")]
+
+# Callables whose call only builds data (no code, no files, no network, no imports of other modules):
+# torch's weights_only allow list, plus the plain values training checkpoints carry (dates, paths, numpy
+# RNG state, hyper-parameter namespaces). statecli's own handlers (HANDLERS) are on it by construction.
+INERT_CALLABLES: frozenset[tuple[str, str]] = frozenset(HANDLERS) | _names(
+    "collections.OrderedDict",
+    "collections.Counter",
+    "collections.defaultdict",  # stores its factory; calls it only when a missing key is read
+    "collections.deque",
+    "functools.partial",  # stores a callable and arguments; calls nothing
+    "torch._tensor._rebuild_from_type_v2",  # its parts are judged one by one (safepickle._from_type)
+    "torch._utils._rebuild_parameter_with_state",
+    "torch._utils._rebuild_nested_tensor",
+    "torch._utils._rebuild_wrapper_subclass",
+    "torch._utils._rebuild_device_tensor_from_numpy",
+    "torch.torch_version.TorchVersion",
+    "torch.distributed.checkpoint.metadata._MEM_FORMAT_ENCODING",
+    "datetime.datetime",
+    "datetime.date",
+    "datetime.time",
+    "datetime.timedelta",
+    "datetime.timezone",
+    "decimal.Decimal",
+    "fractions.Fraction",
+    "types.SimpleNamespace",
+    "argparse.Namespace",
+    "uuid.UUID",
+    *_PATHS,
+    *_NUMPY,
+    *_NUMPY_RNG,
+    *_PLAIN_TYPES,
+)
+# Classes a pickle may make with NEWOBJ and BUILD: torch's (generated, reviewed) and plain Python values.
+INERT_CLASSES: frozenset[tuple[str, str]] = (
+    frozenset((module, name) for module, names in TORCH_CLASSES.items() for name in names) | INERT_CALLABLES
+)
+# Functions a model stores as data and calls only in forward (TransformerEncoderLayer keeps F.relu as its
+# ``activation``): named, they are no warning. Called at load, they would be judged like any call.
+_STORED_FUNCTIONS = frozenset(
+    [
+        ("torch.nn.functional", n)
+        for n in (
+            "relu", "relu6", "gelu", "silu", "mish", "tanh", "sigmoid", "elu", "selu", "celu", "leaky_relu",
+            "hardswish", "hardsigmoid", "hardtanh", "softplus", "softsign", "softmax", "log_softmax", "glu",
+            "logsigmoid", "tanhshrink", "prelu", "rrelu",
+        )
+    ]
+    + [("torch", n) for n in ("relu", "tanh", "sigmoid", "softmax", "log_softmax")]
+)  # fmt: skip
+# Namespaces whose classes statecli judges by the allow list: gadget catalogues (picklescan's advisories,
+# the ShadowPickle paper) find their classes and functions here. A class elsewhere is the model's own code.
+STRICT_ROOTS: frozenset[str] = frozenset(sys.stdlib_module_names) | {
+    "__builtin__",
+    "torch",
+    "functorch",
+    "numpy",
+    "pip",
+    "setuptools",
+    "pkg_resources",
+    "_distutils_hack",
+    "wheel",
+}
+
+# A global only named, not called, is still dangerous when it is a well-known way to run code: a second
+# line of defence for values a later call (in user code) might make (``defaultdict(os.system)``).
+_NAMED_DANGER_MODULES = (
     "os",
     "posix",
     "nt",
@@ -36,7 +142,6 @@ DANGEROUS_MODULES = (
     "_thread",
     "signal",
     "tempfile",
-    "pathlib",
     "io",
     "_io",
     "urllib",
@@ -47,7 +152,6 @@ DANGEROUS_MODULES = (
     "telnetlib",
     "types",
     "operator",
-    "functools",
     "inspect",
     "pdb",
     "bdb",
@@ -57,17 +161,25 @@ DANGEROUS_MODULES = (
     "site",
     "gc",
     "weakref",
-    "builtins.__import__",
+    "pydoc",
+    "cProfile",
+    "profile",
+    "doctest",
+    "idlelib",
+    "ensurepip",
+    "pip",
     "torch.hub",
     "torch.jit",
     "torch.package",
     "torch.serialization",
     "torch._C",
+    "torch.utils.collect_env",
+    "torch.fx",
     "numpy.load",
     "numpy.lib.npyio",
+    "numpy.testing",
 )
-# builtins that call, import, open, or reach into attributes.
-DANGEROUS_BUILTINS = frozenset(
+_NAMED_DANGER_BUILTINS = frozenset(
     {
         "eval",
         "exec",
@@ -92,84 +204,159 @@ DANGEROUS_BUILTINS = frozenset(
         "file",
     }
 )
-DANGEROUS_NAMES = frozenset({("torch", "load"), ("torch", "save"), ("numpy", "load")})
-# Classes a whole-module pickle names by design; they are reported as information.
-INFO_PREFIXES = ("torch.nn.", "torch.ao.", "torch.optim.", "numpy.", "collections.", "torch.")
+_NAMED_DANGER = frozenset({("torch", "load"), ("torch", "save"), ("numpy", "load")})
 
 
 def classify(module: str, name: str) -> str:
-    """``allowed``, ``dangerous``, ``info`` (torch / numpy names) or ``unknown`` for one global."""
-    if (module, name) in ALLOWED_NAMES:
+    """How a global only *named* is reported: ``allowed`` (no finding), ``dangerous`` (a well-known way to
+    run code, a computed name, or a dotted path that reaches through attributes), ``info`` (on the allow
+    lists) or ``unknown`` (a warning)."""
+    if (module, name) in ALLOWED_NAMES or (module, name) in _STORED_FUNCTIONS:
         return "allowed"
     if module == COMPUTED:
         return "dangerous"  # a name computed at load time: it could be anything
+    if (module, name) in INERT_CLASSES:
+        return "info"
     root = name.split(".", 1)[0]
-    if module in ("builtins", "__builtin__") and root in DANGEROUS_BUILTINS:
+    if module in ("builtins", "__builtin__") and root in _NAMED_DANGER_BUILTINS:
+        return "dangerous"
+    if (module, root) in _NAMED_DANGER:
         return "dangerous"
     full = f"{module}.{name}"
-    if (module, root) in DANGEROUS_NAMES:
-        return "dangerous"
-    for m in DANGEROUS_MODULES:
+    for m in _NAMED_DANGER_MODULES:
         if module == m or module.startswith(m + ".") or full == m or full.startswith(m + "."):
             return "dangerous"
     if "." in name:
         # A dotted attribute path (``eval.__call__``) reaches through objects: pickle would getattr it.
         return "dangerous"
-    if module == "builtins":
-        return "unknown"
-    if full.startswith(INFO_PREFIXES):
-        return "info"
     return "unknown"
 
 
-def _call_args(args: Any) -> str:
-    """What a call would be given, as the call writes it (``('touch /tmp/x')``); each value bounded by
-    :func:`describe`."""
-    if not isinstance(args, tuple):
-        return f"({describe(args, 1)})"
-    inner = ", ".join(describe(x, 1) for x in args[:4])
-    return f"({inner}{', …' if len(args) > 4 else ''})"
+def _root(module: str) -> str:
+    return module.split(".", 1)[0]
 
 
-def findings_for(globals_seen: dict[tuple[str, str], int], calls: list[tuple[Global, Any]]) -> list[Finding]:
-    """One finding per global outside the allowlist; dangerous ones first, naming what would run."""
-    called: dict[tuple[str, str], str] = {}
-    for g, args in calls:
-        key = (g.module, g.name)
-        if key not in called:
-            called[key] = f"{g.qualname}{_call_args(args)}"
+def _times(count: int) -> str:
+    return f" ({count}×)" if count > 1 else ""
+
+
+def _judge(a: Action) -> Finding | None:
+    """The finding for one action, or None when it is on the allow list and unremarkable."""
+    target = a.target
+    times = _times(a.count)
+    args = printable(a.example)
+    if a.kind == "call-on-value":
+        return Finding(
+            "dangerous",
+            "call-on-value",
+            f"pickle would call {printable(str(target))} with {args}{times}: a call on a value the pickle built, "
+            "which no allow list can vouch for; statecli did not run it",
+        )
+    assert isinstance(target, Global)
+    key = (target.module, target.name)
+    qual = describe_name(target.qualname)
+    if target.module == COMPUTED:
+        return Finding(
+            "dangerous",
+            "computed-global",
+            f"pickle computes the name of a global at load time ({describe_name(target.name)}) and would call it "
+            f"with {args}{times}; statecli cannot tell what it would import, and did not run it",
+        )
+    if a.kind == "patch":
+        return Finding(
+            "dangerous",
+            "build-on-global",
+            f"pickle would set state on the global {qual} (BUILD with {args}){times}: it overwrites attributes of a "
+            "module, class or function, so any name looked up after it may be the attacker's; statecli did not "
+            "run it",
+        )
+    if a.kind == "build":
+        return Finding(
+            "dangerous",
+            "dangerous-state",
+            f"pickle would set special attributes on a {qual} object (state {args}){times}: setting __class__, "
+            "__setstate__ or a non-text attribute can turn data into code; statecli did not run it",
+        )
+    if a.kind == "call":
+        if key in INERT_CALLABLES:
+            if target.handler is None and key in HANDLERS:
+                return Finding(
+                    "dangerous",
+                    "dangerous-global",
+                    f"pickle would call {qual}{args}{times} after it set state on a global: the name may no longer "
+                    "be torch's function; statecli did not run it",
+                )
+            return None
+        return Finding(
+            "dangerous",
+            "dangerous-global",
+            f"pickle would call {qual}{args}{times}; statecli did not run it",
+        )
+    # An instantiation: cls.__new__, then (with BUILD) __setstate__, (with SETITEMS/APPENDS) __setitem__/extend.
+    runs = ["__new__"] + (["__setstate__"] if a.setstate else []) + (["__setitem__/extend"] if a.fills else [])
+    if key in INERT_CLASSES:
+        return Finding("info", "global", f"pickle makes {qual}{times}, an allow-listed class; read as an inert stub")
+    if _root(target.module) in STRICT_ROOTS or "." in target.name:
+        return Finding(
+            "dangerous",
+            "dangerous-global",
+            f"pickle would make a {qual}{times} and run its {', '.join(runs)}: a class outside statecli's allow "
+            "list of inert classes, in a namespace where such classes can run commands or touch files; statecli "
+            "did not run it",
+        )
+    return Finding(
+        "warning",
+        "unknown-global",
+        f"pickle makes {qual}{times}: torch.load would import {describe_name(_root(target.module))} and run its "
+        f"{', '.join(runs)}; read as an inert stub",
+    )
+
+
+def findings_for(globals_seen: Mapping[tuple[str, str], int], actions: Iterable[Action]) -> list[Finding]:
+    """The findings for one pickle (or several): each action judged, then each global only named; dangerous
+    ones first."""
     out: list[Finding] = []
+    acted: set[tuple[str, str]] = set()
+    for a in actions:
+        finding = _judge(a)
+        if finding is not None:
+            out.append(finding)
+        if isinstance(a.target, Global):
+            acted.add((a.target.module, a.target.name))
     for (module, name), count in globals_seen.items():
-        kind = classify(module, name)
-        if kind == "allowed":
+        if (module, name) in acted:
             continue
-        what = called.get((module, name))
-        if what is not None:
-            what = printable(what)
+        kind = classify(module, name)
+        if kind == "allowed" or (kind == "info" and (module, name) in INERT_CALLABLES):
+            continue
         qual = describe_name(f"{module}.{name}")
-        times = f" ({count}×)" if count > 1 else ""
+        times = _times(count)
         if module == COMPUTED:
-            call = f" and would call it with {what[len(COMPUTED) + 1 + len(name) :]}" if what else ""
             msg = (
-                f"pickle computes the name of a global at load time ({name}){call}{times}; statecli cannot "
+                f"pickle computes the name of a global at load time ({describe_name(name)}){times}; statecli cannot "
                 "tell what it would import, and did not run it"
             )
             out.append(Finding("dangerous", "computed-global", msg))
         elif kind == "dangerous":
-            action = f"would call {what}" if what else f"names {qual}"
-            msg = f"pickle {action}{times}; statecli did not run it"
-            out.append(Finding("dangerous", "dangerous-global", msg))
-        elif kind == "unknown":
-            msg = f"pickle names {qual}{times}, outside statecli's allowlist; read as an inert stub"
-            out.append(Finding("warning", "unknown-global", msg))
+            out.append(Finding("dangerous", "dangerous-global", f"pickle names {qual}{times}; statecli did not run it"))
+        elif kind == "info":
+            out.append(Finding("info", "global", f"pickle names {qual}{times}; read as an inert stub"))
         else:
-            msg = f"pickle names {qual}{times}; read as an inert stub"
-            out.append(Finding("info", "global", msg))
-    # BUILD on a global (setting attributes on a module-level object) is recorded as a call.
-    built = {(g.module, g.name) for g, _ in calls if g.name.endswith(".__setstate__")}
-    for module, name in sorted(built):
-        msg = f"pickle would set state on the global {describe_name(module + '.' + name[: -len('.__setstate__')])}"
-        out.append(Finding("dangerous", "build-on-global", msg))
+            msg = f"pickle names {qual}{times}, outside statecli's allow list; read as an inert stub"
+            out.append(Finding("warning", "unknown-global", msg))
     order = {"dangerous": 0, "warning": 1, "info": 2}
     out.sort(key=lambda f: order.get(f.level, 3))
     return out
+
+
+def refuse_if_dangerous(globals_seen: Mapping[tuple[str, str], int], actions: Iterable[Action], error: Any) -> None:
+    """Raise :class:`UnsafeError` when a pickle that failed to parse (``error``) would already have done
+    something dangerous before the failure: under torch.load the payload runs and only then does the load
+    fail, so "corrupt" would hide an exploit. Only what would have *run* counts: a name alone imports a
+    module, and a corrupt byte often turns a name into a dotted or odd one."""
+    dangerous = [f.message for f in findings_for({}, actions) if f.level == "dangerous"]
+    if not dangerous:
+        return
+    more = f" (and {len(dangerous) - 1} more)" if len(dangerous) > 1 else ""
+    reason = error.message if isinstance(error, InputError) else str(error)
+    raise UnsafeError(f"{dangerous[0]}{more}; then the pickle fails ({reason})") from error

@@ -256,7 +256,6 @@ def test_the_exploit_payload_really_runs(exploit_runs: dict[str, tuple[Path, dic
 from statecli.errors import InputError, LimitExceededError, UnsafeError  # noqa: E402
 from statecli.safepickle import (  # noqa: E402
     COMPUTED,
-    MAX_CALLS,
     MAX_GLOBALS,
     MAX_SAME_HASH,
     describe,
@@ -318,7 +317,7 @@ def test_stack_global_on_a_call_result_is_a_computed_global() -> None:
     data = b"\x80\x04cos\nname\n\x8c\x06system\x93\x8c\x02hi\x85R."
     _, u = loads(data)
     assert any(module == COMPUTED for module, _ in u.globals_seen)
-    findings = findings_for(u.globals_seen, u.calls)
+    findings = findings_for(u.globals_seen, u.actions.values())
     computed = [f for f in findings if f.code == "computed-global"]
     assert computed and computed[0].level == "dangerous"
     assert "the value of os.name" in computed[0].message and "'hi'" in computed[0].message
@@ -350,12 +349,13 @@ def test_global_names_and_counts_are_capped() -> None:
     loads(b"\x80\x02" + b"".join(b"cm\nn%d\n0" % i for i in range(MAX_GLOBALS)) + b"N.")
 
 
-def test_build_on_a_global_is_recorded_a_bounded_number_of_times() -> None:
-    data = b"\x80\x02ccollections\nOrderedDict\n" + b"2}b0" * (3 * MAX_CALLS) + b"."
+def test_build_on_a_global_is_one_action_however_often_it_happens() -> None:
+    data = b"\x80\x02ccollections\nOrderedDict\n" + b"2}b0" * 30_000 + b"."
     _, u = loads(data)
-    assert len(u.calls) == MAX_CALLS
-    builds = [f for f in findings_for(u.globals_seen, u.calls) if f.code == "build-on-global"]
-    assert len(builds) == 1
+    [action] = u.actions.values()
+    assert (action.kind, action.count) == ("patch", 30_000)
+    builds = [f for f in findings_for(u.globals_seen, u.actions.values()) if f.code == "build-on-global"]
+    assert len(builds) == 1 and "(30000×)" in builds[0].message
 
 
 def test_a_storage_key_that_is_not_text_is_refused_before_it_is_hashed(tmp_path: Path) -> None:

@@ -42,7 +42,7 @@ from statecli.errors import InputError, LimitExceededError, StatecliError, Unsaf
 from statecli.formats.base import RawCheckpoint, contiguous_strides
 from statecli.formats.torchzip import MODEL_KEYS, OPTIMIZER_KEYS
 from statecli.records import Container, Finding, RawTensor
-from statecli.safepickle import MAX_INDEX, Global, Limits, StorageRef, Stub, loads
+from statecli.safepickle import MAX_INDEX, Action, Global, Limits, StorageRef, Stub, loads
 from statecli.security import findings_for
 from statecli.wording import count, name_list
 
@@ -282,8 +282,7 @@ def _parse(folder: str, limits: Limits | None) -> _Parsed:
     except StatecliError as e:
         raise e.at(meta_path) from None
     seen = {k: n for k, n in unpickler.globals_seen.items() if k not in DCP_NAMES}
-    calls = [(g, a) for g, a in unpickler.calls if (g.module, g.name) not in DCP_NAMES]
-    findings = findings_for(seen, calls)
+    findings = findings_for(seen, _not_dcp(unpickler.actions.values()))
     if unpickler.end < len(data):
         findings.append(
             Finding(
@@ -767,16 +766,25 @@ def _pickles_of(blob: bytes) -> list[bytes]:
     return [blob]
 
 
-def _scan_blob(blob: bytes) -> tuple[dict[tuple[str, str], int], list[tuple[Global, Any]]]:
+def _not_dcp(actions: Iterable[Action]) -> list[Action]:
+    """The actions other than making DCP's own metadata objects (the format's vocabulary, see DCP_NAMES)."""
+    return [
+        a
+        for a in actions
+        if a.kind in ("patch", "build", "call-on-value") or (a.target.module, a.target.name) not in DCP_NAMES
+    ]
+
+
+def _scan_blob(blob: bytes) -> tuple[dict[tuple[str, str], int], list[Action]]:
     seen: dict[tuple[str, str], int] = {}
-    calls: list[tuple[Global, Any]] = []
+    calls: list[Action] = []
     for data in _pickles_of(blob):
         rest = data
         for _ in range(5):
             _, u = loads(rest, _inert_storage)
             for k, n in u.globals_seen.items():
                 seen[k] = seen.get(k, 0) + n
-            calls.extend(u.calls)
+            calls.extend(u.actions.values())
             rest = rest[u.end :]
             if rest[:1] != b"\x80":
                 break
@@ -809,8 +817,7 @@ def _scan_byte_entries(p: _Parsed) -> list[Finding]:
                 unscanned.append(f"{key} ({getattr(e, 'message', None) or e})"[:160])
                 continue
             seen = {k: n for k, n in seen.items() if k not in DCP_NAMES}
-            calls = [(g, a) for g, a in calls if (g.module, g.name) not in DCP_NAMES]
-            for finding in findings_for(seen, calls):
+            for finding in findings_for(seen, _not_dcp(calls)):
                 by_message.setdefault((finding.level, finding.code, finding.message), []).append(key)
     finally:
         for h in handles.values():

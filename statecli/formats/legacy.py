@@ -145,7 +145,7 @@ def read_legacy(path: str) -> RawCheckpoint:
     """Read a legacy torch file's metadata without torch and without running its pickles."""
     (_, _, _, obj, keys, storages, unpickler, size), data_start = _read_pickles(path)
     spans, end = _walk_data(path, keys, storages, data_start)
-    findings = findings_for(unpickler.globals_seen, unpickler.calls)
+    findings = findings_for(unpickler.globals_seen, unpickler.actions.values())
     findings.append(
         Finding(
             "info",

@@ -29,6 +29,7 @@ import os
 import re
 import zipfile
 import zlib
+from collections.abc import Iterable
 from typing import Any
 
 from statecli.dtypes import DTYPES
@@ -38,7 +39,7 @@ from statecli.formats.base import RawCheckpoint
 from statecli.formats.torchzip import MAX_PICKLE_BYTES, _Storages, archive_root, raw_tensor
 from statecli.formats.zipdir import Member, data_offset, read_member
 from statecli.records import Container, Finding, RawTensor
-from statecli.safepickle import MAX_INDEX, Global, RestrictedUnpickler, Stub, TensorRef, loads
+from statecli.safepickle import MAX_INDEX, Action, Global, RestrictedUnpickler, Stub, TensorRef, loads
 from statecli.security import findings_for
 
 EVIDENCE = "export"
@@ -414,7 +415,7 @@ class _Reader:
             obj, unpickler = loads(data, storages)
         except StatecliError as e:
             raise type(e)(f"{rel}: {e.message}", path=self.path) from e
-        self._add_security(unpickler.globals_seen, unpickler.calls, rel)
+        self._add_security(unpickler.globals_seen, unpickler.actions.values(), rel)
         self.nested_nbytes = sum(s.nbytes for s in storages.cache.values())
         return obj
 
@@ -435,13 +436,11 @@ class _Reader:
                     f"it to the end ({reason[:120]}); what follows was not checked",
                 )
             )
-        self._add_security(unpickler.globals_seen, unpickler.calls, rel)
+        self._add_security(unpickler.globals_seen, unpickler.actions.values(), rel)
         return obj
 
-    def _add_security(
-        self, globals_seen: dict[tuple[str, str], int], calls: list[tuple[Global, Any]], rel: str
-    ) -> None:
-        for f in findings_for(globals_seen, calls):
+    def _add_security(self, globals_seen: dict[tuple[str, str], int], actions: Iterable[Action], rel: str) -> None:
+        for f in findings_for(globals_seen, actions):
             self.security.append(Finding(f.level, f.code, f"{rel}: {f.message}"))
 
 

@@ -42,7 +42,7 @@ from statecli.formats.torchzip import (
 )
 from statecli.formats.zipdir import Member, read_member
 from statecli.records import Container, Finding, RawTensor
-from statecli.safepickle import Global, StorageRef, Stub, TensorRef, loads
+from statecli.safepickle import COMPUTED, Action, Global, StorageRef, Stub, TensorRef, loads
 from statecli.security import findings_for
 
 EVIDENCE = "torchscript"
@@ -285,7 +285,7 @@ class _Reader:
         self.findings: list[Finding] = []
         self.storage_sizes: dict[str, int] = {}
         self.globals_seen: dict[tuple[str, str], int] = {}
-        self.calls: list[tuple[Global, Any]] = []
+        self.actions: list[Action] = []
         self.seen: dict[int, str | None] = {}
         self.nodes = 0
         self.missing_decls: set[str] = set()
@@ -327,7 +327,7 @@ class _Reader:
 
     def _refuse(self, message: str) -> None:
         """Raise for a data.pkl that is not a module, naming what its pickle would run, if anything."""
-        dangerous = [f.message for f in findings_for(self.globals_seen, self.calls) if f.level == "dangerous"]
+        dangerous = [f.message for f in findings_for(self.globals_seen, self.actions) if f.level == "dangerous"]
         if dangerous:
             message += "; " + "; ".join(dangerous[:3])
         raise InputError(message, path=self.path)
@@ -353,7 +353,7 @@ class _Reader:
             raise type(e)(f"{name}: {message}", path=self.path) from e
         for key, count in unpickler.globals_seen.items():
             self.globals_seen[key] = self.globals_seen.get(key, 0) + count
-        self.calls.extend(unpickler.calls)
+        self.actions.extend(unpickler.actions.values())
         if unpickler.end < len(data):
             self.findings.append(
                 Finding(
@@ -393,8 +393,15 @@ class _Reader:
             if module == "torch.jit._pickle" and name in JIT_PICKLE_TAGS:
                 continue
             kept[(module, name)] = count
-        calls = [(g, a) for g, a in self.calls if (g.module, g.name) in kept]
-        out = findings_for(kept, calls)
+        actions = [
+            a
+            for a in self.actions
+            # Patches and dangerous state are never TorchScript's own: only its calls and types are left out.
+            if a.kind in ("patch", "build", "call-on-value")
+            or (a.target.module, a.target.name) in kept
+            or a.target.module == COMPUTED
+        ]
+        out = findings_for(kept, actions)
         if declared:
             out.append(
                 Finding(

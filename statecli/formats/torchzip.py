@@ -16,7 +16,7 @@ from statecli.formats.base import RawCheckpoint
 from statecli.formats.optimizer import apply_optimizer_evidence
 from statecli.formats.zipdir import Member, read_central_directory, read_member
 from statecli.records import Container, Finding, RawTensor
-from statecli.safepickle import MAX_CALLS, Global, Limits, StorageRef, Stub, TensorRef, describe, loads, printable
+from statecli.safepickle import Global, Limits, StorageRef, Stub, TensorRef, describe, loads, printable
 from statecli.security import findings_for
 
 MAX_PICKLE_BYTES = 1 << 30  # a data.pkl larger than this is not a checkpoint's metadata
@@ -152,7 +152,7 @@ def read_torch_zip(path: str, members: dict[str, Member] | None = None, limits: 
     except StatecliError as e:
         raise e.at(path) from None
     stacked = _stacked_pickles(data, unpickler, storages, limits)
-    findings = findings_for(unpickler.globals_seen, unpickler.calls)
+    findings = findings_for(unpickler.globals_seen, unpickler.actions.values())
     if unpickler.end < len(data):
         also = f"; {stacked} more pickle(s) there were read only for the globals they name" if stacked else ""
         findings.append(
@@ -209,7 +209,12 @@ def _stacked_pickles(data: bytes, first: Any, storages: _Storages, limits: Limit
             break  # trailing bytes that are no pickle: the trailing-data warning says they are there
         for key, n in more.globals_seen.items():
             first.globals_seen[key] = first.globals_seen.get(key, 0) + n
-        first.calls.extend(more.calls[: max(0, MAX_CALLS - len(first.calls))])
+        for key, action in more.actions.items():
+            mine = first.actions.get(key)
+            if mine is None:
+                first.actions[key] = action
+            else:
+                mine.count += action.count
         count += 1
         end = more.end
     return count

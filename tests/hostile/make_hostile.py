@@ -479,7 +479,7 @@ def _(d: Path) -> Path:
     return torch_zip(d / "model.pt", with_payload(lambda a: a.op("EXT1", b"\x01").tuple_(_touch).op("REDUCE")))
 
 
-@case("terminal_escape_in_global", "code", finding("unknown-global", "\\x1b[2K"))
+@case("terminal_escape_in_global", "code", finding("dangerous-global", "\\x1b[2K", dangerous=True))
 def _(d: Path) -> Path:
     # A global whose name, printed raw, returns the cursor and erases the line above: the findings report.
     return torch_zip(d / "model.pt", with_payload(lambda a: a.call("x\r\x1b[1A\x1b[2K", "y", _touch)))
