@@ -623,7 +623,7 @@ def _dunder_keys(state: Any) -> list[str]:
     for part in parts:
         if isinstance(part, dict):
             for k in part:
-                if type(k) is not str or (k.startswith("__") and k.endswith("__")):
+                if type(k) is not str or (k[:2] == "__" and k[-2:] == "__"):
                     found.append(describe(k))
                     if len(found) >= 3:
                         return found
@@ -692,7 +692,7 @@ class RestrictedUnpickler:
         self.persistent_load = persistent_load
         self.limits = limits or Limits()
         self.globals_seen: dict[tuple[str, str], int] = {}
-        self.actions: dict[tuple[str, str], Action] = {}
+        self.actions: dict[tuple[str, str, str], Action] = {}
         # Set once a BUILD patched a global: from then on no name is trusted to be what statecli knows.
         self.tainted = False
         self.proto = 0
@@ -1088,11 +1088,11 @@ class RestrictedUnpickler:
         """The :class:`Action` for ``kind`` on ``target``, counted once more; ``example`` (arguments or state)
         is described only the first time, so a million calls cost a million counts and one text."""
         if type(target) is Global:
-            key = (kind, target.qualname)
+            key = (kind, target.module, target.name)
         else:
             # Keyed by the kind of value only: a million distinct strings called must not be a million actions.
             target = f"a value the pickle built ({describe(target)})" if type(target) is not Stub else describe(target)
-            key = (kind, "")
+            key = (kind, "", "")
         action = self.actions.get(key)
         if action is None:
             text = describe(example) if kind == "patch" else args_text(example)
@@ -1392,7 +1392,7 @@ class RestrictedUnpickler:
         """Note on an instantiation's action that BUILD (``setstate``) or SETITEM/APPEND (``fills``) reach it."""
         callee = target.callee
         if target.kind == "newobj" and type(callee) is Global:
-            action = self.actions.get(("instantiate", callee.qualname))
+            action = self.actions.get(("instantiate", callee.module, callee.name))
             if action is not None:
                 setattr(action, what, True)
 
