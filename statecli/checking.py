@@ -13,6 +13,9 @@ A policy is a list of rule sets. Each set has a scope (``match`` name globs and 
 ``forbidden = [globs]``     no tensor matches any glob
 ``require_exact_roles``     every tensor's role is stated by the file, not inferred
 ``allow_dangerous = true``  dangerous pickle globals are reported as allowed instead of failing the rule
+``strict_globals = true``   also fail on every global outside statecli's allow lists (unknown-global
+                            warnings: a model class of your own, another package's class), as
+                            ``torch.load(weights_only=True)`` refuses them (global only)
 ``schema = "file"``         names, shapes, dtypes and roles match a ``statecli schema`` file (global)
 ``model = "mod:callable"``  the tensors load into this architecture, strict (global; runs user code)
 ``reference = "file"``      values within ``atol`` / ``rtol`` of another checkpoint (global)
@@ -40,7 +43,7 @@ from statecli.records import ROLES, Report, TensorInfo
 
 SCHEMA = "statecli.check/1"
 VALUE_RULES = ("no_nan", "no_inf", "absmax")
-GLOBAL_ONLY = ("max_size", "schema", "model", "reference", "atol", "rtol", "allow_dangerous")
+GLOBAL_ONLY = ("max_size", "schema", "model", "reference", "atol", "rtol", "allow_dangerous", "strict_globals")
 _SCOPED = ("dtype", "device", "no_nan", "no_inf", "absmax", "required", "forbidden", "require_exact_roles")
 _KNOWN = {*_SCOPED, *GLOBAL_ONLY, "match", "role"}
 
@@ -99,6 +102,7 @@ class Policy:
     atol: float | None = None  # None: not set here (0 where nothing sets it), so a flag's 0 can override a file
     rtol: float | None = None
     allow_dangerous: bool = False
+    strict_globals: bool = False
     source: str | None = None  # the policy file, for messages
 
     def merge(self, other: Policy) -> Policy:
@@ -112,6 +116,7 @@ class Policy:
             atol=other.atol if other.atol is not None else self.atol,
             rtol=other.rtol if other.rtol is not None else self.rtol,
             allow_dangerous=other.allow_dangerous or self.allow_dangerous,
+            strict_globals=other.strict_globals or self.strict_globals,
             source=self.source,
         )
         return merged
@@ -226,6 +231,8 @@ def policy_from_table(table: dict[str, Any], where: str) -> Policy:
             setattr(policy, key, _number(where, key, globals_[key]))
     if "allow_dangerous" in globals_:
         policy.allow_dangerous = _flag(where, "allow_dangerous", globals_["allow_dangerous"])
+    if "strict_globals" in globals_:
+        policy.strict_globals = _flag(where, "strict_globals", globals_["strict_globals"])
     if policy.schema and not os.path.isabs(policy.schema):
         # Paths in a policy file are relative to that file, as in pyproject.toml tools.
         policy.schema = os.path.join(os.path.dirname(os.path.abspath(where)), policy.schema)
@@ -357,6 +364,10 @@ def run(report: Report, policy: Policy, progress: Callable[[int, int], None] | N
     tensors = report.tensors
 
     results.append(_dangerous_rule(report, policy, "all tensors"))
+    if policy.strict_globals:
+        unknown = [Failure(None, f.message, f.code) for f in report.findings if f.code == "unknown-global"]
+        expected = "no pickle global outside statecli's allow lists"
+        results.append(RuleResult("no_unknown_globals", "all tensors", expected, 1, failures=unknown))
     if policy.max_size is not None:
         r = RuleResult("max_size", "all tensors", f"at most {policy.max_size:,} bytes", 1)
         if report.file_size > policy.max_size:

@@ -110,6 +110,14 @@ def check_command(
             "passes) instead of refusing the file with exit 5, which is what happens without this flag.",
         ),
     ] = False,
+    strict_globals: Annotated[
+        bool,
+        typer.Option(
+            "--strict-globals",
+            help="Also refuse (exit 5) every pickle global outside statecli's allow lists, such as your own "
+            "model class in a whole pickled model: what torch.load(weights_only=True) refuses too.",
+        ),
+    ] = False,
     policy: Annotated[
         str | None,
         typer.Option(
@@ -173,6 +181,7 @@ def check_command(
         atol=atol,
         rtol=rtol,
         allow_dangerous=allow_dangerous,
+        strict_globals=strict_globals,
     )
     file = policy if policy is not None else (None if no_policy else core.discover_policy())
     if file is not None:
@@ -209,7 +218,9 @@ def check_command(
             checked.append(Unreadable(os.fspath(path), str(err), err.exit_code))
     _render(checked, fmt, several=len(paths) > 1)
     results = [c for c in checked if not isinstance(c, Unreadable)]
-    unsafe = any(not r.passed for res in results for r in res.results if r.rule == "no_dangerous_globals")
+    unsafe = any(
+        not r.passed for res in results for r in res.results if r.rule in ("no_dangerous_globals", "no_unknown_globals")
+    )
     failed = 0 if all(r.passed for r in results) else (5 if unsafe else 1)  # 5: refused as unsafe
     code = max(worst, failed)
     if code:
