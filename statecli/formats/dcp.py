@@ -69,12 +69,12 @@ STORAGE_META = f"{_MD}.StorageMeta"
 # - the metadata dataclasses and enum: instantiated by NEWOBJ (``cls.__new__``) and BUILD, which sets
 #   fields (TensorProperties.__setstate__ is torch's own and only decodes a memory format);
 # - ``torch.serialization._get_layout('torch.strided')``: how a ``torch.layout`` pickles; a lookup in a
-#   dict of layouts. ``security.classify`` calls all of ``torch.serialization`` dangerous (for its
-#   ``load``), so without this every DCP file would carry a false "dangerous" finding;
+#   dict of layouts (on the allow list too);
 # - ``pathlib.PosixPath('ckpt')``: ``StorageMeta.checkpoint_id`` as FileSystemWriter records it. The
-#   constructor only joins strings; ``pathlib`` is on the dangerous list for its methods, and a dotted
-#   name such as ``Path.write_text`` is a different name, still reported.
-# Any other global, and BUILD on a global, still goes through security.findings_for.
+#   constructor only joins strings (an inert callable); a dotted name such as ``Path.write_text`` is a
+#   different name, still reported.
+# They are left out of the findings (not information worth a line). Any other global, and BUILD on a
+# global, goes through security.findings_for.
 DCP_NAMES = frozenset(
     [
         (_MD, n)
@@ -295,7 +295,8 @@ def _parse(folder: str, limits: Limits | None) -> _Parsed:
     if not (isinstance(root, Stub) and root.class_name == METADATA):
         danger = [f.message for f in findings if f.level == "dangerous"]
         extra = f"; {danger[0]}" if danger else ""
-        raise InputError(
+        # torch's reader unpickles it before it looks at what it holds: a dangerous one is refused as unsafe.
+        raise (UnsafeError if danger else InputError)(
             f"not a torch.distributed.checkpoint .metadata: the pickle holds {_describe(root)}{extra}", path=meta_path
         )
     md = _fields(root, METADATA, "the Metadata record", meta_path)

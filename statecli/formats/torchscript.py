@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from statecli.dtypes import DTYPES, STORAGE_TYPES
-from statecli.errors import InputError, LimitExceededError, StatecliError, UnsupportedFormatError
+from statecli.errors import InputError, LimitExceededError, StatecliError, UnsafeError, UnsupportedFormatError
 from statecli.formats.base import RawCheckpoint
 from statecli.formats.torchzip import (
     MAX_PICKLE_BYTES,
@@ -329,7 +329,7 @@ class _Reader:
         """Raise for a data.pkl that is not a module, naming what its pickle would run, if anything."""
         dangerous = [f.message for f in findings_for(self.globals_seen, self.actions) if f.level == "dangerous"]
         if dangerous:
-            message += "; " + "; ".join(dangerous[:3])
+            raise UnsafeError(f"{message}; " + "; ".join(dangerous[:3]), path=self.path)
         raise InputError(message, path=self.path)
 
     # -- pickles

@@ -202,3 +202,43 @@ def _(d: Path) -> Path:
         a.raw(b"\xff")  # no such opcode
 
     return torch_zip(d / "model.pt", with_payload(payload))
+
+
+class _Payload:
+    """Pickles as a call of torch's environment-collection ``run``: what an attacker puts in a file."""
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        from torch.utils.collect_env import run
+
+        return (run, (PAYLOAD,))
+
+
+@case("dcp_metadata_payload", "verdict", exploit("dangerous-global", "torch.utils.collect_env.run", "dcp"))
+def _(d: Path) -> Path:
+    # torch's DCP reader unpickles .metadata with plain pickle.load: a payload in any field runs.
+    import pickle
+    import shutil
+
+    sample = Path(__file__).resolve().parents[2] / "sample_models" / "dcp_training"
+    folder = d / "ckpt"
+    shutil.copytree(sample, folder)
+    with open(folder / ".metadata", "rb") as f:
+        metadata = pickle.load(f)  # statecli's own sample: trusted
+    metadata.planner_data = _Payload()
+    with open(folder / ".metadata", "wb") as f:
+        pickle.dump(metadata, f)
+    return folder
+
+
+@case("dcp_metadata_payload_only", "verdict", Expected("error", 5, "torch.utils.collect_env.run", False, "dcp"))
+def _(d: Path) -> Path:
+    # A .metadata whose pickle is nothing but the payload: not DCP metadata, and refused as unsafe, since
+    # torch's reader runs it before it looks at what it got.
+    import pickle
+    import shutil
+
+    sample = Path(__file__).resolve().parents[2] / "sample_models" / "dcp_training"
+    folder = d / "ckpt"
+    shutil.copytree(sample, folder)
+    (folder / ".metadata").write_bytes(pickle.dumps(_Payload(), protocol=2))
+    return folder
