@@ -414,6 +414,31 @@ def test_a_valid_hand_made_folder_reads_its_values(tmp_path: Path) -> None:
     assert torch.equal(load_file(out)["w"], torch.arange(16, dtype=torch.float32).reshape(4, 4))
 
 
+# --- every output byte accounted for -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_a_storage_that_comes_short_writes_nothing(
+    samples_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str
+) -> None:
+    real_read, real_chunks = Source.read, Source.chunks
+
+    def short_read(self: Source, t: Any) -> torch.Tensor:
+        return real_read(self, t)[:-1]
+
+    def short_chunks(self: Source, t: Any, chunk: int = 16 << 20) -> Any:
+        pieces = list(real_chunks(self, t, chunk))
+        return iter([p.clone() for p in pieces[:-1]] + [pieces[-1][:-1].clone()])
+
+    monkeypatch.setattr(Source, "read", short_read)
+    monkeypatch.setattr(Source, "chunks", short_chunks)
+    out = tmp_path / f"out{suffix}"
+    result = run("convert", str(samples_dir / "cnn_bn.safetensors"), "-o", str(out))
+    assert result.exit_code == 3, result.output
+    assert "not the" in result.stderr and "nothing was written" in result.stderr, result.stderr
+    assert os.listdir(tmp_path) == []
+
+
 def test_chunks_that_tile_load_exactly(tmp_path: Path) -> None:
     # The same rewiring as the refused folders above, done right: the values come back whole.
     w = torch.arange(8, dtype=torch.float32)

@@ -134,7 +134,11 @@ class PendingFile:
             self._unsynced = 0
 
     def pwrite(self, data: bytes, offset: int) -> None:
-        os.pwrite(self.fd, data, offset)
+        """Overwrite bytes already written (a zip member's CRC): all of ``data``, whatever pwrite returns."""
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view, offset = view[n:], offset + n
 
     @property
     def readable_path(self) -> str:
