@@ -243,7 +243,7 @@ def cast(src: torch.Tensor, dst_dtype: torch.dtype) -> tuple[torch.Tensor, CastS
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "ComplexHalf support is experimental": complex32 is what was asked
-        out = torch.empty(src.shape, dtype=dst_dtype)
+        out = torch.empty(src.shape, dtype=dst_dtype)  # the loop below copies into every element
     stats = CastStats()
     flat_s = src.reshape(-1)
     flat_o = out.view(-1)
