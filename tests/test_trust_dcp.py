@@ -445,3 +445,128 @@ def test_chunks_that_tile_load_exactly(tmp_path: Path) -> None:
     folder = save(tmp_path / "f", {"a": w[:4].clone(), "b": w[4:].clone()})
     as_chunks(folder, "w", (8,), {"b": (4,), "a": (0,)})
     assert torch.equal(statecli.load(folder)["w"], w)
+
+
+# --- kill -9 between naming steps -------------------------------------------------------------------
+
+# Converts argv[1] to argv[2] (with --force) in a fresh process that SIGKILLs itself at argv[3]: right
+# after the anonymous output got a name ("link"), or right before that name is renamed over the old
+# output ("replace"). os is patched in this child only.
+CRASH = r"""
+import os, signal, sys
+import statecli.conversion as conv
+
+where = sys.argv[3]
+real_link, real_replace = os.link, os.replace
+
+def link(*args, **kwargs):
+    real_link(*args, **kwargs)
+    if where == "link":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+def replace(*args, **kwargs):
+    if where == "replace":
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_replace(*args, **kwargs)
+
+os.link, os.replace = link, replace
+conv.convert(sys.argv[1], sys.argv[2], force=True)
+"""
+
+
+def crash(src: Path, out: Path, where: str) -> None:
+    from subproc import run_python
+
+    proc = run_python(CRASH, str(src), str(out), where, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+
+
+@pytest.fixture
+def o_tmpfile() -> None:
+    from statecli.conversion.atomic import PendingFile
+
+    probe = PendingFile(str(Path(__file__).parent / "never-named"))
+    anonymous = probe.temp_name is None
+    probe.discard()
+    if not anonymous:
+        pytest.skip("no O_TMPFILE here: outputs start as hidden files")
+
+
+def test_a_kill_right_after_a_new_output_is_named_leaves_that_output_only(
+    samples_dir: Path, tmp_path: Path, o_tmpfile: None
+) -> None:
+    out = tmp_path / "model.safetensors"
+    crash(samples_dir / "cnn_bn.safetensors", out, "link")
+    assert os.listdir(tmp_path) == ["model.safetensors"]  # linked straight to its name, whole
+    assert run("diff", str(samples_dir / "cnn_bn.safetensors"), str(out)).exit_code == 0
+
+
+def test_a_kill_between_link_and_rename_is_cleaned_by_the_next_run(
+    samples_dir: Path, tmp_path: Path, o_tmpfile: None
+) -> None:
+    from statecli.conversion.atomic import _LEFTOVER
+
+    out = tmp_path / "model.safetensors"
+    out.write_bytes(b"the old output")
+    crash(samples_dir / "cnn_bn.safetensors", out, "replace")
+    assert out.read_bytes() == b"the old output"
+    left = [n for n in os.listdir(tmp_path) if n != "model.safetensors"]
+    assert len(left) == 1 and _LEFTOVER.fullmatch(left[0]), left
+    other = tmp_path / "other.pt"
+    (tmp_path / "unrelated.tmp").write_bytes(b"")
+    result = run("convert", str(samples_dir / "cnn_bn.safetensors"), "-o", str(other))
+    assert result.exit_code == 0, result.output
+    assert f"removed 1 hidden temporary file that a killed statecli conversion left in {tmp_path}: {left[0]}" in (
+        result.stderr
+    )
+    assert sorted(os.listdir(tmp_path)) == ["model.safetensors", "other.pt", "unrelated.tmp"]
+
+
+def test_only_files_certainly_abandoned_are_removed(tmp_path: Path) -> None:
+    import subprocess
+    import time
+
+    from statecli.conversion import atomic
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a process id that has ended
+    live = subprocess.Popen(["sleep", "30"])
+    here = atomic._where()
+    try:
+        files = {
+            "gone": f".statecli-{dead.pid}-{here}-abcd1234.tmp",
+            "running": f".statecli-{live.pid}-{here}-abcd1234.tmp",
+            "elsewhere": f".statecli-{dead.pid}-{'0' * 8 if here != '0' * 8 else '1' * 8}-abcd1234.tmp",
+            "mine": f".statecli-{os.getpid()}-{here}-abcd1234.tmp",
+            "not ours": ".statecli-abcd1234.tmp",
+            "newer": f".statecli-{dead.pid}-{here}-newer.tmp",
+        }
+        for name in files.values():
+            (tmp_path / name).write_bytes(b"x")
+        link = f".statecli-{dead.pid}-{here}-link.tmp"
+        (tmp_path / link).symlink_to(tmp_path / files["gone"])
+        past, future = time.time() - 60, time.time() + 60
+        for key, name in files.items():
+            when = future if key == "newer" else past  # "newer": written to after the run began
+            os.utime(tmp_path / name, (when, when), follow_symlinks=False)
+        # ctime cannot be set back: a run that started before they were made leaves every one alone.
+        assert atomic.remove_leftovers(str(tmp_path), past - 60) == []
+        assert atomic.remove_leftovers(str(tmp_path), time.time() + 1) == [files["gone"]]
+        assert sorted(os.listdir(tmp_path)) == sorted([link, *(n for k, n in files.items() if k != "gone")])
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_hidden_temporaries_are_named_for_their_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from statecli.conversion import atomic
+
+    monkeypatch.delattr(os, "O_TMPFILE", raising=False)  # the fallback other systems take
+    pending = atomic.PendingFile(str(tmp_path / "o.pt"))
+    try:
+        assert pending.temp_name is not None
+        m = atomic._LEFTOVER.fullmatch(os.path.basename(pending.temp_name))
+        assert m and int(m.group(1)) == os.getpid() and m.group(2) == atomic._where()
+    finally:
+        pending.discard()
+    assert os.listdir(tmp_path) == []

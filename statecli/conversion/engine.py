@@ -15,6 +15,7 @@ import math
 import os
 import pickle
 import re
+import time
 import warnings
 import zlib
 from collections.abc import Callable, Generator, Iterator
@@ -22,7 +23,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from statecli import dtypes
-from statecli.conversion.atomic import PendingFile, check_destination, folder_problem, output_error, sync_folder
+from statecli.conversion.atomic import (
+    PendingFile,
+    check_destination,
+    folder_problem,
+    output_error,
+    remove_leftovers,
+    sync_folder,
+)
 from statecli.conversion.plan import DEFAULT_SHARD_SIZE, INDEX_NAME, Plan, PlanItem
 from statecli.conversion.source import Source, byte_view
 from statecli.conversion.zipwriter import ZipWriter
@@ -30,7 +38,7 @@ from statecli.errors import CheckFailedError, InputError, OutputError, StatecliE
 from statecli.formats.base import contiguous_strides
 from statecli.formats.safetensors_reader import METADATA_KEY, ROLES_SCHEMA
 from statecli.records import Finding, Report
-from statecli.wording import count
+from statecli.wording import count, name_list
 
 if TYPE_CHECKING:
     import torch
@@ -588,6 +596,7 @@ def output_paths(plan: Plan) -> list[str]:
 
 def execute(plan: Plan, progress: Progress | None = None) -> ConversionReport:
     """Write the plan's output. Raises StatecliError (exit 1 overflow, 3 input, 4 output)."""
+    started = time.time()
     report = ConversionReport(plan)
     inputs = _input_files(plan.report)
     units = build_units(plan)
@@ -652,9 +661,26 @@ def execute(plan: Plan, progress: Progress | None = None) -> ConversionReport:
             for p, _ in pendings:
                 p.discard()
             raise
-        sync_folder(os.path.dirname(os.path.abspath(report.files[0])))
+        out_folder = os.path.dirname(os.path.abspath(report.files[0]))
+        sync_folder(out_folder)
+    report.findings.extend(_leftovers(out_folder, started))
     report.findings.extend(range_findings(report.stats, plan.target_dtype))
     return report
+
+
+def _leftovers(folder: str, started: float) -> list[Finding]:
+    """Hidden files an earlier, killed conversion left in the output folder: removed, and said so."""
+    removed = remove_leftovers(folder, started)
+    if not removed:
+        return []
+    what = count(len(removed), "hidden temporary file")
+    return [
+        Finding(
+            "info",
+            "leftovers-removed",
+            f"removed {what} that a killed statecli conversion left in {folder}: {name_list(removed)}",
+        )
+    ]
 
 
 def _stale_shards(folder: str, paths: list[str]) -> list[Finding]:
