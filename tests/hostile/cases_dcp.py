@@ -188,6 +188,13 @@ def _indices(sizes: Dims) -> list[Dims]:
     return out
 
 
+def warmups(folder: Path) -> list[Path]:
+    """A benign DCP folder, read before the audit hook goes in: the DCP reader's dataclasses compile on import."""
+    d = folder / "dcp"
+    d.mkdir(exist_ok=True)
+    return [dcp_folder(d, [("w", (4, 2), [((0, 0), (2, 2)), ((2, 0), (2, 2))])])]
+
+
 # --- chunks that do not tile their tensor ------------------------------------------------------------
 
 
