@@ -734,12 +734,13 @@ def tiling_problem(
         if len(boxes) == 1:
             return None
         if not boxes:
-            return _gap(shape, [], tuple(0 for _ in shape))
+            return _gap(shape, [], tuple(0 for _ in shape), [])
         return _overlap(shape, boxes[0], boxes[1])
     if len(split) == 1:
         return _tiles_line(shape, boxes, split[0])
-    if budget is not None:
-        budget.spend(((len(boxes) + 1) << len(split)) * len(split))
+    if budget is not None:  # the corner counts, then at worst the search for the culprit
+        n = len(split)
+        budget.spend(((len(boxes) + 1) << n) * n + len(boxes) * n * n)
     left = _uncancelled(shape, boxes, split)
     return _culprit(shape, boxes, split, left) if left else None
 
@@ -752,14 +753,14 @@ def _tiles_line(shape: tuple[int, ...], boxes: list[_Box], d: int) -> str | None
     for b in ordered:
         start = b[1][d]
         if start > end:
-            return _gap(shape, boxes, tuple(end if k == d else 0 for k in range(len(shape))))
+            return _gap(shape, boxes, tuple(end if k == d else 0 for k in range(len(shape))), [d])
         if start < end:
             assert last is not None
             return _overlap(shape, last, b)
         end = start + b[2][d]
         last = b
     if end < shape[d]:
-        return _gap(shape, boxes, tuple(end if k == d else 0 for k in range(len(shape))))
+        return _gap(shape, boxes, tuple(end if k == d else 0 for k in range(len(shape))), [d])
     return None
 
 
@@ -802,7 +803,7 @@ def _culprit(shape: tuple[int, ...], boxes: list[_Box], split: list[int], left: 
         if len(holders) > 1:
             return _overlap(shape, holders[0], holders[1])
         if not holders:
-            return _gap(shape, boxes, tuple(x))
+            return _gap(shape, boxes, tuple(x), split)
     raise AssertionError("signed corners differ but every element near them is covered once")
 
 
@@ -813,17 +814,20 @@ def _overlap(shape: tuple[int, ...], a: _Box, b: _Box) -> str:
     return f"chunks {i} and {j} overlap: both hold {_region(shape, lo, hi)}"
 
 
-def _gap(shape: tuple[int, ...], boxes: list[_Box], x: tuple[int, ...]) -> str:
+def _gap(shape: tuple[int, ...], boxes: list[_Box], x: tuple[int, ...], split: list[int]) -> str:
     """A box of elements no chunk holds, grown from the uncovered element ``x`` one dimension at a time.
 
     Growing along a dimension stops at the nearest chunk that meets the box in every other dimension, so
     the box stays empty: a chunk reaching into it would have held an element of the box before it grew.
     """
-    lo, hi = list(x), [v + 1 for v in x]
-    for d in range(len(shape)):
+    # Every chunk spans the other dimensions whole: only the split ones can bound the box.
+    lo, hi = [0] * len(shape), list(shape)
+    for d in split:
+        lo[d], hi[d] = x[d], x[d] + 1
+    for d in split:
         below, above = 0, shape[d]
         for _, o, s in boxes:
-            if all(o[k] < hi[k] and lo[k] < o[k] + s[k] for k in range(len(shape)) if k != d):
+            if all(o[k] < hi[k] and lo[k] < o[k] + s[k] for k in split if k != d):
                 if o[d] + s[d] <= x[d]:
                     below = max(below, o[d] + s[d])
                 elif o[d] > x[d]:
