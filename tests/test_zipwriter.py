@@ -15,6 +15,7 @@ import torch
 from statecli import conversion as conv
 from statecli.conversion import engine
 from statecli.conversion.zipwriter import ALIGNMENT, ZipWriter
+from statecli.errors import InputError
 from statecli.formats.zipdir import data_offset, read_central_directory
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
@@ -55,7 +56,7 @@ def test_members_read_back_aligned_with_good_crcs(tmp_path: Path, zip64: bool) -
 def test_announced_size_must_match(tmp_path: Path) -> None:
     with open(tmp_path / "a.zip", "w+b") as f:
         w = ZipWriter(FileSink(f))
-        with pytest.raises(AssertionError, match="announced 5"):
+        with pytest.raises(InputError, match="got 3 bytes, announced 5"):
             w.add("x", 5, [b"abc"])
         w.shutdown()
 

@@ -2,16 +2,28 @@
 
 Each output is first an anonymous file in the destination folder (Linux ``O_TMPFILE``): a crash, a
 ``kill -9`` or a full disk leaves nothing behind, not even a temporary name. Only when every file of the
-conversion is written, flushed and checked are they given their names. Where ``O_TMPFILE`` is missing
-(other systems, some filesystems) a hidden ``.statecli-*.tmp`` file stands in, removed on any error.
-Files get the mode a normal ``open()`` would give them (0666 less the umask), not ``mkstemp``'s 0600.
+conversion is written, flushed and checked are they given their names: a new output is linked straight to
+its name. Where ``O_TMPFILE`` is missing (other systems, some filesystems) a hidden temporary file stands
+in, removed on any error. Files get the mode a normal ``open()`` would give them (0666 less the umask),
+not ``mkstemp``'s 0600.
+
+Two moments can still leave a hidden file after a ``kill -9``: replacing an existing output (``--force``),
+where the file is linked to a hidden name and then renamed over the old one, because a link cannot replace
+a name; and the whole write, where the hidden temporary stands in for ``O_TMPFILE``. Those names say which
+process made them, ``.statecli-<pid>-<where>-<token>.tmp`` (``where``: this machine, boot and process
+namespace), so that :func:`remove_leftovers` can remove them on the next conversion into the folder once
+that process is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
+import hashlib
 import os
+import platform
+import re
 import stat
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -109,7 +121,7 @@ class PendingFile:
                     raise output_error(e, path) from e
         if fd < 0:
             try:
-                fd, self.temp_name = tempfile.mkstemp(prefix=".statecli-", suffix=".tmp", dir=self.folder)
+                fd, self.temp_name = tempfile.mkstemp(prefix=_temp_prefix(), suffix=".tmp", dir=self.folder)
             except OSError as e:
                 raise output_error(e, path) from e
         self.fd = fd
@@ -134,7 +146,11 @@ class PendingFile:
             self._unsynced = 0
 
     def pwrite(self, data: bytes, offset: int) -> None:
-        os.pwrite(self.fd, data, offset)
+        """Overwrite bytes already written (a zip member's CRC): all of ``data``, whatever pwrite returns."""
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view, offset = view[n:], offset + n
 
     @property
     def readable_path(self) -> str:
@@ -162,26 +178,37 @@ class PendingFile:
         """Give the file its name, replacing what was there (the caller checked --force)."""
         try:
             if self.temp_name is None:
-                # A link cannot replace a file: link to a fresh hidden name, then rename over.
-                staging = os.path.join(self.folder, f".statecli-{os.getpid()}-{self.fd}.tmp")
+                # A new output is linked straight to its name: no moment exists in which a kill leaves a
+                # hidden file. A link cannot replace a name, though: an existing output (--force) is
+                # replaced by linking to a hidden name and renaming that over it.
+                if self._link(os.path.basename(self.path)):
+                    self.temp_name = None
+                    return
+                staging = f"{_temp_prefix()}{self.fd}.tmp"
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(staging)
-                # linkat(AT_SYMLINK_FOLLOW) through /proc names the anonymous file; CPython only calls
-                # linkat (not link, which would link the /proc symlink itself) when given a dir fd.
-                dir_fd = os.open(self.folder, os.O_RDONLY)
-                try:
-                    os.link(
-                        f"/proc/self/fd/{self.fd}", os.path.basename(staging), dst_dir_fd=dir_fd, follow_symlinks=True
-                    )
-                finally:
-                    os.close(dir_fd)
-                self.temp_name = staging
+                    os.unlink(os.path.join(self.folder, staging))
+                if not self._link(staging):
+                    raise FileExistsError(errno.EEXIST, "staging name taken", staging)
+                self.temp_name = os.path.join(self.folder, staging)
             os.replace(self.temp_name, self.path)
             self.temp_name = None
         except OSError as e:
             raise output_error(e, self.path) from e
         finally:
             self.close()
+
+    def _link(self, name: str) -> bool:
+        """Give the anonymous file the name ``name`` in its folder; False when that name exists."""
+        # linkat(AT_SYMLINK_FOLLOW) through /proc names the anonymous file; CPython only calls linkat (not
+        # link, which would link the /proc symlink itself) when given a dir fd.
+        dir_fd = os.open(self.folder, os.O_RDONLY)
+        try:
+            os.link(f"/proc/self/fd/{self.fd}", name, dst_dir_fd=dir_fd, follow_symlinks=True)
+        except FileExistsError:
+            return False
+        finally:
+            os.close(dir_fd)
+        return True
 
     def discard(self) -> None:
         self.close()
@@ -200,6 +227,73 @@ class PendingFile:
 
 
 _SYNC_EVERY = 256 << 20
+
+_LEFTOVER = re.compile(r"\.statecli-([0-9]{1,10})-([0-9a-f]{8})-[A-Za-z0-9_]{1,32}\.tmp")
+
+
+@functools.cache
+def _where() -> str:
+    """Eight hex digits for where process ids mean something: this machine, its boot, its pid namespace.
+
+    A process id alone says nothing about a file another machine (a shared folder) or another container
+    made; such files are never judged."""
+    parts = [platform.node()]
+    with contextlib.suppress(OSError), open("/proc/sys/kernel/random/boot_id") as f:
+        parts.append(f.read().strip())
+    with contextlib.suppress(OSError):
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:8]
+
+
+def _temp_prefix() -> str:
+    return f".statecli-{os.getpid()}-{_where()}-"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, the kernel only says whether the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists, as another user's process
+    return True
+
+
+def remove_leftovers(folder: str, started: float) -> list[str]:
+    """Remove the hidden files a killed conversion left in ``folder``; return their names.
+
+    Only files that are certainly abandoned: named with this module's pattern by a process of this
+    machine, boot and namespace that no longer runs, regular files of this user, and not changed since
+    ``started`` (when the current run began). Anything else is left alone. POSIX only: elsewhere there is
+    no harmless way to ask whether a process runs.
+    """
+    if os.name != "posix":
+        return []
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        m = _LEFTOVER.fullmatch(name)
+        if m is None or m.group(2) != _where():
+            continue
+        pid = int(m.group(1))
+        path = os.path.join(folder, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            continue
+        if st.st_mtime >= started or st.st_ctime >= started or pid == os.getpid() or _running(pid):
+            continue
+        try:
+            os.unlink(path)
+        except OSError:
+            continue
+        removed.append(name)
+    return removed
 
 
 def _datasync(fd: int) -> None:

@@ -3,27 +3,31 @@
 Each chunk's span in a ``.distcp`` file is a small ``torch.save`` archive of one contiguous block
 (see :func:`statecli.formats.dcp.chunk_map`). Its ``data.pkl`` goes through statecli's restricted
 reader; the block's bytes come from its ``data/<key>`` member; the block is placed at the chunk's
-offsets in the global tensor. A tensor whose chunks do not cover it exactly is refused rather than
-written with bytes nobody saved.
+offsets in the global tensor. The output buffer starts empty (uninitialised memory), so every byte of it
+must come from a chunk: :func:`statecli.formats.dcp.chunk_map` refused any tensor whose chunks do not
+tile it exactly once, and :meth:`DcpValues.read` checks that again before it allocates, so nothing
+nobody saved can reach an output.
 """
 
 from __future__ import annotations
 
 import io
-import math
 import zipfile
+import zlib
 from typing import TYPE_CHECKING, Any
 
 from statecli.dtypes import DTYPES, STORAGE_TYPES
 from statecli.errors import InputError, StatecliError
 from statecli.formats.base import contiguous_strides
+from statecli.formats.dcp import MAX_CHUNK_PICKLE, tiling_problem
 from statecli.records import Report, TensorInfo
 from statecli.safepickle import Global, Limits, StorageRef, TensorRef, loads
 
 if TYPE_CHECKING:
     import torch
-
-MAX_CHUNK_PICKLE = 1 << 20  # a chunk's data.pkl describes one tensor: a few hundred bytes
+# What zipfile raises on a damaged archive: bad records, a span that ends early, a compression method it
+# does not know, an encrypted member, a broken deflate stream.
+_CORRUPT = (zipfile.BadZipFile, KeyError, OSError, ValueError, EOFError, NotImplementedError, RuntimeError, zlib.error)
 
 
 class DcpValues:
@@ -50,8 +54,10 @@ class DcpValues:
         if chunks is None:
             raise InputError(f"tensor {t.name!r} has no chunks in .metadata", path=self.folder)
         dtype = getattr(torch, t.dtype)
-        if sum(math.prod(c.sizes) for c in chunks) != math.prod(t.shape):
-            raise InputError(f"the chunks of {t.name!r} do not cover it exactly; not read", path=self.folder)
+        # torch.empty, not zeros: the chunks are proven to write every element exactly once.
+        problem = tiling_problem(t.shape, [(c.offsets, c.sizes) for c in chunks])
+        if problem is not None:
+            raise InputError(f"tensor {t.name!r}: {problem}; not read", path=self.folder)
         out = torch.empty(t.shape, dtype=dtype)
         for c in chunks:
             block = self._block(t, read_span(c.path, c.offset, c.length), dtype)
@@ -77,6 +83,10 @@ class DcpValues:
             if info.file_size > MAX_CHUNK_PICKLE:
                 raise InputError(f"a chunk of {t.name!r} has a {info.file_size}-byte pickle", path=self.folder)
 
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                raise InputError(f"a chunk of {t.name!r} has a data.pkl compressed with method "
+                                 f"{info.compress_type}", path=self.folder)  # fmt: skip
+
             def storage(pid: Any) -> StorageRef:
                 if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
                     raise InputError("corrupt chunk: unexpected persistent id", path=self.folder)
@@ -87,6 +97,10 @@ class DcpValues:
                     raise InputError("corrupt chunk: malformed storage record", path=self.folder)
                 nbytes = numel * DTYPES[kind].itemsize
                 member = z.getinfo(f"{root}/data/{key}")
+                # torch stores tensor bytes uncompressed; anything else could inflate past the span's bound.
+                if member.compress_type != zipfile.ZIP_STORED or member.compress_size != member.file_size:
+                    raise InputError(f"a chunk of {t.name!r} stores its bytes compressed; torch never does",
+                                     path=self.folder)  # fmt: skip
                 if member.file_size < nbytes:
                     raise InputError(f"a chunk of {t.name!r} claims more bytes than it holds", path=self.folder)
                 return StorageRef(key, kind, str(location), numel, nbytes)
@@ -97,7 +111,9 @@ class DcpValues:
             data = bytearray(z.read(f"{root}/data/{ref.storage.key}"))  # zipfile checks the CRC
         except StatecliError:
             raise
-        except (zipfile.BadZipFile, KeyError, OSError, ValueError) as e:
+        except _CORRUPT as e:
             raise InputError(f"a chunk of {t.name!r} is corrupt ({e})", path=self.folder) from None
+        if len(data) < ref.storage.nbytes:  # the span ended inside the member
+            raise InputError(f"a chunk of {t.name!r} is truncated", path=self.folder)
         base = torch.frombuffer(data, dtype=torch.uint8).view(dtype) if data else torch.empty(0, dtype=dtype)
         return base.as_strided(ref.shape, ref.stride or contiguous_strides(ref.shape), ref.offset)

@@ -15,22 +15,30 @@ import math
 import os
 import pickle
 import re
+import time
 import warnings
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from statecli import dtypes
-from statecli.conversion.atomic import PendingFile, check_destination, folder_problem, output_error, sync_folder
+from statecli.conversion.atomic import (
+    PendingFile,
+    check_destination,
+    folder_problem,
+    output_error,
+    remove_leftovers,
+    sync_folder,
+)
 from statecli.conversion.plan import DEFAULT_SHARD_SIZE, INDEX_NAME, Plan, PlanItem
 from statecli.conversion.source import Source, byte_view
 from statecli.conversion.zipwriter import ZipWriter
-from statecli.errors import CheckFailedError, OutputError, StatecliError, UsageError
+from statecli.errors import CheckFailedError, InputError, OutputError, StatecliError, UsageError
 from statecli.formats.base import contiguous_strides
 from statecli.formats.safetensors_reader import METADATA_KEY, ROLES_SCHEMA
 from statecli.records import Finding, Report
-from statecli.wording import count
+from statecli.wording import count, name_list
 
 if TYPE_CHECKING:
     import torch
@@ -243,7 +251,7 @@ def cast(src: torch.Tensor, dst_dtype: torch.dtype) -> tuple[torch.Tensor, CastS
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "ComplexHalf support is experimental": complex32 is what was asked
-        out = torch.empty(src.shape, dtype=dst_dtype)
+        out = torch.empty(src.shape, dtype=dst_dtype)  # the loop below copies into every element
     stats = CastStats()
     flat_s = src.reshape(-1)
     flat_o = out.view(-1)
@@ -271,7 +279,9 @@ def materialize(source: Source, unit: _Unit) -> tuple[torch.Tensor, CastStats | 
     return out, stats
 
 
-def stream(source: Source, unit: _Unit, stats: CastStats, advance: Callable[[int], None]) -> Iterator[memoryview]:
+def stream(
+    source: Source, unit: _Unit, stats: CastStats, advance: Callable[[int], None]
+) -> Generator[memoryview, None, None]:
     """A streamable unit's output bytes, piece by piece: memory stays at one piece, whatever the tensor.
 
     Each piece is valid until the next is asked for. ``stats`` fills in as the pieces go by;
@@ -492,7 +502,7 @@ class _Feeder:
             self.report.stats[u.leader.name] = stats
         return base
 
-    def _pieces(self, mv: memoryview) -> Iterator[memoryview]:
+    def _pieces(self, mv: memoryview) -> Generator[memoryview, None, None]:
         step = 64 << 20
         for lo in range(0, len(mv), step):
             piece = mv[lo : lo + step]
@@ -502,19 +512,44 @@ class _Feeder:
     def storage(self, u: _Unit) -> Iterator[memoryview]:
         """All of ``u``'s output storage (a .pt member)."""
         if u.streamable:
-            yield from stream(self.source, u, self._stats_for(u), self._advance)
+            pieces = stream(self.source, u, self._stats_for(u), self._advance)
         else:
-            yield from self._pieces(byte_view(self._whole(u)))
+            pieces = self._pieces(byte_view(self._whole(u)))
+        yield from self._exactly(pieces, u.out_nbytes(), u.leader.name)
         self.done_tensors += len(u.items)
 
-    def tensor(self, u: _Unit, item: PlanItem, views: int) -> Iterator[memoryview]:
-        """``item``'s bytes alone, contiguous (a safetensors entry); ``views``: how many entries ``u`` has."""
+    def _exactly(self, pieces: Generator[memoryview, None, None], n: int, name: str) -> Iterator[memoryview]:
+        """``pieces`` when they add up to the ``n`` bytes the output's header announced; an error otherwise.
+
+        Every output byte is one that was read from the input or computed from it: the writers append
+        what they are given and nothing else, so a short storage would shift every later tensor."""
+        got = 0
+        try:
+            for piece in pieces:
+                got += len(piece)
+                if got > n:
+                    break
+                yield piece
+        finally:
+            pieces.close()  # a reader thread must not go on filling a buffer nobody holds
+        if got != n:
+            raise InputError(
+                f"the bytes of {name!r} came to {'more than ' if got > n else ''}{got}, not the {n} its "
+                "dtype and shape need; nothing was written",
+                path=self.source.report.path,
+            )
+
+    def tensor(self, u: _Unit, item: PlanItem, views: int, nbytes: int) -> Iterator[memoryview]:
+        """``item``'s ``nbytes`` bytes alone, contiguous (a safetensors entry); ``views``: how many entries
+        ``u`` has."""
         if u.streamable:
-            yield from stream(self.source, u, self._stats_for(u), self._advance)
+            yield from self._exactly(stream(self.source, u, self._stats_for(u), self._advance), nbytes, item.name)
         else:
             base, left = self._bases.get(id(u)) or (self._whole(u), views)
             offset, shape, stride = u.view_of(item)
-            yield from self._pieces(byte_view(view(base, offset, shape, stride).contiguous()))
+            yield from self._exactly(
+                self._pieces(byte_view(view(base, offset, shape, stride).contiguous())), nbytes, item.name
+            )
             if left > 1:
                 self._bases[id(u)] = (base, left - 1)
             else:
@@ -561,6 +596,7 @@ def output_paths(plan: Plan) -> list[str]:
 
 def execute(plan: Plan, progress: Progress | None = None) -> ConversionReport:
     """Write the plan's output. Raises StatecliError (exit 1 overflow, 3 input, 4 output)."""
+    started = time.time()
     report = ConversionReport(plan)
     inputs = _input_files(plan.report)
     units = build_units(plan)
@@ -625,9 +661,26 @@ def execute(plan: Plan, progress: Progress | None = None) -> ConversionReport:
             for p, _ in pendings:
                 p.discard()
             raise
-        sync_folder(os.path.dirname(os.path.abspath(report.files[0])))
+        out_folder = os.path.dirname(os.path.abspath(report.files[0]))
+        sync_folder(out_folder)
+    report.findings.extend(_leftovers(out_folder, started))
     report.findings.extend(range_findings(report.stats, plan.target_dtype))
     return report
+
+
+def _leftovers(folder: str, started: float) -> list[Finding]:
+    """Hidden files an earlier, killed conversion left in the output folder: removed, and said so."""
+    removed = remove_leftovers(folder, started)
+    if not removed:
+        return []
+    what = count(len(removed), "hidden temporary file")
+    return [
+        Finding(
+            "info",
+            "leftovers-removed",
+            f"removed {what} that a killed statecli conversion left in {folder}: {name_list(removed)}",
+        )
+    ]
 
 
 def _stale_shards(folder: str, paths: list[str]) -> list[Finding]:
@@ -692,7 +745,7 @@ def _write_safetensors(
         pendings.append((pending, "safetensors"))
         pending.write(_safetensors_header(group, shard_items, shard_aliases))
         for e in group:
-            for piece in feeder.tensor(e.unit, e.item, views[id(e.unit)]):
+            for piece in feeder.tensor(e.unit, e.item, views[id(e.unit)], e.nbytes):
                 pending.write(piece)
             report.bytes_written += e.nbytes
             weight_map[e.item.name] = os.path.basename(path)

@@ -97,7 +97,7 @@ class Source:
         return self.report.path
 
     def _read_span(self, path: str, offset: int, n: int) -> bytes:
-        buf = bytearray(n)
+        buf = bytearray(n)  # ``n`` is bounded by the chunk's own size (formats.dcp checked the span)
         _pread_into(self._file(path), memoryview(buf), offset, path, "a chunk")
         return bytes(buf)
 
@@ -164,7 +164,7 @@ class Source:
             return self._dcp.read(t, self._read_span)
 
         path, start, size, crc = self.span(t)
-        buf = torch.empty(size, dtype=torch.uint8)
+        buf = torch.empty(size, dtype=torch.uint8)  # filled whole by _pread_into, or it raises
         view = byte_view(buf)
         _pread_into(self._file(path), view, start, path, t.name)
         if crc is not None and zlib.crc32(view) != crc:
@@ -213,7 +213,8 @@ class Source:
 
 
 def _pread_into(f: Any, view: memoryview, offset: int, path: str, name: str) -> None:
-    """Fill ``view`` from ``offset``; positional reads, so threads need no shared file position."""
+    """Fill all of ``view`` from ``offset``, or raise: callers hand it empty buffers, so a byte it did not
+    read must never be used. Positional reads, so threads need no shared file position."""
     got = 0
     n = len(view)
     fd = f.fileno()

@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
+from statecli.errors import InputError
+
 ALIGNMENT = 64
 _LOCAL = struct.Struct("<4sHHHHHIIIHH")
 _CENTRAL = struct.Struct("<4sHHHHHHIIIHHHHHII")
@@ -85,7 +87,8 @@ class ZipWriter:
                 self.sink.write(chunk)
             written += n
         if written != size:
-            raise AssertionError(f"member {name}: wrote {written} bytes, announced {size}")
+            # The header already announced ``size``: a short or long member would misplace every later one.
+            raise InputError(f"member {name}: got {written} bytes, announced {size}; nothing was written")
         self.pos += size
         self.sink.pwrite(struct.pack("<I", crc), offset + 14)
         self.entries.append(_Entry(raw_name, offset, size, crc))

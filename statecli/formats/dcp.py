@@ -31,6 +31,7 @@ Role evidence: names (the rules of :mod:`statecli.roles`) and ``optimizer``; see
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import zipfile
 from collections.abc import Iterable
@@ -46,13 +47,17 @@ from statecli.safepickle import MAX_INDEX, Action, Global, Limits, StorageRef, S
 from statecli.security import findings_for
 from statecli.wording import count, name_list
 
-__all__ = ["MAX_METADATA_BYTES", "Chunk", "chunk_map", "read_dcp"]
+__all__ = ["MAX_CHUNK_PICKLE", "MAX_METADATA_BYTES", "Chunk", "chunk_map", "read_dcp", "tiling_problem"]
 
 METADATA_NAME = ".metadata"
 MAX_METADATA_BYTES = 256 << 20  # ~1M chunk records; a bigger .metadata is not DCP's
 MAX_BYTES_ENTRY = 16 << 20  # one pickled non-tensor entry scanned for globals
 MAX_BYTES_TOTAL = 256 << 20  # all of them together
 MAX_RANK = 64
+MAX_CHUNK_PICKLE = 1 << 20  # a chunk archive's data.pkl describes one tensor: a few hundred bytes
+# What a chunk's span may hold besides the block's bytes: its data.pkl and the zip records around them
+# (a few hundred bytes each, plus 64-byte alignment padding, in what torch writes).
+MAX_CHUNK_FRAMING = MAX_CHUNK_PICKLE + (1 << 20)
 
 _MD = "torch.distributed.checkpoint.metadata"
 _FS = "torch.distributed.checkpoint.filesystem"
@@ -558,35 +563,49 @@ def _spans_of(p: _Parsed, e: _TensorEntry) -> list[_Span | None]:
 
 
 def _check_chunks(p: _Parsed) -> None:
-    """Each chunk has a span big enough for its bytes, and the chunks cover their tensor."""
-    partial = []
+    """Each tensor's chunks tile it exactly, and each chunk has a span that fits its bytes.
+
+    Both are checked for every tensor before any command reads a byte of one: a converter fills an empty
+    buffer from the chunks, so a gap would be written with whatever memory held, and a span is read
+    whole, so its length must be bounded by what the chunk can hold.
+    """
+    budget = TilingBudget(sum(len(e.chunks) for e in p.tensors))
     for e in p.tensors:
-        covered = 0
+        try:
+            problem = tiling_problem(e.shape, e.chunks, budget)
+        except LimitExceededError as err:
+            raise LimitExceededError(f"tensor {e.fqn!r}: {err.message}", path=p.meta_path) from None
+        if problem is not None:
+            raise InputError(
+                f"tensor {e.fqn!r} (size {list(e.shape)}): {problem}; its chunks must cover it exactly once",
+                path=p.meta_path,
+            )
+        if p.spans is None:
+            continue
         for offsets, sizes in e.chunks:
-            n = _numel(sizes)
-            covered += n
-            if p.spans is None:
-                continue
             s = p.spans.get((e.fqn, offsets))
             if s is None:
                 raise InputError(
                     f"tensor {e.fqn!r}: the chunk at offsets {list(offsets)} has no storage_data record",
                     path=p.meta_path,
                 )
-            need = nbytes(e.dtype, n)
-            # A torch.save archive of the chunk holds at least its bytes; a transformed (compressed) one may not.
-            if not s.transforms and s.length < need:
+            if s.transforms:
+                continue  # compressed or otherwise transformed: never read, so no bound to keep
+            need = nbytes(e.dtype, _numel(sizes))
+            # A torch.save archive of the chunk holds its bytes, plus a small pickle and a few records.
+            if s.length < need:
                 raise InputError(
                     f"tensor {e.fqn!r}: the chunk at offsets {list(offsets)} (sizes {list(sizes)}, {e.dtype}) "
                     f"needs {need} bytes but its span in {s.rel!r} holds {s.length}",
                     path=p.meta_path,
                 )
-        if covered != _numel(e.shape):
-            partial.append(f"{e.fqn} ({covered} of {_numel(e.shape)} elements)")
-    if partial:
-        p.findings.append(
-            Finding("warning", "chunk-coverage", f"chunks do not add up to their tensor's size: {name_list(partial)}")
-        )
+            if s.length > need + MAX_CHUNK_FRAMING:
+                raise InputError(
+                    f"tensor {e.fqn!r}: the chunk at offsets {list(offsets)} (sizes {list(sizes)}, {e.dtype}) "
+                    f"holds {need} bytes but its span in {s.rel!r} claims {s.length}, more than the "
+                    f"{MAX_CHUNK_FRAMING} bytes a torch.save archive adds around them",
+                    path=p.meta_path,
+                )
     if p.spans is not None:
         missing = [k for k in p.byte_entries if (k, None) not in p.spans]
         if missing:
@@ -655,6 +674,172 @@ def _unreferenced_files(p: _Parsed, folder: str) -> None:
                 f".distcp files that .metadata does not name (left from another save?): {name_list(stray)}",
             )
         )
+
+
+# ------------------------------------------------------------------------------------- chunk tiling
+#
+# A tensor's chunks must tile it: every element in exactly one chunk. The sizes adding up to numel is not
+# enough (two overlapping chunks can leave a gap of the same size), and a converter filling an empty
+# buffer from the chunks would then write whatever memory held into the gap. So the check is exact, and it
+# never walks elements: a checkpoint's tensors have billions of them.
+#
+# The verdict counts signed corners. A box's indicator function has, as its mixed difference over all
+# dimensions, +1 or -1 at each of its 2**d corners and 0 elsewhere; the difference is linear and, for
+# functions of bounded support, invertible (a running sum undoes it). So the chunks' indicators sum to the
+# tensor's own indicator (each element covered exactly once) if and only if their signed corners, summed
+# point by point, cancel everywhere except at the tensor's corners. Dimensions every chunk spans whole are
+# dropped first, so the work is ``chunks * 2**split_dimensions``: FSDP and tensor-parallel shards split
+# one or two. A tensor split along one dimension is checked by sorting its chunks along it instead.
+# Only when the verdict is "no" is the culprit looked for, near the corner that did not cancel.
+
+_Box = tuple[int, tuple[int, ...], tuple[int, ...]]  # (index in the chunk list, offsets, sizes), not empty
+MAX_SPLIT_DIMS = 16  # dimensions along which one tensor's chunks may be split; real layouts use one to three
+# Work of the signed-corner counts, in coordinates handled (corners times split dimensions): a shared
+# allowance for the whole folder (about a second) plus what a three-dimension split of each chunk takes.
+TILING_WORK = 1 << 22
+TILING_WORK_PER_CHUNK = 8 * 3
+
+
+class TilingBudget:
+    """Work left for the tiling checks of one ``.metadata``: bounds a hostile many-dimension split."""
+
+    def __init__(self, chunks: int) -> None:
+        self.left = TILING_WORK + TILING_WORK_PER_CHUNK * chunks
+
+    def spend(self, n: int) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise LimitExceededError("checking that its chunks tile it takes more work than statecli allows")
+
+
+def tiling_problem(
+    shape: tuple[int, ...],
+    chunks: list[tuple[tuple[int, ...], tuple[int, ...]]],
+    budget: TilingBudget | None = None,
+) -> str | None:
+    """What keeps ``chunks`` (offsets, sizes) from covering a tensor of ``shape`` exactly once, or None.
+
+    Every chunk must already lie inside ``shape`` (:func:`_tensor_entry` checks that). The answer names two
+    overlapping chunks and elements both hold, or elements no chunk holds.
+    """
+    if _numel(shape) == 0:
+        return None  # nothing to cover; every chunk is empty too
+    boxes = [(i, o, s) for i, (o, s) in enumerate(chunks) if _numel(s) > 0]
+    split = [d for d in range(len(shape)) if any(o[d] != 0 or s[d] != shape[d] for _, o, s in boxes)]
+    if len(split) > MAX_SPLIT_DIMS:
+        raise LimitExceededError(
+            f"its chunks split it along {len(split)} dimensions; statecli checks at most {MAX_SPLIT_DIMS}"
+        )
+    if not split:  # every chunk is the whole tensor
+        if len(boxes) == 1:
+            return None
+        if not boxes:
+            return _gap(shape, [], tuple(0 for _ in shape), [])
+        return _overlap(shape, boxes[0], boxes[1])
+    if len(split) == 1:
+        return _tiles_line(shape, boxes, split[0])
+    if budget is not None:  # the corner counts, then at worst the search for the culprit
+        n = len(split)
+        budget.spend(((len(boxes) + 1) << n) * n + len(boxes) * n * n)
+    left = _uncancelled(shape, boxes, split)
+    return _culprit(shape, boxes, split, left) if left else None
+
+
+def _tiles_line(shape: tuple[int, ...], boxes: list[_Box], d: int) -> str | None:
+    """Chunks that differ along dimension ``d`` only: sorted, each must start where the one before ended."""
+    ordered = sorted(boxes, key=lambda b: (b[1][d], b[1][d] + b[2][d]))
+    end = 0
+    last = None
+    for b in ordered:
+        start = b[1][d]
+        if start > end:
+            return _gap(shape, boxes, tuple(end if k == d else 0 for k in range(len(shape))), [d])
+        if start < end:
+            assert last is not None
+            return _overlap(shape, last, b)
+        end = start + b[2][d]
+        last = b
+    if end < shape[d]:
+        return _gap(shape, boxes, tuple(end if k == d else 0 for k in range(len(shape))), [d])
+    return None
+
+
+def _uncancelled(shape: tuple[int, ...], boxes: list[_Box], split: list[int]) -> dict[tuple[int, ...], int]:
+    """The chunks' signed corners minus the tensor's, in the ``split`` dimensions: the points left non-zero."""
+    # product() enumerates corners with the first dimension's choice as the highest bit of the index;
+    # the sign only depends on how many upper ends were chosen, whatever the order.
+    signs = [-1 if i.bit_count() & 1 else 1 for i in range(1 << len(split))]
+    whole = [(0, shape[d]) for d in split]
+    total: dict[tuple[int, ...], int] = {}
+    get = total.get
+    for ends, flip in [(whole, -1)] + [([(o[d], o[d] + s[d]) for d in split], 1) for _, o, s in boxes]:
+        for point, sign in zip(itertools.product(*ends), signs, strict=True):
+            v = get(point, 0) + sign * flip
+            if v:
+                total[point] = v
+            else:
+                del total[point]
+    return total
+
+
+def _culprit(shape: tuple[int, ...], boxes: list[_Box], split: list[int], left: dict[tuple[int, ...], int]) -> str:
+    """The overlap or gap behind corners that did not cancel (``left``, from :func:`_uncancelled`).
+
+    At a point ``p`` where the signed corners of the chunks and of the tensor differ, the coverage counts
+    of the ``2**n`` elements ``p - e`` (``e`` in {0, 1}**n) differ too, for at least one of them: the
+    signed sum at ``p`` is a combination of exactly those counts. Only chunks whose closure holds ``p``
+    can hold any of those elements.
+    """
+    n = len(split)
+    p = min(left)  # the smallest, so that a message does not change from run to run
+    near = [b for b in boxes if all(b[1][d] <= p[k] <= b[1][d] + b[2][d] for k, d in enumerate(split))]
+    for mask in range(1 << n):
+        x = [0] * len(shape)
+        for k, d in enumerate(split):
+            x[d] = p[k] - ((mask >> k) & 1)
+        if not all(0 <= x[d] < shape[d] for d in split):
+            continue
+        holders = [b for b in near if all(b[1][d] <= x[d] < b[1][d] + b[2][d] for d in split)]
+        if len(holders) > 1:
+            return _overlap(shape, holders[0], holders[1])
+        if not holders:
+            return _gap(shape, boxes, tuple(x), split)
+    raise AssertionError("signed corners differ but every element near them is covered once")
+
+
+def _overlap(shape: tuple[int, ...], a: _Box, b: _Box) -> str:
+    lo = tuple(max(x, y) for x, y in zip(a[1], b[1], strict=True))
+    hi = tuple(min(x + s, y + t) for x, s, y, t in zip(a[1], a[2], b[1], b[2], strict=True))
+    i, j = sorted((a[0], b[0]))
+    return f"chunks {i} and {j} overlap: both hold {_region(shape, lo, hi)}"
+
+
+def _gap(shape: tuple[int, ...], boxes: list[_Box], x: tuple[int, ...], split: list[int]) -> str:
+    """A box of elements no chunk holds, grown from the uncovered element ``x`` one dimension at a time.
+
+    Growing along a dimension stops at the nearest chunk that meets the box in every other dimension, so
+    the box stays empty: a chunk reaching into it would have held an element of the box before it grew.
+    """
+    # Every chunk spans the other dimensions whole: only the split ones can bound the box.
+    lo, hi = [0] * len(shape), list(shape)
+    for d in split:
+        lo[d], hi[d] = x[d], x[d] + 1
+    for d in split:
+        below, above = 0, shape[d]
+        for _, o, s in boxes:
+            if all(o[k] < hi[k] and lo[k] < o[k] + s[k] for k in split if k != d):
+                if o[d] + s[d] <= x[d]:
+                    below = max(below, o[d] + s[d])
+                elif o[d] > x[d]:
+                    above = min(above, o[d])
+        lo[d], hi[d] = below, above
+    return f"no chunk holds {_region(shape, tuple(lo), tuple(hi))}"
+
+
+def _region(shape: tuple[int, ...], lo: tuple[int, ...], hi: tuple[int, ...]) -> str:
+    if not shape:
+        return "its one element"
+    return "elements [" + ", ".join(f"{a}:{b}" for a, b in zip(lo, hi, strict=True)) + "]"
 
 
 # ------------------------------------------------------------------------------------- structure
