@@ -301,10 +301,11 @@ def test_os_system_inside_the_metadata_is_a_finding_and_never_runs(
 
 def test_metadata_that_is_only_a_payload_is_refused(training_copy: Path, tmp_path: Path) -> None:
     (training_copy / ".metadata").write_bytes(pickle.dumps(Evil()))
-    with pytest.raises(InputError, match=r"not a torch.distributed.checkpoint .metadata.*system"):
+    # torch's reader runs it before it looks at what it got: refused as unsafe, not merely "not DCP".
+    with pytest.raises(UnsafeError, match=r"not a torch.distributed.checkpoint .metadata.*system"):
         read_dcp(str(training_copy))
     result = run("inspect", str(training_copy))
-    assert result.exit_code == 3 and "Traceback" not in result.output
+    assert result.exit_code == 5 and "Traceback" not in result.output
     assert not (tmp_path / MARKER).exists() and not Path(MARKER).exists()
 
 

@@ -279,7 +279,7 @@ def test_a_bare_os_system_pickle_is_refused_naming_the_call(samples_dir: Path, t
     pkl = b"\x80\x02cos\nsystem\n" + unicode_op("touch statecli_pwned_marker") + b"\x85R."
     evil = rewrite(samples_dir / "torchscript_frozen.pt", tmp_path / "evil.pt", {"data.pkl": pkl})
     code, _, stderr = inspect_json(evil)
-    assert code == 3
+    assert code == 5  # not a module, and a pickle that would run a command: refused as unsafe
     assert "not hold a TorchScript module" in stderr and "would call os.system('touch" in stderr
     assert not (tmp_path / "statecli_pwned_marker").exists() and not Path("statecli_pwned_marker").exists()
 
