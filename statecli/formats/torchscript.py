@@ -337,9 +337,9 @@ class _Reader:
     def _pickle(self, name: str, folder: str | None) -> Any:
         data = read_member(self.path, self.members[f"{self.root}/{name}"], MAX_PICKLE_BYTES)
         if folder == "data":
-            storages: Any = _Storages(self.members, self.root, self.path)
+            storages: Any = _Storages(self.members, self.root, self.path, exact=False)
         elif folder is not None:
-            storages = _Storages(self.members, self.root, self.path)
+            storages = _Storages(self.members, self.root, self.path, exact=False)
             storages.members = _Folder(self.members, self.root, folder)  # type: ignore[assignment]
         else:
             storages = _shapes_only

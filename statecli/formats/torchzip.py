@@ -98,10 +98,13 @@ def storage_dtype(stype: Any, key: Any, location: Any, numel: Any, path: str) ->
 class _Storages:
     """Builds storage records from persistent ids, checking each against the archive's members."""
 
-    def __init__(self, members: dict[str, Member], root: str, path: str) -> None:
+    def __init__(self, members: dict[str, Member], root: str, path: str, exact: bool = True) -> None:
         self.members = members
         self.root = root
         self.path = path
+        # torch.load refuses a record of any other size than its storage's; torch.jit.load reads the start
+        # of a longer one.
+        self.exact = exact
         self.cache: dict[str, StorageRef] = {}
         self.prefix = f"{root}/data/"
         self.dtypes: dict[Global, str] = {}  # storage type objects checked already (by identity)
@@ -129,7 +132,7 @@ class _Storages:
             raise InputError(
                 f"storage {describe(key)} has no data/{printable(key)} member in the archive", path=self.path
             )
-        if info.size < nbytes:
+        if info.size < nbytes or (self.exact and info.size != nbytes):
             raise InputError(
                 f"storage {describe(key)} claims {nbytes} bytes but data/{printable(key)} holds {info.size}",
                 path=self.path,

@@ -88,7 +88,12 @@ def write_warmups(folder: Path) -> list[Path]:
     (shards / "model.safetensors.index.json").write_text('{"weight_map": {"w": "s1.safetensors"}}')
     bad = folder / "bad.pt"
     bad.write_bytes(b"\x00not a checkpoint")
-    return [pt, st, shards, bad, folder / "missing.pt"]
+    paths = [pt, st, shards, bad, folder / "missing.pt"]
+    # Case modules may add benign files of the formats their cases reach (a .pt2, a TorchScript archive).
+    for name, module in sorted(sys.modules.items()):
+        if name.startswith("cases_") and hasattr(module, "warmups"):
+            paths += module.warmups(folder)
+    return paths
 
 
 def _cap_memory() -> None:

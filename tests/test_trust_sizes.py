@@ -1,0 +1,349 @@
+"""Every size claim checked against the bytes (issue #11): a zip's local headers and data descriptors
+against its central directory, stored sizes against the bytes that hold them, archives inside a ``.pt2``
+read by the same rules, storages read as long as they claim, names within their limit and never two
+tensors under one name.
+
+torch is the oracle where it reads the file (``torch.load``, ``torch.jit.load``, ``torch.export.load`` of
+files built here from trusted tensors); the hostile files come from tests/hostile/cases_sizes.py.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import sys
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from typer.testing import CliRunner
+from zip_members import member, rewrite
+
+import statecli
+from statecli.cli.main import app
+from statecli.errors import InputError, UnsupportedFormatError
+from statecli.formats.zipdir import read_central_directory, read_member
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "hostile"))
+
+from cases_sizes import pickled_weight, pt2_archive, pt2_entries, raw_zip, torch_entries
+from make_hostile import build, state_dict
+
+WEIGHTS = "data/weights/model_weights_config.json"
+CONSTANTS = "data/constants/model_constants_config.json"
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, list(args), env={"NO_COLOR": "1"})
+    return result.exit_code, result.stdout, result.stderr
+
+
+def assert_input_error(args: tuple[str, ...], words: str) -> str:
+    code, out, err = cli(*args)
+    assert code == 3, (code, err)
+    assert out == "" and words in err and "internal error" not in err, err
+    return err
+
+
+def torch_save_bytes(obj: object) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def export_load(path: Path) -> torch.export.ExportedProgram:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.export.load(str(path))
+
+
+def edited_config(src: Path, rel: str, fqn: str, **changes: Any) -> bytes:
+    doc = json.loads(member(src, rel))
+    doc["config"][fqn].update(changes)
+    return json.dumps(doc).encode()
+
+
+# ------------------------------------------------------------------ local headers and data descriptors
+
+
+def _torch_file(tmp_path: Path) -> Path:
+    path = tmp_path / "real.pt"
+    torch.save({"w": torch.arange(6.0).reshape(2, 3)}, path)
+    return path
+
+
+def _descriptor_at(data: bytes, name: str) -> int:
+    """Where the data descriptor torch writes after member ``name`` starts (its PK\\x07\\x08 signature)."""
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        info = z.getinfo(name)
+    nlen, xlen = struct.unpack_from("<HH", data, info.header_offset + 26)
+    at = info.header_offset + 30 + nlen + xlen + info.compress_size
+    assert data[at : at + 4] == b"PK\x07\x08"
+    return at
+
+
+def test_torch_archives_carry_data_descriptors_that_are_checked(tmp_path: Path) -> None:
+    # torch writes zeros in each local header and the CRC and sizes in a descriptor after the bytes.
+    path = _torch_file(tmp_path)
+    members = read_central_directory(str(path))
+    pkl = next(m for n, m in members.items() if n.endswith("/data.pkl"))
+    assert pkl.flags & 0x8 and read_member(str(path), pkl, 1 << 20)
+    data = bytearray(path.read_bytes())
+    at = _descriptor_at(bytes(data), pkl.name)
+    data[at + 8 : at + 12] = struct.pack("<L", pkl.compressed_size + 1)  # the descriptor's compressed size
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"the data descriptor of .*data\.pkl says"):
+        statecli.open_checkpoint(bad)
+
+
+def test_a_storage_descriptor_that_lies_stops_stats_and_load(tmp_path: Path) -> None:
+    # inspect reads no storage bytes (nor their headers: one read per tensor on a 100 GB file); the commands
+    # that read the bytes check the headers first.
+    path = _torch_file(tmp_path)
+    data = bytearray(path.read_bytes())
+    m = read_central_directory(str(path))["real/data/0"]
+    at = _descriptor_at(bytes(data), m.name)
+    data[at + 4 : at + 8] = struct.pack("<L", m.crc ^ 1)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(bytes(data))
+    assert cli("inspect", str(bad))[0] == 0
+    assert_input_error(("stats", str(bad)), "CRC mismatch: the data descriptor of real/data/0")
+    with pytest.raises(InputError, match="data descriptor"):
+        statecli.load(bad)
+
+
+@pytest.mark.parametrize(
+    ("lies", "words"),
+    [
+        ({"local_csize": 8, "local_usize": 8}, "the local header of archive/data/0 says compressed size 8, size 8"),
+        ({"local_crc": 7}, "CRC mismatch: the local header of archive/data/0"),
+        ({"local_method": 8}, "the local header of archive/data/0 says method 8"),
+        ({"local_name": "archive/data/1"}, "local name differs"),
+    ],
+)
+def test_a_storage_local_header_that_lies_stops_stats(tmp_path: Path, lies: dict[str, Any], words: str) -> None:
+    entries = torch_entries(state_dict(("weight", lambda a: a.tensor())))
+    entries[2]["lies"].update(lies)
+    path = tmp_path / "model.pt"
+    path.write_bytes(raw_zip(entries))
+    assert_input_error(("stats", str(path)), words)
+
+
+@pytest.mark.parametrize(
+    ("method", "flags", "words"),
+    [
+        (14, 0x800, "archive/data.pkl uses LZMA compression, which torch archives never use"),
+        (12, 0x800, "archive/data.pkl uses bzip2 compression, which torch archives never use"),
+        (93, 0x800, "uses Zstandard compression"),
+        (77, 0x800, "uses zip compression method 77, which torch archives never use"),
+        (0, 0x801, "archive/data.pkl is encrypted, which torch archives never are"),
+        (0, 0x840, "is encrypted"),  # bit 6: strong encryption
+    ],
+)
+def test_methods_and_encryption_torch_cannot_read_are_refused(
+    tmp_path: Path, method: int, flags: int, words: str
+) -> None:
+    path = tmp_path / "model.pt"
+    path.write_bytes(raw_zip(torch_entries(state_dict(("weight", lambda a: a.tensor())), method=method, flags=flags)))
+    for command in ("inspect", "check"):
+        assert_input_error((command, str(path)), words)
+
+
+# ---------------------------------------------------------------------- sizes before any allocation
+
+
+@pytest.mark.parametrize("name", ["zip_stored_member_claims_1tib", "pt2_weight_claims_1tib"])
+def test_a_stored_member_claiming_a_tebibyte_is_refused_before_stats_allocates(tmp_path: Path, name: str) -> None:
+    # Before: inspect read it (exit 0) and stats sized a buffer by the claim: 1 TiB, then "internal error".
+    path = build(name, tmp_path).path
+    for command in ("inspect", "stats"):
+        assert_input_error((command, str(path)), "is stored with 16 bytes, directory says 1099511627776")
+
+
+def test_a_torch_save_storage_record_of_another_size_is_refused_as_torch_load_refuses_it(tmp_path: Path) -> None:
+    src = _torch_file(tmp_path)
+    for n in (32, 8):
+        bad = rewrite(src, tmp_path / f"r{n}.pt", {"data/0": bytes(n)})
+        with pytest.raises(RuntimeError, match="record size"):
+            torch.load(bad, weights_only=True)
+        with pytest.raises(InputError, match=f"claims 24 bytes but data/0 holds {n}"):
+            statecli.open_checkpoint(bad)
+
+
+def test_a_torchscript_storage_longer_than_its_tensor_reads_as_torch_jit_load_reads_it(tmp_path: Path) -> None:
+    # torch.jit.load takes the first bytes of a longer record. Before: stats read the whole member (8
+    # zeros for a 4-element tensor), and convert wrote the extra bytes and then failed its read-back.
+    src = tmp_path / "ts.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), src)
+    big = rewrite(src, tmp_path / "ts_big.pt", {"data/0": struct.pack("<4f", 1, 2, 3, 4) + bytes(16)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = torch.jit.load(big).state_dict()
+    got = statecli.load(big)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    code, out, err = cli("stats", str(big), "--format", "json")
+    assert code == 0, err
+    weight = next(t for t in json.loads(out)["tensors"] if t["name"] == "weight")
+    assert (weight["zeros"], weight["max"]) == (0, 4.0)
+    statecli.convert(big, tmp_path / "out.safetensors")
+    assert torch.equal(statecli.load(tmp_path / "out.safetensors")["weight"], want["weight"])
+
+
+# ------------------------------------------------------------------------- .pt2 pickled payloads
+
+
+def _frozen_with_pickled(samples_dir: Path, tmp_path: Path, tensor: torch.Tensor, name: str = "p.pt2") -> Path:
+    """export_frozen.pt2 with ``net.backbone.0.weight`` stored as torch.export.save stores a tensor subclass:
+    a whole torch.save archive of ``tensor`` (use_pickle)."""
+    src = samples_dir / "export_frozen.pt2"
+    return rewrite(
+        src,
+        tmp_path / name,
+        {
+            WEIGHTS: edited_config(src, WEIGHTS, "net.backbone.0.weight", use_pickle=True),
+            "data/weights/weight_0": torch_save_bytes(torch.nn.Parameter(tensor, requires_grad=False)),
+        },
+    )
+
+
+def test_a_pickled_pt2_weight_is_read_from_its_own_storage(samples_dir: Path, tmp_path: Path) -> None:
+    # Before: stats and load read the payload archive's bytes (the zip) as float32 values, and convert
+    # stopped on an AssertionError ("wrote 2120 bytes, announced 512").
+    want = export_load(samples_dir / "export_frozen.pt2").state_dict["net.backbone.0.weight"].detach().clone()
+    path = _frozen_with_pickled(samples_dir, tmp_path, want)
+    oracle = export_load(path).state_dict
+    assert torch.equal(oracle["net.backbone.0.weight"], want)  # torch.export.load unpickles it
+    got = statecli.load(path)
+    assert set(got) == set(oracle)
+    assert all(torch.equal(got[k], oracle[k].detach()) for k in oracle)
+    code, out, err = cli("stats", str(path), "--format", "json")
+    assert code == 0, err
+    stats = next(t for t in json.loads(out)["tensors"] if t["name"] == "net.backbone.0.weight")
+    assert stats["max"] == pytest.approx(float(want.max())) and stats["min"] == pytest.approx(float(want.min()))
+    out_path = tmp_path / "out.pt"
+    statecli.convert(path, out_path, verify=True)
+    assert torch.equal(torch.load(out_path, weights_only=True)["net.backbone.0.weight"], want)
+
+
+def test_a_pickled_pt2_constant_is_read_from_its_own_storage(samples_dir: Path, tmp_path: Path) -> None:
+    src = samples_dir / "export_frozen.pt2"
+    ep = export_load(src)
+    want = ep.constants["offset"].clone()
+    doc = json.loads(member(src, CONSTANTS))
+    path_name = doc["config"]["offset"]["path_name"]
+    doc["config"]["offset"]["use_pickle"] = True
+    path = rewrite(
+        src,
+        tmp_path / "c.pt2",
+        {CONSTANTS: json.dumps(doc).encode(), f"data/constants/{path_name}": torch_save_bytes(want)},
+    )
+    assert torch.equal(export_load(path).constants["offset"], want)
+    got = statecli.load(path, select="constants")
+    assert torch.equal(got["offset"], want)
+
+
+def test_a_pickled_pt2_tensor_that_is_not_what_its_config_says_is_refused(samples_dir: Path, tmp_path: Path) -> None:
+    # torch.export.load returns the pickled tensor whatever tensor_meta says: here float64 where the
+    # config (and the graph) say float32.
+    shape = export_load(samples_dir / "export_frozen.pt2").state_dict["net.backbone.0.weight"].shape
+    path = _frozen_with_pickled(samples_dir, tmp_path, torch.ones(shape, dtype=torch.float64))
+    assert export_load(path).state_dict["net.backbone.0.weight"].dtype == torch.float64
+    for command in ("inspect", "stats"):
+        assert_input_error((command, str(path)), "holds a float64 tensor of shape [16, 8]")
+    path = _frozen_with_pickled(samples_dir, tmp_path, torch.ones(4), name="shape.pt2")
+    assert_input_error(("inspect", str(path)), "holds a float32 tensor of shape [4]")
+
+
+def test_a_pickled_pt2_payload_that_is_no_tensor_is_not_read(tmp_path: Path) -> None:
+    path = pt2_archive(tmp_path / "m.pt2", pt2_entries(pickled_weight(), use_pickle=True))
+    report = statecli.open_checkpoint(path)
+    assert any(f.code == "export-pickled-payload" and "<dict of 1>" in f.message for f in report.findings)
+    assert report.tensors[0].layout == "opaque"
+    code, _, err = cli("stats", str(path))
+    assert code == 0 and "not read: w (opaque layout)" in err
+    with pytest.raises(UnsupportedFormatError, match="layout opaque"):
+        statecli.load(path)
+
+
+class _SubclassWeights(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        from torch.testing._internal.two_tensor import TwoTensor
+
+        self.w = torch.nn.Parameter(TwoTensor(torch.arange(6.0).reshape(2, 3), torch.zeros(2, 3)))
+        self.b = torch.nn.Parameter(torch.ones(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.w.t() + self.b
+
+
+def test_a_real_subclass_weight_is_not_read_as_numbers(tmp_path: Path) -> None:
+    # What torch.export.save really pickles: a tensor subclass. Its values are two tensors, not one storage.
+    pytest.importorskip("torch.testing._internal.two_tensor")
+    path = tmp_path / "sub.pt2"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.export.save(torch.export.export(_SubclassWeights(), (torch.randn(4, 3),)), str(path))
+    assert json.loads(member(path, WEIGHTS))["config"]["w"]["use_pickle"] is True
+    oracle = export_load(path).state_dict
+    code, out, err = cli("stats", str(path), "--format", "json")
+    assert code == 0, err
+    rows = {t["name"]: t for t in json.loads(out)["tensors"]}
+    assert rows["w"]["skipped"].startswith("subclass:") and rows["b"]["max"] == float(oracle["b"].max())
+    with pytest.raises(UnsupportedFormatError, match="subclass"):
+        statecli.load(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [
+        ("pt2_nested_zip_bomb", "would inflate 260965 bytes to 268435460"),
+        ("pt2_nested_lzma", "data/weights/weight_0: archive/data.pkl uses LZMA compression"),
+        ("pt2_nested_encrypted", "data/weights/weight_0: archive/data.pkl is encrypted"),
+        ("pt2_nested_local_method_differs", "the local header of archive/data.pkl says method 8"),
+        ("pt2_nested_storage_claims_1tib", "archive/data/0 is stored with 16 bytes"),
+    ],
+)
+def test_an_archive_inside_a_pt2_is_held_to_the_outer_rules(tmp_path: Path, name: str, words: str) -> None:
+    # Before: zipfile read it (LZMAError, RuntimeError: "internal error"; the bomb inflated 256 MiB).
+    path = build(name, tmp_path).path
+    for command in ("inspect", "stats"):
+        assert_input_error((command, str(path)), words)
+
+
+def test_a_colon_in_a_torch_save_storage_key_names_a_member_not_a_nested_archive(tmp_path: Path) -> None:
+    # Only a .pt2 names storages inside payload archives (``<member>:data/<key>``); in a torch.save archive a
+    # colon is part of the member's name, and the bytes are that member's.
+    from make_hostile import torch_zip
+
+    path = torch_zip(
+        tmp_path / "m.pt",
+        state_dict(("weight", lambda a: a.tensor(key="0:data/0"))),
+        {"0:data/0": struct.pack("<4f", 1, 2, 3, 4), "0": bytes(16)},
+    )
+    assert statecli.load(path)["weight"].tolist() == [1, 2, 3, 4]
+
+
+def test_a_pt2_program_named_with_a_colon_is_refused(tmp_path: Path) -> None:
+    entries = pt2_entries()
+    for e in entries:
+        e["lies"]["name"] = (
+            e["name"]
+            .replace("models/model.json", "models/a:b.json")
+            .replace("weights/model_weights", "weights/a:b_weights")
+        )
+    path = pt2_archive(tmp_path / "m.pt2", entries)
+    with pytest.raises(UnsupportedFormatError, match="a program named 'a:b'"):
+        statecli.open_checkpoint(path)
+
+
+def test_a_deflated_payload_archive_is_read_from_memory(tmp_path: Path) -> None:
+    # The payload member itself deflated (torch stores it): its archive is checked the same way, in memory.
+    path = pt2_archive(tmp_path / "m.pt2", pt2_entries(pickled_weight(), use_pickle=True, method=8))
+    report = statecli.open_checkpoint(path)
+    assert any(f.code == "export-pickled-payload" for f in report.findings)
