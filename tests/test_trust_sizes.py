@@ -25,12 +25,12 @@ from zip_members import member, rewrite
 
 import statecli
 from statecli.cli.main import app
-from statecli.errors import InputError, UnsupportedFormatError
+from statecli.errors import InputError, LimitExceededError, UnsupportedFormatError, UsageError
 from statecli.formats.zipdir import read_central_directory, read_member
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "hostile"))
 
-from cases_sizes import pickled_weight, pt2_archive, pt2_entries, raw_zip, torch_entries
+from cases_sizes import LONG, entry, pickled_weight, pt2_archive, pt2_entries, raw_zip, torch_entries
 from make_hostile import build, state_dict
 
 WEIGHTS = "data/weights/model_weights_config.json"
@@ -347,3 +347,74 @@ def test_a_deflated_payload_archive_is_read_from_memory(tmp_path: Path) -> None:
     path = pt2_archive(tmp_path / "m.pt2", pt2_entries(pickled_weight(), use_pickle=True, method=8))
     report = statecli.open_checkpoint(path)
     assert any(f.code == "export-pickled-payload" for f in report.findings)
+
+
+# --------------------------------------------------------------------------------- names
+
+
+def test_a_dcp_name_over_the_limit_is_refused(tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({LONG: torch.ones(2)}, checkpoint_id=str(tmp_path / "ckpt"))
+    with pytest.raises(LimitExceededError, match="a tensor name of 200000 characters"):
+        statecli.open_checkpoint(tmp_path / "ckpt")
+
+
+def test_a_name_at_the_limit_is_read(tmp_path: Path) -> None:
+    name = "n" * 65_536
+    header = json.dumps({name: {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(4))
+    assert statecli.open_checkpoint(path).tensors[0].name == name
+
+
+def test_a_sample_input_name_is_bounded(tmp_path: Path) -> None:
+    # A 40,000-character key at two levels of the example inputs: each key is short, the name is not.
+    key = "k" * 40_000
+    inputs = torch_save_bytes(({key: {key: torch.ones(2)}},))
+    src = pt2_entries()
+    src.append(entry("model/data/sample_inputs/model.pt", inputs))
+    path = pt2_archive(tmp_path / "m.pt2", src)
+    with pytest.raises(LimitExceededError, match="longer than 65536 characters"):
+        statecli.open_checkpoint(path)
+
+
+# ---------------------------------------------------------------------- two tensors under one name
+
+
+def test_a_collision_in_the_file_is_an_input_error_naming_both(tmp_path: Path) -> None:
+    # Before: inspect listed 'a.b' twice, and convert said "change --strip-prefix / --add-prefix", which
+    # the user never passed (exit 2).
+    path = build("name_collision_dotted_key", tmp_path).path
+    err = assert_input_error(("convert", str(path), "-o", str(tmp_path / "o.safetensors")), "both named 'a.b'")
+    assert "over data/0" in err and "over data/1" in err and "--strip-prefix" not in err
+    assert not (tmp_path / "o.safetensors").exists()
+    with pytest.raises(InputError, match=r"both named 'a\.b'"):
+        statecli.load(path)
+
+
+def test_a_collision_made_by_strip_prefix_names_only_that_option(tmp_path: Path) -> None:
+    # A Lightning checkpoint whose state dict holds 'model.w' and 'w': they collide once model. is stripped.
+    path = tmp_path / "run.ckpt"
+    torch.save(
+        {"state_dict": {"model.w": torch.ones(2), "w": torch.zeros(2)}, "pytorch-lightning_version": "2.0"}, path
+    )
+    with pytest.raises(UsageError) as e:
+        statecli.convert(path, tmp_path / "o.safetensors", strip_prefix=("model.",))
+    assert "after --strip-prefix;" in e.value.message and "--add-prefix" not in e.value.message
+    assert "--select" not in e.value.message
+
+
+def test_one_name_in_two_shards_is_an_input_error(tmp_path: Path) -> None:
+    # Shard 2 declares 'a' a tied alias of its 'b'; shard 1 holds a tensor 'a' of its own.
+    from safetensors.torch import save_file
+
+    meta = {"statecli": json.dumps({"schema": "statecli.roles/1", "aliases": {"a": "b"}})}
+    save_file({"a": torch.ones(2)}, str(tmp_path / "s1.safetensors"))
+    save_file({"b": torch.zeros(2)}, str(tmp_path / "s2.safetensors"), metadata=meta)
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}))
+    err = assert_input_error(("inspect", str(index)), "both named 'a'")
+    assert "in s1.safetensors" in err and "in s2.safetensors" in err

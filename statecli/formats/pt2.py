@@ -33,7 +33,7 @@ from statecli.dtypes import DTYPES
 from statecli.errors import InputError, LimitExceededError, StatecliError, UnsupportedFormatError
 from statecli.formats._json import load_object
 from statecli.formats.base import RawCheckpoint, contiguous_strides
-from statecli.formats.torchzip import MAX_PICKLE_BYTES, _Storages, archive_root, raw_tensor
+from statecli.formats.torchzip import MAX_PICKLE_BYTES, _join, _Storages, archive_root, raw_tensor
 from statecli.formats.zipdir import Member, data_offset, read_directory_at, read_member, read_member_from
 from statecli.records import Container, Finding, RawTensor
 from statecli.safepickle import MAX_INDEX, Global, RestrictedUnpickler, Stub, TensorRef, describe, describe_name, loads
@@ -85,7 +85,10 @@ _MODEL_NAME = re.compile(r"[^/\\]{1,255}\Z")
 
 def read_pt2(path: str, members: dict[str, Member]) -> RawCheckpoint:
     """Read a ``torch.export.save`` archive's tensors and their exact roles without running anything."""
-    return _Reader(path, members, _root(members, path)).read()
+    try:
+        return _Reader(path, members, _root(members, path)).read()
+    except StatecliError as e:
+        raise e.at(path) from None
 
 
 def _root(members: dict[str, Member], path: str) -> str:
@@ -349,10 +352,10 @@ class _Reader:
                 self.storage_sizes[f"{rel}:data/{s.key}"] = s.nbytes
         elif isinstance(obj, dict):
             for k, v in obj.items():
-                self._inputs(v, f"{prefix}.{k}", depth + 1, rel)
+                self._inputs(v, _join(prefix, k), depth + 1, rel)
         elif isinstance(obj, (list, tuple)):
             for i, v in enumerate(obj):
-                self._inputs(v, f"{prefix}.{i}", depth + 1, rel)
+                self._inputs(v, _join(prefix, i), depth + 1, rel)
 
     # -- pickled payloads
 

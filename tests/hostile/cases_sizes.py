@@ -17,7 +17,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from make_hostile import Asm, case, error, finding, state_dict
+from make_hostile import Asm, case, error, finding, state_dict, torch_zip
 
 _LOCAL = struct.Struct("<4s5H3L2H")
 _CENTRAL = struct.Struct("<4s6H3L5H2L")
@@ -334,6 +334,64 @@ def _(d: Path) -> Path:
 def _(d: Path) -> Path:
     # A pickled weight that is a dict: its values are nobody's bytes.
     return pt2_archive(d / "model.pt2", pt2_entries(pickled_weight(), use_pickle=True))
+
+
+# ----------------------------------------------------------------------------------- names over the limit
+
+LONG = "n" * 200_000  # the documented limit is 64 KiB (65,536 characters)
+
+
+@case("long_name_pickle_key", "sizes", error(3, "65536"))
+def _(d: Path) -> Path:
+    return torch_zip(d / "model.pt", state_dict((LONG, lambda a: a.tensor())))
+
+
+@case("long_name_safetensors", "sizes", error(3, "65536"))
+def _(d: Path) -> Path:
+    header = json.dumps({LONG: {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
+    return _write(d / "model.safetensors", struct.pack("<Q", len(header)) + header + bytes(16))
+
+
+@case("long_name_index", "sizes", error(3, "65536"))
+def _(d: Path) -> Path:
+    header = json.dumps({LONG: {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
+    _write(d / "model-00001-of-00001.safetensors", struct.pack("<Q", len(header)) + header + bytes(16))
+    index = {"metadata": {}, "weight_map": {LONG: "model-00001-of-00001.safetensors"}}
+    return _write(d / "model.safetensors.index.json", json.dumps(index).encode())
+
+
+@case("long_name_pt2", "sizes", error(3, "65536"))
+def _(d: Path) -> Path:
+    return pt2_archive(d / "model.pt2", pt2_entries(fqn=LONG))
+
+
+@case("long_name_torchscript_nested", "sizes", error(3, "65536"))
+def _(d: Path) -> Path:
+    # Four 20,000-character attribute names, one inside the other: each is short; the dotted name is not.
+    return _write(d / "model.pt", raw_zip(torchscript_entries("k" * 20_000, depth=4)))
+
+
+# ------------------------------------------------------------------------ two tensors under one name
+
+
+@case("name_collision_dotted_key", "sizes", error(3, "two tensors are both named 'a.b'"))
+def _(d: Path) -> Path:
+    # {'a.b': t, 'a': {'b': t2}}: torch.load gives back both; flattened, both are named a.b.
+    def nested(a: Asm) -> None:
+        a.op("EMPTY_DICT").str_("b").tensor(key="1").op("SETITEM")
+
+    storages = {"0": bytes(16), "1": bytes(16)}
+    return torch_zip(d / "model.pt", state_dict(("a.b", lambda a: a.tensor()), ("a", nested)), storages)
+
+
+@case("name_collision_empty_key", "sizes", error(3, "two tensors are both named 'x.'"))
+def _(d: Path) -> Path:
+    # {'x.': t, 'x': {'': t2}}: the key '' under x is named 'x.' too.
+    def nested(a: Asm) -> None:
+        a.op("EMPTY_DICT").str_("").tensor(key="1").op("SETITEM")
+
+    storages = {"0": bytes(16), "1": bytes(16)}
+    return torch_zip(d / "model.pt", state_dict(("x.", lambda a: a.tensor()), ("x", nested)), storages)
 
 
 def warmups(folder: Path) -> list[Path]:
