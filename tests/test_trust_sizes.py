@@ -349,6 +349,33 @@ def test_a_deflated_payload_archive_is_read_from_memory(tmp_path: Path) -> None:
     assert any(f.code == "export-pickled-payload" for f in report.findings)
 
 
+def test_an_encrypted_dcp_bytes_entry_is_reported_unscanned(tmp_path: Path) -> None:
+    # A non-tensor DCP entry is a torch.save archive inside a .distcp file; zipfile raised RuntimeError on
+    # an encrypted member there ("internal error" from inspect).
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp_path / "ckpt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"w": torch.ones(2), "extra": {"a": 1}}, checkpoint_id=str(folder))
+    (data_file,) = folder.glob("*.distcp")
+    data = bytearray(data_file.read_bytes())
+    pickle_of_1 = b"\x80\x02K\x01."
+    central = next(
+        h
+        for h in range(len(data))
+        if data[h : h + 4] == b"PK\x01\x02" and data[h + 46 : h + 62] == b"archive/data.pkl"
+        and struct.unpack_from("<L", data, h + 24)[0] == len(pickle_of_1)
+    )  # fmt: skip
+    blob_start = bytes(data).rfind(b"PK\x05\x06", 0, central) + 1
+    local = bytes(data).index(b"PK\x03\x04\x00\x00\x08\x08", blob_start)
+    data[local + 6] |= 1
+    data[central + 8] |= 1
+    data_file.write_bytes(bytes(data))
+    report = statecli.open_checkpoint(folder)
+    assert any(f.code == "unscanned-entry" and "encrypted" in f.message for f in report.findings)
+
+
 # --------------------------------------------------------------------------------- names
 
 
