@@ -134,6 +134,14 @@ def test_a_storage_local_header_that_lies_stops_stats(tmp_path: Path, lies: dict
     assert_input_error(("stats", str(path)), words)
 
 
+def test_a_long_non_ascii_member_name_matches_its_local_header(tmp_path: Path) -> None:
+    # Three bytes a character: the local header is read far enough for the whole name.
+    name = "archive/" + "\u20ac" * 300
+    path = tmp_path / "u.zip"
+    path.write_bytes(raw_zip([entry(name, b"hello")]))
+    assert read_member(str(path), read_central_directory(str(path))[name], 100) == b"hello"
+
+
 @pytest.mark.parametrize(
     ("method", "flags", "words"),
     [

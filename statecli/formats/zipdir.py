@@ -224,7 +224,7 @@ def data_offset(f: Any, m: Member, path: str) -> int:
     any) are found to say what the directory says: name, method, encryption, CRC and sizes."""
     name = printable(m.name)
     # Name and extra fields in the same read: torch pads each header to 64 bytes with an extra field.
-    head = _pread(f, m.header_offset, _LOCAL.size + 2 * len(m.name) + 128)
+    head = _pread(f, m.header_offset, _LOCAL.size + 4 * len(m.name) + 128)  # UTF-8: at most 4 bytes a character
     if len(head) < _LOCAL.size or head[:4] != b"PK\x03\x04":
         raise InputError(f"corrupt zip archive (bad local header for {name})", path=path)
     _, _, flags, method, _, _, crc, csize, usize, nlen, xlen = _LOCAL.unpack_from(head)
