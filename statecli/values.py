@@ -34,8 +34,6 @@ def readable(t: TensorInfo) -> str | None:
         return f"{t.dtype} holds raw bits, not numbers"
     if t.dtype == "float4_e2m1fn_x2":
         return "packed 4-bit floats are not decoded"
-    if t.file is None and t.storage is not None and ":" in t.storage and not t.storage.startswith("alias:"):
-        return "stored inside a nested archive member: a .pt2's sample inputs"
     return None
 
 

@@ -19,7 +19,7 @@ from fnmatch import fnmatchcase, translate
 from typing import Any
 
 from statecli import dtypes
-from statecli.errors import UnsupportedFormatError, UsageError
+from statecli.errors import InputError, StatecliError, UnsupportedFormatError, UsageError
 from statecli.records import Finding, RawTensor, Report, TensorInfo
 from statecli.roles import infer
 from statecli.wording import count
@@ -378,10 +378,7 @@ def build_plan(report: Report, output: str, options: ConvertOptions) -> Plan:
         if not out and inner:  # a key '' is legal in torch; only a rename that empties a name is refused
             raise UsageError(f"tensor {t.name!r} would have an empty name after --strip-prefix")
         if out in names:
-            raise UsageError(
-                f"tensors {names[out]!r} and {t.name!r} would both be named {out!r}; "
-                "change --strip-prefix / --add-prefix or narrow the selection with --select"
-            )
+            raise _collision(names[out], t.name, out, options)
         names[out] = t.name
 
     items: list[PlanItem] = []
@@ -431,6 +428,26 @@ def build_plan(report: Report, output: str, options: ConvertOptions) -> Plan:
         triples = ((i.name, inner, t.name) for i, (t, inner) in zip(items, selected, strict=True))
         notes.extend(_check_globs(report, options, triples, dropped))
     return Plan(report, output, fmt, options, items, dropped, notes)
+
+
+def _collision(first: str, second: str, out: str, options: ConvertOptions) -> StatecliError:
+    """Two tensors for one output name. Only the options the user gave can cause that (the readers refuse a
+    file with two tensors of one name), and only they are named."""
+    given = [
+        flag
+        for flag, on in (
+            ("--select", options.select is not None),
+            ("--strip-prefix", bool(options.strip_prefix)),
+            ("--add-prefix", bool(options.add_prefix)),
+        )
+        if on
+    ]
+    if not given:
+        return InputError(f"the input holds two tensors named {out!r}")
+    return UsageError(
+        f"tensors {first!r} and {second!r} would both be named {out!r} after {' and '.join(given)}; "
+        f"change {' / '.join(given)} to tell them apart"
+    )
 
 
 def _check_globs(

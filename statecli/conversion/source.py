@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from statecli.errors import InputError
 from statecli.formats.safetensors_reader import tensor_spans
 from statecli.formats.torchzip import archive_root
-from statecli.formats.zipdir import Member, data_offset, read_central_directory
+from statecli.formats.zipdir import Member, data_offset, read_central_directory, read_directory_at
 from statecli.records import Report, TensorInfo
 
 if TYPE_CHECKING:
@@ -44,11 +44,13 @@ def byte_view(t: torch.Tensor) -> memoryview:
 
 class _ZipFile:
     """A zip archive's members by root-relative name: torch.save, TorchScript and torch.export archives
-    all put everything under one top folder, and their readers name storages inside it."""
+    all put everything under one top folder, and their readers name storages inside it. A storage of a
+    torch.save archive stored inside a member (a .pt2's pickled payloads) is named ``<member>:data/<key>``."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.members: dict[str, Member] = read_central_directory(path)
+        self.nested: dict[str, tuple[dict[str, Member], str]] = {}
         roots = {n.split("/", 1)[0] for n in self.members if "/" in n}
         if any(n.endswith("/data.pkl") for n in self.members):
             self.root = archive_root(list(self.members), path)
@@ -56,6 +58,28 @@ class _ZipFile:
             self.root = roots.pop()  # a .pt2 has no data.pkl
         else:
             raise InputError("zip archive without a single top folder", path=path)
+
+    def member(self, f: Any, storage: str, nesting: bool) -> Member:
+        """The member that holds ``storage``; with ``nesting`` (a .pt2, whose member names hold no colon),
+        ``<member>:<name>`` names a member of the archive stored in ``<member>``. A torch.save storage key
+        may hold a colon: there it is only ever part of the member's name."""
+        outer, nested, inner = storage.partition(":") if nesting else (storage, "", "")
+        m = self.members.get(f"{self.root}/{outer}")
+        if m is None:
+            raise InputError(f"storage {storage} is missing from the archive", path=self.path)
+        if not nested:
+            return m
+        hit = self.nested.get(outer)
+        if hit is None:
+            if m.method != 0:
+                raise InputError(f"{outer} is compressed; torch never writes that", path=self.path)
+            members = read_directory_at(f, data_offset(f, m, self.path), m.size, self.path)
+            hit = self.nested[outer] = (members, archive_root(list(members), self.path))
+        members, root = hit
+        found = members.get(f"{root}/{inner}")
+        if found is None:
+            raise InputError(f"storage {storage} is missing from the archive", path=self.path)
+        return found
 
 
 class Source:
@@ -129,13 +153,15 @@ class Source:
             z = self._zips.get(path)
             if z is None:
                 z = self._zips[path] = _ZipFile(path)
-            m = z.members.get(f"{z.root}/{storage}")
-            if m is None:
-                raise InputError(f"storage {storage} is missing from the archive", path=path)
+            f = self._file(path)
+            m = z.member(f, storage, self.report.format.endswith("torch-export"))
             if m.method != 0:
                 raise InputError(f"storage {storage} is compressed; torch never writes that", path=path)
-            start = data_offset(self._file(path), m, path)
-            return path, start, m.size, m.crc if self.check_crc else None
+            start = data_offset(f, m, path)
+            # The storage's own size, which its member holds (the reader checked): TorchScript's loader reads
+            # that much of a longer member. Its CRC covers the whole member, so it is checked only then.
+            size = min(m.size, self.report.storage_sizes.get(t.storage or "", m.size))
+            return path, start, size, m.crc if self.check_crc and size == m.size else None
         if storage is not None and storage.startswith("legacy/"):
             legacy = self._legacy.get(path)
             if legacy is None:

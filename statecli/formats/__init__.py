@@ -7,7 +7,7 @@ import stat
 from collections.abc import Iterable
 
 from statecli.errors import InputError, UnsupportedFormatError
-from statecli.formats.base import RawCheckpoint
+from statecli.formats.base import RawCheckpoint, check_names
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pt2")
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -20,6 +20,12 @@ DCP_METADATA = ".metadata"
 
 def read_raw(path: str) -> RawCheckpoint:
     """Read ``path`` (a file, a shard index, or a folder holding one checkpoint) with the right reader."""
+    raw = _read_raw(path)
+    check_names(raw)
+    return raw
+
+
+def _read_raw(path: str) -> RawCheckpoint:
     try:
         st = os.stat(path)
     except FileNotFoundError:

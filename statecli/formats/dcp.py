@@ -42,6 +42,7 @@ from statecli.dtypes import DTYPES, STORAGE_TYPES, nbytes
 from statecli.errors import InputError, LimitExceededError, StatecliError, UnsafeError, UnsupportedFormatError
 from statecli.formats.base import RawCheckpoint, contiguous_strides
 from statecli.formats.torchzip import MODEL_KEYS, OPTIMIZER_KEYS
+from statecli.formats.zipdir import read_directory_at, read_member_from
 from statecli.records import Container, Finding, RawTensor
 from statecli.safepickle import MAX_INDEX, Action, Global, Limits, StorageRef, Stub, loads
 from statecli.security import findings_for
@@ -942,13 +943,14 @@ def _pickles_of(blob: bytes) -> list[bytes]:
     """The pickles torch.load would unpickle from a bytes entry: a torch.save archive's data.pkl, or
     up to five pickles back to back (the pre-1.6 format: magic, protocol, sys info, object, keys)."""
     if blob[:4] == b"PK\x03\x04":
-        with zipfile.ZipFile(io.BytesIO(blob)) as zf:
-            pkls = [i for i in zf.infolist() if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1]
-            if len(pkls) != 1:
-                raise InputError(f"a zip archive with {len(pkls)} data.pkl members")
-            if pkls[0].file_size > MAX_BYTES_ENTRY:
-                raise LimitExceededError(f"data.pkl of {pkls[0].file_size} bytes")
-            return [zf.read(pkls[0])]
+        # statecli's zip reader, not zipfile: encrypted or LZMA members, lying headers and zip bombs are each
+        # an InputError here (the entry is then reported unscanned), never an exception zipfile chose.
+        f = io.BytesIO(blob)
+        members = read_directory_at(f, 0, len(blob), "")
+        pkls = [n for n in members if n.endswith("/data.pkl") and n.count("/") == 1]
+        if len(pkls) != 1:
+            raise InputError(f"a zip archive with {len(pkls)} data.pkl members")
+        return [read_member_from(f, members[pkls[0]], MAX_BYTES_ENTRY, "")]
     return [blob]
 
 

@@ -27,19 +27,27 @@ from __future__ import annotations
 import io
 import os
 import re
-import zipfile
-import zlib
 from collections.abc import Iterable
 from typing import Any
 
 from statecli.dtypes import DTYPES
 from statecli.errors import InputError, LimitExceededError, StatecliError, UnsupportedFormatError
 from statecli.formats._json import load_object
-from statecli.formats.base import RawCheckpoint
-from statecli.formats.torchzip import MAX_PICKLE_BYTES, _Storages, archive_root, raw_tensor
-from statecli.formats.zipdir import Member, data_offset, read_member
+from statecli.formats.base import RawCheckpoint, contiguous_strides
+from statecli.formats.torchzip import MAX_PICKLE_BYTES, _join, _Storages, archive_root, raw_tensor
+from statecli.formats.zipdir import Member, data_offset, read_directory_at, read_member, read_member_from
 from statecli.records import Container, Finding, RawTensor
-from statecli.safepickle import MAX_INDEX, Action, Global, RestrictedUnpickler, Stub, TensorRef, loads
+from statecli.safepickle import (
+    MAX_INDEX,
+    Action,
+    Global,
+    RestrictedUnpickler,
+    Stub,
+    TensorRef,
+    describe,
+    describe_name,
+    loads,
+)
 from statecli.security import findings_for
 
 EVIDENCE = "export"
@@ -88,7 +96,10 @@ _MODEL_NAME = re.compile(r"[^/\\]{1,255}\Z")
 
 def read_pt2(path: str, members: dict[str, Member]) -> RawCheckpoint:
     """Read a ``torch.export.save`` archive's tensors and their exact roles without running anything."""
-    return _Reader(path, members, _root(members, path)).read()
+    try:
+        return _Reader(path, members, _root(members, path)).read()
+    except StatecliError as e:
+        raise e.at(path) from None
 
 
 def _root(members: dict[str, Member], path: str) -> str:
@@ -100,42 +111,6 @@ def _root(members: dict[str, Member], path: str) -> str:
     if len(roots) > 1:
         raise InputError(f"zip archive with {len(roots)} archive roots ({', '.join(sorted(roots))})", path=path)
     return roots.pop()
-
-
-class _Window(io.RawIOBase):
-    """A read-only, seekable view of ``size`` bytes at ``start`` of an open file: a stored zip member
-    that is itself a zip, opened by :mod:`zipfile` without reading its bytes into memory."""
-
-    def __init__(self, f: Any, start: int, size: int) -> None:
-        super().__init__()
-        self.f = f
-        self.start = start
-        self.size = size
-        self.pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self.pos, 2: self.size}[whence]
-        self.pos = max(0, base + offset)
-        return self.pos
-
-    def readinto(self, b: Any) -> int:
-        n = max(0, min(len(b), self.size - self.pos))
-        if n == 0:
-            return 0
-        self.f.seek(self.start + self.pos)
-        data = self.f.read(n)
-        b[: len(data)] = data
-        self.pos += len(data)
-        return len(data)
 
 
 def _inert_pid(pid: Any) -> Any:
@@ -170,6 +145,12 @@ class _Reader:
             for n in self.members
             if n.startswith(prefix) and n.endswith(".json") and _MODEL_NAME.match(n[len(prefix) : -len(".json")])
         )
+        odd = next((m for m in models if ":" in m), None)
+        if odd is not None:
+            # A colon separates a payload member from a storage inside it (``<member>:data/<key>``).
+            raise UnsupportedFormatError(
+                f"a program named '{describe_name(odd)}': a colon in its name is not read", path=self.path
+            )
         if not models:
             if any(n.startswith(f"{self.root}/data/aotinductor/") for n in self.members):
                 raise UnsupportedFormatError(
@@ -295,11 +276,34 @@ class _Reader:
                 raise InputError(f"{where}: sizes {list(shape)} overflow the element count", path=self.path)
         itemsize = DTYPES[dtype].itemsize
         storage_nbytes = member.size
+        storage = rel
+        device = _device(tm.get("device"))
         if use_pickle:
             self.nested_nbytes = 0
             obj = self._payload(f"{self.root}/{rel}", rel)
-            layout = _payload_layout(obj) or layout
+            pickled_layout = _payload_layout(obj)
+            if pickled_layout is None:
+                # Not a tensor at all: torch.export.load would hand this object on as the weight. Its values
+                # are not the payload's bytes, and no layout statecli reads describes it.
+                pickled_layout = "opaque"
+                self.findings.append(
+                    Finding(
+                        "warning",
+                        "export-pickled-payload",
+                        f"'{describe_name(name)}': {rel} is a pickled {describe(obj)}, not a tensor; "
+                        "its values are not read",
+                    )
+                )
+            layout = pickled_layout
             storage_nbytes = self.nested_nbytes  # the tensor bytes inside the pickled archive, not its size
+            if isinstance(obj, TensorRef):
+                # torch.export.load returns the unpickled tensor as it is, whatever tensor_meta says: the two
+                # must agree, and its bytes are the nested archive's storage, not the payload member.
+                _same_tensor(obj, dtype, shape, stride, offset, f"{where}: {rel}", self.path)
+                if obj.storage is not None:
+                    storage = f"{rel}:data/{obj.storage.key}"
+                    storage_nbytes = obj.storage.nbytes
+                    device = obj.device if obj.device is not None else obj.storage.location
         else:
             if member.size % itemsize:
                 raise InputError(
@@ -330,8 +334,8 @@ class _Reader:
             shape=shape,
             stride=stride,
             storage_offset=offset,
-            device=_device(tm.get("device")),
-            storage=rel,
+            device=device,
+            storage=storage,
             storage_nbytes=storage_nbytes,
             group="model" if spec is None or spec[0] != "constant" else "constants",
             requires_grad=requires_grad,
@@ -344,7 +348,7 @@ class _Reader:
             raw.exact = True
             raw.evidence = EVIDENCE
             raw.persistent = True if kind == "parameter" else persistent
-        self.storage_sizes[rel] = storage_nbytes
+        self.storage_sizes[storage] = storage_nbytes
         self.tensors.append(raw)
 
     def _inputs(self, obj: Any, prefix: str, depth: int, rel: str) -> None:
@@ -359,10 +363,10 @@ class _Reader:
                 self.storage_sizes[f"{rel}:data/{s.key}"] = s.nbytes
         elif isinstance(obj, dict):
             for k, v in obj.items():
-                self._inputs(v, f"{prefix}.{k}", depth + 1, rel)
+                self._inputs(v, _join(prefix, k), depth + 1, rel)
         elif isinstance(obj, (list, tuple)):
             for i, v in enumerate(obj):
-                self._inputs(v, f"{prefix}.{i}", depth + 1, rel)
+                self._inputs(v, _join(prefix, i), depth + 1, rel)
 
     # -- pickled payloads
 
@@ -373,42 +377,30 @@ class _Reader:
         try:
             with open(self.path, "rb") as f:
                 if m.method == 0:
+                    # A stored archive is read where it lies, by the same zip reader as the outer one.
                     start = data_offset(f, m, self.path)
-                    if start + m.size > os.fstat(f.fileno()).st_size:
-                        raise InputError(f"truncated zip archive ({rel} is cut short)", path=self.path)
                     f.seek(start)
-                    head = f.read(4)
-                    if head.startswith(b"PK"):
-                        return self._nested_zip(_Window(f, start, m.size), rel)
-                data = read_member(self.path, m, MAX_PICKLE_BYTES)
+                    if f.read(4) == b"PK\x03\x04":
+                        return self._nested_zip(f, start, m.size, rel)
+                data = read_member_from(f, m, MAX_PICKLE_BYTES, self.path)
+                if data[:4] == b"PK\x03\x04":
+                    return self._nested_zip(io.BytesIO(data), 0, len(data), rel)
         except OSError as e:
             raise InputError(f"cannot read file ({e.strerror or e})", path=self.path) from e
-        if data.startswith(b"PK"):
-            return self._nested_zip(io.BytesIO(data), rel)
         return self._bare_pickle(data, rel)
 
-    def _nested_zip(self, fp: Any, rel: str) -> Any:
+    def _nested_zip(self, f: Any, start: int, size: int, rel: str) -> Any:
+        """The ``torch.save`` archive of ``size`` bytes at ``start`` of ``f``: its directory, local headers,
+        sizes, methods and deflate ratios are checked as the outer archive's are."""
         try:
-            with zipfile.ZipFile(fp) as zf:
-                inner: dict[str, Member] = {}
-                for i in zf.infolist():
-                    inner[i.filename] = Member(i.filename, i.header_offset, i.compress_size, i.file_size, 0, i.CRC)
-                try:
-                    root = archive_root(list(inner), self.path)
-                except InputError:
-                    raise InputError(f"{rel} is a zip archive without a data.pkl", path=self.path) from None
-                info = zf.getinfo(f"{root}/data.pkl")
-                if info.file_size > MAX_PICKLE_BYTES:
-                    raise LimitExceededError(
-                        f"{rel}: data.pkl claims {info.file_size} bytes; the limit is {MAX_PICKLE_BYTES}",
-                        path=self.path,
-                    )
-                with zf.open(info) as fh:
-                    data = fh.read(MAX_PICKLE_BYTES + 1)
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, NotImplementedError, KeyError) as e:
-            raise InputError(f"{rel}: corrupt nested archive ({e})", path=self.path) from None
-        if len(data) > MAX_PICKLE_BYTES:
-            raise LimitExceededError(f"{rel}: data.pkl expands past {MAX_PICKLE_BYTES} bytes", path=self.path)
+            inner = read_directory_at(f, start, size, self.path)
+            try:
+                root = archive_root(list(inner), self.path)
+            except InputError:
+                raise InputError("a zip archive without a data.pkl", path=self.path) from None
+            data = read_member_from(f, inner[f"{root}/data.pkl"], MAX_PICKLE_BYTES, self.path)
+        except StatecliError as e:
+            raise type(e)(f"{rel}: {e.message}", path=self.path) from None
         storages = _Storages(inner, root, self.path)
         self.nested_nbytes = 0
         try:
@@ -442,6 +434,20 @@ class _Reader:
     def _add_security(self, globals_seen: dict[tuple[str, str], int], actions: Iterable[Action], rel: str) -> None:
         for f in findings_for(globals_seen, actions):
             self.security.append(Finding(f.level, f.code, f"{rel}: {f.message}"))
+
+
+def _same_tensor(
+    t: TensorRef, dtype: str, shape: tuple[int, ...], stride: tuple[int, ...], offset: int, where: str, path: str
+) -> None:
+    """Refuse a pickled tensor that is not the one its ``tensor_meta`` describes."""
+    got_stride = t.stride if t.stride is not None else contiguous_strides(t.shape)
+    if (t.dtype, t.shape, got_stride, t.offset) != (dtype, shape, stride, offset):
+        raise InputError(
+            f"{where} holds a {t.dtype} tensor of shape {list(t.shape)} (stride {list(got_stride)}, offset "
+            f"{t.offset}), but its tensor_meta says {dtype}, shape {list(shape)} (stride {list(stride)}, offset "
+            f"{offset}): torch.export.load would return the pickled one",
+            path=path,
+        )
 
 
 def _payload_layout(obj: Any) -> str | None:

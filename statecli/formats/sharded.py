@@ -19,7 +19,7 @@ from typing import Any
 
 from statecli.errors import InputError, LimitExceededError, UnsafeError
 from statecli.formats._json import load_object
-from statecli.formats.base import RawCheckpoint
+from statecli.formats.base import MAX_NAME_CHARS, RawCheckpoint
 from statecli.records import Container, Finding, RawTensor
 
 __all__ = ["MAX_INDEX_BYTES", "read_index"]
@@ -47,6 +47,10 @@ def _load_index(path: str) -> dict[str, Any]:
     if not isinstance(weight_map, dict):
         raise InputError(f"index 'weight_map' is not an object (got {type(weight_map).__name__})", path=path)
     for name, shard in weight_map.items():
+        if len(name) > MAX_NAME_CHARS:
+            raise LimitExceededError(
+                f"index 'weight_map' names a tensor of {len(name)} characters; the limit is {MAX_NAME_CHARS}", path=path
+            )
         if not isinstance(shard, str) or not shard:
             raise InputError(f"index 'weight_map' entry {name!r} must name a shard file, got {shard!r:.80}", path=path)
     metadata = doc.get("metadata")

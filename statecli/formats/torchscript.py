@@ -36,6 +36,7 @@ from statecli.formats.torchzip import (
     MAX_PICKLE_BYTES,
     MAX_WALK_DEPTH,
     MAX_WALK_NODES,
+    _join,
     _Storages,
     archive_root,
     raw_tensor,
@@ -93,7 +94,10 @@ def read_torchscript(path: str, members: dict[str, Member]) -> RawCheckpoint:
         raise InputError("TorchScript archive without a data.pkl", path=path)
     root = archive_root(names, path)
     reader = _Reader(path, members, root)
-    return reader.read()
+    try:
+        return reader.read()
+    except StatecliError as e:
+        raise e.at(path) from None
 
 
 # ------------------------------------------------------------------------------------------ type declarations
@@ -337,9 +341,9 @@ class _Reader:
     def _pickle(self, name: str, folder: str | None) -> Any:
         data = read_member(self.path, self.members[f"{self.root}/{name}"], MAX_PICKLE_BYTES)
         if folder == "data":
-            storages: Any = _Storages(self.members, self.root, self.path)
+            storages: Any = _Storages(self.members, self.root, self.path, exact=False)
         elif folder is not None:
-            storages = _Storages(self.members, self.root, self.path)
+            storages = _Storages(self.members, self.root, self.path, exact=False)
             storages.members = _Folder(self.members, self.root, folder)  # type: ignore[assignment]
         else:
             storages = _shapes_only
@@ -554,12 +558,6 @@ class _Reader:
                 self.buffers += 1
             raw.persistent = True if role in ("parameter", "buffer") else None
         self.tensors.append(raw)
-
-
-def _join(prefix: str | None, k: Any) -> str:
-    """The name of key ``k`` under ``prefix`` (None at the root); a key '' is a name like any other."""
-    key = k if isinstance(k, str) else str(k)
-    return key if prefix is None else f"{prefix}.{key}"
 
 
 def _label(path: str | None) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 
 from statecli.dtypes import DTYPES, STORAGE_TYPES
 from statecli.errors import InputError, LimitExceededError, StatecliError
-from statecli.formats.base import RawCheckpoint
+from statecli.formats.base import MAX_NAME_CHARS, RawCheckpoint
 from statecli.formats.optimizer import apply_optimizer_evidence
 from statecli.formats.zipdir import Member, read_central_directory, read_member
 from statecli.records import Container, Finding, RawTensor
@@ -22,7 +22,6 @@ from statecli.security import findings_for
 MAX_PICKLE_BYTES = 1 << 30  # a data.pkl larger than this is not a checkpoint's metadata
 MAX_WALK_DEPTH = 200
 MAX_WALK_NODES = 20_000_000
-MAX_NAME_CHARS = 65_536  # a tensor's dotted name; real ones are a few hundred characters at most
 MAX_SHARED_FINDINGS = 100  # "same object" findings listed one by one; the rest are counted
 MAX_STACKED_PICKLES = 64  # pickles after data.pkl's first that are read for the globals they name
 
@@ -98,10 +97,13 @@ def storage_dtype(stype: Any, key: Any, location: Any, numel: Any, path: str) ->
 class _Storages:
     """Builds storage records from persistent ids, checking each against the archive's members."""
 
-    def __init__(self, members: dict[str, Member], root: str, path: str) -> None:
+    def __init__(self, members: dict[str, Member], root: str, path: str, exact: bool = True) -> None:
         self.members = members
         self.root = root
         self.path = path
+        # torch.load refuses a record of any other size than its storage's; torch.jit.load reads the start
+        # of a longer one.
+        self.exact = exact
         self.cache: dict[str, StorageRef] = {}
         self.prefix = f"{root}/data/"
         self.dtypes: dict[Global, str] = {}  # storage type objects checked already (by identity)
@@ -129,7 +131,7 @@ class _Storages:
             raise InputError(
                 f"storage {describe(key)} has no data/{printable(key)} member in the archive", path=self.path
             )
-        if info.size < nbytes:
+        if info.size < nbytes or (self.exact and info.size != nbytes):
             raise InputError(
                 f"storage {describe(key)} claims {nbytes} bytes but data/{printable(key)} holds {info.size}",
                 path=self.path,

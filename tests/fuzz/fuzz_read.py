@@ -82,7 +82,7 @@ def load_seeds(workdir: Path) -> dict[str, list[bytes]]:
             seeds["zip"].append(data)
             try:
                 members = _zip_members(p)
-            except (zipfile.BadZipFile, OSError, ValueError):
+            except Exception:  # hostile seeds: encrypted members, LZMA, corrupt streams: zipfile raises anything
                 continue
             seeds["pickle"] += [v for k, v in members.items() if k.endswith(".pkl") and len(v) <= MAX_SEED_BYTES]
         elif p.suffix == ".safetensors" and len(data) >= 8:
