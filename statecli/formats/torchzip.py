@@ -252,6 +252,10 @@ def _key(k: Any) -> str:
         return k
     if (type(k) is int and k.bit_length() <= 128) or isinstance(k, (bool, float)) or k is None:
         return str(k)
+    if type(k) is TensorRef and k.storage is not None:
+        # A whole pickled optimizer keys its state by Parameter: named by the storage it lives in, so two
+        # parameters' moments never share a name.
+        return f"<tensor {describe(k.storage.key)[1:-1]}{f'+{k.offset}' if k.offset else ''}>"
     return describe(k)  # bounded: str() of a key holding a 100 MB bytes object is 400 MB
 
 
