@@ -34,16 +34,20 @@ from statecli.errors import InputError, LimitExceededError, StatecliError, Unsup
 from statecli.formats.base import RawCheckpoint
 from statecli.formats.torchzip import (
     MAX_PICKLE_BYTES,
+    MAX_SHARED_FINDINGS,
     MAX_WALK_DEPTH,
     MAX_WALK_NODES,
+    _key,
+    _label,
     _Storages,
     archive_root,
     raw_tensor,
 )
 from statecli.formats.zipdir import Member, read_member
-from statecli.records import Container, Finding, RawTensor
-from statecli.safepickle import Global, StorageRef, Stub, TensorRef, loads
+from statecli.records import Container, Finding, RawTensor, more_findings
+from statecli.safepickle import Global, StorageRef, Stub, TensorRef, describe, loads
 from statecli.security import findings_for
+from statecli.wording import name_list
 
 EVIDENCE = "torchscript"
 CUSTOM_CLASS_PREFIX = "__torch__.torch.classes."  # C++ classes registered with torch (packed params, ...)
@@ -267,7 +271,7 @@ def _shapes_only(pid: Any) -> StorageRef:
     """Storages for ``traced_inputs.pkl``: torch keeps the inputs' shapes there, not their bytes, so the
     records are checked for form only and nothing is compared with the (empty) members."""
     if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-        raise InputError(f"corrupt pickle: unexpected persistent id {str(pid)[:80]}")
+        raise InputError(f"corrupt pickle: unexpected persistent id {describe(pid)}")
     _, stype, key, location, numel = pid
     if not isinstance(key, str) or not isinstance(location, str) or type(numel) is not int or not 0 <= numel <= 2**62:
         raise InputError("corrupt pickle: malformed storage record")
@@ -291,6 +295,7 @@ class _Reader:
         self.missing_decls: set[str] = set()
         self.training: dict[str | None, bool] = {}  # module path (None: the root) -> training flag
         self.buffers = 0
+        self.shared = 0  # references to objects walked already
 
     def read(self) -> RawCheckpoint:
         obj = self._pickle("data.pkl", "data")
@@ -313,6 +318,9 @@ class _Reader:
         if f"{self.root}/traced_inputs.pkl" in self.members:
             self._pickle("traced_inputs.pkl", None)  # for its findings; it holds shapes, not state
             other.append("traced_inputs")
+        if self.shared > MAX_SHARED_FINDINGS:
+            extra = self.shared - MAX_SHARED_FINDINGS
+            self.findings.append(more_findings("shared-subtree", "info", extra))
         findings = self._security_findings() + self.findings
         findings.extend(self._notes())
         return RawCheckpoint(
@@ -449,7 +457,7 @@ class _Reader:
         if root is not None:
             odd = [n for n, t in self.training.items() if n is not None and t is not root]
             if odd:
-                shown = ", ".join(odd[:5]) + (", …" if len(odd) > 5 else "")
+                shown = name_list(odd, 5)
                 mode = "train" if not root else "eval"
                 out.append(Finding("info", "training-mixed", f"submodules in {mode} mode: {shown}"))
         return out
@@ -464,13 +472,15 @@ class _Reader:
             raise LimitExceededError(f"module structure has more than {MAX_WALK_NODES} nodes", path=self.path)
         first = self.seen.get(id(obj))
         if first is not None:
-            self.findings.append(
-                Finding(
-                    "info",
-                    "shared-subtree",
-                    f"{_label(path)} is the same object as {_label(first)}; listed once",
+            self.shared += 1
+            if self.shared <= MAX_SHARED_FINDINGS:
+                self.findings.append(
+                    Finding(
+                        "info",
+                        "shared-subtree",
+                        f"{_label(path)} is the same object as {_label(first)}; listed once",
+                    )
                 )
-            )
             return False
         self.seen[id(obj)] = path
         return True
@@ -551,13 +561,8 @@ class _Reader:
 
 def _join(prefix: str | None, k: Any) -> str:
     """The name of key ``k`` under ``prefix`` (None at the root); a key '' is a name like any other."""
-    key = k if isinstance(k, str) else str(k)
+    key = k if isinstance(k, str) else _key(k)
     return key if prefix is None else f"{prefix}.{key}"
-
-
-def _label(path: str | None) -> str:
-    """A walked object's path for a message: (root) for the root, else the path quoted ('' for a key '')."""
-    return "(root)" if path is None else f"'{path}'"
 
 
 __all__ = ["ClassDecl", "parse_declarations", "read_torchscript"]
