@@ -58,6 +58,8 @@ def snapshot(root: Path) -> dict[str, Any]:
                 out[rel] = ("link", os.readlink(p))
             elif p.is_dir():
                 out[rel] = "dir"
+            elif not p.is_file():  # a FIFO: reading it would wait for a writer
+                out[rel] = ("special", p.stat().st_mode)
             else:
                 st = p.stat()
                 digest = hashlib.sha256(p.read_bytes()).hexdigest() if st.st_size < 16 << 20 else None

@@ -240,3 +240,106 @@ def test_a_flood_of_findings_is_a_hundred_and_a_count(tmp_path: Path, case: str,
     of_code = [f for f in report.findings if f.code == code]
     assert len(of_code) == MAX_FINDINGS_PER_CODE + 1
     assert is_summary(of_code[-1])
+
+
+def test_dcp_chunk_whose_storage_location_is_a_dag_is_refused_when_values_are_read(tmp_path: Path) -> None:
+    import io
+
+    from make_hostile import torch_zip
+
+    from statecli import open_checkpoint
+    from statecli.stats import compute
+
+    a = Asm().global_("torch._utils", "_rebuild_tensor_v2").op("MARK")
+    a.op("MARK").str_("storage").global_("torch", "FloatStorage").str_("0")
+    dag(a).int_(4).op("TUPLE").op("BINPERSID")  # the storage's location: a 2 ** 64-leaf DAG
+    a.int_(0).ints((4,)).ints((1,)).op("NEWFALSE").op("EMPTY_DICT").op("TUPLE").op("REDUCE").op("STOP")
+    chunk = torch_zip(io.BytesIO(), a.getvalue()).getvalue()  # type: ignore[arg-type]
+    folder = dcp_folder(
+        tmp_path,
+        [("w", tensor_md())],
+        [storage("w", size(0), "__0_0.distcp", lambda a: a.int_(0), lambda a: a.int_(len(chunk)))],
+        chunk,
+    )
+    with pytest.raises(StatecliError, match="malformed storage record"):
+        compute(open_checkpoint(folder))
+
+
+# ------------------------------------------------------------------------------------ regular files only
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+
+from subproc import checkout_env  # noqa: E402
+
+from statecli.errors import InputError  # noqa: E402
+from statecli.files import open_regular  # noqa: E402
+
+fifo_only = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+SAMPLE = Path(__file__).resolve().parent.parent / "sample_models" / "tied_lm.pt"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """A real process, with a timeout: a file statecli waits on must fail the test, not hang the suite."""
+    cmd = [sys.executable, "-m", "statecli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=checkout_env(NO_COLOR="1"), timeout=30)
+
+
+@fifo_only
+def test_open_regular_refuses_a_fifo_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "f")
+    with pytest.raises(InputError, match=r"is a FIFO, not a regular file"):
+        open_regular(str(tmp_path / "f"))
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="no /dev/zero")
+def test_open_regular_refuses_a_device_and_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"is a character device, not a regular file"):
+        open_regular("/dev/zero")
+    with pytest.raises(InputError, match=r"is a directory, not a regular file"):
+        open_regular(str(tmp_path))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo") or sys.platform == "win32", reason="no UNIX sockets here")
+def test_open_regular_names_a_socket(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(tmp_path / "s"))
+        with pytest.raises(InputError, match=r"is a socket, not a regular file"):
+            open_regular(str(tmp_path / "s"))
+
+
+def test_open_regular_reads_a_regular_file_in_blocking_mode(tmp_path: Path) -> None:
+    (tmp_path / "r").write_bytes(b"abc")
+    with open_regular(str(tmp_path / "r")) as f:
+        assert f.read() == b"abc"
+        if hasattr(os, "get_blocking"):
+            assert os.get_blocking(f.fileno())
+
+
+@fifo_only
+@pytest.mark.parametrize(
+    ("option", "name"), [("--policy", "statecli.toml"), ("--schema", "model.schema.json"), ("--reference", "ref.pt")]
+)
+def test_check_refuses_a_fifo_given_as_a_file_option(tmp_path: Path, option: str, name: str) -> None:
+    os.mkfifo(tmp_path / name)
+    r = _cli("check", str(SAMPLE), option, str(tmp_path / name))
+    assert r.returncode == 3, r.stderr
+    assert r.stderr == f"statecli: error: {tmp_path / name}: is a FIFO, not a regular file\n"
+
+
+@fifo_only
+@pytest.mark.parametrize("case", ["dcp_metadata_fifo", "index_shard_fifo"])
+@pytest.mark.parametrize("command", ["stats", "diff", "convert"])  # inspect and check: tests/test_hostile.py
+def test_every_command_refuses_a_fifo_in_a_checkpoint(tmp_path: Path, case: str, command: str) -> None:
+    from make_hostile import build
+
+    path = str(build(case, tmp_path).path)
+    args = {"diff": [path, str(SAMPLE)], "convert": [path, "-o", str(tmp_path / "out.safetensors")]}.get(
+        command, [path]
+    )
+    r = _cli(command, *args)
+    assert r.returncode == 3, r.stderr
+    assert "is a FIFO, not a regular file" in r.stderr and r.stderr.count("\n") == 1
+    assert not (tmp_path / "out.safetensors").exists()

@@ -39,6 +39,7 @@ from typing import Any, NamedTuple
 from statecli.clip import describe, describe_name, quote
 from statecli.dtypes import DTYPES, STORAGE_TYPES, nbytes
 from statecli.errors import InputError, LimitExceededError, StatecliError, UnsafeError, UnsupportedFormatError
+from statecli.files import open_regular, regular_size
 from statecli.formats.base import RawCheckpoint, contiguous_strides
 from statecli.formats.torchzip import MODEL_KEYS, OPTIMIZER_KEYS
 from statecli.records import MAX_FINDINGS_PER_CODE, Container, Finding, FindingCap, RawTensor
@@ -339,12 +340,12 @@ def _parse(folder: str, limits: Limits | None) -> _Parsed:
 
 def _read_metadata(meta_path: str) -> bytes:
     try:
-        size = os.path.getsize(meta_path)
-        if size > MAX_METADATA_BYTES:
-            raise LimitExceededError(
-                f".metadata is {size} bytes, more than the {MAX_METADATA_BYTES}-byte limit", path=meta_path
-            )
-        with open(meta_path, "rb") as f:
+        with open_regular(meta_path) as f:  # a FIFO .metadata would block every command
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_METADATA_BYTES:
+                raise LimitExceededError(
+                    f".metadata is {size} bytes, more than the {MAX_METADATA_BYTES}-byte limit", path=meta_path
+                )
             data = f.read(size + 1)  # what is there (+1 to see growth), not the limit: read() allocates it up front
     except FileNotFoundError:
         raise InputError(
@@ -536,14 +537,13 @@ def _inside(folder_real: str, full: str, name: str, meta_path: str) -> str:
 
 def _file_size(full: str, rel: str, meta_path: str) -> int:
     try:
-        st = os.stat(full)
+        return regular_size(full, f"data file {quote(rel)} named in .metadata")
     except FileNotFoundError:
         raise InputError(f"data file {quote(rel)} named in .metadata does not exist", path=meta_path) from None
     except OSError as e:
         raise InputError(f"cannot access data file {quote(rel)} ({e.strerror or e})", path=meta_path) from None
-    if not os.path.isfile(full):
-        raise InputError(f"data file {quote(rel)} named in .metadata is not a regular file", path=meta_path)
-    return st.st_size
+    except InputError as e:  # not a regular file: named in the error about the .metadata that names it
+        raise InputError(e.message, path=meta_path) from None
 
 
 def _span_of(p: _Parsed, fqn: str, offsets: tuple[int, ...] | None) -> _Span | None:
@@ -802,7 +802,7 @@ def _scan_byte_entries(p: _Parsed) -> list[Finding]:
             try:
                 f = handles.get(s.path)
                 if f is None:
-                    f = handles[s.path] = open(s.path, "rb")  # noqa: SIM115 - closed below
+                    f = handles[s.path] = open_regular(s.path)  # closed below
                 f.seek(s.offset)
                 blob = f.read(s.length)
                 seen, calls = _scan_blob(blob)

@@ -24,6 +24,7 @@ from typing import Any
 from statecli.clip import describe, quote
 from statecli.dtypes import DTYPES
 from statecli.errors import InputError, LimitExceededError, StatecliError, UnsupportedFormatError
+from statecli.files import open_regular
 from statecli.formats.base import RawCheckpoint
 from statecli.formats.torchzip import MAX_PICKLE_BYTES, _Walker, storage_dtype
 from statecli.records import Finding
@@ -82,7 +83,7 @@ def storage_spans(path: str) -> tuple[dict[str, tuple[int, int]], int]:
 
 def _read_pickles(path: str) -> tuple[list[Any], int]:
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
             data = f.read(min(size, MAX_PICKLE_BYTES))
     except OSError as e:
@@ -113,7 +114,7 @@ def _walk_data(
     spans: dict[str, tuple[int, int]] = {}
     pos = start
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
             for key in keys:
                 ref = storages.refs.get(key)

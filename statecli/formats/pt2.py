@@ -34,6 +34,7 @@ from typing import Any
 from statecli.clip import describe, quote
 from statecli.dtypes import DTYPES
 from statecli.errors import InputError, LimitExceededError, StatecliError, UnsupportedFormatError
+from statecli.files import open_regular
 from statecli.formats._json import load_object
 from statecli.formats.base import RawCheckpoint
 from statecli.formats.torchzip import MAX_PICKLE_BYTES, _Storages, archive_root, raw_tensor
@@ -380,7 +381,7 @@ class _Reader:
         Its findings join the report's, each prefixed with ``rel``; the parsed object is returned."""
         m = self.members[member_name]
         try:
-            with open(self.path, "rb") as f:
+            with open_regular(self.path) as f:
                 if m.method == 0:
                     start = data_offset(f, m, self.path)
                     if start + m.size > os.fstat(f.fileno()).st_size:

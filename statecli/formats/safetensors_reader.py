@@ -54,6 +54,7 @@ from typing import Any
 from statecli.clip import describe, quote
 from statecli.dtypes import DTYPES, SAFETENSORS_DTYPES
 from statecli.errors import InputError, LimitExceededError, UnsupportedFormatError
+from statecli.files import open_regular
 from statecli.formats._json import load_object
 from statecli.formats.base import RawCheckpoint, contiguous_strides
 from statecli.records import ROLES, Container, Finding, RawTensor
@@ -86,7 +87,7 @@ def _is_int(x: Any) -> bool:
 def _read_header(path: str) -> tuple[bytes, int, int]:
     """The raw header bytes, its length N, and the file size."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             file_size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
             if len(prefix) < 8:

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from statecli.clip import describe, quote
 from statecli.errors import InputError, LimitExceededError, UnsafeError
+from statecli.files import kind_of, open_regular
 from statecli.formats._json import load_object
 from statecli.formats.base import RawCheckpoint
 from statecli.records import Container, Finding, FindingCap, RawTensor, cap_findings, is_summary
@@ -34,10 +36,12 @@ _reading = threading.local()
 
 def _load_index(path: str) -> dict[str, Any]:
     try:
-        size = os.path.getsize(path)
-        if size > MAX_INDEX_BYTES:
-            raise LimitExceededError(f"index is {size} bytes, more than the {MAX_INDEX_BYTES}-byte limit", path=path)
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_INDEX_BYTES:
+                raise LimitExceededError(
+                    f"index is {size} bytes, more than the {MAX_INDEX_BYTES}-byte limit", path=path
+                )
             raw = f.read(size + 1)  # not MAX_INDEX_BYTES + 1: read(n) allocates n bytes up front
     except OSError as e:
         raise InputError(f"cannot read index: {e.strerror or e}", path=path) from e
@@ -113,10 +117,16 @@ def _read_index(path: str, read_shard: Callable[[str], RawCheckpoint]) -> RawChe
     # Every name is checked before any shard is opened, so a hostile index cannot make us read anything.
     paths = {shard: _shard_path(path, folder_real, shard) for shard in wanted}
     for shard, full in paths.items():
-        if not os.path.exists(full):
-            raise InputError(f"shard {quote(shard)} named in the index does not exist", path=path)
-        if not os.path.isfile(full):
-            raise InputError(f"shard {quote(shard)} named in the index is not a file", path=path)
+        try:
+            mode = os.stat(full).st_mode
+        except FileNotFoundError:
+            raise InputError(f"shard {quote(shard)} named in the index does not exist", path=path) from None
+        except OSError as e:
+            raise InputError(f"cannot access shard {quote(shard)} ({e.strerror or e})", path=path) from None
+        if not stat.S_ISREG(mode):
+            # A FIFO would block the read, a device never end: refused before any shard is opened.
+            what = kind_of(mode)
+            raise InputError(f"shard {quote(shard)} named in the index is {what}, not a regular file", path=path)
 
     try:
         file_size = os.path.getsize(path)

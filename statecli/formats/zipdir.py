@@ -15,6 +15,7 @@ import zlib
 from dataclasses import dataclass
 
 from statecli.errors import InputError, LimitExceededError
+from statecli.files import open_regular
 from statecli.safepickle import printable
 
 _EOCD = struct.Struct("<4s4H2LH")
@@ -42,7 +43,7 @@ class Member:
 def read_central_directory(path: str) -> dict[str, Member]:
     """Every member of the zip at ``path`` by name. Raises InputError on anything malformed."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             return _read(f, os.fstat(f.fileno()).st_size, path)
     except OSError as e:
         raise InputError(f"cannot read file ({e.strerror or e})", path=path) from e
@@ -177,7 +178,7 @@ def read_member(path: str, m: Member, cap: int) -> bytes:
             path=path,
         )
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             f.seek(data_offset(f, m, path))
             if m.method == 0:
                 data = f.read(m.compressed_size)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -356,6 +357,71 @@ def _(d: Path) -> Path:
         a.str_(f"k{i}").op("NONE")
     a.op("SETITEMS").op("STOP")
     return torch_zip(d / "model.pt", a.getvalue())
+
+
+# ---------------------------------------------------------------------------------- not regular files
+#
+# open() of a FIFO waits for a writer that never comes; /dev/zero never ends and says its size is 0.
+# Every path statecli opens must be refused unless it is a regular file.
+
+if hasattr(os, "mkfifo"):
+
+    @case("fifo_passed_directly", "bounded", error(3, "is a FIFO, not a regular file"))
+    def _(d: Path) -> Path:
+        os.mkfifo(d / "model.pt")
+        return d / "model.pt"
+
+    @case("dcp_metadata_fifo", "bounded", error(3, "is a FIFO, not a regular file"))
+    def _(d: Path) -> Path:
+        folder = _one_tensor(d)
+        (folder / ".metadata").unlink()
+        os.mkfifo(folder / ".metadata")
+        return folder
+
+    @case("dcp_metadata_fifo_passed_directly", "bounded", error(3, "is a FIFO, not a regular file"))
+    def _(d: Path) -> Path:
+        folder = _one_tensor(d)
+        (folder / ".metadata").unlink()
+        os.mkfifo(folder / ".metadata")
+        return folder / ".metadata"
+
+    @case("dcp_data_file_fifo", "bounded", error(3, "'__0_0.distcp' named in .metadata is a FIFO"))
+    def _(d: Path) -> Path:
+        folder = _one_tensor(d)
+        (folder / "__0_0.distcp").unlink()
+        os.mkfifo(folder / "__0_0.distcp")
+        return folder
+
+    @case("index_shard_fifo", "bounded", error(3, "is a FIFO, not a regular file"))
+    def _(d: Path) -> Path:
+        folder = d / "ckpt"
+        folder.mkdir()
+        os.mkfifo(folder / "shard.safetensors")
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "shard.safetensors"}}))
+        return folder / "model.safetensors.index.json"
+
+    @case("index_fifo_in_folder", "bounded", error(3, "is a FIFO, not a regular file"))
+    def _(d: Path) -> Path:
+        folder = d / "ckpt"
+        folder.mkdir()
+        os.mkfifo(folder / "model.safetensors.index.json")
+        return folder
+
+
+if os.path.exists("/dev/zero"):
+
+    @case("symlink_to_dev_zero", "bounded", error(3, "is a character device, not a regular file"))
+    def _(d: Path) -> Path:
+        os.symlink("/dev/zero", d / "model.safetensors")
+        return d / "model.safetensors"
+
+    @case("index_shard_symlink_to_dev_zero", "bounded", error(5, "leaves the checkpoint folder"))
+    def _(d: Path) -> Path:
+        folder = d / "ckpt"
+        folder.mkdir()
+        os.symlink("/dev/zero", folder / "shard.safetensors")
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "shard.safetensors"}}))
+        return folder / "model.safetensors.index.json"
 
 
 # ---------------------------------------------------------------------------------------------- legacy
