@@ -343,3 +343,74 @@ def test_every_command_refuses_a_fifo_in_a_checkpoint(tmp_path: Path, case: str,
     assert r.returncode == 3, r.stderr
     assert "is a FIFO, not a regular file" in r.stderr and r.stderr.count("\n") == 1
     assert not (tmp_path / "out.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------------- linear text scanning
+
+import time  # noqa: E402
+
+from statecli.formats import pt2 as pt2_reader  # noqa: E402
+from statecli.formats.torchscript import parse_declarations  # noqa: E402
+from statecli.roles import _QUANT_SEGMENT  # noqa: E402
+
+MB = 1 << 20
+BUDGET = 1.0  # seconds for 1 MB; a quadratic scan of 1 MB takes hours
+
+
+def _within_budget(f: Any, *args: Any) -> Any:
+    start = time.perf_counter()
+    try:
+        return f(*args)
+    except ValueError:  # a malformed declaration is refused; only the time matters here
+        return None
+    finally:
+        assert time.perf_counter() - start < BUDGET, f"{f.__name__} took {time.perf_counter() - start:.2f} s"
+
+
+CODE_LINES = {
+    "class_blanks": "class A" + " " * MB + "x",
+    "class_blanks_paren": "class A" + " " * MB + "(" + " " * MB,
+    "class_paren_unclosed": "class A(" + "a" * MB,
+    "class_name": "class " + "a" * MB,
+    "header_blanks": "class A(Module):\n" + " " * MB + "x",
+    "header_tabs_def": "class A(Module):\n" + "\t" * MB + "de",
+    "decl_blanks": "class A(Module):\n  __parameters__" + " " * MB + "x",
+    "decl_blanks_eq": "class A(Module):\n  __parameters__ =" + " " * MB + "x",
+    "decl_partial": "class A(Module):\n" + "  __parameters" * (MB // 14),
+    "decl_strings": 'class A(Module):\n  __parameters__ = ["' + "\\" * MB,
+    "many_lines": "class A(Module):\n" + "  \n" * (MB // 3),
+    "dots": "." * MB,
+}
+
+
+@pytest.mark.parametrize("name", list(CODE_LINES))
+def test_torchscript_declarations_are_read_in_linear_time(name: str) -> None:
+    _within_budget(parse_declarations, CODE_LINES[name], "__torch__")
+
+
+TENSOR_NAMES = {
+    "a": "a" * MB + "observer",
+    "dots": "." * MB + "observer",
+    "dotted_a": "a." * (MB // 2) + "observer",
+    "fake_quant_prefix": "fake_quan" * (MB // 9) + ".observer",
+    "observer_prefix": "observe" * (MB // 7) + "x.fake_quant",
+    "app_prefix": "activation_post_proces" * (MB // 22) + ".observer",
+    "no_end": ("fake_quant" * (MB // 10)) + "\n",
+}
+
+
+@pytest.mark.parametrize("name", list(TENSOR_NAMES))
+def test_role_rule_regex_is_linear_over_tensor_names(name: str) -> None:
+    _within_budget(_QUANT_SEGMENT.search, TENSOR_NAMES[name])
+
+
+@pytest.mark.parametrize("text", ["a" * MB, "." * MB, "a" * MB + "/", "-" * MB])
+def test_pt2_name_regexes_are_linear(text: str) -> None:
+    _within_budget(pt2_reader._PATH_NAME.match, text)
+    _within_budget(pt2_reader._MODEL_NAME.match, text)
+
+
+@pytest.mark.parametrize("data", [b"q\x00h\x00((" + b"h\x01" * (MB // 2), b"((" + b"K\x00" * (MB // 2), b"(" * MB])
+def test_the_tensor_fast_path_regex_is_linear(data: bytes) -> None:
+    _within_budget(safepickle._TENSOR_V2.match, data)
+    _within_budget(safepickle._TENSOR_V2.search, data[: MB // 16])  # match is what runs; search is worse

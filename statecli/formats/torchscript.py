@@ -65,10 +65,11 @@ JIT_PICKLE_TAGS = frozenset(
     }
 )
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-_CLASS = re.compile(r"class ([A-Za-z_][A-Za-z0-9_]*)\s*(?:\(([^)]*)\))?\s*:")
-_DECL = re.compile(r"\s+(__parameters__|__buffers__)\s*=\s*\[")
-_DEF = re.compile(r"\s+(?:@|def\s)")
-_SETSTATE = re.compile(r"  def __setstate__\(")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# The line tests below are string scans, not regexes: a regex such as ``class (\w+)\s*(\(...\))?\s*:``
+# backtracks over every split of a run of blanks between its two ``\s*`` (quadratic: a 20,000-blank line
+# took a second), and the code/ text is the file's.
+_LISTS = ("__parameters__", "__buffers__")
 _ESCAPES = {"n": 10, "t": 9, "r": 13, "a": 7, "b": 8, "f": 12, "v": 11, "\\": 92, '"': 34, "'": 39, "0": 0}
 
 
@@ -170,27 +171,58 @@ def parse_declarations(text: str, module: str) -> dict[str, ClassDecl]:
 
     for line in text.splitlines():
         if not line or line[0] in " \t":
-            if current is not None and _SETSTATE.match(line):
+            if current is not None and line.startswith("  def __setstate__("):
                 setstate = True
-            if header and _DEF.match(line):
+            body = line.lstrip()
+            indented = len(body) < len(line)
+            if header and indented and (body[:1] == "@" or (body[:3] == "def" and body[3:4].isspace())):
                 header = False
-            elif header:
-                m = _DECL.match(line)
-                if m is not None:
-                    if m.group(1) in lists:
-                        raise ValueError(f"class {current} declares {m.group(1)} twice")
-                    lists[m.group(1)] = _string_list(line, m.end(), current)
+            elif header and indented:
+                decl = _declaration(body)
+                if decl is not None:
+                    name, rest = decl
+                    if name in lists:
+                        raise ValueError(f"class {current} declares {name} twice")
+                    lists[name] = _string_list(line, len(line) - len(rest), current)
             continue
         close()
         current = None
         lists = {}
-        m = _CLASS.match(line)
-        if m is not None:
-            current = m.group(1)
+        current = _class_name(line)
+        if current is not None:
             header = True
             setstate = False
     close()
     return out
+
+
+def _class_name(line: str) -> str | None:
+    """``A`` for a header ``class A:`` or ``class A(Base, ...):`` (blanks allowed around the parts)."""
+    if not line.startswith("class "):
+        return None
+    m = _NAME.match(line, 6)
+    if m is None:
+        return None
+    rest = line[m.end() :].lstrip()
+    if rest[:1] == "(":
+        end = rest.find(")")
+        if end < 0:
+            return None
+        rest = rest[end + 1 :].lstrip()
+    return m.group() if rest[:1] == ":" else None
+
+
+def _declaration(body: str) -> tuple[str, str] | None:
+    """(``__parameters__`` or ``__buffers__``, the text after its ``= [``) for a line (blanks stripped
+    from its start) that declares one."""
+    for name in _LISTS:
+        if body.startswith(name):
+            rest = body[len(name) :].lstrip()
+            if rest[:1] == "=":
+                rest = rest[1:].lstrip()
+                if rest[:1] == "[":
+                    return name, rest[1:]
+    return None
 
 
 def _string_list(line: str, pos: int, cls: str) -> list[str]:

@@ -243,6 +243,13 @@ def _(d: Path) -> Path:
     return torchscript(d, module(("d", lambda a: deep(a.op("EMPTY_DICT")).op("NONE").op("SETITEM"))))
 
 
+@case("torchscript_code_blank_run", "bounded", ok("weight"))
+def _(d: Path) -> Path:
+    # code/ holds a class header with a megabyte of blanks after the name: the header regex tried every way
+    # to split them between its two \s* (hours).
+    return torchscript(d, module(), code=_TS_CODE + b"class B" + b" " * (1 << 20) + b"x\n")
+
+
 # ------------------------------------------------------------------------------------------ torch zip
 
 
