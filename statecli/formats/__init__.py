@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from statecli.errors import InputError, UnsupportedFormatError
 from statecli.files import not_regular, open_regular
 from statecli.formats.base import RawCheckpoint
+from statecli.wording import name_list
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pt2")
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -197,7 +198,7 @@ def _pick_in_folder(folder: str) -> str:
             "and a torch.distributed.checkpoint .metadata beside *.distcp files)",
             path=folder,
         )
-    found = ", ".join(indexes + files)
+    found = name_list(indexes + files)  # a folder of a million files: a few names and a count
     raise InputError(f"folder holds several checkpoints ({found}); name one", path=folder)
 
 

@@ -55,7 +55,7 @@ class _LegacyStorages:
         if view is not None:
             raise UnsupportedFormatError("legacy storage views (torch < 0.4) are not read", path=self.path)
         if numel < 0 or numel > 2**62:
-            raise InputError(f"storage {quote(key)} claims {numel} elements", path=self.path)
+            raise InputError(f"storage {quote(key)} claims {describe(numel)} elements", path=self.path)
         ref = self.refs.get(key)
         if ref is None:
             ref = self.refs[key] = StorageRef(key, dtype, location[:64], numel, numel * DTYPES[dtype].itemsize)

@@ -141,7 +141,7 @@ def _parse_entry(path: str, name: str, entry: Any) -> tuple[str, tuple[int, ...]
     numel = 1
     for d in shape:
         if d > _MAX_NUMEL:
-            raise LimitExceededError(f"tensor {quote(name)}: dimension {d} exceeds 2**63-1", path=path)
+            raise LimitExceededError(f"tensor {quote(name)}: dimension {describe(d)} exceeds 2**63-1", path=path)
         numel *= d
     if numel > _MAX_NUMEL:
         raise LimitExceededError(f"tensor {quote(name)}: shape {shape} has more than 2**63-1 elements", path=path)

@@ -123,7 +123,7 @@ class _Storages:
             if type(stype) is Global:
                 self.dtypes[stype] = dtype
         if numel < 0 or numel > 2**62:
-            raise InputError(f"storage {describe(key)} claims {numel} elements", path=self.path)
+            raise InputError(f"storage {describe(key)} claims {describe(numel)} elements", path=self.path)
         nbytes = numel * DTYPES[dtype].itemsize
         info = self.members.get(self.prefix + key)
         if info is None:
