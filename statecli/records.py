@@ -43,42 +43,29 @@ class FindingCap:
         self.seen: dict[str, int] = {}
         self.left: dict[str, list[Any]] = {}  # code -> [count, most severe level]
 
-    def __len__(self) -> int:
-        return len(self.kept) + sum(n for n, _ in self.left.values())
-
     def full(self, code: str) -> bool:
         """Whether a finding of ``code`` would only be counted (so its message need not be built)."""
         return self.seen.get(code, 0) >= self.per_code
 
     def add(self, f: Finding) -> None:
-        m = _SUMMARY.match(f.message) if f.message.endswith(" not listed") else None
-        if m is not None and m.group(2) == f.code:
+        if is_summary(f):
             # A summary from an earlier cap (a shard's, a nested reader's): its count joins this one's.
-            self._count(f.code, f.level, int(m.group(1).replace(",", "")))
+            _merge(self.left, f.code, f.level, int(f.message.split(" ", 1)[0].replace(",", "")))
             return
         n = self.seen.get(f.code, 0)
         self.seen[f.code] = n + 1
         if n < self.per_code:
             self.kept.append(f)
         else:
-            self._count(f.code, f.level)
+            _merge(self.left, f.code, f.level, 1)
 
     def count(self, code: str, level: str) -> None:
         """One more finding of ``code`` at ``level``, counted without its message (see :meth:`full`)."""
-        self._count(code, level)
+        _merge(self.left, code, level, 1)
 
     def extend(self, findings: Iterable[Finding]) -> None:
         for f in findings:
             self.add(f)
-
-    def _count(self, code: str, level: str, n: int = 1) -> None:
-        entry = self.left.get(code)
-        if entry is None:
-            self.left[code] = [n, level]
-            return
-        entry[0] += n
-        if _LEVEL_ORDER.get(level, 3) < _LEVEL_ORDER.get(entry[1], 3):
-            entry[1] = level
 
     def findings(self, total: int = MAX_FINDINGS) -> list[Finding]:
         """The findings kept, at most ``total`` (the most severe kept first), then one ``N more <code>
@@ -90,12 +77,20 @@ class FindingCap:
             ranked = sorted(kept, key=lambda f: _LEVEL_ORDER.get(f.level, 3))  # stable
             dropped = {id(f) for f in ranked[total:]}
             for f in ranked[total:]:
-                entry = left.setdefault(f.code, [0, f.level])
-                entry[0] += 1
-                if _LEVEL_ORDER.get(f.level, 3) < _LEVEL_ORDER.get(entry[1], 3):
-                    entry[1] = f.level
+                _merge(left, f.code, f.level, 1)
             kept = [f for f in kept if id(f) not in dropped]
         return kept + [more_findings(code, level, n) for code, (n, level) in left.items()]
+
+
+def _merge(left: dict[str, list[Any]], code: str, level: str, n: int) -> None:
+    """Count ``n`` findings of ``code`` left out; the count keeps the most severe level among them."""
+    entry = left.get(code)
+    if entry is None:
+        left[code] = [n, level]
+        return
+    entry[0] += n
+    if _LEVEL_ORDER.get(level, 3) < _LEVEL_ORDER.get(entry[1], 3):
+        entry[1] = level
 
 
 def more_findings(code: str, level: str, n: int) -> Finding:

@@ -186,7 +186,6 @@ def parse_declarations(text: str, module: str) -> dict[str, ClassDecl]:
                     lists[name] = _string_list(line, len(line) - len(rest), current)
             continue
         close()
-        current = None
         lists = {}
         current = _class_name(line)
         if current is not None:
