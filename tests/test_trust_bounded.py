@@ -414,3 +414,8 @@ def test_pt2_name_regexes_are_linear(text: str) -> None:
 def test_the_tensor_fast_path_regex_is_linear(data: bytes) -> None:
     _within_budget(safepickle._TENSOR_V2.match, data)
     _within_budget(safepickle._TENSOR_V2.search, data[: MB // 16])  # match is what runs; search is worse
+
+
+def test_a_million_deep_nest_in_a_reader_message_is_clipped(tmp_path: Path) -> None:
+    deep_million = lambda a: a.op("MARK").op("EMPTY_TUPLE").raw(b"\x85" * 10**6).op("LIST")  # noqa: E731
+    _refused(_one_tensor(tmp_path, dims=deep_million), "size [((((…),),),)] has an impossible value")
