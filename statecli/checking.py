@@ -38,7 +38,9 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from statecli import dtypes
+from statecli.clip import describe
 from statecli.errors import UsageError
+from statecli.files import open_regular
 from statecli.records import ROLES, Report, TensorInfo
 
 SCHEMA = "statecli.check/1"
@@ -134,18 +136,18 @@ def _strings(where: str, key: str, value: Any) -> tuple[str, ...]:
         return (value,)
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return tuple(value)
-    raise _bad(where, f"'{key}' must be a string or a list of strings, got {value!r:.60}")
+    raise _bad(where, f"'{key}' must be a string or a list of strings, got {describe(value, limit=60)}")
 
 
 def _number(where: str, key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:
-        raise _bad(where, f"'{key}' must be a non-negative number, got {value!r:.60}")
+        raise _bad(where, f"'{key}' must be a non-negative number, got {describe(value, limit=60)}")
     return float(value)
 
 
 def _flag(where: str, key: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise _bad(where, f"'{key}' must be true or false, got {value!r:.60}")
+        raise _bad(where, f"'{key}' must be true or false, got {describe(value, limit=60)}")
     return value
 
 
@@ -171,7 +173,7 @@ def parse_size(where: str, value: Any) -> int:
             return parse(value)
         except UsageError as e:
             raise _bad(where, e.message) from None
-    raise _bad(where, f"'max_size' must be a size like \"2GB\" or a number of bytes, got {value!r:.60}")
+    raise _bad(where, f"'max_size' must be a size like \"2GB\" or a number of bytes, got {describe(value, limit=60)}")
 
 
 def _rule_set(where: str, table: dict[str, Any], allow_global: bool) -> tuple[RuleSet, dict[str, Any]]:
@@ -194,7 +196,7 @@ def _rule_set(where: str, table: dict[str, Any], allow_global: bool) -> tuple[Ru
         rs.dtype = canonical_dtypes(where, _strings(where, "dtype", table["dtype"]))
     if "device" in table:
         if not isinstance(table["device"], str):
-            raise _bad(where, f"'device' must be a string, got {table['device']!r:.60}")
+            raise _bad(where, f"'device' must be a string, got {describe(table['device'], limit=60)}")
         rs.device = table["device"]
     for key in ("no_nan", "no_inf", "require_exact_roles"):
         if key in table:
@@ -224,7 +226,7 @@ def policy_from_table(table: dict[str, Any], where: str) -> Policy:
     for key in ("schema", "model", "reference"):
         if key in globals_:
             if not isinstance(globals_[key], str):
-                raise _bad(where, f"'{key}' must be a string, got {globals_[key]!r:.60}")
+                raise _bad(where, f"'{key}' must be a string, got {describe(globals_[key], limit=60)}")
             setattr(policy, key, globals_[key])
     for key in ("atol", "rtol"):
         if key in globals_:
@@ -247,12 +249,14 @@ def _toml(path: str) -> dict[str, Any]:
     else:  # pragma: no cover - exercised on 3.10 only
         import tomli as tomllib
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             return tomllib.load(f)
     except OSError as e:
         raise UsageError(f"{path}: cannot read policy file ({e.strerror or e})") from e
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"{path}: not valid TOML ({e})") from None
+    except RecursionError:
+        raise UsageError(f"{path}: not valid TOML (nested too deeply)") from None
 
 
 def load_policy(path: str) -> Policy:

@@ -25,8 +25,9 @@ from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
 from statecli import dtypes
+from statecli.clip import describe_name, quote
 from statecli.errors import UsageError
-from statecli.records import Finding, Report, TensorInfo
+from statecli.records import Finding, FindingCap, Report, TensorInfo, cap_findings
 from statecli.wording import count, name_list
 
 if TYPE_CHECKING:
@@ -263,7 +264,8 @@ def diff(
     else:
         for side, prefix in (("A", prefix_a), ("B", prefix_b)):
             if prefix:
-                notes.append(Finding("info", "prefix-stripped", f"{side}: {prefix!r} stripped from model tensor names"))
+                stripped = f"{side}: {quote(prefix)} stripped from model tensor names"
+                notes.append(Finding("info", "prefix-stripped", stripped))
     rename_a = _renamer(a.tensors, prefix_a)
     rename_b = _renamer(b.tensors, prefix_b)
     role_set = set(roles) if roles else None
@@ -311,7 +313,7 @@ def diff(
         tensors=tuple(diffs[n] for n in common),
         only_in_a=only_a,
         only_in_b=only_b,
-        notes=tuple(notes),
+        notes=tuple(cap_findings(notes)),
         tensors_a=len(side_a),
         tensors_b=len(side_b),
     )
@@ -335,7 +337,7 @@ def _check_tolerance(atol: float, rtol: float) -> None:
 
 
 def _listing(names: list[str], at_most: int = 3) -> str:
-    shown = ", ".join(names[:at_most])
+    shown = ", ".join(describe_name(n) for n in names[:at_most])
     return shown + (f" and {len(names) - at_most:,} more" if len(names) > at_most else "")
 
 
@@ -413,22 +415,24 @@ def _only_in_notes(
     there: str,
 ) -> list[Finding]:
     """Hints for the names on one side only: a tied weight saved once, or state that is not the model's."""
-    notes: list[Finding] = []
+    notes = FindingCap()  # one per tensor: a million tied tensors only on one side would be a million notes
     for t in only:
         tied = [rename.get(s, s) for s in side[t.name].shares_with]
         kept = [s for s in tied if s in other]
-        if kept:
-            notes.append(
+        if kept and notes.full("tied-only-in"):
+            notes.count("tied-only-in", "info")
+        elif kept:
+            notes.add(
                 Finding(
                     "info",
                     "tied-only-in",
-                    f"{t.name} is only in {here}, where it shares memory with {', '.join(kept)}: "
+                    f"{describe_name(t.name)} is only in {here}, where it shares memory with {name_list(kept)}: "
                     f"a tied weight that {there} stores once?",
                 )
             )
     transient = [t.name for t in only if t.persistent is False]
     if transient:
-        notes.append(
+        notes.add(
             Finding(
                 "info",
                 "non-persistent-only-in",
@@ -439,15 +443,15 @@ def _only_in_notes(
     other_state = [t for t in only if t.role == "other"]
     if other_state and len(other_state) == len(only):
         groups = sorted({t.group for t in other_state})
-        notes.append(
+        notes.add(
             Finding(
                 "info",
                 "not-model-state",
-                f"the {count(len(only), 'tensor')} only in {here} are not model state ({', '.join(groups)}); "
+                f"the {count(len(only), 'tensor')} only in {here} are not model state ({name_list(groups)}); "
                 "compare the model alone with --role parameter --role buffer",
             )
         )
-    return notes
+    return notes.findings()
 
 
 # -------------------------------------------------------------------------------- metadata
@@ -476,9 +480,9 @@ def _metadata_diff(
         only_a = [s for s in shares_a if s not in shares_b]
         only_b = [s for s in shares_b if s not in shares_a]
         if only_a:
-            notes.append(f"shares memory with {', '.join(only_a)} in A only")
+            notes.append(f"shares memory with {name_list(only_a)} in A only")
         if only_b:
-            notes.append(f"shares memory with {', '.join(only_b)} in B only")
+            notes.append(f"shares memory with {name_list(only_b)} in B only")
     return TensorDiff(
         name=name,
         name_a=ta.name,

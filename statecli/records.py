@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring_ascii
@@ -22,6 +23,96 @@ class Finding:
 
     def to_dict(self) -> dict[str, Any]:
         return {"level": self.level, "code": self.code, "message": self.message}
+
+
+MAX_FINDINGS_PER_CODE = 100  # findings of one code listed one by one; the rest are counted in one more
+MAX_FINDINGS = 1_000  # findings of one report in all
+_LEVEL_ORDER = {"dangerous": 0, "warning": 1, "info": 2}
+_SUMMARY = re.compile(r"([0-9,]+) more (\S+) findings? not listed\Z")  # what FindingCap.findings writes
+
+
+class FindingCap:
+    """Findings as they come, keeping at most ``per_code`` of each code and counting the rest: a reader
+    that finds the same thing about a million entries holds a hundred findings, not a million."""
+
+    __slots__ = ("kept", "left", "per_code", "seen")
+
+    def __init__(self, per_code: int = MAX_FINDINGS_PER_CODE) -> None:
+        self.per_code = per_code
+        self.kept: list[Finding] = []
+        self.seen: dict[str, int] = {}
+        self.left: dict[str, list[Any]] = {}  # code -> [count, most severe level]
+
+    def full(self, code: str) -> bool:
+        """Whether a finding of ``code`` would only be counted (so its message need not be built)."""
+        return self.seen.get(code, 0) >= self.per_code
+
+    def add(self, f: Finding) -> None:
+        if is_summary(f):
+            # A summary from an earlier cap (a shard's, a nested reader's): its count joins this one's.
+            _merge(self.left, f.code, f.level, int(f.message.split(" ", 1)[0].replace(",", "")))
+            return
+        n = self.seen.get(f.code, 0)
+        self.seen[f.code] = n + 1
+        if n < self.per_code:
+            self.kept.append(f)
+        else:
+            _merge(self.left, f.code, f.level, 1)
+
+    def count(self, code: str, level: str) -> None:
+        """One more finding of ``code`` at ``level``, counted without its message (see :meth:`full`)."""
+        _merge(self.left, code, level, 1)
+
+    def extend(self, findings: Iterable[Finding]) -> None:
+        for f in findings:
+            self.add(f)
+
+    def findings(self, total: int = MAX_FINDINGS) -> list[Finding]:
+        """The findings kept, at most ``total`` (the most severe kept first), then one ``N more <code>
+        findings`` per code for what was left out, at the level of the most severe one it stands for (a
+        dangerous finding left out still fails ``check``)."""
+        kept = self.kept
+        left = {code: list(entry) for code, entry in self.left.items()}
+        if len(kept) > total:
+            ranked = sorted(kept, key=lambda f: _LEVEL_ORDER.get(f.level, 3))  # stable
+            dropped = {id(f) for f in ranked[total:]}
+            for f in ranked[total:]:
+                _merge(left, f.code, f.level, 1)
+            kept = [f for f in kept if id(f) not in dropped]
+        return kept + [more_findings(code, level, n) for code, (n, level) in left.items()]
+
+
+def _merge(left: dict[str, list[Any]], code: str, level: str, n: int) -> None:
+    """Count ``n`` findings of ``code`` left out; the count keeps the most severe level among them."""
+    entry = left.get(code)
+    if entry is None:
+        left[code] = [n, level]
+        return
+    entry[0] += n
+    if _LEVEL_ORDER.get(level, 3) < _LEVEL_ORDER.get(entry[1], 3):
+        entry[1] = level
+
+
+def more_findings(code: str, level: str, n: int) -> Finding:
+    """The one finding that stands for ``n`` findings of ``code`` left out of a report."""
+    return Finding(level, code, f"{n:,} more {code} finding{'s' if n != 1 else ''} not listed")
+
+
+def is_summary(f: Finding) -> bool:
+    """Whether ``f`` is a ``N more <code> findings`` count written by :class:`FindingCap`."""
+    m = _SUMMARY.match(f.message) if f.message.endswith(" not listed") else None
+    return m is not None and m.group(2) == f.code
+
+
+def cap_findings(
+    findings: Iterable[Finding], per_code: int = MAX_FINDINGS_PER_CODE, total: int = MAX_FINDINGS
+) -> list[Finding]:
+    """``findings`` with at most ``per_code`` of each code and ``total`` in all, in their order; what is left
+    out is counted (see :class:`FindingCap`). A file with a million odd tensors gives a report of a few
+    hundred lines, not a million."""
+    cap = FindingCap(per_code)
+    cap.extend(findings)
+    return cap.findings(total)
 
 
 @dataclass(slots=True)

@@ -7,6 +7,7 @@ Strings that come from a checkpoint (tensor names, paths, keys, metadata, findin
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -25,10 +26,10 @@ if TYPE_CHECKING:
     from statecli.conversion.plan import Plan, PlanItem
     from statecli.stats import StatsReport, TensorStats
 
+from statecli.clip import describe, describe_name, printable
 from statecli.records import Report, TensorInfo, Totals
-from statecli.safepickle import printable
 from statecli.tree import TreeNode
-from statecli.wording import count
+from statecli.wording import count, name_list
 
 EXACT_MARK = "●"
 NON_PERSISTENT = "np"
@@ -151,7 +152,8 @@ class TensorGrid:
                 t.trainable,
             ]
             if shares:
-                row.append(", ".join(t.shares_with))
+                # At most a few names a row: 100,000 tensors on one storage list 64 sharers each (JSON has them).
+                row.append(name_list(t.shares_with, MAX_SHARERS_SHOWN))
             self.rows.append(row)
         self.widths, self.narrow = measure_columns(self.headers, self.rows)
 
@@ -471,7 +473,7 @@ def _container_text(report: Report) -> Text:
         text.append(clean(c.state_dict_at) or "(root)")
     if c.other_keys:
         text.append(" · other keys: ")
-        text.append(clean(", ".join(k or "''" for k in c.other_keys)))  # a key may be the empty string
+        text.append(name_list([k or "''" for k in c.other_keys], MAX_KEYS_SHOWN))  # a key may be the empty string
     if c.module_class:
         text.append(" · module class ")
         text.append(clean(c.module_class))
@@ -480,18 +482,25 @@ def _container_text(report: Report) -> Text:
     return text
 
 
+MAX_SHARERS_SHOWN = 3  # names in a row's Shares cell
 MAX_METADATA_VALUE = 60  # longer values (statecli's own role table, a JSON config) are sized, not shown
+MAX_KEYS_SHOWN = 20  # metadata entries and other keys in the summary; --format json has them all
 
 
 def _metadata_text(metadata: dict[str, str]) -> Text:
     """``format: pt · statecli: (2,345 characters)``: short values as they are, long ones by their length
-    (``--format json`` has them whole)."""
+    (``--format json`` has them whole); the first :data:`MAX_KEYS_SHOWN` entries, then how many more."""
     parts = []
-    for k, v in metadata.items():
-        v = str(v)
-        shown = v if len(v) <= MAX_METADATA_VALUE else f"({len(v):,} characters)"
-        parts.append(f"{k}: {shown}")
-    return Text(clean(" · ".join(parts)))
+    for k, v in itertools.islice(metadata.items(), MAX_KEYS_SHOWN):
+        shown = describe_name(v) if type(v) is str and len(v) <= MAX_METADATA_VALUE else _sized(v)
+        parts.append(f"{describe_name(k, MAX_METADATA_VALUE)}: {shown}")
+    if len(metadata) > MAX_KEYS_SHOWN:
+        parts.append(f"… ({len(metadata) - MAX_KEYS_SHOWN:,} more)")
+    return Text(" · ".join(parts))
+
+
+def _sized(v: object) -> str:
+    return f"({len(v):,} characters)" if type(v) is str else describe(v, limit=MAX_METADATA_VALUE)
 
 
 def findings(report: Report) -> list[Text]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from statecli.dtypes import DTYPES, nbytes
 from statecli.formats.base import RawCheckpoint
-from statecli.records import Finding, RawTensor, Report, Summary, TensorInfo
+from statecli.records import Finding, FindingCap, RawTensor, Report, Summary, TensorInfo
 
 MAX_SHARERS = 64
 
@@ -133,10 +133,11 @@ def resolve(raw: RawCheckpoint) -> Report:
             nbytes(t.dtype, n), t.device, shares, t.group, t.stride, t.storage_offset, storage, t.layout, t.file,
         )  # fmt: skip
         append(info)
-    findings = list(raw.findings)
+    findings = FindingCap()
+    findings.extend(raw.findings)
     for key, names in by_storage.items():
         if len(names) > MAX_SHARERS:
-            findings.append(
+            findings.add(
                 Finding(
                     "warning",
                     "many-sharers",
@@ -149,7 +150,7 @@ def resolve(raw: RawCheckpoint) -> Report:
         container=raw.container,
         tensors=tuple(infos),
         summary=Summary.of(infos, raw.storage_sizes),
-        findings=tuple(findings),
+        findings=tuple(findings.findings()),
         metadata=dict(raw.metadata),
         file_size=raw.file_size,
         storage_sizes=dict(raw.storage_sizes),

@@ -26,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from statecli.clip import describe, describe_name
+from statecli.clip import printable as printable  # re-exported: where the readers have always found it
 from statecli.dtypes import DTYPES, STORAGE_TYPES
 from statecli.errors import InputError, LimitExceededError
 
@@ -196,51 +198,6 @@ class TensorRef:
         for s in self.shape:
             n *= s
         return n
-
-
-def describe(v: Any, depth: int = 0) -> str:
-    """A short text for any value a pickle built, for error messages: bounded whatever ``v`` is.
-
-    ``repr`` is not: a memoized DAG of lists repr()s to ``2**depth`` items, a deep one overflows the stack.
-    """
-    if isinstance(v, str):
-        return repr(v if len(v) <= 60 else v[:57] + "...")
-    if isinstance(v, bool) or v is None or isinstance(v, float):
-        return repr(v)
-    if isinstance(v, int):
-        return repr(v) if v.bit_length() <= 128 else f"<{v.bit_length()}-bit integer>"
-    if isinstance(v, (bytes, bytearray)):
-        return f"<{len(v)} bytes>"
-    if isinstance(v, Global):
-        return describe_name(v.qualname)
-    if isinstance(v, Stub):
-        return f"<result of {describe_name(v.class_name)}>"
-    if isinstance(v, TensorRef):
-        return "<tensor>"
-    if isinstance(v, StorageRef):
-        return f"<storage {describe(v.key)}>"
-    if type(v) is tuple and depth < 2:
-        inner = ", ".join(describe(x, depth + 1) for x in v[:5])
-        return f"({inner}{', ...' if len(v) > 5 else ''}{',' if len(v) == 1 else ''})"
-    if isinstance(v, (tuple, list, dict, set, frozenset)):
-        return f"<{type(v).__name__} of {len(v)}>"
-    return f"<{type(v).__name__}>"
-
-
-def describe_name(name: str) -> str:
-    """``name`` (a global's, a key's) fit for a one-line message: escaped, and clipped to 200 characters."""
-    return printable(name if len(name) <= 200 else name[:197] + "...")
-
-
-def printable(text: str) -> str:
-    """``text`` with every character that is not printable escaped (``\\x1b``, ``\\n``, ``\\udcff``).
-
-    Names in a file are the attacker's text: printed raw, an escape sequence in one can move the cursor,
-    erase the warning line above it, or retitle the terminal, and a newline forges a message of its own.
-    """
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def check_key(k: Any, what: str) -> int:

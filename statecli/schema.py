@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from statecli import dtypes
+from statecli.clip import describe, quote
 from statecli.errors import InputError
+from statecli.files import open_regular
 from statecli.records import ROLES, Report
 
 SCHEMA = "statecli.schema/1"
@@ -39,7 +41,7 @@ def load_schema(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and validate a schema file; InputError (exit 3) naming what is wrong."""
     p = os.fspath(path)
     try:
-        with open(p, "rb") as f:
+        with open_regular(p) as f:
             raw = f.read(64 << 20)
     except OSError as e:
         raise InputError(f"cannot read schema file ({e.strerror or e})", path=p) from e
@@ -47,9 +49,11 @@ def load_schema(path: str | os.PathLike[str]) -> dict[str, Any]:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise InputError(f"not a statecli schema: not JSON ({e})", path=p) from None
+    except RecursionError:
+        raise InputError("not a statecli schema: not JSON (nested too deeply)", path=p) from None
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
         found = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
-        raise InputError(f"not a statecli schema: 'schema' is {found!r}, expected {SCHEMA!r}", path=p)
+        raise InputError(f"not a statecli schema: 'schema' is {describe(found, limit=60)}, expected {SCHEMA!r}", path=p)
     tensors = doc.get("tensors")
     if not isinstance(tensors, dict):
         raise InputError("not a statecli schema: 'tensors' must be an object of name -> entry", path=p)
@@ -63,7 +67,8 @@ def load_schema(path: str | os.PathLike[str]) -> dict[str, Any]:
         )
         if not ok:
             raise InputError(
-                f"schema entry {name!r} must be {{'dtype': <torch dtype>, 'shape': [ints], 'role': <role>}}", path=p
+                f"schema entry {quote(name)} must be {{'dtype': <torch dtype>, 'shape': [ints], 'role': <role>}}",
+                path=p,
             )
     return doc
 

@@ -198,7 +198,7 @@ def test_missing_shard(two_shards: Path) -> None:
 
 def test_shard_is_a_folder(two_shards: Path) -> None:
     (two_shards / "d").mkdir()
-    with pytest.raises(InputError, match="shard 'd' named in the index is not a file"):
+    with pytest.raises(InputError, match="shard 'd' named in the index is a directory, not a regular file"):
         read_index(str(write_index(two_shards, {"w": "d"})), read_safetensors)
 
 

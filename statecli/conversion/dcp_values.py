@@ -93,7 +93,9 @@ class DcpValues:
                 _, stype, key, location, numel = pid
                 name = stype.name if isinstance(stype, Global) else None
                 kind = STORAGE_TYPES.get(name or "")
-                if kind is None or not isinstance(key, str) or type(numel) is not int or numel < 0:
+                if kind is None or type(key) is not str or type(location) is not str or type(numel) is not int:
+                    raise InputError("corrupt chunk: malformed storage record", path=self.folder)
+                if numel < 0:
                     raise InputError("corrupt chunk: malformed storage record", path=self.folder)
                 nbytes = numel * DTYPES[kind].itemsize
                 member = z.getinfo(f"{root}/data/{key}")
@@ -103,7 +105,7 @@ class DcpValues:
                                      path=self.folder)  # fmt: skip
                 if member.file_size < nbytes:
                     raise InputError(f"a chunk of {t.name!r} claims more bytes than it holds", path=self.folder)
-                return StorageRef(key, kind, str(location), numel, nbytes)
+                return StorageRef(key, kind, location[:64], numel, nbytes)
 
             ref, _ = loads(z.read(info), storage, Limits())
             if not isinstance(ref, TensorRef) or ref.storage is None or ref.dtype != t.dtype:

@@ -37,7 +37,7 @@ from statecli.conversion.zipwriter import ZipWriter
 from statecli.errors import CheckFailedError, InputError, OutputError, StatecliError, UsageError
 from statecli.formats.base import contiguous_strides
 from statecli.formats.safetensors_reader import METADATA_KEY, ROLES_SCHEMA
-from statecli.records import Finding, Report
+from statecli.records import Finding, FindingCap, Report
 from statecli.wording import count, name_list
 
 if TYPE_CHECKING:
@@ -703,24 +703,24 @@ def _stale_shards(folder: str, paths: list[str]) -> list[Finding]:
 def range_findings(stats: dict[str, CastStats], target: str | None) -> list[Finding]:
     """Overflow (allowed), underflow, infinities the target has no inf for, and NaN/inf already in the
     input that the output keeps, one finding per tensor and kind."""
-    out = []
+    out = FindingCap()  # a million tensors that all overflow: a hundred findings and a count
     for name, s in stats.items():
         beyond = beyond_range(target) if target and (s.overflow or s.nonfinite) else "±inf"
         if s.overflow:
             msg = f"{name}: {count(s.overflow, 'value')} became {beyond} in {target}"
-            out.append(Finding("warning", "overflow", msg))
+            out.add(Finding("warning", "overflow", msg))
         if s.underflow:
             msg = f"{name}: {s.underflow} non-zero values became zero in {target}"
-            out.append(Finding("warning", "underflow", msg))
+            out.add(Finding("warning", "underflow", msg))
         if s.inf_changed:
             infs = count(s.inf_changed, "±inf value")
             msg = f"{name}: {infs} in the input became {beyond} in {target}, which has no inf"
-            out.append(Finding("warning", "inf-changed", msg))
+            out.add(Finding("warning", "inf-changed", msg))
         kept = s.nonfinite - s.inf_changed
         if kept:
             what = count(kept, "NaN/inf value" if beyond == "±inf" else "NaN value")  # without an inf only NaN is kept
-            out.append(Finding("info", "nonfinite-input", f"{name}: {what} in the input, kept"))
-    return out
+            out.add(Finding("info", "nonfinite-input", f"{name}: {what} in the input, kept"))
+    return out.findings()
 
 
 def _write_safetensors(

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from statecli.errors import InputError
+from statecli.files import open_regular
 from statecli.formats.safetensors_reader import tensor_spans
 from statecli.formats.torchzip import archive_root
 from statecli.formats.zipdir import Member, data_offset, read_central_directory, read_directory_at
@@ -137,7 +138,7 @@ class Source:
         f = self._files.get(path)
         if f is None:
             try:
-                f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed in __exit__
+                f = open_regular(path, buffering=0)  # closed in __exit__
             except OSError as e:
                 raise InputError(f"cannot read file ({e.strerror or e})", path=path) from e
             self._files[path] = f

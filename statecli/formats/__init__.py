@@ -7,7 +7,9 @@ import stat
 from collections.abc import Iterable
 
 from statecli.errors import InputError, UnsupportedFormatError
+from statecli.files import not_regular, open_regular
 from statecli.formats.base import RawCheckpoint, check_names
+from statecli.wording import name_list
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pt2")
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -39,7 +41,7 @@ def _read_raw(path: str) -> RawCheckpoint:
             return read_dcp(path)
         return read_raw(_pick_in_folder(path))
     if not stat.S_ISREG(st.st_mode):
-        raise InputError("not a regular file", path=path)
+        raise not_regular(path, st.st_mode)
     if path.endswith(DCP_DATA_SUFFIX):
         # Its first bytes are often a torch.save zip with more stacked after it: read as one, it is "corrupt".
         raise InputError(
@@ -74,7 +76,7 @@ def _read_file(path: str, st: os.stat_result) -> RawCheckpoint:
     if st.st_size == 0:
         raise InputError("empty file (0 bytes): not a checkpoint", path=path)
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             head = f.read(512)
     except OSError as e:
         raise InputError(f"cannot read file ({e.strerror or e})", path=path) from None
@@ -202,7 +204,7 @@ def _pick_in_folder(folder: str) -> str:
             "and a torch.distributed.checkpoint .metadata beside *.distcp files)",
             path=folder,
         )
-    found = ", ".join(indexes + files)
+    found = name_list(indexes + files)  # a folder of a million files: a few names and a count
     raise InputError(f"folder holds several checkpoints ({found}); name one", path=folder)
 
 

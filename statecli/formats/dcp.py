@@ -38,12 +38,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from statecli.clip import describe, describe_name, quote
 from statecli.dtypes import DTYPES, STORAGE_TYPES, nbytes
 from statecli.errors import InputError, LimitExceededError, StatecliError, UnsafeError, UnsupportedFormatError
+from statecli.files import open_regular, regular_size
 from statecli.formats.base import RawCheckpoint, contiguous_strides
 from statecli.formats.torchzip import MODEL_KEYS, OPTIMIZER_KEYS
 from statecli.formats.zipdir import read_directory_at, read_member_from
-from statecli.records import Container, Finding, RawTensor
+from statecli.records import MAX_FINDINGS_PER_CODE, Container, Finding, FindingCap, RawTensor
 from statecli.safepickle import MAX_INDEX, Action, Global, Limits, StorageRef, Stub, loads
 from statecli.security import findings_for
 from statecli.wording import count, name_list
@@ -220,7 +222,7 @@ def read_dcp(folder: str, limits: Limits | None = None) -> RawCheckpoint:
             )
         )
     if not tensors:
-        keys = ", ".join(other_keys) or "none"
+        keys = name_list(other_keys) or "none"
         findings.append(
             Finding("warning", "no-tensors", f"no tensors found in the checkpoint (top-level keys: {keys})")
         )
@@ -267,7 +269,7 @@ def chunk_map(folder: str, limits: Limits | None = None) -> dict[str, list[Chunk
             if s.transforms or (s.rel, s.offset) in shared:
                 how = f"through stream transforms {'/'.join(s.transforms)}" if s.transforms else "in a shared span"
                 raise UnsupportedFormatError(
-                    f"tensor {e.fqn!r} is stored {how}, not as one torch.save archive per chunk; not read yet",
+                    f"tensor {quote(e.fqn)} is stored {how}, not as one torch.save archive per chunk; not read yet",
                     path=p.meta_path,
                 )
             chunks.append(Chunk(s.path, s.offset, s.length, offsets, sizes))
@@ -345,12 +347,12 @@ def _parse(folder: str, limits: Limits | None) -> _Parsed:
 
 def _read_metadata(meta_path: str) -> bytes:
     try:
-        size = os.path.getsize(meta_path)
-        if size > MAX_METADATA_BYTES:
-            raise LimitExceededError(
-                f".metadata is {size} bytes, more than the {MAX_METADATA_BYTES}-byte limit", path=meta_path
-            )
-        with open(meta_path, "rb") as f:
+        with open_regular(meta_path) as f:  # a FIFO .metadata would block every command
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_METADATA_BYTES:
+                raise LimitExceededError(
+                    f".metadata is {size} bytes, more than the {MAX_METADATA_BYTES}-byte limit", path=meta_path
+                )
             data = f.read(size + 1)  # what is there (+1 to see growth), not the limit: read() allocates it up front
     except FileNotFoundError:
         raise InputError(
@@ -367,12 +369,12 @@ def _read_metadata(meta_path: str) -> bytes:
 
 def _describe(v: Any) -> str:
     if isinstance(v, Stub):
-        return f"a {v.class_name} object"
+        return f"a {describe_name(v.class_name)} object"
     if isinstance(v, Global):
-        return f"the global {v.qualname}"
+        return f"the global {describe_name(v.qualname)}"
     if isinstance(v, str):
-        return repr(v[:60])
-    return f"a {type(v).__name__}"
+        return quote(v, 60)
+    return f"a {describe_name(type(v).__name__)}"
 
 
 def _fields(obj: Any, cls: str, what: str, path: str) -> dict[str, Any]:
@@ -397,14 +399,8 @@ def _dims(v: Any, what: str, path: str) -> tuple[int, ...]:
         raise InputError(f"{what} has {len(v)} dimensions", path=path)
     for x in v:
         if type(x) is not int or x < 0 or x > MAX_INDEX:
-            raise InputError(f"{what} {_short_list(v)} has an impossible value", path=path)
+            raise InputError(f"{what} {describe(v)} has an impossible value", path=path)
     return tuple(v)
-
-
-def _short_list(v: Iterable[Any]) -> str:
-    items = list(v)
-    text = ", ".join(repr(x)[:20] for x in items[:8])
-    return f"[{text}{', …' if len(items) > 8 else ''}]"
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -423,36 +419,36 @@ def _dtype(props: Any, key: str, path: str) -> str:
     elif isinstance(st, dict):
         dt = st.get("dtype")
     else:
-        raise InputError(f"tensor {key!r}: properties are {_describe(props)}, not TensorProperties", path=path)
+        raise InputError(f"tensor {quote(key)}: properties are {_describe(props)}, not TensorProperties", path=path)
     if isinstance(dt, Global) and dt.module == "torch" and dt.name in DTYPES:
         return dt.name
-    raise InputError(f"tensor {key!r}: dtype is {_describe(dt)}, not a torch dtype", path=path)
+    raise InputError(f"tensor {quote(key)}: dtype is {_describe(dt)}, not a torch dtype", path=path)
 
 
 def _tensor_entry(key: str, entry: Stub, path: str) -> _TensorEntry:
-    st = _fields(entry, TENSOR_MD, f"entry {key!r}", path)
+    st = _fields(entry, TENSOR_MD, f"entry {quote(key)}", path)
     dtype = _dtype(st.get("properties"), key, path)
-    shape = _dims(st.get("size"), f"tensor {key!r}: size", path)
+    shape = _dims(st.get("size"), f"tensor {quote(key)}: size", path)
     numel = _numel(shape)
     if numel > MAX_INDEX:
-        raise InputError(f"tensor {key!r}: size {list(shape)} overflows the element count", path=path)
+        raise InputError(f"tensor {quote(key)}: size {list(shape)} overflows the element count", path=path)
     raw_chunks = st.get("chunks")
     if not isinstance(raw_chunks, list):
-        raise InputError(f"tensor {key!r}: chunks are {_describe(raw_chunks)}, not a list", path=path)
+        raise InputError(f"tensor {quote(key)}: chunks are {_describe(raw_chunks)}, not a list", path=path)
     chunks = []
     for i, c in enumerate(raw_chunks):
-        cs = _fields(c, CHUNK_MD, f"tensor {key!r}: chunk {i}", path)
-        offsets = _dims(cs.get("offsets"), f"tensor {key!r}: chunk {i} offsets", path)
-        sizes = _dims(cs.get("sizes"), f"tensor {key!r}: chunk {i} sizes", path)
+        cs = _fields(c, CHUNK_MD, f"tensor {quote(key)}: chunk {i}", path)
+        offsets = _dims(cs.get("offsets"), f"tensor {quote(key)}: chunk {i} offsets", path)
+        sizes = _dims(cs.get("sizes"), f"tensor {quote(key)}: chunk {i} sizes", path)
         if len(offsets) != len(shape) or len(sizes) != len(shape):
             raise InputError(
-                f"tensor {key!r}: chunk {i} (offsets {list(offsets)}, sizes {list(sizes)}) does not match "
+                f"tensor {quote(key)}: chunk {i} (offsets {list(offsets)}, sizes {list(sizes)}) does not match "
                 f"the rank of its size {list(shape)}",
                 path=path,
             )
         if any(o + s > d for o, s, d in zip(offsets, sizes, shape, strict=True)):
             raise InputError(
-                f"tensor {key!r}: chunk {i} (offsets {list(offsets)}, sizes {list(sizes)}) reaches past "
+                f"tensor {quote(key)}: chunk {i} (offsets {list(offsets)}, sizes {list(sizes)}) reaches past "
                 f"its size {list(shape)}",
                 path=path,
             )
@@ -504,17 +500,19 @@ def _storage_spans(p: _Parsed, storage: Any, folder_real: str) -> None:
         if not isinstance(fqn, str):
             raise InputError(f"a storage_data key names {_describe(fqn)}, not a key", path=p.meta_path)
         off = ks.get("offset")
-        offsets = None if off is None else _dims(off, f"storage_data key {fqn!r} offset", p.meta_path)
-        vs = _fields(v, STORAGE_INFO, f"storage_data[{fqn!r}]", p.meta_path)
+        offsets = None if off is None else _dims(off, f"storage_data key {quote(fqn)} offset", p.meta_path)
+        vs = _fields(v, STORAGE_INFO, f"storage_data[{quote(fqn)}]", p.meta_path)
         rel, offset, length = vs.get("relative_path"), vs.get("offset"), vs.get("length")
         if not isinstance(rel, str) or not rel:
-            raise InputError(f"storage_data[{fqn!r}] names {_describe(rel)} as its file", path=p.meta_path)
+            raise InputError(f"storage_data[{quote(fqn)}] names {_describe(rel)} as its file", path=p.meta_path)
         for name, n in (("offset", offset), ("length", length)):
             if type(n) is not int or n < 0 or n > MAX_INDEX:
-                raise InputError(f"storage_data[{fqn!r}] has an impossible {name} {n!r:.40}", path=p.meta_path)
+                raise InputError(
+                    f"storage_data[{quote(fqn)}] has an impossible {name} {describe(n, limit=40)}", path=p.meta_path
+                )
         td = vs.get("transform_descriptors")
         if td is not None and not (isinstance(td, (list, tuple)) and all(isinstance(x, str) for x in td)):
-            raise InputError(f"storage_data[{fqn!r}] has transform descriptors {_describe(td)}", path=p.meta_path)
+            raise InputError(f"storage_data[{quote(fqn)}] has transform descriptors {_describe(td)}", path=p.meta_path)
         full = checked.get(rel)
         if full is None:
             full = checked[rel] = _inside(folder_real, os.path.join(p.folder, rel), rel, p.meta_path)
@@ -522,7 +520,8 @@ def _storage_spans(p: _Parsed, storage: Any, folder_real: str) -> None:
         size = p.file_sizes[rel]
         if offset + length > size:
             raise InputError(
-                f"storage_data[{fqn!r}] spans bytes {offset}..{offset + length} of {rel!r}, which holds {size}",
+                f"storage_data[{quote(fqn)}] spans bytes {offset}..{offset + length} of {quote(rel)}, "
+                f"which holds {size}",
                 path=p.meta_path,
             )
         spans[(fqn, offsets)] = _Span(rel, full, offset, length, tuple(td or ()))
@@ -532,27 +531,26 @@ def _storage_spans(p: _Parsed, storage: Any, folder_real: str) -> None:
 def _inside(folder_real: str, full: str, name: str, meta_path: str) -> str:
     """``full`` when it resolves inside the folder; :class:`UnsafeError` when it could reach outside."""
     if "\0" in name:
-        raise UnsafeError(f"file name {name!r} contains a NUL byte", path=meta_path)
+        raise UnsafeError(f"file name {quote(name)} contains a NUL byte", path=meta_path)
     # A leading "\" or a drive letter is absolute on Windows even where os.path.isabs says no.
     if os.path.isabs(name) or name.startswith(("/", "\\")) or (len(name) > 1 and name[0].isalpha() and name[1] == ":"):
-        raise UnsafeError(f"file {name!r} is an absolute path and leaves the checkpoint folder", path=meta_path)
+        raise UnsafeError(f"file {quote(name)} is an absolute path and leaves the checkpoint folder", path=meta_path)
     real = os.path.realpath(full)
     # realpath resolves both ".." and symlinks, so one comparison covers both escapes.
     if os.path.commonpath([real, folder_real]) != folder_real:
-        raise UnsafeError(f"file {name!r} leaves the checkpoint folder", path=meta_path)
+        raise UnsafeError(f"file {quote(name)} leaves the checkpoint folder", path=meta_path)
     return full
 
 
 def _file_size(full: str, rel: str, meta_path: str) -> int:
     try:
-        st = os.stat(full)
+        return regular_size(full, f"data file {quote(rel)} named in .metadata")
     except FileNotFoundError:
-        raise InputError(f"data file {rel!r} named in .metadata does not exist", path=meta_path) from None
+        raise InputError(f"data file {quote(rel)} named in .metadata does not exist", path=meta_path) from None
     except OSError as e:
-        raise InputError(f"cannot access data file {rel!r} ({e.strerror or e})", path=meta_path) from None
-    if not os.path.isfile(full):
-        raise InputError(f"data file {rel!r} named in .metadata is not a regular file", path=meta_path)
-    return st.st_size
+        raise InputError(f"cannot access data file {quote(rel)} ({e.strerror or e})", path=meta_path) from None
+    except InputError as e:  # not a regular file: named in the error about the .metadata that names it
+        raise InputError(e.message, path=meta_path) from None
 
 
 def _span_of(p: _Parsed, fqn: str, offsets: tuple[int, ...] | None) -> _Span | None:
@@ -587,7 +585,7 @@ def _check_chunks(p: _Parsed) -> None:
             s = p.spans.get((e.fqn, offsets))
             if s is None:
                 raise InputError(
-                    f"tensor {e.fqn!r}: the chunk at offsets {list(offsets)} has no storage_data record",
+                    f"tensor {quote(e.fqn)}: the chunk at offsets {list(offsets)} has no storage_data record",
                     path=p.meta_path,
                 )
             if s.transforms:
@@ -596,8 +594,8 @@ def _check_chunks(p: _Parsed) -> None:
             # A torch.save archive of the chunk holds its bytes, plus a small pickle and a few records.
             if s.length < need:
                 raise InputError(
-                    f"tensor {e.fqn!r}: the chunk at offsets {list(offsets)} (sizes {list(sizes)}, {e.dtype}) "
-                    f"needs {need} bytes but its span in {s.rel!r} holds {s.length}",
+                    f"tensor {quote(e.fqn)}: the chunk at offsets {list(offsets)} (sizes {list(sizes)}, {e.dtype}) "
+                    f"needs {need} bytes but its span in {quote(s.rel)} holds {s.length}",
                     path=p.meta_path,
                 )
             if s.length > need + MAX_CHUNK_FRAMING:
@@ -935,8 +933,10 @@ def _inert_storage(pid: Any) -> StorageRef:
     if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[1], Global):
         dtype = STORAGE_TYPES.get(pid[1].name, "uint8")
         numel = pid[4] if type(pid[4]) is int and 0 <= pid[4] <= MAX_INDEX else 0
-        return StorageRef(str(pid[2])[:64], dtype, str(pid[3])[:64], numel, nbytes(dtype, numel))
-    raise InputError(f"unexpected persistent id {str(pid)[:80]}")
+        key, location = pid[2], pid[3]
+        if type(key) is str and type(location) is str:
+            return StorageRef(key[:64], dtype, location[:64], numel, nbytes(dtype, numel))
+    raise InputError(f"unexpected persistent id {describe(pid)}")
 
 
 def _pickles_of(blob: bytes) -> list[bytes]:
@@ -984,6 +984,8 @@ def _scan_byte_entries(p: _Parsed) -> list[Finding]:
     if p.spans is None or not p.byte_entries:
         return []
     by_message: dict[tuple[str, str, str], list[str]] = {}
+    out = FindingCap()  # a million entries naming a million different globals: a hundred findings
+    per_code: dict[str, int] = {}
     unscanned: list[str] = []
     total = 0
     handles: dict[str, Any] = {}
@@ -997,25 +999,34 @@ def _scan_byte_entries(p: _Parsed) -> list[Finding]:
             try:
                 f = handles.get(s.path)
                 if f is None:
-                    f = handles[s.path] = open(s.path, "rb")  # noqa: SIM115 - closed below
+                    f = handles[s.path] = open_regular(s.path)  # closed below
                 f.seek(s.offset)
                 blob = f.read(s.length)
                 seen, calls = _scan_blob(blob)
             except (StatecliError, zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
-                unscanned.append(f"{key} ({getattr(e, 'message', None) or e})"[:160])
+                unscanned.append(
+                    f"{describe_name(key, 80)} ({describe_name(getattr(e, 'message', None) or str(e), 120)})"
+                )
                 continue
             seen = {k: n for k, n in seen.items() if k not in DCP_NAMES}
             for finding in findings_for(seen, _not_dcp(calls)):
-                by_message.setdefault((finding.level, finding.code, finding.message), []).append(key)
+                k = (finding.level, finding.code, finding.message)
+                keys = by_message.get(k)
+                if keys is not None:
+                    keys.append(key)
+                elif per_code.get(finding.code, 0) >= MAX_FINDINGS_PER_CODE:
+                    out.count(finding.code, finding.level)  # a new message no one would read: counted only
+                else:
+                    by_message[k] = [key]
+                    per_code[finding.code] = per_code.get(finding.code, 0) + 1
     finally:
         for h in handles.values():
             h.close()
-    out = []
     for (level, code, message), keys in by_message.items():
         more = f" (and {count(len(keys) - 1, 'more entry', 'more entries')})" if len(keys) > 1 else ""
-        out.append(Finding(level, code, f"non-tensor entry {keys[0]!r}{more}: {message}"))
+        out.add(Finding(level, code, f"non-tensor entry {quote(keys[0])}{more}: {message}"))
     if unscanned:
-        out.append(
+        out.add(
             Finding(
                 "warning",
                 "unscanned-entry",
@@ -1023,7 +1034,7 @@ def _scan_byte_entries(p: _Parsed) -> list[Finding]:
                 f"torch.load(weights_only=False): {name_list(unscanned)}",
             )
         )
-    return out
+    return out.findings()
 
 
 # ------------------------------------------------------------------------------------- text

@@ -21,13 +21,16 @@ import os
 import struct
 from typing import Any
 
+from statecli.clip import describe, quote
 from statecli.dtypes import DTYPES
 from statecli.errors import InputError, LimitExceededError, StatecliError, UnsupportedFormatError
+from statecli.files import open_regular
 from statecli.formats.base import RawCheckpoint
 from statecli.formats.torchzip import MAX_PICKLE_BYTES, _Walker, storage_dtype
 from statecli.records import Finding
-from statecli.safepickle import Limits, StorageRef, describe, loads
+from statecli.safepickle import Limits, StorageRef, loads
 from statecli.security import findings_for
+from statecli.wording import name_list
 
 MAGIC = 0x1950A86A20F9469CFC6C
 PROTOCOL = 1001
@@ -52,7 +55,7 @@ class _LegacyStorages:
         if view is not None:
             raise UnsupportedFormatError("legacy storage views (torch < 0.4) are not read", path=self.path)
         if numel < 0 or numel > 2**62:
-            raise InputError(f"storage '{key}' claims {numel} elements", path=self.path)
+            raise InputError(f"storage {quote(key)} claims {describe(numel)} elements", path=self.path)
         ref = self.refs.get(key)
         if ref is None:
             ref = self.refs[key] = StorageRef(key, dtype, location[:64], numel, numel * DTYPES[dtype].itemsize)
@@ -80,7 +83,7 @@ def storage_spans(path: str) -> tuple[dict[str, tuple[int, int]], int]:
 
 def _read_pickles(path: str) -> tuple[list[Any], int]:
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
             data = f.read(min(size, MAX_PICKLE_BYTES))
     except OSError as e:
@@ -90,7 +93,9 @@ def _read_pickles(path: str) -> tuple[list[Any], int]:
         raise InputError("not a legacy torch file (wrong magic number)", path=path)
     version, pos, _ = _pickle_at(data, pos, path)
     if version != PROTOCOL:
-        raise UnsupportedFormatError(f"legacy torch protocol {version!r} is not read (only {PROTOCOL})", path=path)
+        raise UnsupportedFormatError(
+            f"legacy torch protocol {describe(version)} is not read (only {PROTOCOL})", path=path
+        )
     sys_info, pos, _ = _pickle_at(data, pos, path)
     if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
         raise UnsupportedFormatError("a big-endian legacy torch file is not read", path=path)
@@ -109,23 +114,23 @@ def _walk_data(
     spans: dict[str, tuple[int, int]] = {}
     pos = start
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
             for key in keys:
                 ref = storages.refs.get(key)
                 if ref is None:
-                    raise InputError(f"storage '{key}' is in the key list but no tensor uses it", path=path)
+                    raise InputError(f"storage {quote(key)} is in the key list but no tensor uses it", path=path)
                 f.seek(pos)
                 head = f.read(8)
                 if len(head) < 8:
-                    raise InputError(f"legacy torch file ends before storage '{key}' (truncated)", path=path)
+                    raise InputError(f"legacy torch file ends before storage {quote(key)} (truncated)", path=path)
                 (count,) = _COUNT.unpack(head)
                 nbytes = count * DTYPES[ref.dtype].itemsize
                 if count < 0 or pos + 8 + nbytes > size:
-                    msg = f"storage '{key}' ({count} elements) runs past the end of the file (truncated)"
+                    msg = f"storage {quote(key)} ({count} elements) runs past the end of the file (truncated)"
                     raise InputError(msg, path=path)
                 if count < ref.numel:
-                    msg = f"storage '{key}' holds {count} elements, its record claims {ref.numel}"
+                    msg = f"storage {quote(key)} holds {count} elements, its record claims {ref.numel}"
                     raise InputError(msg, path=path)
                 spans[key] = (pos + 8, nbytes)
                 pos += 8 + nbytes
@@ -133,7 +138,7 @@ def _walk_data(
         raise InputError(f"cannot read file ({e.strerror or e})", path=path) from e
     missing = sorted(set(storages.refs) - set(keys))
     if missing:
-        raise InputError(f"storage '{missing[0]}' is used by a tensor but has no data", path=path)
+        raise InputError(f"storage {quote(missing[0])} is used by a tensor but has no data", path=path)
     if len(keys) != len(set(keys)):
         raise InputError("corrupt legacy torch file: a storage key is listed twice", path=path)
     if len(keys) > 10_000_000:
@@ -158,12 +163,13 @@ def read_legacy(path: str) -> RawCheckpoint:
         findings.append(Finding("warning", "trailing-data", f"{size - end} bytes after the last storage were ignored"))
     walker = _Walker(path)
     container = walker.analyse(obj)
+    walker.shared_summary()
     findings.extend(walker.findings)
     for t in walker.tensors:
         if t.storage is not None:
             t.storage = "legacy/" + t.storage.removeprefix("data/")
     if not walker.tensors:
-        keys_text = ", ".join(container.other_keys) or "none"
+        keys_text = name_list(container.other_keys) or "none"
         findings.append(Finding("warning", "no-tensors", f"no tensors found (top-level keys: {keys_text})"))
     return RawCheckpoint(
         path=path,

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from statecli.clip import describe, quote
 from statecli.dtypes import DTYPES
 from statecli.records import Finding, RawTensor
 from statecli.roles import infer
 from statecli.safepickle import PickledDict, Stub
+from statecli.wording import name_list
 
 
 def _mapping(obj: Any) -> dict[Any, Any] | None:
@@ -38,10 +40,11 @@ def _optimizers(root: Any) -> list[tuple[str, dict[Any, Any]]]:
     for key, value in top.items():
         if not isinstance(value, (dict, Stub, list, tuple)):
             continue  # a tensor or a number: a state dict's top holds 100,000 of them
+        name = key if type(key) is str else describe(key)  # str() of a pickled key can hang or overflow
         if isinstance(value, (list, tuple)):  # Lightning: optimizer_states = [opt0, opt1, ...]
-            found += [(f"{key}.{i}", m) for i, v in enumerate(value) if (m := _opt(v)) is not None]
+            found += [(f"{name}.{i}", m) for i, v in enumerate(value) if (m := _opt(v)) is not None]
         elif (m := _opt(value)) is not None:
-            found.append((str(key), m))
+            found.append((name, m))
     return found
 
 
@@ -80,7 +83,7 @@ def apply_optimizer_evidence(root: Any, tensors: list[RawTensor]) -> list[Findin
     if not optimizers:
         return []
     if len(optimizers) > 1:
-        where = ", ".join(w for w, _ in optimizers)
+        where = name_list([w for w, _ in optimizers])
         return [Finding("info", "optimizer-evidence", f"{len(optimizers)} optimizers ({where}): not mapped")]
     where, opt = optimizers[0]
     ids = _param_ids(opt)
@@ -92,7 +95,7 @@ def apply_optimizer_evidence(root: Any, tensors: list[RawTensor]) -> list[Findin
             Finding(
                 "info",
                 "optimizer-evidence",
-                f"the optimizer in {where!r} has {len(ids)} parameters, the model {len(candidates)} tensors that "
+                f"the optimizer in {quote(where)} has {len(ids)} parameters, the model {len(candidates)} tensors that "
                 "could be parameters; they do not line up, so no role is taken from it",
             )
         ]
@@ -110,11 +113,11 @@ def apply_optimizer_evidence(root: Any, tensors: list[RawTensor]) -> list[Findin
         Finding(
             "info",
             "optimizer-evidence",
-            f"{len(ids)} parameters matched to the optimizer in {where!r} by order (evidence 'optimizer')",
+            f"{len(ids)} parameters matched to the optimizer in {quote(where)} by order (evidence 'optimizer')",
         )
     ]
     if stateless and len(stateless) < len(ids):
-        names = ", ".join(stateless[:8]) + (" …" if len(stateless) > 8 else "")
+        names = name_list(stateless)
         findings.append(
             Finding(
                 "info",

@@ -30,13 +30,15 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+from statecli.clip import describe, quote
 from statecli.dtypes import DTYPES
 from statecli.errors import InputError, LimitExceededError, StatecliError, UnsupportedFormatError
+from statecli.files import open_regular
 from statecli.formats._json import load_object
 from statecli.formats.base import RawCheckpoint, contiguous_strides
 from statecli.formats.torchzip import MAX_PICKLE_BYTES, _join, _Storages, archive_root, raw_tensor
 from statecli.formats.zipdir import Member, data_offset, read_directory_at, read_member, read_member_from
-from statecli.records import Container, Finding, RawTensor
+from statecli.records import Container, Finding, FindingCap, RawTensor
 from statecli.safepickle import (
     MAX_INDEX,
     Action,
@@ -44,11 +46,11 @@ from statecli.safepickle import (
     RestrictedUnpickler,
     Stub,
     TensorRef,
-    describe,
     describe_name,
     loads,
 )
 from statecli.security import findings_for
+from statecli.wording import name_list
 
 EVIDENCE = "export"
 MAX_JSON_BYTES = 1 << 30  # one program or config JSON
@@ -123,11 +125,13 @@ class _Reader:
         self.members = members
         self.root = root
         self.tensors: list[RawTensor] = []
-        self.findings: list[Finding] = []
-        self.security: list[Finding] = []
+        # One per tensor or payload at most, capped: a program with a million odd weights is not a million lines.
+        self.findings = FindingCap()
+        self.security = FindingCap()
         self.storage_sizes: dict[str, int] = {}
         self.other_keys: list[str] = []
         self.nested_nbytes = 0  # storage bytes inside the last pickled archive read
+        self.walked: set[int] = set()  # ids of the sample-input containers walked (all stay alive)
 
     def read(self) -> RawCheckpoint:
         fmt = self._small("archive_format")
@@ -162,15 +166,15 @@ class _Reader:
         extra = f"{self.root}/extra/"
         self.other_keys.extend(n[len(self.root) + 1 :] for n in self.members if n.startswith(extra))
         if not self.tensors:
-            self.findings.append(Finding("warning", "no-tensors", "the exported program holds no tensors"))
+            self.findings.add(Finding("warning", "no-tensors", "the exported program holds no tensors"))
         order = {"dangerous": 0, "warning": 1, "info": 2}
-        self.security.sort(key=lambda f: order.get(f.level, 3))
+        security = sorted(self.security.findings(), key=lambda f: order.get(f.level, 3))
         return RawCheckpoint(
             path=self.path,
             format="torch-export",
             tensors=self.tensors,
             container=Container("export", "", tuple(self.other_keys)),
-            findings=self.security + self.findings,
+            findings=security + self.findings.findings(),
             file_size=os.path.getsize(self.path),
             storage_sizes=self.storage_sizes,
         )
@@ -203,11 +207,12 @@ class _Reader:
             constants = _config(self._json(constants_rel), model, "constants", self.path)
         both = weights.keys() & constants.keys()
         if both:
-            raise InputError(f"'{min(both)}' is in both the weights and the constants config", path=self.path)
+            raise InputError(f"{quote(min(both))} is in both the weights and the constants config", path=self.path)
         for fqn, (kind, _) in roles.items():
             if fqn not in weights and fqn not in constants:
                 raise InputError(
-                    f"{program} lists {kind} '{fqn}' but neither weights nor constants config holds it", path=self.path
+                    f"{program} lists {kind} {quote(fqn)} but neither weights nor constants config holds it",
+                    path=self.path,
                 )
         unlisted: list[str] = []
         for folder, config in ((WEIGHTS_DIR, weights), (CONSTANTS_DIR, constants)):
@@ -217,8 +222,8 @@ class _Reader:
                     unlisted.append(fqn)
                 self._entry(prefix + fqn, fqn, meta, folder, spec)
         if unlisted:
-            shown = ", ".join(unlisted[:5]) + (", …" if len(unlisted) > 5 else "")
-            self.findings.append(
+            shown = name_list(unlisted, 5)
+            self.findings.add(
                 Finding(
                     "warning",
                     "export-unlisted",
@@ -234,12 +239,12 @@ class _Reader:
                 self.other_keys.append(f"{prefix}sample_inputs")
 
     def _entry(self, name: str, fqn: str, meta: Any, folder: str, spec: tuple[str, bool | None] | None) -> None:
-        where = f"{'weights' if folder == WEIGHTS_DIR else 'constants'} config entry '{fqn}'"
+        where = f"{'weights' if folder == WEIGHTS_DIR else 'constants'} config entry {quote(fqn)}"
         if not isinstance(meta, dict):
             raise InputError(f"{where} is not an object", path=self.path)
         path_name = meta.get("path_name")
         if not isinstance(path_name, str) or not _PATH_NAME.match(path_name):
-            raise InputError(f"{where} has an invalid path_name {str(path_name)[:80]!r}", path=self.path)
+            raise InputError(f"{where} has an invalid path_name {describe(path_name, limit=80)}", path=self.path)
         rel = f"{folder}{path_name}"
         member = self.members.get(f"{self.root}/{rel}")
         if member is None:
@@ -258,7 +263,7 @@ class _Reader:
         code = tm.get("dtype")
         dtype = SCALAR_TYPES.get(code) if type(code) is int else None
         if dtype is None:
-            raise InputError(f"{where}: unknown dtype code {str(tm.get('dtype'))[:20]}", path=self.path)
+            raise InputError(f"{where}: unknown dtype code {describe(tm.get('dtype'), limit=20)}", path=self.path)
         shape = _sym_ints(tm.get("sizes"), f"{where}: sizes", self.path)
         stride = _sym_ints(tm.get("strides"), f"{where}: strides", self.path)
         if len(stride) != len(shape):
@@ -312,11 +317,11 @@ class _Reader:
                 )
             capacity = member.size // itemsize
             if capacity == 0 and numel:
-                self.findings.append(
+                self.findings.add(
                     Finding(
                         "warning",
                         "export-empty-payload",
-                        f"'{name}' claims {numel} elements but {rel} holds no bytes "
+                        f"{quote(name)} claims {numel} elements but {rel} holds no bytes "
                         "(torch.export.load would make it zeros: a program saved with fake weights?)",
                     )
                 )
@@ -361,12 +366,17 @@ class _Reader:
             self.tensors.append(raw)
             if s is not None:
                 self.storage_sizes[f"{rel}:data/{s.key}"] = s.nbytes
-        elif isinstance(obj, dict):
-            for k, v in obj.items():
-                self._inputs(v, _join(prefix, k), depth + 1, rel)
-        elif isinstance(obj, (list, tuple)):
-            for i, v in enumerate(obj):
-                self._inputs(v, _join(prefix, i), depth + 1, rel)
+        elif isinstance(obj, (dict, list, tuple)):
+            # Each container once: a memoized DAG of lists has 2 ** depth paths but few containers.
+            if id(obj) in self.walked:
+                return
+            self.walked.add(id(obj))
+            if isinstance(obj, dict):
+                for k, v in obj.items():
+                    self._inputs(v, _join(prefix, k), depth + 1, rel)
+            else:
+                for i, v in enumerate(obj):
+                    self._inputs(v, _join(prefix, i), depth + 1, rel)
 
     # -- pickled payloads
 
@@ -375,7 +385,7 @@ class _Reader:
         Its findings join the report's, each prefixed with ``rel``; the parsed object is returned."""
         m = self.members[member_name]
         try:
-            with open(self.path, "rb") as f:
+            with open_regular(self.path) as f:
                 if m.method == 0:
                     # A stored archive is read where it lies, by the same zip reader as the outer one.
                     start = data_offset(f, m, self.path)
@@ -420,7 +430,7 @@ class _Reader:
             obj = unpickler.load()
         except StatecliError as e:
             reason = e.message
-            self.security.append(
+            self.security.add(
                 Finding(
                     "dangerous",
                     "unchecked-pickle",
@@ -433,7 +443,7 @@ class _Reader:
 
     def _add_security(self, globals_seen: dict[tuple[str, str], int], actions: Iterable[Action], rel: str) -> None:
         for f in findings_for(globals_seen, actions):
-            self.security.append(Finding(f.level, f.code, f"{rel}: {f.message}"))
+            self.security.add(Finding(f.level, f.code, f"{rel}: {f.message}"))
 
 
 def _same_tensor(
@@ -472,7 +482,7 @@ def _signature(doc: dict[str, Any], what: str, path: str) -> dict[str, tuple[str
     out: dict[str, tuple[str, bool | None]] = {}
     for spec in specs:
         if not isinstance(spec, dict) or len(spec) != 1:
-            raise InputError(f"{what}: malformed input spec {str(spec)[:80]}", path=path)
+            raise InputError(f"{what}: malformed input spec {describe(spec, limit=80)}", path=path)
         ((kind, body),) = spec.items()
         if not isinstance(body, dict):
             raise InputError(f"{what}: malformed {kind} input spec", path=path)
@@ -491,7 +501,7 @@ def _signature(doc: dict[str, Any], what: str, path: str) -> dict[str, tuple[str
         if not isinstance(fqn, str):
             raise InputError(f"{what}: a {kind} input spec without a name", path=path)
         if fqn in out and out[fqn] != entry:
-            raise InputError(f"{what}: '{fqn}' is listed as both {out[fqn][0]} and {entry[0]}", path=path)
+            raise InputError(f"{what}: {quote(fqn)} is listed as both {out[fqn][0]} and {entry[0]}", path=path)
         out[fqn] = entry
     return out
 
@@ -510,7 +520,7 @@ def _sym_int(v: Any, what: str, path: str) -> int:
             return n
         if "as_expr" in v:
             raise InputError(f"{what} is symbolic, not a stored size", path=path)
-    raise InputError(f"{what}: {str(v)[:60]} is not a size", path=path)
+    raise InputError(f"{what}: {describe(v, limit=60)} is not a size", path=path)
 
 
 def _sym_ints(v: Any, what: str, path: str) -> tuple[int, ...]:

@@ -51,8 +51,10 @@ import os
 import struct
 from typing import Any
 
+from statecli.clip import describe, quote
 from statecli.dtypes import DTYPES, SAFETENSORS_DTYPES
 from statecli.errors import InputError, LimitExceededError, UnsupportedFormatError
+from statecli.files import open_regular
 from statecli.formats._json import load_object
 from statecli.formats.base import RawCheckpoint, contiguous_strides
 from statecli.records import ROLES, Container, Finding, RawTensor
@@ -85,7 +87,7 @@ def _is_int(x: Any) -> bool:
 def _read_header(path: str) -> tuple[bytes, int, int]:
     """The raw header bytes, its length N, and the file size."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             file_size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
             if len(prefix) < 8:
@@ -114,32 +116,35 @@ def _read_header(path: str) -> tuple[bytes, int, int]:
 def _parse_entry(path: str, name: str, entry: Any) -> tuple[str, tuple[int, ...], int, int]:
     """Validate one header entry: (dtype name, shape, begin, end)."""
     if not isinstance(entry, dict):
-        raise InputError(f"tensor {name!r}: entry is not an object", path=path)
+        raise InputError(f"tensor {quote(name)}: entry is not an object", path=path)
     for key in ("dtype", "shape", "data_offsets"):
         if key not in entry:
-            raise InputError(f"tensor {name!r}: missing {key!r}", path=path)
+            raise InputError(f"tensor {quote(name)}: missing {key!r}", path=path)
 
     code = entry["dtype"]
     if not isinstance(code, str):
-        raise InputError(f"tensor {name!r}: dtype must be a string, got {type(code).__name__}", path=path)
+        raise InputError(f"tensor {quote(name)}: dtype must be a string, got {type(code).__name__}", path=path)
     dtype = SAFETENSORS_DTYPES.get(code)
     if dtype is None:
-        raise UnsupportedFormatError(f"tensor {name!r}: unknown dtype code {code!r}", path=path)
+        raise UnsupportedFormatError(f"tensor {quote(name)}: unknown dtype code {quote(code)}", path=path)
 
     shape = entry["shape"]
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise InputError(
-            f"tensor {name!r}: shape must be a list of non-negative integers, got {shape!r:.80}", path=path
+            f"tensor {quote(name)}: shape must be a list of non-negative integers, got {describe(shape, limit=80)}",
+            path=path,
         )
     if len(shape) > MAX_DIMS:
-        raise LimitExceededError(f"tensor {name!r}: shape has {len(shape)} dimensions, more than {MAX_DIMS}", path=path)
+        raise LimitExceededError(
+            f"tensor {quote(name)}: shape has {len(shape)} dimensions, more than {MAX_DIMS}", path=path
+        )
     numel = 1
     for d in shape:
         if d > _MAX_NUMEL:
-            raise LimitExceededError(f"tensor {name!r}: dimension {d} exceeds 2**63-1", path=path)
+            raise LimitExceededError(f"tensor {quote(name)}: dimension {describe(d)} exceeds 2**63-1", path=path)
         numel *= d
     if numel > _MAX_NUMEL:
-        raise LimitExceededError(f"tensor {name!r}: shape {shape} has more than 2**63-1 elements", path=path)
+        raise LimitExceededError(f"tensor {quote(name)}: shape {shape} has more than 2**63-1 elements", path=path)
 
     offsets = entry["data_offsets"]
     if (
@@ -149,14 +154,15 @@ def _parse_entry(path: str, name: str, entry: Any) -> tuple[str, tuple[int, ...]
         or not 0 <= offsets[0] <= offsets[1]
     ):
         raise InputError(
-            f"tensor {name!r}: data_offsets must be [begin, end] integers with 0 <= begin <= end, got {offsets!r:.80}",
+            f"tensor {quote(name)}: data_offsets must be [begin, end] integers with 0 <= begin <= end, "
+            f"got {describe(offsets, limit=80)}",
             path=path,
         )
     begin, end = offsets
     need = numel * DTYPES[dtype].itemsize
     if end - begin != need:
         raise InputError(
-            f"tensor {name!r}: data_offsets [{begin}, {end}] hold {end - begin} bytes but shape {shape} "
+            f"tensor {quote(name)}: data_offsets [{begin}, {end}] hold {end - begin} bytes but shape {shape} "
             f"of {code} needs {need}",
             path=path,
         )
@@ -170,7 +176,7 @@ def _parse_roles(raw: str, stored: dict[str, RawTensor]) -> dict[str, Any]:
     except InputError as e:
         raise ValueError(e.message) from None
     if doc.get("schema") != ROLES_SCHEMA:
-        raise ValueError(f"schema is {doc.get('schema')!r}, expected {ROLES_SCHEMA!r}")
+        raise ValueError(f"schema is {describe(doc.get('schema'), limit=80)}, expected {ROLES_SCHEMA!r}")
 
     roles = doc.get("roles", {})
     requires_grad = doc.get("requires_grad", {})
@@ -187,9 +193,9 @@ def _parse_roles(raw: str, stored: dict[str, RawTensor]) -> dict[str, Any]:
 
     for alias, target in aliases.items():
         if alias in stored:
-            raise ValueError(f"alias {alias!r} is also a stored tensor")
+            raise ValueError(f"alias {quote(alias)} is also a stored tensor")
         if target not in stored:
-            raise ValueError(f"alias {alias!r} points to {target!r}, which is not a stored tensor")
+            raise ValueError(f"alias {quote(alias)} points to {quote(target)}, which is not a stored tensor")
     known = stored.keys() | aliases.keys()
     for what, names in (
         ("roles", roles),
@@ -198,7 +204,7 @@ def _parse_roles(raw: str, stored: dict[str, RawTensor]) -> dict[str, Any]:
     ):
         for n in names:
             if n not in known:
-                raise ValueError(f"{what!r} names {n!r}, which is not in the file")
+                raise ValueError(f"{what!r} names {quote(n)}, which is not in the file")
     # Resolve each alias's facts from its target now, so the rest reads one flat table per fact.
     roles = dict(roles)
     requires_grad = dict(requires_grad)
@@ -211,7 +217,7 @@ def _parse_roles(raw: str, stored: dict[str, RawTensor]) -> dict[str, Any]:
         # Only buffers can be non-persistent, so being listed is itself exact evidence of the role.
         role = roles.setdefault(n, "buffer")
         if role != "buffer":
-            raise ValueError(f"{n!r} is listed as non-persistent but its role is {role!r}")
+            raise ValueError(f"{quote(n)} is listed as non-persistent but its role is {role!r}")
     return {
         "roles": roles,
         "requires_grad": requires_grad,
@@ -291,10 +297,10 @@ def read_safetensors(path: str) -> RawCheckpoint:
     pos = 0
     for begin, end, name, _, _ in entries:
         if begin > pos:
-            raise InputError(f"tensor {name!r} starts at byte {begin}, leaving a gap after byte {pos}", path=path)
+            raise InputError(f"tensor {quote(name)} starts at byte {begin}, leaving a gap after byte {pos}", path=path)
         if begin < pos:
             raise InputError(
-                f"tensor {name!r} starts at byte {begin}, overlapping the previous tensor (ends at {pos})",
+                f"tensor {quote(name)} starts at byte {begin}, overlapping the previous tensor (ends at {pos})",
                 path=path,
             )
         pos = end

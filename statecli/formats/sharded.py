@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import threading
 from collections.abc import Callable
 from typing import Any
 
+from statecli.clip import describe, quote
 from statecli.errors import InputError, LimitExceededError, UnsafeError
+from statecli.files import kind_of, open_regular
 from statecli.formats._json import load_object
 from statecli.formats.base import MAX_NAME_CHARS, RawCheckpoint
-from statecli.records import Container, Finding, RawTensor
+from statecli.records import Container, Finding, FindingCap, RawTensor, cap_findings, is_summary
 
 __all__ = ["MAX_INDEX_BYTES", "read_index"]
 
@@ -33,10 +36,12 @@ _reading = threading.local()
 
 def _load_index(path: str) -> dict[str, Any]:
     try:
-        size = os.path.getsize(path)
-        if size > MAX_INDEX_BYTES:
-            raise LimitExceededError(f"index is {size} bytes, more than the {MAX_INDEX_BYTES}-byte limit", path=path)
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_INDEX_BYTES:
+                raise LimitExceededError(
+                    f"index is {size} bytes, more than the {MAX_INDEX_BYTES}-byte limit", path=path
+                )
             raw = f.read(size + 1)  # not MAX_INDEX_BYTES + 1: read(n) allocates n bytes up front
     except OSError as e:
         raise InputError(f"cannot read index: {e.strerror or e}", path=path) from e
@@ -52,7 +57,10 @@ def _load_index(path: str) -> dict[str, Any]:
                 f"index 'weight_map' names a tensor of {len(name)} characters; the limit is {MAX_NAME_CHARS}", path=path
             )
         if not isinstance(shard, str) or not shard:
-            raise InputError(f"index 'weight_map' entry {name!r} must name a shard file, got {shard!r:.80}", path=path)
+            raise InputError(
+                f"index 'weight_map' entry {quote(name)} must name a shard file, got {describe(shard, limit=80)}",
+                path=path,
+            )
     metadata = doc.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise InputError(f"index 'metadata' is not an object (got {type(metadata).__name__})", path=path)
@@ -62,19 +70,19 @@ def _load_index(path: str) -> dict[str, Any]:
 def _shard_path(index_path: str, folder_real: str, shard: str) -> str:
     """The shard's path on disk, refusing any name that could reach outside the index's folder."""
     if "\0" in shard:
-        raise UnsafeError(f"shard path {shard!r} contains a NUL byte", path=index_path)
+        raise UnsafeError(f"shard path {quote(shard)} contains a NUL byte", path=index_path)
     # A leading "\" or a drive letter is absolute on Windows even where os.path.isabs says no.
     if (
         os.path.isabs(shard)
         or shard.startswith(("/", "\\"))
         or (len(shard) > 1 and shard[0].isalpha() and shard[1] == ":")
     ):
-        raise UnsafeError(f"shard path {shard!r} is absolute and leaves the checkpoint folder", path=index_path)
+        raise UnsafeError(f"shard path {quote(shard)} is absolute and leaves the checkpoint folder", path=index_path)
     full = os.path.join(os.path.dirname(index_path), shard)
     real = os.path.realpath(full)
     # realpath resolves both ".." and symlinks, so one comparison covers both escapes.
     if os.path.commonpath([real, folder_real]) != folder_real:
-        raise UnsafeError(f"shard path {shard!r} leaves the checkpoint folder", path=index_path)
+        raise UnsafeError(f"shard path {quote(shard)} leaves the checkpoint folder", path=index_path)
     return full
 
 
@@ -113,10 +121,16 @@ def _read_index(path: str, read_shard: Callable[[str], RawCheckpoint]) -> RawChe
     # Every name is checked before any shard is opened, so a hostile index cannot make us read anything.
     paths = {shard: _shard_path(path, folder_real, shard) for shard in wanted}
     for shard, full in paths.items():
-        if not os.path.exists(full):
-            raise InputError(f"shard {shard!r} named in the index does not exist", path=path)
-        if not os.path.isfile(full):
-            raise InputError(f"shard {shard!r} named in the index is not a file", path=path)
+        try:
+            mode = os.stat(full).st_mode
+        except FileNotFoundError:
+            raise InputError(f"shard {quote(shard)} named in the index does not exist", path=path) from None
+        except OSError as e:
+            raise InputError(f"cannot access shard {quote(shard)} ({e.strerror or e})", path=path) from None
+        if not stat.S_ISREG(mode):
+            # A FIFO would block the read, a device never end: refused before any shard is opened.
+            what = kind_of(mode)
+            raise InputError(f"shard {quote(shard)} named in the index is {what}, not a regular file", path=path)
 
     try:
         file_size = os.path.getsize(path)
@@ -124,7 +138,7 @@ def _read_index(path: str, read_shard: Callable[[str], RawCheckpoint]) -> RawChe
         raise InputError(f"cannot read index: {e.strerror or e}", path=path) from e
 
     tensors: list[RawTensor] = []
-    findings: list[Finding] = []
+    findings = FindingCap()  # a finding per stray tensor of a million-tensor shard would be a million
     storage_sizes: dict[str, int] = {}
     formats: list[str] = []
     for shard, names in wanted.items():
@@ -132,7 +146,8 @@ def _read_index(path: str, read_shard: Callable[[str], RawCheckpoint]) -> RawChe
         if raw.format not in formats:
             formats.append(raw.format)
         file_size += raw.file_size
-        findings.extend(Finding(f.level, f.code, f"{shard}: {f.message}") for f in raw.findings)
+        for f in cap_findings(raw.findings):
+            findings.add(f if is_summary(f) else Finding(f.level, f.code, f"{shard}: {f.message}"))
         # Storage keys are only unique within one file; the shard name keeps two shards' "0" apart.
         storage_sizes.update({f"{shard}:{k}": v for k, v in raw.storage_sizes.items()})
 
@@ -141,7 +156,8 @@ def _read_index(path: str, read_shard: Callable[[str], RawCheckpoint]) -> RawChe
             t = held.pop(name, None)
             if t is None:
                 raise InputError(
-                    f"tensor {name!r} is mapped to shard {shard!r} by the index but that shard does not hold it",
+                    f"tensor {quote(name)} is mapped to shard {quote(shard)} by the index but that shard does not "
+                    "hold it",
                     path=path,
                 )
             t.file = shard
@@ -156,19 +172,22 @@ def _read_index(path: str, read_shard: Callable[[str], RawCheckpoint]) -> RawChe
                 t.storage = f"{shard}:{t.storage}"
                 tensors.append(t)
                 continue
-            findings.append(
+            if findings.full("unindexed-tensor"):
+                findings.count("unindexed-tensor", "warning")
+                continue
+            findings.add(
                 Finding(
                     level="warning",
                     code="unindexed-tensor",
-                    message=f"tensor {name!r} in shard {shard!r} is not in the index's weight_map; "
+                    message=f"tensor {quote(name)} in shard {quote(shard)} is not in the index's weight_map; "
                     "loaders that follow the index will not see it",
                 )
             )
 
     if not weight_map:
-        findings.append(Finding(level="warning", code="empty-index", message="the index lists no tensors"))
+        findings.add(Finding(level="warning", code="empty-index", message="the index lists no tensors"))
     if len(formats) > 1:
-        findings.append(
+        findings.add(
             Finding(
                 level="warning",
                 code="mixed-shard-formats",
@@ -188,7 +207,7 @@ def _read_index(path: str, read_shard: Callable[[str], RawCheckpoint]) -> RawChe
         format=fmt,
         tensors=tensors,
         container=Container(kind="sharded", state_dict_at="", other_keys=()),
-        findings=findings,
+        findings=findings.findings(),
         metadata=metadata,
         file_size=file_size,
         storage_sizes=storage_sizes,

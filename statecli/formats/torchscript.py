@@ -34,17 +34,20 @@ from statecli.errors import InputError, LimitExceededError, StatecliError, Unsaf
 from statecli.formats.base import RawCheckpoint
 from statecli.formats.torchzip import (
     MAX_PICKLE_BYTES,
+    MAX_SHARED_FINDINGS,
     MAX_WALK_DEPTH,
     MAX_WALK_NODES,
     _join,
+    _label,
     _Storages,
     archive_root,
     raw_tensor,
 )
 from statecli.formats.zipdir import Member, read_member
-from statecli.records import Container, Finding, RawTensor
-from statecli.safepickle import COMPUTED, Action, Global, StorageRef, Stub, TensorRef, loads
+from statecli.records import Container, Finding, RawTensor, more_findings
+from statecli.safepickle import COMPUTED, Action, Global, StorageRef, Stub, TensorRef, describe, loads
 from statecli.security import findings_for
+from statecli.wording import name_list
 
 EVIDENCE = "torchscript"
 CUSTOM_CLASS_PREFIX = "__torch__.torch.classes."  # C++ classes registered with torch (packed params, ...)
@@ -62,10 +65,11 @@ JIT_PICKLE_TAGS = frozenset(
     }
 )
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-_CLASS = re.compile(r"class ([A-Za-z_][A-Za-z0-9_]*)\s*(?:\(([^)]*)\))?\s*:")
-_DECL = re.compile(r"\s+(__parameters__|__buffers__)\s*=\s*\[")
-_DEF = re.compile(r"\s+(?:@|def\s)")
-_SETSTATE = re.compile(r"  def __setstate__\(")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# The line tests below are string scans, not regexes: a regex such as ``class (\w+)\s*(\(...\))?\s*:``
+# backtracks over every split of a run of blanks between its two ``\s*`` (quadratic: a 20,000-blank line
+# took a second), and the code/ text is the file's.
+_LISTS = ("__parameters__", "__buffers__")
 _ESCAPES = {"n": 10, "t": 9, "r": 13, "a": 7, "b": 8, "f": 12, "v": 11, "\\": 92, '"': 34, "'": 39, "0": 0}
 
 
@@ -170,27 +174,57 @@ def parse_declarations(text: str, module: str) -> dict[str, ClassDecl]:
 
     for line in text.splitlines():
         if not line or line[0] in " \t":
-            if current is not None and _SETSTATE.match(line):
+            if current is not None and line.startswith("  def __setstate__("):
                 setstate = True
-            if header and _DEF.match(line):
+            body = line.lstrip()
+            indented = len(body) < len(line)
+            if header and indented and (body[:1] == "@" or (body[:3] == "def" and body[3:4].isspace())):
                 header = False
-            elif header:
-                m = _DECL.match(line)
-                if m is not None:
-                    if m.group(1) in lists:
-                        raise ValueError(f"class {current} declares {m.group(1)} twice")
-                    lists[m.group(1)] = _string_list(line, m.end(), current)
+            elif header and indented:
+                decl = _declaration(body)
+                if decl is not None:
+                    name, rest = decl
+                    if name in lists:
+                        raise ValueError(f"class {current} declares {name} twice")
+                    lists[name] = _string_list(line, len(line) - len(rest), current)
             continue
         close()
-        current = None
         lists = {}
-        m = _CLASS.match(line)
-        if m is not None:
-            current = m.group(1)
+        current = _class_name(line)
+        if current is not None:
             header = True
             setstate = False
     close()
     return out
+
+
+def _class_name(line: str) -> str | None:
+    """``A`` for a header ``class A:`` or ``class A(Base, ...):`` (blanks allowed around the parts)."""
+    if not line.startswith("class "):
+        return None
+    m = _NAME.match(line, 6)
+    if m is None:
+        return None
+    rest = line[m.end() :].lstrip()
+    if rest[:1] == "(":
+        end = rest.find(")")
+        if end < 0:
+            return None
+        rest = rest[end + 1 :].lstrip()
+    return m.group() if rest[:1] == ":" else None
+
+
+def _declaration(body: str) -> tuple[str, str] | None:
+    """(``__parameters__`` or ``__buffers__``, the text after its ``= [``) for a line (blanks stripped
+    from its start) that declares one."""
+    for name in _LISTS:
+        if body.startswith(name):
+            rest = body[len(name) :].lstrip()
+            if rest[:1] == "=":
+                rest = rest[1:].lstrip()
+                if rest[:1] == "[":
+                    return name, rest[1:]
+    return None
 
 
 def _string_list(line: str, pos: int, cls: str) -> list[str]:
@@ -271,7 +305,7 @@ def _shapes_only(pid: Any) -> StorageRef:
     """Storages for ``traced_inputs.pkl``: torch keeps the inputs' shapes there, not their bytes, so the
     records are checked for form only and nothing is compared with the (empty) members."""
     if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-        raise InputError(f"corrupt pickle: unexpected persistent id {str(pid)[:80]}")
+        raise InputError(f"corrupt pickle: unexpected persistent id {describe(pid)}")
     _, stype, key, location, numel = pid
     if not isinstance(key, str) or not isinstance(location, str) or type(numel) is not int or not 0 <= numel <= 2**62:
         raise InputError("corrupt pickle: malformed storage record")
@@ -295,6 +329,7 @@ class _Reader:
         self.missing_decls: set[str] = set()
         self.training: dict[str | None, bool] = {}  # module path (None: the root) -> training flag
         self.buffers = 0
+        self.shared = 0  # references to objects walked already
 
     def read(self) -> RawCheckpoint:
         obj = self._pickle("data.pkl", "data")
@@ -317,6 +352,9 @@ class _Reader:
         if f"{self.root}/traced_inputs.pkl" in self.members:
             self._pickle("traced_inputs.pkl", None)  # for its findings; it holds shapes, not state
             other.append("traced_inputs")
+        if self.shared > MAX_SHARED_FINDINGS:
+            extra = self.shared - MAX_SHARED_FINDINGS
+            self.findings.append(more_findings("shared-subtree", "info", extra))
         findings = self._security_findings() + self.findings
         findings.extend(self._notes())
         return RawCheckpoint(
@@ -460,7 +498,7 @@ class _Reader:
         if root is not None:
             odd = [n for n, t in self.training.items() if n is not None and t is not root]
             if odd:
-                shown = ", ".join(odd[:5]) + (", …" if len(odd) > 5 else "")
+                shown = name_list(odd, 5)
                 mode = "train" if not root else "eval"
                 out.append(Finding("info", "training-mixed", f"submodules in {mode} mode: {shown}"))
         return out
@@ -475,13 +513,15 @@ class _Reader:
             raise LimitExceededError(f"module structure has more than {MAX_WALK_NODES} nodes", path=self.path)
         first = self.seen.get(id(obj))
         if first is not None:
-            self.findings.append(
-                Finding(
-                    "info",
-                    "shared-subtree",
-                    f"{_label(path)} is the same object as {_label(first)}; listed once",
+            self.shared += 1
+            if self.shared <= MAX_SHARED_FINDINGS:
+                self.findings.append(
+                    Finding(
+                        "info",
+                        "shared-subtree",
+                        f"{_label(path)} is the same object as {_label(first)}; listed once",
+                    )
                 )
-            )
             return False
         self.seen[id(obj)] = path
         return True
@@ -558,11 +598,6 @@ class _Reader:
                 self.buffers += 1
             raw.persistent = True if role in ("parameter", "buffer") else None
         self.tensors.append(raw)
-
-
-def _label(path: str | None) -> str:
-    """A walked object's path for a message: (root) for the root, else the path quoted ('' for a key '')."""
-    return "(root)" if path is None else f"'{path}'"
 
 
 __all__ = ["ClassDecl", "parse_declarations", "read_torchscript"]

@@ -15,9 +15,10 @@ from statecli.errors import InputError, LimitExceededError, StatecliError
 from statecli.formats.base import MAX_NAME_CHARS, RawCheckpoint
 from statecli.formats.optimizer import apply_optimizer_evidence
 from statecli.formats.zipdir import Member, read_central_directory, read_member
-from statecli.records import Container, Finding, RawTensor
+from statecli.records import Container, Finding, RawTensor, more_findings
 from statecli.safepickle import Global, Limits, StorageRef, Stub, TensorRef, describe, loads, printable
 from statecli.security import findings_for
+from statecli.wording import name_list
 
 MAX_PICKLE_BYTES = 1 << 30  # a data.pkl larger than this is not a checkpoint's metadata
 MAX_WALK_DEPTH = 200
@@ -124,7 +125,7 @@ class _Storages:
             if type(stype) is Global:
                 self.dtypes[stype] = dtype
         if numel < 0 or numel > 2**62:
-            raise InputError(f"storage {describe(key)} claims {numel} elements", path=self.path)
+            raise InputError(f"storage {describe(key)} claims {describe(numel)} elements", path=self.path)
         nbytes = numel * DTYPES[dtype].itemsize
         info = self.members.get(self.prefix + key)
         if info is None:
@@ -173,7 +174,7 @@ def read_torch_zip(path: str, members: dict[str, Member] | None = None, limits: 
     findings.extend(walker.findings)
     findings.extend(apply_optimizer_evidence(obj, walker.tensors))
     if not walker.tensors:
-        keys = printable(", ".join(container.other_keys)[:1000]) or "none"
+        keys = name_list(container.other_keys) or "none"
         findings.append(
             Finding("warning", "no-tensors", f"no tensors found in the checkpoint (top-level keys: {keys})")
         )
@@ -402,9 +403,7 @@ class _Walker:
         """One finding for the shared references beyond the first :data:`MAX_SHARED_FINDINGS`."""
         extra = self.shared - MAX_SHARED_FINDINGS
         if extra > 0:
-            self.findings.append(
-                Finding("info", "shared-subtree", f"{extra} more references to objects listed once are not shown")
-            )
+            self.findings.append(more_findings("shared-subtree", "info", extra))
 
     def _state_dict(self, obj: Any, prefix: str | None) -> None:
         start = len(self.tensors)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from statecli.errors import InputError, LimitExceededError
+from statecli.files import open_regular
 from statecli.safepickle import printable
 
 _EOCD = struct.Struct("<4s4H2LH")
@@ -81,7 +82,7 @@ class Member:
 def read_central_directory(path: str) -> dict[str, Member]:
     """Every member of the zip at ``path`` by name. Raises InputError on anything malformed."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             return read_directory_at(f, 0, os.fstat(f.fileno()).st_size, path)
     except OSError as e:
         raise InputError(f"cannot read file ({e.strerror or e})", path=path) from e
@@ -292,7 +293,7 @@ def _disagree(name: str, where: str, claims: tuple[int, ...], truth: tuple[int, 
 def read_member(path: str, m: Member, cap: int) -> bytes:
     """``m``'s bytes, never more than ``cap`` whatever the archive claims, CRC checked."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             return read_member_from(f, m, cap, path)
     except OSError as e:
         raise InputError(f"cannot read file ({e.strerror or e})", path=path) from e

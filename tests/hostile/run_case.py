@@ -88,7 +88,10 @@ def write_warmups(folder: Path) -> list[Path]:
     (shards / "model.safetensors.index.json").write_text('{"weight_map": {"w": "s1.safetensors"}}')
     bad = folder / "bad.pt"
     bad.write_bytes(b"\x00not a checkpoint")
-    paths = [pt, st, shards, bad, folder / "missing.pt"]
+    # The other formats' readers (DCP, TorchScript, legacy, .pt2) define dataclasses, compiled on import.
+    samples = Path(__file__).resolve().parents[2] / "sample_models"
+    others = [samples / n for n in ("dcp_training", "torchscript_cnn.pt", "legacy_cnn.pt", "export_frozen.pt2")]
+    paths = [pt, st, shards, bad, folder / "missing.pt", *others]
     # Case modules may add benign files of the formats their cases reach (a .pt2, a TorchScript archive).
     for name, module in sorted(sys.modules.items()):
         if name.startswith("cases_") and hasattr(module, "warmups"):
