@@ -291,7 +291,7 @@ class _Reader:
                 # Not a tensor at all: torch.export.load would hand this object on as the weight. Its values
                 # are not the payload's bytes, and no layout statecli reads describes it.
                 pickled_layout = "opaque"
-                self.findings.append(
+                self.findings.add(
                     Finding(
                         "warning",
                         "export-pickled-payload",
