@@ -30,7 +30,8 @@ Files (each a few KB):
 Determinism: every builder seeds torch and runs on the CPU in one thread (make_samples.py pins the
 thread count and the save options); quantization uses the fbgemm qconfig whatever the engine; the CUDA
 states are built from their layout (seed then Philox offset, two little-endian 64-bit integers), not read
-from a GPU.
+from a GPU. The files are written by a fresh child process (:func:`make`): ``norm_hooks_module.pt``
+pickles its hooks' handle ids, a counter of every hook the process registered before.
 """
 
 from __future__ import annotations
@@ -181,11 +182,22 @@ def saved_objects() -> dict[str, Any]:
 
 
 def make(out_dir: Path) -> list[Path]:
+    """Write the samples into ``out_dir`` from a fresh child process: a pickled module holds its hooks'
+    handle ids, which count every hook the process registered before (make_samples.generate_in_child)."""
+    from make_samples import generate_in_child
+
+    generate_in_child("samples_roles", out_dir)
+    return [out_dir / n for n in NAMES]
+
+
+def generate(out_dir: str) -> list[Path]:
+    import make_samples  # noqa: F401  (pins the thread count and the save options)
+
     objects = saved_objects()
     assert tuple(objects) == NAMES
     paths = []
     for name, obj in objects.items():
-        path = out_dir / name
+        path = Path(out_dir) / name
         with _quiet():
             torch.save(obj, path)  # to the final name: the zip's top folder is the file's stem
         paths.append(path)
