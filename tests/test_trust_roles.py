@@ -198,6 +198,18 @@ def test_static_quantized_module(live: dict[str, Any]) -> None:
     assert (got["conv.10"].dtype, got["conv.10"].evidence) == ("qint8", "rule:quantized-module")
 
 
+def test_static_quantized_keep_vars(tmp_path: Path) -> None:
+    model = samples_roles.static_quantized()
+    path = tmp_path / "static_kv.pt"
+    torch.save(model.state_dict(keep_vars=True), path)
+    got = tensors_of(statecli.open_checkpoint(path))
+    oracle = live_roles(model)
+    assert {n for n, t in got.items() if t.exact} == {"bn.weight", "bn.bias", "norm.weight", "norm.bias"}
+    for name, t in got.items():
+        assert t.role == oracle.get(name, "other"), name
+    assert (got["conv.bias"].role, got["conv.bias"].exact) == ("other", False)  # a Parameter object, no parameter
+
+
 def test_qat_prepared_keep_vars_is_exact(live: dict[str, Any]) -> None:
     """The positive case: Parameters beside observer buffers only, so every role is proven."""
     name = "qat_prepared_keep_vars.pt"
