@@ -13,7 +13,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FrozenNet", "QatNet", "RotaryEmbedding", "SmallCNN", "TinyBlock", "TinyLM"]
+__all__ = [
+    "DynamicQuantNet",
+    "FrozenNet",
+    "NormHookNet",
+    "ParametrizedNet",
+    "QatNet",
+    "RotaryEmbedding",
+    "SmallCNN",
+    "StaticQuantNet",
+    "Symmetric",
+    "TinyBlock",
+    "TinyLM",
+]
 
 
 class SmallCNN(nn.Module):
@@ -140,3 +152,87 @@ class QatNet(nn.Module):
         x = self.relu(self.conv(self.quant(x)))
         x = self.fc(x.mean(dim=(2, 3)))
         return self.dequant(x)
+
+
+class DynamicQuantNet(nn.Module):
+    """Embedding -> LayerNorm -> Linear -> LSTM. ``quantize_dynamic`` over ``{nn.Linear, nn.LSTM}`` makes
+    ``proj`` and ``rnn`` quantized modules (packed weights, neither parameters nor buffers) and leaves
+    ``embed`` and ``norm`` float, with real parameters."""
+
+    def __init__(self, vocab: int = 12, dim: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.proj = nn.Linear(dim, dim)
+        self.rnn = nn.LSTM(dim, dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.rnn(self.proj(self.norm(self.embed(ids))))[0]
+
+
+class StaticQuantNet(nn.Module):
+    """QuantStub -> Conv -> BatchNorm -> ReLU -> Linear -> LayerNorm -> DeQuantStub, for eager static
+    quantization (``prepare`` / ``convert``, no fusion): after ``convert`` ``conv`` and ``fc`` hold packed
+    quantized weights, while the quantized BatchNorm2d and LayerNorm keep float parameters and register
+    ``scale`` / ``zero_point`` buffers, as the converted QuantStub does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = torch.ao.quantization.QuantStub()
+        self.conv = nn.Conv2d(1, 2, kernel_size=3)
+        self.bn = nn.BatchNorm2d(2)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(8, 3)
+        self.norm = nn.LayerNorm(3)
+        self.dequant = torch.ao.quantization.DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn(self.conv(self.quant(x))))
+        return self.dequant(self.norm(self.fc(torch.flatten(x, 1))))
+
+
+class Symmetric(nn.Module):
+    """A parametrization (``torch.nn.utils.parametrize``): the weight is the symmetric part of ``original``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.triu() + x.triu(1).transpose(-1, -2)
+
+
+class ParametrizedNet(nn.Module):
+    """One Linear per parametrization kind: a custom one (``register_parametrization``), ``orthogonal``
+    (buffer ``base``), ``spectral_norm`` (buffers ``_u`` / ``_v``) and ``weight_norm`` (``original0`` /
+    ``original1``), then a plain LayerNorm. A parametrized module cannot be pickled whole, only its
+    state dict."""
+
+    def __init__(self, dim: int = 4) -> None:
+        super().__init__()
+        from torch.nn.utils import parametrizations, parametrize
+
+        self.sym = nn.Linear(dim, dim)
+        parametrize.register_parametrization(self.sym, "weight", Symmetric())
+        self.ortho = parametrizations.orthogonal(nn.Linear(dim, dim))
+        self.spectral = parametrizations.spectral_norm(nn.Linear(dim, dim))
+        self.wn = parametrizations.weight_norm(nn.Linear(dim, dim))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.wn(self.spectral(self.ortho(self.sym(x)))))
+
+
+class NormHookNet(nn.Module):
+    """The older hook-based ``torch.nn.utils.spectral_norm`` (parameter ``weight_orig``, buffers
+    ``weight_u`` / ``weight_v``, and ``weight`` a plain attribute) on a Conv and a Linear, and
+    ``torch.nn.utils.weight_norm`` (parameters ``weight_g`` / ``weight_v``) on a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # both hooks are deprecated for parametrizations
+            self.conv = nn.utils.spectral_norm(nn.Conv2d(1, 2, kernel_size=3))
+            self.fc = nn.utils.spectral_norm(nn.Linear(8, 4))
+            self.out = nn.utils.weight_norm(nn.Linear(4, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(F.relu(self.fc(torch.flatten(self.conv(x), 1))))

@@ -7,7 +7,7 @@ README. A rule is a guess: its result is never marked exact.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 
 from statecli.dtypes import DTYPES, nbytes
@@ -17,33 +17,153 @@ from statecli.records import Finding, FindingCap, RawTensor, Report, Summary, Te
 MAX_SHARERS = 64
 
 
+_QUANTIZED = frozenset(n for n, d in DTYPES.items() if d.kind == "quant")
+# Where torch's quantized modules keep their packed weights: Linear and Embedding under ``_packed_params``
+# (a tuple, or a TorchScript object), the dynamic RNNs under ``_all_weight_values``.
+_PACKED = re.compile(r"(^|\.)(_packed_params|_all_weight_values)(\.|$)")
+_QUANT_MEMBERS = frozenset({"weight", "bias", "scale", "zero_point"})
+_RNG_NAME = re.compile(r"rng|random|seed|generator", re.IGNORECASE)
+_RNG_KEYS = frozenset({"cpu", "cuda", "mps", "xpu", "npu", "hpu"})  # HF Trainer's rng_state.pth, per device
+CPU_RNG_STATE_BYTES = 5056  # torch.get_rng_state(): the CPU mt19937 generator's state
+RNG_EVIDENCE = "rule:rng-state"
+_PARAMETRIZED = re.compile(r"(^|\.)parametrizations\.[^.]+\.(original\d*|\d+\.(_u|_v|base))$")
+# Leaf names torch's own modules give their parameters (Linear, Conv, norms, RNNs, MultiheadAttention, the
+# weight_norm / spectral_norm hooks): a plain tensor named so is evidence against "every plain tensor is a buffer".
+_PARAMETER_LEAF = re.compile(
+    r"(weight|bias|in_proj_weight|in_proj_bias|[qkv]_proj_weight|bias_[kv]|weight_orig|weight_g"
+    r"|(weight|bias)_(ih|hh|hr)_l\d+(_reverse)?)"
+)
+
+
+def _parent(name: str, last: str) -> str:
+    """The module path of tensor ``name`` whose last segment is ``last`` (``''`` at the root)."""
+    return name[: len(name) - len(last) - 1] if len(name) > len(last) else ""
+
+
+class Neighbours:
+    """What some rules must know about the other tensors of the same file: a tensor's role can depend on
+    its siblings (a quantized module's ``bias`` is no parameter; ``weight_v`` is a buffer beside
+    ``weight_orig`` and a parameter beside ``weight_g``). Built in one pass over the names."""
+
+    __slots__ = ("hook_g", "hook_orig", "qparams", "quantized")
+
+    def __init__(self, tensors: Iterable[RawTensor] = ()) -> None:
+        quantized: set[str] = set()
+        scales: set[str] = set()
+        zero_points: set[str] = set()
+        orig: set[str] = set()
+        g: set[str] = set()
+        for t in tensors:
+            name = t.name
+            if t.dtype in _QUANTIZED:
+                quantized.add(name.rpartition(".")[0])
+            if "_packed_params" in name or "_all_weight_values" in name:
+                m = _PACKED.search(name)
+                if m is not None:
+                    quantized.add(name[: m.start()])
+            if name.endswith(("scale", "zero_point", "_orig", "_g")):
+                head, _, last = name.rpartition(".")
+                if last == "scale":
+                    scales.add(head)
+                elif last == "zero_point":
+                    zero_points.add(head)
+                elif last.endswith("_orig"):
+                    orig.add(name[:-5])
+                elif last.endswith("_g"):
+                    g.add(name[:-2])
+        self.quantized = frozenset(quantized)  # modules holding quantized or packed weights
+        self.qparams = frozenset(scales & zero_points)  # modules with a ``scale`` and a ``zero_point``
+        self.hook_orig = frozenset(orig)  # ``X`` for every ``X_orig`` (torch.nn.utils.spectral_norm)
+        self.hook_g = frozenset(g)  # ``X`` for every ``X_g`` (torch.nn.utils.weight_norm)
+
+    def in_quantized_module(self, name: str) -> bool:
+        """``name`` is a weight, bias, scale or zero point of a quantized module, or inside its packed weights."""
+        head, _, last = name.rpartition(".")
+        if last in _QUANT_MEMBERS and head in self.quantized:
+            return True
+        return ("_packed_params" in name or "_all_weight_values" in name) and _PACKED.search(name) is not None
+
+
+NO_NEIGHBOURS = Neighbours()
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     name: str
     role: str
     doc: str
-    test: Callable[[str, str, RawTensor], bool]  # (last name segment, full name, tensor)
+    test: Callable[[str, str, RawTensor, Neighbours], bool]  # (last name segment, full name, tensor, neighbours)
 
 
 _BN_STATS = frozenset({"running_mean", "running_var", "num_batches_tracked"})
 _QUANT_SEGMENT = re.compile(r"(^|\.)(activation_post_process[^.]*|[^.]*fake_quant[^.]*|[^.]*observer[^.]*)(\.|$)")
 
 
-def _is_quant_observer(last: str, name: str, t: RawTensor) -> bool:
+def _is_quant_observer(last: str, name: str, t: RawTensor, nb: Neighbours) -> bool:
     # The substring test keeps the regex off the hot path for the 99.9% of names it cannot match.
     if "observer" not in name and "fake_quant" not in name and "activation_post_process" not in name:
         return False
     return _QUANT_SEGMENT.search(name) is not None
 
 
-def _is_causal_mask(last: str, name: str, t: RawTensor) -> bool:
+def _is_quantized_state(last: str, name: str, t: RawTensor, nb: Neighbours) -> bool:
+    # torch's quantized Linear / Conv / Embedding / RNNs keep weights in packed params and scale / zero
+    # point as plain attributes: named_parameters() and named_buffers() list none of them.
+    if t.dtype in _QUANTIZED:
+        return True
+    if last in _QUANT_MEMBERS and nb.quantized and _parent(name, last) in nb.quantized:
+        return True
+    return ("_packed_params" in name or "_all_weight_values" in name) and _PACKED.search(name) is not None
+
+
+def _is_quant_params(last: str, name: str, t: RawTensor, nb: Neighbours) -> bool:
+    # Quantize (a converted QuantStub), quantized BatchNorm / LayerNorm / GroupNorm / InstanceNorm and
+    # activations register ``scale`` and ``zero_point`` as buffers.
+    return (last == "scale" or last == "zero_point") and _parent(name, last) in nb.qparams
+
+
+def looks_like_rng_state(name: str, dtype: str, shape: tuple[int, ...]) -> bool:
+    """A random generator's state (``torch.get_rng_state()``, ``torch.cuda.get_rng_state()``: 1-D uint8),
+    by its name or its size: training state, not model state."""
+    if dtype != "uint8" or len(shape) != 1:
+        return False
+    if shape[0] == CPU_RNG_STATE_BYTES or name.partition(".")[0] in _RNG_KEYS:
+        return True
+    return _RNG_NAME.search(name[:1000]) is not None
+
+
+def _is_rng_state(last: str, name: str, t: RawTensor, nb: Neighbours) -> bool:
+    return looks_like_rng_state(name, t.dtype, t.shape)
+
+
+def _is_parametrization_buffer(last: str, name: str, t: RawTensor, nb: Neighbours) -> bool:
+    if last in ("_u", "_v", "base"):
+        m = _PARAMETRIZED.search(name)
+        return m is not None and m.group(3) is not None
+    # torch.nn.utils.spectral_norm (the hook): weight_orig is the parameter, weight_u / weight_v buffers.
+    if last.endswith(("_u", "_v")) and nb.hook_orig:
+        return name[:-2] in nb.hook_orig
+    return False
+
+
+def _is_parametrization_original(last: str, name: str, t: RawTensor, nb: Neighbours) -> bool:
+    if last.startswith("original"):
+        m = _PARAMETRIZED.search(name)
+        return m is not None and m.group(3) is None
+    if last.endswith("_orig") and len(last) > 5:
+        return True
+    # torch.nn.utils.weight_norm (the hook): weight_g and weight_v are both parameters.
+    return bool(nb.hook_g) and last.endswith(("_g", "_v")) and name[:-2] in nb.hook_g
+
+
+def _is_causal_mask(last: str, name: str, t: RawTensor, nb: Neighbours) -> bool:
     # GPT-2 keeps its causal mask as ``attn.bias`` (1, 1, n, n); a real bias is 1-D, so rank decides.
     if last == "bias":
         return len(t.shape) == 4 and name.endswith("attn.bias")
     return last in ("masked_bias", "causal_mask", "attn_mask") and len(t.shape) in (0, 2, 4)
 
 
-def _is_integral(last: str, name: str, t: RawTensor) -> bool:
+def _is_integral(last: str, name: str, t: RawTensor, nb: Neighbours) -> bool:
     d = DTYPES.get(t.dtype)
     return d is not None and d.is_integral
 
@@ -53,7 +173,7 @@ RULES: tuple[Rule, ...] = (
         "batchnorm-stats",
         "buffer",
         "`running_mean`, `running_var`, `num_batches_tracked`: BatchNorm, SyncBatchNorm and InstanceNorm statistics",
-        lambda last, name, t: last in _BN_STATS,
+        lambda last, name, t, nb: last in _BN_STATS,
     ),
     Rule(
         "quant-observer",
@@ -62,16 +182,31 @@ RULES: tuple[Rule, ...] = (
         _is_quant_observer,
     ),
     Rule(
+        "quantized-module",
+        "other",
+        "quantized dtypes (`qint8`, `quint8`, …), anything under `_packed_params` or `_all_weight_values`, and "
+        "the `weight`, `bias`, `scale`, `zero_point` of a module holding those: torch's quantized Linear, Conv, "
+        "Embedding and RNNs keep them outside `named_parameters()` and `named_buffers()`",
+        _is_quantized_state,
+    ),
+    Rule(
+        "quant-params",
+        "buffer",
+        "`scale` and `zero_point` side by side (and no quantized weight beside them): a converted QuantStub, "
+        "quantized norms and activations register them as buffers",
+        _is_quant_params,
+    ),
+    Rule(
         "position-ids",
         "buffer",
         "`position_ids`, `token_type_ids`: index tables transformers register as buffers",
-        lambda last, name, t: last in ("position_ids", "token_type_ids"),
+        lambda last, name, t, nb: last in ("position_ids", "token_type_ids"),
     ),
     Rule(
         "rotary-inv-freq",
         "buffer",
         "`inv_freq`: rotary embedding frequencies",
-        lambda last, name, t: last == "inv_freq",
+        lambda last, name, t, nb: last == "inv_freq",
     ),
     Rule(
         "causal-mask",
@@ -80,22 +215,97 @@ RULES: tuple[Rule, ...] = (
         _is_causal_mask,
     ),
     Rule(
+        "rng-state",
+        "other",
+        "a 1-D `uint8` tensor named for a random generator (`rng`, `random`, `seed`, `generator`), under a "
+        "device key (`cpu`, `cuda`, … as in HF Trainer's `rng_state.pth`) or of 5056 bytes (`torch.get_rng_state()`)",
+        _is_rng_state,
+    ),
+    Rule(
+        "parametrization-buffer",
+        "buffer",
+        "`parametrizations.<name>.<i>._u` / `._v` (spectral_norm) and `.base` (orthogonal); `<name>_u` / "
+        "`<name>_v` beside `<name>_orig` (the `torch.nn.utils.spectral_norm` hook)",
+        _is_parametrization_buffer,
+    ),
+    Rule(
+        "parametrization-original",
+        "parameter",
+        "`parametrizations.<name>.original` / `original<i>`; `<name>_orig` (the spectral_norm hook); `<name>_g` "
+        "and `<name>_v` beside `<name>_g` (the `torch.nn.utils.weight_norm` hook)",
+        _is_parametrization_original,
+    ),
+    Rule(
         "integer-dtype",
         "buffer",
-        "integer, bool and quantized dtypes: autograd cannot train them, so they are not parameters",
+        "integer, bool and bit dtypes: autograd cannot train them, so they are not parameters",
         _is_integral,
     ),
 )
 
 
-def infer(t: RawTensor) -> tuple[str, str]:
-    """(role, evidence) for a tensor with no exact evidence: the first rule that matches, else default."""
+def infer(t: RawTensor, nb: Neighbours = NO_NEIGHBOURS) -> tuple[str, str]:
+    """(role, evidence) for a tensor with no exact evidence: the first rule that matches, else default.
+
+    ``nb`` describes the tensors beside ``t``; without it the rules that look at siblings do not fire."""
     name = t.name
     last = name.rpartition(".")[2]
     for rule in RULES:
-        if rule.test(last, name, t):
+        if rule.test(last, name, t, nb):
             return rule.role, f"rule:{rule.name}"
     return "parameter", "default"
+
+
+def plain_tensor_is_buffer_like(t: RawTensor, nb: Neighbours) -> bool:
+    """Whether plain tensor ``t`` fits ``state_dict(keep_vars=True)``, where every parameter is an
+    ``nn.Parameter`` and plain tensors are buffers: a rule calls it a buffer, or it is a floating tensor no
+    rule names and its name is not one torch gives parameters (``weight``, ``bias``, ``weight_ih_l0``, …)."""
+    role, evidence = infer(t, nb)
+    if role == "buffer":
+        return True
+    last = t.name.rpartition(".")[2]
+    return evidence == "default" and _PARAMETER_LEAF.fullmatch(last) is None
+
+
+def apply_keep_vars(tensors: list[RawTensor], nested: Container[int] = ()) -> None:
+    """Exact roles from ``nn.Parameter`` objects in one state dict (``tensors``; ``nested`` holds the ids of
+    those found inside a list, tuple or TorchScript object rather than as a value of the dict).
+
+    A Parameter is a parameter when it is a value of the dict and not part of a quantized module: those
+    pickle their bias as a Parameter even in a plain ``state_dict()``, and packed params hold Parameters in
+    tuples. Plain tensors beside the Parameters are buffers only when the whole dict reads as
+    ``state_dict(keep_vars=True)``: no quantized module, no Parameter inside a tuple or list, and every plain
+    tensor buffer-like (see :func:`plain_tensor_is_buffer_like`). One Parameter never makes the rest exact.
+    """
+    nb = Neighbours(tensors)
+    params = []
+    plain = []
+    doubt = bool(nb.quantized)
+    for t in tensors:
+        if t.role is not None:
+            continue
+        if not t.is_parameter:
+            plain.append(t)
+        elif id(t) in nested or nb.in_quantized_module(t.name):
+            doubt = True
+        else:
+            params.append(t)
+    if not params:
+        return
+    for t in params:
+        t.role, t.exact, t.evidence = "parameter", True, "keep-vars"
+    if doubt or not all(plain_tensor_is_buffer_like(t, nb) for t in plain):
+        return
+    for t in plain:
+        t.role, t.exact, t.evidence, t.persistent = "buffer", True, "keep-vars", True
+
+
+def keep_vars_proves(tensors: Iterable[tuple[str, str, tuple[int, ...], bool]]) -> bool:
+    """Whether a state dict of (name, dtype, shape, is a Parameter object) reads back with every role exact
+    (what :func:`apply_keep_vars` decides): ``convert`` writes Parameter objects only then."""
+    probe = [RawTensor(name, dtype, shape, is_parameter=param) for name, dtype, shape, param in tensors]
+    apply_keep_vars(probe)
+    return all(t.exact for t in probe)
 
 
 def resolve(raw: RawCheckpoint) -> Report:
@@ -106,15 +316,21 @@ def resolve(raw: RawCheckpoint) -> Report:
             by_storage.setdefault(t.storage, []).append(t.name)
     infos: list[TensorInfo] = []
     append = infos.append
+    nb: Neighbours | None = None
     for t in raw.tensors:
         role = t.role
+        group = t.group
         if role is not None:
             exact, evidence = t.exact, t.evidence or "reader"
         else:
-            role, evidence = infer(t)
+            if nb is None:
+                nb = Neighbours(raw.tensors)
+            role, evidence = infer(t, nb)
             exact = False
+            if evidence == RNG_EVIDENCE:
+                group = t.name.partition(".")[0]  # not model state: it lives under its own key
         persistent = t.persistent
-        if persistent is None and t.group == "model" and role in ("parameter", "buffer"):
+        if persistent is None and group == "model" and role in ("parameter", "buffer"):
             persistent = True  # present in a saved state: it was persistent when saved
         n = 1
         for d in t.shape:
@@ -130,7 +346,7 @@ def resolve(raw: RawCheckpoint) -> Report:
         # Positional: this runs once per tensor, and keyword calls cost more (the order is TensorInfo's).
         info = TensorInfo(
             t.name, role, exact, evidence, persistent, t.requires_grad, t.dtype, t.shape, n,
-            nbytes(t.dtype, n), t.device, shares, t.group, t.stride, t.storage_offset, storage, t.layout, t.file,
+            nbytes(t.dtype, n), t.device, shares, group, t.stride, t.storage_offset, storage, t.layout, t.file,
         )  # fmt: skip
         append(info)
     findings = FindingCap()

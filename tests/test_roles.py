@@ -34,12 +34,120 @@ def raw(name: str, dtype: str = "float32", shape: tuple[int, ...] = (4,)) -> Raw
         ("embedding.codebook_index", "int64", (16,), "rule:integer-dtype"),
         ("mask", "bool", (4, 4), "rule:integer-dtype"),
         ("lookup", "uint8", (10,), "rule:integer-dtype"),
-        ("fc.weight", "qint8", (4, 4), "rule:integer-dtype"),  # quantized: not an autograd parameter
-        ("conv.weight", "quint4x2", (4, 4), "rule:integer-dtype"),
+        ("lookup", "uint8", (5057,), "rule:integer-dtype"),  # a uint8 table of any other size
+        ("enc.parametrizations.weight.0._u", "float32", (4,), "rule:parametrization-buffer"),
+        ("enc.parametrizations.weight.0._v", "float32", (4,), "rule:parametrization-buffer"),
+        ("parametrizations.weight.3.base", "float32", (4, 4), "rule:parametrization-buffer"),
     ],
 )
 def test_rule_marks_buffer(name: str, dtype: str, shape: tuple[int, ...], evidence: str) -> None:
     assert infer(raw(name, dtype, shape)) == ("buffer", evidence)
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype", "shape", "evidence"),
+    [
+        ("fc.weight", "qint8", (4, 4), "rule:quantized-module"),  # quantized: neither parameter nor buffer
+        ("conv.weight", "quint4x2", (4, 4), "rule:quantized-module"),
+        ("fc._packed_params._packed_params.1", "float32", (4,), "rule:quantized-module"),
+        ("_packed_params._packed_weight", "quint8", (4, 4), "rule:quantized-module"),
+        ("rnn._all_weight_values.0.param.1.0", "float32", (16,), "rule:quantized-module"),
+        ("rng_state", "uint8", (5056,), "rule:rng-state"),
+        ("cpu", "uint8", (5056,), "rule:rng-state"),
+        ("cuda.0", "uint8", (16,), "rule:rng-state"),  # HF Trainer: one per device
+        ("cuda_rng_state", "uint8", (16,), "rule:rng-state"),
+        ("torch_manual_seed", "uint8", (5056,), "rule:rng-state"),
+        ("sampler.Generator", "uint8", (5056,), "rule:rng-state"),
+        ("state", "uint8", (5056,), "rule:rng-state"),  # torch.get_rng_state()'s size alone
+    ],
+)
+def test_rule_marks_other(name: str, dtype: str, shape: tuple[int, ...], evidence: str) -> None:
+    assert infer(raw(name, dtype, shape)) == ("other", evidence)
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype", "shape"),
+    [
+        ("rng_state", "uint8", (4, 4)),  # 2-D: no generator state
+        ("rng_state", "int64", (5056,)),
+        ("packed_params.weight", "float32", (4,)),  # not the `_packed_params` segment
+        ("x._packed_paramsx.w", "float32", (4,)),
+        ("parametrizations.weight.0.scale", "float32", (4,)),  # a user parametrization's own parameter
+    ],
+)
+def test_near_misses_are_not_caught(name: str, dtype: str, shape: tuple[int, ...]) -> None:
+    evidence = infer(raw(name, dtype, shape))[1]
+    assert evidence in ("default", "rule:integer-dtype"), (name, evidence)
+
+
+def roles_beside(*tensors: tuple[str, str]) -> dict[str, tuple[str, str]]:
+    """(role, evidence) of each (name, dtype) when all of them are in one file: some rules look at siblings."""
+    report = resolve(RawCheckpoint("x.pt", "torch-zip", [raw(n, d) for n, d in tensors], Container("state_dict", "")))
+    return {t.name: (t.role, t.evidence) for t in report.tensors}
+
+
+def test_a_quantized_module_takes_its_float_neighbours() -> None:
+    got = roles_beside(
+        ("conv.weight", "qint8"), ("conv.bias", "float32"), ("conv.scale", "float32"), ("conv.zero_point", "int64"),
+        ("fc._packed_params._packed_params.0", "qint8"), ("fc.scale", "float32"), ("fc.zero_point", "int64"),
+        ("ln.weight", "float32"), ("ln.bias", "float32"), ("ln.scale", "float32"), ("ln.zero_point", "int64"),
+        ("conv2.bias", "float32"),
+    )  # fmt: skip
+    for n in ("conv.weight", "conv.bias", "conv.scale", "conv.zero_point", "fc.scale", "fc.zero_point"):
+        assert got[n] == ("other", "rule:quantized-module"), n
+    # A float LayerNorm beside them keeps its parameters; its quantization parameters are buffers.
+    assert got["ln.weight"] == got["ln.bias"] == got["conv2.bias"] == ("parameter", "default")
+    assert got["ln.scale"] == got["ln.zero_point"] == ("buffer", "rule:quant-params")
+
+
+def test_scale_alone_is_no_quantization_parameter() -> None:
+    assert roles_beside(("block.scale", "float32"))["block.scale"] == ("parameter", "default")
+    assert infer(raw("quant.scale")) == ("parameter", "default")  # without the neighbours: no zero_point seen
+
+
+def test_old_norm_hooks_are_told_apart_by_their_neighbours() -> None:
+    got = roles_beside(
+        ("sn.weight_orig", "float32"), ("sn.weight_u", "float32"), ("sn.weight_v", "float32"),
+        ("wn.weight_g", "float32"), ("wn.weight_v", "float32"),
+        ("other.weight_v", "float32"), ("other.weight_u", "float32"),
+    )  # fmt: skip
+    assert got["sn.weight_orig"] == ("parameter", "rule:parametrization-original")
+    assert got["sn.weight_u"] == got["sn.weight_v"] == ("buffer", "rule:parametrization-buffer")
+    assert got["wn.weight_g"] == got["wn.weight_v"] == ("parameter", "rule:parametrization-original")
+    assert got["other.weight_v"] == got["other.weight_u"] == ("parameter", "default")  # no hook beside them
+
+
+def test_parametrization_original_is_a_parameter_rule() -> None:
+    for name in ("parametrizations.weight.original", "enc.parametrizations.bias.original1"):
+        assert infer(raw(name)) == ("parameter", "rule:parametrization-original"), name
+    assert infer(raw("enc.original")) == ("parameter", "default")  # not under parametrizations
+
+
+def test_rng_state_gets_its_own_group() -> None:
+    report = resolve(
+        RawCheckpoint(
+            "x.pt", "torch-zip", [raw("fc.weight"), raw("rng.cpu", "uint8", (5056,))], Container("state_dict", "")
+        )
+    )
+    assert [(t.role, t.group) for t in report.tensors] == [("parameter", "model"), ("other", "rng")]
+
+
+def test_rule_regexes_are_linear() -> None:
+    """Names are the file's text: a 1 MB adversarial name is matched in well under a second."""
+    import time
+
+    names = [
+        "parametrizations." + "a" * 1_000_000,
+        "parametrizations." * 60_000 + "x._u",
+        "_packed_param" * 80_000,
+        ("." * 500_000) + "_orig",
+    ]
+    start = time.perf_counter()
+    for name in names:
+        for dtype, shape in (("float32", (4,)), ("uint8", (5,))):
+            infer(raw(name, dtype, shape))
+        roles_beside((name, "float32"), (name + "_orig", "float32"))
+    assert time.perf_counter() - start < 2
 
 
 @pytest.mark.parametrize(

@@ -344,9 +344,15 @@ def test_frozen_and_nonpersistent_module(samples_dir: Path, monkeypatch: pytest.
 # ------------------------------------------------------------------------------------------- keep_vars
 
 
-def test_keep_vars_state_dict(samples_dir: Path) -> None:
-    oracle = torch_load(samples_dir / "cnn_bn_keep_vars.pt")
-    report = open_sample(samples_dir, "cnn_bn_keep_vars.pt")
+@pytest.mark.parametrize(
+    ("name", "parameters"),
+    [("cnn_bn_keep_vars.pt", 10), ("qat_prepared_keep_vars.pt", 4), ("parametrized_keep_vars.pt", 11)],
+)
+def test_keep_vars_state_dict(samples_dir: Path, name: str, parameters: int) -> None:
+    """Parameters beside plain tensors that all look like buffers (BatchNorm statistics, quantization
+    observers, parametrization state): every role is a fact."""
+    oracle = torch_load(samples_dir / name)
+    report = open_sample(samples_dir, name)
     assert [t.name for t in report.tensors] == list(oracle)
     assert_facts_match(report, oracle)
     got = tensors_of(report)
@@ -360,7 +366,7 @@ def test_keep_vars_state_dict(samples_dir: Path) -> None:
             assert (info.role, info.exact, info.evidence) == ("buffer", True, "keep-vars"), name
             assert info.persistent is True, name
         assert info.requires_grad is t.requires_grad, name
-    assert n_params == 10
+    assert n_params == parameters
 
 
 # ------------------------------------------------------------------------------ training checkpoints

@@ -31,7 +31,7 @@ from statecli.conversion.atomic import (
     remove_leftovers,
     sync_folder,
 )
-from statecli.conversion.plan import DEFAULT_SHARD_SIZE, INDEX_NAME, Plan, PlanItem
+from statecli.conversion.plan import DEFAULT_SHARD_SIZE, INDEX_NAME, Plan, PlanItem, parameters_keep_roles
 from statecli.conversion.source import Source, byte_view
 from statecli.conversion.zipwriter import ZipWriter
 from statecli.errors import CheckFailedError, InputError, OutputError, StatecliError, UsageError
@@ -356,11 +356,8 @@ class _Pickler(pickle.Pickler):
 
 
 def _exact_module_roles(items: list[PlanItem]) -> bool:
-    """Write nn.Parameter objects (state_dict(keep_vars=True)) only when every role is a known fact:
-    a reader then sees exact roles again. Mixing in guesses would make them look like facts."""
-    return all(i.exact and i.role in ("parameter", "buffer") for i in items) and any(
-        i.role == "parameter" for i in items
-    )
+    """Write nn.Parameter objects (state_dict(keep_vars=True)) only where a reader sees exact roles again."""
+    return parameters_keep_roles(items)
 
 
 def _write_torch(pending: PendingFile, plan: Plan, units: list[_Unit], feeder: _Feeder, root: str) -> int:

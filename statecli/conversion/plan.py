@@ -21,7 +21,7 @@ from typing import Any
 from statecli import dtypes
 from statecli.errors import InputError, StatecliError, UnsupportedFormatError, UsageError
 from statecli.records import Finding, RawTensor, Report, TensorInfo
-from statecli.roles import infer
+from statecli.roles import infer, keep_vars_proves
 from statecli.wording import count
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -279,6 +279,21 @@ def _select(report: Report, key: str | None) -> tuple[list[tuple[TensorInfo, str
     return kept, dropped
 
 
+def _all_roles_exact(items: list[PlanItem]) -> bool:
+    return all(i.exact and i.role in ("parameter", "buffer") for i in items) and any(
+        i.role == "parameter" for i in items
+    )
+
+
+def parameters_keep_roles(items: list[PlanItem]) -> bool:
+    """Whether a .pt output of ``items`` holds nn.Parameter objects (``state_dict(keep_vars=True)``): only when
+    every role is a known fact and a reader sees every role exact again (a buffer named ``weight`` would read
+    back as a guess). Mixing in guesses would make them look like facts."""
+    return _all_roles_exact(items) and keep_vars_proves(
+        (i.name, i.dst_dtype, i.shape, i.role == "parameter") for i in items
+    )
+
+
 def _module_attribute(t: TensorInfo) -> bool:
     """A tensor the module holds that is neither a parameter nor a buffer: ``state_dict()`` leaves it out.
 
@@ -414,6 +429,16 @@ def build_plan(report: Report, output: str, options: ConvertOptions) -> Plan:
                     "put these tensors on the CPU",
                 )
             )
+    if fmt == "torch" and _all_roles_exact(items) and not parameters_keep_roles(items):
+        notes.append(
+            Finding(
+                "info",
+                "roles-not-stored",
+                "a .pt shows roles only as nn.Parameter objects beside plain buffers, and these buffers would read "
+                "back as guesses (a buffer named like a parameter, or a quantized module): the output holds plain "
+                "tensors; write .safetensors to keep the exact roles",
+            )
+        )
     if dropped:
         by_reason: dict[str, list[str]] = {}
         for d in dropped:

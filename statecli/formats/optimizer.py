@@ -17,7 +17,7 @@ from typing import Any
 from statecli.clip import describe, quote
 from statecli.dtypes import DTYPES
 from statecli.records import Finding, RawTensor
-from statecli.roles import infer
+from statecli.roles import Neighbours, infer
 from statecli.safepickle import PickledDict, Stub
 from statecli.wording import name_list
 
@@ -68,13 +68,13 @@ def _param_ids(opt: dict[Any, Any]) -> list[int] | None:
     return ids
 
 
-def _could_be_parameter(t: RawTensor) -> bool:
+def _could_be_parameter(t: RawTensor, nb: Neighbours) -> bool:
     if t.group != "model" or t.role == "buffer":
         return False
     d = DTYPES.get(t.dtype)
     if d is None or d.kind not in ("float", "complex"):
         return False
-    return t.role == "parameter" or infer(t)[0] == "parameter"
+    return t.role == "parameter" or infer(t, nb)[0] == "parameter"
 
 
 def apply_optimizer_evidence(root: Any, tensors: list[RawTensor]) -> list[Finding]:
@@ -89,7 +89,8 @@ def apply_optimizer_evidence(root: Any, tensors: list[RawTensor]) -> list[Findin
     ids = _param_ids(opt)
     if ids is None:
         return []
-    candidates = [t for t in tensors if _could_be_parameter(t)]
+    nb = Neighbours(tensors)  # the rules that look at siblings (old spectral_norm's weight_u, ...) count too
+    candidates = [t for t in tensors if _could_be_parameter(t, nb)]
     if sorted(ids) != list(range(len(ids))) or len(ids) != len(candidates):
         return [
             Finding(

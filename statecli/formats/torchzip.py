@@ -16,6 +16,7 @@ from statecli.formats.base import MAX_NAME_CHARS, RawCheckpoint
 from statecli.formats.optimizer import apply_optimizer_evidence
 from statecli.formats.zipdir import Member, read_central_directory, read_member
 from statecli.records import Container, Finding, RawTensor, more_findings
+from statecli.roles import RNG_EVIDENCE, apply_keep_vars, looks_like_rng_state
 from statecli.safepickle import Global, Limits, StorageRef, Stub, TensorRef, describe, loads, printable
 from statecli.security import findings_for
 from statecli.wording import name_list
@@ -235,6 +236,28 @@ def _module_state(obj: Any) -> dict[str, Any] | None:
     return None
 
 
+def _script_object_state(obj: Any) -> Any:
+    """What a pickled ``torch.ScriptObject`` holds (its ``__getstate__``: quantized packed params keep their
+    weights there), or None for anything else. BUILD gives it ``(state, qualified class name)``."""
+    if not (isinstance(obj, Stub) and isinstance(obj.callee, Global) and obj.callee.qualname == "torch.ScriptObject"):
+        return None
+    state = obj.state
+    if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], str):
+        return state[0]
+    return None
+
+
+def _opaque_quantized_state(obj: Any) -> Any:
+    """The pickled state of a torch quantized module that pickles no ``__dict__`` (quantized Conv's
+    ``__getstate__`` is a flat tuple holding its weight and bias), or None for anything else."""
+    if not isinstance(obj, Stub) or _module_state(obj) is not None or not isinstance(obj.state, tuple):
+        return None
+    c = obj.callee
+    if isinstance(c, Global) and c.module.startswith(("torch.ao.nn.", "torch.nn.")) and ".quantized." in c.module:
+        return obj.state
+    return None
+
+
 def _as_mapping(obj: Any) -> dict[Any, Any] | None:
     if isinstance(obj, dict):
         return obj
@@ -281,6 +304,15 @@ def _clip(name: str) -> str:
     return printable(name if len(name) <= 300 else f"{name[:150]}…{name[-100:]}")
 
 
+def _is_rng_state(key: str, obj: Any) -> bool:
+    """A top-level value that is a random generator's state, or a list of them (one per CUDA device)."""
+    if isinstance(obj, TensorRef):
+        return looks_like_rng_state(key, obj.dtype, obj.shape)
+    if isinstance(obj, (list, tuple)) and 0 < len(obj) <= 4096:
+        return all(isinstance(t, TensorRef) and looks_like_rng_state(key, t.dtype, t.shape) for t in obj)
+    return False
+
+
 def _is_optimizer_state(obj: Any) -> bool:
     return isinstance(obj, dict) and "state" in obj and "param_groups" in obj
 
@@ -298,6 +330,7 @@ class _Walker:
         self.training: bool | None = None
         self.holds: dict[tuple[int, int], bool] = {}  # (id, depth) -> _holds_tensors: DAGs cost their size
         self.shared = 0
+        self.nested: set[int] = set()  # ids of the records of tensors found in a list, tuple or ScriptObject
 
     def analyse(self, root: Any) -> Container:
         # The walk's prefix is None at the state dict's root and a string below it, '' included: a key ''
@@ -309,6 +342,9 @@ class _Walker:
         if state is not None:
             self._module(root, None, 0)
             return Container("module", "", (), self.module_class, self.training)
+        if _opaque_quantized_state(root) is not None:
+            self._opaque_quantized(root, None, 0)
+            return Container("module", "", (), root.class_name, None)
         mapping = _as_mapping(root)
         if mapping is None:
             if isinstance(root, (list, tuple)):
@@ -317,7 +353,8 @@ class _Walker:
             return Container(kind="empty", state_dict_at=None)
         keys = [k if type(k) is str else _key(k) for k in mapping]
         lightning = bool(LIGHTNING_MARKERS & set(keys))
-        direct = any(isinstance(v, TensorRef) for v in mapping.values())
+        # An RNG state beside the model (``{"model": …, "rng_state": get_rng_state()}``) is no model tensor.
+        direct = any(isinstance(v, TensorRef) and not _is_rng_state(_key(k), v) for k, v in mapping.items())
         model_key = None
         if not direct:
             model_key = next((k for k in mapping if _key(k) in MODEL_KEYS and self._holds_tensors(mapping[k], 0)), None)
@@ -329,7 +366,7 @@ class _Walker:
                 self._state_dict(model, None)
             for k, v in mapping.items():
                 if k is not model_key:
-                    self._other(v, _key(k), _key(k))
+                    self._other(v, _key(k), _key(k), _is_rng_state(_key(k), v))
             kind = "lightning" if lightning else "training"
             other = tuple(k for k in keys if k != _key(model_key))
             return Container(kind, _key(model_key), other, self.module_class, self.training)
@@ -341,6 +378,9 @@ class _Walker:
             if name in OPTIMIZER_KEYS:
                 other_keys.append(name)
                 self._other(v, name, name)
+            elif isinstance(v, (TensorRef, list, tuple)) and _is_rng_state(name, v):
+                other_keys.append(name)
+                self._other(v, name, name, True)
             elif type(v) is TensorRef:
                 model_items[k] = v
             elif _is_optimizer_state(v):
@@ -369,6 +409,11 @@ class _Walker:
             return hit
         self.holds[key] = False  # a cycle back to here finds nothing new
         found = False
+        script = _script_object_state(obj)
+        if script is not None:
+            found = self._holds_tensors(script, depth + 1)
+            self.holds[key] = found
+            return found
         m = _as_mapping(obj)
         if m is not None:
             found = any(self._holds_tensors(v, depth + 1) for v in list(m.values())[:10_000])
@@ -410,20 +455,12 @@ class _Walker:
         self._generic(obj, prefix, "model", 0)
         mine = self.tensors[start:]
         if any(t.is_parameter for t in mine):
-            # state_dict(keep_vars=True): Parameter objects are parameters, plain tensors beside them buffers.
-            for t in mine:
-                if t.role is None:
-                    t.role = "parameter" if t.is_parameter else "buffer"
-                    t.exact = True
-                    t.evidence = "keep-vars"
-                    if t.role == "buffer":
-                        t.persistent = True
-        else:
-            for t in mine:
-                if t.evidence is None:
-                    t.requires_grad = None  # state_dict() detaches: the stored flag says nothing
+            apply_keep_vars(mine, self.nested)
+        for t in mine:
+            if t.evidence is None:
+                t.requires_grad = None  # state_dict() detaches: the stored flag says nothing
 
-    def _other(self, obj: Any, prefix: str, group: str) -> None:
+    def _other(self, obj: Any, prefix: str, group: str, rng: bool = False) -> None:
         start = len(self.tensors)
         self._generic(obj, prefix, group, 0)
         exact = _is_optimizer_state(obj) or (
@@ -433,15 +470,23 @@ class _Walker:
             if t.role is None:
                 t.role = "other"
                 t.exact = exact
-                t.evidence = "container"
+                t.evidence = RNG_EVIDENCE if rng else "container"
                 t.requires_grad = None if not t.is_parameter else t.requires_grad
 
-    def _generic(self, obj: Any, prefix: str | None, group: str, depth: int) -> None:
+    def _generic(self, obj: Any, prefix: str | None, group: str, depth: int, nested: bool = False) -> None:
         if isinstance(obj, TensorRef):
-            self._emit("tensor" if prefix is None else prefix, obj, group)  # None: analyse() names a bare tensor
+            r = self._emit("tensor" if prefix is None else prefix, obj, group)  # None: analyse() names a bare tensor
+            if nested:
+                self.nested.add(id(r))
             return
         if _module_state(obj) is not None:
             self._module(obj, prefix, depth)
+            return
+        script = _script_object_state(obj)
+        if script is not None:
+            # Named by its path in the object's state: ``param.1.0`` is ``param.__getstate__()[0][1][0]``.
+            if isinstance(script, (dict, list, tuple, Stub, TensorRef)):
+                self._generic(script, prefix, group, depth + 1, True)
             return
         mapping = _as_mapping(obj)
         if mapping is not None:
@@ -458,7 +503,7 @@ class _Walker:
         elif isinstance(obj, (list, tuple)) and self._enter(obj, prefix, depth):
             for i, v in enumerate(obj):
                 if isinstance(v, (TensorRef, dict, list, tuple, Stub)):
-                    self._generic(v, _join(prefix, i), group, depth + 1)
+                    self._generic(v, _join(prefix, i), group, depth + 1, True)
 
     def _module(self, stub: Stub, prefix: str | None, depth: int) -> None:
         if not self._enter(stub, prefix, depth):
@@ -478,13 +523,35 @@ class _Walker:
             if isinstance(t, TensorRef):
                 self._emit(_join(prefix, name), t, "model", "buffer", name not in np_names)
         for name, v in state.items():
-            if name not in MODULE_INTERNALS and isinstance(v, TensorRef):
+            if name in MODULE_INTERNALS:
+                continue
+            if isinstance(v, TensorRef):
                 # A tensor kept as a plain attribute is neither saved by state_dict() nor moved by .to().
                 r = self._emit(_join(prefix, name), v, "model", "other", None)
                 r.evidence = "module-attribute"
+            elif _script_object_state(v) is not None:
+                # Quantized packed params: neither parameters nor buffers, yet the module's own
+                # _save_to_state_dict writes them, so they are model state (not a plain attribute).
+                start = len(self.tensors)
+                self._generic(v, _join(prefix, name), "model", depth + 1)
+                for r in self.tensors[start:]:
+                    if r.role is None:
+                        r.role, r.exact, r.evidence = "other", True, "module"
         for name, child in self._items(state.get("_modules")):
             if _module_state(child) is not None:
                 self._module(child, _join(prefix, name), depth + 1)
+            elif _opaque_quantized_state(child) is not None:
+                self._opaque_quantized(child, _join(prefix, name), depth + 1)
+
+    def _opaque_quantized(self, stub: Stub, prefix: str | None, depth: int) -> None:
+        """A quantized module whose pickle is a tuple, not its ``__dict__``: its tensors (weight, bias) are
+        named by their place in that tuple. torch keeps them out of named_parameters() and named_buffers(),
+        but nothing in the file registers them, so the role comes from the class: a rule, not a fact."""
+        start = len(self.tensors)
+        self._generic(stub.state, prefix, "model", depth + 1, True)
+        for r in self.tensors[start:]:
+            if r.role is None:
+                r.role, r.exact, r.evidence = "other", False, "rule:quantized-module"
 
     @staticmethod
     def _items(d: Any) -> Iterator[tuple[str, Any]]:
