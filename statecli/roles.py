@@ -45,7 +45,7 @@ class Neighbours:
     its siblings (a quantized module's ``bias`` is no parameter; ``weight_v`` is a buffer beside
     ``weight_orig`` and a parameter beside ``weight_g``). Built in one pass over the names."""
 
-    __slots__ = ("hook_g", "hook_orig", "qparams", "quantized")
+    __slots__ = ("hook_g", "hook_orig", "plain", "qparams", "quantized")
 
     def __init__(self, tensors: Iterable[RawTensor] = ()) -> None:
         quantized: set[str] = set()
@@ -75,6 +75,8 @@ class Neighbours:
         self.qparams = frozenset(scales & zero_points)  # modules with a ``scale`` and a ``zero_point``
         self.hook_orig = frozenset(orig)  # ``X`` for every ``X_orig`` (torch.nn.utils.spectral_norm)
         self.hook_g = frozenset(g)  # ``X`` for every ``X_g`` (torch.nn.utils.weight_norm)
+        # No sibling-dependent rule can fire: roles depend on each tensor alone (see infer's memo).
+        self.plain = not (self.quantized or self.qparams or self.hook_orig or self.hook_g)
 
     def in_quantized_module(self, name: str) -> bool:
         """``name`` is a weight, bias, scale or zero point of a quantized module, or inside its packed weights."""
@@ -244,16 +246,40 @@ RULES: tuple[Rule, ...] = (
 )
 
 
+# Substrings of a name that some rule looks for. A name with none of them, in a file whose neighbours
+# trigger no rule, gets a role that depends only on its last segment, dtype and rank: memoized.
+_NAME_MARKS = ("observer", "fake_quant", "activation_post_process", "_packed_params", "_all_weight_values")
+_NAME_MARKS += ("parametrizations", "attn.bias")
+_MEMO: dict[tuple[str, str, int], tuple[str, str]] = {}
+_MEMO_LIMIT = 100_000  # distinct (last, dtype, rank); a file of random names must not grow it without end
+
+
 def infer(t: RawTensor, nb: Neighbours = NO_NEIGHBOURS) -> tuple[str, str]:
     """(role, evidence) for a tensor with no exact evidence: the first rule that matches, else default.
 
     ``nb`` describes the tensors beside ``t``; without it the rules that look at siblings do not fire."""
     name = t.name
     last = name.rpartition(".")[2]
+    plain = (
+        t.dtype != "uint8"  # rng-state looks at the whole name of uint8 tensors
+        and nb.plain
+        and not any(m in name for m in _NAME_MARKS)
+        and not last.startswith("original")
+    )
+    if plain:
+        key = (last, t.dtype, len(t.shape))
+        hit = _MEMO.get(key)
+        if hit is not None:
+            return hit
     for rule in RULES:
         if rule.test(last, name, t, nb):
-            return rule.role, f"rule:{rule.name}"
-    return "parameter", "default"
+            found = rule.role, f"rule:{rule.name}"
+            break
+    else:
+        found = "parameter", "default"
+    if plain and len(_MEMO) < _MEMO_LIMIT:
+        _MEMO[key] = found
+    return found
 
 
 def plain_tensor_is_buffer_like(t: RawTensor, nb: Neighbours) -> bool:

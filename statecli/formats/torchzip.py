@@ -378,11 +378,16 @@ class _Walker:
             if name in OPTIMIZER_KEYS:
                 other_keys.append(name)
                 self._other(v, name, name)
-            elif isinstance(v, (TensorRef, list, tuple)) and _is_rng_state(name, v):
+            elif type(v) is TensorRef:
+                # One check per tensor of a flat state dict: only a 1-D uint8 tensor can be an RNG state.
+                if v.dtype == "uint8" and len(v.shape) == 1 and _is_rng_state(name, v):
+                    other_keys.append(name)
+                    self._other(v, name, name, True)
+                else:
+                    model_items[k] = v
+            elif isinstance(v, (list, tuple)) and _is_rng_state(name, v):
                 other_keys.append(name)
                 self._other(v, name, name, True)
-            elif type(v) is TensorRef:
-                model_items[k] = v
             elif _is_optimizer_state(v):
                 other_keys.append(name)
                 self._other(v, name, name)
