@@ -502,6 +502,10 @@ def _h_inert(args: tuple[Any, ...]) -> Any:
     return None
 
 
+# torch.relu and its kind are methods of torch._C._VariableFunctionsClass; pickle writes each as
+# ``getattr(torch._C._VariableFunctionsClass, 'relu')``. These names (activations a module stores) are read
+# as the global ``torch.<name>``; any other getattr stays a call of getattr.
+TORCH_FUNCTIONS = ("relu", "tanh", "sigmoid", "softmax", "log_softmax", "prelu", "hardshrink")
 _TORCH_UTILS = ("torch._utils", "torch._tensor")
 HANDLERS: dict[tuple[str, str], Callable[[tuple[Any, ...]], Any]] = {
     ("collections", "OrderedDict"): _h_ordered_dict,
@@ -905,6 +909,10 @@ class RestrictedUnpickler:
                         for x in items:
                             counts.add(x)
                         target.update(items)
+                    elif isinstance(target, (Stub, Global)):
+                        # Real pickle calls ``target.add(item)`` for each: found on the instance, that is a
+                        # function the pickle stored there.
+                        self._fill(target, items, ("add",))
                     else:
                         raise InputError("corrupt pickle: ADDITEMS on something that is not a set")
                 elif op == 0x91:  # FROZENSET
@@ -1117,6 +1125,9 @@ class RestrictedUnpickler:
         special = _SPECIAL.get((callee.module, callee.name)) if not self.tainted else None
         if special is not None and type(args) is tuple:
             return special(self, callee, args, kind)
+        return self._plain_call(callee, args, kind)
+
+    def _plain_call(self, callee: Global, args: Any, kind: str) -> Stub:
         # NEWOBJ runs cls.__new__(cls, *args) and no __init__; INST, OBJ and REDUCE call the callee.
         self._act("instantiate" if kind == "newobj" else "call", callee, args)
         return Stub(callee, args, kind)
@@ -1188,6 +1199,52 @@ class RestrictedUnpickler:
         if len(args) > 3 and _dunder_keys(args[3]):
             self._act("build", callee, args[3])
         return p
+
+    def _rng_ctor(self, callee: Global, args: tuple[Any, ...], kind: str) -> Any:
+        """``numpy.random._pickle.__randomstate_ctor`` / ``__generator_ctor(name='MT19937', ctor=...)``: numpy
+        calls ``ctor(name)`` unless ``name`` is a bit generator already. numpy pickles them with ``ctor``
+        its own ``__bit_generator_ctor`` (or none) and ``name`` a bit generator's name, class or instance;
+        any other ``ctor`` is judged as the call it is (``__randomstate_ctor(cfg, logging.config.dictConfig)``
+        calls dictConfig)."""
+        stub = self._plain_call(callee, args, kind)
+        name = args[0] if args else "MT19937"
+        ctor = args[1] if len(args) > 1 else None
+        if ctor is None or (type(ctor) is Global and (ctor.module, ctor.name) == _BIT_CTOR):
+            self._bit_generator(name)
+        else:
+            self._call(ctor, (name,), "reduce")
+        return stub
+
+    def _bit_generator_ctor(self, callee: Global, args: tuple[Any, ...], kind: str) -> Any:
+        """``numpy.random._pickle.__bit_generator_ctor(x)``: ``x()`` when ``x`` is a class, else a lookup of
+        ``x`` among numpy's bit generator names."""
+        stub = self._plain_call(callee, args, kind)
+        self._bit_generator(args[0] if args else "MT19937")
+        return stub
+
+    def _bit_generator(self, name: Any) -> None:
+        if type(name) is Global:
+            self._call(name, (), "reduce")  # any class called with no arguments: judged like every call
+
+    def _torch_function(self, callee: Global, args: tuple[Any, ...], kind: str) -> Any:
+        """``getattr(torch._C._VariableFunctionsClass, 'relu')`` is how pickle writes ``torch.relu``: read as
+        the name ``torch.relu`` (an activation a module stores), not as a call of getattr. Any other getattr is
+        a call like any other (and a well-known way to reach any attribute)."""
+        if len(args) == 2:
+            owner, attr = args
+            if (
+                type(owner) is Global
+                and (owner.module, owner.name) == ("torch._C", "_VariableFunctionsClass")
+                and attr in TORCH_FUNCTIONS
+            ):
+                for key in ((callee.module, callee.name), (owner.module, owner.name)):
+                    n = self.globals_seen.get(key, 0) - 1
+                    if n > 0:
+                        self.globals_seen[key] = n
+                    else:
+                        self.globals_seen.pop(key, None)
+                return self._global("torch", attr)
+        return self._plain_call(callee, args, kind)
 
     def _persistent(self, pid: Any) -> Any:
         if self.persistent_load is None:
@@ -1331,9 +1388,39 @@ class RestrictedUnpickler:
         self.fast_hits += hits
         return pos if hits else 0
 
+    def _fill(self, target: Stub | Global, items: list[Any], methods: tuple[str, ...]) -> None:
+        """APPEND(S) / ADDITEMS on something that is not a list or set: real pickle looks ``extend``,
+        ``append`` or ``add`` up on the object and calls it with the items.
+
+        On a global (a module's list or dict: ``sys.path``, ``copyreg._inverted_registry``) that changes
+        what later names resolve to: a ``mutate`` action, and no name is trusted after it. On an object the
+        pickle made, a method of that name the pickle put in its state (BUILD of ``{'append': f}`` on an
+        inert ``Namespace``) is what pickle calls: judged as a call of that value."""
+        if type(target) is Global:
+            self._act("mutate", target, tuple(items))
+            self.tainted = True
+            return
+        state = target.state
+        parts = [p for p in (state if type(state) is tuple and len(state) == 2 else (state,)) if isinstance(p, dict)]
+        for method in methods:
+            planted = [p[method] for p in parts if method in p]
+            if planted and items:
+                # extend gets the list; append and add get each item (the first stands for all here).
+                self._call(planted[-1], (list(items),) if method == "extend" else (items[0],), "reduce")
+                break
+        if target.items is None:
+            target.items = []
+            self._mark(target, "fills")
+        target.items.extend(items)
+
     def _setitems(self, target: Any, items: list[Any]) -> None:
         if len(items) % 2:
             raise InputError("corrupt pickle: SETITEMS with an odd number of items")
+        if type(target) is Global:
+            # Real pickle stores into the global itself (``sys.modules[name] = obj``): see _fill.
+            self._act("mutate", target, tuple(items[:2]))
+            self.tainted = True
+            return
         if isinstance(target, dict):
             d = target
         elif isinstance(target, Stub):
@@ -1359,11 +1446,8 @@ class RestrictedUnpickler:
     def _extend(self, target: Any, items: list[Any]) -> None:
         if isinstance(target, list):
             target.extend(items)
-        elif isinstance(target, Stub):
-            if target.items is None:
-                target.items = []
-                self._mark(target, "fills")
-            target.items.extend(items)
+        elif isinstance(target, (Stub, Global)):
+            self._fill(target, items, ("extend", "append"))
         else:
             raise InputError(f"corrupt pickle: APPEND on a {type(target).__name__}")
 
@@ -1404,7 +1488,12 @@ _SPECIAL: dict[tuple[str, str], Callable[[RestrictedUnpickler, Global, tuple[Any
     ("copyreg", "_reconstructor"): RestrictedUnpickler._reconstructor,
     ("copyreg", "__newobj__"): RestrictedUnpickler._newobj,
     ("copyreg", "__newobj_ex__"): RestrictedUnpickler._newobj_ex,
+    ("numpy.random._pickle", "__randomstate_ctor"): RestrictedUnpickler._rng_ctor,
+    ("numpy.random._pickle", "__generator_ctor"): RestrictedUnpickler._rng_ctor,
+    ("numpy.random._pickle", "__bit_generator_ctor"): RestrictedUnpickler._bit_generator_ctor,
+    ("builtins", "getattr"): RestrictedUnpickler._torch_function,
 }
+_BIT_CTOR = ("numpy.random._pickle", "__bit_generator_ctor")
 
 
 def loads(
