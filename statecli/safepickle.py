@@ -705,6 +705,7 @@ class RestrictedUnpickler:
         self.fast_paths = fast_paths
         self._hash_counts: dict[int, HashCounts] = {}
         self.fast_hits = 0  # tensors built by the fast path (the tests check it really runs)
+        self.stopped_at: int | None = None  # where load() gave up, for a pickle it could not read to its end
 
     # The hot loop is one function with local variables and an if-chain ordered by how often torch
     # pickles use each opcode: a 100,000-tensor state dict runs about two million of them.
@@ -727,6 +728,7 @@ class RestrictedUnpickler:
         # Every opcode takes at least one byte, so the opcode count is bounded by the pickle's size,
         # which the caller caps; an explicit counter would cost ~10% of the loop.
         if n > lim.max_ops:
+            self.stopped_at = self.start  # nothing read: all of it is what real pickle would go on to do
             raise LimitExceededError(f"pickle of {n} bytes could run more than {lim.max_ops} opcodes")
         try:
             while True:
@@ -1027,14 +1029,20 @@ class RestrictedUnpickler:
                     raise InputError("pickle uses out-of-band buffers, which statecli does not read")
                 else:
                     raise InputError(f"corrupt pickle: unknown opcode 0x{op:02x} at byte {pos - 1}")
+        except InputError:
+            self.stopped_at = pos
+            raise
         except (IndexError, KeyError, struct.error) as e:
+            self.stopped_at = pos
             detail = "memo entry missing" if isinstance(e, KeyError) else "stack or data ran out"
             if pos >= n:
                 raise InputError("corrupt pickle: data ends before STOP (truncated?)") from e
             raise InputError(f"corrupt pickle: {detail} near byte {pos}") from e
         except (TypeError, ValueError, UnicodeDecodeError, OverflowError) as e:
+            self.stopped_at = pos
             raise InputError(f"corrupt pickle near byte {pos}: {e}") from e
         except RecursionError as e:  # here, not in each reader that calls this one
+            self.stopped_at = pos
             raise InputError("corrupt pickle: structure nested too deeply") from e
 
     def _bytes(self, pos: int, size: int) -> bytes:
@@ -1496,6 +1504,139 @@ _SPECIAL: dict[tuple[str, str], Callable[[RestrictedUnpickler, Global, tuple[Any
 _BIT_CTOR = ("numpy.random._pickle", "__bit_generator_ctor")
 
 
+def _scan_table() -> dict[int, tuple[int, int, bool, int, bool]]:
+    """Per opcode byte: (argument size or pickletools' negative code, items popped below a mark (or in all),
+    whether it pops to a mark, items pushed, whether it pushes a mark)."""
+    import pickletools
+
+    table = {}
+    for op in pickletools.opcodes:
+        before, after = op.stack_before, op.stack_after
+        marked = pickletools.markobject in before
+        below = before.index(pickletools.markobject) if marked else len(before)
+        size = op.arg.n if op.arg is not None else 0
+        table[op.code.encode("latin-1")[0]] = (size, below, marked, len(after), pickletools.markobject in after)
+    return table
+
+
+_SCAN: dict[int, tuple[int, int, bool, int, bool]] = {}
+_MARK = object()
+_LONG = object()  # a string longer than any global's name
+# Opcodes after which a value the pickle holds may be called (directly, or by pickle looking a method up):
+# REDUCE, BUILD, NEWOBJ, NEWOBJ_EX, INST, OBJ, APPEND(S), SETITEM(S), ADDITEMS.
+_CALLING = frozenset(b"Rb\x81\x92ioaesu\x90")
+# SHORT_BINUNICODE, BINUNICODE, BINUNICODE8, SHORT_BINSTRING, BINSTRING: length-prefixed strings.
+_STRINGS = frozenset(b"\x8cX\x8dUT")
+_LENGTH_WIDTH = {-2: 1, -3: 4, -4: 4, -5: 8}
+
+
+def names_after(data: Any, start: int, stop: int) -> tuple[dict[tuple[str, str], int], bool]:
+    """The globals the pickle at ``data[start:]`` names from byte ``stop`` on, and whether an opcode there
+    can call anything: what real pickle would go on to do where the restricted reader gave up (a limit, a
+    value it refuses to model). The opcodes are walked by their argument sizes (pickletools' table) without
+    building any value; where the pickle can hold a STACK_GLOBAL, a stack of the strings it would take is
+    kept. The walk ends at STOP or at the first byte that is no pickle. A STACK_GLOBAL whose operands are
+    not literal strings names :data:`COMPUTED`."""
+    if not _SCAN:
+        _SCAN.update(_scan_table())
+    table = _SCAN
+    n = len(data)
+    names: dict[tuple[str, str], int] = {}
+    calls = False
+    track = data.find(b"\x93", start) >= 0  # no STACK_GLOBAL byte anywhere: no strings to follow
+    stack: list[Any] = []
+    memo: dict[int, Any] = {}
+    proto = 0
+    pos = start
+    try:
+        while pos < n:
+            code = data[pos]
+            info = table.get(code)
+            if info is None:
+                break
+            size, below, marked, pushed, mark_after = info
+            at = pos
+            pos += 1
+            text: Any = None
+            if code == 0x63 or code == 0x69:  # GLOBAL, INST: two lines
+                end1 = data.find(b"\n", pos)
+                end2 = data.find(b"\n", end1 + 1) if end1 >= 0 else -1
+                if end2 < 0:
+                    break
+                if at >= stop:
+                    module = data[pos:end1].decode("utf-8", "replace")
+                    attr = data[end1 + 1 : end2].decode("utf-8", "replace")
+                    if proto < 3:
+                        mapped = _compat_pickle.NAME_MAPPING.get((module, attr))
+                        module, attr = mapped if mapped else (_compat_pickle.IMPORT_MAPPING.get(module, module), attr)
+                    names[(module, attr)] = names.get((module, attr), 0) + 1
+                pos = end2 + 1
+            elif size > 0:
+                if code == 0x80:  # PROTO
+                    proto = data[pos]
+                elif track and code in (0x68, 0x6A, 0x71, 0x72):  # BINGET, LONG_BINGET, BINPUT, LONG_BINPUT
+                    text = int.from_bytes(data[pos : pos + size], "little")
+                pos += size
+            elif size == -1:  # up to a newline: protocol 0's strings, numbers, memo indices, persistent ids
+                end = data.find(b"\n", pos)
+                if end < 0:
+                    break
+                if track and code in (0x56, 0x53, 0x67, 0x70):  # UNICODE, STRING, GET, PUT
+                    arg = data[pos:end]
+                    if code in (0x56, 0x53):
+                        text = arg.decode("utf-8", "replace").strip("'\"") if len(arg) <= MAX_GLOBAL_NAME else _LONG
+                    else:
+                        text = int(arg)
+                pos = end + 1
+            elif size < 0:  # a length, then that many bytes
+                width = _LENGTH_WIDTH[size]
+                length = int.from_bytes(data[pos : pos + width], "little", signed=size == -3)
+                if length < 0:
+                    break
+                if track and code in _STRINGS:
+                    text = _LONG
+                    if length <= MAX_GLOBAL_NAME:
+                        text = data[pos + width : pos + width + length].decode("utf-8", "replace")
+                pos += width + length
+            if pos > n:
+                break
+            if code in _CALLING and at >= stop:
+                calls = True
+            if code == 0x2E:  # STOP
+                break
+            if not track:
+                continue
+            if code == 0x93 and at >= stop:  # STACK_GLOBAL
+                attr, module = (stack[-1] if stack else None), (stack[-2] if len(stack) > 1 else None)
+                if module is not _LONG and attr is not _LONG:  # no module or attribute has such a name
+                    key = (module, attr) if type(module) is str and type(attr) is str else (COMPUTED, "<unknown>")
+                    names[key] = names.get(key, 0) + 1
+            # The stack, as far as the strings STACK_GLOBAL takes go.
+            if code in (0x94, 0x70, 0x71, 0x72):  # MEMOIZE, PUT, BINPUT, LONG_BINPUT
+                memo[len(memo) if code == 0x94 else text] = stack[-1] if stack else None
+            elif code == 0x32:  # DUP
+                stack.append(stack[-1] if stack else None)
+            elif code == 0x30 and stack and stack[-1] is _MARK:  # POP of a mark
+                stack.pop()
+            else:
+                if marked:
+                    while stack and stack.pop() is not _MARK:
+                        pass
+                if below:
+                    del stack[max(0, len(stack) - below) :]
+                if code in _STRINGS or code == 0x56 or code == 0x53:
+                    stack.append(text)
+                elif code in (0x67, 0x68, 0x6A):  # GET, BINGET, LONG_BINGET
+                    stack.append(memo.get(text))
+                elif mark_after:
+                    stack.append(_MARK)
+                elif pushed:
+                    stack.extend([None] * pushed)
+    except (ValueError, IndexError, KeyError):
+        pass  # the first byte that is no pickle ends the walk
+    return names, calls
+
+
 def loads(
     data: bytes,
     persistent_load: Callable[[Any], Any] | None = None,
@@ -1515,9 +1656,12 @@ def loads(
     try:
         return u.load(), u
     except InputError as e:
-        if u.actions or u.globals_seen:
-            # Imported here: security judges what this module records, so it imports this module.
-            from statecli.security import refuse_if_dangerous
+        # Imported here: security judges what this module records, so it imports this module.
+        from statecli.security import refuse_if_dangerous
 
-            refuse_if_dangerous(u.globals_seen, u.actions.values(), e)
+        # Where statecli gives up (a limit, a SETITEM on a list, a value a handler refuses), real pickle may
+        # go on: what the rest of the pickle names is judged as well.
+        later, calls = names_after(data, start, u.stopped_at) if u.stopped_at is not None else ({}, False)
+        if u.actions or u.globals_seen or later:
+            refuse_if_dangerous(u.globals_seen, u.actions.values(), e, later if calls else {})
         raise

@@ -451,15 +451,30 @@ def findings_for(globals_seen: Mapping[tuple[str, str], int], actions: Iterable[
     return out
 
 
-def refuse_if_dangerous(globals_seen: Mapping[tuple[str, str], int], actions: Iterable[Action], error: Any) -> None:
+def refuse_if_dangerous(
+    globals_seen: Mapping[tuple[str, str], int],
+    actions: Iterable[Action],
+    error: Any,
+    later: Mapping[tuple[str, str], int] | None = None,
+) -> None:
     """Raise :class:`UnsafeError` when a pickle that failed to parse (``error``) would already have done
     something dangerous before the failure: under torch.load the payload runs and only then does the load
     fail, so "corrupt" would hide an exploit. Only what would have *run* counts: a name alone imports a
     module, and a corrupt byte often turns a name into a dotted or odd one. Once the pickle has made or called
     anything, though, a dangerous name counts too: what it made may have called the named function before
-    the failure (torch's ``_rebuild_parameter`` calls ``data.detach()``, a stored function, then fails)."""
+    the failure (torch's ``_rebuild_parameter`` calls ``data.detach()``, a stored function, then fails).
+
+    ``later``: the globals named after the point where statecli gave up, where an opcode could still call
+    them (:func:`statecli.safepickle.names_after`); real pickle may not give up there (statecli's limits are
+    its own), so a dangerous one among them counts too."""
     actions = list(actions)
     dangerous = [f.message for f in findings_for(globals_seen if actions else {}, actions) if f.level == "dangerous"]
+    if later:
+        dangerous += [
+            f"past where statecli stopped reading (real pickle reads on), {f.message}"
+            for f in findings_for(later, [])
+            if f.level == "dangerous"
+        ]
     if not dangerous:
         return
     more = f" (and {len(dangerous) - 1} more)" if len(dangerous) > 1 else ""

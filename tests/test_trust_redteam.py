@@ -245,3 +245,38 @@ def test_a_refused_zip_is_judged_by_every_data_pkl_torch_could_read(tmp_path: Pa
     with pytest.raises(InputError, match="without regard to case") as info:
         statecli.open_checkpoint(p)
     assert not isinstance(info.value, UnsafeError)  # both are benign: the structural refusal stands
+
+
+# ------------------------------------------------------------------ where statecli stops and pickle goes on
+
+
+def test_names_after_follows_the_strings_stack_global_takes() -> None:
+    from statecli.safepickle import COMPUTED, names_after
+
+    # memoized, fetched back, with a decoy popped in between: os.system, not collections.OrderedDict
+    data = b"\x80\x04\x8c\x02os\x94\x8c\x0bcollections\x8c\x06system\x94000h\x00h\x01\x93)R."
+    assert names_after(data, 0, 0) == ({("os", "system"): 1}, True)
+    # operands that are no literal strings: a name computed at load time
+    assert names_after(b"\x80\x04N\x8c\x01x\x93.", 0, 0) == ({(COMPUTED, "<unknown>"): 1}, False)
+    # protocol 2 names are mapped as pickle maps them; names before ``stop`` are not counted
+    data = b"\x80\x02c__builtin__\neval\nccollections\nOrderedDict\n."
+    assert names_after(data, 0, 0)[0] == {("builtins", "eval"): 1, ("collections", "OrderedDict"): 1}
+    assert names_after(data, 0, data.index(b"ccollections"))[0] == {("collections", "OrderedDict"): 1}
+
+
+def test_a_pickle_over_a_limit_is_judged_by_what_it_names_after_it() -> None:
+    from statecli.errors import LimitExceededError
+    from statecli.safepickle import Limits
+
+    big_int = b"\x8b" + (2000).to_bytes(4, "little") + b"\x01" * 2000 + b"0"
+    with pytest.raises(UnsafeError, match=r"stopped reading.*os\.system"):
+        loads(b"\x80\x02" + big_int + b"cos\nsystem\nX\x01\x00\x00\x00x\x85R.")
+    # A benign rest stays a file over a limit (exit 3).
+    with pytest.raises(LimitExceededError):
+        loads(b"\x80\x02" + big_int + b"ccollections\nOrderedDict\n)R.")
+    # Over the opcode limit before anything is read: all of it is judged.
+    with pytest.raises(UnsafeError, match=r"os\.system"):
+        loads(b"\x80\x02cos\nsystem\nX\x01\x00\x00\x00x\x85R.", limits=Limits(max_ops=10))
+    # A name alone past the failure, with nothing that could call it, is no danger.
+    with pytest.raises(LimitExceededError):
+        loads(b"\x80\x02" + big_int + b"cos\nsystem\n.")

@@ -46,7 +46,9 @@ def refuse_if_torch_would_run(path: str, size: int, error: InputError, is_zip: b
         with tarfile.open(path, mode="r:") as tar:
             _judge_tar(tar, path, error)
         return
-    except (tarfile.TarError, OSError, EOFError, ValueError, struct.error):
+    except UnsafeError:
+        raise
+    except Exception:  # no tar (or a broken one, which torch too gives up on): on to the pickle at byte 0
         pass
     try:
         # Mapped, the file is read by the page as the reader walks it: an unrecognised file of a gigabyte
@@ -60,7 +62,9 @@ def refuse_if_torch_would_run(path: str, size: int, error: InputError, is_zip: b
                 if got is None:
                     break
                 pos = got[1]
-    except (OSError, ValueError):
+    except UnsafeError:
+        raise
+    except Exception:
         return  # unreadable here too: the caller's error says so
 
 
@@ -82,10 +86,12 @@ def _judge_zip(path: str, error: InputError) -> None:
                 try:
                     with z.open(info) as f:
                         data = f.read(n)
-                except (zipfile.BadZipFile, OSError, NotImplementedError, EOFError, ValueError, RuntimeError):
+                except Exception:  # a member the standard library cannot inflate (zlib.error, ...): torch neither
                     continue
                 _judge(verdict, data, 0, _inert_storage, path, error)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError):
+    except UnsafeError:
+        raise
+    except Exception:  # what the standard library cannot read as a zip, torch's reader does not either
         return
 
 

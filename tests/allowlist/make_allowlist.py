@@ -7,8 +7,9 @@ A whole pickled model makes each of its modules with NEWOBJ (``cls.__new__(cls)`
 (``cls.__setstate__(state)``). For the classes listed, torch's own code for those is plain attribute
 setting (``nn.Module.__setstate__``) or tensor maths (quantized modules repack their weights), so
 statecli reports them as information, not danger. The list is every ``nn.Module`` subclass (and every
-``torch.distributions`` distribution, transform and constraint) defined in torch whose ``__new__``, ``__setstate__``, ``__reduce__``/``__reduce_ex__``, ``__del__`` and container
-methods (``__setitem__``, ``append``, ``extend``: SETITEMS/APPENDS call them) are ``nn.Module``'s own,
+``torch.distributions`` distribution, transform and constraint) defined in torch whose ``__new__``,
+``__setstate__``, ``__reduce__``/``__reduce_ex__``, ``__del__`` and container methods (``__setitem__``,
+``append``, ``extend``: SETITEMS/APPENDS call them) are ``nn.Module``'s own (or ``object``'s),
 plus the overrides reviewed by hand in REVIEWED (they set defaults or repack tensors), plus the
 non-module classes in EXTRA (hooks, quantization configs, optimizers, DCP metadata), less EXCLUDED
 (``__new__``/``__reduce__`` that run generated code, ``__setstate__`` that reaches a process group, or

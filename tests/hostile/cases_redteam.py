@@ -338,6 +338,64 @@ def _(d: Path) -> Path:
     return torch_zip(d / "model.pt", state_dict(("model", model)))
 
 
+# --- where statecli stops reading and real pickle reads on ----------------------------------------------
+#
+# statecli's limits are its own (real pickle has none of them), and some values it refuses to model (a
+# SETITEM on a list): a payload after such a point was never seen, and the file was "unreadable" (3).
+
+
+@case("payload_after_a_long_integer", "redteam", _refused("os.system"))
+def _(d: Path) -> Path:
+    payload = lambda a: _os_system(a.op("LONG4", struct.pack("<i", 2000) + b"\x01" * 2000).op("POP"))  # noqa: E731
+    return torch_zip(d / "model.pt", with_payload(payload))
+
+
+@case("payload_after_deep_marks", "redteam", _refused("os.system"))
+def _(d: Path) -> Path:
+    payload = lambda a: _os_system(a.raw(b"(" * 1001 + b"1" * 1001))  # noqa: E731
+    return torch_zip(d / "model.pt", with_payload(payload))
+
+
+@case("payload_after_setitem_on_a_list", "redteam", _refused("os.system"))
+def _(d: Path) -> Path:
+    def payload(a: Asm) -> None:
+        a.op("EMPTY_LIST").op("NONE").op("APPEND").int_(0).op("NONE").op("SETITEM").op("POP")
+        _os_system(a)
+
+    return torch_zip(d / "model.pt", with_payload(payload))
+
+
+@case("payload_after_a_hash_flood", "redteam", _refused("os.system"))
+def _(d: Path) -> Path:
+    import sys
+
+    def payload(a: Asm) -> None:
+        a.op("EMPTY_DICT").op("MARK")
+        for i in range(1, 70):
+            a.int_(i * sys.hash_info.modulus).op("NONE")
+        _os_system(a.op("SETITEMS").op("POP"))
+
+    return torch_zip(d / "model.pt", with_payload(payload))
+
+
+@case("payload_after_a_long_text_line", "redteam", _refused("os.system"))
+def _(d: Path) -> Path:
+    payload = lambda a: _os_system(a.raw(b"V" + b"x" * ((1 << 20) + 5) + b"\n").op("POP"))  # noqa: E731
+    return torch_zip(d / "model.pt", with_payload(payload))
+
+
+@case("payload_after_a_stack_global_in_the_memo", "redteam", _refused("os.system"))
+def _(d: Path) -> Path:
+    # Past the limit, names are still followed through the memo and the stack: no literal "os" beside "system".
+    def payload(a: Asm) -> None:
+        a.op("LONG4", struct.pack("<i", 2000) + b"\x01" * 2000).op("POP")
+        a.str_("o" + "s").op("MEMOIZE").str_("collections").str_("sys" + "tem").op("MEMOIZE").op("POP")
+        a.op("POP").op("BINGET", b"\x00").op("BINGET", b"\x01").op("STACK_GLOBAL")
+        a.tuple_(lambda a: a.str_(PAYLOAD)).op("REDUCE")
+
+    return torch_zip(d / "model.pt", with_payload(payload, proto=4))
+
+
 def warmups(folder: Path) -> list[Path]:
     """Benign files of the formats these cases reach: a legacy file, a legacy tar, a plain pickle."""
     import shutil
