@@ -562,6 +562,19 @@ ALLOWED_NAMES: frozenset[tuple[str, str]] = frozenset(
     + [("torch._tensor", "_rebuild_from_type_v2"), ("torch._utils", "_rebuild_parameter_with_state")]
     + [("copyreg", "_reconstructor"), ("copyreg", "__newobj__"), ("copyreg", "__newobj_ex__")]
 )
+# TorchBind classes a ``torch.ScriptObject`` in a whole quantized model is made as: their C++ ``__setstate__``
+# repacks the state's tensors (prepacked weights of quantized linear, conv, embedding and RNN cell layers).
+TORCHBIND_CLASSES = frozenset(
+    f"__torch__.torch.classes.{n}"
+    for n in (
+        "quantized.LinearPackedParamsBase",
+        "quantized.Conv2dPackedParamsBase",
+        "quantized.Conv3dPackedParamsBase",
+        "quantized.EmbeddingPackedParamsBase",
+        "rnn.CellParamsBase",
+        "sparse.LinearPackedParamsBase",
+    )
+)
 # ``base`` arguments of ``copyreg._reconstructor`` whose ``__new__`` / ``__init__`` only build plain data.
 _PLAIN_BASES = frozenset(
     ("builtins", n)
@@ -1461,6 +1474,9 @@ class RestrictedUnpickler:
 
     def _build(self, target: Any, state: Any) -> None:
         if isinstance(target, Stub):
+            callee = target.callee
+            if type(callee) is Global and (callee.module, callee.name) == ("torch", "ScriptObject"):
+                self._torchbind(state)
             if target.state is not None or _dunder_keys(state):
                 # A second BUILD calls whatever the first put in the instance's __setstate__; a special name
                 # set by any BUILD can turn the object into something else.
@@ -1479,6 +1495,17 @@ class RestrictedUnpickler:
             self._act("patch", target, state)
             self.tainted = True
         # BUILD on plain data (lists, dicts, tensors) fails or is ignored by real pickle: nothing runs.
+
+    def _torchbind(self, state: Any) -> None:
+        """BUILD of a ``torch.ScriptObject`` with ``(state, qualname)``: torch runs the ``__setstate__`` of the
+        TorchBind class ``qualname`` names. Quantized packed weights repack tensors; other classes do what
+        they do (``aten.OpaqueObject``'s base64-decodes its state and unpickles it with plain pickle): a call of
+        that class's ``__setstate__``, judged like any call."""
+        qualname = state[1] if type(state) is tuple and len(state) == 2 else None
+        if qualname in TORCHBIND_CLASSES:
+            return
+        name = qualname if type(qualname) is str else "torch.ScriptObject"
+        self._act("call", Global(name, "__setstate__"), (state[0] if qualname is not None else state,))
 
     def _mark(self, target: Stub, what: str) -> None:
         """Note on an instantiation's action that BUILD (``setstate``) or SETITEM/APPEND (``fills``) reach it."""

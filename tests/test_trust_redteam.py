@@ -280,3 +280,13 @@ def test_a_pickle_over_a_limit_is_judged_by_what_it_names_after_it() -> None:
     # A name alone past the failure, with nothing that could call it, is no danger.
     with pytest.raises(LimitExceededError):
         loads(b"\x80\x02" + big_int + b"cos\nsystem\n.")
+
+
+def test_a_torchbind_object_is_judged_by_the_class_its_state_names() -> None:
+    def script_object(qualname: bytes) -> bytes:
+        name = b"X" + len(qualname).to_bytes(4, "little") + qualname
+        return b"\x80\x02ctorch\nScriptObject\n)\x81N" + name + b"\x86b."
+
+    assert _verdict(script_object(b"__torch__.torch.classes.quantized.LinearPackedParamsBase")) == [("info", "global")]
+    codes = _verdict(script_object(b"__torch__.torch.classes.aten.OpaqueObject"))
+    assert ("dangerous", "dangerous-global") in codes

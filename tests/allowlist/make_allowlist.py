@@ -79,7 +79,8 @@ EXTRA = [
     "torch.nn.parameter.Parameter", "torch.nn.parameter.Buffer", "torch.nn.parameter.UninitializedParameter",
     "torch.nn.parameter.UninitializedBuffer", "torch.Tensor", "torch.torch_version.TorchVersion",
     # A TorchBind object (quantized packed weights): its __setstate__ is the registered C++ class's, which
-    # repacks the tensors in the state.
+    # repacks the tensors in the state. Which class, BUILD's state names: statecli's reader judges that
+    # (safepickle.TORCHBIND_CLASSES; aten.OpaqueObject's unpickles a base64 pickle).
     "torch.ScriptObject",
     "torch.nn.modules.module._WrappedHook", "torch.utils.hooks.RemovableHandle",
     "torch.nn.utils.spectral_norm.SpectralNorm", "torch.nn.utils.spectral_norm.SpectralNormStateDictHook",

