@@ -459,6 +459,10 @@ def _h_inert(args: tuple[Any, ...]) -> Any:
     return None
 
 
+# torch.relu and its kind are methods of torch._C._VariableFunctionsClass; pickle writes each as
+# ``getattr(torch._C._VariableFunctionsClass, 'relu')``. These names (activations a module stores) are read
+# as the global ``torch.<name>``; any other getattr stays a call of getattr.
+TORCH_FUNCTIONS = ("relu", "tanh", "sigmoid", "softmax", "log_softmax", "prelu", "hardshrink")
 _TORCH_UTILS = ("torch._utils", "torch._tensor")
 HANDLERS: dict[tuple[str, str], Callable[[tuple[Any, ...]], Any]] = {
     ("collections", "OrderedDict"): _h_ordered_dict,
@@ -514,6 +518,19 @@ ALLOWED_NAMES: frozenset[tuple[str, str]] = frozenset(
     + list(HANDLERS)
     + [("torch._tensor", "_rebuild_from_type_v2"), ("torch._utils", "_rebuild_parameter_with_state")]
     + [("copyreg", "_reconstructor"), ("copyreg", "__newobj__"), ("copyreg", "__newobj_ex__")]
+)
+# TorchBind classes a ``torch.ScriptObject`` in a whole quantized model is made as: their C++ ``__setstate__``
+# repacks the state's tensors (prepacked weights of quantized linear, conv, embedding and RNN cell layers).
+TORCHBIND_CLASSES = frozenset(
+    f"__torch__.torch.classes.{n}"
+    for n in (
+        "quantized.LinearPackedParamsBase",
+        "quantized.Conv2dPackedParamsBase",
+        "quantized.Conv3dPackedParamsBase",
+        "quantized.EmbeddingPackedParamsBase",
+        "rnn.CellParamsBase",
+        "sparse.LinearPackedParamsBase",
+    )
 )
 # ``base`` arguments of ``copyreg._reconstructor`` whose ``__new__`` / ``__init__`` only build plain data.
 _PLAIN_BASES = frozenset(
@@ -658,6 +675,7 @@ class RestrictedUnpickler:
         self.fast_paths = fast_paths
         self._hash_counts: dict[int, HashCounts] = {}
         self.fast_hits = 0  # tensors built by the fast path (the tests check it really runs)
+        self.stopped_at: int | None = None  # where load() gave up, for a pickle it could not read to its end
 
     # The hot loop is one function with local variables and an if-chain ordered by how often torch
     # pickles use each opcode: a 100,000-tensor state dict runs about two million of them.
@@ -680,6 +698,7 @@ class RestrictedUnpickler:
         # Every opcode takes at least one byte, so the opcode count is bounded by the pickle's size,
         # which the caller caps; an explicit counter would cost ~10% of the loop.
         if n > lim.max_ops:
+            self.stopped_at = self.start  # nothing read: all of it is what real pickle would go on to do
             raise LimitExceededError(f"pickle of {n} bytes could run more than {lim.max_ops} opcodes")
         try:
             while True:
@@ -862,6 +881,10 @@ class RestrictedUnpickler:
                         for x in items:
                             counts.add(x)
                         target.update(items)
+                    elif isinstance(target, (Stub, Global)):
+                        # Real pickle calls ``target.add(item)`` for each: found on the instance, that is a
+                        # function the pickle stored there.
+                        self._fill(target, items, ("add",))
                     else:
                         raise InputError("corrupt pickle: ADDITEMS on something that is not a set")
                 elif op == 0x91:  # FROZENSET
@@ -976,14 +999,20 @@ class RestrictedUnpickler:
                     raise InputError("pickle uses out-of-band buffers, which statecli does not read")
                 else:
                     raise InputError(f"corrupt pickle: unknown opcode 0x{op:02x} at byte {pos - 1}")
+        except InputError:
+            self.stopped_at = pos
+            raise
         except (IndexError, KeyError, struct.error) as e:
+            self.stopped_at = pos
             detail = "memo entry missing" if isinstance(e, KeyError) else "stack or data ran out"
             if pos >= n:
                 raise InputError("corrupt pickle: data ends before STOP (truncated?)") from e
             raise InputError(f"corrupt pickle: {detail} near byte {pos}") from e
         except (TypeError, ValueError, UnicodeDecodeError, OverflowError) as e:
+            self.stopped_at = pos
             raise InputError(f"corrupt pickle near byte {pos}: {e}") from e
         except RecursionError as e:  # here, not in each reader that calls this one
+            self.stopped_at = pos
             raise InputError("corrupt pickle: structure nested too deeply") from e
 
     def _bytes(self, pos: int, size: int) -> bytes:
@@ -1074,6 +1103,9 @@ class RestrictedUnpickler:
         special = _SPECIAL.get((callee.module, callee.name)) if not self.tainted else None
         if special is not None and type(args) is tuple:
             return special(self, callee, args, kind)
+        return self._plain_call(callee, args, kind)
+
+    def _plain_call(self, callee: Global, args: Any, kind: str) -> Stub:
         # NEWOBJ runs cls.__new__(cls, *args) and no __init__; INST, OBJ and REDUCE call the callee.
         self._act("instantiate" if kind == "newobj" else "call", callee, args)
         return Stub(callee, args, kind)
@@ -1145,6 +1177,52 @@ class RestrictedUnpickler:
         if len(args) > 3 and _dunder_keys(args[3]):
             self._act("build", callee, args[3])
         return p
+
+    def _rng_ctor(self, callee: Global, args: tuple[Any, ...], kind: str) -> Any:
+        """``numpy.random._pickle.__randomstate_ctor`` / ``__generator_ctor(name='MT19937', ctor=...)``: numpy
+        calls ``ctor(name)`` unless ``name`` is a bit generator already. numpy pickles them with ``ctor``
+        its own ``__bit_generator_ctor`` (or none) and ``name`` a bit generator's name, class or instance;
+        any other ``ctor`` is judged as the call it is (``__randomstate_ctor(cfg, logging.config.dictConfig)``
+        calls dictConfig)."""
+        stub = self._plain_call(callee, args, kind)
+        name = args[0] if args else "MT19937"
+        ctor = args[1] if len(args) > 1 else None
+        if ctor is None or (type(ctor) is Global and (ctor.module, ctor.name) == _BIT_CTOR):
+            self._bit_generator(name)
+        else:
+            self._call(ctor, (name,), "reduce")
+        return stub
+
+    def _bit_generator_ctor(self, callee: Global, args: tuple[Any, ...], kind: str) -> Any:
+        """``numpy.random._pickle.__bit_generator_ctor(x)``: ``x()`` when ``x`` is a class, else a lookup of
+        ``x`` among numpy's bit generator names."""
+        stub = self._plain_call(callee, args, kind)
+        self._bit_generator(args[0] if args else "MT19937")
+        return stub
+
+    def _bit_generator(self, name: Any) -> None:
+        if type(name) is Global:
+            self._call(name, (), "reduce")  # any class called with no arguments: judged like every call
+
+    def _torch_function(self, callee: Global, args: tuple[Any, ...], kind: str) -> Any:
+        """``getattr(torch._C._VariableFunctionsClass, 'relu')`` is how pickle writes ``torch.relu``: read as
+        the name ``torch.relu`` (an activation a module stores), not as a call of getattr. Any other getattr is
+        a call like any other (and a well-known way to reach any attribute)."""
+        if len(args) == 2:
+            owner, attr = args
+            if (
+                type(owner) is Global
+                and (owner.module, owner.name) == ("torch._C", "_VariableFunctionsClass")
+                and attr in TORCH_FUNCTIONS
+            ):
+                for key in ((callee.module, callee.name), (owner.module, owner.name)):
+                    n = self.globals_seen.get(key, 0) - 1
+                    if n > 0:
+                        self.globals_seen[key] = n
+                    else:
+                        self.globals_seen.pop(key, None)
+                return self._global("torch", attr)
+        return self._plain_call(callee, args, kind)
 
     def _persistent(self, pid: Any) -> Any:
         if self.persistent_load is None:
@@ -1288,9 +1366,39 @@ class RestrictedUnpickler:
         self.fast_hits += hits
         return pos if hits else 0
 
+    def _fill(self, target: Stub | Global, items: list[Any], methods: tuple[str, ...]) -> None:
+        """APPEND(S) / ADDITEMS on something that is not a list or set: real pickle looks ``extend``,
+        ``append`` or ``add`` up on the object and calls it with the items.
+
+        On a global (a module's list or dict: ``sys.path``, ``copyreg._inverted_registry``) that changes
+        what later names resolve to: a ``mutate`` action, and no name is trusted after it. On an object the
+        pickle made, a method of that name the pickle put in its state (BUILD of ``{'append': f}`` on an
+        inert ``Namespace``) is what pickle calls: judged as a call of that value."""
+        if type(target) is Global:
+            self._act("mutate", target, tuple(items))
+            self.tainted = True
+            return
+        state = target.state
+        parts = [p for p in (state if type(state) is tuple and len(state) == 2 else (state,)) if isinstance(p, dict)]
+        for method in methods:
+            planted = [p[method] for p in parts if method in p]
+            if planted and items:
+                # extend gets the list; append and add get each item (the first stands for all here).
+                self._call(planted[-1], (list(items),) if method == "extend" else (items[0],), "reduce")
+                break
+        if target.items is None:
+            target.items = []
+            self._mark(target, "fills")
+        target.items.extend(items)
+
     def _setitems(self, target: Any, items: list[Any]) -> None:
         if len(items) % 2:
             raise InputError("corrupt pickle: SETITEMS with an odd number of items")
+        if type(target) is Global:
+            # Real pickle stores into the global itself (``sys.modules[name] = obj``): see _fill.
+            self._act("mutate", target, tuple(items[:2]))
+            self.tainted = True
+            return
         if isinstance(target, dict):
             d = target
         elif isinstance(target, Stub):
@@ -1316,16 +1424,16 @@ class RestrictedUnpickler:
     def _extend(self, target: Any, items: list[Any]) -> None:
         if isinstance(target, list):
             target.extend(items)
-        elif isinstance(target, Stub):
-            if target.items is None:
-                target.items = []
-                self._mark(target, "fills")
-            target.items.extend(items)
+        elif isinstance(target, (Stub, Global)):
+            self._fill(target, items, ("extend", "append"))
         else:
             raise InputError(f"corrupt pickle: APPEND on a {type(target).__name__}")
 
     def _build(self, target: Any, state: Any) -> None:
         if isinstance(target, Stub):
+            callee = target.callee
+            if type(callee) is Global and (callee.module, callee.name) == ("torch", "ScriptObject"):
+                self._torchbind(state)
             if target.state is not None or _dunder_keys(state):
                 # A second BUILD calls whatever the first put in the instance's __setstate__; a special name
                 # set by any BUILD can turn the object into something else.
@@ -1345,6 +1453,17 @@ class RestrictedUnpickler:
             self.tainted = True
         # BUILD on plain data (lists, dicts, tensors) fails or is ignored by real pickle: nothing runs.
 
+    def _torchbind(self, state: Any) -> None:
+        """BUILD of a ``torch.ScriptObject`` with ``(state, qualname)``: torch runs the ``__setstate__`` of the
+        TorchBind class ``qualname`` names. Quantized packed weights repack tensors; other classes do what
+        they do (``aten.OpaqueObject``'s base64-decodes its state and unpickles it with plain pickle): a call of
+        that class's ``__setstate__``, judged like any call."""
+        qualname = state[1] if type(state) is tuple and len(state) == 2 else None
+        if qualname in TORCHBIND_CLASSES:
+            return
+        name = qualname if type(qualname) is str else "torch.ScriptObject"
+        self._act("call", Global(name, "__setstate__"), (state[0] if qualname is not None else state,))
+
     def _mark(self, target: Stub, what: str) -> None:
         """Note on an instantiation's action that BUILD (``setstate``) or SETITEM/APPEND (``fills``) reach it."""
         callee = target.callee
@@ -1361,7 +1480,145 @@ _SPECIAL: dict[tuple[str, str], Callable[[RestrictedUnpickler, Global, tuple[Any
     ("copyreg", "_reconstructor"): RestrictedUnpickler._reconstructor,
     ("copyreg", "__newobj__"): RestrictedUnpickler._newobj,
     ("copyreg", "__newobj_ex__"): RestrictedUnpickler._newobj_ex,
+    ("numpy.random._pickle", "__randomstate_ctor"): RestrictedUnpickler._rng_ctor,
+    ("numpy.random._pickle", "__generator_ctor"): RestrictedUnpickler._rng_ctor,
+    ("numpy.random._pickle", "__bit_generator_ctor"): RestrictedUnpickler._bit_generator_ctor,
+    ("builtins", "getattr"): RestrictedUnpickler._torch_function,
 }
+_BIT_CTOR = ("numpy.random._pickle", "__bit_generator_ctor")
+
+
+def _scan_table() -> dict[int, tuple[int, int, bool, int, bool]]:
+    """Per opcode byte: (argument size or pickletools' negative code, items popped below a mark (or in all),
+    whether it pops to a mark, items pushed, whether it pushes a mark)."""
+    import pickletools
+
+    table = {}
+    for op in pickletools.opcodes:
+        before, after = op.stack_before, op.stack_after
+        marked = pickletools.markobject in before
+        below = before.index(pickletools.markobject) if marked else len(before)
+        size = op.arg.n if op.arg is not None else 0
+        table[op.code.encode("latin-1")[0]] = (size, below, marked, len(after), pickletools.markobject in after)
+    return table
+
+
+_SCAN: dict[int, tuple[int, int, bool, int, bool]] = {}
+_MARK = object()
+_LONG = object()  # a string longer than any global's name
+# Opcodes after which a value the pickle holds may be called (directly, or by pickle looking a method up):
+# REDUCE, BUILD, NEWOBJ, NEWOBJ_EX, INST, OBJ, APPEND(S), SETITEM(S), ADDITEMS.
+_CALLING = frozenset(b"Rb\x81\x92ioaesu\x90")
+# SHORT_BINUNICODE, BINUNICODE, BINUNICODE8, SHORT_BINSTRING, BINSTRING: length-prefixed strings.
+_STRINGS = frozenset(b"\x8cX\x8dUT")
+_LENGTH_WIDTH = {-2: 1, -3: 4, -4: 4, -5: 8}
+
+
+def names_after(data: Any, start: int, stop: int) -> tuple[dict[tuple[str, str], int], bool]:
+    """The globals the pickle at ``data[start:]`` names from byte ``stop`` on, and whether an opcode there
+    can call anything: what real pickle would go on to do where the restricted reader gave up (a limit, a
+    value it refuses to model). The opcodes are walked by their argument sizes (pickletools' table) without
+    building any value; where the pickle can hold a STACK_GLOBAL, a stack of the strings it would take is
+    kept. The walk ends at STOP or at the first byte that is no pickle. A STACK_GLOBAL whose operands are
+    not literal strings names :data:`COMPUTED`."""
+    if not _SCAN:
+        _SCAN.update(_scan_table())
+    table = _SCAN
+    n = len(data)
+    names: dict[tuple[str, str], int] = {}
+    calls = False
+    track = data.find(b"\x93", start) >= 0  # no STACK_GLOBAL byte anywhere: no strings to follow
+    stack: list[Any] = []
+    memo: dict[int, Any] = {}
+    proto = 0
+    pos = start
+    try:
+        while pos < n:
+            code = data[pos]
+            info = table.get(code)
+            if info is None:
+                break
+            size, below, marked, pushed, mark_after = info
+            at = pos
+            pos += 1
+            text: Any = None
+            if code == 0x63 or code == 0x69:  # GLOBAL, INST: two lines
+                end1 = data.find(b"\n", pos)
+                end2 = data.find(b"\n", end1 + 1) if end1 >= 0 else -1
+                if end2 < 0:
+                    break
+                if at >= stop:
+                    module = data[pos:end1].decode("utf-8", "replace")
+                    attr = data[end1 + 1 : end2].decode("utf-8", "replace")
+                    if proto < 3:
+                        mapped = _compat_pickle.NAME_MAPPING.get((module, attr))
+                        module, attr = mapped if mapped else (_compat_pickle.IMPORT_MAPPING.get(module, module), attr)
+                    names[(module, attr)] = names.get((module, attr), 0) + 1
+                pos = end2 + 1
+            elif size > 0:
+                if code == 0x80:  # PROTO
+                    proto = data[pos]
+                elif track and code in (0x68, 0x6A, 0x71, 0x72):  # BINGET, LONG_BINGET, BINPUT, LONG_BINPUT
+                    text = int.from_bytes(data[pos : pos + size], "little")
+                pos += size
+            elif size == -1:  # up to a newline: protocol 0's strings, numbers, memo indices, persistent ids
+                end = data.find(b"\n", pos)
+                if end < 0:
+                    break
+                if track and code in (0x56, 0x53, 0x67, 0x70):  # UNICODE, STRING, GET, PUT
+                    arg = data[pos:end]
+                    if code in (0x56, 0x53):
+                        text = arg.decode("utf-8", "replace").strip("'\"") if len(arg) <= MAX_GLOBAL_NAME else _LONG
+                    else:
+                        text = int(arg)
+                pos = end + 1
+            elif size < 0:  # a length, then that many bytes
+                width = _LENGTH_WIDTH[size]
+                length = int.from_bytes(data[pos : pos + width], "little", signed=size == -3)
+                if length < 0:
+                    break
+                if track and code in _STRINGS:
+                    text = _LONG
+                    if length <= MAX_GLOBAL_NAME:
+                        text = data[pos + width : pos + width + length].decode("utf-8", "replace")
+                pos += width + length
+            if pos > n:
+                break
+            if code in _CALLING and at >= stop:
+                calls = True
+            if code == 0x2E:  # STOP
+                break
+            if not track:
+                continue
+            if code == 0x93 and at >= stop:  # STACK_GLOBAL
+                attr, module = (stack[-1] if stack else None), (stack[-2] if len(stack) > 1 else None)
+                if module is not _LONG and attr is not _LONG:  # no module or attribute has such a name
+                    key = (module, attr) if type(module) is str and type(attr) is str else (COMPUTED, "<unknown>")
+                    names[key] = names.get(key, 0) + 1
+            # The stack, as far as the strings STACK_GLOBAL takes go.
+            if code in (0x94, 0x70, 0x71, 0x72):  # MEMOIZE, PUT, BINPUT, LONG_BINPUT
+                memo[len(memo) if code == 0x94 else text] = stack[-1] if stack else None
+            elif code == 0x32:  # DUP
+                stack.append(stack[-1] if stack else None)
+            elif code == 0x30 and stack and stack[-1] is _MARK:  # POP of a mark
+                stack.pop()
+            else:
+                if marked:
+                    while stack and stack.pop() is not _MARK:
+                        pass
+                if below:
+                    del stack[max(0, len(stack) - below) :]
+                if code in _STRINGS or code == 0x56 or code == 0x53:
+                    stack.append(text)
+                elif code in (0x67, 0x68, 0x6A):  # GET, BINGET, LONG_BINGET
+                    stack.append(memo.get(text))
+                elif mark_after:
+                    stack.append(_MARK)
+                elif pushed:
+                    stack.extend([None] * pushed)
+    except (ValueError, IndexError, KeyError):
+        pass  # the first byte that is no pickle ends the walk
+    return names, calls
 
 
 def loads(
@@ -1383,9 +1640,12 @@ def loads(
     try:
         return u.load(), u
     except InputError as e:
-        if u.actions or u.globals_seen:
-            # Imported here: security judges what this module records, so it imports this module.
-            from statecli.security import refuse_if_dangerous
+        # Imported here: security judges what this module records, so it imports this module.
+        from statecli.security import refuse_if_dangerous
 
-            refuse_if_dangerous(u.globals_seen, u.actions.values(), e)
+        # Where statecli gives up (a limit, a SETITEM on a list, a value a handler refuses), real pickle may
+        # go on: what the rest of the pickle names is judged as well.
+        later, calls = names_after(data, start, u.stopped_at) if u.stopped_at is not None else ({}, False)
+        if u.actions or u.globals_seen or later:
+            refuse_if_dangerous(u.globals_seen, u.actions.values(), e, later if calls else {})
         raise

@@ -21,8 +21,13 @@ finding, by what it would *do*:
 - **BUILD on a global** (setting attributes of a module, class or function) is ``dangerous``: every
   name looked up after it may have been replaced (the overwritten-module attack), so statecli trusts none;
 - BUILD that sets special attributes (``__class__``, ``__setstate__``) is ``dangerous``;
-- a global only *named* (passed as data) is an ``unknown-global`` warning, or ``dangerous`` when it is a
-  well-known way to run code (``os.system``, ``eval``, ``torch.load``, ...): a second line of defence.
+- a global only *named* (passed as data) of the standard library, torch, numpy or torch's own
+  dependencies is ``dangerous`` unless it is on the allow lists (or is data: dtypes, storage types,
+  activation functions a module keeps). A name is one step from a call: pickle's APPEND calls an
+  ``append`` the pickle stored on an inert ``Namespace``, ``dict()`` calls a stored ``keys``, torch's
+  ``_set_obj_state`` a stored ``items``, numpy's RNG constructor its second argument; a named function is
+  what such a gadget calls. A name of any other package is an ``unknown-global`` warning (the model's own
+  code, which statecli cannot judge).
 """
 
 from __future__ import annotations
@@ -34,7 +39,16 @@ from typing import Any
 from statecli._torch_classes import TORCH_CLASSES
 from statecli.errors import InputError, UnsafeError
 from statecli.records import Finding
-from statecli.safepickle import ALLOWED_NAMES, COMPUTED, HANDLERS, Action, Global, describe_name, printable
+from statecli.safepickle import (
+    ALLOWED_NAMES,
+    COMPUTED,
+    HANDLERS,
+    TORCH_FUNCTIONS,
+    Action,
+    Global,
+    describe_name,
+    printable,
+)
 
 
 def _names(*qualnames: str) -> frozenset[tuple[str, str]]:
@@ -49,6 +63,34 @@ _NUMPY = [
 _NUMPY_RNG = [f"numpy.random._pickle.{n}" for n in ("__randomstate_ctor", "__bit_generator_ctor", "__generator_ctor")]
 _PLAIN_TYPES = [f"builtins.{n}" for n in ("object", "dict", "list", "tuple", "str", "int", "float", "bool")]
 _PLAIN_TYPES += [f"builtins.{n}" for n in ("bytes", "bytearray", "set", "frozenset", "complex", "slice", "range")]
+
+# Names that are data, seen only named in checkpoints torch writes, and inert if a gadget called them:
+# numpy's scalar types (a config's dtype), the constants Ellipsis and NotImplemented, torch.nn.init's
+# initialisers (they fill the tensor they are given), numpy's bit generators (seeded from the OS when called
+# with nothing; numpy pickles a Generator by naming its bit generator's class).
+_NUMPY_SCALARS = (
+    "bool", "bool_", "bytes_", "clongdouble", "complex128", "complex64", "datetime64", "float16", "float32",
+    "float64", "int16", "int32", "int64", "int8", "intc", "intp", "longdouble", "longlong", "object_", "str_",
+    "timedelta64", "uint16", "uint32", "uint64", "uint8", "uintc", "uintp", "ulonglong", "void",
+)  # fmt: skip
+_INIT_FUNCTIONS = (
+    "calculate_gain", "constant_", "dirac_", "eye_", "kaiming_normal_", "kaiming_uniform_", "normal_", "ones_",
+    "orthogonal_", "sparse_", "trunc_normal_", "uniform_", "xavier_normal_", "xavier_uniform_", "zeros_",
+)  # fmt: skip
+_BIT_GENERATORS = [
+    ("numpy.random._mt19937", "MT19937"),
+    ("numpy.random._pcg64", "PCG64"),
+    ("numpy.random._pcg64", "PCG64DXSM"),
+    ("numpy.random._philox", "Philox"),
+    ("numpy.random._sfc64", "SFC64"),
+    ("numpy.random.bit_generator", "SeedSequence"),
+]
+_DATA_NAMES = frozenset(
+    [("numpy", n) for n in _NUMPY_SCALARS]
+    + [("builtins", "Ellipsis"), ("builtins", "NotImplemented")]
+    + [("torch.nn.init", n) for n in _INIT_FUNCTIONS]
+    + _BIT_GENERATORS
+)
 
 # Callables whose call only builds data (no code, no files, no network, no imports of other modules):
 # torch's weights_only allow list, plus the plain values training checkpoints carry (dates, paths, numpy
@@ -76,10 +118,21 @@ INERT_CALLABLES: frozenset[tuple[str, str]] = frozenset(HANDLERS) | _names(
     "types.SimpleNamespace",
     "argparse.Namespace",
     "uuid.UUID",
+    # A random.Random pickled whole: Random() seeds from the OS; BUILD calls its own __setstate__, which only
+    # sets the Mersenne Twister state (the C type checks it).
+    "random.Random",
+    # A torch.Generator pickled whole: Generator(device) makes a generator; its C++ __setstate__ sets the
+    # seed and state tensor.
+    "torch._C.Generator",
     *_PATHS,
     *_NUMPY,
     *_NUMPY_RNG,
     *_PLAIN_TYPES,
+    # numpy's RNG constructors call a bit generator class with no arguments: seeded from the OS.
+    *(f"{m}.{n}" for m, n in _BIT_GENERATORS),
+    # Cython's unpickler of a SeedSequence: SeedSequence.__new__ of the type it is given (numpy refuses any
+    # type but a SeedSequence), then typed fields set from the state.
+    "numpy.random.bit_generator.__pyx_unpickle_SeedSequence",
 )
 # Classes a pickle may make with NEWOBJ and BUILD: torch's (generated, reviewed) and plain Python values.
 INERT_CLASSES: frozenset[tuple[str, str]] = (
@@ -96,7 +149,12 @@ _STORED_FUNCTIONS = frozenset(
             "logsigmoid", "tanhshrink", "prelu", "rrelu",
         )
     ]
-    + [("torch", n) for n in ("relu", "tanh", "sigmoid", "softmax", "log_softmax")]
+    + [("torch.nn.functional", n) for n in ("softmin", "_threshold", "normalize")]
+    # F.gelu, F.softplus, F.logsigmoid, F.softshrink are torch._C._nn's builtins, and pickle names them so.
+    + [("torch._C._nn", n) for n in ("gelu", "softplus", "log_sigmoid", "softshrink")]
+    # torch.relu and its kind pickle as getattr(torch._C._VariableFunctionsClass, name): see
+    # safepickle's _torch_function, which names them so.
+    + [("torch", n) for n in TORCH_FUNCTIONS]
 )  # fmt: skip
 # Namespaces whose classes statecli judges by the allow list: gadget catalogues (picklescan's advisories,
 # the ShadowPickle paper) find their classes and functions here. A class elsewhere is the model's own code.
@@ -110,6 +168,17 @@ STRICT_ROOTS: frozenset[str] = frozenset(sys.stdlib_module_names) | {
     "pkg_resources",
     "_distutils_hack",
     "wheel",
+    # Installed wherever torch is (its requirements and theirs): a gadget catalogue can count on them.
+    # sympy's Lambda(x, text) sympifies the text, which evals it.
+    "sympy",
+    "mpmath",
+    "networkx",
+    "jinja2",
+    "markupsafe",
+    "filelock",
+    "fsspec",
+    "typing_extensions",
+    "triton",
 }
 
 # A global only named, not called, is still dangerous when it is a well-known way to run code: a second
@@ -209,9 +278,10 @@ _NAMED_DANGER = frozenset({("torch", "load"), ("torch", "save"), ("numpy", "load
 
 def classify(module: str, name: str) -> str:
     """How a global only *named* is reported: ``allowed`` (no finding), ``dangerous`` (a well-known way to
-    run code, a computed name, or a dotted path that reaches through attributes), ``info`` (on the allow
-    lists) or ``unknown`` (a warning)."""
-    if (module, name) in ALLOWED_NAMES or (module, name) in _STORED_FUNCTIONS:
+    run code, a computed name, a dotted path that reaches through attributes, or any other name of the
+    standard library, torch, numpy or torch's dependencies), ``info`` (on the allow lists) or ``unknown``
+    (a warning: another package's, the model's own code)."""
+    if (module, name) in ALLOWED_NAMES or (module, name) in _STORED_FUNCTIONS or (module, name) in _DATA_NAMES:
         return "allowed"
     if module == COMPUTED:
         return "dangerous"  # a name computed at load time: it could be anything
@@ -229,7 +299,25 @@ def classify(module: str, name: str) -> str:
     if "." in name:
         # A dotted attribute path (``eval.__call__``) reaches through objects: pickle would getattr it.
         return "dangerous"
+    if _root(module) in STRICT_ROOTS:
+        # Named is nearly called: inert classes call what they hold (see the module docstring), and these
+        # namespaces hold the functions gadget catalogues call (logging.config.dictConfig imports and calls
+        # any dotted name in its dict).
+        return "dangerous"
     return "unknown"
+
+
+def classify_named_only(module: str, name: str) -> bool:
+    """True for a name that is dangerous only because it is in a strict namespace and off the allow lists
+    (not a well-known way to run code): its finding says how a name alone becomes a call."""
+    if module == COMPUTED or "." in name:
+        return False
+    if module in ("builtins", "__builtin__") and name in _NAMED_DANGER_BUILTINS:
+        return False
+    if (module, name) in _NAMED_DANGER:
+        return False
+    full = f"{module}.{name}"
+    return not any(module == m or module.startswith(m + ".") or full.startswith(m + ".") for m in _NAMED_DANGER_MODULES)
 
 
 def _root(module: str) -> str:
@@ -269,6 +357,14 @@ def _judge(a: Action) -> Finding | None:
             f"pickle would set state on the global {qual} (BUILD with {args}){times}: it overwrites attributes of a "
             "module, class or function, so any name looked up after it may be the attacker's; statecli did not "
             "run it",
+        )
+    if a.kind == "mutate":
+        return Finding(
+            "dangerous",
+            "mutate-global",
+            f"pickle would change the global {qual} in place (SETITEM, APPEND or ADDITEMS of {args}){times}: a "
+            "registry such as copyreg._inverted_registry or sys.modules decides what later names resolve to, so "
+            "any name after it may be the attacker's; statecli did not run it",
         )
     if a.kind == "build":
         return Finding(
@@ -338,7 +434,13 @@ def findings_for(globals_seen: Mapping[tuple[str, str], int], actions: Iterable[
             )
             out.append(Finding("dangerous", "computed-global", msg))
         elif kind == "dangerous":
-            out.append(Finding("dangerous", "dangerous-global", f"pickle names {qual}{times}; statecli did not run it"))
+            msg = f"pickle names {qual}{times}"
+            if classify_named_only(module, name):
+                msg += (
+                    ", a function or class outside statecli's allow lists: the objects a pickle makes at load can "
+                    "call what they hold (pickle's APPEND calls a stored `append`, dict() a stored `keys`)"
+                )
+            out.append(Finding("dangerous", "dangerous-global", f"{msg}; statecli did not run it"))
         elif kind == "info":
             out.append(Finding("info", "global", f"pickle names {qual}{times}; read as an inert stub"))
         else:
@@ -349,12 +451,30 @@ def findings_for(globals_seen: Mapping[tuple[str, str], int], actions: Iterable[
     return out
 
 
-def refuse_if_dangerous(globals_seen: Mapping[tuple[str, str], int], actions: Iterable[Action], error: Any) -> None:
+def refuse_if_dangerous(
+    globals_seen: Mapping[tuple[str, str], int],
+    actions: Iterable[Action],
+    error: Any,
+    later: Mapping[tuple[str, str], int] | None = None,
+) -> None:
     """Raise :class:`UnsafeError` when a pickle that failed to parse (``error``) would already have done
     something dangerous before the failure: under torch.load the payload runs and only then does the load
     fail, so "corrupt" would hide an exploit. Only what would have *run* counts: a name alone imports a
-    module, and a corrupt byte often turns a name into a dotted or odd one."""
-    dangerous = [f.message for f in findings_for({}, actions) if f.level == "dangerous"]
+    module, and a corrupt byte often turns a name into a dotted or odd one. Once the pickle has made or called
+    anything, though, a dangerous name counts too: what it made may have called the named function before
+    the failure (torch's ``_rebuild_parameter`` calls ``data.detach()``, a stored function, then fails).
+
+    ``later``: the globals named after the point where statecli gave up, where an opcode could still call
+    them (:func:`statecli.safepickle.names_after`); real pickle may not give up there (statecli's limits are
+    its own), so a dangerous one among them counts too."""
+    actions = list(actions)
+    dangerous = [f.message for f in findings_for(globals_seen if actions else {}, actions) if f.level == "dangerous"]
+    if later:
+        dangerous += [
+            f"past where statecli stopped reading (real pickle reads on), {f.message}"
+            for f in findings_for(later, [])
+            if f.level == "dangerous"
+        ]
     if not dangerous:
         return
     more = f" (and {len(dangerous) - 1} more)" if len(dangerous) > 1 else ""

@@ -80,6 +80,19 @@ def _read_file(path: str, st: os.stat_result) -> RawCheckpoint:
             head = f.read(512)
     except OSError as e:
         raise InputError(f"cannot read file ({e.strerror or e})", path=path) from None
+    try:
+        return _read_kind(path, head, st)
+    except InputError as e:
+        if not head.startswith(LFS_PREFIX):
+            # torch.load would still unpickle what statecli refuses to read: a zip's data.pkl, any other
+            # file from its first byte. A payload there makes the file unsafe, not merely unreadable.
+            from statecli.formats.unread import refuse_if_torch_would_run
+
+            refuse_if_torch_would_run(path, st.st_size, e, head.startswith(b"PK\x03\x04"))
+        raise
+
+
+def _read_kind(path: str, head: bytes, st: os.stat_result) -> RawCheckpoint:
     kind = sniff(path, head, st.st_size)
     if kind == "zip":
         from statecli.formats.torchzip import read_torch_zip

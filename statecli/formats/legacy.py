@@ -10,8 +10,9 @@ The file is a stream (``torch/serialization.py``, ``_legacy_save``): five pickle
 
 then, for each key in that order, an int64 element count and ``count × itemsize`` bytes.
 
-All five pickles go through statecli's restricted reader (nothing is imported or called); the
-storage records are checked against the data section, which is walked by its length prefixes
+All five pickles go through statecli's restricted reader (nothing is imported or called), and what
+each would do is judged (torch.load unpickles all five with plain pickle); the storage records are
+checked against the data section, which is walked by its length prefixes
 without reading the bytes. The object is then walked like a ``torch.save`` zip's.
 """
 
@@ -23,13 +24,13 @@ from typing import Any
 
 from statecli.clip import describe, quote
 from statecli.dtypes import DTYPES
-from statecli.errors import InputError, LimitExceededError, StatecliError, UnsupportedFormatError
+from statecli.errors import InputError, LimitExceededError, StatecliError, UnsafeError, UnsupportedFormatError
 from statecli.files import open_regular
 from statecli.formats.base import RawCheckpoint
 from statecli.formats.torchzip import MAX_PICKLE_BYTES, _Walker, storage_dtype
 from statecli.records import Finding
-from statecli.safepickle import Limits, StorageRef, loads
-from statecli.security import findings_for
+from statecli.safepickle import Action, Limits, StorageRef, loads
+from statecli.security import findings_for, refuse_if_dangerous
 from statecli.wording import name_list
 
 MAGIC = 0x1950A86A20F9469CFC6C
@@ -81,6 +82,20 @@ def storage_spans(path: str) -> tuple[dict[str, tuple[int, int]], int]:
     return _walk_data(path, keys, raw[5], header_end)[0], header_end
 
 
+class _Verdict:
+    """What the five pickles together would do: torch.load unpickles every one of them with plain pickle, so
+    a payload in the magic number's pickle runs as surely as one in the object's."""
+
+    def __init__(self) -> None:
+        self.globals_seen: dict[tuple[str, str], int] = {}
+        self.actions: list[Action] = []
+
+    def add(self, u: Any) -> None:
+        for key, n in u.globals_seen.items():
+            self.globals_seen[key] = self.globals_seen.get(key, 0) + n
+        self.actions.extend(u.actions.values())
+
+
 def _read_pickles(path: str) -> tuple[list[Any], int]:
     try:
         with open_regular(path) as f:
@@ -88,23 +103,40 @@ def _read_pickles(path: str) -> tuple[list[Any], int]:
             data = f.read(min(size, MAX_PICKLE_BYTES))
     except OSError as e:
         raise InputError(f"cannot read file ({e.strerror or e})", path=path) from e
-    magic, pos, _ = _pickle_at(data, 0, path)
+    verdict = _Verdict()
+    try:
+        return _read_five(data, path, size, verdict)
+    except StatecliError as e:
+        # torch.load ran the pickles before this one (and this one up to its failure): a payload among
+        # them makes the file unsafe, not merely unreadable.
+        if verdict.actions and not isinstance(e, UnsafeError):
+            refuse_if_dangerous(verdict.globals_seen, verdict.actions, e)
+        raise
+
+
+def _read_five(data: bytes, path: str, size: int, verdict: _Verdict) -> tuple[list[Any], int]:
+    magic, pos, u = _pickle_at(data, 0, path)
+    verdict.add(u)
     if magic != MAGIC:
         raise InputError("not a legacy torch file (wrong magic number)", path=path)
-    version, pos, _ = _pickle_at(data, pos, path)
+    version, pos, u = _pickle_at(data, pos, path)
+    verdict.add(u)
     if version != PROTOCOL:
         raise UnsupportedFormatError(
             f"legacy torch protocol {describe(version)} is not read (only {PROTOCOL})", path=path
         )
-    sys_info, pos, _ = _pickle_at(data, pos, path)
+    sys_info, pos, u = _pickle_at(data, pos, path)
+    verdict.add(u)
     if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
         raise UnsupportedFormatError("a big-endian legacy torch file is not read", path=path)
     storages = _LegacyStorages(path)
-    obj, pos, unpickler = _pickle_at(data, pos, path, storages)
-    keys, pos, _ = _pickle_at(data, pos, path)
+    obj, pos, u = _pickle_at(data, pos, path, storages)
+    verdict.add(u)
+    keys, pos, u = _pickle_at(data, pos, path)
+    verdict.add(u)
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
         raise InputError("corrupt legacy torch file: the storage key list is not a list of strings", path=path)
-    return [magic, version, sys_info, obj, keys, storages, unpickler, size], pos
+    return [magic, version, sys_info, obj, keys, storages, verdict, size], pos
 
 
 def _walk_data(
@@ -148,9 +180,13 @@ def _walk_data(
 
 def read_legacy(path: str) -> RawCheckpoint:
     """Read a legacy torch file's metadata without torch and without running its pickles."""
-    (_, _, _, obj, keys, storages, unpickler, size), data_start = _read_pickles(path)
-    spans, end = _walk_data(path, keys, storages, data_start)
-    findings = findings_for(unpickler.globals_seen, unpickler.actions.values())
+    (_, _, _, obj, keys, storages, verdict, size), data_start = _read_pickles(path)
+    try:
+        spans, end = _walk_data(path, keys, storages, data_start)
+    except InputError as e:
+        refuse_if_dangerous(verdict.globals_seen, verdict.actions, e)
+        raise
+    findings = findings_for(verdict.globals_seen, verdict.actions)
     findings.append(
         Finding(
             "info",

@@ -6,12 +6,14 @@
 A whole pickled model makes each of its modules with NEWOBJ (``cls.__new__(cls)``) and BUILD
 (``cls.__setstate__(state)``). For the classes listed, torch's own code for those is plain attribute
 setting (``nn.Module.__setstate__``) or tensor maths (quantized modules repack their weights), so
-statecli reports them as information, not danger. The list is every ``nn.Module`` subclass defined in
-torch whose ``__new__``, ``__setstate__``, ``__reduce__``/``__reduce_ex__``, ``__del__`` and container
-methods (``__setitem__``, ``append``, ``extend``: SETITEMS/APPENDS call them) are ``nn.Module``'s own,
+statecli reports them as information, not danger. The list is every ``nn.Module`` subclass (and every
+``torch.distributions`` distribution, transform and constraint) defined in torch whose ``__new__``,
+``__setstate__``, ``__reduce__``/``__reduce_ex__``, ``__del__`` and container methods (``__setitem__``,
+``append``, ``extend``: SETITEMS/APPENDS call them) are ``nn.Module``'s own (or ``object``'s),
 plus the overrides reviewed by hand in REVIEWED (they set defaults or repack tensors), plus the
 non-module classes in EXTRA (hooks, quantization configs, optimizers, DCP metadata), less EXCLUDED
-(``__new__``/``__reduce__`` that run generated code, or ``__setstate__`` that reaches a process group).
+(``__new__``/``__reduce__`` that run generated code, ``__setstate__`` that reaches a process group, or
+methods that run code named by their state when an inert-class gadget calls the object at load).
 """
 
 from __future__ import annotations
@@ -58,13 +60,27 @@ EXCLUDED = {
     "torch.nn.modules.container.Container": "deprecated, __new__ of its own",
     "torch.nn.modules.loss.NLLLoss2d": "deprecated, __new__ of its own",
     "torch.fx.graph_module._CodeOnlyModule": "made only by GraphModule's reduce, which execs source",
+    # Called by a gadget at load (dict() calls a stored `keys`, pickle's APPEND a stored `append`), these run
+    # code their state names: torch.fx.Interpreter resolves the dotted attribute paths of the graph's nodes
+    # (`p._flavour.pathmod.os.system` from a stored pathlib class) and calls them. torch cannot pickle
+    # any of them (their graphs and C++ modules refuse), so no benign file makes one.
+    "torch.distributions.constraints._DependentProperty": "a property, never pickled as an instance",
+    "torch.export.unflatten.InterpreterModule": "forward runs a pickled fx graph, whose strings name any attribute",
+    "torch.export.unflatten.InterpreterModuleDispatcher": "forward runs pickled fx graphs",
+    "torch.export.unflatten.UnflattenedModule": "__init__ and forward run a pickled fx graph",
+    "torch.jit._script.RecursiveScriptModule": "a ScriptModule: define() compiles source; torch cannot pickle one",
+    "torch.jit._script.ScriptModule": "define() compiles TorchScript source; torch cannot pickle one",
+    "torch.jit._trace.TracedModule": "__init__ compiles the module it is given; torch cannot pickle one",
+    "torch.jit._trace.TopLevelTracedModule": "a TracedModule; torch cannot pickle one",
+    "torch.jit._trace.ONNXTracedModule": "forward traces the module it holds; torch cannot pickle one",
 }
 # Classes besides modules that whole-model and training pickles make, read and found inert.
 EXTRA = [
     "torch.nn.parameter.Parameter", "torch.nn.parameter.Buffer", "torch.nn.parameter.UninitializedParameter",
     "torch.nn.parameter.UninitializedBuffer", "torch.Tensor", "torch.torch_version.TorchVersion",
     # A TorchBind object (quantized packed weights): its __setstate__ is the registered C++ class's, which
-    # repacks the tensors in the state.
+    # repacks the tensors in the state. Which class, BUILD's state names: statecli's reader judges that
+    # (safepickle.TORCHBIND_CLASSES; aten.OpaqueObject's unpickles a base64 pickle).
     "torch.ScriptObject",
     "torch.nn.modules.module._WrappedHook", "torch.utils.hooks.RemovableHandle",
     "torch.nn.utils.spectral_norm.SpectralNorm", "torch.nn.utils.spectral_norm.SpectralNormStateDictHook",
@@ -77,6 +93,8 @@ EXTRA = [
     "torch.distributed.checkpoint.metadata.TensorProperties", "torch.distributed.checkpoint.metadata.MetadataIndex",
     "torch.distributed.checkpoint.metadata.StorageMeta", "torch.distributed.checkpoint.metadata._MEM_FORMAT_ENCODING",
     "torch.distributed.checkpoint.filesystem._StorageInfo",
+    # A NamedTuple of tensors (NEWOBJ with its fields); its __new__ only checks them and inverts a permutation.
+    "torch.nn.utils.rnn.PackedSequence",
 ]  # fmt: skip
 
 
@@ -112,6 +130,17 @@ def torch_classes() -> tuple[list[str], list[str]]:
     for mod in (torch.optim, torch.optim.lr_scheduler, torch.optim.swa_utils):
         for obj in vars(mod).values():
             if inspect.isclass(obj) and issubclass(obj, bases) and obj.__module__.startswith("torch."):
+                found[f"{obj.__module__}.{obj.__qualname__}"] = obj
+    # Probability distributions a policy or a training state pickles whole (NEWOBJ and BUILD of a field
+    # dict): their transforms and constraints come along. Plain attribute holders, checked like modules.
+    import torch.distributions as dist
+
+    families = (dist.Distribution, dist.transforms.Transform, dist.constraints.Constraint)
+    for name, mod in list(sys.modules.items()):
+        if mod is None or not name.startswith("torch.distributions"):
+            continue
+        for obj in list(vars(mod).values()):
+            if inspect.isclass(obj) and issubclass(obj, families) and obj.__module__.startswith("torch."):
                 found[f"{obj.__module__}.{obj.__qualname__}"] = obj
     inert, review = [], []
     for qual, cls in sorted(found.items()):

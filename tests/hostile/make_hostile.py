@@ -411,9 +411,10 @@ def _(d: Path) -> Path:
     return torch_zip(d / "model.pt", state_dict(("weight", lambda a: a.tensor())) + second)
 
 
-@case("pickle_zip_polyglot", "code", error(3, "pickle"))
+@case("pickle_zip_polyglot", "code", Expected("error", 5, "os.system", False, "torch.load"))
 def _(d: Path) -> Path:
-    # A pickle followed by a valid torch zip: torch.load sees no zip magic at byte 0 and unpickles it.
+    # A pickle followed by a valid torch zip: torch.load sees no zip magic at byte 0 and unpickles it, so
+    # the payload runs: refused as unsafe (exit 5), not merely as a file statecli does not read.
     evil = Asm(2).call("os", "system", _touch).op("STOP").getvalue()
     _benign_zip(d / "inner.pt")
     data = evil + (d / "inner.pt").read_bytes()
@@ -423,10 +424,10 @@ def _(d: Path) -> Path:
     return p
 
 
-@case("data_pkl_case_variant", "code", error(3, "DATA.pkl"))
+@case("data_pkl_case_variant", "code", error(5, "DATA.pkl"))
 def _(d: Path) -> Path:
-    # torch's zip reader finds records case-insensitively and takes the last match: it would unpickle
-    # DATA.pkl while a case-sensitive reader looks at the benign data.pkl.
+    # torch's zip reader finds records case-insensitively and could unpickle DATA.pkl while a
+    # case-sensitive reader looks at the benign data.pkl: refused, and as unsafe, since DATA.pkl runs code.
     evil = Asm(2).call("os", "system", _touch).op("STOP").getvalue()
     return torch_zip(d / "model.pt", state_dict(("weight", lambda a: a.tensor())), extra=(("archive/DATA.pkl", evil),))
 
@@ -764,7 +765,8 @@ def _(d: Path) -> Path:
     return torch_zip(d / "model.pt", evil, pickle_name="model.pkl")
 
 
-@case("zip_duplicate_data_pkl", "container", error(3, "twice"))
+# Refused, and as unsafe (exit 5): the second data.pkl, which torch could read, runs code.
+@case("zip_duplicate_data_pkl", "container", error(5, "twice"))
 def _(d: Path) -> Path:
     evil = Asm(2).call("os", "system", _touch).op("STOP").getvalue()
     import warnings
@@ -775,7 +777,7 @@ def _(d: Path) -> Path:
     return d / "model.pt"
 
 
-@case("zip_two_roots", "container", error(3, "2 archive roots"))
+@case("zip_two_roots", "container", error(5, "2 archive roots"))  # the other root's data.pkl runs code
 def _(d: Path) -> Path:
     evil = Asm(2).call("os", "system", _touch).op("STOP").getvalue()
     return torch_zip(d / "model.pt", state_dict(("weight", lambda a: a.tensor())), extra=(("other/data.pkl", evil),))
