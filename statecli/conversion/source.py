@@ -156,6 +156,19 @@ class Source:
         begin, end = spans[name]
         return path, begin, end - begin, None
 
+    def _checked_span(self, t: TensorInfo) -> tuple[str, int, int, int | None]:
+        """:meth:`span`, refused unless it holds exactly the bytes the storage record claims: torch.load
+        refuses a record of any other size, and the bytes past the claim would be read as values."""
+        path, start, size, crc = self.span(t)
+        claimed = self.report.storage_sizes.get(t.storage) if t.storage is not None else None
+        if claimed is not None and claimed != size:
+            raise InputError(
+                f"storage {t.storage} of {t.name!r} holds {size} bytes but its record claims {claimed} "
+                "(torch.load refuses a record of another size)",
+                path=path,
+            )
+        return path, start, size, crc
+
     def read(self, t: TensorInfo) -> torch.Tensor:
         """The whole storage behind ``t`` as a flat uint8 tensor, CRC-checked where the file has one."""
         import torch
@@ -163,7 +176,7 @@ class Source:
         if self._dcp is not None:
             return self._dcp.read(t, self._read_span)
 
-        path, start, size, crc = self.span(t)
+        path, start, size, crc = self._checked_span(t)
         buf = torch.empty(size, dtype=torch.uint8)
         view = byte_view(buf)
         _pread_into(self._file(path), view, start, path, t.name)
@@ -182,7 +195,7 @@ class Source:
         if self._dcp is not None:  # a DCP tensor is rebuilt from its chunks: one piece
             yield self.read(t)
             return
-        path, start, size, crc = self.span(t)
+        path, start, size, crc = self._checked_span(t)
         f = self._file(path)
         bufs = [torch.empty(min(size, chunk), dtype=torch.uint8) for _ in range(2 if size > chunk else 1)]
         views = [byte_view(b) for b in bufs]
