@@ -66,3 +66,26 @@ def test_a_storage_member_longer_than_its_record(tmp_path: Path, extra: bytes) -
         with pytest.raises(InputError, match=claims):
             read_values()
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_pt2_weight_member_that_is_empty(samples_dir: Path, tmp_path: Path) -> None:
+    """A .pt2 weight stored with no bytes (torch.export.load makes it zeros; inspect warns): the commands
+    that read values viewed the empty member as the tensor's storage, a RuntimeError from torch's
+    as_strided. They now refuse it with exit 3, and convert writes nothing."""
+    p = tmp_path / "m.pt2"
+    members = read_members(samples_dir / "export_frozen.pt2")
+    members["export_frozen/data/weights/weight_0"] = b""
+    write_members(p, members)
+    report = statecli.open_checkpoint(p)
+    assert any(f.code == "export-empty-payload" for f in report.findings)
+    (tmp_path / "out").mkdir()
+    needs = r"the bytes of 'net.backbone.0.weight' hold 0 float32 elements; its shape \[16, 8\] needs element 127"
+    for read_values in (
+        lambda: compute(statecli.open_checkpoint(p)),
+        lambda: statecli.load(p),
+        lambda: statecli.convert(p, tmp_path / "out" / "w.safetensors"),
+        lambda: diff(p, p),
+    ):
+        with pytest.raises(InputError, match=needs):
+            read_values()
+    assert list((tmp_path / "out").iterdir()) == []

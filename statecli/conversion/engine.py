@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from statecli import dtypes
 from statecli.conversion.atomic import PendingFile, check_destination, folder_problem, output_error, sync_folder
 from statecli.conversion.plan import DEFAULT_SHARD_SIZE, INDEX_NAME, Plan, PlanItem
-from statecli.conversion.source import Source, byte_view
+from statecli.conversion.source import Source, byte_view, check_views
 from statecli.conversion.zipwriter import ZipWriter
 from statecli.errors import CheckFailedError, OutputError, StatecliError, UsageError
 from statecli.formats.base import contiguous_strides
@@ -261,6 +261,7 @@ def materialize(source: Source, unit: _Unit) -> tuple[torch.Tensor, CastStats | 
     src_dtype = _torch_dtype(unit.src_dtype)
     t = unit.leader.source
     base = raw.view(src_dtype)
+    check_views([i.source for i in unit.items], base.numel(), source.report.path)
     if unit.compact:
         values = view(base, t.storage_offset, t.shape, t.stride or contiguous_strides(t.shape)).contiguous().view(-1)
     else:

@@ -12,11 +12,12 @@ import ctypes
 import os
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from statecli.errors import InputError
+from statecli.formats.base import contiguous_strides
 from statecli.formats.safetensors_reader import tensor_spans
 from statecli.formats.torchzip import archive_root
 from statecli.formats.zipdir import Member, data_offset, read_central_directory
@@ -223,6 +224,24 @@ class Source:
                 pending.exception()  # wait: the worker must not write into a buffer nobody holds
         if crc is not None and running[0] != crc:
             raise InputError(f"the bytes of {t.name!r} fail their CRC check (corrupt file)", path=path)
+
+
+def check_views(tensors: Iterable[TensorInfo], elements: int, path: str) -> None:
+    """Refuse (exit 3) a view that reaches past the ``elements`` its storage's bytes hold. The readers
+    check each view against its storage record; this checks it against the bytes really read, which can
+    be fewer than a reader believed (a ``.pt2`` weight member that is empty: torch.export.load would make
+    zeros, and statecli makes up no values)."""
+    for t in tensors:
+        if any(s == 0 for s in t.shape):
+            continue
+        stride = t.stride or contiguous_strides(t.shape)
+        last = t.storage_offset + sum((s - 1) * st for s, st in zip(t.shape, stride, strict=True))
+        if last >= elements:
+            raise InputError(
+                f"the bytes of {t.name!r} hold {elements} {t.dtype} elements; its shape {list(t.shape)} needs "
+                f"element {last}",
+                path=path,
+            )
 
 
 def _pread_into(f: Any, view: memoryview, offset: int, path: str, name: str) -> None:
