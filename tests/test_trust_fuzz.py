@@ -18,7 +18,7 @@ import torch
 
 import statecli
 from statecli.diff import diff
-from statecli.errors import InputError
+from statecli.errors import InputError, UsageError
 from statecli.stats import compute
 
 HERE = Path(__file__).resolve().parent
@@ -89,3 +89,19 @@ def test_a_pt2_weight_member_that_is_empty(samples_dir: Path, tmp_path: Path) ->
         with pytest.raises(InputError, match=needs):
             read_values()
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_name_safetensors_cannot_hold(tmp_path: Path) -> None:
+    """A pickled key with a lone surrogate (pickle reads text with surrogatepass, so torch.load gives the same
+    name): convert to safetensors crashed with a UnicodeEncodeError while writing the header. It is now
+    refused before anything is written, like a dtype safetensors cannot store; a .pt output keeps the name."""
+    name = "w\ud800"
+    p = tmp_path / "m.pt"
+    torch.save({name: torch.ones(2)}, p)
+    assert list(torch.load(p, weights_only=True)) == [name]
+    (tmp_path / "out").mkdir()
+    with pytest.raises(UsageError, match=r"cannot store the tensor name 'w\\ud800', which is not valid Unicode"):
+        statecli.convert(p, tmp_path / "out" / "m.safetensors")
+    assert list((tmp_path / "out").iterdir()) == []
+    statecli.convert(p, tmp_path / "out" / "m.pt")
+    assert list(torch.load(tmp_path / "out" / "m.pt", weights_only=True)) == [name]

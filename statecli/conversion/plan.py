@@ -400,6 +400,14 @@ def build_plan(report: Report, output: str, options: ConvertOptions) -> Plan:
             raise UsageError(
                 f"safetensors cannot store {', '.join(unstorable)} (tensors {names:.200}); write a .pt file instead"
             )
+        # A pickled name may hold a lone surrogate (pickle decodes with surrogatepass); a safetensors header is
+        # UTF-8 JSON, which cannot hold one. A .pt file can.
+        unencodable = next((i.name for i in items if not _is_utf8(i.name)), None)
+        if unencodable is not None:
+            raise UsageError(
+                f"safetensors cannot store the tensor name {unencodable[:80]!r}, which is not valid Unicode; "
+                "write a .pt file instead"
+            )
     if fmt != "torch":
         if device is not None:
             notes.append(
@@ -431,6 +439,14 @@ def build_plan(report: Report, output: str, options: ConvertOptions) -> Plan:
         triples = ((i.name, inner, t.name) for i, (t, inner) in zip(items, selected, strict=True))
         notes.extend(_check_globs(report, options, triples, dropped))
     return Plan(report, output, fmt, options, items, dropped, notes)
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_globs(

@@ -70,9 +70,11 @@ def snapshot(root: Path) -> dict[str, Any]:
     return out
 
 
-# convert and load refuse a file without model tensors as a usage error (exit 2): the fix is the
-# user's (``--select`` names where the tensors are), and the file itself was read.
+# Usage errors (exit 2) convert may give on a file it read: no model tensors (the fix is the user's,
+# ``--select`` names where the tensors are; load says the same), and what the chosen output format cannot
+# hold (a dtype or a name safetensors cannot store: the fix is a .pt output).
 NOTHING_TO_CONVERT = "nothing to convert:"
+USAGE_EXITS = (NOTHING_TO_CONVERT, "safetensors cannot store")
 
 
 def _error(e: BaseException, command: str, codes: tuple[int, ...] = (3, 5)) -> int:
@@ -80,7 +82,7 @@ def _error(e: BaseException, command: str, codes: tuple[int, ...] = (3, 5)) -> i
 
     if not isinstance(e, StatecliError):
         raise Violation(f"{command}: {type(e).__name__}: {str(e)[:300]}") from e
-    if command in ("convert", "load") and isinstance(e, UsageError) and e.message.startswith(NOTHING_TO_CONVERT):
+    if command in ("convert", "load") and isinstance(e, UsageError) and e.message.startswith(USAGE_EXITS):
         return e.exit_code
     if e.exit_code not in codes:
         raise Violation(f"{command}: exit {e.exit_code} ({type(e).__name__}): {str(e)[:300]}") from e
@@ -302,7 +304,7 @@ def _run_cli(command: str, path: Path, scratch: Path, open_code: int | None, out
     allowed = (
         {0, 3, 5}
         | ({1} if command in ("diff", "check") else set())
-        | ({2} if command == "convert" and NOTHING_TO_CONVERT in err else set())
+        | ({2} if command == "convert" and any(u in err for u in USAGE_EXITS) else set())
     )
     if r.exit_code not in allowed:
         raise Violation(f"cli {command}: exit {r.exit_code}: {err[-300:]!r}")
