@@ -9,6 +9,7 @@ For a longer hunt: ``python tests/fuzz/fuzz_read.py --engine structural --second
 
 from __future__ import annotations
 
+import io
 import sys
 import zipfile
 from pathlib import Path
@@ -25,6 +26,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "hostile"))
 sys.path.insert(0, str(HERE / "fuzz"))
 
+from commands import run_commands  # noqa: E402
+
 
 def read_members(p: Path) -> dict[str, bytes]:
     with zipfile.ZipFile(p) as z:
@@ -33,9 +36,15 @@ def read_members(p: Path) -> dict[str, bytes]:
 
 def write_members(p: Path, members: dict[str, bytes]) -> None:
     """Members stored (not deflated), as torch writes them."""
-    with zipfile.ZipFile(p, "w") as z:
+    p.write_bytes(write_zip_bytes(members))
+
+
+def write_zip_bytes(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
         for name, data in members.items():
             z.writestr(zipfile.ZipInfo(name, (1980, 1, 1, 0, 0, 0)), data)
+    return buf.getvalue()
 
 
 # ------------------------------------------------------------------------------- problems found, fixed
@@ -105,3 +114,25 @@ def test_a_name_safetensors_cannot_hold(tmp_path: Path) -> None:
     assert list((tmp_path / "out").iterdir()) == []
     statecli.convert(p, tmp_path / "out" / "m.pt")
     assert list(torch.load(tmp_path / "out" / "m.pt", weights_only=True)) == [name]
+
+
+def test_pt2_sample_inputs_that_share_their_lists(samples_dir: Path, tmp_path: Path) -> None:
+    """A .pt2's sample inputs pickled as a DAG of shared lists (40 levels, each ten references to the
+    next: 10**40 paths in a few hundred bytes) hung every command, or ended in a MemoryError: the walk
+    followed every path. Each container is now walked once. (Found by the structural fuzzer.)"""
+    from structures import PID, Call, G, ODict, dumps, laughs
+
+    tensor = Call(
+        G("torch._utils", "_rebuild_tensor_v2"),
+        (PID(("storage", G("torch", "FloatStorage"), "0", "cpu", 2)), 0, (2,), (1,), False, ODict([])),
+    )
+    inputs = write_zip_bytes({"x/data.pkl": dumps((laughs(10, 40, tensor), {})), "x/data/0": bytes(8)})
+    members = read_members(samples_dir / "export_frozen.pt2")
+    members["export_frozen/data/sample_inputs/model.pt"] = inputs
+    (tmp_path / "in").mkdir()
+    p = tmp_path / "in" / "m.pt2"
+    write_members(p, members)
+    run_commands(p, tmp_path / "scratch", seconds=10, memory=1 << 30)
+    names = [t.name for t in statecli.open_checkpoint(p).tensors if t.group == "sample_inputs"]
+    # The innermost list holds the tensor ten times: ten names, one storage (as for inputs (x, x)).
+    assert names == [f"sample_inputs.0{'.0' * 39}.{i}" for i in range(10)]

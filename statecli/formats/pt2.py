@@ -35,7 +35,7 @@ from statecli.dtypes import DTYPES
 from statecli.errors import InputError, LimitExceededError, StatecliError, UnsupportedFormatError
 from statecli.formats._json import load_object
 from statecli.formats.base import RawCheckpoint
-from statecli.formats.torchzip import MAX_PICKLE_BYTES, _Storages, archive_root, raw_tensor
+from statecli.formats.torchzip import MAX_PICKLE_BYTES, _key, _Storages, archive_root, raw_tensor
 from statecli.formats.zipdir import Member, data_offset, read_member
 from statecli.records import Container, Finding, RawTensor
 from statecli.safepickle import MAX_INDEX, Global, RestrictedUnpickler, Stub, TensorRef, loads
@@ -152,6 +152,7 @@ class _Reader:
         self.storage_sizes: dict[str, int] = {}
         self.other_keys: list[str] = []
         self.nested_nbytes = 0  # storage bytes inside the last pickled archive read
+        self.walked: set[int] = set()  # ids of the sample inputs' containers already walked
 
     def read(self) -> RawCheckpoint:
         fmt = self._small("archive_format")
@@ -247,6 +248,7 @@ class _Reader:
         if sample in self.members and self.members[sample].size:
             obj = self._payload(sample, f"{SAMPLE_INPUTS_DIR}{model}.pt")
             start = len(self.tensors)
+            self.walked = set()
             self._inputs(obj, f"{prefix}sample_inputs", 0, f"{SAMPLE_INPUTS_DIR}{model}.pt")
             if len(self.tensors) > start or obj is not None:
                 self.other_keys.append(f"{prefix}sample_inputs")
@@ -356,12 +358,15 @@ class _Reader:
             self.tensors.append(raw)
             if s is not None:
                 self.storage_sizes[f"{rel}:data/{s.key}"] = s.nbytes
-        elif isinstance(obj, dict):
-            for k, v in obj.items():
-                self._inputs(v, f"{prefix}.{k}", depth + 1, rel)
-        elif isinstance(obj, (list, tuple)):
-            for i, v in enumerate(obj):
-                self._inputs(v, f"{prefix}.{i}", depth + 1, rel)
+        elif isinstance(obj, (dict, list, tuple)):
+            # A container the pickle references from several places is walked once: a DAG of shared lists
+            # (a few hundred bytes of pickle) has more paths than could ever be walked.
+            if id(obj) in self.walked:
+                return
+            self.walked.add(id(obj))
+            items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+            for k, v in items:
+                self._inputs(v, f"{prefix}.{_key(k)}", depth + 1, rel)
 
     # -- pickled payloads
 
