@@ -135,21 +135,27 @@ def memory_cap(extra: int | None) -> Iterator[None]:
 
 @contextlib.contextmanager
 def deadline(seconds: float | None, what: str) -> Iterator[None]:
-    """Raise :class:`Slow` in the main thread once ``seconds`` have passed (SIGALRM; Unix)."""
+    """Raise :class:`Slow` in the main thread once the process has used ``seconds`` of CPU time (all
+    threads; SIGPROF), or four times that of wall-clock time (SIGALRM: a command that blocks). CPU time is
+    what a command costs; on a shared machine the wall clock also counts the neighbours' work. Unix only."""
     if not seconds or not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def alarm(signum: int, frame: object) -> None:
-        raise Slow(f"{what}: still running after {seconds} s")
+        kind = "CPU" if signum == signal.SIGPROF else "wall-clock"
+        raise Slow(f"{what}: still running after {seconds if kind == 'CPU' else 4 * seconds} s of {kind} time")
 
-    previous = signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    previous = signal.signal(signal.SIGPROF, alarm), signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_PROF, seconds)
+    signal.setitimer(signal.ITIMER_REAL, 4 * seconds)
     try:
         yield
     finally:
+        signal.setitimer(signal.ITIMER_PROF, 0)
         signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        signal.signal(signal.SIGPROF, previous[0])
+        signal.signal(signal.SIGALRM, previous[1])
 
 
 def run_commands(

@@ -44,6 +44,7 @@ import time
 import traceback
 import zipfile
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -420,19 +421,18 @@ def _violation_signature(family: str, e: BaseException) -> str:
     return f"{family}|{text}|{frame}"
 
 
-def run_one_structural(
-    family: str,
-    rng: random.Random,
-    work: Path,
-    timeout: float,
-    memory: int | None,
-    cli_fraction: float,
-) -> tuple[str, object]:
-    """Build one input and run the commands on it: (outcome signature, the built input)."""
-    import commands
+def build_structural(family: str, rng: random.Random, work: Path) -> Any:
     import structures
 
-    built = structures.build(family, structures.RandomDraw(rng), work / "case")
+    return structures.build(family, structures.RandomDraw(rng), work / "case")
+
+
+def run_structural_input(
+    built: Any, rng: random.Random, work: Path, timeout: float, memory: int | None, cli_fraction: float
+) -> str:
+    """Run the commands on one built input: its outcome signature."""
+    import commands
+
     cli = rng.choice(list(commands.CLI_COMMANDS)) if rng.random() < cli_fraction else None
     outcome = commands.run_commands(
         built.path,
@@ -443,7 +443,7 @@ def run_one_structural(
         seconds=timeout,
         memory=memory,
     )
-    return f"{family}:{commands.signature(outcome)}", built
+    return f"{built.family}:{commands.signature(outcome)}"
 
 
 def _save_structural(out: Path, sig: str, family: str, seed: int, i: int, work: Path, detail: str) -> Path:
@@ -496,8 +496,8 @@ def run_structural_child(args: argparse.Namespace) -> dict[str, object]:
         work = Path(tempfile.mkdtemp(prefix="statecli-sfuzz-", dir=_SCRATCH))
         try:
             try:
-                outcome, _ = run_one_structural(family, rng, work, args.timeout, args.memory, args.cli_fraction)
-                outcomes.add(outcome)
+                built = build_structural(family, rng, work)
+                outcomes.add(run_structural_input(built, rng, work, args.timeout, args.memory, args.cli_fraction))
             except (commands.Violation, commands.Slow, MemoryError) as e:
                 kind = "slow" if isinstance(e, commands.Slow) else "violations"
                 counts[kind] += 1
@@ -616,13 +616,14 @@ def replay_structural(spec: str, timeout: float, keep: Path | None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     try:
         t0 = time.perf_counter()
+        built = build_structural(family, rng, work)
+        print(built)
         try:
-            outcome, built = run_one_structural(family, rng, work, timeout, STRUCTURAL_MEMORY, 0.0)
+            outcome = run_structural_input(built, rng, work, timeout, STRUCTURAL_MEMORY, 0.0)
         except (commands.Violation, commands.Slow) as e:
             traceback.print_exception(e.__cause__ or e)
             print(f"VIOLATION: {e}")
             return 1
-        print(built)
         print(outcome)
         print(f"{time.perf_counter() - t0:.3f} s", file=sys.stderr)
     finally:

@@ -1801,7 +1801,7 @@ def gen_sharded(d: Draw, folder: Path) -> Built:
     index: dict[str, Any] = {"metadata": {"total_size": d.int(0, 10**6)}, "weight_map": weight_map}
     if "weight-map-not-object" in which:
         index["weight_map"] = d.choice([[], None, "x", 5])
-    if "weight-map-value-odd" in which and weight_map:
+    if "weight-map-value-odd" in which and weight_map and isinstance(index["weight_map"], dict):
         index["weight_map"][next(iter(weight_map))] = d.choice([None, 5, "", ["a"], {"a": 1}])
     if "metadata-odd" in which:
         index["metadata"] = d.choice([None, [], "x", {"total_size": laughs_json(d)}, {"k": "\x1b[2K"}])
