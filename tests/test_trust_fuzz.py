@@ -10,12 +10,18 @@ For a longer hunt: ``python tests/fuzz/fuzz_read.py --engine structural --second
 from __future__ import annotations
 
 import io
+import json
+import os
+import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from subproc import checkout_env
 
 import statecli
 from statecli.diff import diff
@@ -25,6 +31,7 @@ from statecli.stats import compute
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "hostile"))
 sys.path.insert(0, str(HERE / "fuzz"))
+sys.path.insert(0, str(HERE / "fuzz" / "crashes"))
 
 from commands import run_commands  # noqa: E402
 
@@ -136,3 +143,90 @@ def test_pt2_sample_inputs_that_share_their_lists(samples_dir: Path, tmp_path: P
     names = [t.name for t in statecli.open_checkpoint(p).tensors if t.group == "sample_inputs"]
     # The innermost list holds the tensor ten times: ten names, one storage (as for inputs (x, x)).
     assert names == [f"sample_inputs.0{'.0' * 39}.{i}" for i in range(10)]
+
+
+# ------------------------------------------------------------------------------- the fuzzer, in CI
+
+import known  # noqa: E402
+import make_crashes  # noqa: E402
+import structures  # noqa: E402
+from commands import Slow, Violation  # noqa: E402
+from hypothesis import HealthCheck, given, note, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+# STATECLI_FUZZ_EXAMPLES=500 for a longer hunt; CI runs the default (about 40 s on two cores).
+EXAMPLES = int(os.environ.get("STATECLI_FUZZ_EXAMPLES", "25"))
+# CPU seconds per command: these inputs are kilobytes and every command takes milliseconds on them; the
+# hostile harness holds its commands to 5 s.
+CPU_SECONDS = 2.0
+MEMORY = 1 << 30  # address space all the commands on one input may add: the issue's 1 GB
+_SCRATCH = "/dev/shm" if os.path.isdir("/dev/shm") else None
+KNOWN_SEEN: dict[str, int] = {}
+
+
+@pytest.mark.filterwarnings("ignore:Duplicate name:UserWarning")  # the generators write duplicate members
+@pytest.mark.parametrize("family", list(structures.FAMILIES))
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,  # each command has its own CPU-time deadline (a hypothesis deadline is wall-clock)
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(data=st.data())
+def test_structural_fuzz(family: str, data: st.DataObject) -> None:
+    """Every command path on a checkpoint built piece by piece (tests/fuzz/structures.py), mostly valid and
+    corrupted in targeted ways: a result or a StatecliError of exit 3 or 5, nothing else, nothing written
+    on failure, within CPU_SECONDS per command and MEMORY. A failure that is a known defect
+    (tests/fuzz/known.py, each with a reproducer below) is counted, not raised."""
+    with tempfile.TemporaryDirectory(prefix="statecli-sfuzz-", dir=_SCRATCH) as tmp:
+        built = structures.build(family, structures.HypothesisDraw(data), Path(tmp) / "case")
+        note(f"{family}: corruptions {built.corruptions}")
+        options = data.draw(st.fixed_dictionaries({"pt_output": st.booleans(), "histogram": st.booleans()}))
+        try:
+            run_commands(built.path, Path(tmp) / "scratch", seconds=CPU_SECONDS, memory=MEMORY, **options)
+        except (Violation, Slow) as e:
+            name = known.match(family, e)
+            if name is None:
+                raise
+            KNOWN_SEEN[name] = KNOWN_SEEN.get(name, 0) + 1
+
+
+def _crash_params() -> list[Any]:
+    return [
+        pytest.param(name, marks=pytest.mark.xfail(reason=crash.reason, strict=True), id=name)
+        for name, crash in make_crashes.CRASHES.items()
+    ]
+
+
+@pytest.mark.parametrize("name", _crash_params())
+def test_known_crash(name: str, tmp_path: Path) -> None:
+    """A reproducer the fuzzer found (tests/fuzz/crashes/<name>/), through every command path: it fails
+    today, for the reason its mark gives; a fix makes this pass, strictly unexpectedly."""
+    crash = make_crashes.CRASHES[name]
+    outcome = run_commands(
+        make_crashes.input_of(name), tmp_path, seconds=CPU_SECONDS, memory=MEMORY, pt_output=crash.pt_output
+    )
+    missing = [e for e in crash.expect if e not in outcome.split()]
+    assert not missing, f"{outcome}: not {missing}"
+
+
+def test_every_known_pattern_has_a_reproducer() -> None:
+    assert set(known.KNOWN) <= set(make_crashes.CRASHES)
+    for name in make_crashes.CRASHES:
+        make_crashes.input_of(name)  # built, and committed
+
+
+def test_structural_engine_runs(tmp_path: Path) -> None:
+    """The timed structural engine (tests/fuzz/fuzz_read.py --engine structural) starts, builds, runs and
+    reports: a few seconds of it."""
+    engine = ["--engine", "structural", "--seconds", "4", "--families", "torchzip,safetensors", "--seed", "3"]
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "fuzz" / "fuzz_read.py"), *engine, "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=checkout_env(),
+    )
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["executions"] > 0 and summary["generator_errors"] == 0, summary
+    assert summary["violations"] + summary["slow"] + summary["hangs"] == 0, (summary, proc.stderr[-3000:])

@@ -408,17 +408,15 @@ def _structural_input(seed: int, i: int, families: list[str]) -> tuple[str, rand
 
 
 def _violation_signature(family: str, e: BaseException) -> str:
-    """What kind of failure: the family, the first words of the message, the statecli frame it came from."""
-    cause = e.__cause__ or e.__context__ or e
-    frame = ""
-    tb = cause.__traceback__
-    while tb is not None:
-        f = tb.tb_frame.f_code.co_filename
-        if "/statecli/" in f.replace(os.sep, "/"):
-            frame = f"{Path(f).name}:{tb.tb_frame.f_code.co_name}"
-        tb = tb.tb_next
-    text = re.sub(r"'[^']*'|\"[^\"]*\"|/[^\s:,)]+|[0-9]+", "_", str(e))[:70]
-    return f"{family}|{text}|{frame}"
+    """What kind of failure, with the numbers, quoted text and paths of its message taken out; ``known:NAME``
+    for a known defect (tests/fuzz/known.py)."""
+    import known
+
+    name = known.match(family, e)
+    if name is not None:
+        return f"{family}|known:{name}"
+    sig = known.signature(family, e)
+    return re.sub(r"'[^']*'|\"[^\"]*\"|/[^\s:,)|]+|[0-9]+", "_", sig)[:160]
 
 
 def build_structural(family: str, rng: random.Random, work: Path) -> Any:
@@ -476,7 +474,7 @@ def run_structural_child(args: argparse.Namespace) -> dict[str, object]:
     import torch  # noqa: F401 - stats and convert import it; once, before any input is timed
 
     families = args.families
-    counts: dict[str, int] = {"executions": 0, "violations": 0, "slow": 0, "generator_errors": 0}
+    counts: dict[str, int] = {"executions": 0, "violations": 0, "slow": 0, "known": 0, "generator_errors": 0}
     signatures: dict[str, int] = {}
     saved: dict[str, list[str]] = {}
     outcomes: set[str] = set()
@@ -499,9 +497,9 @@ def run_structural_child(args: argparse.Namespace) -> dict[str, object]:
                 built = build_structural(family, rng, work)
                 outcomes.add(run_structural_input(built, rng, work, args.timeout, args.memory, args.cli_fraction))
             except (commands.Violation, commands.Slow, MemoryError) as e:
-                kind = "slow" if isinstance(e, commands.Slow) else "violations"
-                counts[kind] += 1
                 sig = _violation_signature(family, e)
+                kind = "known" if "|known:" in sig else "slow" if isinstance(e, commands.Slow) else "violations"
+                counts[kind] += 1
                 signatures[sig] = signatures.get(sig, 0) + 1
                 if len(saved.setdefault(sig, [])) < SAVED_PER_SIGNATURE:
                     detail = "".join(traceback.format_exception(e))
@@ -522,7 +520,7 @@ def run_structural(args: argparse.Namespace) -> dict[str, object]:
     """Children (``--jobs``) each with its own seed; restarted past any input that hangs them."""
     start = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="statecli-sfuzz-state-", dir=_SCRATCH))
-    total: dict[str, int] = {"executions": 0, "violations": 0, "slow": 0, "generator_errors": 0, "hangs": 0}
+    total: dict[str, int] = {"executions": 0, "violations": 0, "slow": 0, "known": 0, "generator_errors": 0, "hangs": 0}
     signatures: dict[str, int] = {}
     saved: dict[str, list[str]] = {}
     outcomes = 0
@@ -598,7 +596,7 @@ def run_structural(args: argparse.Namespace) -> dict[str, object]:
         "families": args.families,
         "seconds": round(time.monotonic() - start, 1),
         **total,
-        "crashes": total["violations"] + total["hangs"],
+        "crashes": total["violations"] + total["slow"] + total["hangs"],
         "outcomes": outcomes,
         "signatures": dict(sorted(signatures.items(), key=lambda kv: -kv[1])),
         "saved": saved,

@@ -1952,6 +1952,85 @@ def _legacy_tar(d: Draw, tensors: list[TSpec], storages: dict[str, Storage]) -> 
     return buf.getvalue()
 
 
+# ------------------------------------------------------------------------------------------ safetensors
+
+
+ST_CORRUPTIONS = [
+    "alias-to-missing",
+    "alias-to-alias",
+    "alias-is-stored",
+    "alias-to-itself",
+    "alias-cycle",
+    "roles-odd",
+    "role-unknown-name",
+    "non-persistent-parameter",
+    "requires-grad-odd",
+    "schema-odd",
+    "metadata-not-json",
+    "metadata-laughs",
+    "metadata-not-strings",
+    "many-aliases",
+    "shard-offsets-overlap",
+    "shard-dtype-odd",
+    "shard-header-lie",
+    "shard-header-huge",
+]
+
+
+def gen_safetensors(d: Draw, folder: Path) -> Built:
+    """A safetensors file with the role table statecli's convert writes (roles, requires_grad,
+    non_persistent, aliases), the table made inconsistent in targeted ways."""
+    which = corruptions(d, ST_CORRUPTIONS, 4)
+    tensors = [
+        (f"{d.choice(MODULES)}.{d.choice(NAMES)}{i}", d.choice(COMMON_DTYPES), gen_shape(d)) for i in range(d.int(0, 5))
+    ]
+    names = [n for n, _, _ in tensors]
+    roles: dict[str, Any] = {n: d.choice(["parameter", "buffer", "other"]) for n in names if d.flag(0.7)}
+    aliases: dict[str, Any] = {}
+    if names and d.flag(0.6):
+        aliases[f"tied.{d.int(0, 9)}"] = d.choice(names)
+    if "alias-to-missing" in which:
+        aliases["ghost.alias"] = "ghost"
+    if "alias-to-alias" in which and aliases:
+        aliases["second.alias"] = next(iter(aliases))
+    if "alias-is-stored" in which and names:
+        aliases[names[0]] = names[-1]
+    if "alias-to-itself" in which:
+        aliases["self.alias"] = "self.alias"
+    if "alias-cycle" in which:
+        aliases.update({"a.x": "b.x", "b.x": "a.x"})
+    if "many-aliases" in which and names:
+        aliases.update({f"alias{i}": names[0] for i in range(d.choice([100, 5000]))})
+    table: dict[str, Any] = {"schema": "statecli.roles/1", "roles": roles, "aliases": aliases}
+    if names:
+        table["requires_grad"] = {names[0]: d.choice([True, False])}
+        if d.flag(0.3):
+            table["non_persistent"] = [names[-1]]
+    if "roles-odd" in which:
+        table["roles"] = d.choice([[], "x", {n: d.choice(["weight", None, 1]) for n in names}])
+    if "role-unknown-name" in which:
+        table["roles"] = {**(roles if isinstance(roles, dict) else {}), "nobody": "buffer"}
+    if "non-persistent-parameter" in which and names:
+        table["roles"] = {names[0]: "parameter"}
+        table["non_persistent"] = [names[0]]
+    if "requires-grad-odd" in which:
+        table["requires_grad"] = d.choice([[1], {"x": "yes"}, None])
+    if "schema-odd" in which:
+        table["schema"] = d.choice(["statecli.roles/2", None, 1])
+    text = json.dumps(table)
+    if "metadata-laughs" in which:
+        table["aliases"] = laughs_json(d)
+        text = json.dumps(table)
+    if "metadata-not-json" in which:
+        text = text[: d.int(0, len(text))]
+    meta: Any = {"format": "pt", "statecli": text}
+    if "metadata-not-strings" in which:
+        meta = d.choice([{"statecli": table}, {"format": 1}, [], "x"])
+    p = folder / "model.safetensors"
+    p.write_bytes(safetensors_bytes(d, tensors, which, meta))
+    return Built("safetensors", p, which)
+
+
 # ------------------------------------------------------------------------------------------------ driver
 
 
@@ -1963,6 +2042,7 @@ FAMILIES: dict[str, Callable[[Draw, Path], Built]] = {
     "torchscript": gen_torchscript,
     "sharded": gen_sharded,
     "legacy": gen_legacy,
+    "safetensors": gen_safetensors,
 }
 
 
