@@ -181,7 +181,9 @@ def test_structural_fuzz(family: str, data: st.DataObject) -> None:
     with tempfile.TemporaryDirectory(prefix="statecli-sfuzz-", dir=_SCRATCH) as tmp:
         built = structures.build(family, structures.HypothesisDraw(data), Path(tmp) / "case")
         note(f"{family}: corruptions {built.corruptions}")
-        options = data.draw(st.fixed_dictionaries({"pt_output": st.booleans(), "histogram": st.booleans()}))
+        dtype = st.sampled_from([None, "bf16", "fp16", "float8_e4m3fn"])
+        flags = {"pt_output": st.booleans(), "histogram": st.booleans(), "dtype": dtype}
+        options = data.draw(st.fixed_dictionaries(flags))
         try:
             run_commands(built.path, Path(tmp) / "scratch", seconds=CPU_SECONDS, memory=MEMORY, **options)
         except (Violation, Slow) as e:

@@ -75,6 +75,7 @@ def snapshot(root: Path) -> dict[str, Any]:
 # hold (a dtype or a name safetensors cannot store: the fix is a .pt output).
 NOTHING_TO_CONVERT = "nothing to convert:"
 USAGE_EXITS = (NOTHING_TO_CONVERT, "safetensors cannot store")
+NO_COMPLEX = "has no complex counterpart"  # --dtype to a float with no complex twin: the user's choice
 
 
 def _error(e: BaseException, command: str, codes: tuple[int, ...] = (3, 5)) -> int:
@@ -83,6 +84,8 @@ def _error(e: BaseException, command: str, codes: tuple[int, ...] = (3, 5)) -> i
     if not isinstance(e, StatecliError):
         raise Violation(f"{command}: {type(e).__name__}: {str(e)[:300]}") from e
     if command in ("convert", "load") and isinstance(e, UsageError) and e.message.startswith(USAGE_EXITS):
+        return e.exit_code
+    if command == "convert" and isinstance(e, UsageError) and 1 in codes and NO_COMPLEX in e.message:
         return e.exit_code
     if e.exit_code not in codes:
         raise Violation(f"{command}: exit {e.exit_code} ({type(e).__name__}): {str(e)[:300]}") from e
@@ -166,16 +169,19 @@ def run_commands(
     cli: str | None = None,
     pt_output: bool = False,
     histogram: bool = False,
+    dtype: str | None = None,
     seconds: float | None = None,
     memory: int | None = None,
 ) -> str:
     """Run ``commands`` on ``path``; return a short signature of what happened; raise :class:`Violation`.
 
-    ``scratch`` must be an empty folder outside the input's; convert writes there. Each command runs under
+    ``scratch`` must be an empty folder outside the input's; convert writes there (a ``.pt`` with
+    ``pt_output``, cast to ``dtype`` when given, where values that overflow it stop it with exit 1, and a
+    complex tensor without a complex counterpart with exit 2). Each command runs under
     a ``seconds`` deadline (:class:`Slow` past it) and all of them within ``memory`` more bytes of address
     space than the process had (a MemoryError past it, a violation like any other exception)."""
     with memory_cap(memory):
-        return _run(path, scratch, commands, cli, pt_output, histogram, seconds)
+        return _run(path, scratch, commands, cli, pt_output, histogram, dtype, seconds)
 
 
 def _run(
@@ -185,6 +191,7 @@ def _run(
     cli: str | None,
     pt_output: bool,
     histogram: bool,
+    dtype: str | None,
     seconds: float | None,
 ) -> str:
     import statecli
@@ -267,7 +274,8 @@ def _run(
         out = scratch / "convert"
         out.mkdir(parents=True, exist_ok=True)
         target = out / ("out.pt" if pt_output else "out.safetensors")
-        result = step("convert", lambda: statecli.convert(path, target))
+        codes = (1, 3, 5) if dtype else (3, 5)
+        result = step("convert", lambda: statecli.convert(path, target, dtype=dtype), codes)
         left = sorted(os.listdir(out))
         if result is None and left:
             raise Violation(f"convert failed and left {left} in its output folder")

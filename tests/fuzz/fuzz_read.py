@@ -438,6 +438,7 @@ def run_structural_input(
         cli=cli,
         pt_output=rng.random() < 0.5,
         histogram=rng.random() < 0.3,
+        dtype=rng.choice([None, None, "bf16", "fp16", "float8_e4m3fn", "fp64"]),
         seconds=timeout,
         memory=memory,
     )
