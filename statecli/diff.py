@@ -527,8 +527,10 @@ class _SideReader:
     """B's tensors by name: each storage read whole, the last one kept for the tensors that view it."""
 
     def __init__(self, report: Report) -> None:
-        from statecli.conversion.source import Source
+        from statecli.conversion.source import Source, refuse_mixed_dtypes
+        from statecli.values import readable
 
+        refuse_mixed_dtypes((t for t in report.tensors if readable(t) is None), report.path)
         self.source = Source(report, check_crc=False)
         self._key: tuple[str, str] | None = None
         self._base: torch.Tensor | None = None

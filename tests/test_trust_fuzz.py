@@ -232,3 +232,42 @@ def test_structural_engine_runs(tmp_path: Path) -> None:
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["executions"] > 0 and summary["generator_errors"] == 0, summary
     assert summary["violations"] + summary["slow"] + summary["hangs"] == 0, (summary, proc.stderr[-3000:])
+
+
+def test_a_storage_viewed_as_two_dtypes(tmp_path: Path) -> None:
+    """One storage viewed as bool by one tensor and as float8_e4m3fn by another (``_rebuild_tensor_v3`` over
+    the untyped storage; torch.save refuses to write it, torch.load reads it). The values commands read a
+    storage as one dtype: stats gave the float8 tensor the bool view's values (max 1.0 for a 2.0),
+    statecli.load returned it as a bool tensor, diff ended in a RuntimeError when the bytes were no whole
+    number of the other's elements, and convert to .pt wrote one dtype and failed its own read-back with
+    exit 4. (Found by the structural fuzzer.) They now refuse it with exit 3; inspect still lists it."""
+    from structures import PID, Call, G, ODict, dumps
+
+    def view(storage: str, dtype: str | None) -> Call:
+        pid = PID(("storage", G("torch", storage), "0", "cpu", 4))
+        if dtype is None:
+            return Call(G("torch._utils", "_rebuild_tensor_v2"), (pid, 0, (4,), (1,), False, ODict([])))
+        args = (pid, 0, (4,), (1,), False, ODict([]), G("torch", dtype))
+        return Call(G("torch._utils", "_rebuild_tensor_v3"), args)
+
+    members = {
+        "archive/data.pkl": dumps({"a": view("BoolStorage", None), "b": view("UntypedStorage", "float8_e4m3fn")})
+    }
+    members |= {"archive/byteorder": b"little", "archive/data/0": b"\x38\x40\x01\x00", "archive/version": b"3\n"}
+    p = tmp_path / "m.pt"
+    p.write_bytes(write_zip_bytes(members))
+    assert [(t.name, t.dtype, t.storage) for t in statecli.open_checkpoint(p).tensors] == [
+        ("a", "bool", "data/0"),
+        ("b", "float8_e4m3fn", "data/0"),
+    ]
+    (tmp_path / "out").mkdir()
+    viewed = r"storage data/0 is viewed as bool \('a'\) and as float8_e4m3fn \('b'\)"
+    for read_values in (
+        lambda: compute(statecli.open_checkpoint(p)),
+        lambda: statecli.load(p),
+        lambda: statecli.convert(p, tmp_path / "out" / "m.pt"),
+        lambda: diff(p, p),
+    ):
+        with pytest.raises(InputError, match=viewed):
+            read_values()
+    assert list((tmp_path / "out").iterdir()) == []

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from statecli import dtypes
 from statecli.conversion.atomic import PendingFile, check_destination, folder_problem, output_error, sync_folder
 from statecli.conversion.plan import DEFAULT_SHARD_SIZE, INDEX_NAME, Plan, PlanItem
-from statecli.conversion.source import Source, byte_view, check_views
+from statecli.conversion.source import Source, byte_view, check_views, refuse_mixed_dtypes
 from statecli.conversion.zipwriter import ZipWriter
 from statecli.errors import CheckFailedError, OutputError, StatecliError, UsageError
 from statecli.formats.base import contiguous_strides
@@ -122,6 +122,7 @@ def _extent(t: Any) -> int:
 
 
 def build_units(plan: Plan) -> list[_Unit]:
+    refuse_mixed_dtypes((i.source for i in plan.items), plan.report.path)
     storage_sizes = plan.report.storage_sizes
     by_unit: dict[str, list[PlanItem]] = {}
     for i in plan.items:

@@ -226,6 +226,24 @@ class Source:
             raise InputError(f"the bytes of {t.name!r} fail their CRC check (corrupt file)", path=path)
 
 
+def refuse_mixed_dtypes(tensors: Iterable[TensorInfo], path: str) -> None:
+    """Refuse (exit 3) a storage that ``tensors`` view as different dtypes. torch.save never writes one
+    ("cannot save multiple tensors or storages that view the same data as different types"), though a
+    hand-made pickle can, and torch.load reads it; statecli reads a storage as one dtype, so the values of
+    the other views would be the bytes of the first read the first one's way."""
+    first: dict[str, TensorInfo] = {}
+    for t in tensors:
+        if t.storage is None:
+            continue
+        f = first.setdefault(t.storage, t)
+        if f.dtype != t.dtype:
+            raise InputError(
+                f"storage {t.storage} is viewed as {f.dtype} ({f.name!r}) and as {t.dtype} ({t.name!r}); statecli "
+                "reads a storage as one dtype (torch.save never writes such a file)",
+                path=path,
+            )
+
+
 def check_views(tensors: Iterable[TensorInfo], elements: int, path: str) -> None:
     """Refuse (exit 3) a view that reaches past the ``elements`` its storage's bytes hold. The readers
     check each view against its storage record; this checks it against the bytes really read, which can

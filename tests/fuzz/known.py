@@ -26,7 +26,6 @@ KNOWN: dict[str, str] = {
         r"^dcp\|open_checkpoint: (still running after|MemoryError).*\|dcp\.py:(<genexpr>|_short_list)$"
     ),
     "pt2_stored_member_claims_4gib": r"\|(stats|check|diff|convert|load): RuntimeError: .*can't allocate memory",
-    "storage_viewed_as_two_dtypes": r"\|convert: exit 4 \(OutputError\): .*does not match the plan",
 }
 
 

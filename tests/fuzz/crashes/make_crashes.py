@@ -199,21 +199,6 @@ def pt2_stored_member_claims_4gib(d: Path) -> Path:
     return p
 
 
-def storage_viewed_as_two_dtypes(d: Path) -> Path:
-    """One storage, a bool tensor over it and a float8 one (``_rebuild_tensor_v3`` over the untyped
-    storage): torch.save refuses to write such a file."""
-    bools = _tensor("0", 4, (4,), "BoolStorage")
-    pid = PID(("storage", G("torch", "UntypedStorage"), "0", "cpu", 4))
-    float8 = Call(
-        G("torch._utils", "_rebuild_tensor_v3"),
-        (pid, 0, (4,), (1,), False, ODict([]), G("torch", "float8_e4m3fn")),
-    )
-    members = {"archive/data.pkl": dumps({"a": bools, "b": float8}), "archive/byteorder": b"little"}
-    p = d / "input.pt"
-    p.write_bytes(_zip({**members, "archive/data/0": bytes(4), "archive/version": b"3\n"}))
-    return p
-
-
 DUPLICATES = "issue #11, 4: tensor names must be unique in a report; "
 CRASHES: dict[str, Crash] = {
     "name_collision": Crash(
@@ -255,12 +240,6 @@ CRASHES: dict[str, Crash] = {
         "(inspect counts 4 GiB in storages); stats allocates 4 GiB, a RuntimeError from torch's allocator under "
         "a 1 GiB address-space cap, instead of refusing the claim",
         pt2_stored_member_claims_4gib,
-    ),
-    "storage_viewed_as_two_dtypes": Crash(
-        "one storage viewed as bool and as float8_e4m3fn (torch.save refuses to write it): convert to .pt "
-        "writes one dtype, its read-back check fails and it exits 4 (output) for a problem of the input",
-        storage_viewed_as_two_dtypes,
-        pt_output=True,
     ),
 }
 
