@@ -30,9 +30,9 @@ For every case and every other command (test_hostile_command), the rule per comm
 
 And for every command the work is bounded: under SECONDS_PER_COMMAND of CPU time (on a shared CI machine
 the wall clock counts the neighbours' work too; a command that blocks or spins is stopped by a timer at
-WALL_SECONDS and fails), its peak RSS at most RSS_GROWTH_KIB over the RSS before it, and the whole process
-capped at 1 GiB of address space beyond what it maps once warmed up (the issue's 1 GB: a memory bomb
-ends in a MemoryError).
+WALL_SECONDS and fails), its peak RSS at most RSS_GROWTH_KIB over the RSS before it, and its address
+space capped at 1 GiB beyond what the process maps before it (the issue's 1 GB: a memory bomb ends in a
+MemoryError, which fails the command).
 
 The batches run in parallel (one per CPU, at most 8) once per session; a batch whose process crashes or
 hangs is rerun case by case, so the failure lands on the case that caused it. test_the_harness_sees_code_run

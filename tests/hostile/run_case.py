@@ -20,10 +20,11 @@ conversion code; everything else may write nothing. The harness's own housekeepi
 counter, emptying the scratch folder) is not audited.
 
 Limits: each command runs under a SIGALRM timer (``STATECLI_HOSTILE_SECONDS`` of wall-clock time, a
-backstop; its CPU time, all threads, is recorded for the limit the tests hold it to); after the warm-ups the
-process's address space is capped at what it then maps plus :data:`ADDRESS_SPACE_HEADROOM` (the issue's
-1 GB), so a memory bomb in any command ends in a MemoryError here, not in the machine's OOM killer. A
-hang inside one C call (no signal is handled there) is left to the caller's timeout.
+backstop; its CPU time, all threads, is recorded for the limit the tests hold it to); before each command
+the process's address space is capped at what it then maps plus :data:`ADDRESS_SPACE_HEADROOM` (the
+issue's 1 GB, per command), so a memory bomb in any command ends in a MemoryError here, not in the
+machine's OOM killer. A hang inside one C call (no signal is handled there) is left to the caller's
+timeout.
 """
 
 from __future__ import annotations
@@ -365,7 +366,7 @@ def main(argv: list[str]) -> int:
     use_alarm = hasattr(signal, "setitimer")
     if use_alarm:
         signal.signal(signal.SIGALRM, alarm)
-    cap = _cap_memory()
+    _cap_memory()  # the control below, and anything between the commands
     sys.addaudithook(hook)
     if os.environ.get("STATECLI_HOSTILE_CONTROL"):
         # The positive control (tests/test_hostile.py): what the hook records when a payload does run.
@@ -387,6 +388,7 @@ def main(argv: list[str]) -> int:
             if overtime:
                 break
             housekeeping.append(True)
+            cap = _cap_memory()  # from what is mapped now: memory an earlier command left mapped is not charged
             base = _reset_peak_rss()
             housekeeping.clear()
             if cmd[0] == "convert":
@@ -418,6 +420,7 @@ def main(argv: list[str]) -> int:
                 "timed_out": bool(overtime),
                 "exception": r["exception"],
                 "rss_growth_kib": growth,
+                "address_space_cap": cap,
             }
             if cmd[0] == "convert":
                 housekeeping.append(True)
@@ -436,7 +439,7 @@ def main(argv: list[str]) -> int:
             results.append(record)
             del r
             gc.collect()
-        out = {"name": job["name"], "results": results, "events": list(events), "address_space_cap": cap}
+        out = {"name": job["name"], "results": results, "events": list(events)}
         sys.__stdout__.write(json.dumps(out) + "\n")
         sys.__stdout__.flush()
     return 0
