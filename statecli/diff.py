@@ -546,6 +546,7 @@ class _SideReader:
         import torch
 
         from statecli.conversion.engine import view
+        from statecli.conversion.source import check_views
         from statecli.formats.base import contiguous_strides
 
         key = (t.storage if t.storage is not None else f"\0{t.name}", t.dtype)
@@ -554,6 +555,7 @@ class _SideReader:
             self._base = self.source.read(t).view(getattr(torch, t.dtype))
             self._key = key
         assert self._base is not None
+        check_views([t], self._base.numel(), self.source.report.path)
         return view(self._base, t.storage_offset, t.shape, t.stride or contiguous_strides(t.shape))
 
 

@@ -271,3 +271,24 @@ def test_a_storage_viewed_as_two_dtypes(tmp_path: Path) -> None:
         with pytest.raises(InputError, match=viewed):
             read_values()
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_an_empty_tensor_whose_contiguous_strides_overflow(tmp_path: Path) -> None:
+    """An empty tensor (a 0 among its dims) with a dimension of 2**62: its view reaches no element, so no
+    reader checks it against its storage, but its contiguous strides pass 2**63. statecli.load and convert
+    ended in torch's TypeError ("Overflow when unpacking long long"); they now refuse it with exit 3.
+    (Found by the structural fuzzer, in a legacy file.)"""
+    from structures import PID, Call, G, ODict, dumps
+
+    pid = PID(("storage", G("torch", "FloatStorage"), "0", "cpu", 0))
+    empty = Call(G("torch._utils", "_rebuild_tensor_v2"), (pid, 0, (5, 0, 5, 2**62), (5, 5, 1, 1), False, ODict([])))
+    members = {"archive/data.pkl": dumps({"w": empty}), "archive/byteorder": b"little", "archive/data/0": b""}
+    p = tmp_path / "m.pt"
+    p.write_bytes(write_zip_bytes({**members, "archive/version": b"3\n"}))
+    assert [t.numel for t in statecli.open_checkpoint(p).tensors] == [0]
+    (tmp_path / "out").mkdir()
+    impossible = r"'w' of shape \[5, 0, 5, 4611686018427387904\] has an impossible stride"
+    for read_values in (lambda: statecli.load(p), lambda: statecli.convert(p, tmp_path / "out" / "m.safetensors")):
+        with pytest.raises(InputError, match=impossible):
+            read_values()
+    assert list((tmp_path / "out").iterdir()) == []

@@ -244,15 +244,26 @@ def refuse_mixed_dtypes(tensors: Iterable[TensorInfo], path: str) -> None:
             )
 
 
+_INT64 = 1 << 63
+
+
 def check_views(tensors: Iterable[TensorInfo], elements: int, path: str) -> None:
     """Refuse (exit 3) a view that reaches past the ``elements`` its storage's bytes hold. The readers
     check each view against its storage record; this checks it against the bytes really read, which can
     be fewer than a reader believed (a ``.pt2`` weight member that is empty: torch.export.load would make
     zeros, and statecli makes up no values)."""
     for t in tensors:
+        stride = t.stride or contiguous_strides(t.shape)
+        if not all(0 <= x < _INT64 for x in (*stride, *contiguous_strides(t.shape), t.storage_offset)):
+            # An empty tensor's view is not checked against its storage (it reaches no element), but torch
+            # still needs its strides, its contiguous copy's and its offset to fit an int64.
+            raise InputError(
+                f"{t.name!r} of shape {list(t.shape)} has an impossible stride {list(stride)} or storage offset "
+                f"{t.storage_offset}",
+                path=path,
+            )
         if any(s == 0 for s in t.shape):
             continue
-        stride = t.stride or contiguous_strides(t.shape)
         last = t.storage_offset + sum((s - 1) * st for s, st in zip(t.shape, stride, strict=True))
         if last >= elements:
             raise InputError(
