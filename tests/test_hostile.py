@@ -45,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import struct
 import subprocess
 import sys
@@ -71,18 +72,21 @@ TIMEOUT = 300  # for one process (a batch of cases); a hang in C shows as a time
 
 
 def snapshot(root: Path) -> dict[str, Any]:
-    """Each path under ``root``: size, mtime and (for small files) a digest; symlinks by their target."""
+    """Each path under ``root``: size, mtime and (for small files) a digest; symlinks by their target; a
+    FIFO, socket or device by its type alone (opening a FIFO to read it waits for a writer, forever)."""
     out: dict[str, Any] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             p = Path(dirpath) / name
             rel = p.relative_to(root).as_posix()
-            if p.is_symlink():
+            st = p.lstat()
+            if stat.S_ISLNK(st.st_mode):
                 out[rel] = ("link", os.readlink(p))
-            elif p.is_dir():
+            elif stat.S_ISDIR(st.st_mode):
                 out[rel] = "dir"
+            elif not stat.S_ISREG(st.st_mode):
+                out[rel] = ("special", stat.S_IFMT(st.st_mode))
             else:
-                st = p.stat()
                 digest = hashlib.sha256(p.read_bytes()).hexdigest() if st.st_size < 16 << 20 else None
                 out[rel] = (st.st_size, st.st_mtime_ns, digest)
     return out

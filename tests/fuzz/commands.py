@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,18 +55,21 @@ class Violation(AssertionError):
 
 
 def snapshot(root: Path) -> dict[str, Any]:
-    """Each path under ``root`` (a file's folder, or the folder itself): size, mtime, digest."""
+    """Each path under ``root`` (a file's folder, or the folder itself): size, mtime, digest; a FIFO,
+    socket or device by its type alone (opening a FIFO to read it waits for a writer, forever)."""
     out: dict[str, Any] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             p = Path(dirpath) / name
             rel = p.relative_to(root).as_posix()
-            if p.is_symlink():
+            st = p.lstat()
+            if stat.S_ISLNK(st.st_mode):
                 out[rel] = ("link", os.readlink(p))
-            elif p.is_dir():
+            elif stat.S_ISDIR(st.st_mode):
                 out[rel] = "dir"
+            elif not stat.S_ISREG(st.st_mode):
+                out[rel] = ("special", stat.S_IFMT(st.st_mode))
             else:
-                st = p.stat()
                 out[rel] = (st.st_size, st.st_mtime_ns, hashlib.sha1(p.read_bytes()).hexdigest())
     return out
 
