@@ -205,6 +205,8 @@ def test_known_crash(name: str, tmp_path: Path) -> None:
     """A reproducer the fuzzer found (tests/fuzz/crashes/<name>/), through every command path: it fails
     today, for the reason its mark gives; a fix makes this pass, strictly unexpectedly."""
     crash = make_crashes.CRASHES[name]
+    if crash.needs_memory_cap and not os.path.exists("/proc/self/status"):
+        pytest.skip("no address-space cap here: torch's allocator reserves the 4 GiB lazily")
     outcome = run_commands(
         make_crashes.input_of(name), tmp_path, seconds=CPU_SECONDS, memory=MEMORY, pt_output=crash.pt_output
     )
