@@ -230,7 +230,8 @@ CRASHES: dict[str, Crash] = {
         expect=("convert=E3", "load=E3"),
     ),
     "dcp_key_with_a_newline": Crash(
-        "issue #11, 2: DCP error messages name keys unescaped; a newline in a key makes a two-line error",
+        "issue #11, 2: error messages name keys unescaped (DCP's, and convert's overflow message): a newline in "
+        "a key makes str(error) two lines; the CLI cleans what it prints, the Python API's callers get it raw",
         dcp_key_with_a_newline,
     ),
     "dcp_size_of_shared_lists": Crash(
