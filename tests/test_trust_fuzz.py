@@ -294,3 +294,25 @@ def test_an_empty_tensor_whose_contiguous_strides_overflow(tmp_path: Path) -> No
         with pytest.raises(InputError, match=impossible):
             read_values()
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_pt2_storage_claimed_on_two_devices(samples_dir: Path, tmp_path: Path) -> None:
+    """Two .pt2 weights that name the same member (tied) with different devices in their tensor_meta:
+    convert to .pt wrote the storage on the first one's device, then its read-back check failed with exit
+    4 (output) for a problem of the input. It is now refused before anything is written, exit 3; with
+    --device the storage has one location and converts. (Found by the structural fuzzer.)"""
+    members = read_members(samples_dir / "export_tied_lm.pt2")
+    config_name = "export_tied_lm/data/weights/model_weights_config.json"
+    config = json.loads(members[config_name])
+    config["config"]["lm_head.weight"]["tensor_meta"]["device"] = {"type": "cuda", "index": 0}
+    members[config_name] = json.dumps(config).encode()
+    p = tmp_path / "m.pt2"
+    write_members(p, members)
+    devices = {t.name: t.device for t in statecli.open_checkpoint(p).tensors}
+    assert (devices["embed.weight"], devices["lm_head.weight"]) == ("cpu", "cuda:0")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(InputError, match=r"'embed\.weight' and 'lm_head\.weight' share a storage but are saved on cpu"):
+        statecli.convert(p, tmp_path / "out" / "m.pt")
+    assert list((tmp_path / "out").iterdir()) == []
+    statecli.convert(p, tmp_path / "out" / "m.pt", device="cpu")
+    assert {t.device for t in statecli.open_checkpoint(tmp_path / "out" / "m.pt").tensors} == {"cpu"}

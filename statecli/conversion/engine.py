@@ -26,7 +26,7 @@ from statecli.conversion.atomic import PendingFile, check_destination, folder_pr
 from statecli.conversion.plan import DEFAULT_SHARD_SIZE, INDEX_NAME, Plan, PlanItem
 from statecli.conversion.source import Source, byte_view, check_views, refuse_mixed_dtypes
 from statecli.conversion.zipwriter import ZipWriter
-from statecli.errors import CheckFailedError, OutputError, StatecliError, UsageError
+from statecli.errors import CheckFailedError, InputError, OutputError, StatecliError, UsageError
 from statecli.formats.base import contiguous_strides
 from statecli.formats.safetensors_reader import METADATA_KEY, ROLES_SCHEMA
 from statecli.records import Finding, Report
@@ -126,7 +126,16 @@ def build_units(plan: Plan) -> list[_Unit]:
     storage_sizes = plan.report.storage_sizes
     by_unit: dict[str, list[PlanItem]] = {}
     for i in plan.items:
-        by_unit.setdefault(i.unit, []).append(i)
+        first = by_unit.setdefault(i.unit, [i])[0]
+        if first is not i:
+            by_unit[i.unit].append(i)
+            if first.dst_device != i.dst_device:
+                # A .pt storage has one location; a .pt2 can claim two for one weight member.
+                raise InputError(
+                    f"{first.source.name!r} and {i.source.name!r} share a storage but are saved on "
+                    f"{first.dst_device} and {i.dst_device}; a storage lives on one device (--device picks one)",
+                    path=plan.report.path,
+                )
     units = []
     for key, items in by_unit.items():
         lead = items[0]
