@@ -531,8 +531,10 @@ class _SideReader:
     """B's tensors by name: each storage read whole, the last one kept for the tensors that view it."""
 
     def __init__(self, report: Report) -> None:
-        from statecli.conversion.source import Source
+        from statecli.conversion.source import Source, refuse_mixed_dtypes
+        from statecli.values import readable
 
+        refuse_mixed_dtypes((t for t in report.tensors if readable(t) is None), report.path)
         self.source = Source(report, check_crc=False)
         self._key: tuple[str, str] | None = None
         self._base: torch.Tensor | None = None
@@ -548,6 +550,7 @@ class _SideReader:
         import torch
 
         from statecli.conversion.engine import view
+        from statecli.conversion.source import check_views
         from statecli.formats.base import contiguous_strides
 
         key = (t.storage if t.storage is not None else f"\0{t.name}", t.dtype)
@@ -556,6 +559,7 @@ class _SideReader:
             self._base = self.source.read(t).view(getattr(torch, t.dtype))
             self._key = key
         assert self._base is not None
+        check_views([t], self._base.numel(), self.source.report.path)
         return view(self._base, t.storage_offset, t.shape, t.stride or contiguous_strides(t.shape))
 
 

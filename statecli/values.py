@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from statecli import dtypes
-from statecli.conversion.source import STREAM_CHUNK, Source
+from statecli.conversion.source import STREAM_CHUNK, Source, check_views, refuse_mixed_dtypes
 from statecli.formats.base import contiguous_strides
 from statecli.records import Report, TensorInfo
 
@@ -48,6 +48,7 @@ def iter_values(
     import torch
 
     chosen = [t for t in report.tensors if keep is None or keep(t)]
+    refuse_mixed_dtypes((t for t in chosen if readable(t) is None), report.path)
     by_storage: dict[str, list[TensorInfo]] = {}
     for t in chosen:
         if t.storage is not None:
@@ -67,6 +68,7 @@ def iter_values(
                 group = [t]
             raw = source.read(t)
             base = raw.view(getattr(torch, t.dtype))
+            check_views(group, base.numel(), report.path)
             for g in group:
                 stride = g.stride or contiguous_strides(g.shape)
                 yield g, base.as_strided(g.shape, stride, g.storage_offset)

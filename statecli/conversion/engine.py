@@ -32,7 +32,7 @@ from statecli.conversion.atomic import (
     sync_folder,
 )
 from statecli.conversion.plan import DEFAULT_SHARD_SIZE, INDEX_NAME, Plan, PlanItem, parameters_keep_roles
-from statecli.conversion.source import Source, byte_view
+from statecli.conversion.source import Source, byte_view, check_views, refuse_mixed_dtypes
 from statecli.conversion.zipwriter import ZipWriter
 from statecli.errors import CheckFailedError, InputError, OutputError, StatecliError, UsageError
 from statecli.formats.base import contiguous_strides
@@ -130,10 +130,20 @@ def _extent(t: Any) -> int:
 
 
 def build_units(plan: Plan) -> list[_Unit]:
+    refuse_mixed_dtypes((i.source for i in plan.items), plan.report.path)
     storage_sizes = plan.report.storage_sizes
     by_unit: dict[str, list[PlanItem]] = {}
     for i in plan.items:
-        by_unit.setdefault(i.unit, []).append(i)
+        first = by_unit.setdefault(i.unit, [i])[0]
+        if first is not i:
+            by_unit[i.unit].append(i)
+            if first.dst_device != i.dst_device:
+                # A .pt storage has one location; a .pt2 can claim two for one weight member.
+                raise InputError(
+                    f"{first.source.name!r} and {i.source.name!r} share a storage but are saved on "
+                    f"{first.dst_device} and {i.dst_device}; a storage lives on one device (--device picks one)",
+                    path=plan.report.path,
+                )
     units = []
     for key, items in by_unit.items():
         lead = items[0]
@@ -269,6 +279,7 @@ def materialize(source: Source, unit: _Unit) -> tuple[torch.Tensor, CastStats | 
     src_dtype = _torch_dtype(unit.src_dtype)
     t = unit.leader.source
     base = raw.view(src_dtype)
+    check_views([i.source for i in unit.items], base.numel(), source.report.path)
     if unit.compact:
         values = view(base, t.storage_offset, t.shape, t.stride or contiguous_strides(t.shape)).contiguous().view(-1)
     else:

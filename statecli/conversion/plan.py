@@ -412,6 +412,14 @@ def build_plan(report: Report, output: str, options: ConvertOptions) -> Plan:
             raise UsageError(
                 f"safetensors cannot store {', '.join(unstorable)} (tensors {names:.200}); write a .pt file instead"
             )
+        # A pickled name may hold a lone surrogate (pickle decodes with surrogatepass); a safetensors header is
+        # UTF-8 JSON, which cannot hold one. A .pt file can.
+        unencodable = next((i.name for i in items if not _is_utf8(i.name)), None)
+        if unencodable is not None:
+            raise UsageError(
+                f"safetensors cannot store the tensor name {unencodable[:80]!r}, which is not valid Unicode; "
+                "write a .pt file instead"
+            )
     if fmt != "torch":
         if device is not None:
             notes.append(
@@ -473,6 +481,14 @@ def _collision(first: str, second: str, out: str, options: ConvertOptions) -> St
         f"tensors {first!r} and {second!r} would both be named {out!r} after {' and '.join(given)}; "
         f"change {' / '.join(given)} to tell them apart"
     )
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_globs(

@@ -12,12 +12,13 @@ import ctypes
 import os
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from statecli.errors import InputError
 from statecli.files import open_regular
+from statecli.formats.base import contiguous_strides
 from statecli.formats.safetensors_reader import tensor_spans
 from statecli.formats.torchzip import archive_root
 from statecli.formats.zipdir import Member, data_offset, read_central_directory, read_directory_at
@@ -183,6 +184,19 @@ class Source:
         begin, end = spans[name]
         return path, begin, end - begin, None
 
+    def _checked_span(self, t: TensorInfo) -> tuple[str, int, int, int | None]:
+        """:meth:`span`, refused unless it holds exactly the bytes the storage record claims: torch.load
+        refuses a record of any other size, and the bytes past the claim would be read as values."""
+        path, start, size, crc = self.span(t)
+        claimed = self.report.storage_sizes.get(t.storage) if t.storage is not None else None
+        if claimed is not None and claimed != size:
+            raise InputError(
+                f"storage {t.storage} of {t.name!r} holds {size} bytes but its record claims {claimed} "
+                "(torch.load refuses a record of another size)",
+                path=path,
+            )
+        return path, start, size, crc
+
     def read(self, t: TensorInfo) -> torch.Tensor:
         """The whole storage behind ``t`` as a flat uint8 tensor, CRC-checked where the file has one."""
         import torch
@@ -190,7 +204,7 @@ class Source:
         if self._dcp is not None:
             return self._dcp.read(t, self._read_span)
 
-        path, start, size, crc = self.span(t)
+        path, start, size, crc = self._checked_span(t)
         buf = torch.empty(size, dtype=torch.uint8)  # filled whole by _pread_into, or it raises
         view = byte_view(buf)
         _pread_into(self._file(path), view, start, path, t.name)
@@ -209,7 +223,7 @@ class Source:
         if self._dcp is not None:  # a DCP tensor is rebuilt from its chunks: one piece
             yield self.read(t)
             return
-        path, start, size, crc = self.span(t)
+        path, start, size, crc = self._checked_span(t)
         f = self._file(path)
         bufs = [torch.empty(min(size, chunk), dtype=torch.uint8) for _ in range(2 if size > chunk else 1)]
         views = [byte_view(b) for b in bufs]
@@ -237,6 +251,53 @@ class Source:
                 pending.exception()  # wait: the worker must not write into a buffer nobody holds
         if crc is not None and running[0] != crc:
             raise InputError(f"the bytes of {t.name!r} fail their CRC check (corrupt file)", path=path)
+
+
+def refuse_mixed_dtypes(tensors: Iterable[TensorInfo], path: str) -> None:
+    """Refuse (exit 3) a storage that ``tensors`` view as different dtypes. torch.save never writes one
+    ("cannot save multiple tensors or storages that view the same data as different types"), though a
+    hand-made pickle can, and torch.load reads it; statecli reads a storage as one dtype, so the values of
+    the other views would be the bytes of the first read the first one's way."""
+    first: dict[str, TensorInfo] = {}
+    for t in tensors:
+        if t.storage is None:
+            continue
+        f = first.setdefault(t.storage, t)
+        if f.dtype != t.dtype:
+            raise InputError(
+                f"storage {t.storage} is viewed as {f.dtype} ({f.name!r}) and as {t.dtype} ({t.name!r}); statecli "
+                "reads a storage as one dtype (torch.save never writes such a file)",
+                path=path,
+            )
+
+
+_INT64 = 1 << 63
+
+
+def check_views(tensors: Iterable[TensorInfo], elements: int, path: str) -> None:
+    """Refuse (exit 3) a view that reaches past the ``elements`` its storage's bytes hold. The readers
+    check each view against its storage record; this checks it against the bytes really read, which can
+    be fewer than a reader believed (a ``.pt2`` weight member that is empty: torch.export.load would make
+    zeros, and statecli makes up no values)."""
+    for t in tensors:
+        stride = t.stride or contiguous_strides(t.shape)
+        if not all(0 <= x < _INT64 for x in (*stride, *contiguous_strides(t.shape), t.storage_offset)):
+            # An empty tensor's view is not checked against its storage (it reaches no element), but torch
+            # still needs its strides, its contiguous copy's and its offset to fit an int64.
+            raise InputError(
+                f"{t.name!r} of shape {list(t.shape)} has an impossible stride {list(stride)} or storage offset "
+                f"{t.storage_offset}",
+                path=path,
+            )
+        if any(s == 0 for s in t.shape):
+            continue
+        last = t.storage_offset + sum((s - 1) * st for s, st in zip(t.shape, stride, strict=True))
+        if last >= elements:
+            raise InputError(
+                f"the bytes of {t.name!r} hold {elements} {t.dtype} elements; its shape {list(t.shape)} needs "
+                f"element {last}",
+                path=path,
+            )
 
 
 def _pread_into(f: Any, view: memoryview, offset: int, path: str, name: str) -> None:

@@ -234,6 +234,7 @@ class _Reader:
         if sample in self.members and self.members[sample].size:
             obj = self._payload(sample, f"{SAMPLE_INPUTS_DIR}{model}.pt")
             start = len(self.tensors)
+            self.walked = set()
             self._inputs(obj, f"{prefix}sample_inputs", 0, f"{SAMPLE_INPUTS_DIR}{model}.pt")
             if len(self.tensors) > start or obj is not None:
                 self.other_keys.append(f"{prefix}sample_inputs")

@@ -44,6 +44,7 @@ import time
 import traceback
 import zipfile
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -390,6 +391,246 @@ def run_atheris(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+# ------------------------------------------------------------------------------ structural engine
+#
+# Inputs built by tests/fuzz/structures.py (one family after another), each run through every command
+# path of tests/fuzz/commands.py. Input ``i`` of seed ``S`` is built from ``random.Random(f"{S}:{i}")``,
+# so ``--replay-structural FAMILY:S:i`` builds it again. Children do the work; the parent watches each
+# child's state file and, when a child stops answering (a hang in C, where no signal is handled), kills
+# it, records the input it was on as a hang, and starts a new child after it.
+
+STRUCTURAL_MEMORY = 1 << 30  # address space each input may add: the issue's 1 GB
+SAVED_PER_SIGNATURE = 3
+
+
+def _structural_input(seed: int, i: int, families: list[str]) -> tuple[str, random.Random]:
+    return families[i % len(families)], random.Random(f"{seed}:{i}")
+
+
+def _violation_signature(family: str, e: BaseException) -> str:
+    """What kind of failure, with the numbers, quoted text and paths of its message taken out; ``known:NAME``
+    for a known defect (tests/fuzz/known.py)."""
+    import known
+
+    name = known.match(family, e)
+    if name is not None:
+        return f"{family}|known:{name}"
+    sig = known.signature(family, e)
+    return re.sub(r"'[^']*'|\"[^\"]*\"|/[^\s:,)|]+|[0-9]+", "_", sig)[:160]
+
+
+def build_structural(family: str, rng: random.Random, work: Path) -> Any:
+    import structures
+
+    return structures.build(family, structures.RandomDraw(rng), work / "case")
+
+
+def run_structural_input(
+    built: Any, rng: random.Random, work: Path, timeout: float, memory: int | None, cli_fraction: float
+) -> str:
+    """Run the commands on one built input: its outcome signature."""
+    import commands
+
+    cli = rng.choice(list(commands.CLI_COMMANDS)) if rng.random() < cli_fraction else None
+    outcome = commands.run_commands(
+        built.path,
+        work / "scratch",
+        cli=cli,
+        pt_output=rng.random() < 0.5,
+        histogram=rng.random() < 0.3,
+        dtype=rng.choice([None, None, "bf16", "fp16", "float8_e4m3fn", "fp64"]),
+        seconds=timeout,
+        memory=memory,
+    )
+    return f"{built.family}:{commands.signature(outcome)}"
+
+
+def _save_structural(out: Path, sig: str, family: str, seed: int, i: int, work: Path, detail: str) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", sig)[:80].strip("-")
+    dest = out / slug / f"{family}-{seed}-{i}"
+    if dest.exists():
+        return dest
+    dest.mkdir(parents=True)
+    case = work / "case"
+    if case.exists():
+        shutil.copytree(
+            case,
+            dest / "input",
+            symlinks=True,
+            ignore=lambda d, names: [
+                n for n in names if (Path(d) / n).is_file() and (Path(d) / n).stat().st_size > 64 << 20
+            ],
+        )
+    replay = f"python tests/fuzz/fuzz_read.py --replay-structural {family}:{seed}:{i}"
+    (dest / "detail.txt").write_text(f"{sig}\n\nreplay: {replay}\n\n{detail}", errors="replace")
+    return dest
+
+
+def run_structural_child(args: argparse.Namespace) -> dict[str, object]:
+    import warnings
+
+    warnings.filterwarnings("ignore", "Duplicate name", UserWarning)  # the generators write duplicate members
+    sys.path.insert(0, str(HERE))
+    import commands
+    import torch  # noqa: F401 - stats and convert import it; once, before any input is timed
+
+    families = args.families
+    counts: dict[str, int] = {"executions": 0, "violations": 0, "slow": 0, "known": 0, "generator_errors": 0}
+    signatures: dict[str, int] = {}
+    saved: dict[str, list[str]] = {}
+    outcomes: set[str] = set()
+    start = time.monotonic()
+    i = args.start
+    state = Path(args.state)
+
+    def write_state() -> None:
+        tmp = state.with_suffix(".tmp")
+        doc = {"i": i, "counts": counts, "signatures": signatures, "saved": saved, "outcomes": len(outcomes)}
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, state)
+
+    while time.monotonic() - start < args.seconds:
+        family, rng = _structural_input(args.seed, i, families)
+        write_state()
+        work = Path(tempfile.mkdtemp(prefix="statecli-sfuzz-", dir=_SCRATCH))
+        try:
+            try:
+                built = build_structural(family, rng, work)
+                outcomes.add(run_structural_input(built, rng, work, args.timeout, args.memory, args.cli_fraction))
+            except (commands.Violation, commands.Slow, MemoryError) as e:
+                sig = _violation_signature(family, e)
+                kind = "known" if "|known:" in sig else "slow" if isinstance(e, commands.Slow) else "violations"
+                counts[kind] += 1
+                signatures[sig] = signatures.get(sig, 0) + 1
+                if len(saved.setdefault(sig, [])) < SAVED_PER_SIGNATURE:
+                    detail = "".join(traceback.format_exception(e))
+                    saved[sig].append(str(_save_structural(args.out, sig, family, args.seed, i, work, detail)))
+                    print(f"{kind.upper()} {sig} -> {saved[sig][-1]}", file=sys.stderr, flush=True)
+            except Exception as e:  # a generator that could not build its input: the fuzzer's bug
+                counts["generator_errors"] += 1
+                print(f"GENERATOR {family}:{args.seed}:{i}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            counts["executions"] += 1
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        i += 1
+    write_state()
+    return {"i": i, "counts": counts, "signatures": signatures, "saved": saved, "outcomes": len(outcomes)}
+
+
+def run_structural(args: argparse.Namespace) -> dict[str, object]:
+    """Children (``--jobs``) each with its own seed; restarted past any input that hangs them."""
+    start = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="statecli-sfuzz-state-", dir=_SCRATCH))
+    total: dict[str, int] = {"executions": 0, "violations": 0, "slow": 0, "known": 0, "generator_errors": 0, "hangs": 0}
+    signatures: dict[str, int] = {}
+    saved: dict[str, list[str]] = {}
+    outcomes = 0
+    stall = args.timeout * 8 + 60  # all eight commands at their limit, and a slow start (torch's import)
+
+    def absorb(doc: dict[str, object]) -> None:
+        nonlocal outcomes
+        for k, v in doc["counts"].items():  # type: ignore[attr-defined]
+            total[k] = total.get(k, 0) + v
+        for k, v in doc["signatures"].items():  # type: ignore[attr-defined]
+            signatures[k] = signatures.get(k, 0) + v
+        for k, v in doc["saved"].items():  # type: ignore[attr-defined]
+            saved.setdefault(k, []).extend(v)
+        outcomes += doc["outcomes"]  # type: ignore[operator]
+
+    def job(j: int) -> None:
+        seed = args.seed + j
+        i = 0
+        state = work / f"state-{j}.json"
+        while (left := args.seconds - (time.monotonic() - start)) > 1:
+            cmd = [sys.executable, __file__, "--engine", "structural-child", "--seed", str(seed), "--start", str(i)]
+            cmd += ["--seconds", str(left), "--timeout", str(args.timeout), "--out", str(args.out)]
+            cmd += ["--state", str(state), "--families", ",".join(args.families), "--memory", str(args.memory)]
+            cmd += ["--cli-fraction", str(args.cli_fraction)]
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
+            last = time.monotonic()
+            seen_i = None
+            while proc.poll() is None:
+                time.sleep(1)
+                try:
+                    doc = json.loads(state.read_text())
+                except (OSError, ValueError):
+                    continue
+                if doc["i"] != seen_i:
+                    seen_i, last = doc["i"], time.monotonic()
+                elif time.monotonic() - last > stall:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    break
+            out = proc.stdout.read() if proc.stdout else ""
+            lines = out.strip().splitlines()
+            if proc.returncode == 0 and lines:
+                absorb(json.loads(lines[-1]))
+                return
+            # Killed, or died (a segfault, the OOM killer): the input it was on is the culprit.
+            doc = json.loads(state.read_text())
+            absorb(doc)
+            family, _ = _structural_input(seed, doc["i"], args.families)
+            sig = f"{family}|process {'stalled' if proc.returncode == -signal.SIGKILL else f'died ({proc.returncode})'}"
+            total["hangs"] += 1
+            total["executions"] += 1
+            signatures[sig] = signatures.get(sig, 0) + 1
+            dest = args.out / re.sub(r"[^A-Za-z0-9_.-]+", "-", sig) / f"{family}-{seed}-{doc['i']}"
+            dest.mkdir(parents=True, exist_ok=True)
+            (dest / "detail.txt").write_text(
+                f"{sig}\n\nreplay: python tests/fuzz/fuzz_read.py --replay-structural {family}:{seed}:{doc['i']}\n"
+            )
+            saved.setdefault(sig, []).append(str(dest))
+            print(f"HANG {sig} -> {dest}", file=sys.stderr, flush=True)
+            i = doc["i"] + 1
+
+    try:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            list(pool.map(job, range(args.jobs)))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {
+        "engine": "structural",
+        "seed": args.seed,
+        "jobs": args.jobs,
+        "families": args.families,
+        "seconds": round(time.monotonic() - start, 1),
+        **total,
+        "crashes": total["violations"] + total["slow"] + total["hangs"],
+        "outcomes": outcomes,
+        "signatures": dict(sorted(signatures.items(), key=lambda kv: -kv[1])),
+        "saved": saved,
+    }
+
+
+def replay_structural(spec: str, timeout: float, keep: Path | None) -> int:
+    """Build input ``FAMILY:SEED:I`` again and run the commands on it, with the traceback of a failure."""
+    sys.path.insert(0, str(HERE))
+    import commands
+
+    family, seed, i = spec.split(":")
+    _, rng = _structural_input(int(seed), int(i), [family])
+    work = keep or Path(tempfile.mkdtemp(prefix="statecli-sreplay-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        t0 = time.perf_counter()
+        built = build_structural(family, rng, work)
+        print(built)
+        try:
+            outcome = run_structural_input(built, rng, work, timeout, STRUCTURAL_MEMORY, 0.0)
+        except (commands.Violation, commands.Slow) as e:
+            traceback.print_exception(e.__cause__ or e)
+            print(f"VIOLATION: {e}")
+            return 1
+        print(outcome)
+        print(f"{time.perf_counter() - t0:.3f} s", file=sys.stderr)
+    finally:
+        if keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
 def replay(path: Path, timeout: float) -> int:
     data = path.read_bytes()
     target = TARGETS[data[0] % len(TARGETS)]
@@ -407,7 +648,11 @@ def replay(path: Path, timeout: float) -> int:
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=60.0, help="how long to fuzz")
-    ap.add_argument("--engine", choices=["auto", "atheris", "random", "atheris-child"], default="auto")
+    ap.add_argument(
+        "--engine",
+        choices=["auto", "atheris", "random", "structural", "atheris-child", "structural-child"],
+        default="auto",
+    )
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=5.0, help="seconds one input may take")
     ap.add_argument(
@@ -417,11 +662,32 @@ def main(argv: list[str]) -> int:
         help="where failing inputs (and atheris's log) are saved",
     )
     ap.add_argument("--replay", type=Path, help="run one saved input and show what happens")
+    ap.add_argument("--replay-structural", metavar="FAMILY:SEED:I", help="build one structural input again and run it")
+    ap.add_argument("--keep", type=Path, help="with --replay-structural: build it here and keep it")
+    ap.add_argument("--families", type=lambda v: v.split(","), help="structural: these families (default: all)")
+    ap.add_argument("--jobs", type=int, default=1, help="structural: processes in parallel")
+    ap.add_argument("--memory", type=int, default=STRUCTURAL_MEMORY, help="structural: bytes one input may add")
+    ap.add_argument("--cli-fraction", type=float, default=0.1, help="structural: inputs also run through the CLI")
+    ap.add_argument("--start", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--state", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)  # the atheris child's scratch folder
     args = ap.parse_args(argv)
     sys.path.insert(0, str(REPO))
     if args.replay:
         return replay(args.replay, args.timeout)
+    if args.replay_structural:
+        return replay_structural(args.replay_structural, args.timeout, args.keep)
+    if args.engine in ("structural", "structural-child"):
+        sys.path.insert(0, str(HERE))
+        import structures
+
+        args.families = args.families or list(structures.FAMILIES)
+        if args.engine == "structural-child":
+            print(json.dumps(run_structural_child(args)))
+            return 0
+        summary = run_structural(args)
+        print(json.dumps(summary))
+        return 1 if summary["crashes"] else 0
     if args.engine == "atheris-child":
         run_atheris_child(args)
         return 0

@@ -1,16 +1,30 @@
-"""Run statecli's commands on hostile inputs inside an audited, memory-capped process; print JSON lines.
+"""Run every statecli command that reads a file on hostile inputs, audited and bounded; print JSON lines.
 
     python tests/hostile/run_case.py WARM_DIR JOBS.json
 
-``JOBS.json`` lists ``{"name", "path", "cwd"}`` objects. ``WARM_DIR`` receives benign files of every
-format (see :func:`write_warmups`); each command is run on them first, so every module statecli loads
-lazily is in memory before the audit hook goes in. Then, for each job, in its own (empty) working
-folder, ``inspect``, ``inspect -f json`` and ``check`` run on its path, with a :func:`sys.addaudithook`
-hook recording every event that means code ran, a module was imported, or something was written. Each
-command runs under a SIGALRM timer, and each job's peak RSS is measured from its start (the kernel's
-peak counter is reset per job); the whole process runs under an address-space cap, so a memory bomb ends
-in a MemoryError here, not in the machine's OOM killer. Prints one JSON line per job: per command its
-exit code, stdout, stderr and seconds; the audit events; the growth of peak RSS.
+``JOBS.json`` lists ``{"name", "path", "cwd", "scratch"}`` objects. ``WARM_DIR`` receives benign files of
+every format (see :func:`write_warmups`); every command is run on them (and on the sample checkpoints)
+first, so every module statecli and torch load lazily is in memory before the audit hook goes in. Then,
+for each job, in its own (empty) working folder, each of :data:`COMMANDS` runs on its path: ``inspect``,
+``inspect -f json``, ``check``, ``tree``, ``schema``, ``stats``, ``diff X X``, ``convert X -o
+<scratch>/out.safetensors`` (``scratch``: an empty folder outside the working folder) and the Python
+API's ``statecli.load(X)``.
+
+What is recorded, per command: exit code, stdout, stderr, seconds, the growth of peak RSS over the RSS
+before it (the kernel's peak counter is reset before each command), its wall-clock and CPU seconds,
+whether its timer fired; for
+``convert``, what its scratch folder holds afterwards and whether statecli reads the output back. Per
+job: the audit events (a :func:`sys.addaudithook` hook) that mean code ran, a module was imported, or
+something was written. ``convert`` may write, and only into its scratch folder, only from statecli's
+conversion code; everything else may write nothing. The harness's own housekeeping (resetting the peak
+counter, emptying the scratch folder) is not audited.
+
+Limits: each command runs under a SIGALRM timer (``STATECLI_HOSTILE_SECONDS`` of wall-clock time, a
+backstop; its CPU time, all threads, is recorded for the limit the tests hold it to); before each command
+the process's address space is capped at what it then maps plus :data:`ADDRESS_SPACE_HEADROOM` (the
+issue's 1 GB, per command), so a memory bomb in any command ends in a MemoryError here, not in the
+machine's OOM killer. A hang inside one C call (no signal is handled there) is left to the caller's
+timeout.
 """
 
 from __future__ import annotations
@@ -18,15 +32,20 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shutil
 import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-ADDRESS_SPACE_CAP = 3 << 30  # bytes of virtual memory the whole process may map
-# Each command is stopped (SIGALRM) after this many seconds and the rest are skipped; a hang inside one C
-# call (no signal is handled there) is left to the caller's timeout.
-SECONDS = float(os.environ.get("STATECLI_HOSTILE_SECONDS", "5"))
+ADDRESS_SPACE_HEADROOM = 1 << 30  # bytes of address space a command may map beyond the warmed-up process
+# Each command is stopped (SIGALRM) after this many seconds of wall-clock time. The limit a command is
+# held to is on its CPU time (tests/test_hostile.py): on a shared machine the wall clock measures the
+# neighbours too, so the timer is a backstop for a command that blocks or spins, well past the limit.
+SECONDS = float(os.environ.get("STATECLI_HOSTILE_SECONDS", "20"))
+REPO = Path(__file__).resolve().parents[2]
+SAMPLES = REPO / "sample_models"
 
 # Events that mean a payload ran, code was compiled or loaded, or the outside world was touched.
 RUN_EVENTS = (
@@ -67,16 +86,42 @@ RUN_EVENTS = (
     "os.utime",
     "import",
 )
+# Events that write, allowed to convert alone (see _convert_writes).
+WRITE_EVENTS = (
+    "open",
+    "tempfile.mkstemp",
+    "os.remove",
+    "os.unlink",
+    "os.rename",
+    "os.replace",
+    "os.rmdir",
+    "os.mkdir",
+    "os.link",
+    "os.chmod",
+)
 # Imports that may legitimately happen late: text codecs (cp437 zip names) and statecli's own modules.
 ALLOWED_IMPORTS = ("encodings.", "statecli.")
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+# (name, arguments before the path, arguments after it). "load" is the Python API, not a command.
+COMMANDS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
+    ("inspect", ("inspect",), ()),
+    ("inspect-json", ("inspect", "-f", "json"), ()),
+    ("check", ("check",), ()),
+    ("tree", ("tree",), ()),
+    ("schema", ("schema",), ()),
+    ("stats", ("stats",), ()),
+    ("diff", ("diff",), ("{path}",)),
+    ("convert", ("convert",), ("-o", "{scratch}/out.safetensors", "--quiet")),
+    ("load", (), ()),
+)
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def write_warmups(folder: Path) -> list[Path]:
-    """Benign files of every format statecli reads, and one it refuses; returns the paths."""
+    """Benign files of every format statecli reads, and one it refuses; returns them with the samples."""
     from make_hostile import _st_entry, safetensors_file, state_dict, torch_zip
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -88,25 +133,27 @@ def write_warmups(folder: Path) -> list[Path]:
     (shards / "model.safetensors.index.json").write_text('{"weight_map": {"w": "s1.safetensors"}}')
     bad = folder / "bad.pt"
     bad.write_bytes(b"\x00not a checkpoint")
-    # The other formats' readers (DCP, TorchScript, legacy, .pt2) define dataclasses, compiled on import.
-    samples = Path(__file__).resolve().parents[2] / "sample_models"
-    others = [samples / n for n in ("dcp_training", "torchscript_cnn.pt", "legacy_cnn.pt", "export_frozen.pt2")]
-    paths = [pt, st, shards, bad, folder / "missing.pt", *others]
+    samples = [
+        SAMPLES / n
+        for n in (
+            "all_dtypes.pt",
+            "cnn_bn_module.pt",
+            "training_adam.pt",
+            "legacy_cnn.pt",
+            "torchscript_cnn.pt",
+            "export_frozen.pt2",
+            "export_tied_lm.pt2",
+            "dcp_training",
+            "sharded",
+            "transformer_buffers.safetensors",
+        )
+    ]
+    paths = [pt, st, shards, bad, folder / "missing.pt", *(p for p in samples if p.exists())]
     # Case modules may add benign files of the formats their cases reach (a .pt2, a TorchScript archive).
     for name, module in sorted(sys.modules.items()):
         if name.startswith("cases_") and hasattr(module, "warmups"):
             paths += module.warmups(folder)
     return paths
-
-
-def _cap_memory() -> None:
-    try:
-        import resource
-    except ImportError:  # not on Windows
-        return
-    _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    cap = ADDRESS_SPACE_CAP if hard == resource.RLIM_INFINITY else min(ADDRESS_SPACE_CAP, hard)
-    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
 
 
 _CLEAR_REFS = "/proc/self/clear_refs"
@@ -123,11 +170,28 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
+def _cap_memory() -> int | None:
+    """Cap the address space at what is mapped now plus the headroom; returns the cap (None: not capped)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    vm = _status_kib("VmSize")
+    if vm is None:
+        return None
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = vm * 1024 + ADDRESS_SPACE_HEADROOM
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    return cap
+
+
 def _reset_peak_rss() -> int:
     """Reset the process's peak RSS to its current RSS (Linux: ``5`` into clear_refs); return the new base.
 
-    Where that is not possible the peak stays the highest since start, so a case's growth is measured
-    against the warm-up's peak (never an overstatement)."""
+    Where that is not possible the peak stays the highest since start, so a command's growth is measured
+    against an earlier peak (never an overstatement)."""
     try:
         with open(_CLEAR_REFS, "w") as f:
             f.write("5")
@@ -186,31 +250,92 @@ def _from_annotations() -> bool:
     return False
 
 
-COMMANDS = (("inspect",), ("inspect", "-f", "json"), ("check",))
+def _caller_in(parts: tuple[str, ...]) -> bool:
+    """Whether the nearest frame of statecli's package above the hook (past the stdlib's own wrappers,
+    such as tempfile's) is in one of its files named by ``parts`` (``conversion/atomic.py``, ...)."""
+    f = sys._getframe(2)
+    for _ in range(8):
+        if f is None:
+            return False
+        name = f.f_code.co_filename
+        if name.startswith(_PACKAGE):
+            return name.replace(os.sep, "/").endswith(parts)
+        f = f.f_back
+    return False
+
+
+_PACKAGE = ""  # statecli's folder, with a trailing separator: set in main()
+
+
+def _inside(path: Any, folder: str) -> bool:
+    """A path argument of a write event that stays in ``folder``: under it, a name relative to a folder
+    descriptor opened on it (``os.link(..., dst_dir_fd=...)``), a descriptor, or the /proc name of one."""
+    if isinstance(path, int) or path is None:
+        return True
+    text = os.fsdecode(path) if isinstance(path, (str, bytes)) else str(path)
+    if text.startswith("/proc/self/fd/"):
+        return True
+    if not os.path.isabs(text):
+        return "/" not in text and text not in ("..", ".")
+    return os.path.commonpath([os.path.abspath(text), folder]) == folder
 
 
 def main(argv: list[str]) -> int:
     warm_dir, jobs = Path(argv[0]), json.loads(Path(argv[1]).read_text())
-    _cap_memory()
     os.environ["NO_COLOR"] = "1"
     os.environ["COLUMNS"] = "200"
     from typer.testing import CliRunner
 
+    import statecli
     from statecli.cli.main import app
+    from statecli.errors import StatecliError
+
+    global _PACKAGE
+    _PACKAGE = os.path.dirname(os.path.abspath(statecli.__file__)) + os.sep
 
     runner = CliRunner()
+    scratch_now: list[str] = [""]
+
+    def run(cmd: tuple[str, tuple[str, ...], tuple[str, ...]], path: str, scratch: str) -> dict[str, Any]:
+        name, before, after = cmd
+        if name == "load":
+            try:
+                statecli.load(path)
+            except StatecliError as e:
+                return {"exit_code": e.exit_code, "stdout": "", "stderr": f"statecli: error: {e}\n", "exception": None}
+            except Exception as e:  # anything else is the bug being looked for
+                return {"exit_code": None, "stdout": "", "stderr": "", "exception": f"{type(e).__name__}: {e}"[:300]}
+            return {"exit_code": 0, "stdout": "", "stderr": "", "exception": None}
+        args = [*before, path, *(a.format(path=path, scratch=scratch) for a in after)]
+        r = runner.invoke(app, args)
+        exc = None
+        if r.exception is not None and not isinstance(r.exception, SystemExit):
+            exc = f"{type(r.exception).__name__}: {str(r.exception)[:300]}"
+        out = {"exit_code": r.exit_code, "stdout": r.stdout, "stderr": r.stderr, "exception": exc}
+        # Its exc_info reaches the failed parse's frames, in reference cycles: free them before the next.
+        del r
+        return out
+
+    warm_scratch = warm_dir / "scratch"
     for path in write_warmups(warm_dir):
         for cmd in COMMANDS:
-            runner.invoke(app, [*cmd, str(path)])
+            warm_scratch.mkdir(parents=True, exist_ok=True)
+            run(cmd, str(path), str(warm_scratch))
+            shutil.rmtree(warm_scratch, ignore_errors=True)
+    gc.collect()
+    gc.freeze()  # torch's objects and the rest of the warm-up: the collections after each command skip them
 
     events: list[list[str]] = []
-    measuring: list[bool] = []
+    housekeeping: list[bool] = []
+    converting: list[bool] = []
 
     def hook(event: str, args: tuple) -> None:  # type: ignore[type-arg]
+        if housekeeping:
+            return  # the runner's own reset of the peak-RSS counter and emptying of the scratch folder
+        if converting and event.startswith(WRITE_EVENTS) and _convert_writes(event, args):
+            return
         if event == "open":
             path, mode, flags = (*args, None, None, None)[:3]
-            if path == _CLEAR_REFS and measuring:
-                return  # the runner's own reset of the peak-RSS counter
             writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
                 isinstance(flags, int) and flags & _WRITE_FLAGS
             )
@@ -226,8 +351,17 @@ def main(argv: list[str]) -> int:
             return  # typer evaluates the commands' string annotations with eval() on every call
         if event in ("exec", "marshal.loads") and _from_import():
             return  # loading a module's code: the "import" event above already judged the import
+        if event == "ctypes.cdata" and _caller_in(("conversion/source.py",)):
+            return  # source.byte_view: a memoryview over a tensor statecli itself allocated
         if event.startswith(RUN_EVENTS):
             events.append([event, repr(args)[:200]])
+
+    def _convert_writes(event: str, args: tuple) -> bool:  # type: ignore[type-arg]
+        """A write by convert's own code (atomic.py, engine.py) whose paths stay in its scratch folder."""
+        if not _caller_in(("conversion/atomic.py", "conversion/engine.py", "conversion/zipwriter.py")):
+            return False
+        paths = args[:2] if event in ("os.link", "os.rename", "os.replace") else args[:1]
+        return all(_inside(p, scratch_now[0]) for p in paths)
 
     overtime: list[bool] = []
 
@@ -238,6 +372,7 @@ def main(argv: list[str]) -> int:
     use_alarm = hasattr(signal, "setitimer")
     if use_alarm:
         signal.signal(signal.SIGALRM, alarm)
+    _cap_memory()  # the control below, and anything between the commands
     sys.addaudithook(hook)
     if os.environ.get("STATECLI_HOSTILE_CONTROL"):
         # The positive control (tests/test_hostile.py): what the hook records when a payload does run.
@@ -251,45 +386,66 @@ def main(argv: list[str]) -> int:
 
     for job in jobs:
         os.chdir(job["cwd"])
+        scratch_now[0] = os.path.abspath(job["scratch"])
         events.clear()
         overtime.clear()
         results = []
-        measuring.append(True)
-        base = _reset_peak_rss()
-        measuring.clear()
         for cmd in COMMANDS:
             if overtime:
                 break
+            housekeeping.append(True)
+            cap = _cap_memory()  # from what is mapped now: memory an earlier command left mapped is not charged
+            base = _reset_peak_rss()
+            housekeeping.clear()
+            if cmd[0] == "convert":
+                converting.append(True)
             t0 = time.perf_counter()
+            c0 = time.process_time()
             if use_alarm:
                 signal.setitimer(signal.ITIMER_REAL, SECONDS)
             try:
-                r = runner.invoke(app, [*cmd, job["path"]])
+                r = run(cmd, job["path"], job["scratch"])
+            except TimeoutError as e:  # the timer fired outside the runner's own exception handling
+                r = {"exit_code": None, "stdout": "", "stderr": "", "exception": f"TimeoutError: {e}"}
             finally:
                 if use_alarm:
                     signal.setitimer(signal.ITIMER_REAL, 0)
                 seconds = time.perf_counter() - t0
-            exc = None
-            if r.exception is not None and not isinstance(r.exception, SystemExit):
-                exc = f"{type(r.exception).__name__}: {str(r.exception)[:300]}"
-            results.append(
-                {
-                    "command": list(cmd),
-                    "exit_code": r.exit_code,
-                    "stdout": r.stdout[:200_000],
-                    "report": _summary(r.stdout) if "json" in cmd and r.exit_code == 0 else None,
-                    "stdout_len": len(r.stdout),
-                    "stderr": r.stderr[:20_000],
-                    "seconds": seconds,
-                    "timed_out": bool(overtime),
-                    "exception": exc,
-                }
-            )
-            # Its exc_info reaches the failed parse's frames, in reference cycles: free them before the next.
+                cpu = time.process_time() - c0
+                converting.clear()
+            growth = _peak_rss_kib() - base
+            record = {
+                "command": cmd[0],
+                "exit_code": r["exit_code"],
+                "stdout": r["stdout"][:200_000],
+                "report": _summary(r["stdout"]) if cmd[0] == "inspect-json" and r["exit_code"] == 0 else None,
+                "stdout_len": len(r["stdout"]),
+                "stderr": r["stderr"][:20_000],
+                "seconds": seconds,
+                "cpu_seconds": cpu,
+                "timed_out": bool(overtime),
+                "exception": r["exception"],
+                "rss_growth_kib": growth,
+                "address_space_cap": cap,
+            }
+            if cmd[0] == "convert":
+                housekeeping.append(True)
+                left = sorted(os.listdir(job["scratch"]))
+                record["scratch_after"] = left
+                if r["exit_code"] == 0:
+                    try:
+                        back = statecli.open_checkpoint(os.path.join(job["scratch"], "out.safetensors"))
+                        record["read_back"] = len(back.tensors)
+                    except Exception as e:
+                        record["read_back"] = f"{type(e).__name__}: {e}"[:300]
+                for n in left:
+                    p = os.path.join(job["scratch"], n)
+                    shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
+                housekeeping.clear()
+            results.append(record)
             del r
             gc.collect()
-        growth = _peak_rss_kib() - base
-        out = {"name": job["name"], "results": results, "events": list(events), "rss_growth_kib": growth}
+        out = {"name": job["name"], "results": results, "events": list(events)}
         sys.__stdout__.write(json.dumps(out) + "\n")
         sys.__stdout__.flush()
     return 0
