@@ -36,6 +36,7 @@ class Crash(NamedTuple):
     pt_output: bool = False  # convert to .pt (else .safetensors)
     expect: tuple[str, ...] = ()  # outcomes (tests/fuzz/commands.py) the fix must give besides the property
     needs_memory_cap: bool = False  # fails only where commands.memory_cap can cap the address space (Linux)
+    fixed: bool = False  # the defect is fixed: the reproducer stays, as a regression test that must pass
 
 
 def _zip(members: dict[str, bytes]) -> bytes:
@@ -206,15 +207,18 @@ CRASHES: dict[str, Crash] = {
         DUPLICATES + "a key 'a.b' beside {'a': {'b'}} (torch.save writes it) gives two tensors 'a.b': stats "
         "ends in a RuntimeError (StopIteration), convert in a usage error about --strip-prefix",
         name_collision,
+        fixed=True,
     ),
     "module_parameter_and_buffer_of_one_name": Crash(
         DUPLICATES + "a pickled module with a parameter and a buffer both named 'w' gives two tensors 'w'",
         module_parameter_and_buffer_of_one_name,
+        fixed=True,
     ),
     "sharded_alias_in_two_shards": Crash(
         DUPLICATES + "an alias statecli recorded in two shards' metadata is added once per shard: diff X X "
         "ends in a ValueError (shapes differ)",
         sharded_alias_in_two_shards,
+        fixed=True,
     ),
     "dcp_model_key_clash": Crash(
         DUPLICATES + "DCP names a model tensor without its 'model.' key, so {'model': {'w'}, 'w'} (dcp.save "
@@ -228,16 +232,19 @@ CRASHES: dict[str, Crash] = {
         "when that memory was not zero); the fix refuses such chunks, so convert and load must exit 3",
         dcp_overlapping_chunks,
         expect=("convert=E3", "load=E3"),
+        fixed=True,
     ),
     "dcp_key_with_a_newline": Crash(
         "issue #11, 2: error messages name keys unescaped (DCP's, and convert's overflow message): a newline in "
         "a key makes str(error) two lines; the CLI cleans what it prints, the Python API's callers get it raw",
         dcp_key_with_a_newline,
+        fixed=True,
     ),
     "dcp_size_of_shared_lists": Crash(
         "issue #11, 2: a DCP size that is a DAG of shared lists reaches repr() in the error message: "
         "exponential time, then a MemoryError",
         dcp_size_of_shared_lists,
+        fixed=True,
     ),
     "pt2_stored_member_claims_4gib": Crash(
         "issue #11, 3: a .pt2 weight stored with a central-directory size of 4 GiB over 64 bytes is believed "
@@ -245,6 +252,7 @@ CRASHES: dict[str, Crash] = {
         "a 1 GiB address-space cap, instead of refusing the claim",
         pt2_stored_member_claims_4gib,
         needs_memory_cap=True,
+        fixed=True,
     ),
 }
 
