@@ -64,10 +64,10 @@ def _pickle_at(data: bytes, start: int, path: str, persistent: Any = None) -> tu
     if start >= len(data):
         raise InputError("legacy torch file ends before its pickles do (truncated)", path=path)
     try:
-        obj, u = loads(data[start:], persistent, Limits())
+        obj, u = loads(data, persistent, Limits(), start=start)  # not data[start:]: a copy of up to 1 GiB
     except StatecliError as e:
         raise e.at(path) from None
-    return obj, start + u.end, u
+    return obj, u.end, u
 
 
 def storage_spans(path: str) -> tuple[dict[str, tuple[int, int]], int]:
@@ -156,7 +156,7 @@ def read_legacy(path: str) -> RawCheckpoint:
     )
     if end < size:
         findings.append(Finding("warning", "trailing-data", f"{size - end} bytes after the last storage were ignored"))
-    walker = _Walker(path)
+    walker = _Walker(path, unpickler.end - unpickler.start)
     container = walker.analyse(obj)
     findings.extend(walker.findings)
     for t in walker.tensors:

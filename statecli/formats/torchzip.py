@@ -24,6 +24,14 @@ MAX_WALK_DEPTH = 200
 MAX_WALK_NODES = 20_000_000
 MAX_NAME_CHARS = 65_536  # a tensor's dotted name; real ones are a few hundred characters at most
 MAX_SHARED_FINDINGS = 100  # "same object" findings listed one by one; the rest are counted
+# What the tensor records a walk emits may cost, in units of about a byte of statecli's memory each: a record
+# is RECORD_UNITS plus its name's length, and a pickle of n bytes may pay for WALK_UNITS_PER_BYTE * n +
+# WALK_UNITS_FLOOR of them. A record costs 1-8 KB by the time it is printed (more when it shares its storage),
+# and a hostile pickle names one per byte (DUP of a tensor in a list); torch's pickles take 72 bytes or more
+# per tensor, and need under 4 units per byte (an optimizer's state; a state dict needs 2.5).
+RECORD_UNITS = 256
+WALK_UNITS_PER_BYTE = 8
+WALK_UNITS_FLOOR = 2 << 20
 MAX_STACKED_PICKLES = 64  # pickles after data.pkl's first that are read for the globals they name
 
 # Keys under which training scripts keep the model's state, most specific first.
@@ -162,7 +170,7 @@ def read_torch_zip(path: str, members: dict[str, Member] | None = None, limits: 
                 f"data.pkl has {len(data) - unpickler.end} bytes after the pickle's end; torch.load ignores them{also}",
             )
         )
-    walker = _Walker(path)
+    walker = _Walker(path, unpickler.end - unpickler.start)
     try:
         container = walker.analyse(obj)
     except StatecliError as e:
@@ -276,8 +284,10 @@ def _is_optimizer_state(obj: Any) -> bool:
 class _Walker:
     """Finds the model's tensors in whatever the pickle holds and names every tensor by its path."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, pickle_bytes: int) -> None:
         self.path = path
+        self.pickle_bytes = pickle_bytes
+        self.units_left = WALK_UNITS_PER_BYTE * pickle_bytes + WALK_UNITS_FLOOR  # see RECORD_UNITS
         self.tensors: list[RawTensor] = []
         self.findings: list[Finding] = []
         self.seen: dict[int, str | None] = {}  # container id -> first path: cycles and shared subtrees once
@@ -387,6 +397,15 @@ class _Walker:
         self.seen[id(obj)] = path
         return True
 
+    def _over_budget(self) -> None:
+        n = self.pickle_bytes
+        raise LimitExceededError(
+            f"a {n}-byte pickle names more tensors than it holds: {len(self.tensors) + 1:,} so far, each "
+            f"costing {RECORD_UNITS} plus its name's length against {WALK_UNITS_PER_BYTE} per pickle byte and "
+            f"{WALK_UNITS_FLOOR >> 20} Mi more (torch's checkpoints need under 4 per byte)",
+            path=self.path,
+        )
+
     def shared_summary(self) -> None:
         """One finding for the shared references beyond the first :data:`MAX_SHARED_FINDINGS`."""
         extra = self.shared - MAX_SHARED_FINDINGS
@@ -491,6 +510,9 @@ class _Walker:
         persistent: bool | None = None,
     ) -> RawTensor:
         raw = raw_tensor(t, name, group)
+        self.units_left -= RECORD_UNITS + len(name)
+        if self.units_left < 0:
+            self._over_budget()
         if role is not None:
             raw.role = role
             raw.exact = True
