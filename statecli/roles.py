@@ -15,6 +15,9 @@ from statecli.formats.base import RawCheckpoint
 from statecli.records import Finding, RawTensor, Report, Summary, TensorInfo
 
 MAX_SHARERS = 64
+# Characters of names one shares_with list may hold: every tensor of a group lists the same names again, in
+# the JSON and the table, so 64 names of 64 KiB each would print 4 MiB per tensor (real ties: a few short names).
+MAX_SHARES_CHARS = 2048
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +101,19 @@ def infer(t: RawTensor) -> tuple[str, str]:
     return "parameter", "default"
 
 
+def _listed_sharers(sharers: list[str]) -> list[str]:
+    """The names, among ``sharers`` (one storage's tensors, in file order), that shares_with lists: the first
+    :data:`MAX_SHARERS` + 1 (a tensor leaves itself out), and past the first two only while they total at
+    most :data:`MAX_SHARES_CHARS` characters."""
+    head = sharers[: MAX_SHARERS + 1]
+    chars = 0
+    for i, name in enumerate(head):
+        chars += len(name)
+        if chars > MAX_SHARES_CHARS and i > 1:
+            return head[:i]
+    return head
+
+
 def resolve(raw: RawCheckpoint) -> Report:
     """Turn a reader's facts into the report: roles with evidence, shared storages, summary."""
     by_storage: dict[str, list[str]] = {}
@@ -106,6 +122,7 @@ def resolve(raw: RawCheckpoint) -> Report:
             by_storage.setdefault(t.storage, []).append(t.name)
     infos: list[TensorInfo] = []
     append = infos.append
+    listed: dict[str, list[str]] = {}  # storage -> the sharers its tensors list (computed once per storage)
     for t in raw.tensors:
         role = t.role
         if role is not None:
@@ -126,7 +143,10 @@ def resolve(raw: RawCheckpoint) -> Report:
             if len(sharers) > 1:
                 # Listing every sharer beside every tensor is quadratic: 10,000 names for one storage would be
                 # 100 million entries. The first ones show the tie; a finding gives the count.
-                shares = tuple(x for x in sharers[: MAX_SHARERS + 1] if x != t.name)
+                head = listed.get(storage)
+                if head is None:
+                    head = listed[storage] = _listed_sharers(sharers)
+                shares = tuple(x for x in head if x != t.name)[:MAX_SHARERS]
         # Positional: this runs once per tensor, and keyword calls cost more (the order is TensorInfo's).
         info = TensorInfo(
             t.name, role, exact, evidence, persistent, t.requires_grad, t.dtype, t.shape, n,
@@ -141,6 +161,15 @@ def resolve(raw: RawCheckpoint) -> Report:
                     "warning",
                     "many-sharers",
                     f"{len(names):,} tensors share storage {key}; shares_with lists at most {MAX_SHARERS} of them",
+                )
+            )
+        elif len(listed.get(key, names)) < len(names):
+            findings.append(
+                Finding(
+                    "warning",
+                    "many-sharers",
+                    f"{len(names):,} tensors share storage {key}; their names are too long for shares_with to list "
+                    f"them all (at most {MAX_SHARES_CHARS:,} characters)",
                 )
             )
     return Report(
