@@ -47,10 +47,14 @@ _HASH_MODULUS = sys.hash_info.modulus
 
 
 # What the containers a pickle builds in one or two bytes cost here (CPython 3.11, 64-bit): an empty set
-# 216 bytes, a dict 64, a list 56.
+# 216 bytes, a dict 64, a list 56; a memo entry 64 to 130 (its int key, its slot, the table's growth).
 _SET_COST = sys.getsizeof(set())
 _DICT_COST = sys.getsizeof({})
 _LIST_COST = sys.getsizeof([])
+_MEMO_COST = 64
+# Pickle bytes per memo entry: what pickle memoizes takes 3 bytes or more with its MEMOIZE (an empty string),
+# but for empty lists, dicts and sets, which the containers' budget pays for; torch's pickles take 7 or more.
+_MEMO_BYTES = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,14 +64,14 @@ class Limits:
     ``alloc_per_byte`` and ``alloc_floor``: the containers (sets, frozensets, dicts, lists) a pickle of
     ``n`` bytes builds may cost ``alloc_per_byte * n + alloc_floor`` bytes. They cost far more than the bytes
     that make them (``EMPTY_SET`` is one byte, a set 216); torch's pickles build under 2.2 bytes of them per
-    pickle byte (a whole module saved with protocol 4; benchmarks/RESULTS.md), a hostile one 216.
-    The memo is capped at one entry per 2 bytes: each entry is an object (a byte or more) and a MEMOIZE.
+    pickle byte (a whole module saved with protocol 4; benchmarks/RESULTS.md), a hostile one 216. The memo
+    may hold one entry per 4 bytes and ``alloc_floor / 64`` more (see ``_MEMO_BYTES``).
     """
 
     max_ops: int = 200_000_000
     max_memo: int = 20_000_000
     alloc_per_byte: int = 16
-    alloc_floor: int = 16 << 20
+    alloc_floor: int = 8 << 20
     max_depth: int = 1_000  # open MARKs at once
     max_str: int = 256 * 1024 * 1024  # one string or bytes object
     max_long_bytes: int = 1_024  # LONG1/LONG4 payloads; real pickles use a few bytes
@@ -667,9 +671,9 @@ class RestrictedUnpickler:
         memo: dict[int, Any] = {}
         unpack_from = struct.unpack_from
         u32 = _U32
-        # A memo entry costs ~80 bytes, MEMOIZE one: no pickle that memoizes each object once (as pickle
-        # does) has more entries than half its bytes.
-        max_memo = self._max_memo = min(lim.max_memo, (n - self.start) // 2)
+        # A memo entry costs 64-130 bytes, MEMOIZE one: see _MEMO_BYTES.
+        max_memo = min(lim.max_memo, (n - self.start) // _MEMO_BYTES + lim.alloc_floor // _MEMO_COST)
+        self._max_memo = max_memo
         budget = lim.alloc_per_byte * (n - self.start) + lim.alloc_floor
         alloc = budget  # what containers may still cost; each EMPTY_SET, DICT, LIST... takes its size
         max_depth = lim.max_depth
@@ -876,9 +880,12 @@ class RestrictedUnpickler:
                     if isinstance(target, set):
                         collide = [x for x in items if _may_collide(x)]
                         if collide:
-                            counts = self._counts_for(target, "set item")
+                            counts = self._counts_for(target, "set item", len(items))
                             for x in collide:
-                                counts.add(x)
+                                if counts is None:
+                                    check_key(x, "set item")
+                                else:
+                                    counts.add(x)
                         target.update(items)
                     else:
                         raise InputError("corrupt pickle: ADDITEMS on something that is not a set")
@@ -1011,8 +1018,9 @@ class RestrictedUnpickler:
         n = len(self.data) - self.start
         if max_memo < self.limits.max_memo:
             return LimitExceededError(
-                f"pickle memo exceeds {max_memo} entries, more than a {n}-byte pickle stores "
-                "(each entry is an object and a MEMOIZE or PUT: 2 bytes at least)"
+                f"pickle memo exceeds {max_memo} entries, more than a {n}-byte pickle may store (one per "
+                f"{_MEMO_BYTES} bytes and {self.limits.alloc_floor // _MEMO_COST} more; torch's pickles store "
+                "one per 7 bytes or more)"
             )
         return LimitExceededError(f"pickle memo exceeds {max_memo} entries")
 
@@ -1249,14 +1257,26 @@ class RestrictedUnpickler:
         for i in range(0, len(items), 2):
             k = items[i]
             if type(k) is not str and _may_collide(k):
-                self._counts_for(d, "dict key").add(k)
+                counts = self._counts_for(d, "dict key", 1)
+                if counts is None:
+                    check_key(k, "dict key")
+                else:
+                    counts.add(k)
             d[k] = items[i + 1]
 
-    def _counts_for(self, container: Any, what: str) -> HashCounts:
-        """The hash counts of one dict or set of this pickle's, by identity (containers stay alive)."""
+    def _counts_for(self, container: Any, what: str, adding: int) -> HashCounts | None:
+        """The hash counts of one dict or set of this pickle's, by identity (containers stay alive), or None
+        while it holds too few items to hold a flood: a counter for every small dict of float keys cost more
+        than the dict. It is made, from the items already there, once ``adding`` would bring it to
+        :data:`MAX_SAME_HASH` items. (Keys must still be proven cheap to hash: :func:`check_key`.)"""
         counts = self._hash_counts.get(id(container))
         if counts is None:
+            if len(container) + adding < MAX_SAME_HASH:
+                return None
             counts = self._hash_counts[id(container)] = HashCounts(what)
+            for x in container:
+                if _may_collide(x):
+                    counts.add(x)
         return counts
 
     @staticmethod

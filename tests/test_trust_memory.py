@@ -86,11 +86,11 @@ def test_containers_past_the_budget_are_refused_within_the_bound(name: str) -> N
     assert peak[0] < BOUND * len(data), f"{peak[0] / len(data):.0f} bytes per pickle byte"
 
 
-def test_memoizing_more_than_one_object_per_two_bytes_is_refused_within_the_bound() -> None:
+def test_memoizing_more_than_one_object_per_four_bytes_is_refused_within_the_bound() -> None:
     data = pickle_of(OPS["NONE"] + OPS["MEMOIZE"] * 300_000)
-    too_many = "memo exceeds 150002 entries, more than a 300004-byte pickle stores"
+    too_many = "memo exceeds 75001 entries, more than a 300004-byte pickle may store"
     with traced() as peak, pytest.raises(LimitExceededError, match=too_many):
-        loads(data)
+        loads(data, limits=NO_FLOOR)
     assert peak[0] < BOUND * len(data), f"{peak[0] / len(data):.0f} bytes per pickle byte"
 
 
@@ -117,10 +117,10 @@ def test_cheap_objects_are_read_within_the_bound(name: str, unit: bytes | None, 
     assert peak[0] < BOUND * len(data), f"{peak[0] / len(data):.0f} bytes per pickle byte"
 
 
-def test_an_object_and_its_memoize_in_two_bytes_is_within_the_memo_cap() -> None:
-    # The densest memo an honest pickle has: an empty list and its MEMOIZE, two bytes each.
-    data = repeated(OPS["EMPTY_LIST"] + OPS["MEMOIZE"], 40_000)
-    assert len(loads(data)[0]) == 20_000
+def test_a_small_pickle_of_memoized_empty_lists_is_read() -> None:
+    # The densest memo an honest pickle has, an empty list and its MEMOIZE in two bytes: within the floors.
+    data = repeated(OPS["EMPTY_LIST"] + OPS["MEMOIZE"], 400_000)
+    assert len(loads(data)[0]) == 200_000
 
 
 def _torch_save(obj: object, protocol: int) -> bytes:
