@@ -163,7 +163,9 @@ def resolve(raw: RawCheckpoint) -> Report:
                     f"{len(names):,} tensors share storage {key}; shares_with lists at most {MAX_SHARERS} of them",
                 )
             )
-        elif len(listed.get(key, names)) < len(names):
+    for key, head in listed.items():
+        names = by_storage[key]
+        if len(head) < min(len(names), MAX_SHARERS + 1):
             findings.append(
                 Finding(
                     "warning",

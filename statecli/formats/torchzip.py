@@ -457,13 +457,22 @@ class _Walker:
             if self._enter(obj, prefix, depth):
                 dot = "" if prefix is None else f"{prefix}."
                 room = MAX_NAME_CHARS - len(dot)
+                left = self.units_left  # the walk's budget, kept in a local while this loop runs
+                record = self.tensors.append
                 for k, v in mapping.items():
                     if type(v) is TensorRef:
-                        # The common case, without a call per name or a recursive call per tensor.
+                        # The common case, without a call per name or a recursive call per tensor: what _emit
+                        # does for a tensor without a role, written out.
                         name = dot + k if type(k) is str and len(k) < room else _join(prefix, k)
-                        self._emit(name, v, group)
+                        left -= RECORD_UNITS + len(name)
+                        if left < 0:
+                            self._over_budget()
+                        record(raw_tensor(v, name, group))
                     elif isinstance(v, (dict, list, tuple, Stub)):  # leaves (numbers, text) need no name
+                        self.units_left = left
                         self._generic(v, _join(prefix, k), group, depth + 1)
+                        left = self.units_left
+                self.units_left = left
         elif isinstance(obj, (list, tuple)) and self._enter(obj, prefix, depth):
             for i, v in enumerate(obj):
                 if isinstance(v, (TensorRef, dict, list, tuple, Stub)):
@@ -510,8 +519,9 @@ class _Walker:
         persistent: bool | None = None,
     ) -> RawTensor:
         raw = raw_tensor(t, name, group)
-        self.units_left -= RECORD_UNITS + len(name)
-        if self.units_left < 0:
+        left = self.units_left - len(name) - RECORD_UNITS
+        self.units_left = left
+        if left < 0:
             self._over_budget()
         if role is not None:
             raw.role = role
