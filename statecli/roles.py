@@ -15,9 +15,10 @@ from statecli.formats.base import RawCheckpoint
 from statecli.records import Finding, RawTensor, Report, Summary, TensorInfo
 
 MAX_SHARERS = 64
-# Characters of names one shares_with list may hold: every tensor of a group lists the same names again, in
-# the JSON and the table, so 64 names of 64 KiB each would print 4 MiB per tensor (real ties: a few short names).
-MAX_SHARES_CHARS = 2048
+# Characters of names one shares_with list may hold: every tensor of a storage lists the same names again, in
+# the JSON and the table, so the listing is paid for once per tensor (a pickle names a tensor per ~37 bytes at
+# most, see torchzip.RECORD_UNITS). Real ties are a few names of under 200 characters.
+MAX_SHARES_CHARS = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,17 +102,34 @@ def infer(t: RawTensor) -> tuple[str, str]:
     return "parameter", "default"
 
 
-def _listed_sharers(sharers: list[str]) -> list[str]:
-    """The names, among ``sharers`` (one storage's tensors, in file order), that shares_with lists: the first
-    :data:`MAX_SHARERS` + 1 (a tensor leaves itself out), and past the first two only while they total at
-    most :data:`MAX_SHARES_CHARS` characters."""
-    head = sharers[: MAX_SHARERS + 1]
+def _listing(names: list[str], own: str | None) -> tuple[tuple[str, ...], bool]:
+    """What shares_with lists for a tensor named ``own`` among ``names`` (its storage's first tensors, in file
+    order): the others, at most :data:`MAX_SHARERS` of them and :data:`MAX_SHARES_CHARS` characters; and whether
+    the characters cut it short."""
+    out: list[str] = []
     chars = 0
-    for i, name in enumerate(head):
-        chars += len(name)
-        if chars > MAX_SHARES_CHARS and i > 1:
-            return head[:i]
-    return head
+    for x in names:
+        if x == own:
+            continue
+        if len(out) == MAX_SHARERS:
+            break
+        chars += len(x)
+        if chars > MAX_SHARES_CHARS:
+            return tuple(out), True
+        out.append(x)
+    return tuple(out), False
+
+
+class _Sharing:
+    """One shared storage's listing, made once: the first names (a tensor among them lists the others) and
+    what every other tensor lists (one tuple for all of them)."""
+
+    __slots__ = ("common", "cut", "head", "in_head")
+
+    def __init__(self, sharers: list[str]) -> None:
+        self.head = sharers[: MAX_SHARERS + 1]
+        self.in_head = frozenset(self.head)
+        self.common, self.cut = _listing(self.head, None)
 
 
 def resolve(raw: RawCheckpoint) -> Report:
@@ -122,7 +140,7 @@ def resolve(raw: RawCheckpoint) -> Report:
             by_storage.setdefault(t.storage, []).append(t.name)
     infos: list[TensorInfo] = []
     append = infos.append
-    listed: dict[str, list[str]] = {}  # storage -> the sharers its tensors list (computed once per storage)
+    listed: dict[str, _Sharing] = {}  # shared storages, each listing made once
     for t in raw.tensors:
         role = t.role
         if role is not None:
@@ -143,10 +161,10 @@ def resolve(raw: RawCheckpoint) -> Report:
             if len(sharers) > 1:
                 # Listing every sharer beside every tensor is quadratic: 10,000 names for one storage would be
                 # 100 million entries. The first ones show the tie; a finding gives the count.
-                head = listed.get(storage)
-                if head is None:
-                    head = listed[storage] = _listed_sharers(sharers)
-                shares = tuple(x for x in head if x != t.name)[:MAX_SHARERS]
+                sharing = listed.get(storage)
+                if sharing is None:
+                    sharing = listed[storage] = _Sharing(sharers)
+                shares = _listing(sharing.head, t.name)[0] if t.name in sharing.in_head else sharing.common
         # Positional: this runs once per tensor, and keyword calls cost more (the order is TensorInfo's).
         info = TensorInfo(
             t.name, role, exact, evidence, persistent, t.requires_grad, t.dtype, t.shape, n,
@@ -163,9 +181,9 @@ def resolve(raw: RawCheckpoint) -> Report:
                     f"{len(names):,} tensors share storage {key}; shares_with lists at most {MAX_SHARERS} of them",
                 )
             )
-    for key, head in listed.items():
+    for key, sharing in listed.items():
         names = by_storage[key]
-        if len(head) < min(len(names), MAX_SHARERS + 1):
+        if sharing.cut:
             findings.append(
                 Finding(
                     "warning",

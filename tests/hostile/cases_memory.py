@@ -70,7 +70,7 @@ def _(d: Path) -> Path:
 @case("memory_shared_long_names", "resource", ok("weight"))
 def _(d: Path) -> Path:
     # 400 tensors of one storage, each named by a 4,000-character key: shares_with would list 64 of those
-    # names beside each of them (100 MB of JSON from a 400 KB file); it lists what fits in 2,048 characters.
+    # names beside each of them (100 MB of JSON from a 1.6 MB file); it lists what fits in 512 characters.
     def entries(a: Asm) -> None:
         a.op("EMPTY_DICT").op("MARK")
         for i in range(400):
