@@ -104,6 +104,12 @@ def test_memoizing_more_than_one_object_per_four_bytes_is_refused_within_the_bou
         ("NONE TUPLE1", OPS["NONE"] + OPS["TUPLE1"], b""),
         ("BININT", OPS["BININT"] + struct.pack("<i", 123456), b""),
         ("SHORT_BINUNICODE", OPS["SHORT_BINUNICODE"] + b"\x02\xc4\x80", b""),
+        # A stub's dict item under a None key: the dict once came with a hash counter of its own (101 B/B).
+        (
+            "stub SETITEM",
+            OPS["BINGET"] + b"\x00" + OPS["EMPTY_TUPLE"] + OPS["REDUCE"] + OPS["NONE"] * 2 + OPS["SETITEM"],
+            OPS["GLOBAL"] + b"mod\nCls\n" + OPS["BINPUT"] + b"\x00",
+        ),
     ],
 )
 def test_cheap_objects_are_read_within_the_bound(name: str, unit: bytes | None, before: bytes) -> None:
@@ -115,6 +121,18 @@ def test_cheap_objects_are_read_within_the_bound(name: str, unit: bytes | None, 
     with traced() as peak:
         loads(data, limits=NO_FLOOR)
     assert peak[0] < BOUND * len(data), f"{peak[0] / len(data):.0f} bytes per pickle byte"
+
+
+@pytest.mark.parametrize("op", ["SETITEM", "ADDITEMS"])
+def test_a_flood_added_one_key_at_a_time_is_still_refused(op: str) -> None:
+    # Ints past the hash modulus collide; the counter made at 64 keys counts the ones already there.
+    colliding = [OPS["LONG1"] + b"\x09" + (k * (2**61 - 1)).to_bytes(9, "little", signed=True) for k in range(1, 100)]
+    if op == "SETITEM":
+        body = OPS["EMPTY_DICT"] + b"".join(c + OPS["NONE"] + OPS["SETITEM"] for c in colliding)
+    else:
+        body = OPS["EMPTY_SET"] + b"".join(OPS["MARK"] + c + OPS["ADDITEMS"] for c in colliding)
+    with pytest.raises(LimitExceededError, match="share one hash"):
+        loads(pickle_of(body))
 
 
 def test_a_small_pickle_of_memoized_empty_lists_is_read() -> None:
