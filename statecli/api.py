@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from statecli.errors import LimitExceededError
 from statecli.formats import read_raw
 from statecli.records import Report
 from statecli.roles import resolve
@@ -31,7 +32,13 @@ def gc_paused() -> Iterator[None]:
 def open_checkpoint(path: str | os.PathLike[str]) -> Report:
     """Read a checkpoint's metadata (never its tensor bytes, never its code) and resolve every role.
 
-    Raises a :class:`statecli.StatecliError` subclass, carrying its exit code, on any bad input.
+    Raises a :class:`statecli.StatecliError` subclass, carrying its exit code, on any bad input; a file
+    that needs more memory than the process may have is one (:class:`LimitExceededError`, exit 3).
     """
-    with gc_paused():
-        return resolve(read_raw(os.fspath(path)))
+    name = os.fspath(path)
+    try:
+        with gc_paused():
+            return resolve(read_raw(name))
+    except MemoryError:
+        pass  # raised below, once leaving this block has let go of the frames that hold the memory
+    raise LimitExceededError("out of memory: reading it needs more memory than this process may use", path=name)

@@ -15,6 +15,10 @@ from statecli.formats.base import RawCheckpoint
 from statecli.records import Finding, FindingCap, RawTensor, Report, Summary, TensorInfo
 
 MAX_SHARERS = 64
+# Characters of names one shares_with list may hold: every tensor of a storage lists the same names again, in
+# the JSON and the table, so the listing is paid for once per tensor (a pickle names a tensor per ~37 bytes at
+# most, see torchzip.RECORD_UNITS). Real ties are a few names of under 200 characters.
+MAX_SHARES_CHARS = 512
 
 
 _QUANTIZED = frozenset(n for n, d in DTYPES.items() if d.kind == "quant")
@@ -334,6 +338,36 @@ def keep_vars_proves(tensors: Iterable[tuple[str, str, tuple[int, ...], bool]]) 
     return all(t.exact for t in probe)
 
 
+def _listing(names: list[str], own: str | None) -> tuple[tuple[str, ...], bool]:
+    """What shares_with lists for a tensor named ``own`` among ``names`` (its storage's first tensors, in file
+    order): the others, at most :data:`MAX_SHARERS` of them and :data:`MAX_SHARES_CHARS` characters; and whether
+    the characters cut it short."""
+    out: list[str] = []
+    chars = 0
+    for x in names:
+        if x == own:
+            continue
+        if len(out) == MAX_SHARERS:
+            break
+        chars += len(x)
+        if chars > MAX_SHARES_CHARS:
+            return tuple(out), True
+        out.append(x)
+    return tuple(out), False
+
+
+class _Sharing:
+    """One shared storage's listing, made once: the first names (a tensor among them lists the others) and
+    what every other tensor lists (one tuple for all of them)."""
+
+    __slots__ = ("common", "cut", "head", "in_head")
+
+    def __init__(self, sharers: list[str]) -> None:
+        self.head = sharers[: MAX_SHARERS + 1]
+        self.in_head = frozenset(self.head)
+        self.common, self.cut = _listing(self.head, None)
+
+
 def resolve(raw: RawCheckpoint) -> Report:
     """Turn a reader's facts into the report: roles with evidence, shared storages, summary."""
     by_storage: dict[str, list[str]] = {}
@@ -343,6 +377,7 @@ def resolve(raw: RawCheckpoint) -> Report:
     infos: list[TensorInfo] = []
     append = infos.append
     nb: Neighbours | None = None
+    listed: dict[str, _Sharing] = {}  # shared storages, each listing made once
     for t in raw.tensors:
         role = t.role
         group = t.group
@@ -368,7 +403,10 @@ def resolve(raw: RawCheckpoint) -> Report:
             if len(sharers) > 1:
                 # Listing every sharer beside every tensor is quadratic: 10,000 names for one storage would be
                 # 100 million entries. The first ones show the tie; a finding gives the count.
-                shares = tuple(x for x in sharers[: MAX_SHARERS + 1] if x != t.name)
+                sharing = listed.get(storage)
+                if sharing is None:
+                    sharing = listed[storage] = _Sharing(sharers)
+                shares = _listing(sharing.head, t.name)[0] if t.name in sharing.in_head else sharing.common
         # Positional: this runs once per tensor, and keyword calls cost more (the order is TensorInfo's).
         info = TensorInfo(
             t.name, role, exact, evidence, persistent, t.requires_grad, t.dtype, t.shape, n,
@@ -384,6 +422,17 @@ def resolve(raw: RawCheckpoint) -> Report:
                     "warning",
                     "many-sharers",
                     f"{len(names):,} tensors share storage {key}; shares_with lists at most {MAX_SHARERS} of them",
+                )
+            )
+    for key, sharing in listed.items():
+        names = by_storage[key]
+        if sharing.cut:
+            findings.add(
+                Finding(
+                    "warning",
+                    "many-sharers",
+                    f"{len(names):,} tensors share storage {key}; their names are too long for shares_with to list "
+                    f"them all (at most {MAX_SHARES_CHARS:,} characters)",
                 )
             )
     return Report(

@@ -48,12 +48,32 @@ COMPUTED = "<computed>"
 _HASH_MODULUS = sys.hash_info.modulus
 
 
+# What the containers a pickle builds in one or two bytes cost here (CPython 3.11, 64-bit): an empty set
+# 216 bytes, a dict 64, a list 56; a memo entry 64 to 130 (its int key, its slot, the table's growth).
+_SET_COST = sys.getsizeof(set())
+_DICT_COST = sys.getsizeof({})
+_LIST_COST = sys.getsizeof([])
+_MEMO_COST = 64
+# Pickle bytes per memo entry: what pickle memoizes takes 3 bytes or more with its MEMOIZE (an empty string),
+# but for empty lists, dicts and sets, which the containers' budget pays for; torch's pickles take 7 or more.
+_MEMO_BYTES = 4
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Caps on what one pickle may ask for. Defaults are far above any real checkpoint's needs."""
+    """Caps on what one pickle may ask for. Defaults are far above any real checkpoint's needs.
+
+    ``alloc_per_byte`` and ``alloc_floor``: the containers (sets, frozensets, dicts, lists) a pickle of
+    ``n`` bytes builds may cost ``alloc_per_byte * n + alloc_floor`` bytes. They cost far more than the bytes
+    that make them (``EMPTY_SET`` is one byte, a set 216); torch's pickles build under 2.2 bytes of them per
+    pickle byte (a whole module saved with protocol 4; benchmarks/RESULTS.md), a hostile one 216. The memo
+    may hold one entry per 4 bytes and ``alloc_floor / 64`` more (see ``_MEMO_BYTES``).
+    """
 
     max_ops: int = 200_000_000
     max_memo: int = 20_000_000
+    alloc_per_byte: int = 16
+    alloc_floor: int = 8 << 20
     max_depth: int = 1_000  # open MARKs at once
     max_str: int = 256 * 1024 * 1024  # one string or bytes object
     max_long_bytes: int = 1_024  # LONG1/LONG4 payloads; real pickles use a few bytes
@@ -218,6 +238,15 @@ def check_key(k: Any, what: str) -> int:
         return hash(k)
     except TypeError:
         raise InputError(f"corrupt pickle: a {what} is a {type(k).__name__}, which cannot be one") from None
+
+
+def _may_collide(k: Any) -> bool:
+    """Whether key ``k`` needs counting by :class:`HashCounts`: not a str, bytes or small int. Checked before a
+    counter is made for a container: a counter for every dict of int keys costs more than the dict."""
+    t = type(k)
+    if t is str or t is bytes:
+        return False
+    return not (t is int and -_HASH_MODULUS < k < _HASH_MODULUS and k != -1)
 
 
 class HashCounts:
@@ -674,6 +703,7 @@ class RestrictedUnpickler:
         self.end = 0  # offset just past STOP
         self.fast_paths = fast_paths
         self._hash_counts: dict[int, HashCounts] = {}
+        self._max_memo = self.limits.max_memo
         self.fast_hits = 0  # tensors built by the fast path (the tests check it really runs)
         self.stopped_at: int | None = None  # where load() gave up, for a pickle it could not read to its end
 
@@ -688,7 +718,11 @@ class RestrictedUnpickler:
         memo: dict[int, Any] = {}
         unpack_from = struct.unpack_from
         u32 = _U32
-        max_memo = lim.max_memo
+        # A memo entry costs 64-130 bytes, MEMOIZE one: see _MEMO_BYTES.
+        max_memo = min(lim.max_memo, (n - self.start) // _MEMO_BYTES + lim.alloc_floor // _MEMO_COST)
+        self._max_memo = max_memo
+        budget = lim.alloc_per_byte * (n - self.start) + lim.alloc_floor
+        alloc = budget  # what containers may still cost; each EMPTY_SET, DICT, LIST... takes its size
         max_depth = lim.max_depth
         max_str = lim.max_str
         persistent = self._persistent
@@ -708,7 +742,7 @@ class RestrictedUnpickler:
                     memo[u32(data, pos)[0]] = stack[-1]
                     pos += 4
                     if len(memo) > max_memo:
-                        raise LimitExceededError(f"pickle memo exceeds {max_memo} entries")
+                        raise self._memo_error(max_memo)
                 elif op == 0x68 or op == 0x6A:  # BINGET, LONG_BINGET
                     if op == 0x68:
                         v = memo[data[pos]]
@@ -764,7 +798,7 @@ class RestrictedUnpickler:
                     memo[data[pos]] = stack[-1]
                     pos += 1
                     if len(memo) > max_memo:
-                        raise LimitExceededError(f"pickle memo exceeds {max_memo} entries")
+                        raise self._memo_error(max_memo)
                 elif op == 0x86:  # TUPLE2
                     b = stack.pop()
                     stack[-1] = (stack[-1], b)
@@ -776,8 +810,8 @@ class RestrictedUnpickler:
                     stack.append(True)
                 elif op == 0x94:  # MEMOIZE
                     memo[len(memo)] = stack[-1]
-                    if len(memo) > lim.max_memo:
-                        raise LimitExceededError(f"pickle memo exceeds {lim.max_memo} entries")
+                    if len(memo) > max_memo:
+                        raise self._memo_error(max_memo)
                 elif op == 0x75:  # SETITEMS
                     k = marks.pop()
                     items = stack[k:]
@@ -795,8 +829,14 @@ class RestrictedUnpickler:
                     pos += 2
                 elif op == 0x7D:  # EMPTY_DICT
                     stack.append({})
+                    alloc -= _DICT_COST
+                    if alloc < 0:
+                        raise self._alloc_error(budget)
                 elif op == 0x5D:  # EMPTY_LIST
                     stack.append([])
+                    alloc -= _LIST_COST
+                    if alloc < 0:
+                        raise self._alloc_error(budget)
                 elif op == 0x4E:  # NONE
                     stack.append(None)
                 elif op == 0x8C:  # SHORT_BINUNICODE
@@ -864,22 +904,36 @@ class RestrictedUnpickler:
                     d: dict[Any, Any] = {}
                     self._setitems(d, items)
                     stack.append(d)
+                    alloc -= _DICT_COST
+                    if alloc < 0:
+                        raise self._alloc_error(budget)
                 elif op == 0x6C:  # LIST
                     k = marks.pop()
                     lst = stack[k:]
                     del stack[k:]
                     stack.append(lst)
+                    alloc -= _LIST_COST
+                    if alloc < 0:
+                        raise self._alloc_error(budget)
                 elif op == 0x8F:  # EMPTY_SET
                     stack.append(set())
+                    alloc -= _SET_COST
+                    if alloc < 0:
+                        raise self._alloc_error(budget)
                 elif op == 0x90:  # ADDITEMS
                     k = marks.pop()
                     items = stack[k:]
                     del stack[k:]
                     target = stack[-1]
                     if isinstance(target, set):
-                        counts = self._counts_for(target, "set item")
-                        for x in items:
-                            counts.add(x)
+                        collide = [x for x in items if _may_collide(x)]
+                        if collide:
+                            counts = self._counts_for(target, "set item", len(items))
+                            for x in collide:
+                                if counts is None:
+                                    check_key(x, "set item")
+                                else:
+                                    counts.add(x)
                         target.update(items)
                     elif isinstance(target, (Stub, Global)):
                         # Real pickle calls ``target.add(item)`` for each: found on the instance, that is a
@@ -893,6 +947,9 @@ class RestrictedUnpickler:
                     del stack[k:]
                     _check_items(items)
                     stack.append(frozenset(items))
+                    alloc -= _SET_COST
+                    if alloc < 0:
+                        raise self._alloc_error(budget)
                 elif op == 0x8A:  # LONG1
                     size = data[pos]
                     pos += 1
@@ -976,8 +1033,8 @@ class RestrictedUnpickler:
                 elif op == 0x70:  # PUT
                     line, pos = self._line(pos)
                     memo[self._int_text(line)] = stack[-1]
-                    if len(memo) > lim.max_memo:
-                        raise LimitExceededError(f"pickle memo exceeds {lim.max_memo} entries")
+                    if len(memo) > max_memo:
+                        raise self._memo_error(max_memo)
                 elif op == 0x69:  # INST
                     module, pos = self._line(pos)
                     name, pos = self._line(pos)
@@ -1014,6 +1071,24 @@ class RestrictedUnpickler:
         except RecursionError as e:  # here, not in each reader that calls this one
             self.stopped_at = pos
             raise InputError("corrupt pickle: structure nested too deeply") from e
+
+    def _memo_error(self, max_memo: int) -> LimitExceededError:
+        n = len(self.data) - self.start
+        if max_memo < self.limits.max_memo:
+            return LimitExceededError(
+                f"pickle memo exceeds {max_memo} entries, more than a {n}-byte pickle may store (one per "
+                f"{_MEMO_BYTES} bytes and {self.limits.alloc_floor // _MEMO_COST} more; torch's pickles store "
+                "one per 7 bytes or more)"
+            )
+        return LimitExceededError(f"pickle memo exceeds {max_memo} entries")
+
+    def _alloc_error(self, budget: int) -> LimitExceededError:
+        n = len(self.data) - self.start
+        return LimitExceededError(
+            f"pickle builds more than {budget >> 20} MiB of sets, dicts and lists, more than a {n}-byte pickle may "
+            f"({self.limits.alloc_per_byte} bytes per pickle byte and {self.limits.alloc_floor >> 20} MiB; "
+            "torch's pickles need under 3 per byte)"
+        )
 
     def _bytes(self, pos: int, size: int) -> bytes:
         if size > self.limits.max_str:
@@ -1245,7 +1320,7 @@ class RestrictedUnpickler:
         if persistent is None:
             return 0
         from_bytes = int.from_bytes
-        max_memo = self.limits.max_memo
+        max_memo = self._max_memo
         max_str = self.limits.max_str
         match = _TENSOR_V2.match
         m = match(data, pos)
@@ -1410,15 +1485,27 @@ class RestrictedUnpickler:
             raise InputError(f"corrupt pickle: SETITEM on a {type(target).__name__}")
         for i in range(0, len(items), 2):
             k = items[i]
-            if type(k) is not str:
-                self._counts_for(d, "dict key").add(k)
+            if type(k) is not str and _may_collide(k):
+                counts = self._counts_for(d, "dict key", 1)
+                if counts is None:
+                    check_key(k, "dict key")
+                else:
+                    counts.add(k)
             d[k] = items[i + 1]
 
-    def _counts_for(self, container: Any, what: str) -> HashCounts:
-        """The hash counts of one dict or set of this pickle's, by identity (containers stay alive)."""
+    def _counts_for(self, container: Any, what: str, adding: int) -> HashCounts | None:
+        """The hash counts of one dict or set of this pickle's, by identity (containers stay alive), or None
+        while it holds too few items to hold a flood: a counter for every small dict of float keys cost more
+        than the dict. It is made, from the items already there, once ``adding`` would bring it to
+        :data:`MAX_SAME_HASH` items. (Keys must still be proven cheap to hash: :func:`check_key`.)"""
         counts = self._hash_counts.get(id(container))
         if counts is None:
+            if len(container) + adding < MAX_SAME_HASH:
+                return None
             counts = self._hash_counts[id(container)] = HashCounts(what)
+            for x in container:
+                if _may_collide(x):
+                    counts.add(x)
         return counts
 
     def _extend(self, target: Any, items: list[Any]) -> None:

@@ -4,6 +4,7 @@
   ``err.exit_code`` (2 usage, 3 input, 4 output, 5 unsafe).
 - Usage errors found while parsing the command line (unknown option, bad value, missing path): the same
   one line, ``statecli: error: <what> (see: statecli <command> --help)``, exit 2.
+- ``MemoryError``: the input needs more memory than the process may use, an input problem: one line, exit 3.
 - Anything else is a bug: ``statecli: internal error: <type>: <msg> (re-run with --debug ...)``, exit 3.
 
 ``--debug`` adds the Python traceback above the line; the exit code stays the same.
@@ -22,7 +23,7 @@ from typer._click.exceptions import ClickException, NoArgsIsHelpError
 from typer.core import TyperGroup
 
 from statecli.cli import _output
-from statecli.errors import OutputError, StatecliError
+from statecli.errors import InputError, OutputError, StatecliError
 
 INTERNAL_EXIT = 3
 
@@ -41,6 +42,14 @@ def report_internal(exc: BaseException, debug: bool = False) -> int:
     hint = "" if debug else " (re-run with --debug for a traceback)"
     _output.message("internal error", f"{type(exc).__name__}: {exc}{hint}", "bold red")
     return INTERNAL_EXIT
+
+
+def _out_of_memory(exc: MemoryError, debug: bool) -> int:
+    """An input too big for the memory the process may use is an input problem (exit 3), not a bug."""
+    if debug:
+        _print_traceback(exc)
+    exc.__traceback__ = None  # the frames it holds hold the memory; the line below needs a little of it
+    return report_error(InputError("out of memory: the input needs more memory than this process may use"))
 
 
 def _print_traceback(exc: BaseException) -> None:
@@ -106,6 +115,8 @@ class StatecliGroup(TyperGroup):
             debug = bool(ctx.params.get("debug"))
             if isinstance(exc, StatecliError):
                 raise typer.Exit(report_error(exc, debug)) from None
+            if isinstance(exc, MemoryError):
+                raise typer.Exit(_out_of_memory(exc, debug)) from None
             if isinstance(exc, UnicodeEncodeError):
                 # stdout set to ASCII or a legacy code page: the table's marks (● ○ ─) or a tensor's name
                 # cannot be written. Replacing them would silently change names in CSV or Markdown.

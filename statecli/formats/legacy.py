@@ -68,10 +68,10 @@ def _pickle_at(data: bytes, start: int, path: str, persistent: Any = None) -> tu
     if start >= len(data):
         raise InputError("legacy torch file ends before its pickles do (truncated)", path=path)
     try:
-        obj, u = loads(data[start:], persistent, Limits())
+        obj, u = loads(data, persistent, Limits(), start=start)  # not data[start:]: a copy of up to 1 GiB
     except StatecliError as e:
         raise e.at(path) from None
-    return obj, start + u.end, u
+    return obj, u.end, u
 
 
 def storage_spans(path: str) -> tuple[dict[str, tuple[int, int]], int]:
@@ -89,6 +89,7 @@ class _Verdict:
     def __init__(self) -> None:
         self.globals_seen: dict[tuple[str, str], int] = {}
         self.actions: list[Action] = []
+        self.object_bytes = 0  # the object pickle's size: the walk's record budget is paid from it
 
     def add(self, u: Any) -> None:
         for key, n in u.globals_seen.items():
@@ -132,6 +133,7 @@ def _read_five(data: bytes, path: str, size: int, verdict: _Verdict) -> tuple[li
     storages = _LegacyStorages(path)
     obj, pos, u = _pickle_at(data, pos, path, storages)
     verdict.add(u)
+    verdict.object_bytes = u.end - u.start
     keys, pos, u = _pickle_at(data, pos, path)
     verdict.add(u)
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
@@ -197,7 +199,7 @@ def read_legacy(path: str) -> RawCheckpoint:
     )
     if end < size:
         findings.append(Finding("warning", "trailing-data", f"{size - end} bytes after the last storage were ignored"))
-    walker = _Walker(path)
+    walker = _Walker(path, verdict.object_bytes)
     container = walker.analyse(obj)
     walker.shared_summary()
     findings.extend(walker.findings)

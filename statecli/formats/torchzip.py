@@ -25,6 +25,14 @@ MAX_PICKLE_BYTES = 1 << 30  # a data.pkl larger than this is not a checkpoint's 
 MAX_WALK_DEPTH = 200
 MAX_WALK_NODES = 20_000_000
 MAX_SHARED_FINDINGS = 100  # "same object" findings listed one by one; the rest are counted
+# What the tensor records a walk emits may cost, in units of about a byte of statecli's memory each: a record
+# is RECORD_UNITS plus its name's length, and a pickle of n bytes may pay for WALK_UNITS_PER_BYTE * n +
+# WALK_UNITS_FLOOR of them. A record costs 1-8 KB by the time it is printed (more when it shares its storage),
+# and a hostile pickle names one per byte (DUP of a tensor in a list); torch's pickles take 72 bytes or more
+# per tensor, and need under 4 units per byte (an optimizer's state; a state dict needs 2.5).
+RECORD_UNITS = 256
+WALK_UNITS_PER_BYTE = 8
+WALK_UNITS_FLOOR = 2 << 20
 MAX_STACKED_PICKLES = 64  # pickles after data.pkl's first that are read for the globals they name
 
 # Keys under which training scripts keep the model's state, most specific first.
@@ -166,7 +174,7 @@ def read_torch_zip(path: str, members: dict[str, Member] | None = None, limits: 
                 f"data.pkl has {len(data) - unpickler.end} bytes after the pickle's end; torch.load ignores them{also}",
             )
         )
-    walker = _Walker(path)
+    walker = _Walker(path, unpickler.end - unpickler.start)
     try:
         container = walker.analyse(obj)
     except StatecliError as e:
@@ -320,8 +328,10 @@ def _is_optimizer_state(obj: Any) -> bool:
 class _Walker:
     """Finds the model's tensors in whatever the pickle holds and names every tensor by its path."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, pickle_bytes: int) -> None:
         self.path = path
+        self.pickle_bytes = pickle_bytes
+        self.units_left = WALK_UNITS_PER_BYTE * pickle_bytes + WALK_UNITS_FLOOR  # see RECORD_UNITS
         self.tensors: list[RawTensor] = []
         self.findings: list[Finding] = []
         self.seen: dict[int, str | None] = {}  # container id -> first path: cycles and shared subtrees once
@@ -449,6 +459,15 @@ class _Walker:
         self.seen[id(obj)] = path
         return True
 
+    def _over_budget(self) -> None:
+        n = self.pickle_bytes
+        raise LimitExceededError(
+            f"a {n}-byte pickle names more tensors than it holds: {len(self.tensors) + 1:,} so far, each "
+            f"costing {RECORD_UNITS} plus its name's length against {WALK_UNITS_PER_BYTE} per pickle byte and "
+            f"{WALK_UNITS_FLOOR >> 20} Mi more (torch's checkpoints need under 4 per byte)",
+            path=self.path,
+        )
+
     def shared_summary(self) -> None:
         """One finding for the shared references beyond the first :data:`MAX_SHARED_FINDINGS`."""
         extra = self.shared - MAX_SHARED_FINDINGS
@@ -498,13 +517,22 @@ class _Walker:
             if self._enter(obj, prefix, depth):
                 dot = "" if prefix is None else f"{prefix}."
                 room = MAX_NAME_CHARS - len(dot)
+                left = self.units_left  # the walk's budget, kept in a local while this loop runs
+                record = self.tensors.append
                 for k, v in mapping.items():
                     if type(v) is TensorRef:
-                        # The common case, without a call per name or a recursive call per tensor.
+                        # The common case, without a call per name or a recursive call per tensor: what _emit
+                        # does for a tensor without a role, written out.
                         name = dot + k if type(k) is str and len(k) < room else _join(prefix, k)
-                        self._emit(name, v, group)
+                        left -= RECORD_UNITS + len(name)
+                        if left < 0:
+                            self._over_budget()
+                        record(raw_tensor(v, name, group))
                     elif isinstance(v, (dict, list, tuple, Stub)):  # leaves (numbers, text) need no name
+                        self.units_left = left
                         self._generic(v, _join(prefix, k), group, depth + 1)
+                        left = self.units_left
+                self.units_left = left
         elif isinstance(obj, (list, tuple)) and self._enter(obj, prefix, depth):
             for i, v in enumerate(obj):
                 if isinstance(v, (TensorRef, dict, list, tuple, Stub)):
@@ -573,6 +601,10 @@ class _Walker:
         persistent: bool | None = None,
     ) -> RawTensor:
         raw = raw_tensor(t, name, group)
+        left = self.units_left - len(name) - RECORD_UNITS
+        self.units_left = left
+        if left < 0:
+            self._over_budget()
         if role is not None:
             raw.role = role
             raw.exact = True
