@@ -276,6 +276,13 @@ def test_other_top_level_tensors_keep_their_key_as_group(tmp_path: Path) -> None
     assert raw.container.other_keys == ("rng", "step")
 
 
+def test_a_tensor_beside_the_model_key_makes_the_top_the_state_dict(tmp_path: Path) -> None:
+    # As torch.save's reader takes {'model': {'w'}, 'w'}: named inside the model, both would be 'w'.
+    state = {"model": {"w": torch.ones(2)}, "w": torch.zeros(3)}
+    raw = read_dcp(str(small_dcp(tmp_path / "c", state)))
+    assert [(t.name, t.group) for t in raw.tensors] == [("model.w", "model"), ("w", "model")]
+
+
 def test_stray_distcp_file_is_noted(training_copy: Path) -> None:
     (training_copy / "__7_0.distcp").write_bytes(b"old")
     raw = read_dcp(str(training_copy))

@@ -46,6 +46,7 @@ from statecli.formats.base import RawCheckpoint, contiguous_strides
 from statecli.formats.torchzip import MODEL_KEYS, OPTIMIZER_KEYS
 from statecli.formats.zipdir import read_directory_at, read_member_from
 from statecli.records import MAX_FINDINGS_PER_CODE, Container, Finding, FindingCap, RawTensor
+from statecli.roles import looks_like_rng_state
 from statecli.safepickle import MAX_INDEX, Action, Global, Limits, StorageRef, Stub, loads
 from statecli.security import findings_for
 from statecli.wording import count, name_list
@@ -851,6 +852,12 @@ def _containers(p: _Parsed) -> tuple[str | None, dict[str, str], list[str]]:
         if e.fqn in p.nested:
             tensor_tops.setdefault(p.tops[e.fqn], None)
     model_key = next((k for k in tensor_tops if k in MODEL_KEYS), None)
+    if model_key is not None and any(
+        e.fqn not in p.nested and not looks_like_rng_state(e.fqn, e.dtype, e.shape) for e in p.tensors
+    ):
+        # A tensor at the top beside a "model" key (an RNG state aside): the top is the state dict, as the
+        # torch.save reader takes such a dict ({'model': {'w'}, 'w'} would otherwise name two tensors 'w').
+        model_key = None
     groups: dict[str, str] = {}
     for e in p.tensors:
         top = p.tops[e.fqn]

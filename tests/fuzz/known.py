@@ -16,11 +16,7 @@ import re
 from pathlib import Path
 
 # crash name (in make_crashes.CRASHES) -> pattern of the failures it explains
-KNOWN: dict[str, str] = {
-    # DCP names a model tensor without its 'model.' key: {'model': {'w'}, 'w'} (which dcp.save writes) has
-    # two tensors 'w', refused as a name collision.
-    "dcp_model_key_clash": r"^dcp\|.*two tensors are both named",
-}
+KNOWN: dict[str, str] = {}
 
 
 def signature(family: str, e: BaseException) -> str:

@@ -225,6 +225,7 @@ CRASHES: dict[str, Crash] = {
         "writes it) gives two tensors 'w': the values commands take one's chunks for the other and exit 3",
         dcp_model_key_clash,
         expect=("stats=ok", "diff=ok", "convert=ok", "load=ok"),
+        fixed=True,
     ),
     "dcp_overlapping_chunks": Crash(
         "issue #11, 4: DCP chunks that overlap while their sizes add up to the tensor's pass the check; "
