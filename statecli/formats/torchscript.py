@@ -34,17 +34,14 @@ from statecli.errors import InputError, LimitExceededError, StatecliError, Unsaf
 from statecli.formats.base import RawCheckpoint
 from statecli.formats.torchzip import (
     MAX_PICKLE_BYTES,
-    MAX_SHARED_FINDINGS,
-    MAX_WALK_DEPTH,
-    MAX_WALK_NODES,
+    Visits,
     _join,
-    _label,
     _Storages,
     archive_root,
     raw_tensor,
 )
 from statecli.formats.zipdir import Member, read_member
-from statecli.records import Container, Finding, RawTensor, more_findings
+from statecli.records import Container, Finding, RawTensor
 from statecli.safepickle import COMPUTED, Action, Global, StorageRef, Stub, TensorRef, describe, loads
 from statecli.security import findings_for
 from statecli.wording import name_list
@@ -313,7 +310,9 @@ def _shapes_only(pid: Any) -> StorageRef:
     return StorageRef(key, dtype, location[:64], numel, numel * DTYPES[dtype].itemsize)
 
 
-class _Reader:
+class _Reader(Visits):
+    noun = "module"
+
     def __init__(self, path: str, members: dict[str, Member], root: str) -> None:
         self.path = path
         self.members = members
@@ -352,9 +351,7 @@ class _Reader:
         if f"{self.root}/traced_inputs.pkl" in self.members:
             self._pickle("traced_inputs.pkl", None)  # for its findings; it holds shapes, not state
             other.append("traced_inputs")
-        if self.shared > MAX_SHARED_FINDINGS:
-            extra = self.shared - MAX_SHARED_FINDINGS
-            self.findings.append(more_findings("shared-subtree", "info", extra))
+        self.shared_summary()
         findings = self._security_findings() + self.findings
         findings.extend(self._notes())
         return RawCheckpoint(
@@ -504,27 +501,6 @@ class _Reader:
         return out
 
     # -- walking
-
-    def _enter(self, obj: Any, path: str | None, depth: int) -> bool:
-        if depth > MAX_WALK_DEPTH:
-            raise LimitExceededError(f"module structure nests deeper than {MAX_WALK_DEPTH}", path=self.path)
-        self.nodes += 1
-        if self.nodes > MAX_WALK_NODES:
-            raise LimitExceededError(f"module structure has more than {MAX_WALK_NODES} nodes", path=self.path)
-        first = self.seen.get(id(obj))
-        if first is not None:
-            self.shared += 1
-            if self.shared <= MAX_SHARED_FINDINGS:
-                self.findings.append(
-                    Finding(
-                        "info",
-                        "shared-subtree",
-                        f"{_label(path)} is the same object as {_label(first)}; listed once",
-                    )
-                )
-            return False
-        self.seen[id(obj)] = path
-        return True
 
     def _object(self, stub: Stub, prefix: str | None, depth: int) -> None:
         """A TorchScript object (module or class instance): its BUILD state holds its attributes."""

@@ -325,7 +325,49 @@ def _is_optimizer_state(obj: Any) -> bool:
     return isinstance(obj, dict) and "state" in obj and "param_groups" in obj
 
 
-class _Walker:
+class Visits:
+    """A walk's bookkeeping over a pickled object graph, shared by the torch.save and TorchScript readers:
+    depth and node limits, and each container listed once (a shared or self-referencing one is a finding,
+    the first MAX_SHARED_FINDINGS named, the rest counted). The walker holds ``path``, ``findings``,
+    ``seen``, ``nodes`` and ``shared``."""
+
+    noun = "checkpoint"  # what the limit messages call the structure
+    path: str
+    findings: list[Finding]
+    seen: dict[int, str | None]
+    nodes: int
+    shared: int
+
+    def _enter(self, obj: Any, path: str | None, depth: int) -> bool:
+        """Bookkeeping for each container visited; False when it was already listed elsewhere."""
+        if depth > MAX_WALK_DEPTH:
+            raise LimitExceededError(f"{self.noun} structure nests deeper than {MAX_WALK_DEPTH}", path=self.path)
+        self.nodes += 1
+        if self.nodes > MAX_WALK_NODES:
+            raise LimitExceededError(f"{self.noun} structure has more than {MAX_WALK_NODES} nodes", path=self.path)
+        first = self.seen.get(id(obj))
+        if first is not None:
+            self.shared += 1
+            if self.shared <= MAX_SHARED_FINDINGS:
+                self.findings.append(
+                    Finding(
+                        "info",
+                        "shared-subtree",
+                        f"{_label(path)} is the same object as {_label(first)}; listed once",
+                    )
+                )
+            return False
+        self.seen[id(obj)] = path
+        return True
+
+    def shared_summary(self) -> None:
+        """One finding for the shared references beyond the first :data:`MAX_SHARED_FINDINGS`."""
+        extra = self.shared - MAX_SHARED_FINDINGS
+        if extra > 0:
+            self.findings.append(more_findings("shared-subtree", "info", extra))
+
+
+class _Walker(Visits):
     """Finds the model's tensors in whatever the pickle holds and names every tensor by its path."""
 
     def __init__(self, path: str, pickle_bytes: int) -> None:
@@ -437,28 +479,6 @@ class _Walker:
         self.holds[key] = found
         return found
 
-    def _enter(self, obj: Any, path: str | None, depth: int) -> bool:
-        """Bookkeeping for each container visited; False when it was already listed elsewhere."""
-        if depth > MAX_WALK_DEPTH:
-            raise LimitExceededError(f"checkpoint structure nests deeper than {MAX_WALK_DEPTH}", path=self.path)
-        self.nodes += 1
-        if self.nodes > MAX_WALK_NODES:
-            raise LimitExceededError(f"checkpoint structure has more than {MAX_WALK_NODES} nodes", path=self.path)
-        first = self.seen.get(id(obj))
-        if first is not None:
-            self.shared += 1
-            if self.shared <= MAX_SHARED_FINDINGS:
-                self.findings.append(
-                    Finding(
-                        "info",
-                        "shared-subtree",
-                        f"{_label(path)} is the same object as {_label(first)}; listed once",
-                    )
-                )
-            return False
-        self.seen[id(obj)] = path
-        return True
-
     def _over_budget(self) -> None:
         n = self.pickle_bytes
         raise LimitExceededError(
@@ -467,12 +487,6 @@ class _Walker:
             f"{WALK_UNITS_FLOOR >> 20} Mi more (torch's checkpoints need under 4 per byte)",
             path=self.path,
         )
-
-    def shared_summary(self) -> None:
-        """One finding for the shared references beyond the first :data:`MAX_SHARED_FINDINGS`."""
-        extra = self.shared - MAX_SHARED_FINDINGS
-        if extra > 0:
-            self.findings.append(more_findings("shared-subtree", "info", extra))
 
     def _state_dict(self, obj: Any, prefix: str | None) -> None:
         start = len(self.tensors)
