@@ -41,6 +41,7 @@ from statecli import dtypes
 from statecli.clip import describe
 from statecli.errors import UsageError
 from statecli.files import open_regular
+from statecli.formats import read
 from statecli.records import ROLES, Report, TensorInfo
 
 SCHEMA = "statecli.check/1"
@@ -162,7 +163,7 @@ def canonical_dtypes(where: str, names: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def parse_size(where: str, value: Any) -> int:
-    from statecli.conversion.plan import parse_size as parse
+    from statecli.sizes import parse_size as parse
 
     if isinstance(value, bool):
         raise _bad(where, f"'max_size' must be a size like \"2GB\" or a number of bytes, got {value!r}")
@@ -523,10 +524,9 @@ def _model_rule(report: Report, spec: str) -> RuleResult:
 def _reference_rules(report: Report, policy: Policy) -> list[RuleResult]:
     """The comparison with the reference, and the reference's own dangerous globals: a gate compares
     against a file it was handed, and a hostile one must not pass unseen (never run, but refused alike)."""
-    from statecli import open_checkpoint
 
     assert policy.reference is not None
-    reference = open_checkpoint(policy.reference)
+    reference = read(os.fspath(policy.reference))
     return [_dangerous_rule(reference, policy, "reference"), _reference_rule(report, reference, policy)]
 
 

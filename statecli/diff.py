@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from statecli import dtypes
 from statecli.clip import describe_name, quote
 from statecli.errors import UsageError
+from statecli.formats import read
 from statecli.records import Finding, FindingCap, Report, TensorInfo, cap_findings
 from statecli.wording import count, name_list
 
@@ -248,13 +249,12 @@ def diff(
     Raises :class:`~statecli.errors.UsageError` for a negative or non-finite tolerance, and a
     :class:`~statecli.errors.StatecliError` for a file or bytes that cannot be read.
     """
-    from statecli.api import open_checkpoint
 
     _check_tolerance(atol, rtol)
     if not isinstance(a, Report):
-        a = open_checkpoint(a)
+        a = read(os.fspath(a))
     if not isinstance(b, Report):
-        b = open_checkpoint(b)
+        b = read(os.fspath(b))
     notes: list[Finding] = []
     prefix_a, prefix_b, hint = _choose_prefixes(a.tensors, b.tensors)
     if not normalize_prefixes:
@@ -551,7 +551,7 @@ class _SideReader:
 
         from statecli.conversion.engine import view
         from statecli.conversion.source import check_views
-        from statecli.formats.base import contiguous_strides
+        from statecli.dtypes import contiguous_strides
 
         key = (t.storage if t.storage is not None else f"\0{t.name}", t.dtype)
         if key != self._key:

@@ -6,6 +6,7 @@ Nothing here imports torch: the inspect path must stay free of it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 
@@ -155,3 +156,15 @@ def nbytes(dtype: str, numel: int) -> int:
     if d is None:
         return 0
     return numel * d.itemsize if d.bits >= 8 else (numel * d.bits + 7) // 8
+
+
+@functools.lru_cache(maxsize=4096)
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of ``shape``, as torch computes them."""
+    # torch treats size-0 dimensions as 1 here; matching it keeps strides equal to what torch reports.
+    strides = []
+    acc = 1
+    for size in reversed(shape):
+        strides.append(acc)
+        acc *= max(size, 1)
+    return tuple(reversed(strides))

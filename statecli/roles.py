@@ -11,8 +11,7 @@ from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 
 from statecli.dtypes import DTYPES, nbytes
-from statecli.formats.base import RawCheckpoint
-from statecli.records import Finding, FindingCap, RawTensor, Report, Summary, TensorInfo
+from statecli.records import Finding, FindingCap, RawCheckpoint, RawTensor, Report, Summary, TensorInfo
 
 MAX_SHARERS = 64
 # Characters of names one shares_with list may hold: every tensor of a storage lists the same names again, in

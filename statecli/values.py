@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from statecli import dtypes
 from statecli.conversion.source import STREAM_CHUNK, Source, check_views, refuse_mixed_dtypes
-from statecli.formats.base import contiguous_strides
+from statecli.dtypes import contiguous_strides
 from statecli.records import Report, TensorInfo
 
 if TYPE_CHECKING:

@@ -160,7 +160,7 @@ def rendered_first_cells(text: str) -> list[str]:
 def shown(name: str) -> str:
     """A name as a Markdown cell shows it: CR and LF as blanks (a row is one line), any other control
     character or lone surrogate as its escape, as the table shows it."""
-    from statecli.safepickle import printable
+    from statecli.clip import printable
 
     one_line = name.replace("\r", " ").replace("\n", " ")
     return one_line if one_line.isprintable() else printable(one_line)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from statecli.formats.base import RawCheckpoint
-from statecli.records import Container, RawTensor
+from statecli.records import Container, RawCheckpoint, RawTensor
 from statecli.roles import RULES, infer, resolve
 
 

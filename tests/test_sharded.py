@@ -13,10 +13,9 @@ from safetensors.torch import save_file
 
 from statecli.errors import InputError, LimitExceededError, UnsafeError
 from statecli.formats import sharded
-from statecli.formats.base import RawCheckpoint
 from statecli.formats.safetensors_reader import read_safetensors
 from statecli.formats.sharded import read_index
-from statecli.records import Container, Finding, RawTensor
+from statecli.records import Container, Finding, RawCheckpoint, RawTensor
 
 SHARD1 = "model-00001-of-00002.safetensors"
 SHARD2 = "model-00002-of-00002.safetensors"

@@ -26,10 +26,9 @@ import statecli
 from statecli.cli.main import app
 from statecli.errors import LimitExceededError
 from statecli.formats import torchzip
-from statecli.formats.base import RawCheckpoint
 from statecli.formats.legacy import read_legacy
 from statecli.formats.torchzip import read_torch_zip
-from statecli.records import Container, RawTensor
+from statecli.records import Container, RawCheckpoint, RawTensor
 from statecli.roles import MAX_SHARES_CHARS, resolve
 from statecli.safepickle import Limits, loads
 

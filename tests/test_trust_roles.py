@@ -28,8 +28,7 @@ from torch_facts import facts, statecli_facts, tensors_of
 import statecli
 from statecli import conversion as conv
 from statecli.errors import UnsupportedFormatError
-from statecli.formats.base import RawCheckpoint
-from statecli.records import Container, RawTensor, Report
+from statecli.records import Container, RawCheckpoint, RawTensor, Report
 from statecli.roles import apply_keep_vars, keep_vars_proves, resolve
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"

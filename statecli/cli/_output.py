@@ -20,8 +20,8 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from statecli.clip import printable
 from statecli.records import Report, TensorInfo
-from statecli.safepickle import printable
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -212,7 +212,7 @@ def to_json(data: Any) -> str:
 
     Indenting switches ``json`` to its pure-Python encoder: 2.4 s instead of 0.6 s for 100,000 tensors.
     """
-    from statecli.api import gc_paused
+    from statecli.util import gc_paused
 
     with gc_paused():
         if sys.stdout.isatty():
@@ -225,7 +225,7 @@ def reports_json(reports: Sequence[Report], many: bool) -> str:
     if sys.stdout.isatty():
         data = [r.to_dict() for r in reports]
         return to_json(data if many else data[0])
-    from statecli.api import gc_paused
+    from statecli.util import gc_paused
 
     with gc_paused():
         texts = [r.to_json() for r in reports]

@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from statecli.api import gc_paused, open_checkpoint
 from statecli.conversion.engine import CastStats, ConversionReport, Progress
-from statecli.conversion.plan import ConvertOptions, Dropped, Plan, PlanItem, build_plan, parse_size
+from statecli.conversion.plan import ConvertOptions, Dropped, Plan, PlanItem, build_plan
 from statecli.errors import UsageError
+from statecli.formats import read
+from statecli.sizes import parse_size
+from statecli.util import gc_paused
 
 if TYPE_CHECKING:
     import torch
@@ -50,7 +52,7 @@ def _options(options: dict[str, Any]) -> ConvertOptions:
 
 def plan(src: str | os.PathLike[str], dst: str | os.PathLike[str], **options: Any) -> Plan:
     """What :func:`convert` would do, tensor by tensor; reads metadata only, writes nothing."""
-    report = open_checkpoint(src)
+    report = read(os.fspath(src))
     with gc_paused():
         return build_plan(report, os.fspath(dst), _options(options))
 

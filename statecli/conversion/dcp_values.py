@@ -16,9 +16,8 @@ import zipfile
 import zlib
 from typing import TYPE_CHECKING, Any
 
-from statecli.dtypes import DTYPES, STORAGE_TYPES
+from statecli.dtypes import DTYPES, STORAGE_TYPES, contiguous_strides
 from statecli.errors import InputError, StatecliError
-from statecli.formats.base import contiguous_strides
 from statecli.formats.dcp import MAX_CHUNK_PICKLE, tiling_problem
 from statecli.records import Report, TensorInfo
 from statecli.safepickle import Global, Limits, StorageRef, TensorRef, loads

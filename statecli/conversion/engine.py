@@ -34,8 +34,9 @@ from statecli.conversion.atomic import (
 from statecli.conversion.plan import DEFAULT_SHARD_SIZE, INDEX_NAME, Plan, PlanItem, parameters_keep_roles
 from statecli.conversion.source import Source, byte_view, check_views, refuse_mixed_dtypes
 from statecli.conversion.zipwriter import ZipWriter
+from statecli.dtypes import contiguous_strides
 from statecli.errors import CheckFailedError, InputError, OutputError, StatecliError, UsageError
-from statecli.formats.base import contiguous_strides
+from statecli.formats import read
 from statecli.formats.safetensors_reader import METADATA_KEY, ROLES_SCHEMA
 from statecli.records import Finding, FindingCap, Report
 from statecli.wording import count, name_list
@@ -777,13 +778,12 @@ def _input_files(report: Report) -> list[str]:
 
 def _read_back(plan: Plan, pendings: list[tuple[PendingFile, str]]) -> None:
     """Read every output file with statecli's own readers and compare it with the plan."""
-    from statecli.api import open_checkpoint
 
     seen: dict[str, Any] = {}
     for p, kind in pendings:
         if kind == "index":
             continue
-        back = open_checkpoint(p.readable_path)
+        back = read(p.readable_path)
         for t in back.tensors:
             seen[t.name] = t
     problems = []
@@ -812,14 +812,13 @@ def _read_back(plan: Plan, pendings: list[tuple[PendingFile, str]]) -> None:
 
 def _verify_values(plan: Plan, units: list[_Unit], source: Source, pendings: list[tuple[PendingFile, str]]) -> None:
     """--verify: every written tensor's bytes equal a fresh conversion of the input's."""
-    from statecli.api import open_checkpoint
 
     written: dict[str, tuple[Source, Any]] = {}
     backs = []
     for p, kind in pendings:
         if kind == "index":
             continue
-        back = open_checkpoint(p.readable_path)
+        back = read(p.readable_path)
         s = Source(back)
         backs.append(s)
         for t in back.tensors:

@@ -35,7 +35,6 @@ COMPLEX_OF = {"float16": "complex32", "float32": "complex64", "float64": "comple
 _DEVICE = re.compile(r"^(cpu|meta|cuda(:\d{1,3})?)$")
 # The evidence of readers that walk a module's own structure (formats/torchzip.py, torchscript.py, pt2.py).
 _MODULE_EVIDENCE = frozenset({"module-attribute", "torchscript", "export"})
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?B?)\s*$", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,20 +140,6 @@ class Plan:
             "dropped": [d.to_dict() for d in self.dropped],
             "notes": [n.to_dict() for n in self.notes],
         }
-
-
-def parse_size(text: str) -> int:
-    """``2GB`` -> 2*10**9, ``2GiB`` -> 2*2**30, ``500MB``, ``123`` (bytes); the units transformers accepts."""
-    m = _SIZE.match(text)
-    if m is None:
-        raise UsageError(f"cannot read size {text!r} (examples: 2GB, 500MB, 1.5GiB)")
-    number, unit, suffix = float(m.group(1)), m.group(2).upper(), m.group(3).upper()
-    base = 1024 if suffix.startswith("I") else 1000
-    power = " KMGT".index(unit) if unit else 0
-    size = int(number * base**power)
-    if size <= 0:
-        raise UsageError(f"size {text!r} must be positive")
-    return size
 
 
 def target_dtype(name: str | None) -> str | None:

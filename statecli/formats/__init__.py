@@ -6,9 +6,12 @@ import os
 import stat
 from collections.abc import Iterable
 
-from statecli.errors import InputError, UnsupportedFormatError
+from statecli.errors import InputError, LimitExceededError, UnsupportedFormatError
 from statecli.files import not_regular, open_regular
-from statecli.formats.base import RawCheckpoint, check_names
+from statecli.formats.base import check_names
+from statecli.records import RawCheckpoint, Report
+from statecli.roles import resolve
+from statecli.util import gc_paused
 from statecli.wording import name_list
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pt2")
@@ -18,6 +21,19 @@ LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
 LFS_PREFIX = b"version https://git-lfs"
 DCP_DATA_SUFFIX = ".distcp"
 DCP_METADATA = ".metadata"
+
+
+def read(path: str) -> Report:
+    """Read ``path``'s metadata with the right reader and resolve every tensor's role.
+
+    A file that needs more memory than the process may have is :class:`LimitExceededError` (exit 3).
+    """
+    try:
+        with gc_paused():
+            return resolve(read_raw(path))
+    except MemoryError:
+        pass  # raised below, once leaving this block has let go of the frames that hold the memory
+    raise LimitExceededError("out of memory: reading it needs more memory than this process may use", path=path)
 
 
 def read_raw(path: str) -> RawCheckpoint:

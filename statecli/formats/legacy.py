@@ -26,9 +26,8 @@ from statecli.clip import describe, quote
 from statecli.dtypes import DTYPES
 from statecli.errors import InputError, LimitExceededError, StatecliError, UnsafeError, UnsupportedFormatError
 from statecli.files import open_regular
-from statecli.formats.base import RawCheckpoint
 from statecli.formats.torchzip import MAX_PICKLE_BYTES, _Walker, storage_dtype
-from statecli.records import Finding
+from statecli.records import Finding, RawCheckpoint
 from statecli.safepickle import Action, Limits, StorageRef, loads
 from statecli.security import findings_for, refuse_if_dangerous
 from statecli.wording import name_list

@@ -31,14 +31,13 @@ from collections.abc import Iterable
 from typing import Any
 
 from statecli.clip import describe, quote
-from statecli.dtypes import DTYPES
+from statecli.dtypes import DTYPES, contiguous_strides
 from statecli.errors import InputError, LimitExceededError, StatecliError, UnsupportedFormatError
 from statecli.files import open_regular
 from statecli.formats._json import load_object
-from statecli.formats.base import RawCheckpoint, contiguous_strides
 from statecli.formats.torchzip import MAX_PICKLE_BYTES, _join, _Storages, archive_root, raw_tensor
 from statecli.formats.zipdir import Member, data_offset, read_directory_at, read_member, read_member_from
-from statecli.records import Container, Finding, FindingCap, RawTensor
+from statecli.records import Container, Finding, FindingCap, RawCheckpoint, RawTensor
 from statecli.safepickle import (
     MAX_INDEX,
     Action,

@@ -52,12 +52,11 @@ import struct
 from typing import Any
 
 from statecli.clip import describe, quote
-from statecli.dtypes import DTYPES, SAFETENSORS_DTYPES
+from statecli.dtypes import DTYPES, SAFETENSORS_DTYPES, contiguous_strides
 from statecli.errors import InputError, LimitExceededError, UnsupportedFormatError
 from statecli.files import open_regular
 from statecli.formats._json import load_object
-from statecli.formats.base import RawCheckpoint, contiguous_strides
-from statecli.records import ROLES, Container, Finding, RawTensor
+from statecli.records import ROLES, Container, Finding, RawCheckpoint, RawTensor
 
 __all__ = [
     "MAX_DIMS",

@@ -22,8 +22,8 @@ from statecli.clip import describe, quote
 from statecli.errors import InputError, LimitExceededError, UnsafeError
 from statecli.files import kind_of, open_regular
 from statecli.formats._json import load_object
-from statecli.formats.base import MAX_NAME_CHARS, RawCheckpoint
-from statecli.records import Container, Finding, FindingCap, RawTensor, cap_findings, is_summary
+from statecli.formats.base import MAX_NAME_CHARS
+from statecli.records import Container, Finding, FindingCap, RawCheckpoint, RawTensor, cap_findings, is_summary
 
 __all__ = ["MAX_INDEX_BYTES", "read_index"]
 

@@ -31,7 +31,6 @@ from typing import Any
 
 from statecli.dtypes import DTYPES, STORAGE_TYPES
 from statecli.errors import InputError, LimitExceededError, StatecliError, UnsafeError, UnsupportedFormatError
-from statecli.formats.base import RawCheckpoint
 from statecli.formats.torchzip import (
     MAX_PICKLE_BYTES,
     Visits,
@@ -41,7 +40,7 @@ from statecli.formats.torchzip import (
     raw_tensor,
 )
 from statecli.formats.zipdir import Member, read_member
-from statecli.records import Container, Finding, RawTensor
+from statecli.records import Container, Finding, RawCheckpoint, RawTensor
 from statecli.safepickle import COMPUTED, Action, Global, StorageRef, Stub, TensorRef, describe, loads
 from statecli.security import findings_for
 from statecli.wording import name_list

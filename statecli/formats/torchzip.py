@@ -10,14 +10,15 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from statecli.clip import printable
 from statecli.dtypes import DTYPES, STORAGE_TYPES
 from statecli.errors import InputError, LimitExceededError, StatecliError
-from statecli.formats.base import MAX_NAME_CHARS, RawCheckpoint
+from statecli.formats.base import MAX_NAME_CHARS
 from statecli.formats.optimizer import apply_optimizer_evidence
 from statecli.formats.zipdir import Member, read_central_directory, read_member
-from statecli.records import Container, Finding, RawTensor, more_findings
+from statecli.records import Container, Finding, RawCheckpoint, RawTensor, more_findings
 from statecli.roles import RNG_EVIDENCE, apply_keep_vars, looks_like_rng_state
-from statecli.safepickle import Global, Limits, StorageRef, Stub, TensorRef, describe, loads, printable
+from statecli.safepickle import Global, Limits, StorageRef, Stub, TensorRef, describe, loads
 from statecli.security import findings_for
 from statecli.wording import name_list
 

@@ -22,9 +22,9 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
+from statecli.clip import printable
 from statecli.errors import InputError, LimitExceededError
 from statecli.files import open_regular
-from statecli.safepickle import printable
 
 _EOCD = struct.Struct("<4s4H2LH")
 _EOCD64_LOCATOR = struct.Struct("<4sLQL")
