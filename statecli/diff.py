@@ -9,8 +9,8 @@ by the magnitude of the difference), in chunks, so memory stays near the largest
 What fails a diff: a name on one side only, a shape change, values beyond tolerance, and nothing to
 compare (no tensor on either side after the filters: a gate must not pass having compared nothing). A dtype change
 alone does not (``fp32.pt`` vs ``bf16.safetensors`` passes at a tolerance that covers bf16 rounding);
-role, device and sharing changes are notes. Values are read with :func:`statecli.values.iter_values`
-and :class:`statecli.conversion.source.Source`, never with ``torch.load``: no pickle code runs.
+role, device and sharing changes are notes. Values are read with :func:`statecli.tensors.values.iter_values`
+and :class:`statecli.tensors.source.Source`, never with ``torch.load``: no pickle code runs.
 torch is imported only when values are compared.
 """
 
@@ -527,42 +527,6 @@ class _Running:
     finite: bool = True  # no NaN/inf seen: the cosine is defined
 
 
-class _SideReader:
-    """B's tensors by name: each storage read whole, the last one kept for the tensors that view it."""
-
-    def __init__(self, report: Report) -> None:
-        from statecli.conversion.source import Source, refuse_mixed_dtypes
-        from statecli.values import readable
-
-        refuse_mixed_dtypes((t for t in report.tensors if readable(t) is None), report.path)
-        self.source = Source(report, check_crc=False)
-        self._key: tuple[str, str] | None = None
-        self._base: torch.Tensor | None = None
-
-    def __enter__(self) -> _SideReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._base = None
-        self.source.__exit__(*exc)
-
-    def values(self, t: TensorInfo) -> torch.Tensor:
-        import torch
-
-        from statecli.conversion.engine import view
-        from statecli.conversion.source import check_views
-        from statecli.dtypes import contiguous_strides
-
-        key = (t.storage if t.storage is not None else f"\0{t.name}", t.dtype)
-        if key != self._key:
-            self._base = None  # let the previous storage go before reading the next
-            self._base = self.source.read(t).view(getattr(torch, t.dtype))
-            self._key = key
-        assert self._base is not None
-        check_views([t], self._base.numel(), self.source.report.path)
-        return view(self._base, t.storage_offset, t.shape, t.stride or contiguous_strides(t.shape))
-
-
 def _compare_values(
     a: Report,
     b: Report,
@@ -573,12 +537,12 @@ def _compare_values(
     rtol: float,
 ) -> None:
     """Fill the value fields of ``diffs``: A streamed in file order, B read by name alongside."""
-    from statecli.values import iter_values, readable
+    from statecli.tensors.values import StorageReader, iter_values, readable
 
     compare = {t.name: n for n, t in side_a.items() if n in diffs and "shape" not in diffs[n].differences}
     if not compare:
         return
-    with warnings.catch_warnings(), _SideReader(b) as reader_b:
+    with warnings.catch_warnings(), StorageReader(b) as reader_b:
         warnings.filterwarnings("ignore", message="ComplexHalf support is experimental")
         for ta, values_a in iter_values(a, keep=lambda t: t.name in compare):
             name = compare[ta.name]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from statecli.records import Report, TensorInfo
-from statecli.values import iter_pieces, iter_values, readable
+from statecli.tensors.values import iter_pieces, iter_values, readable
 
 if TYPE_CHECKING:
     import torch
@@ -211,7 +211,7 @@ def tensor_stats(
     histogram_bins: int = 0,
 ) -> TensorStats:
     """Statistics of one tensor's ``values``: a tensor, or its 1-D pieces in order (``None``: not readable,
-    see :func:`statecli.values.readable`). A histogram needs the values whole (one piece)."""
+    see :func:`statecli.tensors.values.readable`). A histogram needs the values whole (one piece)."""
     ts = TensorStats(t.name, t.dtype, t.shape, t.numel, t.role, bins=histogram_bins)
     if values is None:
         ts.skipped = readable(t) or "not readable"

@@ -312,7 +312,7 @@ def test_views_and_offsets_on_both_sides(tmp_path: Path) -> None:
 
 
 def test_b_storage_shared_by_several_tensors_is_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from statecli.conversion.source import Source
+    from statecli.tensors.source import Source
 
     base = torch.arange(8, dtype=torch.float32)
     b = save(tmp_path / "b.pt", {"p": base[:4], "q": base[4:], "r": base})

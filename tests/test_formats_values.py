@@ -90,7 +90,7 @@ def test_dcp_values_equal_torchs_own_conversion(name: str, tmp_path: Path) -> No
 def test_dcp_chunks_that_do_not_cover_a_tensor_are_refused(tmp_path: Path) -> None:
     import shutil
 
-    from statecli.conversion.dcp_values import DcpValues
+    from statecli.tensors.dcp import DcpValues
 
     folder = tmp_path / "d"
     shutil.copytree(SAMPLES / "dcp_sharded", folder)

@@ -13,8 +13,9 @@ import torch
 from typer.testing import CliRunner
 
 import statecli
-from statecli import stats, values
+from statecli import stats
 from statecli.cli.main import app
+from statecli.tensors import values
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 

@@ -32,10 +32,10 @@ from typer.testing import CliRunner, Result
 
 import statecli
 from statecli.cli.main import app
-from statecli.conversion.source import Source
 from statecli.errors import InputError, LimitExceededError
 from statecli.formats import dcp as dcp_reader
 from statecli.formats.dcp import MAX_CHUNK_FRAMING, TilingBudget, read_dcp, tiling_problem
+from statecli.tensors.source import Source
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "hostile"))
 import cases_dcp
@@ -279,7 +279,7 @@ def test_the_converter_checks_the_tiling_again_before_it_allocates(
     overlapping: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A chunk map that skipped the reader's check (a future caller, a bug) still writes no unread byte.
-    from statecli.conversion import dcp_values
+    from statecli.tensors import dcp as dcp_values
 
     assert dcp_values.tiling_problem is dcp_reader.tiling_problem  # imported before the reader's is replaced
     monkeypatch.setattr(dcp_reader, "tiling_problem", lambda shape, chunks, budget=None: None)

@@ -32,13 +32,15 @@ from statecli.conversion.atomic import (
     sync_folder,
 )
 from statecli.conversion.plan import DEFAULT_SHARD_SIZE, INDEX_NAME, Plan, PlanItem, parameters_keep_roles
-from statecli.conversion.source import Source, byte_view, check_views, refuse_mixed_dtypes
 from statecli.conversion.zipwriter import ZipWriter
 from statecli.dtypes import contiguous_strides
 from statecli.errors import CheckFailedError, InputError, OutputError, StatecliError, UsageError
 from statecli.formats import read
 from statecli.formats.safetensors_reader import METADATA_KEY, ROLES_SCHEMA
 from statecli.records import Finding, FindingCap, Report
+from statecli.tensors.source import Source, byte_view, check_views, refuse_mixed_dtypes
+from statecli.tensors.values import StorageReader
+from statecli.tensors.views import torch_dtype, view
 from statecli.wording import count, name_list
 
 if TYPE_CHECKING:
@@ -164,18 +166,6 @@ def build_units(plan: Plan) -> list[_Unit]:
     return units
 
 
-def view(base: torch.Tensor, offset: int, shape: tuple[int, ...], stride: tuple[int, ...]) -> torch.Tensor:
-    """A view ``offset`` elements into ``base``. ``as_strided`` counts from the start of the storage,
-    and ``base`` itself may start further in (a slice that ``contiguous()`` returned as it was)."""
-    return base.as_strided(shape, stride, base.storage_offset() + offset)
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    import torch
-
-    return getattr(torch, name)
-
-
 def _real(dt: torch.dtype) -> torch.dtype:
     """The real dtype of a complex one's parts; a real dtype itself."""
     import torch
@@ -218,7 +208,7 @@ def _inf_becomes(dt: torch.dtype) -> float:
 
 def beyond_range(target: str) -> str:
     """What a value beyond ``target``'s range (and an inf) becomes: ``±inf``, ``±448`` or ``NaN``, as torch casts."""
-    got = _inf_becomes(_torch_dtype(target))
+    got = _inf_becomes(torch_dtype(target))
     if math.isinf(got):
         return "±inf"
     if math.isnan(got):
@@ -277,7 +267,7 @@ def cast(src: torch.Tensor, dst_dtype: torch.dtype) -> tuple[torch.Tensor, CastS
 def materialize(source: Source, unit: _Unit) -> tuple[torch.Tensor, CastStats | None]:
     """The unit's output storage as a 1-D tensor of its destination dtype, and the cast's counts."""
     raw = source.read(unit.leader.source)
-    src_dtype = _torch_dtype(unit.src_dtype)
+    src_dtype = torch_dtype(unit.src_dtype)
     t = unit.leader.source
     base = raw.view(src_dtype)
     check_views([i.source for i in unit.items], base.numel(), source.report.path)
@@ -287,7 +277,7 @@ def materialize(source: Source, unit: _Unit) -> tuple[torch.Tensor, CastStats | 
         values = base[: unit.storage_numel]
     if unit.dst_dtype == unit.src_dtype:
         return values, None
-    out, stats = cast(values, _torch_dtype(unit.dst_dtype))
+    out, stats = cast(values, torch_dtype(unit.dst_dtype))
     return out, stats
 
 
@@ -298,8 +288,8 @@ def stream(
 
     Each piece is valid until the next is asked for. ``stats`` fills in as the pieces go by;
     ``advance(n)`` is told of each ``n`` output bytes."""
-    src_dtype = _torch_dtype(unit.src_dtype)
-    dst_dtype = _torch_dtype(unit.dst_dtype)
+    src_dtype = torch_dtype(unit.src_dtype)
+    dst_dtype = torch_dtype(unit.dst_dtype)
     same = unit.src_dtype == unit.dst_dtype
     for piece in source.chunks(unit.leader.source):
         if same:
@@ -334,7 +324,7 @@ class _TensorOut:
 
         # Exactly the arguments torch's own Tensor.__reduce_ex__ gives, so torch.load reads it as its own.
         args = (self.storage, self.offset, self.shape, self.stride, False, collections.OrderedDict())
-        dt = _torch_dtype(self.dtype)
+        dt = torch_dtype(self.dtype)
         if dt in torch.storage._new_dtypes():
             return torch._utils._rebuild_tensor_v3, (*args, dt)
         return torch._utils._rebuild_tensor_v2, args
@@ -362,7 +352,7 @@ class _Pickler(pickle.Pickler):
         import torch
 
         name = _LEGACY_STORAGE.get(obj.dtype)
-        if name is None or _torch_dtype(obj.dtype) in torch.storage._new_dtypes():
+        if name is None or torch_dtype(obj.dtype) in torch.storage._new_dtypes():
             return ("storage", torch.UntypedStorage, obj.key, obj.location, obj.nbytes)
         return ("storage", getattr(torch, name), obj.key, obj.location, obj.numel)
 
@@ -812,27 +802,24 @@ def _read_back(plan: Plan, pendings: list[tuple[PendingFile, str]]) -> None:
 
 def _verify_values(plan: Plan, units: list[_Unit], source: Source, pendings: list[tuple[PendingFile, str]]) -> None:
     """--verify: every written tensor's bytes equal a fresh conversion of the input's."""
-
-    written: dict[str, tuple[Source, Any]] = {}
-    backs = []
-    for p, kind in pendings:
-        if kind == "index":
-            continue
-        back = read(p.readable_path)
-        s = Source(back)
-        backs.append(s)
-        for t in back.tensors:
-            written[t.name] = (s, t)
+    written: dict[str, tuple[StorageReader, Any]] = {}
+    readers = []
     try:
+        for p, kind in pendings:
+            if kind == "index":
+                continue
+            back = read(p.readable_path)
+            reader = StorageReader(back, check_crc=True)
+            readers.append(reader)
+            for t in back.tensors:
+                written[t.name] = (reader, t)
         for u in units:
             expected, _ = materialize(source, u)
             for item in u.items:
-                s, t = written[item.name]
-                got = s.read(t)
-                got_view = got.view(_torch_dtype(t.dtype)) if got.numel() else got
+                reader, t = written[item.name]
                 offset, shape, stride = u.view_of(item)
                 want = view(expected, offset, shape, stride).contiguous()
-                have = view(got_view, t.storage_offset, t.shape, t.stride or contiguous_strides(t.shape)).contiguous()
+                have = reader.values(t).contiguous()
                 if bytes(byte_view(want)) != bytes(byte_view(have)):
                     raise OutputError(
                         f"--verify: the values of {item.name} in the output differ from the input's; "
@@ -840,8 +827,8 @@ def _verify_values(plan: Plan, units: list[_Unit], source: Source, pendings: lis
                         path=plan.output,
                     )
     finally:
-        for s in backs:
-            s.__exit__(None, None, None)
+        for reader in readers:
+            reader.__exit__(None, None, None)
 
 
 def load_units(plan: Plan, units: list[_Unit], device: str) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from statecli.records import Report, TensorInfo
 if TYPE_CHECKING:
     import torch
 
-    from statecli.conversion.dcp_values import DcpValues
+    from statecli.tensors.dcp import DcpValues
 
 STREAM_CHUNK = 16 << 20  # big enough to keep reads and casts efficient, small next to any model
 
@@ -91,7 +91,7 @@ class Source:
         self.report = report
         self._dcp: DcpValues | None = None
         if report.format == "dcp":
-            from statecli.conversion.dcp_values import DcpValues
+            from statecli.tensors.dcp import DcpValues
 
             self._dcp = DcpValues(report)
         # torch.load checks no CRC either (its miniz is built without reader CRC checks); summing 2 GiB

@@ -1,6 +1,7 @@
-"""Tensor values for the commands that need them (stats, diff, check): one storage in memory at a time.
+"""Tensor values for the commands that need them (stats, diff, check, convert's --verify): one storage in
+memory at a time.
 
-Built on the conversion reader: tensors come from the file's bytes, never from ``torch.load``, so no
+Built on :class:`~statecli.tensors.source.Source`: tensors come from the file's bytes, never from ``torch.load``, so no
 pickle runs and a whole pickled module reads like a state dict. torch is imported when called.
 """
 
@@ -10,9 +11,10 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from statecli import dtypes
-from statecli.conversion.source import STREAM_CHUNK, Source, check_views, refuse_mixed_dtypes
 from statecli.dtypes import contiguous_strides
 from statecli.records import Report, TensorInfo
+from statecli.tensors.source import STREAM_CHUNK, Source, check_views, refuse_mixed_dtypes
+from statecli.tensors.views import torch_dtype, typed, view_of
 
 if TYPE_CHECKING:
     import torch
@@ -45,8 +47,6 @@ def iter_values(
     """Each tensor of ``report`` (those ``keep`` accepts) with its values on the CPU in its own dtype, in
     file order; ``None`` for a tensor :func:`readable` refuses. Tensors sharing a storage are read with
     it once. A yielded tensor may share memory with the next ones: copy it to keep it."""
-    import torch
-
     chosen = [t for t in report.tensors if keep is None or keep(t)]
     refuse_mixed_dtypes((t for t in chosen if readable(t) is None), report.path)
     by_storage: dict[str, list[TensorInfo]] = {}
@@ -66,12 +66,10 @@ def iter_values(
                 group = [g for g in by_storage[t.storage] if readable(g) is None]
             else:
                 group = [t]
-            raw = source.read(t)
-            base = raw.view(getattr(torch, t.dtype))
+            base = typed(source.read(t), t.dtype)
             check_views(group, base.numel(), report.path)
             for g in group:
-                stride = g.stride or contiguous_strides(g.shape)
-                yield g, base.as_strided(g.shape, stride, g.storage_offset)
+                yield g, view_of(base, g)
 
 
 def iter_pieces(
@@ -83,8 +81,6 @@ def iter_pieces(
     that is all of its storage and contiguous is streamed from the file a piece at a time, so memory
     stays at one piece whatever its size; others come as one piece. Consume each tensor's pieces
     before asking for the next tensor."""
-    import torch
-
     chosen = [t for t in report.tensors if keep is None or keep(t)]
     sharing: dict[str, int] = {}
     for t in report.tensors:
@@ -106,7 +102,7 @@ def iter_pieces(
     with Source(report, check_crc=check_crc) as source:
         for t in chosen:
             if t.name in streamable:
-                dtype = getattr(torch, t.dtype)
+                dtype = torch_dtype(t.dtype)
                 yield t, (piece.view(dtype) for piece in source.chunks(t, PIECE_BYTES))
                 continue
             while t.name not in pending:
@@ -114,3 +110,32 @@ def iter_pieces(
                 pending[got.name] = values
             values = pending.pop(t.name)
             yield t, None if values is None else [values.reshape(-1)]
+
+
+class StorageReader:
+    """Tensors by name, in any order: each storage read whole, the last one kept for the tensors that
+    view it (diff's second side, convert's --verify of what it wrote)."""
+
+    def __init__(self, report: Report, check_crc: bool = False) -> None:
+        refuse_mixed_dtypes((t for t in report.tensors if readable(t) is None), report.path)
+        self.source = Source(report, check_crc=check_crc)
+        self._key: tuple[str, str] | None = None
+        self._base: torch.Tensor | None = None
+
+    def __enter__(self) -> StorageReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._base = None
+        self.source.__exit__(*exc)
+
+    def values(self, t: TensorInfo) -> torch.Tensor:
+        """``t``'s values on the CPU in its own dtype; they share memory with the storage read last."""
+        key = (t.storage if t.storage is not None else f"\0{t.name}", t.dtype)
+        if key != self._key:
+            self._base = None  # let the previous storage go before reading the next
+            self._base = typed(self.source.read(t), t.dtype)
+            self._key = key
+        assert self._base is not None
+        check_views([t], self._base.numel(), self.source.report.path)
+        return view_of(self._base, t)
