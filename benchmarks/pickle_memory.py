@@ -467,7 +467,8 @@ def reset_peak():
 import statecli
 assert statecli.__file__.startswith(sys.argv[5]), statecli.__file__
 from statecli.errors import StatecliError
-from statecli.formats.torchzip import _Storages, archive_root
+from statecli.formats.torchpickle import Storages as _Storages
+from statecli.formats.torchzip import archive_root
 from statecli.formats.zipdir import read_central_directory, read_member
 from statecli.safepickle import loads
 from statecli.cli.main import app

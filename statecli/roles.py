@@ -16,7 +16,7 @@ from statecli.records import Finding, FindingCap, RawCheckpoint, RawTensor, Repo
 MAX_SHARERS = 64
 # Characters of names one shares_with list may hold: every tensor of a storage lists the same names again, in
 # the JSON and the table, so the listing is paid for once per tensor (a pickle names a tensor per ~37 bytes at
-# most, see torchzip.RECORD_UNITS). Real ties are a few names of under 200 characters.
+# most, see torchpickle.RECORD_UNITS). Real ties are a few names of under 200 characters.
 MAX_SHARES_CHARS = 512
 
 

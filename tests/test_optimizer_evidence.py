@@ -62,3 +62,28 @@ def test_counts_that_do_not_line_up_infer_nothing(tmp_path: Path) -> None:
     got = roles(path)
     assert got["conv1.weight"] == ("parameter", "default")
     assert any("do not line up" in m for m in codes(path))
+
+
+def test_the_legacy_format_gets_the_same_optimizer_evidence_as_the_zip_format(tmp_path: Path) -> None:
+    # DESIGN §3: the legacy format is the same checkpoint in another container. Its reader once repeated
+    # torchzip's last steps and left out the optimizer evidence ("default" where the zip said "optimizer").
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    obj = {"model": model.state_dict(), "optimizer": opt.state_dict()}
+    torch.save(obj, tmp_path / "zip.pt")
+    torch.save(obj, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    zip_report = statecli.open_checkpoint(tmp_path / "zip.pt")
+    legacy_report = statecli.open_checkpoint(tmp_path / "legacy.pt")
+    assert legacy_report.format == "torch-legacy"
+
+    def facts(r: statecli.Report) -> list[tuple[str, str, str]]:
+        return [(t.name, t.role, t.evidence) for t in r.tensors]
+
+    assert facts(legacy_report) == facts(zip_report)
+    assert ("0.weight", "parameter", "optimizer") in facts(legacy_report)
+    optimizer_findings = [f.message for f in zip_report.findings if "optimizer" in f.code]
+    assert optimizer_findings
+    assert [f.message for f in legacy_report.findings if "optimizer" in f.code] == optimizer_findings

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import statecli
 from statecli import safepickle
-from statecli.formats.torchzip import _Storages
+from statecli.formats.torchpickle import Storages as _Storages
 from statecli.formats.zipdir import read_central_directory
 from statecli.safepickle import Global, PickledDict, StorageRef, Stub, TensorRef
 

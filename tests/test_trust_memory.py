@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 import statecli
 from statecli.cli.main import app
 from statecli.errors import LimitExceededError
-from statecli.formats import torchzip
+from statecli.formats import torchpickle
 from statecli.formats.legacy import read_legacy
 from statecli.formats.torchzip import read_torch_zip
 from statecli.records import Container, RawCheckpoint, RawTensor
@@ -176,7 +176,7 @@ def test_torch_checkpoints_fit_both_budgets_without_their_floors(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pytest.importorskip("torch")
-    monkeypatch.setattr(torchzip, "WALK_UNITS_FLOOR", 0)
+    monkeypatch.setattr(torchpickle, "WALK_UNITS_FLOOR", 0)
     for name, data in _real_checkpoints():
         path = tmp_path / "x.pt"
         path.write_bytes(data)

@@ -33,7 +33,7 @@ MAX_NAMED_LEFT_OUT = 3  # a note names the tensors it leaves out when there are 
 # The complex dtype that holds two of each float width; bf16 and fp8 have none.
 COMPLEX_OF = {"float16": "complex32", "float32": "complex64", "float64": "complex128"}
 _DEVICE = re.compile(r"^(cpu|meta|cuda(:\d{1,3})?)$")
-# The evidence of readers that walk a module's own structure (formats/torchzip.py, torchscript.py, pt2.py).
+# The evidence of readers that walk a module's own structure (formats/torchpickle.py, torchscript.py, pt2.py).
 _MODULE_EVIDENCE = frozenset({"module-attribute", "torchscript", "export"})
 
 

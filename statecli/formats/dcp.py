@@ -42,7 +42,7 @@ from statecli.clip import describe, describe_name, quote
 from statecli.dtypes import DTYPES, STORAGE_TYPES, contiguous_strides, nbytes
 from statecli.errors import InputError, LimitExceededError, StatecliError, UnsafeError, UnsupportedFormatError
 from statecli.files import open_regular, regular_size
-from statecli.formats.torchzip import MODEL_KEYS, OPTIMIZER_KEYS
+from statecli.formats.torchpickle import MODEL_KEYS, OPTIMIZER_KEYS
 from statecli.formats.zipdir import read_directory_at, read_member_from
 from statecli.records import MAX_FINDINGS_PER_CODE, Container, Finding, FindingCap, RawCheckpoint, RawTensor
 from statecli.roles import looks_like_rng_state

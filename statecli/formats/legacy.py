@@ -26,7 +26,7 @@ from statecli.clip import describe, quote
 from statecli.dtypes import DTYPES
 from statecli.errors import InputError, LimitExceededError, StatecliError, UnsafeError, UnsupportedFormatError
 from statecli.files import open_regular
-from statecli.formats.torchzip import MAX_PICKLE_BYTES, _Walker, storage_dtype
+from statecli.formats.torchpickle import MAX_PICKLE_BYTES, Walker, finish, storage_dtype
 from statecli.records import Finding, RawCheckpoint
 from statecli.safepickle import Action, Limits, StorageRef, loads
 from statecli.security import findings_for, refuse_if_dangerous
@@ -198,17 +198,15 @@ def read_legacy(path: str) -> RawCheckpoint:
     )
     if end < size:
         findings.append(Finding("warning", "trailing-data", f"{size - end} bytes after the last storage were ignored"))
-    walker = _Walker(path, verdict.object_bytes)
+    walker = Walker(path, verdict.object_bytes)
     container = walker.analyse(obj)
     walker.shared_summary()
     findings.extend(walker.findings)
     for t in walker.tensors:
         if t.storage is not None:
             t.storage = "legacy/" + t.storage.removeprefix("data/")
-    if not walker.tensors:
-        keys_text = name_list(container.other_keys) or "none"
-        findings.append(Finding("warning", "no-tensors", f"no tensors found (top-level keys: {keys_text})"))
-    return RawCheckpoint(
+    keys_text = name_list(container.other_keys) or "none"
+    raw = RawCheckpoint(
         path=path,
         format="torch-legacy",
         tensors=walker.tensors,
@@ -217,3 +215,4 @@ def read_legacy(path: str) -> RawCheckpoint:
         file_size=size,
         storage_sizes={f"legacy/{k}": n for k, (_, n) in spans.items()},
     )
+    return finish(raw, obj, f"no tensors found (top-level keys: {keys_text})")

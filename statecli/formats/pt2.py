@@ -35,7 +35,8 @@ from statecli.dtypes import DTYPES, contiguous_strides
 from statecli.errors import InputError, LimitExceededError, StatecliError, UnsupportedFormatError
 from statecli.files import open_regular
 from statecli.formats._json import load_object
-from statecli.formats.torchzip import MAX_PICKLE_BYTES, _join, _Storages, archive_root, raw_tensor
+from statecli.formats.torchpickle import MAX_PICKLE_BYTES, Storages, finish, join_key, raw_tensor
+from statecli.formats.torchzip import archive_root
 from statecli.formats.zipdir import Member, data_offset, read_directory_at, read_member, read_member_from
 from statecli.records import Container, Finding, FindingCap, RawCheckpoint, RawTensor
 from statecli.safepickle import (
@@ -164,11 +165,9 @@ class _Reader:
             self._model(model, f"{model}." if len(models) > 1 else "")
         extra = f"{self.root}/extra/"
         self.other_keys.extend(n[len(self.root) + 1 :] for n in self.members if n.startswith(extra))
-        if not self.tensors:
-            self.findings.add(Finding("warning", "no-tensors", "the exported program holds no tensors"))
         order = {"dangerous": 0, "warning": 1, "info": 2}
         security = sorted(self.security.findings(), key=lambda f: order.get(f.level, 3))
-        return RawCheckpoint(
+        raw = RawCheckpoint(
             path=self.path,
             format="torch-export",
             tensors=self.tensors,
@@ -177,6 +176,8 @@ class _Reader:
             file_size=os.path.getsize(self.path),
             storage_sizes=self.storage_sizes,
         )
+        # The programs' inputs are not a training checkpoint: there is no optimizer to take evidence from.
+        return finish(raw, None, "the exported program holds no tensors")
 
     def _small(self, name: str) -> str | None:
         m = self.members.get(f"{self.root}/{name}")
@@ -373,10 +374,10 @@ class _Reader:
             self.walked.add(id(obj))
             if isinstance(obj, dict):
                 for k, v in obj.items():
-                    self._inputs(v, _join(prefix, k), depth + 1, rel)
+                    self._inputs(v, join_key(prefix, k), depth + 1, rel)
             else:
                 for i, v in enumerate(obj):
-                    self._inputs(v, _join(prefix, i), depth + 1, rel)
+                    self._inputs(v, join_key(prefix, i), depth + 1, rel)
 
     # -- pickled payloads
 
@@ -411,7 +412,7 @@ class _Reader:
             data = read_member_from(f, inner[f"{root}/data.pkl"], MAX_PICKLE_BYTES, self.path)
         except StatecliError as e:
             raise type(e)(f"{rel}: {e.message}", path=self.path) from None
-        storages = _Storages(inner, root, self.path)
+        storages = Storages(inner, root, self.path)
         self.nested_nbytes = 0
         try:
             obj, unpickler = loads(data, storages)

@@ -17,7 +17,7 @@ after the file's stem:
 - ``traced_inputs.pkl`` (traced modules): example inputs, shapes only (their storages hold no bytes).
 
 Every pickle goes through :func:`statecli.safepickle.loads`; storages are validated against the
-archive's members by :class:`statecli.formats.torchzip._Storages`. TorchScript does not record whether
+archive's members by :class:`statecli.formats.torchpickle.Storages`. TorchScript does not record whether
 a buffer was registered ``persistent=False``: ``torch.jit.load`` gives every buffer back in
 ``state_dict()``, so every buffer is reported persistent (and a finding says so).
 """
@@ -31,14 +31,8 @@ from typing import Any
 
 from statecli.dtypes import DTYPES, STORAGE_TYPES
 from statecli.errors import InputError, LimitExceededError, StatecliError, UnsafeError, UnsupportedFormatError
-from statecli.formats.torchzip import (
-    MAX_PICKLE_BYTES,
-    Visits,
-    _join,
-    _Storages,
-    archive_root,
-    raw_tensor,
-)
+from statecli.formats.torchpickle import MAX_PICKLE_BYTES, Storages, Visits, finish, join_key, raw_tensor
+from statecli.formats.torchzip import archive_root
 from statecli.formats.zipdir import Member, read_member
 from statecli.records import Container, Finding, RawCheckpoint, RawTensor
 from statecli.safepickle import COMPUTED, Action, Global, StorageRef, Stub, TensorRef, describe, loads
@@ -284,7 +278,7 @@ def _unescape(s: str) -> str:
 
 
 class _Folder:
-    """``members`` as ``_Storages`` sees them, with ``<root>/data/<key>`` answered from ``<root>/<folder>/<key>``."""
+    """``members`` as ``Storages`` sees them, with ``<root>/data/<key>`` answered from ``<root>/<folder>/<key>``."""
 
     def __init__(self, members: dict[str, Member], root: str, folder: str) -> None:
         self.members = members
@@ -353,7 +347,7 @@ class _Reader(Visits):
         self.shared_summary()
         findings = self._security_findings() + self.findings
         findings.extend(self._notes())
-        return RawCheckpoint(
+        raw = RawCheckpoint(
             path=self.path,
             format="torchscript",
             tensors=self.tensors,
@@ -362,6 +356,7 @@ class _Reader(Visits):
             file_size=os.path.getsize(self.path),
             storage_sizes=self.storage_sizes,
         )
+        return finish(raw, obj)
 
     def _refuse(self, message: str) -> None:
         """Raise for a data.pkl that is not a module, naming what its pickle would run, if anything."""
@@ -375,9 +370,9 @@ class _Reader(Visits):
     def _pickle(self, name: str, folder: str | None) -> Any:
         data = read_member(self.path, self.members[f"{self.root}/{name}"], MAX_PICKLE_BYTES)
         if folder == "data":
-            storages: Any = _Storages(self.members, self.root, self.path, exact=False)
+            storages: Any = Storages(self.members, self.root, self.path, exact=False)
         elif folder is not None:
-            storages = _Storages(self.members, self.root, self.path, exact=False)
+            storages = Storages(self.members, self.root, self.path, exact=False)
             storages.members = _Folder(self.members, self.root, folder)  # type: ignore[assignment]
         else:
             storages = _shapes_only
@@ -386,7 +381,7 @@ class _Reader(Visits):
         except StatecliError as e:
             message = e.message
             if folder not in (None, "data"):
-                # _Storages names the data/ folder; this pickle's storages live in its own.
+                # Storages names the data/ folder; this pickle's storages live in its own.
                 message = message.replace("data/", f"{folder}/")
             raise type(e)(f"{name}: {message}", path=self.path) from e
         for key, count in unpickler.globals_seen.items():
@@ -520,7 +515,7 @@ class _Reader(Visits):
         params = decl.parameters if decl is not None and decl.parameters is not None else frozenset()
         buffers = decl.buffers if decl is not None and decl.buffers is not None else frozenset()
         for key, value in state.items():
-            name = _join(prefix, key)
+            name = join_key(prefix, key)
             if isinstance(value, TensorRef):
                 if decl is None:
                     self._emit(name, value, "model", None)
@@ -558,10 +553,10 @@ class _Reader(Visits):
         if isinstance(obj, dict):
             if self._enter(obj, prefix, depth):
                 for k, v in obj.items():
-                    self._generic(v, _join(prefix, k), group, depth + 1)
+                    self._generic(v, join_key(prefix, k), group, depth + 1)
         elif isinstance(obj, (list, tuple)) and self._enter(obj, prefix, depth):
             for i, v in enumerate(obj):
-                self._generic(v, _join(prefix, i), group, depth + 1)
+                self._generic(v, join_key(prefix, i), group, depth + 1)
 
     def _emit(self, name: str, t: TensorRef, group: str, role: str | None) -> None:
         raw = raw_tensor(t, name, group, "constants" if group == "constants" else "data")
