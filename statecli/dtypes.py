@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,3 +172,10 @@ def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
         strides.append(acc)
         acc *= max(size, 1)
     return tuple(reversed(strides))
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a canonical dtype name (``bfloat16`` -> ``torch.bfloat16``)."""
+    import torch  # here, not at the top: inspect and friends must not pay for importing torch
+
+    return getattr(torch, name)

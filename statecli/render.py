@@ -22,7 +22,7 @@ from rich.tree import Tree
 
 if TYPE_CHECKING:
     from statecli.checking import CheckResult
-    from statecli.conversion.engine import CastStats
+    from statecli.conversion.execute import CastStats
     from statecli.conversion.plan import Plan, PlanItem
     from statecli.stats import StatsReport, TensorStats
 

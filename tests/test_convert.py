@@ -203,15 +203,15 @@ def test_fp8_overflow_is_counted_even_without_an_inf(tmp_path: Path) -> None:
 
 
 def test_counts_span_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from statecli.conversion import engine
+    from statecli.conversion import casting
 
-    monkeypatch.setattr(engine, "_CHUNK_ELEMENTS", 7)
+    monkeypatch.setattr(casting, "_CHUNK_ELEMENTS", 7)
     t = torch.zeros(50)
     t[3] = 1e5
     t[20] = 1e-9
     t[49] = 1e6
     t[30] = float("nan")
-    _, stats = engine.cast(t, torch.float16)
+    _, stats = casting.cast(t, torch.float16)
     assert (stats.overflow, stats.underflow, stats.nonfinite) == (2, 1, 1)
 
 
@@ -295,29 +295,29 @@ def test_nan_alone_is_kept_by_every_fp8_target(tmp_path: Path, dt: torch.dtype) 
 
 
 def test_inf_counts_span_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    from statecli.conversion import engine
+    from statecli.conversion import casting
 
-    monkeypatch.setattr(engine, "_CHUNK_ELEMENTS", 7)
+    monkeypatch.setattr(casting, "_CHUNK_ELEMENTS", 7)
     t = torch.ones(50)
     t[[2, 9, 48]] = float("inf")
     t[30] = -float("inf")
     t[17] = float("nan")
     t[40] = 1000.0
-    _, stats = engine.cast(t, torch.float8_e4m3fn)
+    _, stats = casting.cast(t, torch.float8_e4m3fn)
     assert (stats.overflow, stats.nonfinite, stats.inf_changed) == (1, 5, 4)
 
 
 def test_a_clean_chunk_costs_one_min_max_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     # The range check stays cheap: values inside the target's range never reach isfinite / isinf.
-    from statecli.conversion import engine
+    from statecli.conversion import casting
 
     calls = []
     for name in ("isfinite", "isinf"):
         real = getattr(torch, name)
         monkeypatch.setattr(torch, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
-    engine.cast(torch.linspace(-400, 400, 1000), torch.float8_e4m3fn)  # warms _limits' probe of the target
+    casting.cast(torch.linspace(-400, 400, 1000), torch.float8_e4m3fn)  # warms _limits' probe of the target
     calls.clear()
-    _, stats = engine.cast(torch.linspace(-400, 400, 1000), torch.float8_e4m3fn)
+    _, stats = casting.cast(torch.linspace(-400, 400, 1000), torch.float8_e4m3fn)
     assert (stats.overflow, stats.nonfinite, stats.inf_changed) == (0, 0, 0)
     assert calls == []
 
@@ -771,14 +771,14 @@ def test_verify_compares_every_value(tmp_path: Path) -> None:
 
 
 def test_a_read_back_mismatch_keeps_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from statecli.conversion import engine
+    from statecli.conversion import execute
 
-    real = engine._safetensors_header
+    real = execute._safetensors_header
 
     def wrong_header(entries: list[Any], items: list[Any], aliases: dict[str, str]) -> bytes:
         return real(entries, items, aliases).replace(b'"F32"', b'"I32"', 1)  # same size, wrong dtype
 
-    monkeypatch.setattr(engine, "_safetensors_header", wrong_header)
+    monkeypatch.setattr(execute, "_safetensors_header", wrong_header)
     with pytest.raises(OutputError, match="does not match the plan"):
         conv.convert(SAMPLES / "cnn_bn_state_dict.pt", tmp_path / "o.safetensors")
     assert listing(tmp_path) == []
@@ -788,7 +788,7 @@ def test_a_read_back_mismatch_keeps_nothing(tmp_path: Path, monkeypatch: pytest.
 def test_disk_full_is_exit_4_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str) -> None:
     import errno
 
-    from statecli.conversion import atomic
+    from statecli.formats import atomic
 
     real = atomic.PendingFile.write
     calls = []

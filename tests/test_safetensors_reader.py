@@ -21,8 +21,8 @@ from safetensors.torch import save_file
 
 from statecli.dtypes import SAFETENSORS_CODES, SAFETENSORS_DTYPES
 from statecli.errors import InputError, LimitExceededError, UnsupportedFormatError
-from statecli.formats import safetensors_reader
-from statecli.formats.safetensors_reader import MAX_HEADER_BYTES, read_safetensors
+from statecli.formats import safetensors as safetensors_reader
+from statecli.formats.safetensors import MAX_HEADER_BYTES, read_safetensors
 
 # torch dtype -> safetensors code, for every dtype both torch and safetensors.torch can save.
 TORCH_CODES = {
@@ -195,7 +195,7 @@ def test_inspect_path_does_not_import_heavy_modules(tmp_path: Path) -> None:
     save_file({"a": torch.zeros(2)}, str(path))
     code = (
         "import sys\n"
-        "from statecli.formats.safetensors_reader import read_safetensors\n"
+        "from statecli.formats.safetensors import read_safetensors\n"
         f"read_safetensors({str(path)!r})\n"
         "bad = sorted(m for m in ('torch', 'numpy', 'safetensors') if m in sys.modules)\n"
         "assert not bad, bad\n"

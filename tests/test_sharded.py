@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from statecli.errors import InputError, LimitExceededError, UnsafeError
 from statecli.formats import sharded
-from statecli.formats.safetensors_reader import read_safetensors
+from statecli.formats.safetensors import read_safetensors
 from statecli.formats.sharded import read_index
 from statecli.records import Container, Finding, RawCheckpoint, RawTensor
 

@@ -483,7 +483,7 @@ def crash(src: Path, out: Path, where: str) -> None:
 
 @pytest.fixture
 def o_tmpfile(tmp_path: Path) -> None:
-    from statecli.conversion.atomic import PendingFile
+    from statecli.formats.atomic import PendingFile
 
     probe = PendingFile(str(tmp_path / "never-named"))
     anonymous = probe.temp_name is None
@@ -504,7 +504,7 @@ def test_a_kill_right_after_a_new_output_is_named_leaves_that_output_only(
 def test_a_kill_between_link_and_rename_is_cleaned_by_the_next_run(
     samples_dir: Path, tmp_path: Path, o_tmpfile: None
 ) -> None:
-    from statecli.conversion.atomic import _LEFTOVER
+    from statecli.formats.atomic import _LEFTOVER
 
     out = tmp_path / "model.safetensors"
     out.write_bytes(b"the old output")
@@ -527,7 +527,7 @@ def test_only_files_certainly_abandoned_are_removed(tmp_path: Path) -> None:
     import subprocess
     import time
 
-    from statecli.conversion import atomic
+    from statecli.formats import atomic
 
     dead = subprocess.Popen(["true"])
     dead.wait()  # a process id that has ended
@@ -560,7 +560,7 @@ def test_only_files_certainly_abandoned_are_removed(tmp_path: Path) -> None:
 
 
 def test_hidden_temporaries_are_named_for_their_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from statecli.conversion import atomic
+    from statecli.formats import atomic
 
     monkeypatch.delattr(os, "O_TMPFILE", raising=False)  # the fallback other systems take
     pending = atomic.PendingFile(str(tmp_path / "o.pt"))

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from statecli import conversion as conv
-from statecli.conversion import engine
-from statecli.conversion.zipwriter import ALIGNMENT, ZipWriter
 from statecli.errors import InputError
+from statecli.formats import torchzip
 from statecli.formats.zipdir import data_offset, read_central_directory
+from statecli.formats.zipwriter import ALIGNMENT, ZipWriter
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 
@@ -62,7 +62,7 @@ def test_announced_size_must_match(tmp_path: Path) -> None:
 
 
 def test_torch_loads_a_zip64_conversion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine, "ZipWriter", functools.partial(ZipWriter, force_zip64=True))
+    monkeypatch.setattr(torchzip, "ZipWriter", functools.partial(ZipWriter, force_zip64=True))
     out = tmp_path / "z.pt"
     conv.convert(SAMPLES / "tied_lm.pt", out, dtype="bf16")
     with zipfile.ZipFile(out) as z:

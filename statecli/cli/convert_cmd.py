@@ -212,7 +212,7 @@ def convert_command(
             _summary(f"would write {plan.output}: {len(plan.items)} tensors{_casts(plan)}; nothing written (dry run)")
         return
 
-    from statecli.conversion.engine import execute
+    from statecli.conversion.execute import execute
 
     started = time.monotonic()
     total = sum(i.nbytes_out for i in plan.items if i.alias_of is None)

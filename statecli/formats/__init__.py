@@ -126,7 +126,7 @@ def _read_kind(path: str, head: bytes, st: os.stat_result) -> RawCheckpoint:
             return read_pt2(path, members)
         return read_torch_zip(path, members)
     if kind == "safetensors":
-        from statecli.formats.safetensors_reader import read_safetensors
+        from statecli.formats.safetensors import read_safetensors
 
         return read_safetensors(path)
     if kind == "index":

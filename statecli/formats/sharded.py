@@ -15,8 +15,8 @@ import json
 import os
 import stat
 import threading
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from statecli.clip import describe, quote
 from statecli.errors import InputError, LimitExceededError, UnsafeError
@@ -212,3 +212,33 @@ def _read_index(path: str, read_shard: Callable[[str], RawCheckpoint]) -> RawChe
         file_size=file_size,
         storage_sizes=storage_sizes,
     )
+
+
+# ---------------------------------------------------------------- writing
+
+T = TypeVar("T")
+
+
+def shard_name(k: int, n: int) -> str:
+    """The name of shard ``k`` (from 0) of ``n``, as transformers' ``save_pretrained`` names them."""
+    return f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+
+
+def split_by_size(entries: Sequence[T], size: Callable[[T], int], max_size: int) -> list[list[T]]:
+    """``entries`` in order, cut into shards of at most ``max_size`` bytes (a bigger entry alone)."""
+    shards: list[list[T]] = [[]]
+    total = 0
+    for e in entries:
+        n = size(e)
+        if shards[-1] and total + n > max_size:
+            shards.append([])
+            total = 0
+        shards[-1].append(e)
+        total += n
+    return shards
+
+
+def index_bytes(total_size: int, weight_map: dict[str, str]) -> bytes:
+    """A ``model.safetensors.index.json`` body: each tensor's shard, and the bytes of all of them."""
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    return (json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode("utf-8")

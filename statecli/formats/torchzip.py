@@ -6,12 +6,20 @@ storage, offset, shape and stride. Nothing else is read: no tensor bytes, no mod
 
 from __future__ import annotations
 
+import collections
+import io
 import os
+import pickle
+import zlib
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+from statecli import dtypes
+from statecli.dtypes import torch_dtype
 from statecli.errors import InputError, StatecliError
 from statecli.formats.torchpickle import MAX_PICKLE_BYTES, Storages, Walker, finish
 from statecli.formats.zipdir import Member, read_central_directory, read_member
+from statecli.formats.zipwriter import Sink, ZipWriter
 from statecli.records import Finding, RawCheckpoint
 from statecli.safepickle import Limits, loads
 from statecli.security import findings_for
@@ -106,3 +114,95 @@ def _stacked_pickles(data: bytes, first: Any, storages: Storages, limits: Limits
         count += 1
         end = more.end
     return count
+
+
+# ---------------------------------------------------------------- writing
+
+
+class StorageOut:
+    """A storage to write: its member key, dtype, device, size; pickled as torch.save pickles one."""
+
+    __slots__ = ("dtype", "key", "location", "nbytes", "numel")
+
+    def __init__(self, key: str, dtype: str, location: str, numel: int, nbytes: int) -> None:
+        self.key, self.dtype, self.location, self.numel, self.nbytes = key, dtype, location, numel, nbytes
+
+
+class TensorOut:
+    """A tensor over a :class:`StorageOut`; pickles as torch's ``_rebuild_tensor_v2`` (or v3) call."""
+
+    __slots__ = ("dtype", "offset", "shape", "storage", "stride")
+
+    def __init__(self, storage: StorageOut, offset: int, shape: tuple[int, ...], stride: tuple[int, ...]) -> None:
+        self.storage, self.offset, self.shape, self.stride = storage, offset, shape, stride
+        self.dtype = storage.dtype
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        import torch
+
+        # Exactly the arguments torch's own Tensor.__reduce_ex__ gives, so torch.load reads it as its own.
+        args = (self.storage, self.offset, self.shape, self.stride, False, collections.OrderedDict())
+        dt = torch_dtype(self.dtype)
+        if dt in torch.storage._new_dtypes():
+            return torch._utils._rebuild_tensor_v3, (*args, dt)
+        return torch._utils._rebuild_tensor_v2, args
+
+
+class ParameterOut:
+    """An ``nn.Parameter`` around a :class:`TensorOut` (``state_dict(keep_vars=True)``)."""
+
+    __slots__ = ("data", "requires_grad")
+
+    def __init__(self, data: TensorOut, requires_grad: bool) -> None:
+        self.data, self.requires_grad = data, requires_grad
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        import torch
+
+        return torch._utils._rebuild_parameter, (self.data, self.requires_grad, collections.OrderedDict())
+
+
+_LEGACY_STORAGE = {v: k for k, v in dtypes.STORAGE_TYPES.items() if k != "UntypedStorage"}
+
+
+class _Pickler(pickle.Pickler):
+    """Storages become persistent ids, as torch.save writes them; everything else pickles as itself."""
+
+    def persistent_id(self, obj: Any) -> Any:
+        if type(obj) is not StorageOut:
+            return None
+        import torch
+
+        name = _LEGACY_STORAGE.get(obj.dtype)
+        if name is None or torch_dtype(obj.dtype) in torch.storage._new_dtypes():
+            return ("storage", torch.UntypedStorage, obj.key, obj.location, obj.nbytes)
+        return ("storage", getattr(torch, name), obj.key, obj.location, obj.numel)
+
+
+def write_torch_zip(
+    sink: Sink,
+    root: str,
+    state: Mapping[str, TensorOut | ParameterOut],
+    storages: Iterable[tuple[StorageOut, Iterable[bytes | memoryview]]],
+) -> int:
+    """Write ``state`` as ``torch.save`` writes a state dict: the pickle, then each storage's bytes as
+    its member (streamed from its chunks, in order), under folder ``root``; returns the storage bytes."""
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=2).dump(collections.OrderedDict(state))
+    data = buf.getvalue()
+    writer = ZipWriter(sink)
+    try:
+        writer.add(f"{root}/data.pkl", len(data), [data])
+        for name, value in ((".format_version", b"1"), (".storage_alignment", b"64"), ("byteorder", b"little")):
+            writer.add(f"{root}/{name}", len(value), [value])
+        written = 0
+        for s, chunks in storages:
+            writer.add(f"{root}/data/{s.key}", s.nbytes, chunks)
+            written += s.nbytes
+        writer.add(f"{root}/version", 2, [b"3\n"])
+        sid = str(zlib.crc32(data)).rjust(20, "0").encode()
+        writer.add(f"{root}/.data/serialization_id", len(sid), [sid])
+        writer.close()
+    finally:
+        writer.shutdown()
+    return written

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from statecli.dtypes import contiguous_strides
 from statecli.errors import InputError
 from statecli.files import open_regular
-from statecli.formats.safetensors_reader import tensor_spans
+from statecli.formats.safetensors import tensor_spans
 from statecli.formats.torchzip import archive_root
 from statecli.formats.zipdir import Member, data_offset, read_central_directory, read_directory_at
 from statecli.records import Report, TensorInfo

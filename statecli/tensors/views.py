@@ -8,18 +8,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from statecli.dtypes import contiguous_strides
+from statecli.dtypes import contiguous_strides, torch_dtype
 from statecli.records import TensorInfo
 
 if TYPE_CHECKING:
     import torch
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a canonical dtype name (``bfloat16`` -> ``torch.bfloat16``)."""
-    import torch  # here, not at the top: inspect and friends must not pay for importing torch
-
-    return getattr(torch, name)
 
 
 def typed(raw: torch.Tensor, dtype: str) -> torch.Tensor:

@@ -323,7 +323,7 @@ def run_atheris_child(args: argparse.Namespace) -> None:
     with atheris.instrument_imports(include=["statecli"]):
         import statecli
         import statecli.cli
-        import statecli.formats.safetensors_reader
+        import statecli.formats.safetensors
         import statecli.formats.sharded
         import statecli.formats.torchzip  # noqa: F401
     work = args.workdir  # made and removed by the parent: libFuzzer ends this process with exit()

@@ -252,7 +252,7 @@ def _from_annotations() -> bool:
 
 def _caller_in(parts: tuple[str, ...]) -> bool:
     """Whether the nearest frame of statecli's package above the hook (past the stdlib's own wrappers,
-    such as tempfile's) is in one of its files named by ``parts`` (``conversion/atomic.py``, ...)."""
+    such as tempfile's) is in one of its files named by ``parts`` (``formats/atomic.py``, ...)."""
     f = sys._getframe(2)
     for _ in range(8):
         if f is None:
@@ -357,8 +357,8 @@ def main(argv: list[str]) -> int:
             events.append([event, repr(args)[:200]])
 
     def _convert_writes(event: str, args: tuple) -> bool:  # type: ignore[type-arg]
-        """A write by convert's own code (atomic.py, engine.py) whose paths stay in its scratch folder."""
-        if not _caller_in(("conversion/atomic.py", "conversion/engine.py", "conversion/zipwriter.py")):
+        """A write by convert's own code (atomic.py, execute.py) whose paths stay in its scratch folder."""
+        if not _caller_in(("formats/atomic.py", "conversion/execute.py", "formats/zipwriter.py")):
             return False
         paths = args[:2] if event in ("os.link", "os.rename", "os.replace") else args[:1]
         return all(_inside(p, scratch_now[0]) for p in paths)

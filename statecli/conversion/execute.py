@@ -8,22 +8,20 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
-import io
-import json
-import math
 import os
-import pickle
 import re
 import time
-import warnings
-import zlib
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from statecli import dtypes
-from statecli.conversion.atomic import (
+from statecli.conversion.casting import CastStats, cast, overflow_error, range_findings
+from statecli.conversion.plan import DEFAULT_SHARD_SIZE, INDEX_NAME, Plan, PlanItem, parameters_keep_roles
+from statecli.dtypes import contiguous_strides
+from statecli.errors import CheckFailedError, InputError, OutputError, StatecliError, UsageError
+from statecli.formats import read
+from statecli.formats.atomic import (
     PendingFile,
     check_destination,
     folder_problem,
@@ -31,13 +29,11 @@ from statecli.conversion.atomic import (
     remove_leftovers,
     sync_folder,
 )
-from statecli.conversion.plan import DEFAULT_SHARD_SIZE, INDEX_NAME, Plan, PlanItem, parameters_keep_roles
-from statecli.conversion.zipwriter import ZipWriter
-from statecli.dtypes import contiguous_strides
-from statecli.errors import CheckFailedError, InputError, OutputError, StatecliError, UsageError
-from statecli.formats import read
-from statecli.formats.safetensors_reader import METADATA_KEY, ROLES_SCHEMA
-from statecli.records import Finding, FindingCap, Report
+from statecli.formats.safetensors import METADATA_KEY, roles_metadata
+from statecli.formats.safetensors import header as st_header
+from statecli.formats.sharded import index_bytes, shard_name, split_by_size
+from statecli.formats.torchzip import ParameterOut, StorageOut, TensorOut, write_torch_zip
+from statecli.records import Finding, Report
 from statecli.tensors.source import Source, byte_view, check_views, refuse_mixed_dtypes
 from statecli.tensors.values import StorageReader
 from statecli.tensors.views import torch_dtype, view
@@ -47,25 +43,8 @@ if TYPE_CHECKING:
     import torch
 
 Progress = Callable[[int, int], None]  # (bytes done, tensors done)
-_CHUNK_ELEMENTS = 8 << 20
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 _SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
-
-
-@dataclass(slots=True)
-class CastStats:
-    """What a cast did to the values: counted, never guessed."""
-
-    overflow: int = 0  # finite values that became ±inf (±448 in float8_e4m3fn, NaN in the fnuz formats)
-    underflow: int = 0  # finite non-zero values that became zero
-    nonfinite: int = 0  # NaN/inf already in the input (reported, not created)
-    inf_changed: int = 0  # of those, ±inf the target has no inf for: became ±max or NaN, not kept
-
-    def add(self, other: CastStats) -> None:
-        self.overflow += other.overflow
-        self.underflow += other.underflow
-        self.nonfinite += other.nonfinite
-        self.inf_changed += other.inf_changed
 
 
 @dataclass(slots=True)
@@ -166,104 +145,6 @@ def build_units(plan: Plan) -> list[_Unit]:
     return units
 
 
-def _real(dt: torch.dtype) -> torch.dtype:
-    """The real dtype of a complex one's parts; a real dtype itself."""
-    import torch
-
-    return {torch.complex32: torch.float16, torch.complex64: torch.float32, torch.complex128: torch.float64}.get(dt, dt)
-
-
-def _checkable(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in a dtype whose reductions torch implements on CPU (not float8, not complex32)."""
-    import torch
-
-    if t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128):
-        return t
-    return t.to(torch.complex64 if t.is_complex() else torch.float32)
-
-
-@functools.cache
-def _limits(dst_dtype: torch.dtype) -> tuple[float, float | None, bool]:
-    """(largest magnitude that surely survives the cast, saturation threshold or None, has an inf).
-
-    float8_e4m3fn has no inf and torch's cast saturates at ±448: overflow leaves no inf to count, so it
-    is counted from the input. Halfway to the next step above 448 (480) is where a value stops merely
-    rounding to 448: beyond 464 the cast changed the value. Whether the target has an inf is asked of
-    torch itself (float8_e4m3fn makes an inf ±448; float8_e4m3fnuz and float8_e5m2fnuz make it NaN).
-    """
-    import torch
-
-    info = torch.finfo(_real(dst_dtype))
-    has_inf = math.isinf(_inf_becomes(dst_dtype))
-    return float(info.max), 464.0 if dst_dtype == torch.float8_e4m3fn else None, has_inf
-
-
-@functools.cache
-def _inf_becomes(dt: torch.dtype) -> float:
-    """What torch's cast to ``dt`` makes of +inf: inf, the largest finite value (float8_e4m3fn) or NaN."""
-    import torch
-
-    return float(torch.tensor(float("inf")).to(_real(dt)).to(torch.float64))
-
-
-def beyond_range(target: str) -> str:
-    """What a value beyond ``target``'s range (and an inf) becomes: ``±inf``, ``±448`` or ``NaN``, as torch casts."""
-    got = _inf_becomes(torch_dtype(target))
-    if math.isinf(got):
-        return "±inf"
-    if math.isnan(got):
-        return "NaN"
-    return f"±{got:g}"
-
-
-def _count_range(s: torch.Tensor, o: torch.Tensor, dst_dtype: torch.dtype, stats: CastStats) -> None:
-    """Add one chunk's overflow, underflow and NaN/inf counts (``o`` is ``s`` cast)."""
-    import torch
-
-    safe, saturate, has_inf = _limits(dst_dtype)
-    sc = _checkable(s)
-    oc = _checkable(o)
-    size = sc.numel()
-    if size:
-        real = torch.view_as_real(sc) if sc.is_complex() else sc
-        # One min/max pass clears almost every chunk: isfinite is ~30x slower than aminmax on CPU.
-        # An inf fails it too, so counting infs the target cannot hold costs nothing in the common case.
-        lo, hi = torch.aminmax(real)
-        if not (float(lo) >= -safe and float(hi) <= safe):  # NaN fails both comparisons
-            bad_in = size - int(torch.count_nonzero(torch.isfinite(sc)))
-            stats.nonfinite += bad_in
-            if bad_in and not has_inf:  # complex targets all have inf: only a real source gets here
-                stats.inf_changed += int(torch.count_nonzero(torch.isinf(real)))
-            if saturate is not None:
-                stats.overflow += int(torch.count_nonzero((real.abs() > saturate) & torch.isfinite(real)))
-            else:
-                # A non-finite input stays non-finite (an inf may become NaN), so the difference is what
-                # the cast broke.
-                stats.overflow += size - int(torch.count_nonzero(torch.isfinite(oc))) - bad_in
-    # A zero stays zero, so the difference is what flushed to zero; the input is scanned only when needed.
-    zero_out = size - int(torch.count_nonzero(oc))
-    if zero_out:
-        stats.underflow += zero_out - (size - int(torch.count_nonzero(sc)))
-
-
-def cast(src: torch.Tensor, dst_dtype: torch.dtype) -> tuple[torch.Tensor, CastStats]:
-    """``src`` (contiguous) cast to ``dst_dtype`` in chunks, counting overflow, underflow and NaN/inf."""
-    import torch
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "ComplexHalf support is experimental": complex32 is what was asked
-        out = torch.empty(src.shape, dtype=dst_dtype)  # the loop below copies into every element
-    stats = CastStats()
-    flat_s = src.reshape(-1)
-    flat_o = out.view(-1)
-    for lo in range(0, flat_s.numel(), _CHUNK_ELEMENTS):
-        s = flat_s[lo : lo + _CHUNK_ELEMENTS]
-        o = flat_o[lo : lo + _CHUNK_ELEMENTS]
-        o.copy_(s)
-        _count_range(s, o, dst_dtype, stats)
-    return out, stats
-
-
 def materialize(source: Source, unit: _Unit) -> tuple[torch.Tensor, CastStats | None]:
     """The unit's output storage as a 1-D tensor of its destination dtype, and the cast's counts."""
     raw = source.read(unit.leader.source)
@@ -305,103 +186,32 @@ def stream(
 # ---------------------------------------------------------------- writers
 
 
-class _StorageOut:
-    __slots__ = ("dtype", "key", "location", "nbytes", "numel")
-
-    def __init__(self, key: str, dtype: str, location: str, numel: int, nbytes: int) -> None:
-        self.key, self.dtype, self.location, self.numel, self.nbytes = key, dtype, location, numel, nbytes
-
-
-class _TensorOut:
-    __slots__ = ("dtype", "offset", "shape", "storage", "stride")
-
-    def __init__(self, storage: _StorageOut, offset: int, shape: tuple[int, ...], stride: tuple[int, ...]) -> None:
-        self.storage, self.offset, self.shape, self.stride = storage, offset, shape, stride
-        self.dtype = storage.dtype
-
-    def __reduce_ex__(self, protocol: Any) -> Any:
-        import torch
-
-        # Exactly the arguments torch's own Tensor.__reduce_ex__ gives, so torch.load reads it as its own.
-        args = (self.storage, self.offset, self.shape, self.stride, False, collections.OrderedDict())
-        dt = torch_dtype(self.dtype)
-        if dt in torch.storage._new_dtypes():
-            return torch._utils._rebuild_tensor_v3, (*args, dt)
-        return torch._utils._rebuild_tensor_v2, args
-
-
-class _ParameterOut:
-    __slots__ = ("data", "requires_grad")
-
-    def __init__(self, data: _TensorOut, requires_grad: bool) -> None:
-        self.data, self.requires_grad = data, requires_grad
-
-    def __reduce_ex__(self, protocol: Any) -> Any:
-        import torch
-
-        return torch._utils._rebuild_parameter, (self.data, self.requires_grad, collections.OrderedDict())
-
-
-_LEGACY_STORAGE = {v: k for k, v in dtypes.STORAGE_TYPES.items() if k != "UntypedStorage"}
-
-
-class _Pickler(pickle.Pickler):
-    def persistent_id(self, obj: Any) -> Any:
-        if type(obj) is not _StorageOut:
-            return None
-        import torch
-
-        name = _LEGACY_STORAGE.get(obj.dtype)
-        if name is None or torch_dtype(obj.dtype) in torch.storage._new_dtypes():
-            return ("storage", torch.UntypedStorage, obj.key, obj.location, obj.nbytes)
-        return ("storage", getattr(torch, name), obj.key, obj.location, obj.numel)
-
-
 def _exact_module_roles(items: list[PlanItem]) -> bool:
     """Write nn.Parameter objects (state_dict(keep_vars=True)) only where a reader sees exact roles again."""
     return parameters_keep_roles(items)
 
 
 def _write_torch(pending: PendingFile, plan: Plan, units: list[_Unit], feeder: _Feeder, root: str) -> int:
-    storages: dict[int, _StorageOut] = {}
-    state: collections.OrderedDict[str, Any] = collections.OrderedDict()
+    storages: dict[int, StorageOut] = {}
+    state: dict[str, TensorOut | ParameterOut] = {}
     keep_vars = _exact_module_roles(plan.items)
     for k, u in enumerate(units):
         location = u.leader.dst_device or "cpu"
         numel = u.storage_numel
-        storages[id(u)] = _StorageOut(str(k), u.dst_dtype, location, numel, u.out_nbytes())
+        storages[id(u)] = StorageOut(str(k), u.dst_dtype, location, numel, u.out_nbytes())
     for u in units:
         s = storages[id(u)]
         for item in u.items:
             offset, shape, stride = u.view_of(item)
-            t = _TensorOut(s, offset, shape, stride)
+            t = TensorOut(s, offset, shape, stride)
             if keep_vars and item.role == "parameter":
                 grad = item.source.requires_grad
-                state[item.name] = _ParameterOut(t, True if grad is None else grad)
+                state[item.name] = ParameterOut(t, True if grad is None else grad)
             else:
                 state[item.name] = t
     # Restore plan order: units group items, the state dict keeps the input's order.
-    ordered = collections.OrderedDict((i.name, state[i.name]) for i in plan.items)
-    buf = io.BytesIO()
-    _Pickler(buf, protocol=2).dump(ordered)
-    data = buf.getvalue()
-    writer = ZipWriter(pending)
-    try:
-        writer.add(f"{root}/data.pkl", len(data), [data])
-        for name, value in ((".format_version", b"1"), (".storage_alignment", b"64"), ("byteorder", b"little")):
-            writer.add(f"{root}/{name}", len(value), [value])
-        written = 0
-        for u in units:
-            s = storages[id(u)]
-            writer.add(f"{root}/data/{s.key}", s.nbytes, feeder.storage(u))
-            written += s.nbytes
-        writer.add(f"{root}/version", 2, [b"3\n"])
-        sid = str(zlib.crc32(data)).rjust(20, "0").encode()
-        writer.add(f"{root}/.data/serialization_id", len(sid), [sid])
-        writer.close()
-    finally:
-        writer.shutdown()
-    return written
+    ordered = {i.name: state[i.name] for i in plan.items}
+    return write_torch_zip(pending, root, ordered, ((storages[id(u)], feeder.storage(u)) for u in units))
 
 
 @dataclass(slots=True)
@@ -411,34 +221,15 @@ class _StEntry:
     nbytes: int
 
 
-def _role_metadata(items: list[PlanItem], aliases: dict[str, str]) -> str:
+def _safetensors_header(entries: list[_StEntry], items: list[PlanItem], aliases: dict[str, str]) -> bytes:
     roles = {i.name: i.role for i in items if i.exact}
     grads = {i.name: i.source.requires_grad for i in items if i.source.requires_grad is not None}
-    doc: dict[str, Any] = {"schema": ROLES_SCHEMA}
-    if roles:
-        doc["roles"] = roles
-    if grads:
-        doc["requires_grad"] = grads
-    if aliases:
-        doc["aliases"] = aliases
-    return json.dumps(doc, separators=(",", ":"), sort_keys=True)
+    metadata = {"format": "pt", METADATA_KEY: roles_metadata(roles, grads, aliases)}
+    return st_header(((e.item.name, e.item.dst_dtype, e.item.shape, e.nbytes) for e in entries), metadata)
 
 
-def _safetensors_header(entries: list[_StEntry], items: list[PlanItem], aliases: dict[str, str]) -> bytes:
-    header: dict[str, Any] = {
-        "__metadata__": {"format": "pt", METADATA_KEY: _role_metadata(items, aliases)},
-    }
-    pos = 0
-    for e in entries:
-        header[e.item.name] = {
-            "dtype": dtypes.SAFETENSORS_CODES[e.item.dst_dtype],
-            "shape": list(e.item.shape),
-            "data_offsets": [pos, pos + e.nbytes],
-        }
-        pos += e.nbytes
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
-    return len(raw).to_bytes(8, "little") + raw
+def _size(e: _StEntry) -> int:
+    return e.nbytes
 
 
 def _st_layout(plan: Plan, units: list[_Unit]) -> tuple[list[_StEntry], dict[str, str]]:
@@ -454,18 +245,6 @@ def _st_layout(plan: Plan, units: list[_Unit]) -> tuple[list[_StEntry], dict[str
     order = {id(u): k for k, u in enumerate(units)}
     entries.sort(key=lambda e: (-dtypes.DTYPES[e.item.dst_dtype].itemsize, order[id(e.unit)]))
     return entries, aliases
-
-
-def _shards(entries: list[_StEntry], max_size: int) -> list[list[_StEntry]]:
-    shards: list[list[_StEntry]] = [[]]
-    size = 0
-    for e in entries:
-        if shards[-1] and size + e.nbytes > max_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(e)
-        size += e.nbytes
-    return shards
 
 
 # ---------------------------------------------------------------- the conversion
@@ -556,40 +335,15 @@ class _Feeder:
         self.done_tensors += 1
 
 
-def _overflow_error(report: ConversionReport) -> CheckFailedError | None:
-    bad = [(name, s) for name, s in report.stats.items() if s.overflow or s.inf_changed]
-    if not bad:
-        return None
-    target = report.plan.target_dtype or ""
-    beyond = beyond_range(target)
-    no_inf = "" if beyond == "±inf" else ", which has no inf"
-    lines = ", ".join(f"{name} ({_out_of_range(s)})" for name, s in bad[:20])
-    more = f" and {len(bad) - 20} more" if len(bad) > 20 else ""
-    return CheckFailedError(
-        f"{count(len(bad), 'tensor')} would overflow to {beyond} in {target}{no_inf}: {lines}{more}. "
-        "Nothing was written. Keep them in their dtype with --exclude GLOB (or --keep-buffers), convert to a "
-        "wider dtype such as bf16, or accept it with --allow-overflow"
-    )
-
-
-def _out_of_range(s: CastStats) -> str:
-    """``2 values``, ``1 ±inf value`` or ``3 values, 1 of them ±inf``: what the target cannot hold."""
-    if not s.inf_changed:
-        return count(s.overflow, "value")
-    if not s.overflow:
-        return count(s.inf_changed, "±inf value")
-    return f"{s.overflow + s.inf_changed} values, {s.inf_changed} of them ±inf"
-
-
 def output_paths(plan: Plan) -> list[str]:
     """The files a plan will create (for sharded output, only known exactly once sizes are)."""
     if plan.output_format != "sharded":
         return [plan.output]
     units = build_units(plan)
     entries, _ = _st_layout(plan, units)
-    n = len(_shards(entries, plan.options.max_shard_size or DEFAULT_SHARD_SIZE))
+    n = len(split_by_size(entries, _size, plan.options.max_shard_size or DEFAULT_SHARD_SIZE))
     folder = plan.output
-    names = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    names = [shard_name(k, n) for k in range(n)]
     return [os.path.join(folder, x) for x in [*names, INDEX_NAME]]
 
 
@@ -633,7 +387,7 @@ def execute(plan: Plan, progress: Progress | None = None) -> ConversionReport:
             else:
                 _write_safetensors(plan, units, _Feeder(source, report, progress), report, pendings)
             # Overflow is known only once every value has been cast; the files are thrown away unnamed.
-            err = None if plan.options.allow_overflow else _overflow_error(report)
+            err = None if plan.options.allow_overflow else overflow_error(report.stats, report.plan.target_dtype or "")
             if err is not None:
                 raise err
             for p, _ in pendings:
@@ -699,29 +453,6 @@ def _stale_shards(folder: str, paths: list[str]) -> list[Finding]:
     ]
 
 
-def range_findings(stats: dict[str, CastStats], target: str | None) -> list[Finding]:
-    """Overflow (allowed), underflow, infinities the target has no inf for, and NaN/inf already in the
-    input that the output keeps, one finding per tensor and kind."""
-    out = FindingCap()  # a million tensors that all overflow: a hundred findings and a count
-    for name, s in stats.items():
-        beyond = beyond_range(target) if target and (s.overflow or s.nonfinite) else "±inf"
-        if s.overflow:
-            msg = f"{name}: {count(s.overflow, 'value')} became {beyond} in {target}"
-            out.add(Finding("warning", "overflow", msg))
-        if s.underflow:
-            msg = f"{name}: {s.underflow} non-zero values became zero in {target}"
-            out.add(Finding("warning", "underflow", msg))
-        if s.inf_changed:
-            infs = count(s.inf_changed, "±inf value")
-            msg = f"{name}: {infs} in the input became {beyond} in {target}, which has no inf"
-            out.add(Finding("warning", "inf-changed", msg))
-        kept = s.nonfinite - s.inf_changed
-        if kept:
-            what = count(kept, "NaN/inf value" if beyond == "±inf" else "NaN value")  # without an inf only NaN is kept
-            out.add(Finding("info", "nonfinite-input", f"{name}: {what} in the input, kept"))
-    return out.findings()
-
-
 def _write_safetensors(
     plan: Plan,
     units: list[_Unit],
@@ -731,12 +462,12 @@ def _write_safetensors(
 ) -> None:
     entries, aliases = _st_layout(plan, units)
     sharded = plan.output_format == "sharded"
-    groups = _shards(entries, plan.options.max_shard_size or DEFAULT_SHARD_SIZE) if sharded else [entries]
+    groups = split_by_size(entries, _size, plan.options.max_shard_size or DEFAULT_SHARD_SIZE) if sharded else [entries]
     n = len(groups)
     views = collections.Counter(id(e.unit) for e in entries)
     weight_map: dict[str, str] = {}
     for k, group in enumerate(groups):
-        path = os.path.join(plan.output, f"model-{k + 1:05d}-of-{n:05d}.safetensors") if sharded else plan.output
+        path = os.path.join(plan.output, shard_name(k, n)) if sharded else plan.output
         shard_names = {e.item.name for e in group}
         shard_aliases = {a: t for a, t in aliases.items() if t in shard_names}
         shard_items = [i for i in plan.items if i.name in shard_names or i.name in shard_aliases]
@@ -749,8 +480,7 @@ def _write_safetensors(
             report.bytes_written += e.nbytes
             weight_map[e.item.name] = os.path.basename(path)
     if sharded:
-        index = {"metadata": {"total_size": report.bytes_written}, "weight_map": weight_map}
-        body = (json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+        body = index_bytes(report.bytes_written, weight_map)
         pending = PendingFile(os.path.join(plan.output, INDEX_NAME))
         pendings.append((pending, "index"))
         pending.write(body)
@@ -851,7 +581,7 @@ def load_units(plan: Plan, units: list[_Unit], device: str) -> dict[str, Any]:
             for item in u.items:
                 offset, shape, stride = u.view_of(item)
                 out[item.name] = view(base, offset, shape, stride)
-    err = None if plan.options.allow_overflow else _overflow_error(report)
+    err = None if plan.options.allow_overflow else overflow_error(report.stats, report.plan.target_dtype or "")
     if err is not None:
         raise CheckFailedError(err.message.replace("Nothing was written. ", ""))
     return {i.name: out[i.name] for i in plan.items}

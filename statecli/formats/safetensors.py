@@ -47,12 +47,14 @@ half-trusted metadata would present guesses as facts.
 
 from __future__ import annotations
 
+import json
 import os
 import struct
+from collections.abc import Iterable
 from typing import Any
 
 from statecli.clip import describe, quote
-from statecli.dtypes import DTYPES, SAFETENSORS_DTYPES, contiguous_strides
+from statecli.dtypes import DTYPES, SAFETENSORS_CODES, SAFETENSORS_DTYPES, contiguous_strides
 from statecli.errors import InputError, LimitExceededError, UnsupportedFormatError
 from statecli.files import open_regular
 from statecli.formats._json import load_object
@@ -63,7 +65,9 @@ __all__ = [
     "MAX_HEADER_BYTES",
     "METADATA_KEY",
     "ROLES_SCHEMA",
+    "header",
     "read_safetensors",
+    "roles_metadata",
     "tensor_spans",
 ]
 
@@ -367,3 +371,32 @@ def tensor_spans(path: str) -> dict[str, tuple[int, int]]:
         _, _, begin, end = _parse_entry(path, name, entry)
         spans[name] = (8 + n + begin, 8 + n + end)
     return spans
+
+
+# ---------------------------------------------------------------- writing
+
+
+def roles_metadata(roles: dict[str, str], grads: dict[str, bool], aliases: dict[str, str]) -> str:
+    """statecli's own ``__metadata__`` entry: exact roles, ``requires_grad`` and tied names, which
+    safetensors has no field for and the reader above reads back."""
+    doc: dict[str, Any] = {"schema": ROLES_SCHEMA}
+    if roles:
+        doc["roles"] = roles
+    if grads:
+        doc["requires_grad"] = grads
+    if aliases:
+        doc["aliases"] = aliases
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True)
+
+
+def header(entries: Iterable[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str]) -> bytes:
+    """A safetensors header for ``(name, dtype, shape, nbytes)`` entries stored back to back, in order;
+    the tensor bytes follow it in the same order."""
+    doc: dict[str, Any] = {"__metadata__": metadata}
+    pos = 0
+    for name, dtype, shape, nbytes in entries:
+        doc[name] = {"dtype": SAFETENSORS_CODES[dtype], "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+        pos += nbytes
+    raw = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+    return len(raw).to_bytes(8, "little") + raw

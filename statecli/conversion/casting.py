@@ -1,0 +1,184 @@
+"""Cast maths: a dtype cast done in chunks, with overflow, underflow and NaN/inf counted, never guessed.
+
+torch is imported when called; nothing here reads or writes a file.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from statecli.errors import CheckFailedError
+from statecli.records import Finding, FindingCap
+from statecli.tensors.views import torch_dtype
+from statecli.wording import count
+
+if TYPE_CHECKING:
+    import torch
+
+_CHUNK_ELEMENTS = 8 << 20
+
+
+@dataclass(slots=True)
+class CastStats:
+    """What a cast did to the values: counted, never guessed."""
+
+    overflow: int = 0  # finite values that became ±inf (±448 in float8_e4m3fn, NaN in the fnuz formats)
+    underflow: int = 0  # finite non-zero values that became zero
+    nonfinite: int = 0  # NaN/inf already in the input (reported, not created)
+    inf_changed: int = 0  # of those, ±inf the target has no inf for: became ±max or NaN, not kept
+
+    def add(self, other: CastStats) -> None:
+        self.overflow += other.overflow
+        self.underflow += other.underflow
+        self.nonfinite += other.nonfinite
+        self.inf_changed += other.inf_changed
+
+
+def _real(dt: torch.dtype) -> torch.dtype:
+    """The real dtype of a complex one's parts; a real dtype itself."""
+    import torch
+
+    return {torch.complex32: torch.float16, torch.complex64: torch.float32, torch.complex128: torch.float64}.get(dt, dt)
+
+
+def _checkable(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in a dtype whose reductions torch implements on CPU (not float8, not complex32)."""
+    import torch
+
+    if t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128):
+        return t
+    return t.to(torch.complex64 if t.is_complex() else torch.float32)
+
+
+@functools.cache
+def _limits(dst_dtype: torch.dtype) -> tuple[float, float | None, bool]:
+    """(largest magnitude that surely survives the cast, saturation threshold or None, has an inf).
+
+    float8_e4m3fn has no inf and torch's cast saturates at ±448: overflow leaves no inf to count, so it
+    is counted from the input. Halfway to the next step above 448 (480) is where a value stops merely
+    rounding to 448: beyond 464 the cast changed the value. Whether the target has an inf is asked of
+    torch itself (float8_e4m3fn makes an inf ±448; float8_e4m3fnuz and float8_e5m2fnuz make it NaN).
+    """
+    import torch
+
+    info = torch.finfo(_real(dst_dtype))
+    has_inf = math.isinf(_inf_becomes(dst_dtype))
+    return float(info.max), 464.0 if dst_dtype == torch.float8_e4m3fn else None, has_inf
+
+
+@functools.cache
+def _inf_becomes(dt: torch.dtype) -> float:
+    """What torch's cast to ``dt`` makes of +inf: inf, the largest finite value (float8_e4m3fn) or NaN."""
+    import torch
+
+    return float(torch.tensor(float("inf")).to(_real(dt)).to(torch.float64))
+
+
+def beyond_range(target: str) -> str:
+    """What a value beyond ``target``'s range (and an inf) becomes: ``±inf``, ``±448`` or ``NaN``, as torch casts."""
+    got = _inf_becomes(torch_dtype(target))
+    if math.isinf(got):
+        return "±inf"
+    if math.isnan(got):
+        return "NaN"
+    return f"±{got:g}"
+
+
+def _count_range(s: torch.Tensor, o: torch.Tensor, dst_dtype: torch.dtype, stats: CastStats) -> None:
+    """Add one chunk's overflow, underflow and NaN/inf counts (``o`` is ``s`` cast)."""
+    import torch
+
+    safe, saturate, has_inf = _limits(dst_dtype)
+    sc = _checkable(s)
+    oc = _checkable(o)
+    size = sc.numel()
+    if size:
+        real = torch.view_as_real(sc) if sc.is_complex() else sc
+        # One min/max pass clears almost every chunk: isfinite is ~30x slower than aminmax on CPU.
+        # An inf fails it too, so counting infs the target cannot hold costs nothing in the common case.
+        lo, hi = torch.aminmax(real)
+        if not (float(lo) >= -safe and float(hi) <= safe):  # NaN fails both comparisons
+            bad_in = size - int(torch.count_nonzero(torch.isfinite(sc)))
+            stats.nonfinite += bad_in
+            if bad_in and not has_inf:  # complex targets all have inf: only a real source gets here
+                stats.inf_changed += int(torch.count_nonzero(torch.isinf(real)))
+            if saturate is not None:
+                stats.overflow += int(torch.count_nonzero((real.abs() > saturate) & torch.isfinite(real)))
+            else:
+                # A non-finite input stays non-finite (an inf may become NaN), so the difference is what
+                # the cast broke.
+                stats.overflow += size - int(torch.count_nonzero(torch.isfinite(oc))) - bad_in
+    # A zero stays zero, so the difference is what flushed to zero; the input is scanned only when needed.
+    zero_out = size - int(torch.count_nonzero(oc))
+    if zero_out:
+        stats.underflow += zero_out - (size - int(torch.count_nonzero(sc)))
+
+
+def cast(src: torch.Tensor, dst_dtype: torch.dtype) -> tuple[torch.Tensor, CastStats]:
+    """``src`` (contiguous) cast to ``dst_dtype`` in chunks, counting overflow, underflow and NaN/inf."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "ComplexHalf support is experimental": complex32 is what was asked
+        out = torch.empty(src.shape, dtype=dst_dtype)  # the loop below copies into every element
+    stats = CastStats()
+    flat_s = src.reshape(-1)
+    flat_o = out.view(-1)
+    for lo in range(0, flat_s.numel(), _CHUNK_ELEMENTS):
+        s = flat_s[lo : lo + _CHUNK_ELEMENTS]
+        o = flat_o[lo : lo + _CHUNK_ELEMENTS]
+        o.copy_(s)
+        _count_range(s, o, dst_dtype, stats)
+    return out, stats
+
+
+def overflow_error(stats: dict[str, CastStats], target: str) -> CheckFailedError | None:
+    """The error that stops a conversion whose casts overflowed (exit 1), or None."""
+    bad = [(name, s) for name, s in stats.items() if s.overflow or s.inf_changed]
+    if not bad:
+        return None
+    beyond = beyond_range(target)
+    no_inf = "" if beyond == "±inf" else ", which has no inf"
+    lines = ", ".join(f"{name} ({_out_of_range(s)})" for name, s in bad[:20])
+    more = f" and {len(bad) - 20} more" if len(bad) > 20 else ""
+    return CheckFailedError(
+        f"{count(len(bad), 'tensor')} would overflow to {beyond} in {target}{no_inf}: {lines}{more}. "
+        "Nothing was written. Keep them in their dtype with --exclude GLOB (or --keep-buffers), convert to a "
+        "wider dtype such as bf16, or accept it with --allow-overflow"
+    )
+
+
+def _out_of_range(s: CastStats) -> str:
+    """``2 values``, ``1 ±inf value`` or ``3 values, 1 of them ±inf``: what the target cannot hold."""
+    if not s.inf_changed:
+        return count(s.overflow, "value")
+    if not s.overflow:
+        return count(s.inf_changed, "±inf value")
+    return f"{s.overflow + s.inf_changed} values, {s.inf_changed} of them ±inf"
+
+
+def range_findings(stats: dict[str, CastStats], target: str | None) -> list[Finding]:
+    """Overflow (allowed), underflow, infinities the target has no inf for, and NaN/inf already in the
+    input that the output keeps, one finding per tensor and kind."""
+    out = FindingCap()  # a million tensors that all overflow: a hundred findings and a count
+    for name, s in stats.items():
+        beyond = beyond_range(target) if target and (s.overflow or s.nonfinite) else "±inf"
+        if s.overflow:
+            msg = f"{name}: {count(s.overflow, 'value')} became {beyond} in {target}"
+            out.add(Finding("warning", "overflow", msg))
+        if s.underflow:
+            msg = f"{name}: {s.underflow} non-zero values became zero in {target}"
+            out.add(Finding("warning", "underflow", msg))
+        if s.inf_changed:
+            infs = count(s.inf_changed, "±inf value")
+            msg = f"{name}: {infs} in the input became {beyond} in {target}, which has no inf"
+            out.add(Finding("warning", "inf-changed", msg))
+        kept = s.nonfinite - s.inf_changed
+        if kept:
+            what = count(kept, "NaN/inf value" if beyond == "±inf" else "NaN value")  # without an inf only NaN is kept
+            out.add(Finding("info", "nonfinite-input", f"{name}: {what} in the input, kept"))
+    return out.findings()
