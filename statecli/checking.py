@@ -39,10 +39,15 @@ from typing import Any
 
 from statecli import dtypes
 from statecli.clip import describe
+from statecli.diff import diff
 from statecli.errors import UsageError
 from statecli.files import open_regular
 from statecli.formats import read
+from statecli.model_match import build_model, match
 from statecli.records import ROLES, Report, TensorInfo
+from statecli.schema import compare, load_schema
+from statecli.sizes import parse_size as parse
+from statecli.stats import compute
 
 SCHEMA = "statecli.check/1"
 VALUE_RULES = ("no_nan", "no_inf", "absmax")
@@ -163,8 +168,6 @@ def canonical_dtypes(where: str, names: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def parse_size(where: str, value: Any) -> int:
-    from statecli.sizes import parse_size as parse
-
     if isinstance(value, bool):
         raise _bad(where, f"'max_size' must be a size like \"2GB\" or a number of bytes, got {value!r}")
     if isinstance(value, int) and value > 0:
@@ -389,8 +392,6 @@ def run(report: Report, policy: Policy, progress: Callable[[int, int], None] | N
         results.extend(_apply(rs, scoped, stats))
 
     if policy.schema is not None:
-        from statecli.schema import compare, load_schema
-
         diffs = compare(report, load_schema(policy.schema))
         r = RuleResult("schema", "all tensors", f"matches {policy.schema}", len(tensors))
         r.failures = [Failure(d.name, d.message, d.found) for d in diffs]
@@ -417,7 +418,6 @@ def _value_stats(report: Report, policy: Policy, progress: Callable[[int, int], 
     wanted = [rs for rs in policy.sets if rs.no_nan or rs.no_inf or rs.absmax is not None]
     if not wanted:
         return {}
-    from statecli.stats import compute
 
     def keep(t: TensorInfo) -> bool:
         return any(rs.covers(t) for rs in wanted)
@@ -501,8 +501,6 @@ def _apply(rs: RuleSet, scoped: list[TensorInfo], stats: dict[str, Any]) -> list
 
 
 def _model_rule(report: Report, spec: str) -> RuleResult:
-    from statecli.model_match import build_model, match
-
     m = match(report, build_model(spec))
     r = RuleResult("model", "all tensors", f"loads into {spec} (strict)", m.file_keys)
     for name in m.missing:
@@ -531,8 +529,6 @@ def _reference_rules(report: Report, policy: Policy) -> list[RuleResult]:
 
 
 def _reference_rule(report: Report, reference: Report, policy: Policy) -> RuleResult:
-    from statecli.diff import diff
-
     assert policy.reference is not None
     atol, rtol = policy.atol or 0.0, policy.rtol or 0.0
     d = diff(report, reference, atol=atol, rtol=rtol).to_dict()

@@ -29,6 +29,7 @@ from statecli.clip import describe_name, quote
 from statecli.errors import UsageError
 from statecli.formats import read
 from statecli.records import Finding, FindingCap, Report, TensorInfo, cap_findings
+from statecli.tensors.values import StorageReader, iter_values, readable
 from statecli.wording import count, name_list
 
 if TYPE_CHECKING:
@@ -537,8 +538,6 @@ def _compare_values(
     rtol: float,
 ) -> None:
     """Fill the value fields of ``diffs``: A streamed in file order, B read by name alongside."""
-    from statecli.tensors.values import StorageReader, iter_values, readable
-
     compare = {t.name: n for n, t in side_a.items() if n in diffs and "shape" not in diffs[n].differences}
     if not compare:
         return

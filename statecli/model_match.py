@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from statecli.dtypes import DTYPES
 from statecli.errors import UsageError
-from statecli.records import Report
+from statecli.records import Report, Summary
 
 if TYPE_CHECKING:
     from torch import nn
@@ -538,8 +538,6 @@ def with_model_roles(report: Report, m: ModelMatch) -> Report:
     """``report`` with the roles the model states (exact, evidence ``model``) for the tensors it knows,
     and ``requires_grad`` from the model's parameters where the file stores none."""
     import dataclasses
-
-    from statecli.records import Summary
 
     non_persistent = set(m.non_persistent)
     tensors = []

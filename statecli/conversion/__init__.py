@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from statecli.conversion.execute import CastStats, ConversionReport, Progress
+from statecli.conversion.casting import CastStats
+from statecli.conversion.execute import ConversionReport, Progress, build_units, execute, load_units
 from statecli.conversion.plan import ConvertOptions, Dropped, Plan, PlanItem, build_plan
 from statecli.errors import UsageError
 from statecli.formats import read
@@ -69,8 +70,6 @@ def convert(
     ``keep_buffers=True``, ``max_shard_size="2GB"``, ...). Raises a :class:`statecli.StatecliError`
     carrying its exit code: 1 overflow, 2 bad option, 3 bad input, 4 output not written.
     """
-    from statecli.conversion.execute import execute
-
     return execute(plan(src, dst, **options), progress)
 
 
@@ -87,7 +86,5 @@ def load(
     result as they did in the file. ``options`` takes the other :class:`ConvertOptions` fields
     (``keep_buffers``, ``only``, ``exclude``, ``strip_prefix``, ``allow_overflow``, ...).
     """
-    from statecli.conversion.execute import build_units, load_units
-
     p = plan(path, "statecli.load.pt", dtype=dtype, device=device, select=select, output_format="torch", **options)
     return load_units(p, build_units(p), device or "cpu")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from statecli.dtypes import DTYPES, STORAGE_TYPES, contiguous_strides
 from statecli.errors import InputError, StatecliError
-from statecli.formats.dcp import MAX_CHUNK_PICKLE, tiling_problem
+from statecli.formats.dcp import MAX_CHUNK_PICKLE, chunk_map, tiling_problem
 from statecli.records import Report, TensorInfo
 from statecli.safepickle import Global, Limits, StorageRef, TensorRef, loads
 
@@ -33,8 +33,6 @@ class DcpValues:
     """Whole tensors of one DCP folder, by the names :func:`statecli.formats.dcp.read_dcp` gives them."""
 
     def __init__(self, report: Report) -> None:
-        from statecli.formats.dcp import chunk_map
-
         self.report = report
         self.folder = report.path
         self.chunks = chunk_map(report.path)
