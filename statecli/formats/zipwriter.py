@@ -11,11 +11,13 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from statecli.errors import InputError
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 ALIGNMENT = 64
 _LOCAL = struct.Struct("<4sHHHHHIIIHH")
@@ -55,6 +57,9 @@ class ZipWriter:
 
     def _crc_pool(self) -> ThreadPoolExecutor:
         if self._pool is None:
+            # Here, not at the top: this module sits on inspect's import path, which needs no threads.
+            from concurrent.futures import ThreadPoolExecutor
+
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="statecli-crc")
         return self._pool
 
