@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from statecli.conversion import execute as _execute  # the module: its function must not shadow it here
 from statecli.conversion.casting import CastStats
-from statecli.conversion.execute import ConversionReport, Progress, build_units, execute, load_units
+from statecli.conversion.execute import ConversionReport, Progress, build_units, load_units
 from statecli.conversion.plan import ConvertOptions, Dropped, Plan, PlanItem, build_plan
 from statecli.errors import UsageError
 from statecli.formats import read
@@ -30,61 +31,55 @@ __all__ = [
     "Progress",
     "convert",
     "load",
+    "options",
     "parse_size",
     "plan",
 ]
 
 
-def _options(options: dict[str, Any]) -> ConvertOptions:
+def options(**fields: Any) -> ConvertOptions:
+    """:class:`ConvertOptions` from the public API's keywords: one glob or several, sizes as ``"2GB"``."""
     for key in ("only", "exclude", "strip_prefix"):
-        value = options.get(key)
+        value = fields.get(key)
         if isinstance(value, str):
-            options[key] = (value,)
+            fields[key] = (value,)
         elif value is not None:
-            options[key] = tuple(value)
-    size = options.get("max_shard_size")
+            fields[key] = tuple(value)
+    size = fields.get("max_shard_size")
     if isinstance(size, str):
-        options["max_shard_size"] = parse_size(size)
+        fields["max_shard_size"] = parse_size(size)
     try:
-        return ConvertOptions(**options)
+        return ConvertOptions(**fields)
     except TypeError as e:
         raise UsageError(f"unknown conversion option: {e}") from None
 
 
-def plan(src: str | os.PathLike[str], dst: str | os.PathLike[str], **options: Any) -> Plan:
-    """What :func:`convert` would do, tensor by tensor; reads metadata only, writes nothing."""
+def plan(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], opts: ConvertOptions | None = None, **fields: Any
+) -> Plan:
+    """What :func:`convert` would do, tensor by tensor; reads metadata only, writes nothing. ``opts``, or
+    the fields of :class:`ConvertOptions` as keywords."""
     report = read(os.fspath(src))
     with gc_paused():
-        return build_plan(report, os.fspath(dst), _options(options))
+        return build_plan(report, os.fspath(dst), opts if opts is not None else options(**fields))
 
 
 def convert(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
     progress: Progress | None = None,
-    **options: Any,
+    opts: ConvertOptions | None = None,
+    **fields: Any,
 ) -> ConversionReport:
-    """Convert ``src`` into ``dst`` (a ``.safetensors`` or ``.pt`` file, or a folder for shards).
-
-    ``options`` are :class:`ConvertOptions`' fields (``dtype="bf16"``, ``device="cpu"``,
-    ``keep_buffers=True``, ``max_shard_size="2GB"``, ...). Raises a :class:`statecli.StatecliError`
-    carrying its exit code: 1 overflow, 2 bad option, 3 bad input, 4 output not written.
-    """
-    return execute(plan(src, dst, **options), progress)
+    """Convert ``src`` into ``dst`` (see :func:`statecli.convert`, which documents every option): ``opts``,
+    or the fields of :class:`ConvertOptions` as keywords."""
+    return _execute.execute(plan(src, dst, opts, **fields), progress)
 
 
-def load(
-    path: str | os.PathLike[str],
-    dtype: str | None = None,
-    device: str | None = None,
-    select: str | None = None,
-    **options: Any,
-) -> dict[str, torch.Tensor]:
-    """A state dict read from ``path`` with the conversion rules applied, on ``device`` (default cpu).
-
-    No pickle code runs: tensors are built from the file's bytes. Tied tensors share memory in the
-    result as they did in the file. ``options`` takes the other :class:`ConvertOptions` fields
-    (``keep_buffers``, ``only``, ``exclude``, ``strip_prefix``, ``allow_overflow``, ...).
-    """
-    p = plan(path, "statecli.load.pt", dtype=dtype, device=device, select=select, output_format="torch", **options)
-    return load_units(p, build_units(p), device or "cpu")
+def load(path: str | os.PathLike[str], opts: ConvertOptions | None = None, **fields: Any) -> dict[str, torch.Tensor]:
+    """A state dict with the conversion rules applied (see :func:`statecli.load`); each storage is
+    moved once, so ties hold."""
+    if opts is None:
+        opts = options(output_format="torch", **fields)
+    p = plan(path, "statecli.load.pt", opts)
+    return load_units(p, build_units(p), opts.device or "cpu")
