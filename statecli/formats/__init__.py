@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import traceback
 from collections.abc import Iterable
 
 from statecli.errors import InputError, LimitExceededError, UnsupportedFormatError
@@ -104,6 +105,9 @@ def _read_file(path: str, st: os.stat_result) -> RawCheckpoint:
             # file from its first byte. A payload there makes the file unsafe, not merely unreadable.
             from statecli.formats.unread import refuse_if_torch_would_run
 
+            # The failed parse's frames still hold its memo and objects (tens of MiB for a hostile pickle):
+            # free them before the second parse, keeping the traceback's lines for --debug.
+            traceback.clear_frames(e.__traceback__)
             refuse_if_torch_would_run(path, st.st_size, e, head.startswith(b"PK\x03\x04"))
         raise
 
