@@ -95,24 +95,11 @@ def convert(
         OutputError: The output cannot be written, or does not read back as planned (exit code 4).
         UnsafeError: The input names code that torch.load would run (exit code 5).
     """
+    # Every keyword but progress is a ConvertOptions field of the same name (test_api checks it).
+    fields = {k: v for k, v in locals().items() if k not in ("src", "dst", "progress")}
     from statecli import conversion  # here, not at the top: reading a checkpoint needs none of it
 
-    options = conversion.options(
-        dtype=dtype,
-        device=device,
-        keep_buffers=keep_buffers,
-        only=only,
-        exclude=exclude,
-        select=select,
-        strip_prefix=strip_prefix,
-        add_prefix=add_prefix,
-        allow_overflow=allow_overflow,
-        max_shard_size=max_shard_size,
-        output_format=output_format,
-        force=force,
-        verify=verify,
-    )
-    return conversion.convert(src, dst, progress, options)
+    return conversion.convert(src, dst, progress, conversion.options(**fields))
 
 
 def load(
@@ -152,21 +139,10 @@ def load(
         InputError: The checkpoint cannot be read (exit code 3).
         UnsafeError: The checkpoint names code that torch.load would run (exit code 5).
     """
+    fields = {k: v for k, v in locals().items() if k != "path"}
     from statecli import conversion  # here, not at the top: reading a checkpoint needs none of it
 
-    options = conversion.options(
-        dtype=dtype,
-        device=device,
-        select=select,
-        keep_buffers=keep_buffers,
-        only=only,
-        exclude=exclude,
-        strip_prefix=strip_prefix,
-        add_prefix=add_prefix,
-        allow_overflow=allow_overflow,
-        output_format="torch",
-    )
-    return conversion.load(path, options)
+    return conversion.load(path, conversion.options(output_format="torch", **fields))
 
 
 def check(path: PathLike, policy: Policy | PathLike | None = None) -> CheckResult:

@@ -48,3 +48,11 @@ def test_convert_and_load_take_globs_and_sizes_as_users_write_them(tmp_path: Pat
     assert [Path(f).name for f in report.files] == ["model-00001-of-00001.safetensors", "model.safetensors.index.json"]
     loaded = statecli.load(tmp_path / "out", dtype="fp16", exclude=["b"])
     assert loaded["w"].dtype == torch.float16 and loaded["b"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("fn", [statecli.convert, statecli.load], ids=lambda f: f.__name__)
+def test_every_conversion_keyword_is_a_convert_option(fn: object) -> None:
+    from statecli.conversion import ConvertOptions
+
+    names = set(inspect.signature(fn).parameters) - {"src", "dst", "path", "progress"}  # type: ignore[arg-type]
+    assert names <= set(ConvertOptions.__dataclass_fields__)
