@@ -83,6 +83,12 @@ def test_relative_links_lead_to_files(page: Path) -> None:
         assert (page.parent / path).exists(), f"{page.name} links to {target}, which does not exist"
 
 
+def test_every_page_is_in_the_site_navigation() -> None:
+    nav = (REPO / "mkdocs.yml").read_text(encoding="utf-8")
+    listed = set(re.findall(r":\s*(\S+\.md)\s*$", nav, re.MULTILINE))
+    assert listed == {p.name for p in PAGES}
+
+
 def _output_blocks() -> list[tuple[str, str, str]]:
     return [
         (page.name, m[1], m[2]) for page in [README, *PAGES] for m in OUTPUT_BLOCK.finditer(page.read_text("utf-8"))
