@@ -1,7 +1,7 @@
 """Evidence -> role. Exact sources (set by the readers) first, then named rules, then ``default``.
 
-Each rule has a name (reported as ``rule:<name>``), a test in tests/test_roles.py and a line in the
-README. A rule is a guess: its result is never marked exact.
+Each rule has a name (reported as ``rule:<name>``), a test in tests/test_roles.py and a line in
+docs/roles.md. A rule is a guess: its result is never marked exact.
 """
 
 from __future__ import annotations

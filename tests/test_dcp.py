@@ -452,7 +452,7 @@ def test_unknown_entry_types_are_a_warning(training_copy: Path) -> None:
 
 
 def test_bytes_entries_are_bytes_storage(samples_dir: Path) -> None:
-    # The sample holds what the README says: 13 pickled non-tensor entries beside the tensors.
+    # The sample holds what sample_models/README.md says: 13 pickled non-tensor entries beside the tensors.
     md = oracle_metadata(samples_dir / TRAINING)
     assert sum(isinstance(v, BytesStorageMetadata) for v in md.state_dict_metadata.values()) == 13
 

@@ -163,7 +163,7 @@ def test_cli_json_unread_tensor_is_null_not_zero() -> None:
     read = by_name["vector"]
     assert read["zeros"] == 1 and read["nan"] == 0 and read["histogram"]["counts"]
     assert doc["total"]["nan"] == 0 and doc["total"]["skipped"] is None and "histogram" in doc["total"]
-    # The README's recipes: `select(.nan > 0)` cannot mistake an unread tensor for a clean one, and
+    # The recipes in docs/stats.md: `select(.nan > 0)` cannot mistake an unread tensor for a clean one, and
     # `select(.skipped)` finds it.
     assert not [t for t in doc["tensors"] if t["nan"] == 0 and t["skipped"]]
     assert "quint8" in [t["name"] for t in doc["tensors"] if t["skipped"]]

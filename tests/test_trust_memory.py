@@ -39,7 +39,7 @@ sys.path.insert(0, str(HERE / "hostile"))
 from make_hostile import Asm, state_dict, torch_zip  # noqa: E402
 
 OPS = {op.name: op.code.encode("latin1") for op in pickletools.opcodes}
-BOUND = 64  # bytes of the reader's memory per pickle byte, the figure the README gives
+BOUND = 64  # bytes of the reader's memory per pickle byte, the figure docs/security.md gives
 NO_FLOOR = Limits(alloc_floor=0)  # the per-byte budget alone, as a large pickle sees it
 
 
