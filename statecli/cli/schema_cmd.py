@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from statecli.cli import _output
 from statecli.cli.options import PathArg
+from statecli.output import console
 
 
 def schema_command(path: PathArg) -> None:
@@ -21,5 +21,5 @@ def schema_command(path: PathArg) -> None:
     from statecli.schema import dumps, make_schema
 
     report = open_checkpoint(path)
-    _output.warn_dangerous(report)
-    _output.write(dumps(make_schema(report)))
+    console.warn_dangerous(report)
+    console.write(dumps(make_schema(report)))
