@@ -92,11 +92,6 @@ def shape_text(shape: Sequence[int], scalar: str = "scalar") -> str:
     return "×".join(str(d) for d in shape) if shape else scalar
 
 
-def record_shape(shape: Sequence[int]) -> str:
-    """``64x3x3`` in CSV and Markdown records; empty for a 0-dim tensor."""
-    return "x".join(str(d) for d in shape)
-
-
 def clean(text: str) -> str:
     """``text`` with control characters shown as escapes (``\\x1b``), so a name from a file cannot
     drive the terminal (hide what follows, set the clipboard, forge a line). Printable text is kept;
@@ -174,7 +169,7 @@ INSPECT_RECORD: tuple[Column[TensorInfo], ...] = (
     Column("persistent", lambda t: record_cell(t.persistent)),
     Column("requires_grad", lambda t: record_cell(t.requires_grad)),
     Column("dtype", attrgetter("dtype")),
-    Column("shape", lambda t: record_shape(t.shape)),
+    Column("shape", lambda t: shape_text(t.shape, "")),
     Column("numel", lambda t: str(t.numel), right=True),
     Column("nbytes", lambda t: str(t.nbytes), right=True),
     Column("device", lambda t: record_cell(t.device)),
@@ -278,7 +273,7 @@ def stats_row_style(t: TensorStats) -> str:
 def _field(name: str) -> Column[dict[str, Any]]:
     def cell(d: dict[str, Any]) -> str:
         v = d[name]
-        return record_shape(v) if isinstance(v, list) else record_cell(v)
+        return shape_text(v, "") if isinstance(v, list) else record_cell(v)
 
     return Column(name, cell)
 
@@ -373,8 +368,8 @@ DIFF_RECORD: tuple[Column[TensorDiff | OneSided], ...] = (
     Column("status", attrgetter("status")),
     _side("dtype_a", str),
     _side("dtype_b", str),
-    _side("shape_a", lambda s: record_shape(s)),
-    _side("shape_b", lambda s: record_shape(s)),
+    _side("shape_a", lambda s: shape_text(s, "")),
+    _side("shape_b", lambda s: shape_text(s, "")),
     *(
         Column(n, lambda t, get=attrgetter(n): _computed(get(t)))
         for n in ("max_abs", "max_rel", "cosine", "equal", "within_tolerance", "mismatched")
