@@ -155,7 +155,7 @@ def check_command(
         statecli check new.pt --schema model.schema.json
         statecli check model.pt --role buffer --match '*running_var' --absmax 1e6 --format github
     """
-    from statecli import checking as core
+    from statecli import checking as core  # policy parsing and value rules: loaded by check alone
     from statecli import open_checkpoint
 
     flags = core.RuleSet(

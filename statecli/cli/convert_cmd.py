@@ -176,7 +176,7 @@ def convert_command(
         statecli convert big.pt -o out/ --max-shard-size 2GB
         statecli convert model.pt -o model-fp16.pt --dtype fp16 --dry-run
     """
-    from statecli import conversion as conv
+    from statecli import conversion as conv  # the writers and their checks: loaded by convert alone
 
     options = {
         "dtype": dtype,
@@ -198,7 +198,7 @@ def convert_command(
         emit.plan(plan, fmt.value, quiet)
         return
 
-    from statecli.conversion.engine import execute
+    from statecli.conversion.engine import execute  # imports torch: a dry run never does
 
     started = time.monotonic()
     total = sum(i.nbytes_out for i in plan.items if i.alias_of is None)

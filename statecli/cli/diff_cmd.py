@@ -105,7 +105,7 @@ def diff_command(
         statecli diff a.ckpt b.ckpt --format json | jq '.changed[] | select(.status == "differs") | .name'
     """
     import statecli
-    from statecli.diff import diff
+    from statecli.diff import diff  # reads values with torch: loaded by diff alone
 
     report_a = statecli.open_checkpoint(path_a)
     report_b = statecli.open_checkpoint(path_b)

@@ -93,7 +93,7 @@ def inspect_command(
 
 def _model_roles(spec: str) -> Callable[[Report], Report]:
     """Build the model once; for each file, match it, say on stderr what would not load, take its roles."""
-    from statecli.model_match import build_model, match, with_model_roles
+    from statecli.model_match import build_model, match, with_model_roles  # imports torch: --model only
 
     model = build_model(spec)
 

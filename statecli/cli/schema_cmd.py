@@ -18,7 +18,7 @@ def schema_command(path: PathArg) -> None:
         statecli check new.pt --schema model.schema.json
     """
     from statecli import open_checkpoint
-    from statecli.schema import dumps, make_schema
+    from statecli.schema import dumps, make_schema  # loaded by schema alone
 
     report = open_checkpoint(path)
     console.warn_dangerous(report)

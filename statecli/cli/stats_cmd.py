@@ -53,7 +53,7 @@ def stats_command(
         statecli stats model.pt --format json | jq '.tensors[] | select(.nan > 0) | .name'
         statecli stats model.pt --format json | jq '.tensors[] | select(.skipped) | .name'
     """
-    from statecli.stats import compute
+    from statecli.stats import compute  # reads values with torch: loaded by stats alone
 
     report = open_selected(path, role, match, None)
     bar = console.progress_bar("reading", sum(t.nbytes for t in report.tensors), len(report.tensors))

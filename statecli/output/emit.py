@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from statecli.output import console, formats
+from statecli.output.columns import clean, human_bytes
+from statecli.tree import build_tree, tree_dict
 from statecli.wording import count, name_list
 
 if TYPE_CHECKING:
@@ -39,7 +41,7 @@ def notes(findings: Sequence[Finding]) -> None:
 def report(report: Report, fmt: str, summary: bool, legend: bool, first: bool, several: bool) -> None:
     """One file's table or Markdown, as soon as it is read (JSON and CSV wait for all: see :func:`reports`)."""
     if fmt == "table":
-        from statecli.output import table
+        from statecli.output import table  # rich: only a table pays for importing it
 
         _print(table.report_view(report, summary, legend), first)
     elif fmt == "markdown":
@@ -58,14 +60,13 @@ def reports(reports: Sequence[Report], fmt: str, several: bool) -> None:
 
 
 def tree(report: Report, depth: int, fmt: str) -> None:
-    from statecli import tree as tree_core
 
     if fmt == "json":
-        console.write(formats.to_json(tree_core.tree_dict(report, depth)))
+        console.write(formats.to_json(tree_dict(report, depth)))
         return
-    from statecli.output import table
+    from statecli.output import table  # rich: only a table pays for importing it
 
-    root = tree_core.build_tree(report.tensors, depth, report.storage_sizes)
+    root = build_tree(report.tensors, depth, report.storage_sizes)
     _print(table.tree(root, report.path), soft_wrap=False)
 
 
@@ -83,7 +84,7 @@ def stats(result: StatsReport, fmt: str, histogram: bool) -> None:
     elif fmt == "markdown":
         console.write(formats.stats_markdown(result))
     else:
-        from statecli.output import table
+        from statecli.output import table  # rich: only a table pays for importing it
 
         _print(table.stats_view(result, histogram))
 
@@ -97,7 +98,7 @@ def diff(result: DiffReport, fmt: str, show_all: bool) -> None:
     elif fmt == "markdown":
         console.write(formats.diff_markdown(result, show_all))
     else:
-        from statecli.output import table
+        from statecli.output import table  # rich: only a table pays for importing it
 
         _print(table.diff_view(result, show_all))
 
@@ -123,7 +124,7 @@ def check_notes(result: CheckResult) -> None:
 
 
 def check(checked: Sequence[CheckResult | Unreadable], fmt: str, several: bool) -> None:
-    from statecli.checking import Unreadable
+    from statecli.checking import Unreadable  # checking reads policy files: loaded by check alone
 
     if fmt == "json":
         docs = [c.to_dict() for c in checked]
@@ -135,7 +136,7 @@ def check(checked: Sequence[CheckResult | Unreadable], fmt: str, several: bool) 
     elif fmt == "html":
         console.write(formats.check_html(checked))
     else:
-        from statecli.output import table
+        from statecli.output import table  # rich: only a table pays for importing it
 
         results = [c for c in checked if not isinstance(c, Unreadable)]
         for i, r in enumerate(results):  # an unreadable file is on stderr, where a person reads it
@@ -157,8 +158,6 @@ def _closing(line: str) -> None:
     """The closing line for people: a message, so on stderr (stdout stays the data's), unprefixed."""
     from rich.text import Text  # a person reads this line; --quiet and json runs never import rich for it
 
-    from statecli.output.columns import clean
-
     console.stderr_console().print(Text(clean(line)), soft_wrap=True)
 
 
@@ -168,7 +167,7 @@ def plan(plan: Plan, fmt: str, quiet: bool) -> None:
     if fmt == "json":
         console.write(formats.to_json(plan.to_dict()))
     else:
-        from statecli.output import table
+        from statecli.output import table  # rich: only a table pays for importing it
 
         _print(table.plan_table(plan))
     notes(plan.notes)
@@ -182,8 +181,6 @@ def conversion(plan: Plan, result: ConversionReport, elapsed: float, fmt: str, q
     if fmt == "json":
         console.write(formats.to_json(result.to_dict()))
     elif not quiet:
-        from statecli.output.columns import human_bytes
-
         checked = "values verified" if result.values_verified else "names, shapes, dtypes and roles checked"
         where = result.files[0] if len(result.files) == 1 else f"{plan.output} ({len(result.files)} files)"
         _closing(

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from statecli.output import columns as C
 from statecli.output.columns import Column, clean
 from statecli.records import Report
+from statecli.util import gc_paused
 
 if TYPE_CHECKING:
     from statecli.checking import CheckResult, Unreadable
@@ -32,8 +33,6 @@ def to_json(data: Any) -> str:
 
     Indenting switches ``json`` to its pure-Python encoder: 2.4 s instead of 0.6 s for 100,000 tensors.
     """
-    from statecli.util import gc_paused
-
     with gc_paused():
         if sys.stdout.isatty():
             return json.dumps(data, indent=2) + "\n"
@@ -45,8 +44,6 @@ def reports_json(reports: Sequence[Report], many: bool) -> str:
     if sys.stdout.isatty():
         data = [r.to_dict() for r in reports]
         return to_json(data if many else data[0])
-    from statecli.util import gc_paused
-
     with gc_paused():
         texts = [r.to_json() for r in reports]
     return (f"[{', '.join(texts)}]" if many else texts[0]) + "\n"
@@ -202,9 +199,9 @@ def junit(checked: Sequence[CheckResult | Unreadable]) -> str:
     Every text from a file (tensor names in messages, paths, globs) goes through :func:`clean`: XML 1.0
     cannot hold most control characters, even as references, so they are written as ``\\x1b`` text.
     """
-    import xml.etree.ElementTree as ET
+    import xml.etree.ElementTree as ET  # pyexpat: only --format junit needs it
 
-    from statecli.checking import Unreadable
+    from statecli.checking import Unreadable  # checking reads policy files: loaded by check alone
 
     results = [c for c in checked if not isinstance(c, Unreadable)]
     errors = len(checked) - len(results)
@@ -251,7 +248,7 @@ def _gh_escape(text: str, prop: bool = False) -> str:
 def github(result: CheckResult | Unreadable) -> str:
     """GitHub Actions workflow commands: one ``::error`` per failure, one ``::warning`` per allowed finding,
     a ``::notice`` when all pass; one ``::error`` for a file that could not be checked."""
-    from statecli.checking import Unreadable
+    from statecli.checking import Unreadable  # checking reads policy files: loaded by check alone
 
     file = _gh_escape(result.path, prop=True)
     if isinstance(result, Unreadable):
@@ -274,8 +271,8 @@ def check_html(checked: Sequence[CheckResult | Unreadable]) -> str:
     """The table view of every file, as a self-contained HTML page with inline styles."""
     from rich.console import Console  # only this format draws with rich
 
-    from statecli.checking import Unreadable
-    from statecli.output import table
+    from statecli.checking import Unreadable  # checking reads policy files: loaded by check alone
+    from statecli.output import table  # rich: only this format pays for it
 
     console = Console(record=True, width=120, file=io.StringIO(), force_terminal=True)
     for c in checked:

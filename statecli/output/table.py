@@ -42,6 +42,7 @@ from statecli.output.columns import (
     shape_text,
     stat_text,
 )
+from statecli.output.formats import diff_summary
 from statecli.records import Report, TensorInfo, Totals
 from statecli.tree import TreeNode
 from statecli.wording import count, name_list
@@ -293,8 +294,6 @@ def stats_view(report: StatsReport, with_histograms: bool) -> Group:
 
 def diff_view(report: DiffReport, show_all: bool = False) -> Group:
     """The grid of tensors that differ (all with ``show_all``) under an ``A → B`` title, then the summary line."""
-    from statecli.output.formats import diff_summary
-
     title = f"{report.path_a} → {report.path_b}"
     items = C.diff_items(report, show_all)
     parts: list[RenderableType] = [Grid(title, C.DIFF_TABLE, items), Text()] if items else [Text(title, style="bold")]
