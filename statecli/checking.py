@@ -50,6 +50,8 @@ from statecli.sizes import parse_size as parse
 from statecli.stats import compute
 
 SCHEMA = "statecli.check/1"
+# Rules whose failure refuses the file as unsafe (exit 5) rather than failing the check (exit 1).
+UNSAFE_RULES = ("no_dangerous_globals", "no_unknown_globals")
 VALUE_RULES = ("no_nan", "no_inf", "absmax")
 GLOBAL_ONLY = ("max_size", "schema", "model", "reference", "atol", "rtol", "allow_dangerous", "strict_globals")
 _SCOPED = ("dtype", "device", "no_nan", "no_inf", "absmax", "required", "forbidden", "require_exact_roles")
@@ -348,6 +350,14 @@ class CheckResult:
     def passed(self) -> bool:
         return all(r.passed for r in self.results)
 
+    @property
+    def exit_code(self) -> int:
+        """0 when every rule passes; 5 (refused as unsafe) when a pickle-globals rule fails; else 1."""
+        if self.passed:
+            return 0
+        unsafe = any(not r.passed for r in self.results if r.rule in UNSAFE_RULES)
+        return 5 if unsafe else 1
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema": SCHEMA,
@@ -357,6 +367,28 @@ class CheckResult:
             "passed": self.passed,
             "rules": [r.to_dict() for r in self.results],
         }
+
+
+class Unreadable:
+    """A path given with others that could not be checked: the error stderr reported, kept for the report so
+    that a CI report names every file it was given. Its exit code is the error's (3 unreadable, 5 unsafe)."""
+
+    __slots__ = ("exit_code", "message", "path")
+
+    def __init__(self, path: str, message: str, exit_code: int) -> None:
+        self.path = path
+        self.message = message
+        self.exit_code = exit_code
+
+    def to_dict(self) -> dict[str, Any]:
+        # Additive to statecli.check/1: no "rules"; "passed" false, so a reader of "passed" alone still fails it.
+        error = {"message": self.message, "exit_code": self.exit_code}
+        return {"schema": SCHEMA, "path": self.path, "passed": False, "error": error}
+
+
+def exit_code(checked: list[CheckResult | Unreadable]) -> int:
+    """The worst of the files' exit codes: 5 unsafe, 3 unreadable, 1 a rule failed, 0 all passed."""
+    return max((c.exit_code for c in checked), default=0)
 
 
 # ----------------------------------------------------------------------------------------------- running

@@ -20,8 +20,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from statecli.cli import _output
 from statecli.cli.main import app
+from statecli.output import columns, formats
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 TIED = SAMPLES / "tied_lm.pt"
@@ -91,7 +91,7 @@ def test_inspect_csv_reads_back_every_name(named: Path) -> None:
     names = json_names("inspect", str(named))
     assert {*NAMES} - {""} <= {*names}  # the JSON's names are the file's (the empty key is shown as "(root)")
     assert [r[0] for r in rows[1:]] == names
-    assert all(len(r) == len(_output.COLUMNS) for r in rows)
+    assert all(len(r) == len(columns.INSPECT_RECORD) for r in rows)
     assert out.count("\r") == 2  # CR kept inside quoted cells, rows end in LF
     assert '"cr\rx",' in out and "\r\n" not in out.replace('"crlf\r\nz"', "")
 
@@ -123,16 +123,16 @@ def test_stats_csv_reads_back_every_name(named: Path) -> None:
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 1000])
 def test_csv_text_quotes_cr_in_any_chunk(monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
-    monkeypatch.setattr(_output, "_CSV_CHUNK", chunk)
+    monkeypatch.setattr(formats, "_CSV_CHUNK", chunk)
     rows = [["a", "b"], ["c\rd", "e"], ["f", "g,h"], ["", "i\r"], ["j", "\r\n"], ["k", ""]]
-    text = _output.csv_text(["x", "y"], iter(rows))
+    text = formats.csv_text(["x", "y"], iter(rows))
     assert csv_rows(text) == [["x", "y"], *rows]
     assert text.startswith("x,y\na,b\n") and text.endswith("\nk,\n")  # ordinary rows as before: unquoted, LF
     assert '"c\rd",e\n' in text and ',"i\r"\n' in text
 
 
 def test_csv_text_with_no_rows() -> None:
-    assert _output.csv_text(["x", "y"], []) == "x,y\n"
+    assert formats.csv_text(["x", "y"], []) == "x,y\n"
 
 
 # ------------------------------------------------------------------------------------------ Markdown
@@ -195,12 +195,12 @@ def test_stats_markdown_shows_every_name(named: Path) -> None:
     "text", ["x", "`", "``", "a`b", "`a", "a`", "a``b`", " a ", " a", "a ", "  ", " ", " `` ", "a\\b", "x\\"]
 )
 def test_code_span_reads_back(text: str) -> None:
-    cell = _output.code_span(text)
+    cell = formats.code_span(text)
     assert rendered_first_cells(f"| h |\n|---|\n| {cell} |\n") == [text]
 
 
 def test_md_cell_puts_a_cell_on_one_line() -> None:
-    assert _output.md_cell("a|b\rc\nd\r\ne") == "a\\|b c d  e"
+    assert formats.md_cell("a|b\rc\nd\r\ne") == "a\\|b c d  e"
 
 
 # --------------------------------------------------------------------------------------------- check

@@ -50,11 +50,11 @@ def test_columns_env_fits_the_table_without_wrapping(samples_dir: Path) -> None:
 def test_trimmed_stream_keeps_every_character_but_trailing_blanks(monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
     import io
 
-    from statecli.cli import _output
+    from statecli.output import console
 
-    monkeypatch.setattr(_output, "_CHUNK", chunk)
+    monkeypatch.setattr(console, "_CHUNK", chunk)
     out = io.StringIO()
-    stream = _output._TrimmedLines(out)
+    stream = console._TrimmedLines(out)
     pieces = ["a  b   \nlong line without end ", "   still it  \n\n   \n", "x" * 30 + " \n", "open  "]
     for p in pieces:
         stream.write(p)

@@ -1,4 +1,4 @@
-"""statecli.render: the renderables, checked as text on a fixed-width console."""
+"""statecli.output.table: the renderables, checked as text on a fixed-width console."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import io
 import pytest
 from rich.console import Console, RenderableType
 
-from statecli import render
+from statecli.output import columns
+from statecli.output import table as render
 from statecli.records import Container, Finding, Report, Summary, TensorInfo
 from statecli.tree import build_tree
 
@@ -158,7 +159,7 @@ def test_dangerous_findings_are_bold_red() -> None:
     ],
 )
 def test_human_bytes(n: int, text: str) -> None:
-    assert render.human_bytes(n) == text
+    assert columns.human_bytes(n) == text
 
 
 @pytest.mark.parametrize(

@@ -214,7 +214,7 @@ def test_tree_json_adds_the_sharing_fields() -> None:
 
 
 def test_tree_table_marks_shared_tensors_and_views() -> None:
-    from statecli import render
+    from statecli.output import table as render
 
     tensors = (*TIED, s("slice", "data/9", 2))
     text = text_of(render.tree(build_tree(tensors, 3, {"data/9": 40}), "m.pt"))
@@ -262,7 +262,8 @@ def percentages(text: str) -> dict[str, float]:
 
 
 def test_tied_lm_totals_are_inspects_bytes_in_storages(samples_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from statecli import render
+    from statecli.output import columns
+    from statecli.output import table as render
 
     monkeypatch.chdir(samples_dir)
     report = statecli.open_checkpoint("tied_lm.pt")
@@ -279,8 +280,8 @@ def test_tied_lm_totals_are_inspects_bytes_in_storages(samples_dir: Path, monkey
         assert sum(c["nbytes"] for c in root["children"]) + listed == storage
     text = tree_cli("tied_lm.pt")
     inspect_line = next(x for x in text_of(render.summary(report)).splitlines() if "in storages" in x)
-    assert f"{render.human_bytes(storage)} in storages" in inspect_line
-    assert text.splitlines()[0].startswith(f"tied_lm.pt  {render.human_bytes(storage)}  ")
+    assert f"{columns.human_bytes(storage)} in storages" in inspect_line
+    assert text.splitlines()[0].startswith(f"tied_lm.pt  {columns.human_bytes(storage)}  ")
     assert "(1 shared · 17.0 KiB logical)" in text.splitlines()[0]
     lm_head = text.splitlines().index(next(x for x in text.splitlines() if x.startswith("└── lm_head")))
     assert text.splitlines()[lm_head + 1].endswith("4.0 KiB  shares storage with embed.weight (counted there)")

@@ -1,6 +1,6 @@
 """The command line: a Typer app (:mod:`statecli.cli.main`) and one thin module per command.
 
 Commands parse arguments, call the core (:func:`statecli.open_checkpoint`, :mod:`statecli.tree`) and hand
-the records to the output layer (:mod:`statecli.cli._output`, :mod:`statecli.render`). Nothing here
+the result to the output layer (:mod:`statecli.output.emit`). Nothing here
 imports torch; rich is imported only when something is drawn.
 """

@@ -6,8 +6,8 @@ import os
 from collections.abc import Callable
 
 import statecli
-from statecli.cli import _output
 from statecli.cli.options import Role
+from statecli.output import console
 from statecli.records import Report
 
 
@@ -24,7 +24,7 @@ def open_selected(
     if adopt is not None:
         full = adopt(full)  # e.g. roles from --model, before filtering by role
     report = full.select([r.value for r in roles] if roles else None, match, dtypes)
-    _output.warn_dangerous(report)
+    console.warn_dangerous(report)
     if not report.tensors and full.tensors:
-        _output.note(f"{full.path}: no tensor matches the filters ({len(full.tensors)} in the file)")
+        console.note(f"{full.path}: no tensor matches the filters ({len(full.tensors)} in the file)")
     return report

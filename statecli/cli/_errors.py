@@ -22,8 +22,8 @@ import typer
 from typer._click.exceptions import ClickException, NoArgsIsHelpError
 from typer.core import TyperGroup
 
-from statecli.cli import _output
 from statecli.errors import InputError, OutputError, StatecliError
+from statecli.output import console
 
 INTERNAL_EXIT = 3
 
@@ -32,7 +32,7 @@ def report_error(err: StatecliError, debug: bool = False) -> int:
     """Print ``err`` as one stderr line (a traceback first with ``debug``); return its exit code."""
     if debug:
         _print_traceback(err)
-    _output.error(str(err))
+    console.error(str(err))
     return err.exit_code
 
 
@@ -40,7 +40,7 @@ def report_internal(exc: BaseException, debug: bool = False) -> int:
     if debug:
         _print_traceback(exc)
     hint = "" if debug else " (re-run with --debug for a traceback)"
-    _output.message("internal error", f"{type(exc).__name__}: {exc}{hint}", "bold red")
+    console.message("internal error", f"{type(exc).__name__}: {exc}{hint}", "bold red")
     return INTERNAL_EXIT
 
 
@@ -81,7 +81,7 @@ def report_usage(exc: ClickException) -> int:
     """A command-line parsing error as one stderr line, like every other error; return its exit code."""
     ctx = getattr(exc, "ctx", None)
     where = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
-    _output.error(exc.format_message().rstrip(".") + where)
+    console.error(exc.format_message().rstrip(".") + where)
     return exc.exit_code
 
 
@@ -100,7 +100,7 @@ class StatecliGroup(TyperGroup):
         except ClickException as exc:
             sys.exit(report_usage(exc))
         except typer.Abort:
-            _output.error("aborted")
+            console.error("aborted")
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
 

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import io
 import os
 from enum import Enum
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from statecli.cli import _output
 from statecli.cli._errors import report_error
 from statecli.cli.options import MatchOpt, ModelOpt, PathsArg, RoleOpt
 from statecli.errors import StatecliError
-from statecli.wording import count, name_list
+from statecli.output import console, emit
 
 if TYPE_CHECKING:
-    from statecli.checking import CheckResult
+    from statecli.checking import CheckResult, Unreadable
 
 RULES = "Rules (apply to the tensors --match / --role select)"
 CHECKPOINT = "Whole-checkpoint rules"
@@ -157,7 +155,7 @@ def check_command(
         statecli check new.pt --schema model.schema.json
         statecli check model.pt --role buffer --match '*running_var' --absmax 1e6 --format github
     """
-    from statecli import checking as core
+    from statecli import checking as core  # policy parsing and value rules: loaded by check alone
     from statecli import open_checkpoint
 
     flags = core.RuleSet(
@@ -186,181 +184,25 @@ def check_command(
     file = policy if policy is not None else (None if no_policy else core.discover_policy())
     if file is not None:
         if policy is None:
-            _output.note(f"using the policy in {file} (--no-policy to ignore it)")
+            console.note(f"using the policy in {file} (--no-policy to ignore it)")
         from_flags = core.load_policy(file).merge(from_flags)
 
     debug = bool(ctx.find_root().params.get("debug"))
     checked: list[CheckResult | Unreadable] = []
-    worst = 0
     for path in paths:
         try:
             report = open_checkpoint(path)
             if from_flags.allow_dangerous:
-                _output.warn_dangerous(report)  # allowed, yet a user must not miss it (as every other command)
+                console.warn_dangerous(report)  # allowed, yet a user must not miss it (as every other command)
             result = core.run(report, from_flags)
-            for r in result.results:
-                if r.rule == "no_dangerous_globals" and r.scope == "reference":
-                    for f in r.allowed:  # the checked file's own were warned about above
-                        _output.warning(f.message)
-                if r.rule == "selects_tensors":
-                    for f in r.failures:
-                        _output.warning(f"{result.path}: {f.message}")
-                if r.unread:
-                    _output.note(
-                        f"{result.path}: {r.id}: {count(len(r.unread), 'tensor')} not checked, their values are not "
-                        f"read (quantized, packed or unknown dtypes): {name_list(r.unread, 5)}"
-                    )
+            emit.check_notes(result)
             checked.append(result)
         except StatecliError as err:
             if len(paths) == 1:
                 raise  # the app's error mapping reports it
-            worst = max(worst, report_error(err, debug))  # an unreadable file fails the gate, the rest still run
-            checked.append(Unreadable(os.fspath(path), str(err), err.exit_code))
-    _render(checked, fmt, several=len(paths) > 1)
-    results = [c for c in checked if not isinstance(c, Unreadable)]
-    unsafe = any(
-        not r.passed for res in results for r in res.results if r.rule in ("no_dangerous_globals", "no_unknown_globals")
-    )
-    failed = 0 if all(r.passed for r in results) else (5 if unsafe else 1)  # 5: refused as unsafe
-    code = max(worst, failed)
+            report_error(err, debug)  # an unreadable file fails the gate, the rest still run
+            checked.append(core.Unreadable(os.fspath(path), str(err), err.exit_code))
+    emit.check(checked, fmt.value, several=len(paths) > 1)
+    code = core.exit_code(checked)
     if code:
         raise typer.Exit(code)
-
-
-class Unreadable:
-    """A path given with others that could not be checked: the error stderr reported, kept for the report so
-    that a CI report names every file it was given."""
-
-    # A plain class: a dataclass is built at import, and every command pays for check's imports.
-    __slots__ = ("exit_code", "message", "path")
-
-    def __init__(self, path: str, message: str, exit_code: int) -> None:
-        self.path = path
-        self.message = message
-        self.exit_code = exit_code
-
-    def to_dict(self) -> dict[str, Any]:
-        from statecli.checking import SCHEMA
-
-        # Additive to statecli.check/1: no "rules"; "passed" false, so a reader of "passed" alone still fails it.
-        error = {"message": self.message, "exit_code": self.exit_code}
-        return {"schema": SCHEMA, "path": self.path, "passed": False, "error": error}
-
-
-def _render(checked: list[CheckResult | Unreadable], fmt: CheckFormat, several: bool) -> None:
-    results = [c for c in checked if not isinstance(c, Unreadable)]
-    if fmt is CheckFormat.json:
-        docs = [c.to_dict() for c in checked]
-        _output.write(_output.to_json(docs if several else docs[0]))
-    elif fmt is CheckFormat.junit:
-        _output.write(junit(checked))
-    elif fmt is CheckFormat.github:
-        _output.write("".join(github(c) for c in checked))
-    elif fmt is CheckFormat.html:
-        from rich.console import Console
-
-        from statecli import render
-
-        console = Console(record=True, width=120, file=io.StringIO(), force_terminal=True)
-        for c in checked:
-            console.print(_unreadable_view(c) if isinstance(c, Unreadable) else render.check_view(c))
-        _output.write(console.export_html(inline_styles=True, theme=None))
-    else:
-        from statecli import render
-
-        for i, r in enumerate(results):  # an unreadable file is on stderr, where a person reads it
-            view = render.check_view(r)
-            console = _output.stdout_console(view)
-            if i:
-                console.print()
-            console.print(view, soft_wrap=True)
-
-
-def _unreadable_view(entry: Unreadable) -> Any:
-    """The file's name and the error, in the place its rules would have been: a report kept as an artifact
-    shows every file it was given."""
-    from rich.console import Group
-    from rich.text import Text
-
-    from statecli.render import clean
-
-    return Group(
-        Text(clean(entry.path), style="bold"),
-        Text(f"✘ not checked (exit {entry.exit_code}): {clean(entry.message)}", style="bold red"),
-        Text(),
-    )
-
-
-def junit(checked: list[CheckResult | Unreadable]) -> str:
-    """JUnit XML: a suite per checkpoint, a test case per rule, a failure listing each offender; a file that
-    could not be checked is a suite whose one case is an ``error``.
-
-    Every text from a file (tensor names in messages, paths, globs) goes through :func:`statecli.render.clean`:
-    XML 1.0 cannot hold most control characters, even as references, so they are written as ``\\x1b`` text.
-    """
-    import xml.etree.ElementTree as ET
-
-    from statecli.render import clean
-
-    results = [c for c in checked if not isinstance(c, Unreadable)]
-    errors = len(checked) - len(results)
-    tests = sum(len(res.results) for res in results) + errors
-    failed = sum(1 for res in results for r in res.results if not r.passed)
-    suites = ET.Element("testsuites", name="statecli check", tests=str(tests), failures=str(failed), errors=str(errors))
-    for res in checked:
-        name = f"statecli check {clean(res.path)}"
-        if isinstance(res, Unreadable):
-            suite = ET.SubElement(suites, "testsuite", name=name, tests="1", failures="0", errors="1")
-            case = ET.SubElement(suite, "testcase", classname="statecli.check.read", name=f"read: {clean(res.path)}")
-            error = ET.SubElement(case, "error", message=clean(res.message), type=f"exit {res.exit_code}")
-            error.text = clean(res.message)
-            continue
-        n_failed = sum(1 for r in res.results if not r.passed)
-        suite = ET.SubElement(
-            suites, "testsuite", name=name, tests=str(len(res.results)), failures=str(n_failed), errors="0"
-        )
-        for r in res.results:
-            case = ET.SubElement(
-                suite, "testcase", classname=f"statecli.check.{r.rule}", name=clean(f"{r.id}: {r.expected}")
-            )
-            if not r.passed:
-                head = f"{len(r.failures)} failure{'s' if len(r.failures) != 1 else ''}: {r.failures[0].message}"
-                fail = ET.SubElement(case, "failure", message=clean(head), type=r.rule)
-                fail.text = "\n".join(clean(f.message) for f in r.failures)
-            if r.allowed:
-                # JUnit has no "passed with a warning"; the case passes and its output names what was allowed.
-                out = ET.SubElement(case, "system-out")
-                out.text = "\n".join(f"allowed: {clean(f.message)}" for f in r.allowed)
-    ET.indent(suites)
-    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
-
-
-def _gh_escape(text: str, prop: bool = False) -> str:
-    """A workflow-command value on one line. Control characters are shown as ``\\x1b`` text first: the
-    command is printed in the job's log, where an escape sequence from a name would be obeyed."""
-    from statecli.render import clean
-
-    text = clean(text).replace("%", "%25")  # clean leaves no CR or LF to encode as %0D, %0A
-    if prop:
-        text = text.replace(":", "%3A").replace(",", "%2C")
-    return text
-
-
-def github(result: CheckResult | Unreadable) -> str:
-    """GitHub Actions workflow commands: one ``::error`` per failure, one ``::warning`` per allowed finding,
-    a ``::notice`` when all pass; one ``::error`` for a file that could not be checked."""
-    file = _gh_escape(result.path, prop=True)
-    if isinstance(result, Unreadable):
-        return f"::error file={file},title=statecli check%3A not checked::{_gh_escape(result.message)}\n"
-    lines = []
-    for r in result.results:
-        for f in r.failures:
-            title = _gh_escape(f"statecli check: {r.id}", prop=True)
-            lines.append(f"::error file={file},title={title}::{_gh_escape(f.message)}")
-        for f in r.allowed:
-            title = _gh_escape(f"statecli check: {r.id} (allowed)", prop=True)
-            lines.append(f"::warning file={file},title={title}::{_gh_escape(f.message)}")
-    if result.passed:
-        n = len(result.results)
-        lines.append(f"::notice file={file},title=statecli check::{n} rule{'' if n == 1 else 's'} passed")
-    return "\n".join(lines) + "\n"

@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import time
 from enum import Enum
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
-from statecli.cli import _output
 from statecli.cli.options import PathArg
-
-if TYPE_CHECKING:
-    from collections.abc import Sequence
-
-    from statecli.conversion.plan import Plan
-    from statecli.records import Finding
+from statecli.output import console, emit
 
 SELECTION = "Selection and names"
 DTYPE = "Dtype and device"
@@ -182,7 +176,7 @@ def convert_command(
         statecli convert big.pt -o out/ --max-shard-size 2GB
         statecli convert model.pt -o model-fp16.pt --dtype fp16 --dry-run
     """
-    from statecli import conversion as conv
+    from statecli import conversion as conv  # the writers and their checks: loaded by convert alone
 
     options = {
         "dtype": dtype,
@@ -199,68 +193,19 @@ def convert_command(
         "verify": verify,
     }
     plan = conv.plan(path, output, **options)
-    _output.warn_dangerous(plan.report)  # nothing of it runs, and the output holds only tensors
+    console.warn_dangerous(plan.report)  # nothing of it runs, and the output holds only tensors
     if dry_run:
-        # The plan is the data of a dry run; what it leaves out, and that nothing was written, are
-        # messages, on stderr with the same words a real run uses.
-        if fmt is ConvertFormat.json:
-            _output.write(_output.to_json(plan.to_dict()))
-        else:
-            _print(plan)
-        _notes(plan.notes)
-        if fmt is ConvertFormat.table and not quiet:
-            _summary(f"would write {plan.output}: {len(plan.items)} tensors{_casts(plan)}; nothing written (dry run)")
+        emit.plan(plan, fmt.value, quiet)
         return
 
-    from statecli.conversion.execute import execute
+    from statecli.conversion.execute import execute  # here: the conversion modules cost the other commands' start-up
 
     started = time.monotonic()
     total = sum(i.nbytes_out for i in plan.items if i.alias_of is None)
-    progress_bar = _output.progress_bar("converting", total, len(plan.items), quiet)
+    progress_bar = console.progress_bar("converting", total, len(plan.items), quiet)
     try:
         result = execute(plan, progress_bar.update if progress_bar else None)
     finally:
         if progress_bar is not None:
             progress_bar.stop()
-    elapsed = time.monotonic() - started
-    _notes([*result.findings, *plan.notes])
-    if fmt is ConvertFormat.json:
-        _output.write(_output.to_json(result.to_dict()))
-    elif not quiet:
-        from statecli.render import human_bytes
-
-        checked = "values verified" if result.values_verified else "names, shapes, dtypes and roles checked"
-        where = result.files[0] if len(result.files) == 1 else f"{plan.output} ({len(result.files)} files)"
-        _summary(
-            f"wrote {where}: {len(plan.items)} tensors{_casts(plan)}, {human_bytes(result.bytes_written)} "
-            f"in {elapsed:.1f} s; {checked}"
-        )
-
-
-def _casts(plan: Plan) -> str:
-    """`` (14 cast to bfloat16)`` when a dtype was asked for."""
-    if not plan.target_dtype:
-        return ""
-    casts = sum(1 for i in plan.items if i.action == "cast")
-    return f" ({casts} cast to {plan.target_dtype})"
-
-
-def _notes(findings: Sequence[Finding]) -> None:
-    for n in findings:
-        (_output.warning if n.level == "warning" else _output.note)(n.message)
-
-
-def _summary(line: str) -> None:
-    """The closing line for people: a message, so on stderr (stdout stays the data's), unprefixed."""
-    from rich.text import Text
-
-    from statecli.render import clean
-
-    _output.stderr_console().print(Text(clean(line)), soft_wrap=True)
-
-
-def _print(plan: Plan) -> None:
-    from statecli import render
-
-    view = render.PlanGrid(plan)  # the data of a dry run; what is left out and the closing line are messages
-    _output.stdout_console(view).print(view, soft_wrap=True)
+    emit.conversion(plan, result, time.monotonic() - started, fmt.value, quiet)

@@ -7,7 +7,6 @@ from collections.abc import Callable
 
 import typer
 
-from statecli.cli import _output
 from statecli.cli._common import open_selected
 from statecli.cli._errors import report_error
 from statecli.cli.options import (
@@ -24,6 +23,7 @@ from statecli.cli.options import (
     SummaryOpt,
 )
 from statecli.errors import StatecliError
+from statecli.output import console, emit
 from statecli.records import ROLES, Report, TensorInfo
 
 _SORT_KEYS = {
@@ -85,21 +85,15 @@ def inspect_command(
             worst = max(worst, report_error(err, debug))
             continue
         reports.append(selected)
-        if fmt is OutputFormat.table:
-            _print_table(selected, summary, legend, first=len(reports) == 1)
-        elif fmt is OutputFormat.markdown:
-            _output.write(("" if len(reports) == 1 else "\n") + _markdown(selected, len(paths) > 1))
-    if fmt is OutputFormat.json:
-        _output.write(_output.reports_json(reports, many=len(paths) > 1))
-    elif fmt is OutputFormat.csv:
-        _output.write(_output.to_csv(reports, with_path=len(paths) > 1))
+        emit.report(selected, fmt.value, summary, legend, first=len(reports) == 1, several=len(paths) > 1)
+    emit.reports(reports, fmt.value, several=len(paths) > 1)
     if worst:
         raise typer.Exit(worst)
 
 
 def _model_roles(spec: str) -> Callable[[Report], Report]:
     """Build the model once; for each file, match it, say on stderr what would not load, take its roles."""
-    from statecli.model_match import build_model, match, with_model_roles
+    from statecli.model_match import build_model, match, with_model_roles  # imports torch: --model only
 
     model = build_model(spec)
 
@@ -108,38 +102,23 @@ def _model_roles(spec: str) -> Callable[[Report], Report]:
         problems = [f"{len(m.missing)} missing", f"{len(m.unexpected)} unexpected"]
         problems.append(f"{len(m.shape_mismatch)} shape mismatch{'es' if len(m.shape_mismatch) != 1 else ''}")
         if m.ok:
-            _output.note(f"{report.path}: loads into {spec} (strict); roles from the model")
+            console.note(f"{report.path}: loads into {spec} (strict); roles from the model")
         else:
-            _output.warning(f"{report.path}: would not load into {spec}: {', '.join(problems)}")
+            console.warning(f"{report.path}: would not load into {spec}: {', '.join(problems)}")
             for name in m.missing[:10]:
-                _output.warning(f"missing: {name}")
+                console.warning(f"missing: {name}")
             for name in m.unexpected[:10]:
-                _output.warning(f"unexpected: {name}")
+                console.warning(f"unexpected: {name}")
             for sm in m.shape_mismatch[:10]:
-                _output.warning(f"shape: {sm.name} is {list(sm.file_shape)}, the model wants {list(sm.model_shape)}")
+                console.warning(f"shape: {sm.name} is {list(sm.file_shape)}, the model wants {list(sm.model_shape)}")
         for dm in m.dtype_mismatch:
-            say = _output.warning if dm.level == "warning" else _output.note
+            say = console.warning if dm.level == "warning" else console.note
             say(f"dtype: {dm.name} is {dm.file_dtype}, the model's is {dm.model_dtype}")
         if m.non_persistent:
             names = ", ".join(m.non_persistent[:8])
-            _output.note(f"the model's non-persistent buffers are not saved in state dicts (none needed): {names}")
+            console.note(f"the model's non-persistent buffers are not saved in state dicts (none needed): {names}")
         for tip in m.suggestions:
-            _output.note(tip)
+            console.note(tip)
         return with_model_roles(report, m)
 
     return adopt
-
-
-def _markdown(report: Report, heading: bool) -> str:
-    text = _output.to_markdown(report)
-    return f"### {report.path}\n\n{text}" if heading else text
-
-
-def _print_table(report: Report, summary: bool, legend: bool, first: bool) -> None:
-    from statecli import render
-
-    view = render.report_view(report, summary, legend)
-    console = _output.stdout_console(view)
-    if not first:
-        console.print()
-    console.print(view, soft_wrap=True)  # the grid fits itself to the width; skip rich's per-line cropping

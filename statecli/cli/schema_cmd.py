@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from statecli.cli import _output
 from statecli.cli.options import PathArg
+from statecli.output import console
 
 
 def schema_command(path: PathArg) -> None:
@@ -18,8 +18,8 @@ def schema_command(path: PathArg) -> None:
         statecli check new.pt --schema model.schema.json
     """
     from statecli import open_checkpoint
-    from statecli.schema import dumps, make_schema
+    from statecli.schema import dumps, make_schema  # loaded by schema alone
 
     report = open_checkpoint(path)
-    _output.warn_dangerous(report)
-    _output.write(dumps(make_schema(report)))
+    console.warn_dangerous(report)
+    console.write(dumps(make_schema(report)))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from statecli import tree as tree_core
-from statecli.cli import _output
 from statecli.cli._common import open_selected
 from statecli.cli.options import (
     DepthOpt,
@@ -14,6 +13,7 @@ from statecli.cli.options import (
     TreeFormat,
     TreeFormatOpt,
 )
+from statecli.output import emit
 
 
 def tree_command(
@@ -38,12 +38,4 @@ def tree_command(
         statecli tree model.safetensors --depth 1 --role buffer
         statecli tree ckpt.pt --format json | jq '.root.children[].name'
     """
-    report = open_selected(path, role, match, dtype)
-    if fmt is TreeFormat.json:
-        _output.write(_output.to_json(tree_core.tree_dict(report, depth)))
-        return
-    from statecli import render
-
-    root = tree_core.build_tree(report.tensors, depth, report.storage_sizes)
-    view = render.tree(root, report.path)
-    _output.stdout_console(view).print(view)
+    emit.tree(open_selected(path, role, match, dtype), depth, fmt.value)

@@ -199,8 +199,9 @@ def _run(
     seconds: float | None,
 ) -> str:
     import statecli
-    from statecli import checking, render, schema, stats, tree
+    from statecli import checking, schema, stats, tree
     from statecli import diff as diff_mod
+    from statecli.output import table as render
 
     watched = path if path.is_dir() else path.parent
     before = snapshot(watched)
@@ -255,7 +256,7 @@ def _run(
         def values() -> None:
             result = stats.compute(opened(), None, 8 if histogram else 0)
             json.dumps(result.to_dict())
-            _render(render.StatsGrid(result))
+            _render(render.stats_table(result))
 
         step("stats", values)
     if "check" in commands:

@@ -980,7 +980,7 @@ def _(d: Path) -> Path:
 # harness leaves them out of its seeds so it looks for new problems.
 KNOWN: dict[str, str] = {
     # Both fixed in the working tree while this suite was written (statecli/roles.py caps shares_with,
-    # statecli/render.py escapes names); listed here, they failed with the reasons given:
+    # statecli/output/table.py escapes names); listed here, they failed with the reasons given:
     # "tied_tensor_fanout": "roles.resolve gives every tensor a tuple of all its sharers' names: quadratic",
     # "terminal_escape_in_tensor_name": "the table prints tensor names raw: an escape sequence reaches the terminal",
 }

@@ -1,4 +1,5 @@
-"""rich renderables for reports and trees. Every function returns a renderable; the caller prints it.
+"""rich renderables for every result: grids built from :mod:`statecli.output.columns`, trees, views.
+Every function returns a renderable; the caller prints it.
 
 Strings that come from a checkpoint (tensor names, paths, keys, metadata, finding messages) are put in
 :class:`rich.text.Text` objects, never into markup strings: rich then never reads ``[bold]`` or
@@ -8,8 +9,8 @@ Strings that come from a checkpoint (tensor names, paths, keys, metadata, findin
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from rich.cells import cell_len
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
@@ -21,40 +22,35 @@ from rich.text import Text
 from rich.tree import Tree
 
 if TYPE_CHECKING:
-    from statecli.checking import CheckResult
-    from statecli.conversion.execute import CastStats
-    from statecli.conversion.plan import Plan, PlanItem
-    from statecli.stats import StatsReport, TensorStats
+    from statecli.checking import CheckResult, Unreadable
+    from statecli.conversion import CastStats, Plan
+    from statecli.diff import DiffReport
+    from statecli.stats import StatsReport
 
-from statecli.clip import describe, describe_name, printable
+from statecli.clip import describe, describe_name
+from statecli.output import columns as C
+from statecli.output.columns import (
+    EXACT_MARK,
+    INFERRED_MARK,
+    NON_PERSISTENT,
+    ROLE_STYLES,
+    UNKNOWN,
+    Column,
+    clean,
+    human_bytes,
+    role_label,
+    shape_text,
+    stat_text,
+)
+from statecli.output.formats import diff_summary
 from statecli.records import Report, TensorInfo, Totals
 from statecli.tree import TreeNode
 from statecli.wording import count, name_list
 
-EXACT_MARK = "●"
-NON_PERSISTENT = "np"
-INFERRED_MARK = "○"
-UNKNOWN = "—"
-
-ROLE_STYLES = {"parameter": "green", "buffer": "cyan", "other": "magenta"}
 LEVEL_STYLES = {"info": "blue", "warning": "yellow", "dangerous": "bold red"}
-GRAD_STYLES = {"trainable": "green", "frozen": "blue", "no grad": "dim", "requires grad": "yellow", UNKNOWN: "dim"}
 
 BAR_CELLS = 10
 _EIGHTHS = " ▏▎▍▌▋▊▉"
-_UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
-
-
-def human_bytes(n: int) -> str:
-    """``256 B``, ``1.5 KiB``, ``3.2 MiB`` (powers of 1024)."""
-    if abs(n) < 1024:
-        return f"{n} B"
-    value = float(n)
-    for unit in _UNITS:
-        value /= 1024
-        if abs(round(value, 1)) < 1024 or unit == _UNITS[-1]:
-            return f"{value:.1f} {unit}"
-    raise AssertionError("unreachable")
 
 
 def bar(fraction: float, cells: int = BAR_CELLS) -> str:
@@ -66,27 +62,9 @@ def bar(fraction: float, cells: int = BAR_CELLS) -> str:
     return text.ljust(cells)
 
 
-def role_label(t: TensorInfo) -> str:
-    """``parameter ●`` (exact) or ``buffer ○`` (inferred); ``np`` after a non-persistent buffer."""
-    label = f"{t.role} {EXACT_MARK if t.exact else INFERRED_MARK}"
-    return f"{label} {NON_PERSISTENT}" if t.persistent is False else label
-
-
 def role_text(t: TensorInfo) -> Text:
     """:func:`role_label`, coloured by role."""
     return Text(role_label(t), style=ROLE_STYLES.get(t.role, ""))
-
-
-def shape_text(shape: Sequence[int]) -> str:
-    """``64×3×3``; ``scalar`` for a 0-dim tensor."""
-    return "×".join(str(d) for d in shape) if shape else "scalar"
-
-
-def clean(text: str) -> str:
-    """``text`` with control characters shown as escapes (``\\x1b``), so a name from a file cannot
-    drive the terminal (hide what follows, set the clipboard, forge a line). Printable text is kept;
-    the same rule as :func:`statecli.safepickle.printable`, which error messages use."""
-    return printable(text)
 
 
 def _width(text: str) -> int:
@@ -118,43 +96,33 @@ def measure_columns(headers: list[str], rows: list[list[str]]) -> tuple[list[int
     return widths, narrow
 
 
-class TensorGrid:
-    """The tensor table: a title, a header, a rule, one aligned line per tensor.
+class Grid:
+    """A result's table from its column set: a title, a header, a rule, one aligned line per item.
 
     Not a ``rich.table.Table``: that measures, wraps and pads every cell through several layers,
     1.4 ms a row here (three minutes for 100,000 tensors). This computes each column's width once,
-    never wraps; on a terminal too narrow for it, it leaves out optional columns and shortens names (see :meth:`fit`).
+    never wraps; on a terminal too narrow for it, it leaves out the columns marked ``hide`` and
+    shortens the first column's names (see :meth:`fit`).
     """
 
     GAP = "  "
-    RIGHT = frozenset({5, 6})  # Numel, Size
-    # Columns a narrow terminal may leave out, first to go first; the rest always show.
-    OPTIONAL: tuple[str, ...] = ("Numel", "Evidence", "Grad", "Device", "Shares")
 
-    def __init__(self, report: Report) -> None:
-        self.title = report.path
-        self.tensors = report.tensors
-        shares = any(t.shares_with for t in report.tensors)
-        self.headers = ["Name", "Role", "Evidence", "DType", "Shape", "Numel", "Size", "Device", "Grad"]
-        if shares:
-            self.headers.append("Shares")
-        self.rows: list[list[str]] = []
-        for t in report.tensors:
-            row = [
-                t.name or "''",  # torch allows a key '' (JSON and CSV keep it empty; a blank cell reads as missing)
-                role_label(t),
-                t.evidence,
-                t.dtype,
-                shape_text(t.shape),
-                f"{t.numel:,}",
-                human_bytes(t.nbytes),
-                t.device if t.device is not None else UNKNOWN,
-                t.trainable,
-            ]
-            if shares:
-                # At most a few names a row: 100,000 tensors on one storage list 64 sharers each (JSON has them).
-                row.append(name_list(t.shares_with, MAX_SHARERS_SHOWN))
-            self.rows.append(row)
+    def __init__(
+        self,
+        title: str,
+        columns: Sequence[Column[Any]],
+        items: Sequence[Any],
+        row_style: Callable[[Any], str] | None = None,
+    ) -> None:
+        self.title = title
+        self.columns = tuple(columns)
+        self.items = items
+        self.row_style = row_style
+        self.headers = [c.header for c in columns]
+        self.right = [c.right for c in columns]
+        # Column by column: one map per column is cheaper than a call per cell through a row function.
+        cells = [list(map(c.value, items)) for c in columns]
+        self.rows: list[Sequence[str]] = list(zip(*cells, strict=True)) if items else []
         self.widths, self.narrow = measure_columns(self.headers, self.rows)
 
     def total_width(self, widths: list[int] | None = None) -> int:
@@ -179,9 +147,10 @@ class TensorGrid:
         """The columns shown in ``max_width`` cells (indices into the headers) and their widths.
 
         Too wide: first the names give up what they can spare down to a third of the width, then the
-        :attr:`OPTIONAL` columns go (those holding only ``—`` first, then in order), and only then are the
-        names shortened further, to 12 cells at least. Names cut short look alike (``…unning_mean``), and a
-        table wider than the terminal wraps every row onto two lines: both are worse than a missing column.
+        hideable columns go (those holding only ``—`` first, then by their ``hide`` number), and only then
+        are the names shortened further, to 12 cells at least. Names cut short look alike (``…unning_mean``),
+        and a table wider than the terminal wraps every row onto two lines: both are worse than a missing
+        column.
         """
         cols = list(range(len(self.headers)))
         widths = list(self.widths)
@@ -193,8 +162,8 @@ class TensorGrid:
         if total(full) <= max_width:
             return cols, widths
         floor = min(full, max(24, max_width // 3))
-        index = {h: i for i, h in enumerate(self.headers)}
-        optional = [index[h] for h in self.OPTIONAL if h in index]
+        hideable = [i for i, c in enumerate(self.columns) if c.hide is not None]
+        optional = sorted(hideable, key=lambda i: self.columns[i].hide)  # type: ignore[arg-type, return-value]
         blank = [i for i in optional if all(row[i] in (UNKNOWN, "") for row in self.rows)]
         for i in blank + [i for i in optional if i not in blank]:
             if total(floor) <= max_width:
@@ -214,9 +183,10 @@ class TensorGrid:
             yield Segment(note if len(note) <= options.max_width else f"(hidden: {', '.join(hidden)})", _style("dim"))
             yield Segment.line()
         last = cols[-1]
+        right = self.right
         for i in cols:
             h = self.headers[i]
-            bare = i == last and i not in self.RIGHT
+            bare = i == last and not right[i]
             yield Segment(h if bare else self._pad(h, widths[i], i), _style("bold"))
             yield Segment(self.GAP if i != last else "\n")
         yield Segment("─" * (sum(widths[i] for i in cols) + len(self.GAP) * (len(cols) - 1)) + "\n")
@@ -225,17 +195,17 @@ class TensorGrid:
         if plain and self.narrow and every and widths == self.widths:
             # Nothing to shorten and one cell per character: str.ljust / rjust pad in C, and one segment
             # per line keeps 100,000 rows well under a second.
-            just = [str.rjust if i in self.RIGHT else str.ljust for i in range(last)]
-            tail = str.rjust if last in self.RIGHT else None  # the last column only when right-aligned
+            just = [str.rjust if right[i] else str.ljust for i in range(last)]
+            tail = str.rjust if right[last] else None  # the last column only when right-aligned
             gap = self.GAP
             for row in self.rows:
                 cells = [pad(c, w) for pad, w, c in zip(just, widths[:last], row[:last], strict=True)]
                 cells.append(row[last] if tail is None else tail(row[last], widths[last]))
                 yield Segment(gap.join(cells) + "\n")
             return
-        for t, row in zip(self.tensors, self.rows, strict=True):
+        for t, row in zip(self.items, self.rows, strict=True):
             # The last column is not padded unless right-aligned: no trailing blanks on every line.
-            cells = [row[i] if i == last and i not in self.RIGHT else self._pad(row[i], widths[i], i) for i in cols]
+            cells = [row[i] if i == last and not right[i] else self._pad(row[i], widths[i], i) for i in cols]
             if plain:
                 # No styles to carry: one segment per line keeps 100,000 rows to about a second.
                 yield Segment(self.GAP.join(cells) + "\n")
@@ -251,15 +221,19 @@ class TensorGrid:
             text = "…" + text[len(text) - width + 1 :]
             used = width
         pad = " " * (width - used)
-        return pad + text if column in self.RIGHT else text + pad
+        return pad + text if self.right[column] else text + pad
 
-    @staticmethod
-    def _styles(t: TensorInfo, row: list[str]) -> list[Style | None]:
-        styles: list[Style | None] = [None] * len(row)
-        styles[1] = _style(ROLE_STYLES.get(t.role, ""))
-        styles[2] = _style("dim")
-        styles[7] = _style("dim") if t.device is None else None
-        styles[8] = _style(GRAD_STYLES.get(t.trainable, ""))
+    def _styles(self, item: Any, row: Sequence[str]) -> list[Style | None]:
+        whole = self.row_style(item) if self.row_style is not None else ""
+        if whole:
+            return [_style(whole)] * len(row)
+        if not hasattr(self, "_fixed"):
+            # Fixed styles parsed once; only the columns whose style depends on the row are asked per row.
+            self._fixed = [_style(c.style or "") if not callable(c.style) else None for c in self.columns]
+            self._varying = [(i, c.style) for i, c in enumerate(self.columns) if callable(c.style)]
+        styles = list(self._fixed)
+        for i, style in self._varying:
+            styles[i] = _style(style(item, row[i]))
         return styles
 
 
@@ -272,98 +246,21 @@ def _style(name: str) -> Style | None:
     return _STYLE_CACHE[name]
 
 
-class PlanGrid(TensorGrid):
+def report_table(report: Report) -> Grid:
+    """One row per tensor: Name, Role (● exact / ○ inferred), Evidence, DType, Shape, Numel, Size,
+    Device, Grad, and Shares when any tensor shares its storage with another."""
+    return Grid(report.path, C.inspect_table(report.tensors), report.tensors)
+
+
+def plan_table(plan: Plan, stats: dict[str, CastStats] | None = None) -> Grid:
     """The conversion plan, one line per output tensor: what it is, what it becomes, and why."""
-
-    RIGHT = frozenset({5})
-    OPTIONAL = ("Device", "Shape", "Role", "Size")
-
-    def __init__(self, plan: Plan, stats: dict[str, CastStats] | None = None) -> None:
-        self.title = f"{plan.report.path} → {plan.output} ({plan.output_format})"
-        self.tensors = plan.items  # type: ignore[assignment]
-        self.headers = ["Name", "Role", "From", "To", "Shape", "Size", "Device", "Why"]
-        stats = stats or {}
-        if stats:
-            self.headers.append("Range")
-        self.rows = []
-        for i in plan.items:
-            src_dev = i.source.device or UNKNOWN
-            dst_dev = i.dst_device or UNKNOWN  # safetensors output stores no device
-            row = [
-                i.name,
-                f"{i.role} {EXACT_MARK if i.exact else INFERRED_MARK}",
-                i.src_dtype,
-                i.dst_dtype if i.action == "cast" else "=",
-                shape_text(i.shape),
-                human_bytes(i.nbytes_out),
-                src_dev if src_dev == dst_dev or i.dst_device is None else f"{src_dev} → {dst_dev}",
-                f"same memory as {i.alias_of}" if i.alias_of else i.reason,
-            ]
-            if stats:
-                row.append(_range_text(stats.get(i.name)))
-            self.rows.append(row)
-        self.widths, self.narrow = measure_columns(self.headers, self.rows)
-
-    @staticmethod
-    def _styles(t: PlanItem, row: list[str]) -> list[Style | None]:  # type: ignore[override]
-        styles: list[Style | None] = [None] * len(row)
-        styles[1] = _style(ROLE_STYLES.get(t.role, ""))
-        styles[3] = _style("bold" if t.action == "cast" else "dim")
-        styles[7] = _style("dim")
-        if len(row) > 8:
-            styles[8] = _style("yellow" if row[8] else "")
-        return styles
+    title = f"{plan.report.path} → {plan.output} ({plan.output_format})"
+    return Grid(title, C.plan_table(stats), plan.items)
 
 
-def _num(v: float | None) -> str:
-    if v is None:
-        return UNKNOWN
-    if v == 0:
-        return "0"
-    return f"{v:.4g}"
-
-
-class StatsGrid(TensorGrid):
-    """Value statistics, one line per tensor and a total line."""
-
-    RIGHT = frozenset(range(3, 13))
-    OPTIONAL = ("L2", "Absmax", "Zeros", "Std", "Shape", "Mean", "DType")
-
-    def __init__(self, report: StatsReport) -> None:
-        self.title = report.path
-        self.tensors = [*report.tensors, report.total]  # type: ignore[list-item]
-        self.headers = ["Name", "DType", "Shape", "Min", "Max", "Mean", "Std", "Absmax", "L2", "NaN", "+Inf", "-Inf"]
-        self.headers.append("Zeros")
-        self.rows = []
-        for t in self.tensors:
-            m = t.moments  # type: ignore[attr-defined]
-            shape = shape_text(t.shape) if t.name != "(total)" else f"{t.numel:,} values"  # type: ignore[attr-defined]
-            if t.skipped:  # type: ignore[attr-defined]
-                cells = [t.name, t.dtype, shape, *([UNKNOWN] * 10)]
-            else:
-                cells = [
-                    t.name,
-                    t.dtype,
-                    shape,
-                    *(_num(v) for v in (t.min, t.max, t.mean, t.std, t.absmax, t.l2)),  # type: ignore[attr-defined]
-                    f"{m.nan:,}",
-                    f"{m.posinf:,}",
-                    f"{m.neginf:,}",
-                    f"{m.zeros:,}",
-                ]
-            self.rows.append(cells)
-        self.widths, self.narrow = measure_columns(self.headers, self.rows)
-
-    @staticmethod
-    def _styles(t: TensorStats, row: list[str]) -> list[Style | None]:  # type: ignore[override]
-        styles: list[Style | None] = [None] * len(row)
-        if t.name == "(total)":
-            return [_style("bold")] * len(row)
-        for k in (9, 10, 11):
-            if row[k] not in ("0", UNKNOWN):
-                styles[k] = _style("bold red")
-        styles[1] = _style("dim")
-        return styles
+def stats_table(report: StatsReport) -> Grid:
+    """Value statistics, one line per tensor and a bold total line."""
+    return Grid(report.path, C.STATS_TABLE, [*report.tensors, report.total], C.stats_row_style)
 
 
 _SPARK = " ▁▂▃▄▅▆▇█"
@@ -380,25 +277,39 @@ def histograms(report: StatsReport) -> Group:
         top = max(counts) or 1
         bars = "".join(_SPARK[0 if c == 0 else max(1, round(c / top * (len(_SPARK) - 1)))] for c in counts)
         line = Text(clean(t.name).ljust(width) + "  ")
-        line.append(f"{_num(lo):>10} ", style="dim")
+        line.append(f"{stat_text(lo):>10} ", style="dim")
         line.append(bars, style="cyan")
-        line.append(f" {_num(hi)}", style="dim")
+        line.append(f" {stat_text(hi)}", style="dim")
         parts.append(line)
+    return Group(*parts)
+
+
+def stats_view(report: StatsReport, with_histograms: bool) -> Group:
+    """The statistics table, and each tensor's histogram under it when asked for."""
+    parts: list[RenderableType] = [stats_table(report)]
+    if with_histograms:
+        parts += [Text(), histograms(report)]
+    return Group(*parts)
+
+
+def diff_view(report: DiffReport, show_all: bool = False) -> Group:
+    """The grid of tensors that differ (all with ``show_all``) under an ``A → B`` title, then the summary line."""
+    title = f"{report.path_a} → {report.path_b}"
+    items = C.diff_items(report, show_all)
+    parts: list[RenderableType] = [Grid(title, C.DIFF_TABLE, items), Text()] if items else [Text(title, style="bold")]
+    parts.append(Text(diff_summary(report), style="bold green" if report.same else "bold red"))
     return Group(*parts)
 
 
 def check_view(result: CheckResult) -> Group:
     """One line per rule (✔ or ✘, what it asks, how many it looked at) and every failure under it."""
     table = Table(title=Text(clean(result.path), style="bold"), title_justify="left", box=None, pad_edge=False)
-    for name, justify in (("", "left"), ("Rule", "left"), ("Expects", "left"), ("Checked", "right")):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    table.add_column("Result", overflow="fold")
+    for c in C.CHECK_TABLE:
+        table.add_column(c.header, justify="right" if c.right else "left")
+    table.columns[-1].overflow = "fold"
     for r in result.results:
-        mark = Text("✔", style="green") if r.passed else Text("✘", style="bold red")
-        outcome = Text("pass", style="green") if r.passed else Text(f"{len(r.failures)} failed", style="bold red")
-        if r.passed and r.allowed:
-            mark, outcome = Text("!", style="yellow"), Text(f"{len(r.allowed)} allowed", style="yellow")
-        table.add_row(mark, Text(clean(r.id)), Text(clean(r.expected), style="dim"), f"{r.checked:,}", outcome)
+        # Numbers go in as str, so rich's highlighter colours them in --format html as it always has.
+        table.add_row(*(c.value(r) if c.right else _text(c, r) for c in C.CHECK_TABLE))
     parts: list[RenderableType] = [table]
     for r in result.results:
         for head, items, style in ((f"✘ {r.id}", r.failures, "bold red"), (f"! {r.id} (allowed)", r.allowed, "yellow")):
@@ -419,23 +330,19 @@ def check_view(result: CheckResult) -> Group:
     return Group(*parts)
 
 
-def _range_text(s: CastStats | None) -> str:
-    if s is None:
-        return ""
-    parts = []
-    if s.overflow:
-        parts.append(f"{s.overflow:,} overflow")
-    if s.underflow:
-        parts.append(f"{s.underflow:,} underflow")
-    if s.nonfinite:
-        parts.append(f"{s.nonfinite:,} NaN/inf in input")
-    return ", ".join(parts)
+def _text(column: Column[Any], item: Any) -> Text:
+    cell = column.value(item)
+    return Text(cell, style=column.style_of(item, cell))
 
 
-def report_table(report: Report) -> TensorGrid:
-    """One row per tensor: Name, Role (● exact / ○ inferred), Evidence, DType, Shape, Numel, Size,
-    Device, Grad, and Shares when any tensor shares its storage with another."""
-    return TensorGrid(report)
+def unreadable_view(entry: Unreadable) -> Group:
+    """The file's name and the error, in the place its rules would have been: a report kept as an artifact
+    shows every file it was given."""
+    return Group(
+        Text(clean(entry.path), style="bold"),
+        Text(f"✘ not checked (exit {entry.exit_code}): {clean(entry.message)}", style="bold red"),
+        Text(),
+    )
 
 
 def _tally(totals: dict[str, Totals], rename: dict[str, str] | None = None) -> Text:
@@ -482,7 +389,6 @@ def _container_text(report: Report) -> Text:
     return text
 
 
-MAX_SHARERS_SHOWN = 3  # names in a row's Shares cell
 MAX_METADATA_VALUE = 60  # longer values (statecli's own role table, a JSON config) are sized, not shown
 MAX_KEYS_SHOWN = 20  # metadata entries and other keys in the summary; --format json has them all
 
