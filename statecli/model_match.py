@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from statecli.dtypes import DTYPES
 from statecli.errors import UsageError
-from statecli.records import Report, Summary
+from statecli.records import Report, Summary, json_fields
 
 if TYPE_CHECKING:
     from torch import nn
@@ -210,13 +210,7 @@ class DtypeMismatch:
     model_name: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "file_dtype": self.file_dtype,
-            "model_dtype": self.model_dtype,
-            "level": self.level,
-            "model_name": self.model_name,
-        }
+        return json_fields(self)
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import re
 from collections.abc import Iterable
@@ -10,6 +12,27 @@ from json.encoder import encode_basestring_ascii
 from typing import Any
 
 SCHEMA = "statecli.report/1"
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, (tuple, list)):
+        return [_plain(x) for x in v]
+    to_dict = getattr(v, "to_dict", None)
+    return v if to_dict is None else to_dict()
+
+
+def json_fields(record: Any) -> dict[str, Any]:
+    """A record (a dataclass) as ``--format json`` writes it: its fields in declaration order, tuples as
+    lists, nested records as their ``to_dict()``. Records whose JSON is exactly their fields use it, so a
+    new field cannot be left out of the JSON."""
+    return {name: _plain(getattr(record, name)) for name in _field_names(type(record))}
+
+
 ROLES = ("parameter", "buffer", "other")
 
 
@@ -22,7 +45,7 @@ class Finding:
     message: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"level": self.level, "code": self.code, "message": self.message}
+        return json_fields(self)
 
 
 MAX_FINDINGS_PER_CODE = 100  # findings of one code listed one by one; the rest are counted in one more
@@ -180,26 +203,7 @@ class TensorInfo:
         return "requires grad" if self.requires_grad else "no grad"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "role": self.role,
-            "exact": self.exact,
-            "evidence": self.evidence,
-            "persistent": self.persistent,
-            "requires_grad": self.requires_grad,
-            "dtype": self.dtype,
-            "shape": list(self.shape),
-            "numel": self.numel,
-            "nbytes": self.nbytes,
-            "device": self.device,
-            "shares_with": list(self.shares_with),
-            "group": self.group,
-            "stride": list(self.stride) if self.stride is not None else None,
-            "storage_offset": self.storage_offset,
-            "storage": self.storage,
-            "layout": self.layout,
-            "file": self.file,
-        }
+        return json_fields(self)
 
 
 @dataclass(frozen=True, slots=True)

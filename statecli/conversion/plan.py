@@ -20,7 +20,7 @@ from typing import Any
 
 from statecli import dtypes
 from statecli.errors import InputError, StatecliError, UnsupportedFormatError, UsageError
-from statecli.records import Finding, RawTensor, Report, TensorInfo
+from statecli.records import Finding, RawTensor, Report, TensorInfo, json_fields
 from statecli.roles import infer, keep_vars_proves
 from statecli.wording import count
 
@@ -112,7 +112,7 @@ class Dropped:
     reason: str
 
     def to_dict(self) -> dict[str, str]:
-        return {"name": self.name, "group": self.group, "reason": self.reason}
+        return json_fields(self)
 
 
 @dataclass(slots=True)
