@@ -53,6 +53,11 @@ class Moments:
         self.zeros += o.zeros
 
 
+def _count(name: str) -> Any:
+    """A property: ``moments``' count ``name``, or None when the values were not read."""
+    return property(lambda self: getattr(self.moments, name) if self.read else None)
+
+
 @dataclass(slots=True)
 class TensorStats:
     """One tensor's statistics (or the total's). ``skipped`` says why values were not read; then every
@@ -72,21 +77,10 @@ class TensorStats:
     def read(self) -> bool:
         return self.skipped is None
 
-    @property
-    def nan(self) -> int | None:
-        return self.moments.nan if self.read else None
-
-    @property
-    def posinf(self) -> int | None:
-        return self.moments.posinf if self.read else None
-
-    @property
-    def neginf(self) -> int | None:
-        return self.moments.neginf if self.read else None
-
-    @property
-    def zeros(self) -> int | None:
-        return self.moments.zeros if self.read else None
+    nan = _count("nan")
+    posinf = _count("posinf")
+    neginf = _count("neginf")
+    zeros = _count("zeros")
 
     @property
     def min(self) -> float | None:

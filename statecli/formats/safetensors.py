@@ -299,21 +299,19 @@ def read_safetensors(path: str) -> RawCheckpoint:
     data_size = file_size - 8 - n
     pos = 0
     for begin, end, name, _, _ in entries:
-        if begin > pos:
-            raise InputError(f"tensor {quote(name)} starts at byte {begin}, leaving a gap after byte {pos}", path=path)
-        if begin < pos:
-            raise InputError(
-                f"tensor {quote(name)} starts at byte {begin}, overlapping the previous tensor (ends at {pos})",
-                path=path,
+        if begin != pos:
+            how = (
+                f"leaving a gap after byte {pos}" if begin > pos else f"overlapping the previous tensor (ends at {pos})"
             )
+            raise InputError(f"tensor {quote(name)} starts at byte {begin}, {how}", path=path)
         pos = end
-    if pos > data_size:
-        raise InputError(f"tensors need {pos} bytes of data but the file holds {data_size} (truncated)", path=path)
-    if pos < data_size:
-        raise InputError(
-            f"{data_size - pos} trailing bytes after the last tensor (data ends at byte {pos} of {data_size})",
-            path=path,
+    if pos != data_size:
+        why = (
+            f"tensors need {pos} bytes of data but the file holds {data_size} (truncated)"
+            if pos > data_size
+            else f"{data_size - pos} trailing bytes after the last tensor (data ends at byte {pos} of {data_size})"
         )
+        raise InputError(why, path=path)
 
     tensors = [
         RawTensor(
