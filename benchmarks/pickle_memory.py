@@ -469,7 +469,7 @@ assert statecli.__file__.startswith(sys.argv[5]), statecli.__file__
 from statecli.errors import StatecliError
 from statecli.formats.torchzip import _Storages, archive_root
 from statecli.formats.zipdir import read_central_directory, read_member
-from statecli.safepickle import loads
+from statecli.security import loads
 from statecli.cli.main import app
 
 def run_loads():

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 from statecli.dtypes import DTYPES, STORAGE_TYPES
 from statecli.errors import InputError, LimitExceededError, UnsafeError
-from statecli.safepickle import Global, Limits, StorageRef, Stub, TensorRef, loads
-from statecli.security import classify, findings_for
+from statecli.safepickle import Global, Limits, StorageRef, Stub, TensorRef
+from statecli.security import classify, findings_for, loads
 
 PROTOCOLS = range(pickle.HIGHEST_PROTOCOL + 1)
 

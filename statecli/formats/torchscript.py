@@ -41,8 +41,8 @@ from statecli.formats.torchzip import (
 )
 from statecli.formats.zipdir import Member, read_member
 from statecli.records import Container, Finding, RawCheckpoint, RawTensor
-from statecli.safepickle import COMPUTED, Action, Global, StorageRef, Stub, TensorRef, describe, loads
-from statecli.security import findings_for
+from statecli.safepickle import COMPUTED, Action, Global, StorageRef, Stub, TensorRef, describe
+from statecli.security import findings_for, loads
 from statecli.wording import name_list
 
 EVIDENCE = "torchscript"

@@ -18,8 +18,8 @@ from statecli.formats.optimizer import apply_optimizer_evidence
 from statecli.formats.zipdir import Member, read_central_directory, read_member
 from statecli.records import Container, Finding, RawCheckpoint, RawTensor, more_findings
 from statecli.roles import RNG_EVIDENCE, apply_keep_vars, looks_like_rng_state
-from statecli.safepickle import Global, Limits, StorageRef, Stub, TensorRef, describe, loads
-from statecli.security import findings_for
+from statecli.safepickle import Global, Limits, StorageRef, Stub, TensorRef, describe
+from statecli.security import findings_for, loads
 from statecli.wording import name_list
 
 MAX_PICKLE_BYTES = 1 << 30  # a data.pkl larger than this is not a checkpoint's metadata
