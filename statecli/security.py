@@ -1,7 +1,7 @@
 """What a pickle would do under ``torch.load(weights_only=False)``, judged against an allow list.
 
 The restricted reader (:mod:`statecli.safepickle`) records every call, instantiation and BUILD the pickle
-asks for as an :class:`~statecli.safepickle.Action`, and every global it names. Here each becomes a
+asks for as an :class:`~statecli.pickled.Action`, and every global it names. Here each becomes a
 finding, by what it would *do*:
 
 - a **call** (REDUCE, INST, OBJ) of a global is ``dangerous`` unless the global is on

@@ -1,4 +1,4 @@
-"""statecli.safepickle.loads on hand-made pickles: Python's own ``pickle`` is the oracle for plain data;
+"""statecli.security.loads on hand-made pickles: Python's own ``pickle`` is the oracle for plain data;
 for everything else the reader must build inert data, call nothing, and fail only with InputError."""
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ after the file's stem:
   moves a module's weights there), over storages ``constants/<key>``.
 - ``traced_inputs.pkl`` (traced modules): example inputs, shapes only (their storages hold no bytes).
 
-Every pickle goes through :func:`statecli.safepickle.loads`; storages are validated against the
+Every pickle goes through :func:`statecli.security.loads`; storages are validated against the
 archive's members by :class:`statecli.formats.torchzip._Storages`. TorchScript does not record whether
 a buffer was registered ``persistent=False``: ``torch.jit.load`` gives every buffer back in
 ``state_dict()``, so every buffer is reported persistent (and a finding says so).
