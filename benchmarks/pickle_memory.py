@@ -11,7 +11,7 @@ Each pattern is a short run of opcodes (``EMPTY_SET``, ``MARK DICT``, ``MEMOIZE`
 repeated until the pickle is ``--size`` bytes, inside a torch.save-like zip: ``{"weight": <a tensor>,
 "payload": <the pattern's value>}``. Each mode is measured in a fresh child process:
 
-- ``loads``: :func:`statecli.safepickle.loads` of the zip's ``data.pkl`` bytes (with the zip's storage
+- ``loads``: :func:`statecli.security.loads` of the zip's ``data.pkl`` bytes (with the zip's storage
   records, as ``inspect`` builds them);
 - ``json``, ``table``, ``tree``, ``check``: the whole ``statecli inspect PATH --format json``, ``statecli
   inspect PATH``, ``statecli tree PATH``, ``statecli check PATH``, run in the child through the CLI's own
@@ -470,7 +470,7 @@ from statecli.errors import StatecliError
 from statecli.formats.torchpickle import Storages as _Storages
 from statecli.formats.torchzip import archive_root
 from statecli.formats.zipdir import read_central_directory, read_member
-from statecli.safepickle import loads
+from statecli.security import loads
 from statecli.cli.main import app
 
 def run_loads():

@@ -12,6 +12,7 @@ or label that shows a value from a file builds it here instead:
 - :func:`describe_name`: a name (a key, a global, a member) clipped and escaped, without quotes.
 - :func:`quote`: a name as ``repr`` would quote it, clipped first.
 - :func:`printable`: control characters escaped; no clipping (tensor names in tables are shown whole).
+- :func:`args_text`: a call's arguments, each value described, at most four.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from __future__ import annotations
 from contextlib import suppress
 from itertools import islice
 from typing import Any
+
+from statecli.pickled import Global, StorageRef, Stub, TensorRef
 
 LIMIT = 160  # characters of one value in a message
 NAME_LIMIT = 200  # characters of one name in a message
@@ -134,10 +137,16 @@ def _container(out: _Text, v: Any, depth: int) -> None:
     out.put(closing)
 
 
+# What a call's arguments look like in a finding: each value clipped (see describe), at most four.
+def args_text(args: Any) -> str:
+    if not isinstance(args, tuple):
+        return f"({describe(args, 1)})"
+    inner = ", ".join(describe(x, 1) for x in args[:4])
+    return f"({inner}{', …' if len(args) > 4 else ''})"
+
+
 def _leaf(v: Any) -> str:
     """statecli's own records of pickled things by what they are; anything else by its type's name."""
-    from statecli.safepickle import Global, StorageRef, Stub, TensorRef  # cycle: safepickle re-exports this
-
     if isinstance(v, Global):
         return describe_name(v.qualname)
     if isinstance(v, Stub):
@@ -149,4 +158,4 @@ def _leaf(v: Any) -> str:
     return f"<{describe_name(type(v).__name__, 60)}>"
 
 
-__all__ = ["LIMIT", "NAME_LIMIT", "describe", "describe_name", "printable", "quote"]
+__all__ = ["LIMIT", "NAME_LIMIT", "args_text", "describe", "describe_name", "printable", "quote"]

@@ -1,7 +1,7 @@
 """What a pickle would do under ``torch.load(weights_only=False)``, judged against an allow list.
 
 The restricted reader (:mod:`statecli.safepickle`) records every call, instantiation and BUILD the pickle
-asks for as an :class:`~statecli.safepickle.Action`, and every global it names. Here each becomes a
+asks for as an :class:`~statecli.pickled.Action`, and every global it names. Here each becomes a
 finding, by what it would *do*:
 
 - a **call** (REDUCE, INST, OBJ) of a global is ``dangerous`` unless the global is on
@@ -33,21 +33,21 @@ finding, by what it would *do*:
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from statecli._torch_classes import TORCH_CLASSES
+from statecli.clip import describe_name, printable
 from statecli.errors import InputError, UnsafeError
+from statecli.pickled import COMPUTED, Action, Global
 from statecli.records import Finding
 from statecli.safepickle import (
     ALLOWED_NAMES,
-    COMPUTED,
     HANDLERS,
     TORCH_FUNCTIONS,
-    Action,
-    Global,
-    describe_name,
-    printable,
+    Limits,
+    RestrictedUnpickler,
+    names_after,
 )
 
 
@@ -480,3 +480,31 @@ def refuse_if_dangerous(
     more = f" (and {len(dangerous) - 1} more)" if len(dangerous) > 1 else ""
     reason = error.message if isinstance(error, InputError) else str(error)
     raise UnsafeError(f"{dangerous[0]}{more}; then the pickle fails ({reason})") from error
+
+
+def loads(
+    data: bytes,
+    persistent_load: Callable[[Any], Any] | None = None,
+    limits: Limits | None = None,
+    fast_paths: bool = True,
+    start: int = 0,
+) -> tuple[Any, RestrictedUnpickler]:
+    """Parse ``data`` from byte ``start`` with the restricted reader (a pickle stacked after another:
+    ``start`` is the first's ``end``); returns the object and the unpickler (for ``globals_seen``,
+    ``actions`` and ``end``). Every reader parses its pickles through this function.
+
+    A pickle that fails after asking for something dangerous raises :class:`~statecli.errors.UnsafeError`
+    (exit 5), not the parse error: torch.load would have run the payload before failing.
+
+    ``fast_paths=False`` runs every opcode through the general loop (the tests compare both).
+    """
+    u = RestrictedUnpickler(data, persistent_load, limits, fast_paths, start)
+    try:
+        return u.load(), u
+    except InputError as e:
+        # Where statecli gives up (a limit, a SETITEM on a list, a value a handler refuses), real pickle may
+        # go on: what the rest of the pickle names is judged as well.
+        later, calls = names_after(data, start, u.stopped_at) if u.stopped_at is not None else ({}, False)
+        if u.actions or u.globals_seen or later:
+            refuse_if_dangerous(u.globals_seen, u.actions.values(), e, later if calls else {})
+        raise

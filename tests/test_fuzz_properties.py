@@ -30,7 +30,7 @@ from subproc import checkout_env
 
 import statecli
 from statecli.errors import InputError, StatecliError, UnsafeError
-from statecli.safepickle import loads
+from statecli.security import loads
 
 HERE = Path(__file__).resolve().parent
 SAMPLES_DIR = HERE.parent / "sample_models"

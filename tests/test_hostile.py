@@ -352,16 +352,10 @@ def test_the_exploit_payload_really_runs(exploit_runs: dict[str, tuple[Path, dic
 # Each limit added for a case above, at its boundary: what it refuses, and the ordinary input beside it
 # that it must leave alone.
 
+from statecli.clip import printable  # noqa: E402
 from statecli.errors import InputError, LimitExceededError, UnsafeError  # noqa: E402
-from statecli.safepickle import (  # noqa: E402
-    COMPUTED,
-    MAX_GLOBALS,
-    MAX_SAME_HASH,
-    describe,
-    loads,
-    printable,
-)
-from statecli.security import classify, findings_for  # noqa: E402
+from statecli.safepickle import COMPUTED, MAX_GLOBALS, MAX_SAME_HASH, describe  # noqa: E402
+from statecli.security import classify, findings_for, loads  # noqa: E402
 
 DAG_TUPLE = b"N" + b"2\x86" * 64  # (x, x) sixty-four times over: 2**64 leaves
 

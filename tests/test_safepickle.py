@@ -1,4 +1,4 @@
-"""statecli.safepickle.loads on hand-made pickles: Python's own ``pickle`` is the oracle for plain data;
+"""statecli.security.loads on hand-made pickles: Python's own ``pickle`` is the oracle for plain data;
 for everything else the reader must build inert data, call nothing, and fail only with InputError."""
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 from statecli.dtypes import DTYPES, STORAGE_TYPES
 from statecli.errors import InputError, LimitExceededError, UnsafeError
-from statecli.safepickle import Global, Limits, StorageRef, Stub, TensorRef, loads
-from statecli.security import classify, findings_for
+from statecli.safepickle import Global, Limits, StorageRef, Stub, TensorRef
+from statecli.security import classify, findings_for, loads
 
 PROTOCOLS = range(pickle.HIGHEST_PROTOCOL + 1)
 

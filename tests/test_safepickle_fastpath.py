@@ -12,10 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import statecli
-from statecli import safepickle
 from statecli.formats.torchpickle import Storages as _Storages
 from statecli.formats.zipdir import read_central_directory
 from statecli.safepickle import Global, PickledDict, StorageRef, Stub, TensorRef
+from statecli.security import loads
 
 
 def canon(obj: Any, seen: dict[int, int] | None = None) -> Any:
@@ -56,7 +56,7 @@ def parse_both(path: Path) -> tuple[Any, Any, int]:
         # A file torch wrote can still be refused (an expand()ed shape past 2**62 elements): then both
         # ways must refuse it with the same message.
         try:
-            obj, unpickler = safepickle.loads(data, _Storages(members, root, str(path)), fast_paths=fast)
+            obj, unpickler = loads(data, _Storages(members, root, str(path)), fast_paths=fast)
         except statecli.StatecliError as e:
             return ("error", type(e).__name__, str(e)), 0
         return canon(obj), unpickler.fast_hits
@@ -186,7 +186,7 @@ def _parse(data: bytes, members: dict[str, int], root: str, fast: bool) -> Any:
 
     infos = {n: Member(n, 0, size, size, 0, 0) for n, size in members.items()}
     try:
-        obj, u = safepickle.loads(data, _Storages(infos, root, "x.pt"), fast_paths=fast)
+        obj, u = loads(data, _Storages(infos, root, "x.pt"), fast_paths=fast)
     except statecli.StatecliError as e:
         return ("error", type(e).__name__, str(e)), 0
     return canon(obj), u.fast_hits

@@ -30,7 +30,8 @@ from statecli.formats.legacy import read_legacy
 from statecli.formats.torchzip import read_torch_zip
 from statecli.records import Container, RawCheckpoint, RawTensor
 from statecli.roles import MAX_SHARES_CHARS, resolve
-from statecli.safepickle import Limits, loads
+from statecli.safepickle import Limits
+from statecli.security import loads
 
 HERE = Path(__file__).resolve().parent
 SAMPLES = HERE.parent / "sample_models"

@@ -26,8 +26,8 @@ np = pytest.importorskip("numpy")
 
 import statecli  # noqa: E402
 from statecli.errors import InputError, UnsafeError  # noqa: E402
-from statecli.safepickle import Global, Stub, loads  # noqa: E402
-from statecli.security import classify, findings_for  # noqa: E402
+from statecli.safepickle import Global, Stub  # noqa: E402
+from statecli.security import classify, findings_for, loads  # noqa: E402
 
 nn = torch.nn
 

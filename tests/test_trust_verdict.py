@@ -27,8 +27,7 @@ torch = pytest.importorskip("torch")
 np = pytest.importorskip("numpy")
 
 import statecli  # noqa: E402
-from statecli.safepickle import loads  # noqa: E402
-from statecli.security import INERT_CALLABLES, INERT_CLASSES, findings_for  # noqa: E402
+from statecli.security import INERT_CALLABLES, INERT_CLASSES, findings_for, loads  # noqa: E402
 
 nn = torch.nn
 

@@ -46,8 +46,8 @@ from statecli.formats.torchpickle import MODEL_KEYS, OPTIMIZER_KEYS
 from statecli.formats.zipdir import read_directory_at, read_member_from
 from statecli.records import MAX_FINDINGS_PER_CODE, Container, Finding, FindingCap, RawCheckpoint, RawTensor
 from statecli.roles import looks_like_rng_state
-from statecli.safepickle import MAX_INDEX, Action, Global, Limits, StorageRef, Stub, loads
-from statecli.security import findings_for
+from statecli.safepickle import MAX_INDEX, Action, Global, Limits, StorageRef, Stub
+from statecli.security import findings_for, loads
 from statecli.wording import count, name_list
 
 __all__ = ["MAX_CHUNK_PICKLE", "MAX_METADATA_BYTES", "Chunk", "chunk_map", "read_dcp", "tiling_problem"]

@@ -28,8 +28,8 @@ from statecli.errors import InputError, LimitExceededError, StatecliError, Unsaf
 from statecli.files import open_regular
 from statecli.formats.torchpickle import MAX_PICKLE_BYTES, Walker, finish, storage_dtype
 from statecli.records import Finding, RawCheckpoint
-from statecli.safepickle import Action, Limits, StorageRef, loads
-from statecli.security import findings_for, refuse_if_dangerous
+from statecli.safepickle import Action, Limits, StorageRef
+from statecli.security import findings_for, loads, refuse_if_dangerous
 from statecli.wording import name_list
 
 MAGIC = 0x1950A86A20F9469CFC6C

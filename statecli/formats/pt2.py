@@ -47,9 +47,8 @@ from statecli.safepickle import (
     Stub,
     TensorRef,
     describe_name,
-    loads,
 )
-from statecli.security import findings_for
+from statecli.security import findings_for, loads
 from statecli.wording import name_list
 
 EVIDENCE = "export"

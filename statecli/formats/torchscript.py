@@ -16,7 +16,7 @@ after the file's stem:
   moves a module's weights there), over storages ``constants/<key>``.
 - ``traced_inputs.pkl`` (traced modules): example inputs, shapes only (their storages hold no bytes).
 
-Every pickle goes through :func:`statecli.safepickle.loads`; storages are validated against the
+Every pickle goes through :func:`statecli.security.loads`; storages are validated against the
 archive's members by :class:`statecli.formats.torchpickle.Storages`. TorchScript does not record whether
 a buffer was registered ``persistent=False``: ``torch.jit.load`` gives every buffer back in
 ``state_dict()``, so every buffer is reported persistent (and a finding says so).
@@ -35,8 +35,8 @@ from statecli.formats.torchpickle import MAX_PICKLE_BYTES, Storages, Visits, fin
 from statecli.formats.torchzip import archive_root
 from statecli.formats.zipdir import Member, read_member
 from statecli.records import Container, Finding, RawCheckpoint, RawTensor
-from statecli.safepickle import COMPUTED, Action, Global, StorageRef, Stub, TensorRef, describe, loads
-from statecli.security import findings_for
+from statecli.safepickle import COMPUTED, Action, Global, StorageRef, Stub, TensorRef, describe
+from statecli.security import findings_for, loads
 from statecli.wording import name_list
 
 EVIDENCE = "torchscript"

@@ -21,8 +21,8 @@ from statecli.formats.torchpickle import MAX_PICKLE_BYTES, Storages, Walker, fin
 from statecli.formats.zipdir import Member, read_central_directory, read_member
 from statecli.formats.zipwriter import Sink, ZipWriter
 from statecli.records import Finding, RawCheckpoint
-from statecli.safepickle import Limits, loads
-from statecli.security import findings_for
+from statecli.safepickle import Limits
+from statecli.security import findings_for, loads
 from statecli.wording import name_list
 
 MAX_STACKED_PICKLES = 64  # pickles after data.pkl's first that are read for the globals they name

@@ -26,8 +26,8 @@ from typing import Any
 from statecli.dtypes import DTYPES, STORAGE_TYPES
 from statecli.errors import InputError, StatecliError, UnsafeError
 from statecli.formats.zipdir import MAX_DEFLATE_RATIO
-from statecli.safepickle import MAX_INDEX, Action, Global, StorageRef, loads
-from statecli.security import findings_for
+from statecli.safepickle import MAX_INDEX, Action, Global, StorageRef
+from statecli.security import findings_for, loads
 
 MAX_PICKLE_BYTES = 1 << 30  # as torchzip's data.pkl cap: more is no checkpoint's metadata
 MAX_TAR_PICKLES = 100_000  # pickles one tar member may chain (one per storage or tensor)

@@ -20,7 +20,8 @@ from statecli.dtypes import DTYPES, STORAGE_TYPES, contiguous_strides
 from statecli.errors import InputError, StatecliError
 from statecli.formats.dcp import MAX_CHUNK_PICKLE, chunk_map, tiling_problem
 from statecli.records import Report, TensorInfo
-from statecli.safepickle import Global, Limits, StorageRef, TensorRef, loads
+from statecli.safepickle import Global, Limits, StorageRef, TensorRef
+from statecli.security import loads
 
 if TYPE_CHECKING:
     import torch
