@@ -575,7 +575,7 @@ def _fill(d: TensorDiff, s: ValueStats) -> None:
 def _exact_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype | None:
     """The dtype to test integer equality in exactly (float64 loses integers beyond 2**53); ``None``
     where float64 (complex128) is exact already: any floating or complex side."""
-    import torch
+    import torch  # deferred: importing torch takes about a second, and metadata commands never need it
 
     kinds = {dtypes.DTYPES[str(x).removeprefix("torch.")].kind for x in (a, b)}
     if not kinds <= set(_INTEGERS):
@@ -595,7 +595,7 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor, atol: float = 0.0, rtol: f
     ``|a - b| <= atol + rtol * |b|``; with both tolerances 0 only exact equality passes (integers are
     compared exactly, not through float64).
     """
-    import torch
+    import torch  # deferred: importing torch takes about a second, and metadata commands never need it
 
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
@@ -627,7 +627,7 @@ def _compare_chunk(
     rtol: float,
     run: _Running,
 ) -> None:
-    import torch
+    import torch  # deferred: importing torch takes about a second, and metadata commands never need it
 
     stats = run.stats
     ca, cb = ra.to(work), rb.to(work)
@@ -666,7 +666,7 @@ def _compare_nonfinite(
     run: _Running,
 ) -> None:
     """A chunk with NaN or inf on a side: inf equals only the same inf, NaN only NaN; no cosine."""
-    import torch
+    import torch  # deferred: importing torch takes about a second, and metadata commands never need it
 
     stats = run.stats
     run.finite = False
@@ -698,7 +698,7 @@ def _compare_nonfinite(
 
 def _accumulate_norms(ca: torch.Tensor, cb: torch.Tensor, run: _Running) -> None:
     """Add a finite chunk to the dot product and squared norms behind the cosine."""
-    import torch
+    import torch  # deferred: importing torch takes about a second, and metadata commands never need it
 
     if ca.is_complex():
         # The real part of <a, b>: the cosine of the tensors seen as real vectors of (re, im) pairs.

@@ -148,7 +148,7 @@ def build_on_meta(factory: Callable[[], Any], name: str | None = None) -> nn.Mod
     ``name`` (the spec) is used in messages. Raises :class:`UsageError` (exit 2) if the factory raises
     or returns something that is not an ``nn.Module``.
     """
-    import torch
+    import torch  # deferred: importing torch takes about a second, and metadata commands never need it
     from torch import nn
 
     label = name or getattr(factory, "__qualname__", None) or repr(factory)
@@ -300,7 +300,7 @@ class _ModelState:
 
 
 def _model_state(model: nn.Module) -> _ModelState:
-    import torch
+    import torch  # deferred: importing torch takes about a second, and metadata commands never need it
 
     sd = model.state_dict(keep_vars=True)
     roles: dict[str, str] = {}

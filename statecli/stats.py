@@ -155,7 +155,7 @@ class StatsReport:
 
 def _as_real(chunk: torch.Tensor) -> torch.Tensor:
     """float32/float64 values torch can reduce quickly: magnitudes for complex, numbers for the rest."""
-    import torch
+    import torch  # deferred: importing torch takes about a second, and metadata commands never need it
 
     if chunk.is_complex():
         return chunk.to(torch.complex64).abs() if chunk.dtype == torch.complex32 else chunk.abs()
@@ -168,7 +168,7 @@ def _as_real(chunk: torch.Tensor) -> torch.Tensor:
 
 def _chunk_moments(x: torch.Tensor) -> Moments:
     """Moments of one 1-D chunk (already real)."""
-    import torch
+    import torch  # deferred: importing torch takes about a second, and metadata commands never need it
 
     m = Moments()
     n = x.numel()
@@ -222,7 +222,7 @@ def tensor_stats(
 
 
 def _histogram(flat: torch.Tensor, bins: int, lo: float, hi: float) -> tuple[list[int], float, float]:
-    import torch
+    import torch  # deferred: importing torch takes about a second, and metadata commands never need it
 
     # One value: histc needs a range, so the bins span [lo, lo + 1) and every value lands in the first;
     # the edges reported stay the values' own (low == high says "constant").

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from statecli.api import open_checkpoint
 from statecli.cli._errors import report_error
 from statecli.cli.options import MatchOpt, ModelOpt, PathsArg, RoleOpt
 from statecli.errors import StatecliError
@@ -156,7 +157,6 @@ def check_command(
         statecli check model.pt --role buffer --match '*running_var' --absmax 1e6 --format github
     """
     from statecli import checking as core  # policy parsing and value rules: loaded by check alone
-    from statecli import open_checkpoint
 
     flags = core.RuleSet(
         match=tuple(match or ()),

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+import statecli
 from statecli.cli.options import OUTPUT, MatchOpt, RoleOpt
 from statecli.output import console, emit
 
@@ -104,7 +105,6 @@ def diff_command(
         statecli diff ddp_run.pt plain.pt --normalize-prefixes --role parameter --role buffer
         statecli diff a.ckpt b.ckpt --format json | jq '.changed[] | select(.status == "differs") | .name'
     """
-    import statecli
     from statecli.diff import diff  # reads values with torch: loaded by diff alone
 
     report_a = statecli.open_checkpoint(path_a)

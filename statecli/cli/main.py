@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from statecli import __version__
 from statecli.cli import check_cmd, convert_cmd, diff_cmd, inspect_cmd, schema_cmd, stats_cmd, tree_cmd
 from statecli.cli._errors import StatecliGroup
 
@@ -40,8 +41,6 @@ app.command("schema")(schema_cmd.schema_command)
 
 def _version(value: bool) -> None:
     if value:
-        from statecli import __version__
-
         typer.echo(f"statecli {__version__}")
         raise typer.Exit()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from statecli.api import open_checkpoint
 from statecli.cli.options import PathArg
 from statecli.output import console
 
@@ -17,7 +18,6 @@ def schema_command(path: PathArg) -> None:
         statecli schema model.pt > model.schema.json
         statecli check new.pt --schema model.schema.json
     """
-    from statecli import open_checkpoint
     from statecli.schema import dumps, make_schema  # loaded by schema alone
 
     report = open_checkpoint(path)

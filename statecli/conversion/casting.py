@@ -40,14 +40,14 @@ class CastStats:
 
 def _real(dt: torch.dtype) -> torch.dtype:
     """The real dtype of a complex one's parts; a real dtype itself."""
-    import torch
+    import torch  # deferred: importing torch takes about a second, and metadata commands never need it
 
     return {torch.complex32: torch.float16, torch.complex64: torch.float32, torch.complex128: torch.float64}.get(dt, dt)
 
 
 def _checkable(t: torch.Tensor) -> torch.Tensor:
     """``t`` in a dtype whose reductions torch implements on CPU (not float8, not complex32)."""
-    import torch
+    import torch  # deferred: importing torch takes about a second, and metadata commands never need it
 
     if t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128):
         return t
@@ -63,7 +63,7 @@ def _limits(dst_dtype: torch.dtype) -> tuple[float, float | None, bool]:
     rounding to 448: beyond 464 the cast changed the value. Whether the target has an inf is asked of
     torch itself (float8_e4m3fn makes an inf ±448; float8_e4m3fnuz and float8_e5m2fnuz make it NaN).
     """
-    import torch
+    import torch  # deferred: importing torch takes about a second, and metadata commands never need it
 
     info = torch.finfo(_real(dst_dtype))
     has_inf = math.isinf(_inf_becomes(dst_dtype))
@@ -73,7 +73,7 @@ def _limits(dst_dtype: torch.dtype) -> tuple[float, float | None, bool]:
 @functools.cache
 def _inf_becomes(dt: torch.dtype) -> float:
     """What torch's cast to ``dt`` makes of +inf: inf, the largest finite value (float8_e4m3fn) or NaN."""
-    import torch
+    import torch  # deferred: importing torch takes about a second, and metadata commands never need it
 
     return float(torch.tensor(float("inf")).to(_real(dt)).to(torch.float64))
 
@@ -90,7 +90,7 @@ def beyond_range(target: str) -> str:
 
 def _count_range(s: torch.Tensor, o: torch.Tensor, dst_dtype: torch.dtype, stats: CastStats) -> None:
     """Add one chunk's overflow, underflow and NaN/inf counts (``o`` is ``s`` cast)."""
-    import torch
+    import torch  # deferred: importing torch takes about a second, and metadata commands never need it
 
     safe, saturate, has_inf = _limits(dst_dtype)
     sc = _checkable(s)
@@ -120,7 +120,7 @@ def _count_range(s: torch.Tensor, o: torch.Tensor, dst_dtype: torch.dtype, stats
 
 def cast(src: torch.Tensor, dst_dtype: torch.dtype) -> tuple[torch.Tensor, CastStats]:
     """``src`` (contiguous) cast to ``dst_dtype`` in chunks, counting overflow, underflow and NaN/inf."""
-    import torch
+    import torch  # deferred: importing torch takes about a second, and metadata commands never need it
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "ComplexHalf support is experimental": complex32 is what was asked

@@ -563,7 +563,7 @@ def _verify_values(plan: Plan, units: list[_Unit], source: Source, pendings: lis
 
 def load_units(plan: Plan, units: list[_Unit], device: str) -> dict[str, Any]:
     """The plan's tensors as a state dict on ``device``; each storage is moved once, so ties hold."""
-    import torch
+    import torch  # deferred: importing torch takes about a second, and metadata commands never need it
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"device {device!r} is not available here: torch sees no CUDA GPU")

@@ -53,7 +53,7 @@ def _read_raw(path: str) -> RawCheckpoint:
         raise InputError(f"cannot access ({e.strerror or e})", path=path) from None
     if stat.S_ISDIR(st.st_mode):
         if is_dcp_folder(path):
-            from statecli.formats.dcp import read_dcp
+            from statecli.formats.dcp import read_dcp  # loaded for this format only
 
             return read_dcp(path)
         return read_raw(_pick_in_folder(path))
@@ -115,34 +115,34 @@ def _read_file(path: str, st: os.stat_result) -> RawCheckpoint:
 def _read_kind(path: str, head: bytes, st: os.stat_result) -> RawCheckpoint:
     kind = sniff(path, head, st.st_size)
     if kind == "zip":
-        from statecli.formats.torchzip import read_torch_zip
+        from statecli.formats.torchzip import read_torch_zip  # loaded for this format only
         from statecli.formats.zipdir import read_central_directory
 
         members = read_central_directory(path)
         zip_kind = _check_zip_kind(path, members)
         if zip_kind == "torchscript":
-            from statecli.formats.torchscript import read_torchscript
+            from statecli.formats.torchscript import read_torchscript  # loaded for this format only
 
             return read_torchscript(path, members)
         if zip_kind == "pt2":
-            from statecli.formats.pt2 import read_pt2
+            from statecli.formats.pt2 import read_pt2  # loaded for this format only
 
             return read_pt2(path, members)
         return read_torch_zip(path, members)
     if kind == "safetensors":
-        from statecli.formats.safetensors import read_safetensors
+        from statecli.formats.safetensors import read_safetensors  # loaded for this format only
 
         return read_safetensors(path)
     if kind == "index":
-        from statecli.formats.sharded import read_index
+        from statecli.formats.sharded import read_index  # loaded for this format only
 
         return read_index(path, _read_shard)
     if kind == "legacy":
-        from statecli.formats.legacy import read_legacy
+        from statecli.formats.legacy import read_legacy  # loaded for this format only
 
         return read_legacy(path)
     if kind == "dcp-metadata":
-        from statecli.formats.dcp import read_dcp
+        from statecli.formats.dcp import read_dcp  # loaded for this format only
 
         return read_dcp(os.path.dirname(path) or ".")
     raise AssertionError(kind)  # sniff() raises for everything else

@@ -138,7 +138,7 @@ class TensorOut:
         self.dtype = storage.dtype
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        import torch
+        import torch  # deferred: importing torch takes about a second, and metadata commands never need it
 
         # Exactly the arguments torch's own Tensor.__reduce_ex__ gives, so torch.load reads it as its own.
         args = (self.storage, self.offset, self.shape, self.stride, False, collections.OrderedDict())
@@ -157,7 +157,7 @@ class ParameterOut:
         self.data, self.requires_grad = data, requires_grad
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        import torch
+        import torch  # deferred: importing torch takes about a second, and metadata commands never need it
 
         return torch._utils._rebuild_parameter, (self.data, self.requires_grad, collections.OrderedDict())
 
@@ -171,7 +171,7 @@ class _Pickler(pickle.Pickler):
     def persistent_id(self, obj: Any) -> Any:
         if type(obj) is not StorageOut:
             return None
-        import torch
+        import torch  # deferred: importing torch takes about a second, and metadata commands never need it
 
         name = _LEGACY_STORAGE.get(obj.dtype)
         if name is None or torch_dtype(obj.dtype) in torch.storage._new_dtypes():

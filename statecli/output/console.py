@@ -29,14 +29,14 @@ def stdout_console(renderable: Any = None) -> Console:
     Piped into a file or another program there is no terminal width to respect: the console is made
     as wide as ``renderable`` needs, so tensor names are never folded across lines.
     """
-    from rich.console import Console
+    from rich.console import Console  # deferred: rich is for tables; --format json/csv never loads it
 
     console = _console_class()(highlight=False)
     if console.is_terminal:
         return console
     width = None
     if renderable is not None and "COLUMNS" not in os.environ:
-        from rich.measure import Measurement
+        from rich.measure import Measurement  # deferred: rich is for tables; --format json/csv never loads it
 
         wide = Console(highlight=False, width=10_000)
         needed = Measurement.get(wide, wide.options, renderable).maximum
@@ -48,7 +48,7 @@ def stdout_console(renderable: Any = None) -> Console:
 def _console_class() -> type[Console]:
     """rich's Console, except that a closed stdout (``| head``) raises ``BrokenPipeError`` like any other
     write: rich would exit 1 itself, which for ``diff`` and ``check`` reads as "found a problem"."""
-    from rich.console import Console
+    from rich.console import Console  # deferred: rich is for tables; --format json/csv never loads it
 
     class StdoutConsole(Console):
         def on_broken_pipe(self) -> None:
@@ -98,7 +98,7 @@ class _TrimmedLines:
 
 
 def stderr_console() -> Console:
-    from rich.console import Console
+    from rich.console import Console  # deferred: rich is for tables; --format json/csv never loads it
 
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -114,7 +114,7 @@ def message(kind: str, text: str, style: str = "") -> None:
 
     ``text`` is printed literally (it may hold paths and names from the file); it never wraps.
     """
-    from rich.text import Text
+    from rich.text import Text  # deferred: rich is for tables; --format json/csv never loads it
 
     line = Text(f"{PROG}: ")
     line.append(f"{kind}:", style=style)
@@ -138,6 +138,7 @@ class ByteProgress:
     """A progress bar on stderr counting bytes and items; see :func:`progress_bar`."""
 
     def __init__(self, verb: str, total_bytes: int, total_items: int | None = None) -> None:
+        # deferred: rich is for tables; --format json/csv never loads it
         from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 
         self.verb = verb

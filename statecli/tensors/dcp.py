@@ -46,7 +46,7 @@ class DcpValues:
 
     def read(self, t: TensorInfo, read_span: Any) -> torch.Tensor:
         """``t``'s values as flat uint8 bytes of a contiguous tensor; ``read_span(path, offset, n)`` -> bytes."""
-        import torch
+        import torch  # deferred: importing torch takes about a second, and metadata commands never need it
 
         chunks = self.chunks.get(self.fqn.get(t.name, t.name))
         if chunks is None:
@@ -69,7 +69,7 @@ class DcpValues:
         return out.reshape(-1).view(torch.uint8) if out.numel() else torch.empty(0, dtype=torch.uint8)
 
     def _block(self, t: TensorInfo, span: bytes, dtype: torch.dtype) -> torch.Tensor:
-        import torch
+        import torch  # deferred: importing torch takes about a second, and metadata commands never need it
 
         try:
             z = zipfile.ZipFile(io.BytesIO(span))

@@ -196,7 +196,7 @@ class Source:
 
     def read(self, t: TensorInfo) -> torch.Tensor:
         """The whole storage behind ``t`` as a flat uint8 tensor, CRC-checked where the file has one."""
-        import torch
+        import torch  # deferred: importing torch takes about a second, and metadata commands never need it
 
         if self._dcp is not None:
             return self._dcp.read(t, self._read_span)
@@ -215,7 +215,7 @@ class Source:
         on this one: both release the GIL, so reading overlaps casting and writing on a second core.
         The CRC is checked after the last piece: a consumer writing the pieces out learns of corruption
         before it can finish, so nothing corrupt is ever kept."""
-        import torch
+        import torch  # deferred: importing torch takes about a second, and metadata commands never need it
 
         if self._dcp is not None:  # a DCP tensor is rebuilt from its chunks: one piece
             yield self.read(t)
