@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import typer.main
+from clirun import run_cli
 
 from statecli.cli.main import app
 
@@ -51,11 +52,9 @@ def test_every_command_is_in_the_readme(name: str) -> None:
     ],
 )
 def test_the_readme_sample_outputs_are_what_statecli_prints(monkeypatch: pytest.MonkeyPatch, command: str) -> None:
-    from typer.testing import CliRunner
-
     text = README.read_text(encoding="utf-8")
     start = text.index("```\n", text.index(f"(`{command}`)")) + 4
     shown = text[start : text.index("```", start)]
     monkeypatch.chdir(README.parent)
-    result = CliRunner().invoke(app, command.split()[1:])
+    result = run_cli(*command.split()[1:])
     assert result.exit_code == 0 and result.stdout == shown

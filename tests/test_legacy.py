@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from clirun import run_cli
 
 import statecli
-from statecli.cli.main import app
 from statecli.errors import InputError
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
@@ -104,7 +103,7 @@ def test_truncated_files_are_exit_3(tmp_path: Path, cut: int, message: str) -> N
     path.write_bytes(data[:cut])
     with pytest.raises(InputError, match=message):
         statecli.open_checkpoint(path)
-    result = CliRunner().invoke(app, ["inspect", str(path)])
+    result = run_cli("inspect", str(path))
     assert result.exit_code == 3 and "Traceback" not in result.stderr
 
 

@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from clirun import run_cli
 from rich.console import Console
-from typer.testing import CliRunner
 
 import statecli
-from statecli.cli.main import app
 from statecli.records import Container, Report, Summary, TensorInfo
 from statecli.tree import SCHEMA, Charge, TreeNode, build_tree, charges, tree_dict
 
@@ -244,13 +243,13 @@ def text_of(renderable: Any, width: int = 120) -> str:
 
 
 def tree_cli(*args: str) -> str:
-    result = CliRunner().invoke(app, ["tree", *args], env={"COLUMNS": "120"})
+    result = run_cli("tree", *args, env={"COLUMNS": "120"})
     assert result.exit_code == 0, result.output
     return "\n".join(line.rstrip() for line in result.stdout.splitlines())
 
 
 def tree_json(*args: str) -> dict[str, Any]:
-    result = CliRunner().invoke(app, ["tree", *args, "--format", "json"])
+    result = run_cli("tree", *args, "--format", "json")
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
 

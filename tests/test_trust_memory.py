@@ -19,11 +19,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from clirun import run_cli
 from subproc import run_python
-from typer.testing import CliRunner
 
 import statecli
-from statecli.cli.main import app
 from statecli.errors import LimitExceededError
 from statecli.formats import torchzip
 from statecli.formats.base import RawCheckpoint
@@ -277,7 +276,7 @@ def test_a_memory_error_anywhere_in_a_command_is_exit_3_with_one_line(monkeypatc
         raise MemoryError
 
     monkeypatch.setattr(statecli, "open_checkpoint", no_memory)
-    result = CliRunner().invoke(app, ["inspect", "x.pt"])
+    result = run_cli("inspect", "x.pt")
     assert result.exit_code == 3
     assert result.stderr == "statecli: error: out of memory: the input needs more memory than this process may use\n"
 
