@@ -17,22 +17,11 @@ from pathlib import Path
 
 import pytest
 from clirun import run_cli
+from factories import tensor_info
 
 import statecli
 from statecli.errors import InputError, UnsafeError
 from statecli.records import Container, Finding, Report, Summary, TensorInfo
-
-
-def tensor(
-    name: str, role: str = "parameter", dtype: str = "float32", shape: tuple[int, ...] = (4,), **kw: object
-) -> TensorInfo:
-    numel = 1
-    for d in shape:
-        numel *= d
-    itemsize = {"int64": 8, "float16": 2}.get(dtype, 4)
-    fields: dict = {"exact": False, "evidence": "default", "persistent": None, "requires_grad": None}
-    fields = {**fields, "device": "cpu", **kw}
-    return TensorInfo(name=name, role=role, dtype=dtype, shape=shape, numel=numel, nbytes=numel * itemsize, **fields)
 
 
 def report(path: str, *tensors: TensorInfo, findings: tuple[Finding, ...] = ()) -> Report:
@@ -49,17 +38,19 @@ def report(path: str, *tensors: TensorInfo, findings: tuple[Finding, ...] = ()) 
 
 MODEL = report(
     "model.pt",
-    tensor("conv.weight", shape=(64, 3, 3, 3), exact=True, evidence="module", requires_grad=True),
-    tensor("bn.running_mean", "buffer", shape=(64,), evidence="rule:batchnorm-stats"),
-    tensor("bn.num_batches_tracked", "buffer", "int64", (), evidence="rule:batchnorm-stats"),
-    tensor("fc.weight", dtype="float16", shape=(10, 64), device="cuda:0", shares_with=("head.weight",)),
-    tensor("head.weight", dtype="float16", shape=(10, 64), device="cuda:0", shares_with=("fc.weight",)),
+    tensor_info("conv.weight", shape=(64, 3, 3, 3), exact=True, evidence="module", requires_grad=True),
+    tensor_info("bn.running_mean", "buffer", shape=(64,), evidence="rule:batchnorm-stats"),
+    tensor_info("bn.num_batches_tracked", "buffer", "int64", (), evidence="rule:batchnorm-stats"),
+    tensor_info("fc.weight", dtype="float16", shape=(10, 64), device="cuda:0", shares_with=("head.weight",)),
+    tensor_info("head.weight", dtype="float16", shape=(10, 64), device="cuda:0", shares_with=("fc.weight",)),
 )
-SMALL = report("small.safetensors", tensor("w", shape=(2,), device=None))
-MARKUP = report("[bold]x[/bold].pt", tensor("layer[0].weight"), tensor("[red]b[/red].bias"), tensor("a:smile:"))
+SMALL = report("small.safetensors", tensor_info("w", shape=(2,), device=None))
+MARKUP = report(
+    "[bold]x[/bold].pt", tensor_info("layer[0].weight"), tensor_info("[red]b[/red].bias"), tensor_info("a:smile:")
+)
 DANGEROUS = report(
     "evil.pt",
-    tensor("w"),
+    tensor_info("w"),
     findings=(
         Finding("dangerous", "unsafe-global", "pickle would call os.system"),
         Finding("info", "note", "nothing to see"),
@@ -106,7 +97,7 @@ def test_json_one_path_is_one_object() -> None:
 
 def test_json_is_not_wrapped_at_80_columns() -> None:
     long = "encoder." + ".".join(f"block{i}" for i in range(20)) + ".weight"
-    CHECKPOINTS["long.pt"] = report("long.pt", tensor(long))
+    CHECKPOINTS["long.pt"] = report("long.pt", tensor_info(long))
     try:
         result = run_cli("inspect", "long.pt", "-f", "json")
     finally:

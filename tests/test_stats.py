@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from clirun import run_cli
+from factories import tensor_info
 
 import statecli
 from statecli import stats, values
@@ -197,7 +198,7 @@ def test_cli_bad_input(tmp_path: Path) -> None:
 
 def test_std_of_one_value_is_zero() -> None:
     t = stats.tensor_stats(
-        statecli.TensorInfo("x", "parameter", False, "default", True, None, "float32", (1,), 1, 4, "cpu"),
+        tensor_info("x", shape=(1,), persistent=True),
         torch.tensor([2.5]),
     )
     assert t.std == 0 and t.l2 == 2.5 and not math.isnan(t.mean or 0)

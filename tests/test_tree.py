@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from clirun import run_cli
+from factories import tensor_info
 from rich.console import Console
 
 import statecli
@@ -20,19 +21,7 @@ from statecli.tree import SCHEMA, Charge, TreeNode, build_tree, charges, tree_di
 
 
 def t(name: str, role: str = "parameter", numel: int = 4, itemsize: int = 4) -> TensorInfo:
-    return TensorInfo(
-        name=name,
-        role=role,
-        exact=False,
-        evidence="default",
-        persistent=None,
-        requires_grad=None,
-        dtype="float32" if itemsize == 4 else "int64",
-        shape=(numel,),
-        numel=numel,
-        nbytes=numel * itemsize,
-        device="cpu",
-    )
+    return tensor_info(name, role, "float32" if itemsize == 4 else "int64", (numel,))
 
 
 TENSORS = (
