@@ -60,7 +60,6 @@ from subproc import checkout_env
 import statecli
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE / "hostile"))
 
 from make_hostile import CASES, KNOWN, MARKER, Case, build_all  # noqa: E402
 

@@ -13,8 +13,6 @@ from statecli import clip, safepickle
 from statecli.clip import describe, describe_name, quote
 from statecli.safepickle import Global, StorageRef, Stub, TensorRef
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "hostile"))
-
 
 def _dag(depth: int = 64) -> Any:
     v: Any = None

@@ -13,13 +13,13 @@ import pickle
 import random
 import re
 import struct
-import sys
 import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import cases_dcp
 import numpy as np
 import pytest
 import torch
@@ -35,9 +35,6 @@ from statecli.conversion.source import Source
 from statecli.errors import InputError, LimitExceededError
 from statecli.formats import dcp as dcp_reader
 from statecli.formats.dcp import MAX_CHUNK_FRAMING, TilingBudget, read_dcp, tiling_problem
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "hostile"))
-import cases_dcp
 
 Chunks = list[tuple[tuple[int, ...], tuple[int, ...]]]
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import pickletools
 import struct
-import sys
 import tracemalloc
 import zipfile
 from collections.abc import Iterator
@@ -34,7 +33,6 @@ from statecli.safepickle import Limits, loads
 
 HERE = Path(__file__).resolve().parent
 SAMPLES = HERE.parent / "sample_models"
-sys.path.insert(0, str(HERE / "hostile"))
 
 from make_hostile import Asm, state_dict, torch_zip  # noqa: E402
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import struct
-import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -20,17 +19,14 @@ from typing import Any
 
 import pytest
 import torch
+from cases_sizes import LONG, entry, pickled_weight, pt2_archive, pt2_entries, raw_zip, torch_entries
 from clirun import NO_COLOR, run_cli
+from make_hostile import build, state_dict
 from zip_members import member, rewrite
 
 import statecli
 from statecli.errors import InputError, LimitExceededError, UnsupportedFormatError, UsageError
 from statecli.formats.zipdir import read_central_directory, read_member
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "hostile"))
-
-from cases_sizes import LONG, entry, pickled_weight, pt2_archive, pt2_entries, raw_zip, torch_entries
-from make_hostile import build, state_dict
 
 WEIGHTS = "data/weights/model_weights_config.json"
 CONSTANTS = "data/constants/model_constants_config.json"

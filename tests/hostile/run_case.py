@@ -117,9 +117,6 @@ COMMANDS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
 )
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-
 def write_warmups(folder: Path) -> list[Path]:
     """Benign files of every format statecli reads, and one it refuses; returns them with the samples."""
     from make_hostile import _st_entry, safetensors_file, state_dict, torch_zip
