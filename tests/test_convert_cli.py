@@ -40,6 +40,7 @@ def test_quiet_convert_prints_nothing(tmp_path: Path) -> None:
     assert listing(tmp_path) == ["a.safetensors"]
 
 
+@pytest.mark.slow
 def test_stdout_of_a_real_process_stays_empty(tmp_path: Path) -> None:
     # What a user's `statecli convert ... > out` keeps: no summary line in the file.
     proc = subprocess.run(
@@ -367,6 +368,7 @@ def big_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_killed_process_leaves_no_file_at_all(tmp_path: Path, big_checkpoint: Path, suffix: str) -> None:
     dst = tmp_path / f"out{suffix}"
@@ -377,6 +379,7 @@ def test_killed_process_leaves_no_file_at_all(tmp_path: Path, big_checkpoint: Pa
     assert listing(tmp_path) == []  # not even a temporary name: the file was anonymous
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_file_size_limit_is_exit_4_and_leaves_nothing(tmp_path: Path, big_checkpoint: Path, suffix: str) -> None:
     dst = tmp_path / f"out{suffix}"

@@ -267,6 +267,7 @@ def test_random_opcode_streams(data: bytes, fast: bool) -> None:
         loads(data, persistent, fast_paths=fast)
 
 
+@pytest.mark.slow
 def test_fuzz_harness_runs(tmp_path: Path) -> None:
     """The long-running harness (tests/fuzz/fuzz_read.py) still starts, mutates and reports, in 3 s."""
     env = checkout_env(path=FUZZ_PATH)

@@ -82,6 +82,7 @@ def test_other_grids_fit_80_columns(samples_dir: Path, tmp_path: Path, args: lis
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_an_ascii_stdout_gets_a_clear_error_not_a_crash(samples_dir: Path) -> None:
     import subprocess
     import sys
@@ -100,6 +101,7 @@ def test_an_ascii_stdout_gets_a_clear_error_not_a_crash(samples_dir: Path) -> No
     assert as_json.returncode == 0 and as_json.stdout.startswith(b'{"schema": "statecli.report/1"')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["table", "csv", "json"])
 def test_a_closed_pipe_exits_quietly_as_sigpipe_would(samples_dir: Path, fmt: str) -> None:
     # `statecli diff a b | head -1`: exit 1 would read as "different" under `set -o pipefail`.

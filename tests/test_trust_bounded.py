@@ -327,6 +327,7 @@ def test_check_refuses_a_fifo_given_as_a_file_option(tmp_path: Path, option: str
     assert r.stderr == f"statecli: error: {tmp_path / name}: is a FIFO, not a regular file\n"
 
 
+@pytest.mark.slow
 @fifo_only
 @pytest.mark.parametrize("case", ["dcp_metadata_fifo", "index_shard_fifo"])
 @pytest.mark.parametrize("command", ["stats", "diff", "convert"])  # inspect and check: tests/test_hostile.py
@@ -414,6 +415,7 @@ def test_the_tensor_fast_path_regex_is_linear(data: bytes) -> None:
     _within_budget(safepickle._TENSOR_V2.search, data[: MB // 16])  # match is what runs; search is worse
 
 
+@pytest.mark.slow
 def test_a_million_deep_nest_in_a_reader_message_is_clipped(tmp_path: Path) -> None:
     deep_million = lambda a: a.op("MARK").op("EMPTY_TUPLE").raw(b"\x85" * 10**6).op("LIST")  # noqa: E731
     _refused(_one_tensor(tmp_path, dims=deep_million), "size [((((…),),),)] has an impossible value")

@@ -484,6 +484,7 @@ def o_tmpfile(tmp_path: Path) -> None:
         pytest.skip("no O_TMPFILE here: outputs start as hidden files")
 
 
+@pytest.mark.slow
 def test_a_kill_right_after_a_new_output_is_named_leaves_that_output_only(
     samples_dir: Path, tmp_path: Path, o_tmpfile: None
 ) -> None:
@@ -493,6 +494,7 @@ def test_a_kill_right_after_a_new_output_is_named_leaves_that_output_only(
     assert run_cli("diff", str(samples_dir / "cnn_bn.safetensors"), str(out), env=NO_COLOR).exit_code == 0
 
 
+@pytest.mark.slow
 def test_a_kill_between_link_and_rename_is_cleaned_by_the_next_run(
     samples_dir: Path, tmp_path: Path, o_tmpfile: None
 ) -> None:

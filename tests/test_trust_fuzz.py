@@ -160,6 +160,7 @@ _SCRATCH = "/dev/shm" if os.path.isdir("/dev/shm") else None
 KNOWN_SEEN: dict[str, int] = {}
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Duplicate name:UserWarning")  # the generators write duplicate members
 @pytest.mark.parametrize("family", list(structures.FAMILIES))
 @settings(
@@ -219,6 +220,7 @@ def test_every_known_pattern_has_a_reproducer() -> None:
         make_crashes.input_of(name)  # built, and committed
 
 
+@pytest.mark.slow
 def test_structural_engine_runs(tmp_path: Path) -> None:
     """The timed structural engine (tests/fuzz/fuzz_read.py --engine structural) starts, builds, runs and
     reports: a few seconds of it."""

@@ -75,6 +75,7 @@ COSTLY = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", COSTLY)
 def test_containers_past_the_budget_are_refused_within_the_bound(name: str) -> None:
     data = repeated(COSTLY[name], 300_000)
@@ -83,6 +84,7 @@ def test_containers_past_the_budget_are_refused_within_the_bound(name: str) -> N
     assert peak[0] < BOUND * len(data), f"{peak[0] / len(data):.0f} bytes per pickle byte"
 
 
+@pytest.mark.slow
 def test_memoizing_more_than_one_object_per_four_bytes_is_refused_within_the_bound() -> None:
     data = pickle_of(OPS["NONE"] + OPS["MEMOIZE"] * 300_000)
     too_many = "memo exceeds 75001 entries, more than a 300004-byte pickle may store"
@@ -91,6 +93,7 @@ def test_memoizing_more_than_one_object_per_four_bytes_is_refused_within_the_bou
     assert peak[0] < BOUND * len(data), f"{peak[0] / len(data):.0f} bytes per pickle byte"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "unit", "before"),
     [
@@ -257,6 +260,7 @@ main()
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmSize from /proc")
 def test_running_out_of_memory_is_exit_3_with_one_line(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")

@@ -300,6 +300,7 @@ def test_a_real_subclass_weight_is_not_read_as_numbers(tmp_path: Path) -> None:
         statecli.load(path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "words"),
     [
