@@ -36,7 +36,10 @@ class CliResult:
 
 
 def run_cli(*args: str | os.PathLike[str], env: dict[str, str] | None = None) -> CliResult:
-    result = CliRunner().invoke(app, [os.fspath(a) for a in args], env=env)
+    # A piped table is as wide as it needs unless COLUMNS is set; pytest-xdist's workers (and some shells)
+    # set it, which would hide columns. A test that wants a width passes COLUMNS in ``env``.
+    unset: dict[str, str | None] = {"COLUMNS": None}
+    result = CliRunner().invoke(app, [os.fspath(a) for a in args], env={**unset, **(env or {})})
     return CliResult(
         exit_code=result.exit_code,
         stdout=result.stdout_bytes.decode("utf-8"),
