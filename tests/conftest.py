@@ -1,4 +1,9 @@
-"""Shared fixtures. Keep this small: most helpers belong in the test file that uses them."""
+"""Shared fixtures. Keep this small: most helpers belong in the test file that uses them.
+
+Shared helpers that tests import live beside it as plain modules (pytest imports every conftest.py
+as ``conftest``, so it is no place to import from): clirun.run_cli runs the command line in-process,
+factories.tensor_info builds a TensorInfo by hand, subproc runs a fresh Python.
+"""
 
 from __future__ import annotations
 

@@ -13,10 +13,16 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def checkout_env(**extra: str) -> dict[str, str]:
-    """This environment with the checkout first on ``PYTHONPATH`` (the suite may run uninstalled)."""
+# What tests/fuzz/fuzz_read.py imports beyond statecli and its own folder (see its docstring).
+FUZZ_PATH = (REPO_ROOT / "tests" / "hostile",)
+
+
+def checkout_env(*, path: tuple[Path, ...] = (), **extra: str) -> dict[str, str]:
+    """This environment with the checkout first on ``PYTHONPATH`` (the suite may run uninstalled), then
+    the folders in ``path``."""
     env = {**os.environ, **extra}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    first = [str(REPO_ROOT), *map(str, path)]
+    env["PYTHONPATH"] = os.pathsep.join([*first, *filter(None, [os.environ.get("PYTHONPATH")])])
     return env
 
 

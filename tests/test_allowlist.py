@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 SCRIPT = Path(__file__).resolve().parent / "allowlist" / "make_allowlist.py"
 
 
+@pytest.mark.slow
 def test_the_torch_class_list_is_current() -> None:
     from statecli import _torch_classes
 

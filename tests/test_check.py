@@ -11,21 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from clirun import run_cli
 
 import statecli
 from statecli.checking import Policy, RuleSet, load_policy, run
-from statecli.cli.main import app
 from statecli.errors import InputError, UsageError
 from statecli.schema import compare, load_schema, make_schema
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 CNN = SAMPLES / "cnn_bn_state_dict.pt"
-
-
-def cli(*args: str) -> tuple[int, str, str]:
-    r = CliRunner().invoke(app, list(args))
-    return r.exit_code, r.stdout, r.stderr
 
 
 @pytest.fixture
@@ -107,9 +101,9 @@ def test_rules_are_scoped_by_glob_and_role(tmp_path: Path) -> None:
 
 
 def test_dangerous_file_is_exit_5_refused_as_unsafe() -> None:
-    code, out, _ = cli("check", str(SAMPLES / "malicious_os_system.pt"), "--no-policy", "--dtype", "bf16")
+    code, out, _ = run_cli("check", str(SAMPLES / "malicious_os_system.pt"), "--no-policy", "--dtype", "bf16")
     assert code == 5 and "no_dangerous_globals" in out  # worse than the failed dtype rule (1)
-    assert cli("check", str(SAMPLES / "malicious_os_system.pt"), "--no-policy", "--allow-dangerous")[0] == 0
+    assert run_cli("check", str(SAMPLES / "malicious_os_system.pt"), "--no-policy", "--allow-dangerous").exit_code == 0
 
 
 def test_dangerous_globals_fail_by_default() -> None:
@@ -130,7 +124,7 @@ def test_max_size(good: Path) -> None:
 def test_schema_round_trip_and_every_difference(tmp_path: Path) -> None:
     report = statecli.open_checkpoint(CNN)
     path = tmp_path / "s.json"
-    code, out, _ = cli("schema", str(CNN))
+    code, out, _ = run_cli("schema", str(CNN))
     assert code == 0
     path.write_text(out)
     assert load_schema(path) == make_schema(report)
@@ -143,7 +137,7 @@ def test_schema_round_trip_and_every_difference(tmp_path: Path) -> None:
     torch.save(sd, tmp_path / "new.pt")
     diffs = {(d.name, d.what) for d in compare(statecli.open_checkpoint(tmp_path / "new.pt"), load_schema(path))}
     assert diffs == {("fc.bias", "missing"), ("extra", "unexpected"), ("fc.weight", "shape"), ("conv1.bias", "dtype")}
-    code, out, _ = cli("check", str(tmp_path / "new.pt"), "--schema", str(path), "--no-policy", "-f", "json")
+    code, out, _ = run_cli("check", str(tmp_path / "new.pt"), "--schema", str(path), "--no-policy", "-f", "json")
     assert code == 1
     (schema_rule,) = [r for r in json.loads(out)["rules"] if r["rule"] == "schema"]
     assert len(schema_rule["failures"]) == 4
@@ -163,7 +157,7 @@ def test_a_schema_file_that_is_not_one(tmp_path: Path, text: str, message: str) 
     path.write_text(text)
     with pytest.raises(InputError, match=message):
         load_schema(path)
-    code, out, err = cli("check", str(CNN), "--schema", str(path), "--no-policy")
+    code, out, err = run_cli("check", str(CNN), "--schema", str(path), "--no-policy")
     assert code == 3 and message.split("'")[0] in err and "Traceback" not in err and out == ""
 
 
@@ -200,9 +194,9 @@ def test_policy_file_and_pyproject(tmp_path: Path) -> None:
 def test_policy_is_discovered_in_the_working_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "statecli.toml").write_text('[check]\ndtype = ["bf16"]\n')
     monkeypatch.chdir(tmp_path)
-    code, _, err = cli("check", str(CNN))
+    code, _, err = run_cli("check", str(CNN))
     assert code == 1 and "using the policy in ./statecli.toml" in err
-    code, _, _ = cli("check", str(CNN), "--no-policy")
+    code, _, _ = run_cli("check", str(CNN), "--no-policy")
     assert code == 0
 
 
@@ -225,13 +219,13 @@ def test_bad_policy_is_exit_2_with_a_message(tmp_path: Path, text: str, message:
     path.write_text(text)
     with pytest.raises(UsageError, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_policy(str(path))
-    code, out, err = cli("check", str(CNN), "--policy", str(path))
+    code, out, err = run_cli("check", str(CNN), "--policy", str(path))
     assert code == 2 and out == "" and "Traceback" not in err
     assert message in err
 
 
 def test_unknown_dtype_flag_is_exit_2() -> None:
-    code, _, err = cli("check", str(CNN), "--dtype", "f33", "--no-policy")
+    code, _, err = run_cli("check", str(CNN), "--dtype", "f33", "--no-policy")
     assert code == 2 and "unknown dtype 'f33'" in err
 
 
@@ -239,7 +233,7 @@ def test_unknown_dtype_flag_is_exit_2() -> None:
 
 
 def test_junit_parses_with_one_case_per_rule(bad: Path) -> None:
-    code, out, _ = cli("check", str(bad), "--no-nan", "--dtype", "fp32", "--no-policy", "-f", "junit")
+    code, out, _ = run_cli("check", str(bad), "--no-nan", "--dtype", "fp32", "--no-policy", "-f", "junit")
     assert code == 1
     root = ET.fromstring(out)
     suite = root.find("testsuite")
@@ -253,33 +247,33 @@ def test_junit_parses_with_one_case_per_rule(bad: Path) -> None:
 
 
 def test_github_annotations_escape_and_name_the_file(bad: Path) -> None:
-    code, out, _ = cli("check", str(bad), "--no-nan", "--no-policy", "-f", "github")
+    code, out, _ = run_cli("check", str(bad), "--no-nan", "--no-policy", "-f", "github")
     assert code == 1
     assert out == f"::error file={bad},title=statecli check%3A no_nan::w: 1 NaN value\n"
-    code, out, _ = cli("check", str(CNN), "--no-policy", "-f", "github")
+    code, out, _ = run_cli("check", str(CNN), "--no-policy", "-f", "github")
     assert code == 0 and out == f"::notice file={CNN},title=statecli check::1 rule passed\n"
-    code, out, _ = cli("check", str(CNN), "--no-policy", "--no-nan", "-f", "github")
+    code, out, _ = run_cli("check", str(CNN), "--no-policy", "--no-nan", "-f", "github")
     assert code == 0 and out.endswith("::2 rules passed\n")
 
 
 def test_html_is_a_self_contained_page(bad: Path) -> None:
-    code, out, _ = cli("check", str(bad), "--no-nan", "--no-policy", "-f", "html")
+    code, out, _ = run_cli("check", str(bad), "--no-nan", "--no-policy", "-f", "html")
     assert code == 1
     assert out.lstrip().startswith("<!DOCTYPE html>") and "w: 1 NaN value" in out and "<script" not in out
 
 
 def test_json_and_table(bad: Path) -> None:
-    code, out, _ = cli("check", str(bad), "--no-inf", "--no-policy", "-f", "json")
+    code, out, _ = run_cli("check", str(bad), "--no-inf", "--no-policy", "-f", "json")
     doc = json.loads(out)
     assert code == 1 and doc["schema"] == "statecli.check/1" and doc["passed"] is False
     (inf,) = [r for r in doc["rules"] if r["rule"] == "no_inf"]
     assert inf["failures"][1] == {"tensor": "b", "message": "b: 2 inf values", "value": 2}
-    code, out, _ = cli("check", str(bad), "--no-inf", "--no-policy")
+    code, out, _ = run_cli("check", str(bad), "--no-inf", "--no-policy")
     assert "✘  no_inf" in out and "b: 2 inf values" in out and "FAILED: 1 of 2 rules" in out
 
 
 def test_missing_checkpoint_is_exit_3() -> None:
-    code, out, err = cli("check", "no/such.pt", "--no-policy")
+    code, out, err = run_cli("check", "no/such.pt", "--no-policy")
     assert code == 3 and out == "" and "no such file" in err
 
 
@@ -289,11 +283,11 @@ def test_python_api_mirrors_the_command(good: Path) -> None:
 
 
 def test_several_files_as_pre_commit_passes_them(good: Path, bad: Path, tmp_path: Path) -> None:
-    code, out, _ = cli("check", str(good), str(bad), "--no-nan", "--no-policy", "-f", "junit")
+    code, out, _ = run_cli("check", str(good), str(bad), "--no-nan", "--no-policy", "-f", "junit")
     assert code == 1
     suites = ET.fromstring(out).findall("testsuite")
     assert [s.get("failures") for s in suites] == ["0", "1"]
-    code, out, err = cli("check", str(good), str(tmp_path / "gone.pt"), "--no-policy", "-f", "json")
+    code, out, err = run_cli("check", str(good), str(tmp_path / "gone.pt"), "--no-policy", "-f", "json")
     assert code == 3 and "gone.pt" in err
     docs = json.loads(out)
     assert [d["passed"] for d in docs] == [True, False] and docs[1]["error"]["exit_code"] == 3  # named, not dropped
@@ -311,18 +305,18 @@ def on_sample_path(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_check_model_passes_and_fails_like_load_state_dict(on_sample_path: None, tmp_path: Path) -> None:
-    code, out, err = cli("check", str(CNN), "--model", "sample_nets:SmallCNN", "--no-policy", "-f", "json")
+    code, out, err = run_cli("check", str(CNN), "--model", "sample_nets:SmallCNN", "--no-policy", "-f", "json")
     assert code == 0, err
     (rule,) = [r for r in json.loads(out)["rules"] if r["rule"] == "model"]
     assert rule["passed"] and rule["checked"] == 16
-    code, out, _ = cli("check", str(SAMPLES / "lightning.ckpt"), "--model", "sample_nets:SmallCNN", "--no-policy")
+    code, out, _ = run_cli("check", str(SAMPLES / "lightning.ckpt"), "--model", "sample_nets:SmallCNN", "--no-policy")
     assert code == 1
     assert "conv1.weight: missing" in out and "model.conv1.weight: unexpected" in out
     assert "fix: all 16 keys match after stripping the prefix 'model.'" in out
 
 
 def test_inspect_model_gives_exact_roles(on_sample_path: None) -> None:
-    code, out, err = cli("inspect", str(CNN), "--model", "sample_nets:SmallCNN", "-f", "json")
+    code, out, err = run_cli("inspect", str(CNN), "--model", "sample_nets:SmallCNN", "-f", "json")
     assert code == 0, err
     tensors = {t["name"]: t for t in json.loads(out)["tensors"]}
     assert tensors["bn1.running_mean"]["evidence"] == "model" and tensors["bn1.running_mean"]["exact"] is True
@@ -336,7 +330,7 @@ def test_inspect_model_gives_exact_roles(on_sample_path: None) -> None:
 )
 def test_bad_model_spec_is_exit_2(on_sample_path: None, spec: str, message: str) -> None:
     for command in ("inspect", "check"):
-        code, out, err = cli(command, str(CNN), "--model", spec, *(("--no-policy",) if command == "check" else ()))
+        code, out, err = run_cli(command, str(CNN), "--model", spec, *(("--no-policy",) if command == "check" else ()))
         assert code == 2, (command, err)
         assert message in err and "Traceback" not in err and out == ""
 
@@ -344,30 +338,30 @@ def test_bad_model_spec_is_exit_2(on_sample_path: None, spec: str, message: str)
 def test_reference_rule_uses_diff_tolerances(tmp_path: Path) -> None:
     bf16 = tmp_path / "cnn-bf16.safetensors"
     statecli.convert(CNN, bf16, dtype="bf16")
-    code, _, err = cli("check", str(bf16), "--reference", str(CNN), "--rtol", "4e-3", "--no-policy")
+    code, _, err = run_cli("check", str(bf16), "--reference", str(CNN), "--rtol", "4e-3", "--no-policy")
     assert code == 0, err
-    code, out, _ = cli("check", str(bf16), "--reference", str(CNN), "--atol", "1e-6", "--no-policy", "-f", "json")
+    code, out, _ = run_cli("check", str(bf16), "--reference", str(CNN), "--atol", "1e-6", "--no-policy", "-f", "json")
     assert code == 1
     (rule,) = [r for r in json.loads(out)["rules"] if r["rule"] == "reference"]
     assert rule["failures"] and all("max abs diff" in f["message"] for f in rule["failures"])
     # values statecli does not read (quantized) are not failures
     same = str(SAMPLES / "all_dtypes.pt")
-    assert cli("check", same, "--reference", same, "--no-policy")[0] == 0
+    assert run_cli("check", same, "--reference", same, "--no-policy").exit_code == 0
 
 
 def test_a_flag_tolerance_of_0_overrides_the_policy_file(tmp_path: Path) -> None:
     (tmp_path / "p.toml").write_text(f'[check]\nreference = "{CNN}"\natol = 1.0\n')
     bf16 = tmp_path / "cnn-bf16.safetensors"
     statecli.convert(CNN, bf16, dtype="bf16")
-    assert cli("check", str(bf16), "--policy", str(tmp_path / "p.toml"))[0] == 0
-    assert cli("check", str(bf16), "--policy", str(tmp_path / "p.toml"), "--atol", "0")[0] == 1
+    assert run_cli("check", str(bf16), "--policy", str(tmp_path / "p.toml")).exit_code == 0
+    assert run_cli("check", str(bf16), "--policy", str(tmp_path / "p.toml"), "--atol", "0").exit_code == 1
 
 
 def test_check_model_fails_an_integer_tensor_where_the_model_has_floats(on_sample_path: None, tmp_path: Path) -> None:
     sd = torch.load(CNN, weights_only=True)
     sd["fc.bias"] = sd["fc.bias"].long()
     torch.save(sd, tmp_path / "m.pt")
-    code, out, _ = cli("check", str(tmp_path / "m.pt"), "--model", "sample_nets:SmallCNN", "--no-policy")
+    code, out, _ = run_cli("check", str(tmp_path / "m.pt"), "--model", "sample_nets:SmallCNN", "--no-policy")
     assert code == 1 and "fc.bias: dtype int64 in the file, float32 in the model" in out
 
 
@@ -378,7 +372,7 @@ def test_sparse_tensors_are_not_a_dangerous_finding(tmp_path: Path) -> None:
     report = statecli.open_checkpoint(tmp_path / "sparse.pt")
     assert not [f for f in report.findings if f.level == "dangerous"]
     assert {t.name: t.layout for t in report.tensors} == {"s": "sparse_coo", "w": "strided"}
-    assert cli("check", str(tmp_path / "sparse.pt"), "--no-policy")[0] == 0
+    assert run_cli("check", str(tmp_path / "sparse.pt"), "--no-policy").exit_code == 0
 
 
 # ------------------------------------------------------------------------------------ scopes that select nothing
@@ -391,7 +385,7 @@ EMPTY_SCOPE = (
 
 @pytest.mark.parametrize("fmt", ["table", "json", "junit", "github", "html"])
 def test_a_glob_that_matches_nothing_fails_in_every_format(fmt: str) -> None:
-    code, out, err = cli("check", str(SAFETENSORS), "--match", "nothing*", "--no-nan", "--no-policy", "-f", fmt)
+    code, out, err = run_cli("check", str(SAFETENSORS), "--match", "nothing*", "--no-nan", "--no-policy", "-f", fmt)
     assert code == 1
     assert err == f"statecli: warning: {SAFETENSORS}: {EMPTY_SCOPE}\n"
     if fmt == "json":
@@ -424,17 +418,19 @@ def test_a_glob_that_matches_nothing_fails_in_every_format(fmt: str) -> None:
 
 
 def test_a_role_or_policy_scope_that_selects_nothing_fails(tmp_path: Path) -> None:
-    code, out, err = cli("check", str(SAFETENSORS), "--role", "other", "--no-policy")
+    code, out, err = run_cli("check", str(SAFETENSORS), "--role", "other", "--no-policy")
     assert code == 1 and "✘  selects_tensors [role other]" in out
     assert "no tensor matches the filters (role other) among the 16 in the file" in err
     (tmp_path / "p.toml").write_text('[check]\n[[check.rules]]\nmatch = ["*.runing_var"]\nabsmax = 1e6\n')
-    code, out, err = cli("check", str(CNN), "--policy", str(tmp_path / "p.toml"), "-f", "json")
+    code, out, err = run_cli("check", str(CNN), "--policy", str(tmp_path / "p.toml"), "-f", "json")
     assert code == 1
     failed = [(r["rule"], r["scope"]) for r in json.loads(out)["rules"] if not r["passed"]]
     assert failed == [("selects_tensors", "match *.runing_var")]
     assert "(match *.runing_var)" in err
     # a scope that selects a tensor adds nothing
-    code, out, err = cli("check", str(CNN), "--match", "*.running_var", "--absmax", "1e6", "--no-policy", "-f", "json")
+    code, out, err = run_cli(
+        "check", str(CNN), "--match", "*.running_var", "--absmax", "1e6", "--no-policy", "-f", "json"
+    )
     assert code == 0 and err == ""
     assert [r["rule"] for r in json.loads(out)["rules"]] == ["no_dangerous_globals", "absmax"]
 
@@ -442,15 +438,15 @@ def test_a_role_or_policy_scope_that_selects_nothing_fails(tmp_path: Path) -> No
 def test_a_file_without_tensors_fails_the_rules_on_tensors(tmp_path: Path) -> None:
     empty = tmp_path / "empty.pt"
     torch.save({"epoch": 3}, empty)
-    code, out, err = cli("check", str(empty), "--no-nan", "--no-policy", "-f", "json")
+    code, out, err = run_cli("check", str(empty), "--no-nan", "--no-policy", "-f", "json")
     assert code == 1
     message = "the checkpoint holds no tensor: the rules on all tensors checked nothing"
     assert err == f"statecli: warning: {empty}: {message}\n"
     (rule,) = [r for r in json.loads(out)["rules"] if r["rule"] == "selects_tensors"]
     assert rule["scope"] == "all tensors" and rule["failures"][0]["message"] == message
     # no rule on tensors asked for: nothing to fail
-    assert cli("check", str(empty), "--max-size", "1MB", "--no-policy")[0] == 0
-    code, out, _ = cli("check", str(empty), "--match", "w*", "--no-policy")
+    assert run_cli("check", str(empty), "--max-size", "1MB", "--no-policy").exit_code == 0
+    code, out, _ = run_cli("check", str(empty), "--match", "w*", "--no-policy")
     assert code == 1 and "(match w*) (the file holds no tensor)" in out
 
 
@@ -469,7 +465,7 @@ POSIX = "pickle would call posix.system('touch statecli_pwned_marker'); statecli
 
 @pytest.mark.parametrize("fmt", ["table", "json", "junit", "github", "html"])
 def test_allow_dangerous_reports_the_global_as_allowed(fmt: str) -> None:
-    code, out, err = cli("check", str(MALICIOUS), "--allow-dangerous", "--no-policy", "-f", fmt)
+    code, out, err = run_cli("check", str(MALICIOUS), "--allow-dangerous", "--no-policy", "-f", fmt)
     assert code == 0
     assert err == f"statecli: warning: {MALICIOUS}: {POSIX} (dangerous-global)\n"  # as inspect and stats say it
     if fmt == "json":
@@ -499,14 +495,14 @@ def test_allow_dangerous_reports_the_global_as_allowed(fmt: str) -> None:
 
 
 def test_without_allow_dangerous_the_file_is_still_refused() -> None:
-    code, out, err = cli("check", str(MALICIOUS), "--no-policy", "-f", "json")
+    code, out, err = run_cli("check", str(MALICIOUS), "--no-policy", "-f", "json")
     assert code == 5 and err == ""
     (rule,) = json.loads(out)["rules"]
     assert rule["passed"] is False and rule["allowed"] == [] and rule["failures"][0]["message"] == POSIX
 
 
 def test_allow_dangerous_help_says_what_it_does() -> None:
-    code, out, _ = cli("check", "--help")
+    code, out, _ = run_cli("check", "--help")
     assert code == 0
     text = " ".join(out.replace("│", " ").split())
     assert "on by default" not in text
@@ -516,7 +512,7 @@ def test_allow_dangerous_help_says_what_it_does() -> None:
 def test_value_rules_count_only_the_tensors_they_read() -> None:
     # all_dtypes.pt holds quantized and packed-fp4 tensors whose values statecli does not read: a gate must
     # not report them as checked, and says which they are.
-    code, out, err = cli(
+    code, out, err = run_cli(
         "check", str(SAMPLES / "all_dtypes.pt"), "--no-policy", "--no-nan", "--absmax", "1e9", "-f", "json"
     )
     assert code == 0
@@ -528,7 +524,7 @@ def test_value_rules_count_only_the_tensors_they_read() -> None:
     assert rules["no_dangerous_globals"]["unread"] == []
     assert err.count("statecli: note: ") == 2 and "6 tensors not checked, their values are not read" in err
     # A file whose every tensor is read: nothing unread, no note.
-    code, out, err = cli("check", str(CNN), "--no-policy", "--no-nan", "-f", "json")
+    code, out, err = run_cli("check", str(CNN), "--no-policy", "--no-nan", "-f", "json")
     assert code == 0 and err == ""
     assert all(r["unread"] == [] for r in json.loads(out)["rules"])
 
@@ -537,14 +533,14 @@ def test_a_dangerous_reference_is_refused_like_a_dangerous_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)  # where the payload would create its marker
-    code, out, err = cli("check", str(CNN), "--no-policy", "--reference", str(MALICIOUS), "-f", "json")
+    code, out, err = run_cli("check", str(CNN), "--no-policy", "--reference", str(MALICIOUS), "-f", "json")
     assert code == 5 and err == ""
     rules = {(r["rule"], r["scope"]): r for r in json.loads(out)["rules"]}
     ref = rules[("no_dangerous_globals", "reference")]
     assert ref["passed"] is False and ref["failures"][0]["message"] == f"reference {MALICIOUS}: {POSIX}"
     assert rules[("no_dangerous_globals", "all tensors")]["passed"] is True
     # Allowed: reported on stderr and as allowed, no longer refused (the comparison itself still fails here).
-    code, out, err = cli(
+    code, out, err = run_cli(
         "check", str(CNN), "--no-policy", "--reference", str(MALICIOUS), "--allow-dangerous", "-f", "json"
     )
     assert code == 1

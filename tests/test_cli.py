@@ -1,6 +1,6 @@
-"""The command line through typer.testing.CliRunner, with statecli.open_checkpoint replaced by a fake.
+"""The command line in-process (clirun.run_cli), with statecli.open_checkpoint replaced by a fake.
 
-Typer 0.29's runner keeps the streams apart: ``result.stdout`` is data, ``result.stderr`` messages,
+run_cli keeps the streams apart: ``result.stdout`` is data, ``result.stderr`` messages,
 ``result.output`` both interleaved.
 """
 
@@ -16,24 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner, Result
+from clirun import run_cli
+from factories import tensor_info
 
 import statecli
-from statecli.cli.main import app
 from statecli.errors import InputError, UnsafeError
 from statecli.records import Container, Finding, Report, Summary, TensorInfo
-
-
-def tensor(
-    name: str, role: str = "parameter", dtype: str = "float32", shape: tuple[int, ...] = (4,), **kw: object
-) -> TensorInfo:
-    numel = 1
-    for d in shape:
-        numel *= d
-    itemsize = {"int64": 8, "float16": 2}.get(dtype, 4)
-    fields: dict = {"exact": False, "evidence": "default", "persistent": None, "requires_grad": None}
-    fields = {**fields, "device": "cpu", **kw}
-    return TensorInfo(name=name, role=role, dtype=dtype, shape=shape, numel=numel, nbytes=numel * itemsize, **fields)
 
 
 def report(path: str, *tensors: TensorInfo, findings: tuple[Finding, ...] = ()) -> Report:
@@ -50,17 +38,19 @@ def report(path: str, *tensors: TensorInfo, findings: tuple[Finding, ...] = ()) 
 
 MODEL = report(
     "model.pt",
-    tensor("conv.weight", shape=(64, 3, 3, 3), exact=True, evidence="module", requires_grad=True),
-    tensor("bn.running_mean", "buffer", shape=(64,), evidence="rule:batchnorm-stats"),
-    tensor("bn.num_batches_tracked", "buffer", "int64", (), evidence="rule:batchnorm-stats"),
-    tensor("fc.weight", dtype="float16", shape=(10, 64), device="cuda:0", shares_with=("head.weight",)),
-    tensor("head.weight", dtype="float16", shape=(10, 64), device="cuda:0", shares_with=("fc.weight",)),
+    tensor_info("conv.weight", shape=(64, 3, 3, 3), exact=True, evidence="module", requires_grad=True),
+    tensor_info("bn.running_mean", "buffer", shape=(64,), evidence="rule:batchnorm-stats"),
+    tensor_info("bn.num_batches_tracked", "buffer", "int64", (), evidence="rule:batchnorm-stats"),
+    tensor_info("fc.weight", dtype="float16", shape=(10, 64), device="cuda:0", shares_with=("head.weight",)),
+    tensor_info("head.weight", dtype="float16", shape=(10, 64), device="cuda:0", shares_with=("fc.weight",)),
 )
-SMALL = report("small.safetensors", tensor("w", shape=(2,), device=None))
-MARKUP = report("[bold]x[/bold].pt", tensor("layer[0].weight"), tensor("[red]b[/red].bias"), tensor("a:smile:"))
+SMALL = report("small.safetensors", tensor_info("w", shape=(2,), device=None))
+MARKUP = report(
+    "[bold]x[/bold].pt", tensor_info("layer[0].weight"), tensor_info("[red]b[/red].bias"), tensor_info("a:smile:")
+)
 DANGEROUS = report(
     "evil.pt",
-    tensor("w"),
+    tensor_info("w"),
     findings=(
         Finding("dangerous", "unsafe-global", "pickle would call os.system"),
         Finding("info", "note", "nothing to see"),
@@ -89,10 +79,6 @@ def fake_open(monkeypatch: pytest.MonkeyPatch) -> Callable[[object], Report]:
     return open_checkpoint
 
 
-def run(*args: str, env: dict[str, str] | None = None) -> Result:
-    return CliRunner().invoke(app, list(args), env=env)
-
-
 def names(data: dict) -> list[str]:
     return [t["name"] for t in data["tensors"]]
 
@@ -101,7 +87,7 @@ def names(data: dict) -> list[str]:
 
 
 def test_json_one_path_is_one_object() -> None:
-    result = run("inspect", "model.pt", "--format", "json")
+    result = run_cli("inspect", "model.pt", "--format", "json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["schema"] == "statecli.report/1"
@@ -111,9 +97,9 @@ def test_json_one_path_is_one_object() -> None:
 
 def test_json_is_not_wrapped_at_80_columns() -> None:
     long = "encoder." + ".".join(f"block{i}" for i in range(20)) + ".weight"
-    CHECKPOINTS["long.pt"] = report("long.pt", tensor(long))
+    CHECKPOINTS["long.pt"] = report("long.pt", tensor_info(long))
     try:
-        result = run("inspect", "long.pt", "-f", "json")
+        result = run_cli("inspect", "long.pt", "-f", "json")
     finally:
         del CHECKPOINTS["long.pt"]
     assert f'"name": "{long}",' in result.stdout  # the whole name on one line
@@ -122,7 +108,7 @@ def test_json_is_not_wrapped_at_80_columns() -> None:
 
 
 def test_several_paths_give_a_json_array() -> None:
-    result = run("inspect", "model.pt", "small.safetensors", "-f", "json")
+    result = run_cli("inspect", "model.pt", "small.safetensors", "-f", "json")
     assert result.exit_code == 0
     data = json.loads(result.stdout)
     assert [d["path"] for d in data] == ["model.pt", "small.safetensors"]
@@ -130,7 +116,7 @@ def test_several_paths_give_a_json_array() -> None:
 
 
 def test_one_failing_path_among_several_is_reported_and_the_rest_still_shown() -> None:
-    result = run("inspect", "model.pt", "x.pt", "unsafe.pt", "small.safetensors", "-f", "json")
+    result = run_cli("inspect", "model.pt", "x.pt", "unsafe.pt", "small.safetensors", "-f", "json")
     assert result.exit_code == 5  # the highest of 3 and 5
     assert [d["path"] for d in json.loads(result.stdout)] == ["model.pt", "small.safetensors"]
     assert result.stderr.splitlines() == [
@@ -155,7 +141,7 @@ def test_one_failing_path_among_several_is_reported_and_the_rest_still_shown() -
     ],
 )
 def test_filters(args: list[str], expected: list[str]) -> None:
-    result = run("inspect", "model.pt", "-f", "json", *args)
+    result = run_cli("inspect", "model.pt", "-f", "json", *args)
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert names(data) == expected
@@ -163,7 +149,7 @@ def test_filters(args: list[str], expected: list[str]) -> None:
 
 
 def test_filters_that_keep_nothing_say_so_on_stderr() -> None:
-    result = run("inspect", "model.pt", "-f", "json", "--match", "nothing*")
+    result = run_cli("inspect", "model.pt", "-f", "json", "--match", "nothing*")
     assert result.exit_code == 0
     assert names(json.loads(result.stdout)) == []
     assert result.stderr == "statecli: note: model.pt: no tensor matches the filters (5 in the file)\n"
@@ -181,20 +167,20 @@ def test_filters_that_keep_nothing_say_so_on_stderr() -> None:
     ],
 )
 def test_sort(key: str, expected: list[str]) -> None:
-    result = run("inspect", "model.pt", "-f", "json", "--sort", key)
+    result = run_cli("inspect", "model.pt", "-f", "json", "--sort", key)
     assert result.exit_code == 0, result.output
     assert names(json.loads(result.stdout)) == expected
 
 
 def test_unknown_dtype_is_a_usage_error_naming_it() -> None:
-    result = run("inspect", "model.pt", "--dtype", "fp12")
+    result = run_cli("inspect", "model.pt", "--dtype", "fp12")
     assert result.exit_code == 2
     assert "fp12" in result.stderr
     assert result.stdout == ""
 
 
 def test_unknown_role_is_a_usage_error() -> None:
-    result = run("inspect", "model.pt", "--role", "weights")
+    result = run_cli("inspect", "model.pt", "--role", "weights")
     assert result.exit_code == 2
     assert "weights" in result.stderr
 
@@ -220,7 +206,7 @@ COLUMNS = [
 
 
 def test_csv() -> None:
-    result = run("inspect", "model.pt", "--format", "csv")
+    result = run_cli("inspect", "model.pt", "--format", "csv")
     assert result.exit_code == 0
     rows = list(csv.reader(io.StringIO(result.stdout)))
     assert rows[0] == COLUMNS
@@ -248,7 +234,7 @@ def test_csv() -> None:
 
 
 def test_csv_of_several_paths_has_a_path_column() -> None:
-    result = run("inspect", "model.pt", "small.safetensors", "-f", "csv")
+    result = run_cli("inspect", "model.pt", "small.safetensors", "-f", "csv")
     rows = list(csv.reader(io.StringIO(result.stdout)))
     assert rows[0] == ["path", *COLUMNS]
     assert rows[-1][:2] == ["small.safetensors", "w"]
@@ -256,7 +242,7 @@ def test_csv_of_several_paths_has_a_path_column() -> None:
 
 
 def test_markdown() -> None:
-    result = run("inspect", "markup.pt", "--format", "markdown")
+    result = run_cli("inspect", "markup.pt", "--format", "markdown")
     assert result.exit_code == 0
     lines = result.stdout.splitlines()
     assert lines[0] == "| " + " | ".join(COLUMNS) + " |"
@@ -269,7 +255,7 @@ def test_markdown() -> None:
 
 
 def test_table_shows_every_tensor_summary_and_legend() -> None:
-    result = run("inspect", "model.pt", env={"COLUMNS": "160"})
+    result = run_cli("inspect", "model.pt", env={"COLUMNS": "160"})
     assert result.exit_code == 0
     out = result.stdout
     for t in MODEL.tensors:
@@ -281,24 +267,24 @@ def test_table_shows_every_tensor_summary_and_legend() -> None:
 
 
 def test_table_without_summary_and_legend() -> None:
-    result = run("inspect", "model.pt", "--no-summary", "--no-legend", env={"COLUMNS": "160"})
+    result = run_cli("inspect", "model.pt", "--no-summary", "--no-legend", env={"COLUMNS": "160"})
     assert "conv.weight" in result.stdout
     assert "Parameters" not in result.stdout and "● exact" not in result.stdout
 
 
 def test_markup_looking_names_print_literally() -> None:
-    result = run("inspect", "markup.pt", env={"COLUMNS": "160"})
+    result = run_cli("inspect", "markup.pt", env={"COLUMNS": "160"})
     assert result.exit_code == 0
     for text in ("layer[0].weight", "[red]b[/red].bias", "a:smile:", "[bold]x[/bold].pt"):
         assert text in result.stdout
 
 
 def test_colour_follows_the_terminal_and_no_color() -> None:
-    coloured = run("inspect", "model.pt", env={"FORCE_COLOR": "1", "COLUMNS": "160"}).stdout
+    coloured = run_cli("inspect", "model.pt", env={"FORCE_COLOR": "1", "COLUMNS": "160"}).stdout
     assert "\x1b[32m" in coloured  # parameters in green
-    plain = run("inspect", "model.pt", env={"FORCE_COLOR": "1", "NO_COLOR": "1", "COLUMNS": "160"}).stdout
+    plain = run_cli("inspect", "model.pt", env={"FORCE_COLOR": "1", "NO_COLOR": "1", "COLUMNS": "160"}).stdout
     assert "\x1b[32m" not in plain
-    assert "\x1b[" not in run("inspect", "model.pt").stdout  # not a terminal: no escapes at all
+    assert "\x1b[" not in run_cli("inspect", "model.pt").stdout  # not a terminal: no escapes at all
 
 
 # --- findings and errors ---------------------------------------------------------------------------
@@ -306,7 +292,7 @@ def test_colour_follows_the_terminal_and_no_color() -> None:
 
 @pytest.mark.parametrize("fmt", ["json", "csv", "markdown", "table"])
 def test_dangerous_finding_warns_on_stderr_in_every_format(fmt: str) -> None:
-    result = run("inspect", "evil.pt", "-f", fmt)
+    result = run_cli("inspect", "evil.pt", "-f", fmt)
     assert result.exit_code == 0
     assert result.stderr == "statecli: warning: evil.pt: pickle would call os.system (unsafe-global)\n"
     if fmt == "json":
@@ -314,7 +300,7 @@ def test_dangerous_finding_warns_on_stderr_in_every_format(fmt: str) -> None:
 
 
 def test_input_error_is_one_line_and_exit_3() -> None:
-    result = run("inspect", "x.pt")
+    result = run_cli("inspect", "x.pt")
     assert result.exit_code == 3
     assert result.stderr == "statecli: error: x.pt: not a checkpoint\n"
     assert "Traceback" not in result.output
@@ -322,23 +308,23 @@ def test_input_error_is_one_line_and_exit_3() -> None:
 
 
 def test_unsafe_error_exit_5() -> None:
-    result = run("tree", "unsafe.pt")
+    result = run_cli("tree", "unsafe.pt")
     assert result.exit_code == 5
     assert result.stderr == "statecli: error: unsafe.pt: refusing to run pickle code\n"
 
 
 def test_debug_shows_the_traceback() -> None:
-    result = run("--debug", "inspect", "x.pt")
+    result = run_cli("--debug", "inspect", "x.pt")
     assert result.exit_code == 3
     assert "Traceback (most recent call last)" in result.stderr
     assert result.stderr.rstrip().endswith("statecli: error: x.pt: not a checkpoint")
 
 
 def test_unexpected_exception_is_an_internal_error() -> None:
-    result = run("inspect", "bug.pt")
+    result = run_cli("inspect", "bug.pt")
     assert result.exit_code == 3
     assert result.stderr == ("statecli: internal error: RuntimeError: boom (re-run with --debug for a traceback)\n")
-    debug = run("--debug", "inspect", "bug.pt")
+    debug = run_cli("--debug", "inspect", "bug.pt")
     assert debug.exit_code == 3
     assert "Traceback" in debug.stderr and "RuntimeError: boom" in debug.stderr
 
@@ -357,7 +343,7 @@ def test_unexpected_exception_is_an_internal_error() -> None:
 def test_usage_errors_are_one_line_on_stderr_exit_2(args: list[str], text: str) -> None:
     """Whatever finds a usage error (Typer's parser or statecli), it is one ``statecli: error:`` line on
     stderr, like every other error: no boxed panel, no help text on stdout."""
-    result = run(*args)
+    result = run_cli(*args)
     assert result.exit_code == 2
     assert result.stdout == ""
     assert result.stderr.startswith(text)
@@ -365,14 +351,14 @@ def test_usage_errors_are_one_line_on_stderr_exit_2(args: list[str], text: str) 
 
 
 def test_bare_statecli_shows_the_help() -> None:
-    result = run()
+    result = run_cli()
     assert result.exit_code == 2
     assert "Usage: statecli" in result.stdout and "inspect" in result.stdout
     assert result.stderr == ""
 
 
 def test_version() -> None:
-    result = run("--version")
+    result = run_cli("--version")
     assert result.exit_code == 0
     assert result.stdout == f"statecli {statecli.__version__}\n"
 
@@ -381,7 +367,7 @@ def test_version() -> None:
 
 
 def test_tree_json() -> None:
-    result = run("tree", "model.pt", "--format", "json")
+    result = run_cli("tree", "model.pt", "--format", "json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["schema"] == "statecli.tree/1" and data["path"] == "model.pt"
@@ -395,18 +381,18 @@ def test_tree_json() -> None:
 
 
 def test_tree_depth_folds_and_filters_apply() -> None:
-    data = json.loads(run("tree", "model.pt", "-f", "json", "--depth", "1", "--role", "buffer").stdout)
+    data = json.loads(run_cli("tree", "model.pt", "-f", "json", "--depth", "1", "--role", "buffer").stdout)
     root = data["root"]
     assert [c["name"] for c in root["children"]] == ["bn"]
     assert root["children"][0]["tensors"] == [] and root["children"][0]["folded"] == 2
     assert root["parameters"]["count"] == 0 and root["buffers"]["nbytes"] == 264
-    data = json.loads(run("tree", "model.pt", "-f", "json", "--depth", "0").stdout)
+    data = json.loads(run_cli("tree", "model.pt", "-f", "json", "--depth", "0").stdout)
     assert data["root"]["children"] == [] and data["root"]["folded"] == 5
-    assert run("tree", "model.pt", "--depth", "-1").exit_code == 2
+    assert run_cli("tree", "model.pt", "--depth", "-1").exit_code == 2
 
 
 def test_tree_table() -> None:
-    result = run("tree", "model.pt", env={"COLUMNS": "160"})
+    result = run_cli("tree", "model.pt", env={"COLUMNS": "160"})
     assert result.exit_code == 0
     lines = result.stdout.splitlines()
     assert lines[0].startswith("model.pt")
@@ -420,16 +406,16 @@ def test_tree_table() -> None:
 
 def test_real_samples_through_the_real_reader(monkeypatch: pytest.MonkeyPatch, samples_dir: Path) -> None:
     monkeypatch.undo()  # this test reads real files: no fake open_checkpoint
-    result = run("inspect", str(samples_dir / "cnn_bn_module.pt"), "-f", "json", "--role", "buffer")
+    result = run_cli("inspect", str(samples_dir / "cnn_bn_module.pt"), "-f", "json", "--role", "buffer")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert names(data) == [f"bn{i}.{n}" for i in (1, 2) for n in ("running_mean", "running_var", "num_batches_tracked")]
     assert {t["evidence"] for t in data["tensors"]} == {"module"}
-    evil = run("inspect", str(samples_dir / "malicious_os_system.pt"), "-f", "json")
+    evil = run_cli("inspect", str(samples_dir / "malicious_os_system.pt"), "-f", "json")
     assert evil.exit_code == 0
     assert json.loads(evil.stdout)["findings"]
     assert evil.stderr.startswith("statecli: warning: ") and "system" in evil.stderr
-    assert run("tree", str(samples_dir / "tied_lm.pt")).exit_code == 0
+    assert run_cli("tree", str(samples_dir / "tied_lm.pt")).exit_code == 0
 
 
 def test_a_real_process_maps_errors_and_imports_neither_torch_nor_numpy(samples_dir: Path) -> None:

@@ -20,7 +20,6 @@ from statecli import conversion as conv
 from statecli.errors import CheckFailedError, OutputError, UnsupportedFormatError, UsageError
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
-sys.path.insert(0, str(SAMPLES))
 import sample_nets  # noqa: E402
 
 

@@ -13,18 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from clirun import run_cli
 from subproc import checkout_env
-from typer.testing import CliRunner
-
-from statecli.cli.main import app
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 CNN = str(SAMPLES / "cnn_bn_state_dict.pt")
-
-
-def run(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(app, list(args))
-    return result.exit_code, result.stdout, result.stderr
 
 
 def listing(folder: Path) -> list[str]:
@@ -32,7 +25,7 @@ def listing(folder: Path) -> list[str]:
 
 
 def test_convert_prints_a_summary_line_on_stderr_and_writes(tmp_path: Path) -> None:
-    code, out, err = run("convert", CNN, "-o", str(tmp_path / "a.safetensors"), "--dtype", "bf16")
+    code, out, err = run_cli("convert", CNN, "-o", str(tmp_path / "a.safetensors"), "--dtype", "bf16")
     assert code == 0, err
     assert out == ""  # the summary is a message: stdout carries data only
     assert err.startswith(f"wrote {tmp_path / 'a.safetensors'}: 16 tensors (14 cast to bfloat16)")
@@ -41,12 +34,13 @@ def test_convert_prints_a_summary_line_on_stderr_and_writes(tmp_path: Path) -> N
 
 
 def test_quiet_convert_prints_nothing(tmp_path: Path) -> None:
-    code, out, err = run("convert", CNN, "-o", str(tmp_path / "a.safetensors"), "-q")
+    code, out, err = run_cli("convert", CNN, "-o", str(tmp_path / "a.safetensors"), "-q")
     assert code == 0, err
     assert (out, err) == ("", "")
     assert listing(tmp_path) == ["a.safetensors"]
 
 
+@pytest.mark.slow
 def test_stdout_of_a_real_process_stays_empty(tmp_path: Path) -> None:
     # What a user's `statecli convert ... > out` keeps: no summary line in the file.
     proc = subprocess.run(
@@ -64,7 +58,7 @@ def test_stdout_of_a_real_process_stays_empty(tmp_path: Path) -> None:
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path: Path) -> None:
     out_path = tmp_path / "a.pt"
-    code, out, err = run("convert", CNN, "-o", str(out_path), "--dtype", "fp16", "--keep-buffers", "--dry-run")
+    code, out, err = run_cli("convert", CNN, "-o", str(out_path), "--dtype", "fp16", "--keep-buffers", "--dry-run")
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0] == f"{CNN} → {out_path} (torch)"
@@ -82,10 +76,10 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path: Path) -> None:
 
 
 def test_dry_run_never_says_tensors_were_written(tmp_path: Path) -> None:
-    code, out, err = run("convert", CNN, "-o", str(tmp_path / "a.safetensors"), "-n")
+    code, out, err = run_cli("convert", CNN, "-o", str(tmp_path / "a.safetensors"), "-n")
     assert code == 0, err
     assert err == f"would write {tmp_path / 'a.safetensors'}: 16 tensors; nothing written (dry run)\n"
-    code, out, err = run("convert", CNN, "-o", str(tmp_path / "a.safetensors"), "-n", "-q")
+    code, out, err = run_cli("convert", CNN, "-o", str(tmp_path / "a.safetensors"), "-n", "-q")
     assert code == 0, err
     assert err == ""  # -q: no summary, as after a real run
     assert "written" not in out and out.splitlines()[-1].startswith("fc.bias")
@@ -97,12 +91,12 @@ def test_what_is_left_out_is_the_same_note_on_stderr_with_or_without_dry_run(tmp
     src = str(SAMPLES / "training_adam.pt")
     dst = str(tmp_path / "a.safetensors")
     note = "statecli: note: 30 tensors left out: optimizer state\n"
-    code, dry_out, dry_err = run("convert", src, "-o", dst, "-n", "-f", fmt)
+    code, dry_out, dry_err = run_cli("convert", src, "-o", dst, "-n", "-f", fmt)
     assert code == 0, dry_err
     assert "left out" not in dry_out or fmt == "json"  # the JSON plan lists them under "dropped": data
     assert note in dry_err
     assert listing(tmp_path) == []
-    code, real_out, real_err = run("convert", src, "-o", dst, "-f", fmt)
+    code, real_out, real_err = run_cli("convert", src, "-o", dst, "-f", fmt)
     assert code == 0, real_err
     assert note in real_err
     assert "statecli: note:" not in real_out
@@ -113,7 +107,7 @@ def test_what_is_left_out_is_the_same_note_on_stderr_with_or_without_dry_run(tmp
 
 def test_torchscript_attribute_left_out_is_named_on_stderr(tmp_path: Path) -> None:
     dst = tmp_path / "ts.safetensors"
-    code, out, err = run("convert", str(SAMPLES / "torchscript_frozen.pt"), "-o", str(dst))
+    code, out, err = run_cli("convert", str(SAMPLES / "torchscript_frozen.pt"), "-o", str(dst))
     assert code == 0, err
     assert out == ""
     assert err.splitlines() == [
@@ -124,7 +118,9 @@ def test_torchscript_attribute_left_out_is_named_on_stderr(tmp_path: Path) -> No
 
 
 def test_dry_run_json_is_the_plan(tmp_path: Path) -> None:
-    code, out, _ = run("convert", str(SAMPLES / "training_adam.pt"), "-o", str(tmp_path / "a.pt"), "-n", "-f", "json")
+    code, out, _ = run_cli(
+        "convert", str(SAMPLES / "training_adam.pt"), "-o", str(tmp_path / "a.pt"), "-n", "-f", "json"
+    )
     assert code == 0
     doc = json.loads(out)
     assert doc["schema"] == "statecli.plan/1"
@@ -136,7 +132,7 @@ def test_dry_run_json_is_the_plan(tmp_path: Path) -> None:
 
 def test_json_after_converting_has_the_counts(tmp_path: Path) -> None:
     torch.save({"t": torch.tensor([1e-10, 1.0, 7e4])}, tmp_path / "r.pt")
-    code, out, err = run(
+    code, out, err = run_cli(
         "convert", str(tmp_path / "r.pt"), "-o", str(tmp_path / "o.pt"), "--dtype", "fp16", "--allow-overflow", "-f",
         "json",
     )  # fmt: skip
@@ -161,7 +157,7 @@ def test_json_after_converting_has_the_counts(tmp_path: Path) -> None:
     ],
 )
 def test_bad_options(tmp_path: Path, args: list[str], code: int, message: str) -> None:
-    got, out, err = run("convert", CNN, "-o", str(tmp_path / "o.pt"), *args)
+    got, out, err = run_cli("convert", CNN, "-o", str(tmp_path / "o.pt"), *args)
     assert got == code, err
     assert message in err
     if code:
@@ -175,7 +171,7 @@ def test_an_only_glob_that_matches_nothing_exits_2_and_writes_nothing(tmp_path: 
     # The review's case: it used to write every tensor in full precision and exit 0.
     tied = str(SAMPLES / "tied_lm.pt")
     args = ["-o", str(tmp_path / "nm.pt"), "--only", "nomatch*", "--dtype", "bf16", *dry_run]
-    code, out, err = run("convert", tied, *args)
+    code, out, err = run_cli("convert", tied, *args)
     assert code == 2
     assert err.startswith(f"statecli: error: --only 'nomatch*' matches no tensor in {tied}: ")
     assert "Traceback" not in err and out == ""
@@ -184,7 +180,7 @@ def test_an_only_glob_that_matches_nothing_exits_2_and_writes_nothing(tmp_path: 
 
 def test_an_exclude_glob_that_matches_nothing_is_a_warning_on_stderr(tmp_path: Path) -> None:
     args = ["--exclude", "head.*", "--exclude", "*.bias", "--dtype", "fp16", "-q"]
-    code, out, err = run("convert", CNN, "-o", str(tmp_path / "o.pt"), *args)
+    code, out, err = run_cli("convert", CNN, "-o", str(tmp_path / "o.pt"), *args)
     assert code == 0, err
     assert err == "statecli: warning: --exclude 'head.*' matches no tensor: it leaves nothing out\n"
     assert out == "" and listing(tmp_path) == ["o.pt"]
@@ -192,10 +188,10 @@ def test_an_exclude_glob_that_matches_nothing_is_a_warning_on_stderr(tmp_path: P
 
 def test_dcp_select_accepts_the_key_it_suggests(tmp_path: Path) -> None:
     dcp = str(SAMPLES / "dcp_training")
-    code, _, err = run("convert", dcp, "-o", str(tmp_path / "s.pt"), "--select", "nope")
+    code, _, err = run_cli("convert", dcp, "-o", str(tmp_path / "s.pt"), "--select", "nope")
     assert code == 2
     assert err.rstrip().endswith("try one of: bn1, bn2, conv1, conv2, fc, model, optim")
-    code, _, err = run("convert", dcp, "-o", str(tmp_path / "s.pt"), "--select", "optim", "-q")
+    code, _, err = run_cli("convert", dcp, "-o", str(tmp_path / "s.pt"), "--select", "optim", "-q")
     assert code == 0, err
     assert err == "statecli: note: 16 tensors left out: outside --select optim\n"
     sd = torch.load(tmp_path / "s.pt", weights_only=True)
@@ -203,7 +199,7 @@ def test_dcp_select_accepts_the_key_it_suggests(tmp_path: Path) -> None:
 
 
 def test_unknown_output_extension(tmp_path: Path) -> None:
-    code, _, err = run("convert", CNN, "-o", str(tmp_path / "o.npz"))
+    code, _, err = run_cli("convert", CNN, "-o", str(tmp_path / "o.npz"))
     assert code == 2
     assert "cannot tell the output format from" in err and ".safetensors, .pt" in err
     assert listing(tmp_path) == []
@@ -211,7 +207,9 @@ def test_unknown_output_extension(tmp_path: Path) -> None:
 
 def test_overflow_exits_1_naming_tensors(tmp_path: Path) -> None:
     torch.save({"big": torch.tensor([1e6, 2e6]), "ok": torch.ones(2)}, tmp_path / "r.pt")
-    code, out, err = run("convert", str(tmp_path / "r.pt"), "-o", str(tmp_path / "o.safetensors"), "--dtype", "fp16")
+    code, out, err = run_cli(
+        "convert", str(tmp_path / "r.pt"), "-o", str(tmp_path / "o.safetensors"), "--dtype", "fp16"
+    )
     assert code == 1
     assert "1 tensor would overflow to ±inf in float16: big (2 values). Nothing was written." in err
     assert out == ""
@@ -223,14 +221,14 @@ def test_an_inf_that_fp8_e4m3fn_cannot_hold_is_reported_as_changed(tmp_path: Pat
     x = torch.tensor([1e6, 448.0, 1.0, -1e6, float("nan"), float("inf")])
     torch.save({"big": x}, tmp_path / "ovf2.pt")
     args = ["convert", str(tmp_path / "ovf2.pt"), "-o", str(tmp_path / "o8.pt"), "--dtype", "fp8"]
-    code, out, err = run(*args)
+    code, out, err = run_cli(*args)
     assert code == 1
     assert (
         "statecli: error: 1 tensor would overflow to ±448 in float8_e4m3fn, which has no inf: "
         "big (3 values, 1 of them ±inf). Nothing was written." in err
     )
     assert out == "" and listing(tmp_path) == ["ovf2.pt"]
-    code, out, err = run(*args, "--allow-overflow", "-q")
+    code, out, err = run_cli(*args, "--allow-overflow", "-q")
     assert code == 0, err
     assert err.splitlines() == [
         "statecli: warning: big: 2 values became ±448 in float8_e4m3fn",
@@ -253,7 +251,7 @@ def test_an_inf_that_fp8_e4m3fn_cannot_hold_is_reported_as_changed(tmp_path: Pat
 def test_bad_input_files(tmp_path: Path, make: object, code: int, message: str) -> None:
     src = tmp_path / "in.pt"
     make(src)  # type: ignore[operator]
-    got, _, err = run("convert", str(src), "-o", str(tmp_path / "o.safetensors"))
+    got, _, err = run_cli("convert", str(src), "-o", str(tmp_path / "o.safetensors"))
     assert got == code
     assert message in err and "Traceback" not in err
     assert "o.safetensors" not in listing(tmp_path)
@@ -261,16 +259,16 @@ def test_bad_input_files(tmp_path: Path, make: object, code: int, message: str) 
 
 def test_output_exists_and_force(tmp_path: Path) -> None:
     (tmp_path / "o.pt").write_bytes(b"old")
-    code, _, err = run("convert", CNN, "-o", str(tmp_path / "o.pt"))
+    code, _, err = run_cli("convert", CNN, "-o", str(tmp_path / "o.pt"))
     assert code == 4 and "output exists; pass --force to replace it" in err
     assert (tmp_path / "o.pt").read_bytes() == b"old"
-    code, _, err = run("convert", CNN, "-o", str(tmp_path / "o.pt"), "--force")
+    code, _, err = run_cli("convert", CNN, "-o", str(tmp_path / "o.pt"), "--force")
     assert code == 0, err
     assert (tmp_path / "o.pt").read_bytes() != b"old"
 
 
 def test_output_folder_missing(tmp_path: Path) -> None:
-    code, _, err = run("convert", CNN, "-o", str(tmp_path / "no" / "o.pt"))
+    code, _, err = run_cli("convert", CNN, "-o", str(tmp_path / "no" / "o.pt"))
     assert code == 4 and "does not exist" in err
 
 
@@ -301,7 +299,7 @@ def test_an_output_folder_that_is_not_one_is_named(tmp_path: Path, output: str, 
     (tmp_path / "dangling").symlink_to("nowhere")
     (tmp_path / "dangling.pt").symlink_to("nowhere.pt")
     before = tree(tmp_path)
-    code, out, err = run("convert", CNN, "-o", str(tmp_path / output))
+    code, out, err = run_cli("convert", CNN, "-o", str(tmp_path / output))
     assert (code, out) == (4, "")
     assert err == f"statecli: error: {tmp_path / output}: {message.format(t=tmp_path)}\n"
     assert tree(tmp_path) == before
@@ -309,7 +307,7 @@ def test_an_output_folder_that_is_not_one_is_named(tmp_path: Path, output: str, 
 
 def test_force_replaces_a_broken_link_not_its_target(tmp_path: Path) -> None:
     (tmp_path / "o.pt").symlink_to("nowhere.pt")
-    code, _, err = run("convert", CNN, "-o", str(tmp_path / "o.pt"), "--force")
+    code, _, err = run_cli("convert", CNN, "-o", str(tmp_path / "o.pt"), "--force")
     assert code == 0, err
     assert listing(tmp_path) == ["o.pt"] and not (tmp_path / "o.pt").is_symlink()
     assert list(torch.load(tmp_path / "o.pt")) == list(torch.load(CNN))
@@ -318,21 +316,21 @@ def test_force_replaces_a_broken_link_not_its_target(tmp_path: Path) -> None:
 def test_onto_the_input_is_refused(tmp_path: Path) -> None:
     src = tmp_path / "m.pt"
     src.write_bytes(Path(CNN).read_bytes())
-    code, _, err = run("convert", str(src), "-o", str(src), "--force", "--dtype", "fp16")
+    code, _, err = run_cli("convert", str(src), "-o", str(src), "--force", "--dtype", "fp16")
     assert code == 4 and "refusing to convert onto the input file" in err
     assert src.read_bytes() == Path(CNN).read_bytes()
 
 
 def test_dangerous_input_is_named_and_its_code_never_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # the payload would touch statecli_pwned_marker here
-    code, _, err = run("convert", str(SAMPLES / "malicious_os_system.pt"), "-o", str(tmp_path / "m.safetensors"))
+    code, _, err = run_cli("convert", str(SAMPLES / "malicious_os_system.pt"), "-o", str(tmp_path / "m.safetensors"))
     assert code == 0, err
     assert "pickle would call posix.system" in err and "(dangerous-global)" in err
     assert listing(tmp_path) == ["m.safetensors"]
 
 
 def test_help_names_the_options() -> None:
-    code, out, _ = run("convert", "--help")
+    code, out, _ = run_cli("convert", "--help")
     assert code == 0
     for opt in ("--dtype", "--device", "--keep-buffers", "--only", "--exclude", "--allow-overflow", "--select",
                 "--strip-prefix", "--add-prefix", "--max-shard-size", "--force", "--verify", "--dry-run"):  # fmt: skip
@@ -370,6 +368,7 @@ def big_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_killed_process_leaves_no_file_at_all(tmp_path: Path, big_checkpoint: Path, suffix: str) -> None:
     dst = tmp_path / f"out{suffix}"
@@ -380,6 +379,7 @@ def test_killed_process_leaves_no_file_at_all(tmp_path: Path, big_checkpoint: Pa
     assert listing(tmp_path) == []  # not even a temporary name: the file was anonymous
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_file_size_limit_is_exit_4_and_leaves_nothing(tmp_path: Path, big_checkpoint: Path, suffix: str) -> None:
     dst = tmp_path / f"out{suffix}"
@@ -396,7 +396,7 @@ def test_file_size_limit_is_exit_4_and_leaves_nothing(tmp_path: Path, big_checkp
 
 def test_shards_under_a_file_name_the_file(tmp_path: Path) -> None:
     (tmp_path / "afile").write_bytes(b"x")
-    code, out, err = run("convert", CNN, "-o", str(tmp_path / "afile" / "out") + "/", "--max-shard-size", "4KB")
+    code, out, err = run_cli("convert", CNN, "-o", str(tmp_path / "afile" / "out") + "/", "--max-shard-size", "4KB")
     assert code == 4 and out == ""
     assert f"output folder {tmp_path / 'afile'} is not a folder (it is a file)" in err
     assert listing(tmp_path) == ["afile"]
@@ -407,7 +407,7 @@ def test_a_key_that_is_the_empty_string_converts_as_itself(tmp_path: Path, suffi
     src = tmp_path / "e.pt"
     torch.save({"": torch.ones(2), "w": torch.zeros(1)}, src)
     dst = tmp_path / f"out{suffix}"
-    code, _, err = run("convert", str(src), "-o", str(dst), "-q")
+    code, _, err = run_cli("convert", str(src), "-o", str(dst), "-q")
     assert code == 0, err
     if suffix == ".pt":
         assert list(torch.load(dst, weights_only=True)) == ["", "w"]

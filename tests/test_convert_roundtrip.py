@@ -10,6 +10,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -51,6 +52,7 @@ def bits(t: torch.Tensor) -> bytes:
     return bytes(t.contiguous().view(-1).view(torch.uint8).tolist()) if t.numel() else b""
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=state_dicts(), target=st.sampled_from([None, "fp16", "bf16", "fp32"]))
 def test_pt_to_safetensors_to_pt(case: tuple[dict[str, torch.Tensor], list[tuple[str, str]]], target: str) -> None:

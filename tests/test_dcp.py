@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from clirun import NO_COLOR, run_cli
 from subproc import audited_open
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import (
@@ -30,10 +31,8 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
-from typer.testing import CliRunner, Result
 
 import statecli
-from statecli.cli.main import app
 from statecli.errors import InputError, LimitExceededError, UnsafeError, UnsupportedFormatError
 from statecli.formats import dcp as dcp_reader
 from statecli.formats import read_raw
@@ -54,10 +53,6 @@ class Evil:
 def oracle_metadata(folder: Path) -> Metadata:
     """torch's own reading of a TRUSTED folder's .metadata (plain pickle.load inside)."""
     return FileSystemReader(str(folder)).read_metadata()
-
-
-def run(*args: str) -> Result:
-    return CliRunner().invoke(app, list(args), env={"NO_COLOR": "1"})
 
 
 @pytest.fixture
@@ -221,7 +216,7 @@ def test_metadata_path_reads_its_folder(samples_dir: Path) -> None:
 
 
 def test_cli_inspect_json(samples_dir: Path) -> None:
-    result = run("inspect", str(samples_dir / TRAINING), "-f", "json")
+    result = run_cli("inspect", str(samples_dir / TRAINING), "-f", "json", env=NO_COLOR)
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["schema"] == "statecli.report/1" and data["format"] == "dcp"
@@ -302,7 +297,7 @@ def test_os_system_inside_the_metadata_is_a_finding_and_never_runs(
     assert dangerous and f"system('touch {MARKER}')" in dangerous[0].message
     assert len(report.tensors) == 46
     assert not (tmp_path / MARKER).exists()
-    result = run("check", str(training_copy))
+    result = run_cli("check", str(training_copy), env=NO_COLOR)
     assert result.exit_code == 5  # refused as unsafe
 
 
@@ -311,7 +306,7 @@ def test_metadata_that_is_only_a_payload_is_refused(training_copy: Path, tmp_pat
     # torch's reader runs it before it looks at what it got: refused as unsafe, not merely "not DCP".
     with pytest.raises(UnsafeError, match=r"not a torch.distributed.checkpoint .metadata.*system"):
         read_dcp(str(training_copy))
-    result = run("inspect", str(training_copy))
+    result = run_cli("inspect", str(training_copy), env=NO_COLOR)
     assert result.exit_code == 5 and "Traceback" not in result.output
     assert not (tmp_path / MARKER).exists() and not Path(MARKER).exists()
 
@@ -349,7 +344,7 @@ def test_storage_outside_the_folder_is_unsafe(training_copy: Path, relative_path
     rewrite(training_copy, lambda md: retarget(md, "model.fc.bias", relative_path=relative_path))
     with pytest.raises(UnsafeError, match="leaves the checkpoint folder"):
         read_dcp(str(training_copy))
-    result = run("inspect", str(training_copy))
+    result = run_cli("inspect", str(training_copy), env=NO_COLOR)
     assert result.exit_code == 5 and "leaves the checkpoint folder" in result.output
 
 
@@ -417,7 +412,7 @@ def test_absurd_sizes_exit_3(
     rewrite(training_copy, change)
     with pytest.raises(InputError, match=message):
         read_dcp(str(training_copy))
-    assert run("inspect", str(training_copy)).exit_code == 3
+    assert run_cli("inspect", str(training_copy), env=NO_COLOR).exit_code == 3
 
 
 def test_oversized_metadata_is_refused_before_reading(training_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -431,7 +426,7 @@ def test_truncated_metadata_exits_3(training_copy: Path) -> None:
     meta.write_bytes(meta.read_bytes()[:5000])
     with pytest.raises(InputError, match="truncated"):
         read_dcp(str(training_copy))
-    result = run("inspect", str(training_copy))
+    result = run_cli("inspect", str(training_copy), env=NO_COLOR)
     assert result.exit_code == 3 and "Traceback" not in result.output
 
 
@@ -504,7 +499,7 @@ def test_a_distcp_file_given_alone_names_the_folder_to_pass(training_copy: Path,
     path = training_copy / "__0_0.distcp"
     before = sorted(p.name for p in training_copy.parent.rglob("*"))
     extra = ["-o", str(training_copy.parent / "out.safetensors")] if command == "convert" else []
-    result = run(command, str(path), *extra)
+    result = run_cli(command, str(path), *extra, env=NO_COLOR)
     assert result.exit_code == 3, result.stderr
     assert result.stdout == ""
     assert result.stderr == (

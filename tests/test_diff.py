@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from clirun import run_cli
 
 import statecli
 from statecli import diff as diff_core
-from statecli.cli.main import app
 from statecli.diff import compare_tensors, diff
 from statecli.errors import UsageError
 
@@ -27,13 +26,8 @@ TIED = str(SAMPLES / "tied_lm.pt")
 BF16_RTOL = 4e-3
 
 
-def run(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(app, ["diff", *args])
-    return result.exit_code, result.stdout, result.stderr
-
-
 def run_json(*args: str) -> tuple[int, dict, str]:
-    code, out, err = run(*args, "--format", "json")
+    code, out, err = run_cli("diff", *args, "--format", "json")
     return code, json.loads(out), err
 
 
@@ -50,7 +44,7 @@ def by_name(doc: dict) -> dict[str, dict]:
 
 
 def test_a_checkpoint_against_itself_is_the_same() -> None:
-    code, out, err = run(CNN, CNN)
+    code, out, err = run_cli("diff", CNN, CNN)
     assert code == 0, err
     assert out.splitlines() == [f"{CNN} → {CNN}", "same: 16 identical (atol 0, rtol 0)"]
     assert err == ""
@@ -63,7 +57,7 @@ def test_against_its_bf16_conversion(tmp_path: Path) -> None:
     assert code == 0, err
     assert doc["same"] is True
     assert doc["tolerance"] == {"atol": 0.01, "rtol": 0.01}
-    assert run(CNN, str(bf16), "--rtol", str(BF16_RTOL))[0] == 0  # the tight bound holds too
+    assert run_cli("diff", CNN, str(bf16), "--rtol", str(BF16_RTOL)).exit_code == 0  # the tight bound holds too
     code, doc, _ = run_json(CNN, str(bf16), "--atol", "1e-6", "--rtol", "1e-6")
     assert code == 1 and doc["same"] is False
 
@@ -99,7 +93,7 @@ def test_dtype_change_alone_does_not_fail(tmp_path: Path) -> None:
     rows = by_name(doc)
     assert rows["x"]["status"] == rows["w"]["status"] == "changed"
     assert rows["x"]["differences"] == ["dtype"] and rows["x"]["equal"] is True
-    code, out, _ = run(a, b)
+    code, out, _ = run_cli("diff", a, b)
     assert any(line.split()[:5] == ["x", "changed", "int64", "→", "int32"] for line in out.splitlines())
     assert out.splitlines()[-1] == "same: 2 equal in value, metadata changed (atol 0, rtol 0)"
 
@@ -118,7 +112,7 @@ def test_tied_pt_and_its_safetensors_conversion_compare_clean(tmp_path: Path) ->
 def test_against_a_sharded_folder(tmp_path: Path) -> None:
     statecli.convert(TIED, str(tmp_path / "shards") + "/", max_shard_size="2KB")
     assert len(list((tmp_path / "shards").glob("*.safetensors"))) > 1
-    code, out, err = run(TIED, str(tmp_path / "shards"))
+    code, out, err = run_cli("diff", TIED, str(tmp_path / "shards"))
     assert code == 0, err
     assert out.splitlines()[-1] == "same: 18 identical (atol 0, rtol 0)"
 
@@ -158,7 +152,7 @@ def test_keys_on_one_side_fail(tmp_path: Path) -> None:
     assert (doc["only_in_a"], doc["only_in_b"]) == (["old"], ["new"])
     assert doc["summary"]["only_in_a"] == doc["summary"]["only_in_b"] == 1
     assert doc["identical"] == ["w"]
-    code, out, _ = run(a, b)
+    code, out, _ = run_cli("diff", a, b)
     assert code == 1
     lines = out.splitlines()
     assert lines[2].startswith("─")
@@ -177,7 +171,7 @@ def test_shape_change_fails(tmp_path: Path) -> None:
     assert (row["shape_a"], row["shape_b"]) == ([4, 2], [2, 4])
     assert row["within_tolerance"] is False
     assert row["max_abs"] is None and row["equal"] is None
-    assert "4×2 → 2×4" in run(a, b)[1]
+    assert "4×2 → 2×4" in run_cli("diff", a, b).stdout
 
 
 def test_normalize_prefixes(tmp_path: Path) -> None:
@@ -223,7 +217,7 @@ def test_lightning_checkpoint_against_its_plain_state_dict(tmp_path: Path) -> No
 def test_match_filters_both_sides(tmp_path: Path) -> None:
     a = save(tmp_path / "a.pt", {"enc.w": torch.ones(2), "dec.w": torch.ones(2)})
     b = save(tmp_path / "b.pt", {"enc.w": torch.ones(2), "dec.w": torch.zeros(2), "head": torch.ones(1)})
-    assert run(a, b)[0] == 1
+    assert run_cli("diff", a, b).exit_code == 1
     code, doc, _ = run_json(a, b, "--match", "enc.*")
     assert code == 0 and doc["identical"] == ["enc.w"] and doc["summary"]["tensors_b"] == 1
 
@@ -244,7 +238,7 @@ def test_nan_handling(tmp_path: Path) -> None:
     assert row["cosine"] is None
     assert "2 NaN where the other side has a number" in row["notes"]
     c = save(tmp_path / "c.pt", {"same": torch.tensor([1.0, nan, inf]), "moved": torch.tensor([nan, 2.0, 3.5])})
-    assert run(a, c, "--atol", "1")[0] == 0  # NaN where NaN, 3 vs 3.5 within atol
+    assert run_cli("diff", a, c, "--atol", "1").exit_code == 0  # NaN where NaN, 3 vs 3.5 within atol
 
 
 def test_infinities_pass_only_against_the_same_infinity(tmp_path: Path) -> None:
@@ -370,7 +364,7 @@ def test_device_unknown_on_one_side_is_no_change(tmp_path: Path) -> None:
 def test_table_lists_identical_tensors_with_all(tmp_path: Path) -> None:
     a = save(tmp_path / "a.pt", {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.0])})
     b = save(tmp_path / "b.pt", {"w": torch.tensor([1.0, 2.5]), "b": torch.tensor([0.0])})
-    code, out, err = run(a, b)
+    code, out, err = run_cli("diff", a, b)
     assert code == 1 and err == ""
     assert [line.rstrip() for line in out.splitlines()] == [
         f"{a} → {b}",
@@ -380,7 +374,7 @@ def test_table_lists_identical_tensors_with_all(tmp_path: Path) -> None:
         "",
         "different: 1 differs beyond tolerance, 1 identical (atol 0, rtol 0)",
     ]
-    code, out, _ = run(a, b, "--all", "--atol", "0.5")
+    code, out, _ = run_cli("diff", a, b, "--all", "--atol", "0.5")
     assert code == 0
     lines = out.splitlines()
     assert lines[3].split()[:2] == ["w", "close"]
@@ -419,7 +413,7 @@ def test_json_schema_fields(tmp_path: Path) -> None:
 def test_missing_file_exits_3(tmp_path: Path, missing: str) -> None:
     gone = str(tmp_path / "gone.pt")
     args = (gone, CNN) if missing == "a" else (CNN, gone)
-    code, out, err = run(*args)
+    code, out, err = run_cli("diff", *args)
     assert code == 3
     assert out == ""
     assert err == f"statecli: error: {gone}: no such file or directory\n"
@@ -428,14 +422,14 @@ def test_missing_file_exits_3(tmp_path: Path, missing: str) -> None:
 def test_corrupt_file_exits_3(tmp_path: Path) -> None:
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"PK\x03\x04garbage")
-    code, out, err = run(CNN, str(bad))
+    code, out, err = run_cli("diff", CNN, str(bad))
     assert code == 3 and out == ""
     assert err.startswith("statecli: error: ") and "Traceback" not in err
 
 
 @pytest.mark.parametrize("args", [["--atol", "-1"], ["--rtol", "nan"], ["--format", "xml"]])
 def test_bad_options_exit_2(args: list[str]) -> None:
-    code, out, err = run(CNN, CNN, *args)
+    code, out, err = run_cli("diff", CNN, CNN, *args)
     assert code == 2 and out == ""
     assert "Traceback" not in err
 
@@ -460,7 +454,7 @@ def test_a_hostile_pickle_is_never_run(tmp_path: Path, monkeypatch: pytest.Monke
 
 def test_a_filter_that_matches_nothing_fails(tmp_path: Path) -> None:
     safetensors = str(SAMPLES / "cnn_bn.safetensors")
-    code, out, err = run(safetensors, TIED, "--match", "nothing*")
+    code, out, err = run_cli("diff", safetensors, TIED, "--match", "nothing*")
     assert code == 1
     assert out.splitlines() == [f"{safetensors} → {TIED}", "nothing compared: no tensors (atol 0, rtol 0)"]
     assert err == (
@@ -499,7 +493,7 @@ def test_a_filter_that_matches_one_side_only_is_a_plain_difference(tmp_path: Pat
 def test_two_files_without_tensors_compare_nothing_and_fail(tmp_path: Path) -> None:
     a = save(tmp_path / "a.pt", {})
     b = save(tmp_path / "b.pt", {"epoch": 3})
-    code, out, err = run(a, b)
+    code, out, err = run_cli("diff", a, b)
     assert code == 1
     assert out.splitlines()[-1] == "nothing compared: no tensors (atol 0, rtol 0)"
     assert err == "statecli: warning: neither A nor B holds a tensor: nothing was compared\n"
@@ -517,7 +511,7 @@ def test_csv_has_a_row_per_tensor_with_unrounded_numbers(tmp_path: Path) -> None
 
     a = save(tmp_path / "a.pt", {"w": torch.tensor([1.0, 2.0]), "same": torch.ones(3), "gone": torch.zeros(1)})
     b = save(tmp_path / "b.pt", {"w": torch.tensor([1.0, 2.0 + 1 / 3]), "same": torch.ones(3), "new|x": torch.zeros(2)})
-    code, out, _ = run(a, b, "--format", "csv")
+    code, out, _ = run_cli("diff", a, b, "--format", "csv")
     assert code == 1  # the exit code follows the comparison whatever the format
     rows = list(csv.DictReader(io.StringIO(out)))
     assert [(r["name"], r["status"]) for r in rows] == [
@@ -536,7 +530,7 @@ def test_csv_has_a_row_per_tensor_with_unrounded_numbers(tmp_path: Path) -> None
 def test_markdown_is_a_pull_request_comment(tmp_path: Path) -> None:
     a = save(tmp_path / "a.pt", {"w": torch.tensor([1.0, 2.0]), "same": torch.ones(3)})
     b = save(tmp_path / "b.pt", {"w": torch.tensor([1.0, 2.5]), "same": torch.ones(3), "new|x": torch.zeros(2)})
-    code, out, _ = run(a, b, "--format", "markdown")
+    code, out, _ = run_cli("diff", a, b, "--format", "markdown")
     assert code == 1
     lines = out.splitlines()
     assert (
@@ -547,7 +541,7 @@ def test_markdown_is_a_pull_request_comment(tmp_path: Path) -> None:
     assert lines[4].startswith("| `w` | differs | float32 | 2 | 0.5 | 0.2 |")
     assert lines[5] == "| `new\\|x` | only in B | float32 | 2 |  |  |  |  |"  # a pipe in a name cannot split a cell
     assert len(lines) == 6  # identical tensors only with --all
-    code, out, _ = run(CNN, CNN, "--format", "markdown")
+    code, out, _ = run_cli("diff", CNN, CNN, "--format", "markdown")
     assert code == 0 and out == f"**`{CNN}` → `{CNN}`**: same: 16 identical (atol 0, rtol 0)\n"
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import typer.main
+from clirun import run_cli
 
 from statecli.cli.main import app
 
@@ -107,10 +108,8 @@ def test_the_readme_and_every_command_page_show_real_output() -> None:
 def test_the_readme_sample_outputs_are_what_statecli_prints(
     monkeypatch: pytest.MonkeyPatch, page: str, command: str, shown: str
 ) -> None:
-    from typer.testing import CliRunner
-
     monkeypatch.chdir(REPO)
-    result = CliRunner().invoke(app, shlex.split(command)[1:])
+    result = run_cli(*shlex.split(command)[1:])
     assert result.exit_code == 0, result.output
     assert result.stdout == shown, f"{page}: paste what `{command}` prints today into the page"
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from clirun import run_cli
 
 import statecli
-from statecli.cli.main import app
 from statecli.formats import CHECKPOINT_SUFFIXES
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
@@ -20,7 +19,7 @@ def test_empty_folder_message_names_every_accepted_kind(tmp_path: Path, command:
     folder.mkdir()
     (folder / "notes.txt").write_text("no checkpoint here\n")
     args = [command, str(folder)] + (["-o", str(tmp_path / "o.safetensors")] if command == "convert" else [])
-    result = CliRunner().invoke(app, args)
+    result = run_cli(*args)
     assert result.exit_code == 3
     assert result.stdout == ""
     err = result.stderr

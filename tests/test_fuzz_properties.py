@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from subproc import checkout_env
+from subproc import FUZZ_PATH, checkout_env
 
 import statecli
 from statecli.errors import InputError, StatecliError, UnsafeError
@@ -267,9 +267,10 @@ def test_random_opcode_streams(data: bytes, fast: bool) -> None:
         loads(data, persistent, fast_paths=fast)
 
 
+@pytest.mark.slow
 def test_fuzz_harness_runs(tmp_path: Path) -> None:
     """The long-running harness (tests/fuzz/fuzz_read.py) still starts, mutates and reports, in 3 s."""
-    env = checkout_env()
+    env = checkout_env(path=FUZZ_PATH)
     proc = subprocess.run(
         [
             sys.executable,

@@ -14,6 +14,9 @@ from golden import make_goldens
 
 PINNED: dict[str, dict[str, object]] = json.loads(make_goldens.GOLDENS.read_text(encoding="utf-8"))
 
+# One xdist worker computes every case once (the module fixture), rather than each worker all of them.
+pytestmark = pytest.mark.xdist_group("golden")
+
 
 @pytest.fixture(scope="module")
 def found(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, object]]:

@@ -60,7 +60,6 @@ from subproc import checkout_env
 import statecli
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE / "hostile"))
 
 from make_hostile import CASES, KNOWN, MARKER, Case, build_all  # noqa: E402
 
@@ -157,6 +156,8 @@ def _one_line(stderr: str) -> None:
     assert stderr.endswith("\n") and stderr.count("\n") == 1, f"not one line: {stderr!r}"
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("hostile")  # the session fixtures run once per xdist worker
 @pytest.mark.parametrize(
     "name", [pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN[n], strict=True)) if n in KNOWN else n for n in CASES]
 )
@@ -251,6 +252,8 @@ def _command_params() -> list[Any]:
     return out
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("hostile")  # the session fixtures run once per xdist worker
 @pytest.mark.parametrize(("name", "command"), _command_params())
 def test_hostile_command(outcomes: dict[str, tuple[Case, dict[str, Any]]], name: str, command: str) -> None:
     case, rec = outcomes[name]
@@ -283,6 +286,8 @@ def test_hostile_command(outcomes: dict[str, tuple[Case, dict[str, Any]]], name:
         assert "\x1b" not in r["stdout"], f"{command}: a raw escape sequence on stdout"
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("hostile")  # the session fixtures run once per xdist worker
 def test_the_harness_sees_code_run(tmp_path: Path) -> None:
     """Positive control: the same runner, made to unpickle a payload with the real pickle module, records
     the os.system event and the marker file appears. Without this, an empty event list proves nothing."""
@@ -339,6 +344,8 @@ def exploit_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Pa
     return {j["name"]: (Path(j["cwd"]), records.get(j["name"], {"error": proc.stderr[-2000:]})) for j in jobs}
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("hostile")  # the session fixtures run once per xdist worker
 @pytest.mark.parametrize("name", EXPLOITS)
 def test_the_exploit_payload_really_runs(exploit_runs: dict[str, tuple[Path, dict[str, Any]]], name: str) -> None:
     """A case that claims to be an exploit is one: loaded the unsafe way, its payload leaves the marker. So

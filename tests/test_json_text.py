@@ -55,6 +55,7 @@ def tensors(draw: st.DrawFn) -> TensorInfo:
     )
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(items=st.lists(tensors(), max_size=6), path=text, metadata=st.dictionaries(text, text, max_size=3))
 def test_any_report(items: list[TensorInfo], path: str, metadata: dict[str, str]) -> None:

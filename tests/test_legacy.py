@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import pickle
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from clirun import run_cli
 
 import statecli
-from statecli.cli.main import app
 from statecli.errors import InputError
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
-sys.path.insert(0, str(SAMPLES))
 import sample_nets  # noqa: E402
 import samples_legacy  # noqa: E402
 
@@ -104,7 +101,7 @@ def test_truncated_files_are_exit_3(tmp_path: Path, cut: int, message: str) -> N
     path.write_bytes(data[:cut])
     with pytest.raises(InputError, match=message):
         statecli.open_checkpoint(path)
-    result = CliRunner().invoke(app, ["inspect", str(path)])
+    result = run_cli("inspect", str(path))
     assert result.exit_code == 3 and "Traceback" not in result.stderr
 
 

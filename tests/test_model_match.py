@@ -25,7 +25,6 @@ from statecli.errors import UsageError
 from statecli.model_match import ModelMatch, Rename, build_model, build_on_meta, load_factory, match
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
-sys.path.insert(0, str(SAMPLES))
 import sample_nets  # noqa: E402
 
 SIZE_MISMATCH = re.compile(r"size mismatch for ([^:]+):")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
@@ -10,7 +9,6 @@ import torch
 import statecli
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
-sys.path.insert(0, str(SAMPLES))
 import sample_nets  # noqa: E402
 
 

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from clirun import run_cli
 
-from statecli.cli.main import app
 from statecli.output import columns, formats
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
@@ -52,11 +51,6 @@ NAMES = [
 CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202e]")
 
 
-def cli(*args: str) -> tuple[int, str, str]:
-    r = CliRunner().invoke(app, list(args))
-    return r.exit_code, r.stdout_bytes.decode(), r.stderr  # Result.stdout turns CRLF into LF
-
-
 @pytest.fixture
 def named(tmp_path: Path) -> Path:
     path = tmp_path / "named.pt"
@@ -72,7 +66,7 @@ def other(tmp_path: Path) -> Path:
 
 
 def json_names(*args: str) -> list[str]:
-    code, out, _ = cli(*args, "-f", "json")
+    code, out, _ = run_cli(*args, "-f", "json")
     assert code in (0, 1)
     return [t["name"] for t in json.loads(out)["tensors"]]
 
@@ -85,7 +79,7 @@ def csv_rows(text: str) -> list[list[str]]:
 
 
 def test_inspect_csv_reads_back_every_name(named: Path) -> None:
-    code, out, _ = cli("inspect", str(named), "-f", "csv")
+    code, out, _ = run_cli("inspect", str(named), "-f", "csv")
     assert code == 0
     rows = csv_rows(out)
     names = json_names("inspect", str(named))
@@ -97,16 +91,16 @@ def test_inspect_csv_reads_back_every_name(named: Path) -> None:
 
 
 def test_inspect_csv_of_several_paths_reads_back(named: Path, other: Path) -> None:
-    code, out, _ = cli("inspect", str(named), str(other), "-f", "csv")
+    code, out, _ = run_cli("inspect", str(named), str(other), "-f", "csv")
     assert code == 0
     rows = csv_rows(out)
     assert [r[1] for r in rows[1:]] == json_names("inspect", str(named)) * 2
 
 
 def test_diff_csv_reads_back_every_name(named: Path, other: Path) -> None:
-    code, out, _ = cli("diff", str(named), str(other), "-f", "csv")
+    code, out, _ = run_cli("diff", str(named), str(other), "-f", "csv")
     assert code == 1
-    code, doc, _ = cli("diff", str(named), str(other), "-f", "json")
+    code, doc, _ = run_cli("diff", str(named), str(other), "-f", "json")
     expected = [t["name"] for t in json.loads(doc)["changed"]]
     rows = csv_rows(out)
     assert len(expected) == len(NAMES) and [r[0] for r in rows[1:]] == expected
@@ -114,7 +108,7 @@ def test_diff_csv_reads_back_every_name(named: Path, other: Path) -> None:
 
 
 def test_stats_csv_reads_back_every_name(named: Path) -> None:
-    code, out, _ = cli("stats", str(named), "-f", "csv")
+    code, out, _ = run_cli("stats", str(named), "-f", "csv")
     assert code == 0
     rows = csv_rows(out)
     assert [r[0] for r in rows[1:]] == [*json_names("stats", str(named)), "(total)"]
@@ -167,7 +161,7 @@ def shown(name: str) -> str:
 
 
 def test_inspect_markdown_shows_every_name(named: Path) -> None:
-    code, out, _ = cli("inspect", str(named), "-f", "markdown")
+    code, out, _ = run_cli("inspect", str(named), "-f", "markdown")
     assert code == 0
     assert "\r" not in out and len(out.splitlines()) == 2 + len(NAMES)
     assert rendered_first_cells(out) == [shown(n) for n in json_names("inspect", str(named))]
@@ -177,7 +171,7 @@ def test_inspect_markdown_shows_every_name(named: Path) -> None:
 def test_diff_markdown_shows_every_name(named: Path, tmp_path: Path) -> None:
     ticked = tmp_path / "`b`.pt"
     torch.save({"w": torch.ones(1)}, ticked)
-    code, out, _ = cli("diff", str(named), str(ticked), "-f", "markdown")
+    code, out, _ = run_cli("diff", str(named), str(ticked), "-f", "markdown")
     assert code == 1
     assert out.startswith(f"**`{named}` → ``{ticked.parent}/`b`.pt``**")
     names = json_names("inspect", str(named))
@@ -185,7 +179,7 @@ def test_diff_markdown_shows_every_name(named: Path, tmp_path: Path) -> None:
 
 
 def test_stats_markdown_shows_every_name(named: Path) -> None:
-    code, out, _ = cli("stats", str(named), "-f", "markdown")
+    code, out, _ = run_cli("stats", str(named), "-f", "markdown")
     assert code == 0
     assert "\r" not in out
     assert rendered_first_cells(out) == [shown(n) for n in [*json_names("stats", str(named)), "(total)"]]
@@ -207,7 +201,7 @@ def test_md_cell_puts_a_cell_on_one_line() -> None:
 
 
 def test_junit_is_xml_1_0_whatever_the_names(named: Path) -> None:
-    code, out, _ = cli("check", str(named), "--no-nan", "--no-policy", "-f", "junit")
+    code, out, _ = run_cli("check", str(named), "--no-nan", "--no-policy", "-f", "junit")
     assert code == 1
     assert not CONTROL.search(out)
     root = ET.fromstring(out)  # well-formed
@@ -224,18 +218,18 @@ def test_junit_is_xml_1_0_whatever_the_names(named: Path) -> None:
 def test_junit_and_github_with_a_control_character_in_the_path(tmp_path: Path) -> None:
     path = tmp_path / "e\x1b[2Jvil\n.pt"
     torch.save({"w\x07": torch.tensor([float("nan")])}, path)
-    code, out, _ = cli("check", str(path), "--no-nan", "--no-policy", "-f", "junit")
+    code, out, _ = run_cli("check", str(path), "--no-nan", "--no-policy", "-f", "junit")
     assert code == 1 and not CONTROL.search(out)
     suite = ET.fromstring(out).find("testsuite")
     assert suite is not None and suite.get("name") == f"statecli check {tmp_path}/e\\x1b[2Jvil\\n.pt"
-    code, out, _ = cli("check", str(path), "--no-nan", "--no-policy", "-f", "github")
+    code, out, _ = run_cli("check", str(path), "--no-nan", "--no-policy", "-f", "github")
     assert code == 1 and not CONTROL.search(out)
     file = str(tmp_path).replace(":", "%3A").replace(",", "%2C")
     assert out == f"::error file={file}/e\\x1b[2Jvil\\n.pt,title=statecli check%3A no_nan::w\\x07: 1 NaN value\n"
 
 
 def test_github_annotations_are_one_line_each(named: Path) -> None:
-    code, out, _ = cli("check", str(named), "--no-nan", "--no-policy", "-f", "github")
+    code, out, _ = run_cli("check", str(named), "--no-nan", "--no-policy", "-f", "github")
     assert code == 1
     assert not CONTROL.search(out) and "\r" not in out
     lines = out.splitlines()
@@ -260,7 +254,7 @@ class _Page(HTMLParser):
 
 
 def test_html_is_inert_whatever_the_names(named: Path) -> None:
-    code, out, _ = cli("check", str(named), "--no-nan", "--no-policy", "-f", "html")
+    code, out, _ = run_cli("check", str(named), "--no-nan", "--no-policy", "-f", "html")
     assert code == 1
     assert not CONTROL.search(out)
     page = _Page()
@@ -289,7 +283,7 @@ def unreadable(junk: Path) -> str:
 
 @pytest.mark.parametrize("fmt", ["json", "junit", "github", "html", "table"])
 def test_an_unreadable_file_is_in_every_ci_report(junk: Path, fmt: str) -> None:
-    code, out, err = cli("check", str(junk), str(TIED), "--no-policy", "-f", fmt)
+    code, out, err = run_cli("check", str(junk), str(TIED), "--no-policy", "-f", fmt)
     message = unreadable(junk)
     assert code == 3 and err == f"statecli: error: {message}\n"  # as before
     if fmt == "json":
@@ -325,20 +319,20 @@ def test_an_unreadable_file_is_in_every_ci_report(junk: Path, fmt: str) -> None:
 
 
 def test_an_unreadable_file_still_fails_the_gate_when_the_others_fail(junk: Path, named: Path) -> None:
-    code, out, _ = cli("check", str(named), str(junk), "--no-nan", "--no-policy", "-f", "json")
+    code, out, _ = run_cli("check", str(named), str(junk), "--no-nan", "--no-policy", "-f", "json")
     assert code == 3
     assert [("error" in d, d["passed"]) for d in json.loads(out)] == [(False, False), (True, False)]
 
 
 def test_one_unreadable_file_alone_is_an_error_with_nothing_on_stdout(junk: Path) -> None:
-    code, out, err = cli("check", str(junk), "--no-policy", "-f", "junit")
+    code, out, err = run_cli("check", str(junk), "--no-policy", "-f", "junit")
     assert code == 3 and out == "" and err == f"statecli: error: {unreadable(junk)}\n"
 
 
 def test_markdown_of_a_lone_surrogate_name_is_valid_utf8(tmp_path: Path) -> None:
     path = tmp_path / "s.pt"
     torch.save({"bad\udcffname": torch.ones(1)}, path)  # pickle keeps it (surrogatepass); UTF-8 cannot
-    result = CliRunner().invoke(app, ["inspect", str(path), "-f", "markdown"])
+    result = run_cli("inspect", str(path), "-f", "markdown")
     assert result.exit_code == 0
-    text = result.stdout_bytes.decode("utf-8")  # strict: raises on a raw surrogate byte
+    text = result.stdout  # run_cli decodes strictly: raises on a raw surrogate byte
     assert "| `bad\\udcffname` |" in text

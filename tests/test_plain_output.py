@@ -6,14 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-from statecli.cli.main import app
-
-
-def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
-    result = CliRunner().invoke(app, list(args), env=env)
-    return result.exit_code, result.stdout
+from clirun import run_cli
 
 
 @pytest.mark.parametrize(
@@ -30,14 +23,16 @@ def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
     ],
 )
 def test_piped_tables_have_no_trailing_blanks(samples_dir: Path, args: list[str]) -> None:
-    code, out = run(args[0], *[str(samples_dir / a) if a.endswith((".pt", ".safetensors")) else a for a in args[1:]])
+    code, out, _ = run_cli(
+        args[0], *[str(samples_dir / a) if a.endswith((".pt", ".safetensors")) else a for a in args[1:]]
+    )
     assert code == 0, out
     padded = [line for line in out.splitlines() if line != line.rstrip()]
     assert padded == []
 
 
 def test_columns_env_fits_the_table_without_wrapping(samples_dir: Path) -> None:
-    code, out = run("inspect", str(samples_dir / "cnn_bn_state_dict.pt"), "--no-summary", env={"COLUMNS": "80"})
+    code, out, _ = run_cli("inspect", str(samples_dir / "cnn_bn_state_dict.pt"), "--no-summary", env={"COLUMNS": "80"})
     assert code == 0
     lines = out.splitlines()
     assert lines[1].startswith("(hidden to fit the width: ")
@@ -78,7 +73,7 @@ def test_other_grids_fit_80_columns(samples_dir: Path, tmp_path: Path, args: lis
             return str(tmp_path / a)
         return str(samples_dir / a) if a.endswith((".pt", ".safetensors")) else a
 
-    code, out = run(args[0], *map(arg, args[1:]), env={"COLUMNS": "80"})
+    code, out, _ = run_cli(args[0], *map(arg, args[1:]), env={"COLUMNS": "80"})
     assert code in (0, 1), out
     lines = out.splitlines()
     assert lines[1].startswith("(hidden to fit the width: ")
@@ -87,6 +82,7 @@ def test_other_grids_fit_80_columns(samples_dir: Path, tmp_path: Path, args: lis
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_an_ascii_stdout_gets_a_clear_error_not_a_crash(samples_dir: Path) -> None:
     import subprocess
     import sys
@@ -105,6 +101,7 @@ def test_an_ascii_stdout_gets_a_clear_error_not_a_crash(samples_dir: Path) -> No
     assert as_json.returncode == 0 and as_json.stdout.startswith(b'{"schema": "statecli.report/1"')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["table", "csv", "json"])
 def test_a_closed_pipe_exits_quietly_as_sigpipe_would(samples_dir: Path, fmt: str) -> None:
     # `statecli diff a b | head -1`: exit 1 would read as "different" under `set -o pipefail`.

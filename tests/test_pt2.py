@@ -18,12 +18,11 @@ from typing import Any
 
 import pytest
 import torch
+from clirun import NO_COLOR, run_cli
 from torch_facts import facts, statecli_facts, tensors_of
-from typer.testing import CliRunner
 from zip_members import member, rewrite
 
 import statecli
-from statecli.cli.main import app
 
 SAMPLES = ("export_frozen.pt2", "export_tied_lm.pt2")
 ROLE_OF_KIND = {"PARAMETER": "parameter", "BUFFER": "buffer", "CONSTANT_TENSOR": "other"}
@@ -64,7 +63,7 @@ def edited_config(src: Path, rel: str, fqn: str, **changes: Any) -> bytes:
 
 
 def inspect_json(path: Path) -> tuple[int, dict[str, Any] | None, str]:
-    result = CliRunner().invoke(app, ["inspect", str(path), "--format", "json"], env={"NO_COLOR": "1"})
+    result = run_cli("inspect", str(path), "--format", "json", env=NO_COLOR)
     data = json.loads(result.stdout) if result.exit_code == 0 else None
     return result.exit_code, data, result.stderr
 
@@ -152,9 +151,9 @@ def test_cli_inspect_json_and_check(samples_dir: Path, name: str) -> None:
     assert code == 0
     assert data is not None and data["format"] == "torch-export"
     assert all(t["exact"] for t in data["tensors"]) and {t["evidence"] for t in data["tensors"]} == {"export"}
-    result = CliRunner().invoke(app, ["check", str(samples_dir / name), "--require-exact-roles", "--no-policy"])
+    result = run_cli("check", str(samples_dir / name), "--require-exact-roles", "--no-policy")
     assert result.exit_code == 0, result.output
-    assert CliRunner().invoke(app, ["tree", str(samples_dir / name)]).exit_code == 0
+    assert run_cli("tree", str(samples_dir / name)).exit_code == 0
 
 
 # --------------------------------------------------------- a tensor-subclass weight: a pickled payload
@@ -264,7 +263,7 @@ def assert_dangerous(path: Path, cwd: Path, where: str, monkeypatch: pytest.Monk
     dangerous = [f for f in data["findings"] if f["level"] == "dangerous"]
     assert dangerous, data["findings"]
     assert any(f["message"].startswith(where) and "system" in f["message"] for f in dangerous), dangerous
-    assert CliRunner().invoke(app, ["check", str(path), "--no-policy"]).exit_code == 5  # refused as unsafe
+    assert run_cli("check", str(path), "--no-policy").exit_code == 5  # refused as unsafe
     assert not (cwd / "statecli_pwned_marker").exists()
     return data
 

@@ -5,34 +5,13 @@ from __future__ import annotations
 import io
 
 import pytest
+from factories import tensor_info
 from rich.console import Console, RenderableType
 
 from statecli.output import columns
 from statecli.output import table as render
 from statecli.records import Container, Finding, Report, Summary, TensorInfo
 from statecli.tree import build_tree
-
-
-def tensor(
-    name: str,
-    role: str = "parameter",
-    dtype: str = "float32",
-    shape: tuple[int, ...] = (4,),
-    itemsize: int = 4,
-    **kw: object,
-) -> TensorInfo:
-    numel = 1
-    for d in shape:
-        numel *= d
-    fields: dict = {
-        "exact": False,
-        "evidence": "default",
-        "persistent": None,
-        "requires_grad": None,
-        "device": "cpu",
-        **kw,
-    }
-    return TensorInfo(name=name, role=role, dtype=dtype, shape=shape, numel=numel, nbytes=numel * itemsize, **fields)
 
 
 def make_report(tensors: tuple[TensorInfo, ...], **kw: object) -> Report:
@@ -49,11 +28,11 @@ def make_report(tensors: tuple[TensorInfo, ...], **kw: object) -> Report:
 
 
 TENSORS = (
-    tensor("conv.weight", shape=(64, 3, 3, 3), exact=True, evidence="module", requires_grad=True, device="cuda:0"),
-    tensor("bn.running_mean", "buffer", shape=(64,), evidence="rule:batchnorm-stats", device="cuda:0"),
-    tensor("bn.num_batches_tracked", "buffer", "int64", (), 8, evidence="rule:batchnorm-stats", device="cuda:0"),
-    tensor("layer[0].weight", shape=(10, 64), exact=True, evidence="keep-vars", requires_grad=False, device=None),
-    tensor("opt.0.exp_avg", "other", shape=(64, 3, 3, 3), evidence="optimizer", group="optimizer.state.0"),
+    tensor_info("conv.weight", shape=(64, 3, 3, 3), exact=True, evidence="module", requires_grad=True, device="cuda:0"),
+    tensor_info("bn.running_mean", "buffer", shape=(64,), evidence="rule:batchnorm-stats", device="cuda:0"),
+    tensor_info("bn.num_batches_tracked", "buffer", "int64", (), evidence="rule:batchnorm-stats", device="cuda:0"),
+    tensor_info("layer[0].weight", shape=(10, 64), exact=True, evidence="keep-vars", requires_grad=False, device=None),
+    tensor_info("opt.0.exp_avg", "other", shape=(64, 3, 3, 3), evidence="optimizer", group="optimizer.state.0"),
 )
 FINDINGS = (
     Finding("dangerous", "unsafe-global", "pickle would call os.system"),
@@ -105,7 +84,7 @@ def test_table_alone_without_summary_and_legend() -> None:
 
 def test_names_and_strings_from_the_file_print_literally() -> None:
     names = ("layer[0].weight", "[bold]x[/bold].bias", "emoji:smile:.w", "a\\[b].c")
-    report = make_report(tuple(tensor(n) for n in names), path="[link=x]p[/link].pt")
+    report = make_report(tuple(tensor_info(n) for n in names), path="[link=x]p[/link].pt")
     text = text_of(render.report_table(report))
     for n in names:
         assert n in text
@@ -116,8 +95,8 @@ def test_names_and_strings_from_the_file_print_literally() -> None:
 def test_shares_column_only_when_a_tensor_shares_storage() -> None:
     assert "Shares" not in text_of(render.report_table(make_report(TENSORS)))
     tied = (
-        tensor("embed.weight", shares_with=("head.weight",), storage="0"),
-        tensor("head.weight", shares_with=("embed.weight",), storage="0"),
+        tensor_info("embed.weight", shares_with=("head.weight",), storage="0"),
+        tensor_info("head.weight", shares_with=("embed.weight",), storage="0"),
     )
     text = text_of(render.report_table(make_report(tied)))
     assert "Shares" in text
@@ -126,8 +105,8 @@ def test_shares_column_only_when_a_tensor_shares_storage() -> None:
 
 def test_summary_optional_rows() -> None:
     tied = (
-        tensor("embed.weight", shares_with=("head.weight",), storage="0"),
-        tensor("head.weight", shares_with=("embed.weight",), storage="0"),
+        tensor_info("embed.weight", shares_with=("head.weight",), storage="0"),
+        tensor_info("head.weight", shares_with=("embed.weight",), storage="0"),
     )
     report = make_report(
         tied, container=Container("module", "", (), "mypkg.Net", training=False), findings=(), metadata={}, file_size=0
@@ -180,10 +159,10 @@ def test_bar(fraction: float, text: str) -> None:
 
 def test_tree_exact_text() -> None:
     tensors = (
-        tensor("conv.weight", shape=(64, 3, 3, 3), exact=True),
-        tensor("bn.running_mean", "buffer", shape=(64,)),
-        tensor("bn.num_batches_tracked", "buffer", "int64", (), 8),
-        tensor("blocks.0.fc.weight", shape=(16, 64)),
+        tensor_info("conv.weight", shape=(64, 3, 3, 3), exact=True),
+        tensor_info("bn.running_mean", "buffer", shape=(64,)),
+        tensor_info("bn.num_batches_tracked", "buffer", "int64", ()),
+        tensor_info("blocks.0.fc.weight", shape=(16, 64)),
     )
     text = text_of(render.tree(build_tree(tensors, depth=2), "[x].pt"))
     assert text == (
@@ -199,8 +178,8 @@ def test_tree_exact_text() -> None:
 
 
 def test_non_persistent_buffer_is_marked_and_explained() -> None:
-    kept = tensor("scale", role="buffer", exact=True, evidence="module")
-    dropped = tensor("cache", role="buffer", exact=True, evidence="module", persistent=False)
+    kept = tensor_info("scale", role="buffer", exact=True, evidence="module")
+    dropped = tensor_info("cache", role="buffer", exact=True, evidence="module", persistent=False)
     text = text_of(render.report_view(make_report((kept, dropped))), width=200)
     rows = {line.split()[0]: line for line in text.splitlines() if line.startswith(("scale", "cache"))}
     assert " np " in rows["cache"] and " np " not in rows["scale"]
@@ -220,7 +199,7 @@ def test_non_persistent_buffer_is_marked_and_explained() -> None:
     ],
 )
 def test_grad_labels(role: str, requires_grad: bool | None, label: str) -> None:
-    assert tensor("x", role=role, requires_grad=requires_grad).trainable == label
+    assert tensor_info("x", role=role, requires_grad=requires_grad).trainable == label
 
 
 def test_plain_table_fast_path_writes_what_the_general_path_writes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -234,7 +213,7 @@ def test_plain_table_fast_path_writes_what_the_general_path_writes(monkeypatch: 
 def test_wide_characters_in_names_keep_the_columns_aligned() -> None:
     from rich.cells import cell_len
 
-    report = make_report((tensor("層.weight"), tensor("a.bias"), tensor("emoji😀.w")))
+    report = make_report((tensor_info("層.weight"), tensor_info("a.bias"), tensor_info("emoji😀.w")))
     lines = text_of(render.report_table(report)).splitlines()[3:]
     starts = {cell_len(line[: line.index("parameter")]) for line in lines}
     assert len(lines) == 3 and len(starts) == 1
@@ -243,7 +222,7 @@ def test_wide_characters_in_names_keep_the_columns_aligned() -> None:
 # --- narrow terminals ----------------------------------------------------------------------------
 
 BN_TENSORS = tuple(
-    tensor(f"{block}.{kind}", "buffer" if "running" in kind else "parameter", evidence=evidence)
+    tensor_info(f"{block}.{kind}", "buffer" if "running" in kind else "parameter", evidence=evidence)
     for block in ("encoder.layers.0.bn1", "encoder.layers.0.bn2")
     for kind, evidence in (("weight", "default"), ("running_mean", "rule:batchnorm-stats"))
 )
@@ -288,13 +267,13 @@ def test_summary_shows_short_metadata_values_and_sizes_long_ones() -> None:
 
 
 def test_multi_file_checkpoints_count_their_files() -> None:
-    shards = tuple(tensor(f"w{i}", file=f"model-0000{i % 2 + 1}-of-00002.safetensors") for i in range(4))
+    shards = tuple(tensor_info(f"w{i}", file=f"model-0000{i % 2 + 1}-of-00002.safetensors") for i in range(4))
     text = text_of(render.report_view(make_report(shards, format="sharded-safetensors")))
     assert "Format      sharded-safetensors · 20.0 KiB in 3 files" in text
 
 
 def test_an_empty_name_is_shown_as_two_quotes_not_a_blank_cell() -> None:
-    report = make_report((tensor(""), tensor("w")), container=Container("training", "model", ("", "epoch")))
+    report = make_report((tensor_info(""), tensor_info("w")), container=Container("training", "model", ("", "epoch")))
     lines = text_of(render.report_view(report)).splitlines()
     assert lines[3].startswith("''  ") and lines[4].startswith("w   ")
     assert "other keys: '', epoch" in text_of(render.report_view(report))

@@ -183,6 +183,7 @@ def plain_pickles(draw: st.DrawFn) -> bytes:
     return pickle.dumps(value, protocol=protocol)
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None, database=None)
 @given(data=plain_pickles())
 def test_random_plain_data_equals_pickle(data: bytes) -> None:
@@ -410,6 +411,7 @@ def test_memo_limit() -> None:
         loads(data, limits=Limits(max_memo=50))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name",
     ["cnn_bn_state_dict.pt", "frozen_nonpersistent_module.pt", "tied_lm.pt", "all_dtypes.pt", "malicious_os_system.pt"],

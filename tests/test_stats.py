@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from clirun import run_cli
+from factories import tensor_info
 
 import statecli
 from statecli import stats
-from statecli.cli.main import app
 from statecli.tensors import values
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
@@ -104,26 +104,21 @@ def test_histogram_counts_every_finite_value(ckpt: Path) -> None:
     assert sum(by_name["special"].histogram[0]) == 3  # type: ignore[index]
 
 
-def run(*args: str) -> tuple[int, str, str]:
-    r = CliRunner().invoke(app, list(args))
-    return r.exit_code, r.stdout, r.stderr
-
-
 def test_cli_json_csv_and_filters(ckpt: Path) -> None:
-    code, out, err = run("stats", str(ckpt), "--format", "json", "--match", "b*")
+    code, out, err = run_cli("stats", str(ckpt), "--format", "json", "--match", "b*")
     assert code == 0, err
     doc = json.loads(out)
     assert doc["schema"] == "statecli.stats/1"
     assert [t["name"] for t in doc["tensors"]] == ["big", "bf"]
     assert doc["total"]["numel"] == 300_011
-    code, out, _ = run("stats", str(ckpt), "--format", "csv", "--role", "buffer")
+    code, out, _ = run_cli("stats", str(ckpt), "--format", "csv", "--role", "buffer")
     rows = list(csv.DictReader(io.StringIO(out)))
     assert [r["name"] for r in rows] == ["ints", "flags", "(total)"]
     assert rows[0]["min"] == "-5.0"
 
 
 def test_cli_table_and_histogram(ckpt: Path) -> None:
-    code, out, _ = run("stats", str(ckpt), "--histogram", "--bins", "12", "--match", "half")
+    code, out, _ = run_cli("stats", str(ckpt), "--histogram", "--bins", "12", "--match", "half")
     assert code == 0
     lines = out.splitlines()
     assert lines[1].split()[:4] == ["Name", "DType", "Shape", "Min"]
@@ -135,7 +130,7 @@ def test_cli_table_and_histogram(ckpt: Path) -> None:
 
 
 def test_cli_notes_unread_tensors() -> None:
-    code, _, err = run("stats", str(SAMPLES / "all_dtypes.pt"))
+    code, _, err = run_cli("stats", str(SAMPLES / "all_dtypes.pt"))
     assert code == 0
     assert "1 tensor not read: quint8 (quantized quint8: scales live in the pickle)" in err
     assert "2 tensors not read: qint8, qint8_per_channel (quantized qint8: scales live in the pickle)" in err
@@ -148,7 +143,7 @@ COMPUTED = ("min", "max", "mean", "std", "absmax", "l2", "nan", "posinf", "negin
 
 
 def test_cli_json_unread_tensor_is_null_not_zero() -> None:
-    code, out, err = run("stats", str(SAMPLES / "all_dtypes.pt"), "--format", "json", "--histogram")
+    code, out, err = run_cli("stats", str(SAMPLES / "all_dtypes.pt"), "--format", "json", "--histogram")
     assert code == 0, err
     doc = json.loads(out)
     by_name = {t["name"]: t for t in doc["tensors"]}
@@ -170,7 +165,7 @@ def test_cli_json_unread_tensor_is_null_not_zero() -> None:
 
 
 def test_cli_csv_unread_tensor_has_empty_cells() -> None:
-    code, out, err = run("stats", str(SAMPLES / "all_dtypes.pt"), "--format", "csv")
+    code, out, err = run_cli("stats", str(SAMPLES / "all_dtypes.pt"), "--format", "csv")
     assert code == 0, err
     rows = {r["name"]: r for r in csv.DictReader(io.StringIO(out))}
     assert [rows["quint8"][k] for k in COMPUTED] == [""] * len(COMPUTED)
@@ -179,39 +174,39 @@ def test_cli_csv_unread_tensor_has_empty_cells() -> None:
 
 
 def test_total_of_nothing_read_is_null() -> None:
-    code, out, err = run("stats", str(SAMPLES / "all_dtypes.pt"), "--format", "json", "--match", "q*")
+    code, out, err = run_cli("stats", str(SAMPLES / "all_dtypes.pt"), "--format", "json", "--match", "q*")
     assert code == 0, err
     total = json.loads(out)["total"]
     assert [total[k] for k in COMPUTED] == [None] * len(COMPUTED)
     assert total["skipped"] == "no tensor was read" and total["numel"] == 32
     assert "histogram" not in total  # none asked for
-    code, out, _ = run("stats", str(SAMPLES / "all_dtypes.pt"), "--match", "q*")
+    code, out, _ = run_cli("stats", str(SAMPLES / "all_dtypes.pt"), "--match", "q*")
     assert code == 0
     assert next(line for line in out.splitlines() if line.startswith("(total)")).split()[1:3] == ["32", "values"]
 
 
 def test_histogram_key_only_when_asked(ckpt: Path) -> None:
-    code, out, _ = run("stats", str(ckpt), "--format", "json")
+    code, out, _ = run_cli("stats", str(ckpt), "--format", "json")
     assert code == 0
     doc = json.loads(out)
     assert all("histogram" not in t for t in [*doc["tensors"], doc["total"]])
 
 
 def test_cli_bad_input(tmp_path: Path) -> None:
-    code, out, err = run("stats", str(tmp_path / "missing.pt"))
+    code, out, err = run_cli("stats", str(tmp_path / "missing.pt"))
     assert code == 3 and out == "" and "no such file" in err and "Traceback" not in err
 
 
 def test_std_of_one_value_is_zero() -> None:
     t = stats.tensor_stats(
-        statecli.TensorInfo("x", "parameter", False, "default", True, None, "float32", (1,), 1, 4, "cpu"),
+        tensor_info("x", shape=(1,), persistent=True),
         torch.tensor([2.5]),
     )
     assert t.std == 0 and t.l2 == 2.5 and not math.isnan(t.mean or 0)
 
 
 def test_markdown_is_the_table_as_a_github_table() -> None:
-    code, out, _ = run("stats", str(SAMPLES / "cnn_bn_state_dict.pt"), "--format", "markdown")
+    code, out, _ = run_cli("stats", str(SAMPLES / "cnn_bn_state_dict.pt"), "--format", "markdown")
     assert code == 0
     lines = out.splitlines()
     assert lines[0] == "| Name | DType | Shape | Min | Max | Mean | Std | Absmax | L2 | NaN | +Inf | -Inf | Zeros |"

@@ -16,12 +16,11 @@ from typing import Any
 
 import pytest
 import torch
+from clirun import NO_COLOR, run_cli
 from torch_facts import facts, statecli_facts, tensors_of
-from typer.testing import CliRunner
 from zip_members import member, rewrite
 
 import statecli
-from statecli.cli.main import app
 from statecli.formats.torchscript import parse_declarations
 
 SAMPLES = ("torchscript_cnn.pt", "torchscript_frozen.pt", "torchscript_freeze_constants.pt")
@@ -51,7 +50,7 @@ def oracle(module: torch.jit.ScriptModule) -> dict[str, Any]:
 
 
 def inspect_json(path: Path) -> tuple[int, dict[str, Any] | None, str]:
-    result = CliRunner().invoke(app, ["inspect", str(path), "--format", "json"], env={"NO_COLOR": "1"})
+    result = run_cli("inspect", str(path), "--format", "json", env=NO_COLOR)
     data = json.loads(result.stdout) if result.exit_code == 0 else None
     return result.exit_code, data, result.stderr
 
@@ -165,10 +164,9 @@ def test_cli_inspect_json(samples_dir: Path, name: str) -> None:
 
 
 def test_tree_and_check_run(samples_dir: Path) -> None:
-    runner = CliRunner()
-    assert runner.invoke(app, ["tree", str(samples_dir / "torchscript_frozen.pt")]).exit_code == 0
+    assert run_cli("tree", str(samples_dir / "torchscript_frozen.pt")).exit_code == 0
     for name in SAMPLES:
-        result = runner.invoke(app, ["check", str(samples_dir / name), "--require-exact-roles", "--no-policy"])
+        result = run_cli("check", str(samples_dir / name), "--require-exact-roles", "--no-policy")
         assert result.exit_code == 0, result.output
 
 
@@ -270,7 +268,7 @@ def test_os_system_in_data_pkl_is_a_finding_and_nothing_runs(
     # The model's tensors are still listed, with their exact roles.
     names = {t["name"]: t for t in data["tensors"]}
     assert names["backbone.0.weight"]["role"] == "parameter" and names["backbone.0.weight"]["exact"]
-    check = CliRunner().invoke(app, ["check", str(evil)])
+    check = run_cli("check", str(evil))
     assert check.exit_code != 0
     assert not (tmp_path / "statecli_pwned_marker").exists()
 

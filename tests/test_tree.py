@@ -11,29 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from clirun import run_cli
+from factories import tensor_info
 from rich.console import Console
-from typer.testing import CliRunner
 
 import statecli
-from statecli.cli.main import app
 from statecli.records import Container, Report, Summary, TensorInfo
 from statecli.tree import SCHEMA, Charge, TreeNode, build_tree, charges, tree_dict
 
 
 def t(name: str, role: str = "parameter", numel: int = 4, itemsize: int = 4) -> TensorInfo:
-    return TensorInfo(
-        name=name,
-        role=role,
-        exact=False,
-        evidence="default",
-        persistent=None,
-        requires_grad=None,
-        dtype="float32" if itemsize == 4 else "int64",
-        shape=(numel,),
-        numel=numel,
-        nbytes=numel * itemsize,
-        device="cpu",
-    )
+    return tensor_info(name, role, "float32" if itemsize == 4 else "int64", (numel,))
 
 
 TENSORS = (
@@ -244,13 +232,13 @@ def text_of(renderable: Any, width: int = 120) -> str:
 
 
 def tree_cli(*args: str) -> str:
-    result = CliRunner().invoke(app, ["tree", *args], env={"COLUMNS": "120"})
+    result = run_cli("tree", *args, env={"COLUMNS": "120"})
     assert result.exit_code == 0, result.output
     return "\n".join(line.rstrip() for line in result.stdout.splitlines())
 
 
 def tree_json(*args: str) -> dict[str, Any]:
-    result = CliRunner().invoke(app, ["tree", *args, "--format", "json"])
+    result = run_cli("tree", *args, "--format", "json")
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
 

@@ -13,8 +13,6 @@ from statecli import clip, safepickle
 from statecli.clip import describe, describe_name, quote
 from statecli.safepickle import Global, StorageRef, Stub, TensorRef, fastpath
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "hostile"))
-
 
 def _dag(depth: int = 64) -> Any:
     v: Any = None
@@ -328,6 +326,7 @@ def test_check_refuses_a_fifo_given_as_a_file_option(tmp_path: Path, option: str
     assert r.stderr == f"statecli: error: {tmp_path / name}: is a FIFO, not a regular file\n"
 
 
+@pytest.mark.slow
 @fifo_only
 @pytest.mark.parametrize("case", ["dcp_metadata_fifo", "index_shard_fifo"])
 @pytest.mark.parametrize("command", ["stats", "diff", "convert"])  # inspect and check: tests/test_hostile.py
@@ -415,6 +414,7 @@ def test_the_tensor_fast_path_regex_is_linear(data: bytes) -> None:
     _within_budget(fastpath._TENSOR_V2.search, data[: MB // 16])  # match is what runs; search is worse
 
 
+@pytest.mark.slow
 def test_a_million_deep_nest_in_a_reader_message_is_clipped(tmp_path: Path) -> None:
     deep_million = lambda a: a.op("MARK").op("EMPTY_TUPLE").raw(b"\x85" * 10**6).op("LIST")  # noqa: E731
     _refused(_one_tensor(tmp_path, dims=deep_million), "size [((((…),),),)] has an impossible value")

@@ -13,38 +13,30 @@ import pickle
 import random
 import re
 import struct
-import sys
 import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import cases_dcp
 import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from clirun import NO_COLOR, run_cli
 from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, MetadataIndex
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
-from typer.testing import CliRunner, Result
 
 import statecli
-from statecli.cli.main import app
 from statecli.errors import InputError, LimitExceededError
 from statecli.formats import dcp as dcp_reader
 from statecli.formats.dcp import MAX_CHUNK_FRAMING, TilingBudget, read_dcp, tiling_problem
 from statecli.tensors.source import Source
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "hostile"))
-import cases_dcp
-
 Chunks = list[tuple[tuple[int, ...], tuple[int, ...]]]
-
-
-def run(*args: str) -> Result:
-    return CliRunner().invoke(app, list(args), env={"NO_COLOR": "1"})
 
 
 def coverage(shape: tuple[int, ...], chunks: Chunks) -> np.ndarray:
@@ -252,7 +244,7 @@ OVERLAP = "tensor 'w' (size [8, 4]): chunks 0 and 1 overlap: both hold elements 
 def test_overlapping_chunks_are_refused_by_every_command(overlapping: Path, tmp_path: Path, command: list[str]) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    result = run(*(c.format(f=overlapping, out=out) for c in command))
+    result = run_cli(*(c.format(f=overlapping, out=out) for c in command), env=NO_COLOR)
     assert result.exit_code == 3, result.output
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1 and OVERLAP in result.stderr, result.stderr
@@ -269,7 +261,7 @@ def test_a_gap_in_the_second_dimension_is_refused(tmp_path: Path) -> None:
     w = torch.arange(24, dtype=torch.float32).reshape(4, 6)
     folder = save(tmp_path / "gap", {"a": w[:, :3].clone(), "b": w[:, 3:5].clone()})
     as_chunks(folder, "w", (4, 6), {"a": (0, 0), "b": (0, 3)})
-    result = run("convert", str(folder), "-o", str(tmp_path / "w.safetensors"))
+    result = run_cli("convert", str(folder), "-o", str(tmp_path / "w.safetensors"), env=NO_COLOR)
     assert result.exit_code == 3
     assert "tensor 'w' (size [4, 6]): no chunk holds elements [0:4, 5:6]" in result.stderr
     assert not (tmp_path / "w.safetensors").exists()
@@ -294,7 +286,7 @@ def test_converting_a_sharded_folder_is_exact_and_repeatable(samples_dir: Path, 
     outs = [tmp_path / "1" / f"model{suffix}", tmp_path / "2" / f"model{suffix}"]  # a .pt's root is its stem
     for out in outs:
         out.parent.mkdir()
-        result = run("convert", str(folder), "-o", str(out))
+        result = run_cli("convert", str(folder), "-o", str(out), env=NO_COLOR)
         assert result.exit_code == 0, result.output
     assert outs[0].read_bytes() == outs[1].read_bytes()
     with warnings.catch_warnings():
@@ -304,8 +296,8 @@ def test_converting_a_sharded_folder_is_exact_and_repeatable(samples_dir: Path, 
     assert got.keys() == expected.keys()
     for name, t in expected.items():
         assert torch.equal(got[name], t), name
-    assert run("diff", str(folder), str(folder)).exit_code == 0
-    assert run("diff", str(folder), str(outs[0])).exit_code == 0
+    assert run_cli("diff", str(folder), str(folder), env=NO_COLOR).exit_code == 0
+    assert run_cli("diff", str(folder), str(outs[0]), env=NO_COLOR).exit_code == 0
 
 
 # --- spans -----------------------------------------------------------------------------------------
@@ -331,7 +323,7 @@ def test_a_span_claiming_gigabytes_is_refused_before_it_is_read(
 
     monkeypatch.setattr(Source, "_read_span", never)
     extra = ["-o", str(tmp_path / "w.safetensors")] if command == "convert" else []
-    result = run(command, str(folder), *extra)
+    result = run_cli(command, str(folder), *extra, env=NO_COLOR)
     assert result.exit_code == 3, result.output
     assert "claims 8589934592, more than the 2097152 bytes a torch.save archive adds" in result.stderr
     assert not (tmp_path / "w.safetensors").exists()
@@ -397,7 +389,7 @@ def test_a_chunk_archive_that_lies_is_an_input_error(
 ) -> None:
     folder = chunk_folder(tmp_path, make())
     extra = ["-o", str(tmp_path / "w.safetensors")] if command == "convert" else []
-    result = run(command, str(folder), *extra)
+    result = run_cli(command, str(folder), *extra, env=NO_COLOR)
     assert result.exit_code == 3, result.output
     assert result.stderr.count("\n") == 1 and "internal error" not in result.stderr, result.stderr
     assert message in result.stderr
@@ -410,7 +402,7 @@ def test_a_valid_hand_made_folder_reads_its_values(tmp_path: Path) -> None:
     chunks = [((0, 0), (2, 3)), ((2, 0), (2, 3)), ((0, 3), (4, 1))]
     cases_dcp.dcp_folder(folder, [("w", (4, 4), chunks)])
     out = tmp_path / "w.safetensors"
-    assert run("convert", str(folder), "-o", str(out)).exit_code == 0
+    assert run_cli("convert", str(folder), "-o", str(out), env=NO_COLOR).exit_code == 0
     assert torch.equal(load_file(out)["w"], torch.arange(16, dtype=torch.float32).reshape(4, 4))
 
 
@@ -433,7 +425,7 @@ def test_a_storage_that_comes_short_writes_nothing(
     monkeypatch.setattr(Source, "read", short_read)
     monkeypatch.setattr(Source, "chunks", short_chunks)
     out = tmp_path / f"out{suffix}"
-    result = run("convert", str(samples_dir / "cnn_bn.safetensors"), "-o", str(out))
+    result = run_cli("convert", str(samples_dir / "cnn_bn.safetensors"), "-o", str(out), env=NO_COLOR)
     assert result.exit_code == 3, result.output
     assert "not the" in result.stderr and "nothing was written" in result.stderr, result.stderr
     assert os.listdir(tmp_path) == []
@@ -492,15 +484,17 @@ def o_tmpfile(tmp_path: Path) -> None:
         pytest.skip("no O_TMPFILE here: outputs start as hidden files")
 
 
+@pytest.mark.slow
 def test_a_kill_right_after_a_new_output_is_named_leaves_that_output_only(
     samples_dir: Path, tmp_path: Path, o_tmpfile: None
 ) -> None:
     out = tmp_path / "model.safetensors"
     crash(samples_dir / "cnn_bn.safetensors", out, "link")
     assert os.listdir(tmp_path) == ["model.safetensors"]  # linked straight to its name, whole
-    assert run("diff", str(samples_dir / "cnn_bn.safetensors"), str(out)).exit_code == 0
+    assert run_cli("diff", str(samples_dir / "cnn_bn.safetensors"), str(out), env=NO_COLOR).exit_code == 0
 
 
+@pytest.mark.slow
 def test_a_kill_between_link_and_rename_is_cleaned_by_the_next_run(
     samples_dir: Path, tmp_path: Path, o_tmpfile: None
 ) -> None:
@@ -514,7 +508,7 @@ def test_a_kill_between_link_and_rename_is_cleaned_by_the_next_run(
     assert len(left) == 1 and _LEFTOVER.fullmatch(left[0]), left
     other = tmp_path / "other.pt"
     (tmp_path / "unrelated.tmp").write_bytes(b"")
-    result = run("convert", str(samples_dir / "cnn_bn.safetensors"), "-o", str(other))
+    result = run_cli("convert", str(samples_dir / "cnn_bn.safetensors"), "-o", str(other), env=NO_COLOR)
     assert result.exit_code == 0, result.output
     assert f"removed 1 hidden temporary file that a killed statecli conversion left in {tmp_path}: {left[0]}" in (
         result.stderr

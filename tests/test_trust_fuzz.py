@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import torch
-from subproc import checkout_env
+from subproc import FUZZ_PATH, checkout_env
 
 import statecli
 from statecli.diff import diff
@@ -29,9 +29,6 @@ from statecli.errors import InputError, UsageError
 from statecli.stats import compute
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE / "hostile"))
-sys.path.insert(0, str(HERE / "fuzz"))
-sys.path.insert(0, str(HERE / "fuzz" / "crashes"))
 
 from commands import run_commands  # noqa: E402
 
@@ -163,6 +160,7 @@ _SCRATCH = "/dev/shm" if os.path.isdir("/dev/shm") else None
 KNOWN_SEEN: dict[str, int] = {}
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Duplicate name:UserWarning")  # the generators write duplicate members
 @pytest.mark.parametrize("family", list(structures.FAMILIES))
 @settings(
@@ -222,6 +220,7 @@ def test_every_known_pattern_has_a_reproducer() -> None:
         make_crashes.input_of(name)  # built, and committed
 
 
+@pytest.mark.slow
 def test_structural_engine_runs(tmp_path: Path) -> None:
     """The timed structural engine (tests/fuzz/fuzz_read.py --engine structural) starts, builds, runs and
     reports: a few seconds of it."""
@@ -231,7 +230,7 @@ def test_structural_engine_runs(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=180,
-        env=checkout_env(),
+        env=checkout_env(path=FUZZ_PATH),
     )
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["executions"] > 0 and summary["generator_errors"] == 0, summary

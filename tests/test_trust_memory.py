@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import pickletools
 import struct
-import sys
 import tracemalloc
 import zipfile
 from collections.abc import Iterator
@@ -19,11 +18,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from clirun import run_cli
 from subproc import run_python
-from typer.testing import CliRunner
 
 import statecli
-from statecli.cli.main import app
 from statecli.errors import LimitExceededError
 from statecli.formats import torchpickle
 from statecli.formats.legacy import read_legacy
@@ -35,7 +33,6 @@ from statecli.security import loads
 
 HERE = Path(__file__).resolve().parent
 SAMPLES = HERE.parent / "sample_models"
-sys.path.insert(0, str(HERE / "hostile"))
 
 from make_hostile import Asm, state_dict, torch_zip  # noqa: E402
 
@@ -78,6 +75,7 @@ COSTLY = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", COSTLY)
 def test_containers_past_the_budget_are_refused_within_the_bound(name: str) -> None:
     data = repeated(COSTLY[name], 300_000)
@@ -86,6 +84,7 @@ def test_containers_past_the_budget_are_refused_within_the_bound(name: str) -> N
     assert peak[0] < BOUND * len(data), f"{peak[0] / len(data):.0f} bytes per pickle byte"
 
 
+@pytest.mark.slow
 def test_memoizing_more_than_one_object_per_four_bytes_is_refused_within_the_bound() -> None:
     data = pickle_of(OPS["NONE"] + OPS["MEMOIZE"] * 300_000)
     too_many = "memo exceeds 75001 entries, more than a 300004-byte pickle may store"
@@ -94,6 +93,7 @@ def test_memoizing_more_than_one_object_per_four_bytes_is_refused_within_the_bou
     assert peak[0] < BOUND * len(data), f"{peak[0] / len(data):.0f} bytes per pickle byte"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "unit", "before"),
     [
@@ -260,6 +260,7 @@ main()
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmSize from /proc")
 def test_running_out_of_memory_is_exit_3_with_one_line(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
@@ -277,7 +278,7 @@ def test_a_memory_error_anywhere_in_a_command_is_exit_3_with_one_line(monkeypatc
         raise MemoryError
 
     monkeypatch.setattr(statecli, "open_checkpoint", no_memory)
-    result = CliRunner().invoke(app, ["inspect", "x.pt"])
+    result = run_cli("inspect", "x.pt")
     assert result.exit_code == 3
     assert result.stderr == "statecli: error: out of memory: the input needs more memory than this process may use\n"
 

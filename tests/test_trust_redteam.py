@@ -230,10 +230,8 @@ def test_a_legacy_tar_without_a_payload_is_still_just_unsupported(tmp_path: Path
 
 
 def test_a_refused_zip_is_judged_by_every_data_pkl_torch_could_read(tmp_path: Path) -> None:
-    import sys
     import zipfile
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent / "hostile"))
     from make_hostile import _info, state_dict
 
     benign = state_dict(("w", lambda a: a.tensor()))

@@ -10,7 +10,6 @@ walking the objects torch pickles, ``__getstate__`` included, independently of s
 from __future__ import annotations
 
 import random
-import sys
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,7 +31,6 @@ from statecli.records import Container, RawCheckpoint, RawTensor, Report
 from statecli.roles import apply_keep_vars, keep_vars_proves, resolve
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
-sys.path.insert(0, str(SAMPLES))
 import sample_nets  # noqa: E402
 import samples_roles  # noqa: E402
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import struct
-import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -20,30 +19,21 @@ from typing import Any
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from cases_sizes import LONG, entry, pickled_weight, pt2_archive, pt2_entries, raw_zip, torch_entries
+from clirun import NO_COLOR, run_cli
+from make_hostile import build, state_dict
 from zip_members import member, rewrite
 
 import statecli
-from statecli.cli.main import app
 from statecli.errors import InputError, LimitExceededError, UnsupportedFormatError, UsageError
 from statecli.formats.zipdir import read_central_directory, read_member
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "hostile"))
-
-from cases_sizes import LONG, entry, pickled_weight, pt2_archive, pt2_entries, raw_zip, torch_entries
-from make_hostile import build, state_dict
 
 WEIGHTS = "data/weights/model_weights_config.json"
 CONSTANTS = "data/constants/model_constants_config.json"
 
 
-def cli(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(app, list(args), env={"NO_COLOR": "1"})
-    return result.exit_code, result.stdout, result.stderr
-
-
 def assert_input_error(args: tuple[str, ...], words: str) -> str:
-    code, out, err = cli(*args)
+    code, out, err = run_cli(*args, env=NO_COLOR)
     assert code == 3, (code, err)
     assert out == "" and words in err and "internal error" not in err, err
     return err
@@ -111,7 +101,7 @@ def test_a_storage_descriptor_that_lies_stops_stats_and_load(tmp_path: Path) -> 
     data[at + 4 : at + 8] = struct.pack("<L", m.crc ^ 1)
     bad = tmp_path / "bad.pt"
     bad.write_bytes(bytes(data))
-    assert cli("inspect", str(bad))[0] == 0
+    assert run_cli("inspect", str(bad), env=NO_COLOR).exit_code == 0
     assert_input_error(("stats", str(bad)), "CRC mismatch: the data descriptor of real/data/0")
     with pytest.raises(InputError, match="data descriptor"):
         statecli.load(bad)
@@ -196,7 +186,7 @@ def test_a_torchscript_storage_longer_than_its_tensor_reads_as_torch_jit_load_re
         want = torch.jit.load(big).state_dict()
     got = statecli.load(big)
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
-    code, out, err = cli("stats", str(big), "--format", "json")
+    code, out, err = run_cli("stats", str(big), "--format", "json", env=NO_COLOR)
     assert code == 0, err
     weight = next(t for t in json.loads(out)["tensors"] if t["name"] == "weight")
     assert (weight["zeros"], weight["max"]) == (0, 4.0)
@@ -231,7 +221,7 @@ def test_a_pickled_pt2_weight_is_read_from_its_own_storage(samples_dir: Path, tm
     got = statecli.load(path)
     assert set(got) == set(oracle)
     assert all(torch.equal(got[k], oracle[k].detach()) for k in oracle)
-    code, out, err = cli("stats", str(path), "--format", "json")
+    code, out, err = run_cli("stats", str(path), "--format", "json", env=NO_COLOR)
     assert code == 0, err
     stats = next(t for t in json.loads(out)["tensors"] if t["name"] == "net.backbone.0.weight")
     assert stats["max"] == pytest.approx(float(want.max())) and stats["min"] == pytest.approx(float(want.min()))
@@ -275,7 +265,7 @@ def test_a_pickled_pt2_payload_that_is_no_tensor_is_not_read(tmp_path: Path) -> 
     payload = [f for f in report.findings if f.code == "export-pickled-payload"]
     assert payload and "pickled {'weight': <tensor>}" in payload[0].message
     assert report.tensors[0].layout == "opaque"
-    code, _, err = cli("stats", str(path))
+    code, _, err = run_cli("stats", str(path), env=NO_COLOR)
     assert code == 0 and "not read: w (opaque layout)" in err
     with pytest.raises(UnsupportedFormatError, match="layout opaque"):
         statecli.load(path)
@@ -302,7 +292,7 @@ def test_a_real_subclass_weight_is_not_read_as_numbers(tmp_path: Path) -> None:
         torch.export.save(torch.export.export(_SubclassWeights(), (torch.randn(4, 3),)), str(path))
     assert json.loads(member(path, WEIGHTS))["config"]["w"]["use_pickle"] is True
     oracle = export_load(path).state_dict
-    code, out, err = cli("stats", str(path), "--format", "json")
+    code, out, err = run_cli("stats", str(path), "--format", "json", env=NO_COLOR)
     assert code == 0, err
     rows = {t["name"]: t for t in json.loads(out)["tensors"]}
     assert rows["w"]["skipped"].startswith("subclass:") and rows["b"]["max"] == float(oracle["b"].max())
@@ -310,6 +300,7 @@ def test_a_real_subclass_weight_is_not_read_as_numbers(tmp_path: Path) -> None:
         statecli.load(path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "words"),
     [

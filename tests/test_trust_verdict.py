@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from clirun import run_cli
 
 torch = pytest.importorskip("torch")
 np = pytest.importorskip("numpy")
@@ -325,19 +326,15 @@ def test_the_allow_lists_hold_no_way_to_run_code() -> None:
 def test_strict_globals_refuses_the_users_own_class_too(samples_dir: Path) -> None:
     import json
 
-    from typer.testing import CliRunner
-
-    from statecli.cli.main import app
-
     module = str(samples_dir / "cnn_bn_module.pt")
-    plain = CliRunner().invoke(app, ["check", module, "--no-policy", "-f", "json"])
+    plain = run_cli("check", module, "--no-policy", "-f", "json")
     assert plain.exit_code == 0  # a warning, by default
-    strict = CliRunner().invoke(app, ["check", module, "--no-policy", "--strict-globals", "-f", "json"])
+    strict = run_cli("check", module, "--no-policy", "--strict-globals", "-f", "json")
     assert strict.exit_code == 5, strict.stdout + strict.stderr
     rule = next(r for r in json.loads(strict.stdout)["rules"] if r["rule"] == "no_unknown_globals")
     assert not rule["passed"] and "sample_nets.SmallCNN" in rule["failures"][0]["message"]
     state_dict = str(samples_dir / "cnn_bn_state_dict.pt")
-    assert CliRunner().invoke(app, ["check", state_dict, "--no-policy", "--strict-globals"]).exit_code == 0
+    assert run_cli("check", state_dict, "--no-policy", "--strict-globals").exit_code == 0
 
 
 def test_strict_globals_from_a_policy_file(tmp_path: Path, samples_dir: Path) -> None:

@@ -1,8 +1,12 @@
 """Fuzz statecli's readers for a set time: every input must give a report or a StatecliError, quickly.
 
+    export PYTHONPATH=.:tests/hostile    # from the repository root: this checkout's statecli, make_hostile
     python tests/fuzz/fuzz_read.py --seconds 60                  # atheris if installed, else random mutation
     python tests/fuzz/fuzz_read.py --seconds 600 --engine random --seed 7
     python tests/fuzz/fuzz_read.py --replay CRASH_FILE           # run one saved input again, with a traceback
+
+This folder (``commands``, ``structures``) is on the path as the script's own folder; the child processes
+it starts inherit PYTHONPATH.
 
 Not a pytest test (pytest collects ``test_*.py`` only; tests/fuzz/conftest.py ignores this folder too);
 tests/test_fuzz_properties.py runs it for three seconds to keep it working.
@@ -67,7 +71,6 @@ def load_seeds(workdir: Path) -> dict[str, list[bytes]]:
     """Seed inputs per target: the samples, the hostile cases, a few indexes."""
     seeds: dict[str, list[bytes]] = {t: [] for t in TARGETS}
     files = sorted(p for p in SAMPLES.rglob("*") if p.is_file() and p.stat().st_size <= MAX_SEED_BYTES)
-    sys.path.insert(0, str(REPO / "tests" / "hostile"))
     import make_hostile
 
     hostile_dir = workdir / "hostile"
@@ -470,7 +473,6 @@ def run_structural_child(args: argparse.Namespace) -> dict[str, object]:
     import warnings
 
     warnings.filterwarnings("ignore", "Duplicate name", UserWarning)  # the generators write duplicate members
-    sys.path.insert(0, str(HERE))
     import commands
     import torch  # noqa: F401 - stats and convert import it; once, before any input is timed
 
@@ -606,7 +608,6 @@ def run_structural(args: argparse.Namespace) -> dict[str, object]:
 
 def replay_structural(spec: str, timeout: float, keep: Path | None) -> int:
     """Build input ``FAMILY:SEED:I`` again and run the commands on it, with the traceback of a failure."""
-    sys.path.insert(0, str(HERE))
     import commands
 
     family, seed, i = spec.split(":")
@@ -672,13 +673,11 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--state", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)  # the atheris child's scratch folder
     args = ap.parse_args(argv)
-    sys.path.insert(0, str(REPO))
     if args.replay:
         return replay(args.replay, args.timeout)
     if args.replay_structural:
         return replay_structural(args.replay_structural, args.timeout, args.keep)
     if args.engine in ("structural", "structural-child"):
-        sys.path.insert(0, str(HERE))
         import structures
 
         args.families = args.families or list(structures.FAMILIES)

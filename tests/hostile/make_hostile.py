@@ -993,10 +993,8 @@ KNOWN: dict[str, str] = {
 
 
 def _load_case_modules() -> None:
-    here = str(Path(__file__).resolve().parent)
-    if here not in sys.path:
-        sys.path.insert(0, here)
-    for p in sorted(Path(here).glob("cases_*.py")):
+    # This folder is on the path: a script's own folder is, and pytest's pythonpath setting adds it.
+    for p in sorted(Path(__file__).resolve().parent.glob("cases_*.py")):
         importlib.import_module(p.stem)
 
 
@@ -1037,7 +1035,6 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     # The case modules register into the importable ``make_hostile``, not into this ``__main__`` copy.
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import make_hostile
 
     sys.exit(make_hostile.main(sys.argv[1:]))

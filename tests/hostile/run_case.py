@@ -117,9 +117,6 @@ COMMANDS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
 )
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-
 def write_warmups(folder: Path) -> list[Path]:
     """Benign files of every format statecli reads, and one it refuses; returns them with the samples."""
     from make_hostile import _st_entry, safetensors_file, state_dict, torch_zip
@@ -351,7 +348,7 @@ def main(argv: list[str]) -> int:
             return  # typer evaluates the commands' string annotations with eval() on every call
         if event in ("exec", "marshal.loads") and _from_import():
             return  # loading a module's code: the "import" event above already judged the import
-        if event == "ctypes.cdata" and _caller_in(("conversion/source.py",)):
+        if event == "ctypes.cdata" and _caller_in(("tensors/source.py",)):
             return  # source.byte_view: a memoryview over a tensor statecli itself allocated
         if event.startswith(RUN_EVENTS):
             events.append([event, repr(args)[:200]])

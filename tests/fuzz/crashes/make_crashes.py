@@ -1,6 +1,8 @@
 """The inputs the structural fuzzer found that statecli still fails on, each cut down to its cause.
 
-    python tests/fuzz/crashes/make_crashes.py        # (re)build every reproducer beside this script
+    PYTHONPATH=tests/fuzz python tests/fuzz/crashes/make_crashes.py   # (re)build every reproducer beside this script
+
+(from the repository root; tests/fuzz holds the ``structures`` module it imports.)
 
 Each reproducer is a folder ``<name>/`` holding the checkpoint (a file, or a DCP / sharded folder) as
 ``input`` or ``input.<suffix>``; :data:`CRASHES` says why it fails and where the fix belongs.
@@ -24,10 +26,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+from structures import DATE, PID, Call, G, NewObj, ODict, dumps, laughs
 
-from structures import DATE, PID, Call, G, NewObj, ODict, dumps, laughs  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 
 class Crash(NamedTuple):
