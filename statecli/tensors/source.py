@@ -19,15 +19,15 @@ from typing import TYPE_CHECKING, Any
 from statecli.dtypes import contiguous_strides
 from statecli.errors import InputError
 from statecli.files import open_regular
-from statecli.formats.legacy import storage_spans
 from statecli.formats.safetensors import tensor_spans
 from statecli.formats.torchzip import archive_root
 from statecli.formats.zipdir import Member, data_offset, read_central_directory, read_directory_at
 from statecli.records import Report, TensorInfo
-from statecli.tensors.dcp import DcpValues
 
 if TYPE_CHECKING:
     import torch
+
+    from statecli.tensors.dcp import DcpValues
 
 
 STREAM_CHUNK = 16 << 20  # big enough to keep reads and casts efficient, small next to any model
@@ -92,6 +92,8 @@ class Source:
         self.report = report
         self._dcp: DcpValues | None = None
         if report.format == "dcp":
+            from statecli.tensors.dcp import DcpValues  # loaded for DCP folders only: a thousand lines
+
             self._dcp = DcpValues(report)
         # torch.load checks no CRC either (its miniz is built without reader CRC checks); summing 2 GiB
         # costs ~0.8 s of CPU here, so convert asks for it only under --verify.
@@ -166,6 +168,8 @@ class Source:
         if storage is not None and storage.startswith("legacy/"):
             legacy = self._legacy.get(path)
             if legacy is None:
+                from statecli.formats.legacy import storage_spans  # loaded for legacy files only
+
                 legacy = self._legacy[path] = storage_spans(path)[0]
             key = storage.removeprefix("legacy/")
             if key not in legacy:
