@@ -25,19 +25,19 @@ _NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # not on Windows, where a path cannot 
 _FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
 
 
-_KINDS = (
-    (stat.S_ISFIFO, "a FIFO"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-    (stat.S_ISDIR, "a directory"),
-    (stat.S_ISREG, "a regular file"),
-)
+_KINDS = {
+    stat.S_ISFIFO: "a FIFO",
+    stat.S_ISCHR: "a character device",
+    stat.S_ISBLK: "a block device",
+    stat.S_ISSOCK: "a socket",
+    stat.S_ISDIR: "a directory",
+    stat.S_ISREG: "a regular file",
+}
 
 
 def kind_of(mode: int) -> str:
     """What a file of ``mode`` is, in words: ``a FIFO``, ``a character device``, ``a directory``, ..."""
-    return next((words for test, words in _KINDS if test(mode)), "not a file")
+    return next((words for test, words in _KINDS.items() if test(mode)), "not a file")
 
 
 def not_regular(path: str, mode: int, what: str = "") -> InputError:

@@ -200,19 +200,9 @@ def read_legacy(path: str) -> RawCheckpoint:
         findings.append(Finding("warning", "trailing-data", f"{size - end} bytes after the last storage were ignored"))
     walker = Walker(path, verdict.object_bytes)
     container = walker.analyse(obj)
-    walker.shared_summary()
-    findings.extend(walker.findings)
-    for t in walker.tensors:
+    raw = walker.result("torch-legacy", container, findings, size, {f"legacy/{k}": n for k, (_, n) in spans.items()})
+    for t in raw.tensors:
         if t.storage is not None:
             t.storage = "legacy/" + t.storage.removeprefix("data/")
     keys_text = name_list(container.other_keys) or "none"
-    raw = RawCheckpoint(
-        path=path,
-        format="torch-legacy",
-        tensors=walker.tensors,
-        container=container,
-        findings=findings,
-        file_size=size,
-        storage_sizes={f"legacy/{k}": n for k, (_, n) in spans.items()},
-    )
     return finish(raw, obj, f"no tensors found (top-level keys: {keys_text})")

@@ -290,6 +290,14 @@ class Walker(Visits):
         self.shared = 0
         self.nested: set[int] = set()  # ids of the records of tensors found in a list, tuple or ScriptObject
 
+    def result(
+        self, fmt: str, container: Container, findings: list[Finding], size: int, storage_sizes: dict[str, int]
+    ) -> RawCheckpoint:
+        """The reader's answer once the walk is done: its findings after the reader's own."""
+        self.shared_summary()
+        findings.extend(self.findings)
+        return RawCheckpoint(self.path, fmt, self.tensors, container, findings, {}, size, storage_sizes)
+
     def analyse(self, root: Any) -> Container:
         # The walk's prefix is None at the state dict's root and a string below it, '' included: a key ''
         # is a name like any other (``{'': t}`` names t '', ``{'a': {'': t}}`` 'a.', ``{'': {'x': t}}`` '.x').

@@ -78,18 +78,10 @@ def read_torch_zip(path: str, members: dict[str, Member] | None = None, limits: 
         container = walker.analyse(obj)
     except StatecliError as e:
         raise e.at(path) from None
-    walker.shared_summary()
-    findings.extend(walker.findings)
-    keys = name_list(container.other_keys) or "none"
-    raw = RawCheckpoint(
-        path=path,
-        format="torch-zip",
-        tensors=walker.tensors,
-        container=container,
-        findings=findings,
-        file_size=size,
-        storage_sizes={f"data/{k}": s.nbytes for k, s in storages.cache.items()},
+    raw = walker.result(
+        "torch-zip", container, findings, size, {f"data/{k}": s.nbytes for k, s in storages.cache.items()}
     )
+    keys = name_list(container.other_keys) or "none"
     return finish(raw, obj, f"no tensors found in the checkpoint (top-level keys: {keys})")
 
 
