@@ -28,7 +28,7 @@ from statecli import dtypes
 from statecli.clip import describe_name, quote
 from statecli.errors import UsageError
 from statecli.formats import read
-from statecli.records import Finding, FindingCap, Report, TensorInfo, cap_findings
+from statecli.records import Finding, FindingCap, JsonFields, Report, TensorInfo, cap_findings
 from statecli.tensors.values import StorageReader, iter_values, readable
 from statecli.wording import count, name_list
 
@@ -126,7 +126,7 @@ class TensorDiff:
 
 
 @dataclass(frozen=True, slots=True)
-class DiffSummary:
+class DiffSummary(JsonFields):
     tensors_a: int  # after the filters
     tensors_b: int
     common: int
@@ -138,21 +138,6 @@ class DiffSummary:
     unchecked: int
     only_in_a: int
     only_in_b: int
-
-    def to_dict(self) -> dict[str, int]:
-        return {
-            "tensors_a": self.tensors_a,
-            "tensors_b": self.tensors_b,
-            "common": self.common,
-            "identical": self.identical,
-            "changed": self.changed,
-            "differs": self.differs,
-            "close": self.close,
-            "metadata_only": self.metadata_only,
-            "unchecked": self.unchecked,
-            "only_in_a": self.only_in_a,
-            "only_in_b": self.only_in_b,
-        }
 
 
 @dataclass(slots=True)
@@ -519,8 +504,13 @@ class ValueStats:
 
 @dataclass(slots=True)
 class _Running:
-    """What :func:`compare_tensors` adds up chunk by chunk."""
+    """How :func:`compare_tensors` compares (fixed for the tensor) and what it adds up chunk by chunk."""
 
+    work: torch.dtype  # float64, or complex128 when a side is complex
+    exact: torch.dtype | None  # the dtype that compares integers exactly, None for floating
+    has_nan: bool
+    atol: float
+    rtol: float
     stats: ValueStats = field(default_factory=ValueStats)
     dot: float = 0.0
     norm_a: float = 0.0  # squared norms
@@ -603,10 +593,10 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor, atol: float = 0.0, rtol: f
     exact = _exact_dtype(a.dtype, b.dtype)
     has_nan = a.is_floating_point() or a.is_complex() or b.is_floating_point() or b.is_complex()
     flat_a, flat_b = a.reshape(-1), b.reshape(-1)  # a copy only for a non-contiguous view
-    run = _Running()
+    run = _Running(work, exact, has_nan, atol, rtol)
     for start in range(0, flat_a.numel(), CHUNK_ELEMENTS):
         ra, rb = flat_a[start : start + CHUNK_ELEMENTS], flat_b[start : start + CHUNK_ELEMENTS]
-        _compare_chunk(ra, rb, work, exact, has_nan, atol, rtol, run)
+        _compare_chunk(ra, rb, run)
     stats = run.stats
     if run.finite and run.norm_a > 0 and run.norm_b > 0:
         if stats.equal:
@@ -617,24 +607,16 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor, atol: float = 0.0, rtol: f
     return stats
 
 
-def _compare_chunk(
-    ra: torch.Tensor,
-    rb: torch.Tensor,
-    work: torch.dtype,
-    exact: torch.dtype | None,
-    has_nan: bool,
-    atol: float,
-    rtol: float,
-    run: _Running,
-) -> None:
+def _compare_chunk(ra: torch.Tensor, rb: torch.Tensor, run: _Running) -> None:
     import torch  # deferred: importing torch takes about a second, and metadata commands never need it
 
     stats = run.stats
+    work, exact, atol, rtol = run.work, run.exact, run.atol, run.rtol
     ca, cb = ra.to(work), rb.to(work)
     d = (ca - cb).abs()  # float64 also for complex: the magnitude
     d_max = float(d.max()) if d.numel() else 0.0  # NaN if any side has NaN or the same inf on both
     if not math.isfinite(d_max):
-        _compare_nonfinite(ca, cb, d, exact, ra, rb, has_nan, atol, rtol, run)
+        _compare_nonfinite(ca, cb, d, ra, rb, run)
         return
     # Every value finite on both sides: one max decides equality, except for integers beyond 2**53.
     # unequal: how many differ, or -1 for "some, not counted yet"
@@ -654,21 +636,13 @@ def _compare_chunk(
 
 
 def _compare_nonfinite(
-    ca: torch.Tensor,
-    cb: torch.Tensor,
-    d: torch.Tensor,
-    exact: torch.dtype | None,
-    ra: torch.Tensor,
-    rb: torch.Tensor,
-    has_nan: bool,
-    atol: float,
-    rtol: float,
-    run: _Running,
+    ca: torch.Tensor, cb: torch.Tensor, d: torch.Tensor, ra: torch.Tensor, rb: torch.Tensor, run: _Running
 ) -> None:
     """A chunk with NaN or inf on a side: inf equals only the same inf, NaN only NaN; no cosine."""
     import torch  # deferred: importing torch takes about a second, and metadata commands never need it
 
     stats = run.stats
+    exact, has_nan, atol, rtol = run.exact, run.has_nan, run.atol, run.rtol
     run.finite = False
     eq = (ra.to(exact) == rb.to(exact)) if exact is not None else (ca == cb)
     if has_nan:

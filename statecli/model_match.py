@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from statecli.dtypes import DTYPES
 from statecli.errors import UsageError
-from statecli.records import Report, Summary, json_fields
+from statecli.records import JsonFields, Report, Summary
 
 if TYPE_CHECKING:
     from torch import nn
@@ -198,7 +198,7 @@ class ShapeMismatch:
 
 
 @dataclass(frozen=True, slots=True)
-class DtypeMismatch:
+class DtypeMismatch(JsonFields):
     """A key whose dtype differs. ``load_state_dict`` copies with a cast, so a change within floating,
     integer or complex dtypes is ``info``; a change of kind (integer / bool / quantized vs floating,
     complex vs real) is a ``warning``."""
@@ -208,9 +208,6 @@ class DtypeMismatch:
     model_dtype: str
     level: str  # "info" | "warning"
     model_name: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return json_fields(self)
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,19 +33,25 @@ def json_fields(record: Any) -> dict[str, Any]:
     return {name: _plain(getattr(record, name)) for name in _field_names(type(record))}
 
 
+class JsonFields:
+    """A record whose ``--format json`` is exactly its fields, in order (see :func:`json_fields`)."""
+
+    __slots__ = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return json_fields(self)
+
+
 ROLES = ("parameter", "buffer", "other")
 
 
 @dataclass(frozen=True, slots=True)
-class Finding:
+class Finding(JsonFields):
     """Something about the file a user should know: ``level`` is info, warning or dangerous."""
 
     level: str
     code: str
     message: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return json_fields(self)
 
 
 MAX_FINDINGS_PER_CODE = 100  # findings of one code listed one by one; the rest are counted in one more
@@ -166,7 +172,7 @@ class RawTensor:
 
 
 @dataclass(slots=True)
-class TensorInfo:
+class TensorInfo(JsonFields):
     """One tensor with its role and the evidence for that role. Treat it as read-only.
 
     Not ``frozen``: a frozen dataclass's ``__init__`` goes through ``object.__setattr__`` per field,
@@ -201,9 +207,6 @@ class TensorInfo:
         if self.role == "parameter":
             return "trainable" if self.requires_grad else "frozen"
         return "requires grad" if self.requires_grad else "no grad"
-
-    def to_dict(self) -> dict[str, Any]:
-        return json_fields(self)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from typing import Any
 
 from statecli import dtypes
 from statecli.errors import InputError, StatecliError, UnsupportedFormatError, UsageError
-from statecli.records import Finding, RawTensor, Report, TensorInfo, json_fields
+from statecli.records import Finding, JsonFields, RawTensor, Report, TensorInfo
 from statecli.roles import infer, keep_vars_proves
 from statecli.wording import count
 
@@ -104,15 +104,12 @@ class PlanItem:
 
 
 @dataclass(frozen=True, slots=True)
-class Dropped:
+class Dropped(JsonFields):
     """A tensor of the input the output leaves out, and why."""
 
     name: str
     group: str
     reason: str
-
-    def to_dict(self) -> dict[str, str]:
-        return json_fields(self)
 
 
 @dataclass(slots=True)
