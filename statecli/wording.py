@@ -19,3 +19,9 @@ def name_list(names: Sequence[str], limit: int = 8) -> str:
     without growing with the checkpoint. Each name is clipped and escaped (:func:`statecli.clip.describe_name`)."""
     shown = ", ".join(describe_name(n, NAME_CHARS) for n in names[:limit])
     return shown + (f", … ({len(names) - limit:,} more)" if len(names) > limit else "")
+
+
+def shape_text(shape: Sequence[int], scalar: str = "scalar") -> str:
+    """``64×3×3``, the one way statecli writes a shape for people; ``scalar`` for a 0-dim tensor (records
+    leave that cell empty: ``scalar=""``)."""
+    return "×".join(str(d) for d in shape) if shape else scalar

@@ -5,6 +5,7 @@ from __future__ import annotations
 from statecli.clip import printable
 from statecli.errors import InputError, LimitExceededError
 from statecli.records import RawCheckpoint, RawTensor
+from statecli.wording import shape_text
 
 MAX_NAME_CHARS = 65_536  # a tensor's dotted name; real ones are a few hundred characters at most
 
@@ -39,7 +40,7 @@ def check_names(raw: RawCheckpoint) -> None:
 def _entry(t: RawTensor) -> str:
     where = f" in {t.file}" if t.file else ""
     storage = f" over {_clip(t.storage)}" if t.storage else ""
-    shape = "×".join(map(str, t.shape)) or "scalar"
+    shape = shape_text(t.shape)
     return f"one {t.dtype} {shape}{storage}{where}"
 
 

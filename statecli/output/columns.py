@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from statecli.clip import printable
 from statecli.records import TensorInfo
-from statecli.wording import name_list
+from statecli.wording import name_list, shape_text
 
 if TYPE_CHECKING:
     from statecli.checking import RuleResult
@@ -85,11 +85,6 @@ def human_bytes(n: int) -> str:
         if abs(round(value, 1)) < 1024 or unit == _UNITS[-1]:
             return f"{value:.1f} {unit}"
     raise AssertionError("unreachable")
-
-
-def shape_text(shape: Sequence[int], scalar: str = "scalar") -> str:
-    """``64×3×3``; ``scalar`` for a 0-dim tensor (records leave that cell empty: ``scalar=""``)."""
-    return "×".join(str(d) for d in shape) if shape else scalar
 
 
 def clean(text: str) -> str:
