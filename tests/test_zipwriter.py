@@ -14,7 +14,7 @@ import torch
 
 from statecli import conversion as conv
 from statecli.errors import InputError
-from statecli.formats import torchzip
+from statecli.formats import zipwriter
 from statecli.formats.zipdir import data_offset, read_central_directory
 from statecli.formats.zipwriter import ALIGNMENT, ZipWriter
 
@@ -62,7 +62,7 @@ def test_announced_size_must_match(tmp_path: Path) -> None:
 
 
 def test_torch_loads_a_zip64_conversion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torchzip, "ZipWriter", functools.partial(ZipWriter, force_zip64=True))
+    monkeypatch.setattr(zipwriter, "ZipWriter", functools.partial(ZipWriter, force_zip64=True))
     out = tmp_path / "z.pt"
     conv.convert(SAMPLES / "tied_lm.pt", out, dtype="bf16")
     with zipfile.ZipFile(out) as z:

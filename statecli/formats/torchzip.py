@@ -12,18 +12,20 @@ import os
 import pickle
 import zlib
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from statecli import dtypes
 from statecli.dtypes import torch_dtype
 from statecli.errors import InputError, StatecliError
 from statecli.formats.torchpickle import MAX_PICKLE_BYTES, Storages, Walker, finish
 from statecli.formats.zipdir import Member, read_central_directory, read_member
-from statecli.formats.zipwriter import Sink, ZipWriter
 from statecli.records import Finding, RawCheckpoint
 from statecli.safepickle import Limits
 from statecli.security import findings_for, loads
 from statecli.wording import name_list
+
+if TYPE_CHECKING:
+    from statecli.formats.zipwriter import Sink
 
 MAX_STACKED_PICKLES = 64  # pickles after data.pkl's first that are read for the globals they name
 
@@ -182,6 +184,8 @@ def write_torch_zip(
     buf = io.BytesIO()
     _Pickler(buf, protocol=2).dump(collections.OrderedDict(state))
     data = buf.getvalue()
+    from statecli.formats.zipwriter import ZipWriter  # the writer: inspect, which imports this module, never needs it
+
     writer = ZipWriter(sink)
     try:
         writer.add(f"{root}/data.pkl", len(data), [data])
