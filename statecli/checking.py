@@ -3,7 +3,8 @@
 A policy is a list of rule sets. Each set has a scope (``match`` name globs and ``role``) and rules:
 
 ==========================  =====================================================================
-``dtype = [..]``            every tensor in scope has one of these dtypes (user spellings accepted)
+``dtype = [..]``            every floating tensor in scope has one of these dtypes (others: when a dtype of
+                            their kind is named; user spellings accepted)
 ``device = ".."``           every tensor is saved on this device (safetensors: loads to ``cpu``)
 ``no_nan = true``           no NaN value (reads values)
 ``no_inf = true``           no ±inf value (reads values)
@@ -421,7 +422,7 @@ def run(report: Report, policy: Policy, progress: Callable[[int, int], None] | N
         scoped = [t for t in tensors if rs.covers(t)]
         if not scoped and (rs.match or rs.roles or rs.has_tensor_rules):
             results.append(_empty_scope(rs, len(tensors)))
-        results.extend(_apply(rs, scoped, stats))
+        results.extend(_apply(rs, scoped, stats, _replaced(rs, policy.sets, scoped)))
 
     if policy.schema is not None:
         diffs = compare(report, load_schema(policy.schema))
@@ -469,19 +470,64 @@ def _empty_scope(rs: RuleSet, in_file: int) -> RuleResult:
     return r
 
 
-def _apply(rs: RuleSet, scoped: list[TensorInfo], stats: dict[str, Any]) -> list[RuleResult]:
+# The tensors a dtype rule constrains: those of a family the rule names. ``--dtype bf16`` speaks of the floating
+# tensors (the ones ``convert --dtype`` changes); integer, bool and quantized tensors are held to a dtype only
+# when the rule names one of theirs (``--dtype bf16 --dtype int64``).
+_FAMILIES = {"float": "floating", "complex": "complex", "int": "integer", "uint": "integer", "bool": "bool",
+             "quant": "quantized", "bits": "bits"}  # fmt: skip
+
+
+def _family(dtype: str) -> str:
+    """A dtype's family; a dtype statecli does not know is its own, so a rule always holds it to its list."""
+    d = dtypes.DTYPES.get(dtype)
+    return _FAMILIES[d.kind] if d is not None else f"unknown {dtype}"
+
+
+# Rules a scoped set takes over, for the tensors it covers, from a set over all tensors: a policy's
+# ``[[check.rules]] match = ["*.running_var"] dtype = "float32"`` replaces the top-level dtype for those
+# tensors instead of adding a second rule that no tensor could pass.
+_REPLACEABLE = {"dtype": lambda rs: bool(rs.dtype), "device": lambda rs: rs.device is not None,
+                "absmax": lambda rs: rs.absmax is not None}  # fmt: skip
+
+
+def _replaced(rs: RuleSet, sets: list[RuleSet], scoped: list[TensorInfo]) -> dict[str, set[str]]:
+    """For a set over all tensors: rule -> names of the tensors a scoped set holds to its own rule."""
+    if rs.match or rs.roles:
+        return {}
+    out: dict[str, set[str]] = {}
+    for rule, defines in _REPLACEABLE.items():
+        narrower = [o for o in sets if o is not rs and (o.match or o.roles) and defines(o)]
+        if defines(rs) and narrower:
+            out[rule] = {t.name for t in scoped if any(o.covers(t) for o in narrower)}
+    return out
+
+
+def _apply(
+    rs: RuleSet, scoped: list[TensorInfo], stats: dict[str, Any], replaced: dict[str, set[str]] | None = None
+) -> list[RuleResult]:
     out: list[RuleResult] = []
     n = len(scoped)
+    replaced = replaced or {}
+
+    def own(rule: str) -> list[TensorInfo]:
+        """The tensors in scope that no scoped set holds to its own ``rule``."""
+        names = replaced.get(rule)
+        return [t for t in scoped if t.name not in names] if names else scoped
+
     if rs.dtype:
-        r = RuleResult("dtype", rs.scope, "dtype in " + ", ".join(rs.dtype), n)
-        for t in scoped:
+        families = {_family(d) for d in rs.dtype}
+        held = [t for t in own("dtype") if _family(t.dtype) in families or _family(t.dtype).startswith("unknown")]
+        kinds = ", ".join(sorted(f for f in families if not f.startswith("unknown")))
+        r = RuleResult("dtype", rs.scope, f"dtype in {', '.join(rs.dtype)} ({kinds} tensors)", len(held))
+        for t in held:
             if t.dtype not in rs.dtype:
                 r.failures.append(Failure(t.name, f"{t.name}: dtype {t.dtype}, allowed {', '.join(rs.dtype)}", t.dtype))
         out.append(r)
     if rs.device is not None:
         want = rs.device
-        r = RuleResult("device", rs.scope, f"saved on {want}", n)
-        for t in scoped:
+        mine = own("device")
+        r = RuleResult("device", rs.scope, f"saved on {want}", len(mine))
+        for t in mine:
             dev = t.device if t.device is not None else "cpu"  # safetensors: loaders put tensors on the CPU
             if dev != want:
                 r.failures.append(Failure(t.name, f"{t.name}: saved on {dev}, expected {want}", dev))
@@ -504,8 +550,11 @@ def _apply(rs: RuleSet, scoped: list[TensorInfo], stats: dict[str, Any]) -> list
         out.append(r)
     if rs.absmax is not None:
         bound = rs.absmax
-        r = RuleResult("absmax", rs.scope, f"|value| <= {_g(bound)}", len(read), unread=unread)
-        for t in read:
+        names = replaced.get("absmax", set())
+        held = [t for t in read if t.name not in names]
+        held_unread = [name for name in unread if name not in names]
+        r = RuleResult("absmax", rs.scope, f"|value| <= {_g(bound)}", len(held), unread=held_unread)
+        for t in held:
             s = stats.get(t.name)
             if s is not None and s.absmax is not None and s.absmax > bound:
                 r.failures.append(Failure(t.name, f"{t.name}: absmax {_g(s.absmax)} > {_g(bound)}", s.absmax))

@@ -87,11 +87,13 @@ def test_absmax_names_the_tensor_and_value(bad: Path) -> None:
 def test_rules_are_scoped_by_glob_and_role(tmp_path: Path) -> None:
     policy = Policy(sets=[RuleSet(roles=("buffer",), dtype=("float32",)), RuleSet(match=("conv*",), absmax=0.01)])
     result = {r.id: r for r in run(statecli.open_checkpoint(CNN), policy).results}
-    assert [f.tensor for f in result["dtype [role buffer]"].failures] == [
-        "bn1.num_batches_tracked",
-        "bn2.num_batches_tracked",
-    ]
-    assert result["dtype [role buffer]"].checked == 6
+    # float32 speaks of the floating buffers; the int64 counters are held to a dtype only when one is named.
+    assert result["dtype [role buffer]"].failures == []
+    assert result["dtype [role buffer]"].checked == 4
+    named = Policy(sets=[RuleSet(roles=("buffer",), dtype=("float32", "int32"))])
+    (r,) = [r for r in run(statecli.open_checkpoint(CNN), named).results if r.rule == "dtype"]
+    assert [f.tensor for f in r.failures] == ["bn1.num_batches_tracked", "bn2.num_batches_tracked"]
+    assert r.checked == 6
     assert {f.tensor for f in result["absmax [match conv*]"].failures} <= {
         "conv1.weight",
         "conv1.bias",
@@ -548,3 +550,61 @@ def test_a_dangerous_reference_is_refused_like_a_dangerous_checkpoint(
     ref = next(r for r in json.loads(out)["rules"] if r["scope"] == "reference")
     assert ref["passed"] is True and ref["allowed"][0]["message"] == f"reference {MALICIOUS}: {POSIX}"
     assert list(tmp_path.iterdir()) == []  # nothing ran
+
+
+# --- dtype rules mean what users mean (#13, item 2) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["bf16", "fp16"])
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_what_convert_writes_passes_check_with_the_same_dtype(tmp_path: Path, target: str, suffix: str) -> None:
+    # The int64 num_batches_tracked counters are not floating: convert keeps them, and check does not ask
+    # them to be bf16 (it did, so a correctly converted BatchNorm model could never pass).
+    out = tmp_path / f"model{suffix}"
+    assert run_cli("convert", str(CNN), "-o", str(out), "--dtype", target).exit_code == 0
+    result = run_cli("check", str(out), "--no-policy", "--dtype", target)
+    assert result.exit_code == 0, result.stdout
+    assert "(floating tensors)" in result.stdout
+
+
+def test_a_dtype_of_another_kind_holds_that_kind_only_when_named(tmp_path: Path) -> None:
+    path = tmp_path / "m.pt"
+    torch.save({"w": torch.zeros(2, dtype=torch.bfloat16), "step": torch.tensor(3, dtype=torch.int32)}, path)
+    assert run_cli("check", str(path), "--no-policy", "--dtype", "bf16").exit_code == 0
+    named = run_cli("check", str(path), "--no-policy", "--dtype", "bf16", "--dtype", "int64")
+    assert named.exit_code == 1 and "step: dtype int32, allowed bfloat16, int64" in named.stdout
+
+
+def test_a_scoped_dtype_replaces_the_top_level_one_for_its_tensors(tmp_path: Path) -> None:
+    out = tmp_path / "m.safetensors"
+    assert run_cli("convert", str(CNN), "-o", str(out), "--dtype", "bf16", "--keep-buffers").exit_code == 0
+    report = statecli.open_checkpoint(out)
+    top = RuleSet(dtype=("bfloat16", "int64"))
+    stats_fp32 = RuleSet(match=("*.running_mean", "*.running_var"), roles=("buffer",), dtype=("float32",))
+    alone = run(report, Policy(sets=[top]))
+    assert {f.tensor for r in alone.results for f in r.failures} == {
+        "bn1.running_mean",
+        "bn1.running_var",
+        "bn2.running_mean",
+        "bn2.running_var",
+    }
+    both = run(report, Policy(sets=[top, stats_fp32]))
+    assert both.passed, [f.message for r in both.results for f in r.failures]
+    (top_rule,) = [r for r in both.results if r.rule == "dtype" and r.scope == "all tensors"]
+    assert top_rule.checked == 12  # 16 tensors, less the 4 statistics the scoped set holds to float32
+
+
+def test_the_docs_policy_passes_on_what_the_docs_convert_command_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    page = (Path(__file__).resolve().parent.parent / "docs" / "check.md").read_text(encoding="utf-8")
+    command = page[page.index("`statecli convert model.pt") + 1 :].split("`", 1)[0].split()
+    policy = page[page.index("```toml\n[check]") + len("```toml\n") :].split("```", 1)[0]
+    model = tmp_path / "model.pt"
+    model.write_bytes(CNN.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(*command[1:]).exit_code == 0
+    (tmp_path / "model.schema.json").write_text(run_cli("schema", "model-bf16.safetensors").stdout)
+    (tmp_path / "statecli.toml").write_text(policy)
+    result = run_cli("check", "model-bf16.safetensors", "--policy", "statecli.toml")
+    assert result.exit_code == 0, result.stdout

@@ -36,7 +36,14 @@ def check_command(
     role: RoleOpt = None,
     dtype: Annotated[
         list[str] | None,
-        typer.Option("--dtype", "-d", metavar="NAME", help="Allowed dtype; repeatable.", rich_help_panel=RULES),
+        typer.Option(
+            "--dtype",
+            "-d",
+            metavar="NAME",
+            help="Allowed dtype of the floating tensors; repeatable. Integer, bool and quantized tensors are held "
+            "to the list only when it names one of their kind (--dtype bf16 --dtype int64).",
+            rich_help_panel=RULES,
+        ),
     ] = None,
     device: Annotated[
         str | None,
