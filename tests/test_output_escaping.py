@@ -9,6 +9,7 @@ still appears in every CI format.
 from __future__ import annotations
 
 import csv
+import html
 import io
 import json
 import re
@@ -324,9 +325,26 @@ def test_an_unreadable_file_still_fails_the_gate_when_the_others_fail(junk: Path
     assert [("error" in d, d["passed"]) for d in json.loads(out)] == [(False, False), (True, False)]
 
 
-def test_one_unreadable_file_alone_is_an_error_with_nothing_on_stdout(junk: Path) -> None:
-    code, out, err = run_cli("check", str(junk), "--no-policy", "-f", "junit")
+def test_one_unreadable_file_alone_in_a_table_is_an_error_with_nothing_on_stdout(junk: Path) -> None:
+    code, out, err = run_cli("check", str(junk), "--no-policy")
     assert code == 3 and out == "" and err == f"statecli: error: {unreadable(junk)}\n"
+
+
+@pytest.mark.parametrize("fmt", ["json", "junit", "github", "html"])
+def test_one_unreadable_file_alone_still_gets_its_ci_report(junk: Path, fmt: str) -> None:
+    # An empty report.xml breaks the GitHub Actions recipe: the report holds the error, as for several files.
+    code, out, err = run_cli("check", str(junk), "--no-policy", "-f", fmt)
+    assert code == 3 and err == f"statecli: error: {unreadable(junk)}\n"
+    if fmt == "json":
+        doc = json.loads(out)
+        assert doc["passed"] is False and doc["error"]["exit_code"] == 3 and doc["path"] == str(junk)
+    elif fmt == "junit":
+        suite = ET.fromstring(out)
+        assert suite.get("errors") == "1" and suite.find(".//error") is not None
+    elif fmt == "github":
+        assert out.startswith(f"::error file={junk}") and out.endswith("\n")
+    else:
+        assert "<html" in out.lower() and html.escape(str(junk)) in out
 
 
 def test_markdown_of_a_lone_surrogate_name_is_valid_utf8(tmp_path: Path) -> None:

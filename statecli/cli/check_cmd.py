@@ -205,8 +205,8 @@ def check_command(
             emit.check_notes(result)
             checked.append(result)
         except StatecliError as err:
-            if len(paths) == 1:
-                raise  # the app's error mapping reports it
+            if len(paths) == 1 and fmt is CheckFormat.table:
+                raise  # the app's error mapping reports it; a CI report format gets the error in it below
             report_error(err, debug)  # an unreadable file fails the gate, the rest still run
             checked.append(core.Unreadable(os.fspath(path), str(err), err.exit_code))
     emit.check(checked, fmt.value, several=len(paths) > 1)
