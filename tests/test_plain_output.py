@@ -117,3 +117,56 @@ def test_a_closed_pipe_exits_quietly_as_sigpipe_would(samples_dir: Path, fmt: st
     err = proc.stderr.read()
     assert proc.wait(timeout=60) == 141
     assert err == b""
+
+
+# --- a stdout that cannot take the output (#13, item 2) -----------------------------------------------
+
+_STDOUT_CASES = [
+    ["--help"],
+    ["--version"],
+    ["inspect", "--help"],
+    ["inspect", "sample_models/tied_lm.pt"],
+    ["inspect", "sample_models/tied_lm.pt", "-f", "json"],
+    ["check", "sample_models/tied_lm.pt", "--no-policy", "-f", "junit"],
+]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("argv", _STDOUT_CASES, ids=" ".join)
+def test_a_full_stdout_is_exit_4_in_one_line(repo_root: Path, argv: list[str]) -> None:
+    # `statecli --help > /dev/full` printed a traceback; a command said "internal error" (exit 3).
+    import subprocess
+    import sys
+
+    from subproc import checkout_env
+
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(
+            [sys.executable, "-m", "statecli", *argv], cwd=repo_root, env=checkout_env(), stdout=full,
+            stderr=subprocess.PIPE, timeout=60,
+        )  # fmt: skip
+    assert proc.returncode == 4
+    assert proc.stderr.decode() == "statecli: error: cannot write to standard output (No space left on device)\n"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv", _STDOUT_CASES[:3], ids=" ".join)
+def test_help_and_version_into_a_closed_pipe_exit_as_sigpipe_would(repo_root: Path, argv: list[str]) -> None:
+    # `statecli --version | true` under `set -o pipefail`: Typer's own answer was exit 1.
+    import os
+    import subprocess
+    import sys
+
+    from subproc import checkout_env
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before statecli writes a byte
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "statecli", *argv], cwd=repo_root, env=checkout_env(), stdout=write_end,
+            stderr=subprocess.PIPE, timeout=60,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (141, b"")

@@ -67,14 +67,30 @@ def _passes_through(exc: BaseException) -> bool:
 
 def _closed_pipe() -> int:
     """The reader of stdout went away (``| head``): stop quietly. Typer would exit 1, which for ``diff`` and
-    ``check`` means "found a problem"; a closed pipe is none, so exit as a process SIGPIPE ends does.
-    stdout goes to /dev/null so that the interpreter's last flush does not fail again."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):  # no file descriptor (a test runner's stream)
-        pass
+    ``check`` means "found a problem"; a closed pipe is none, so exit as a process SIGPIPE ends does."""
+    console.stdout_to_devnull()
     return BROKEN_PIPE_EXIT
+
+
+def _stdout_failed(exc: OSError, debug: bool = False) -> int:
+    """A write to stdout outside the commands (``--help``, ``--version``) failed: 141 for a closed pipe,
+    else one line and exit 4, as a command's own output does."""
+    err = console.stdout_failed(exc)
+    return _closed_pipe() if isinstance(err, OSError) else report_error(err, debug)
+
+
+_HELP_WRITERS = frozenset({"echo", "show_help", "format_help", "rich_format_help"})
+
+
+def _writing_help(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised while Typer wrote a command's help (Click's ``echo``, rich's help panels)."""
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name in _HELP_WRITERS and "/typer/" in code.co_filename.replace(os.sep, "/"):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def report_usage(exc: ClickException) -> int:
@@ -102,6 +118,15 @@ class StatecliGroup(TyperGroup):
         except typer.Abort:
             console.error("aborted")
             sys.exit(1)
+        except OSError as exc:  # the help or the version could not be written
+            sys.exit(_stdout_failed(exc, "--debug" in sys.argv))
+        except SystemExit as exc:
+            # Typer answers a closed pipe under --help or --version with exit 1 itself; every command
+            # answers it with 141, as a process that SIGPIPE ends.
+            cause = exc.__context__
+            if exc.code == 1 and isinstance(cause, OSError) and cause.errno == errno.EPIPE:
+                sys.exit(_closed_pipe())
+            raise
         sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: Any) -> Any:
@@ -113,6 +138,8 @@ class StatecliGroup(TyperGroup):
             if isinstance(exc, OSError) and exc.errno == errno.EPIPE:
                 raise typer.Exit(_closed_pipe()) from None
             debug = bool(ctx.params.get("debug"))
+            if isinstance(exc, OSError) and _writing_help(exc):  # a command's --help could not be written
+                raise typer.Exit(_stdout_failed(exc, debug)) from None
             if isinstance(exc, StatecliError):
                 raise typer.Exit(report_error(exc, debug)) from None
             if isinstance(exc, MemoryError):

@@ -14,6 +14,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
+from statecli.errors import OutputError
 from statecli.output.columns import clean
 from statecli.records import Report
 
@@ -60,6 +61,25 @@ def _console_class() -> type[Console]:
 _CHUNK = 1 << 20
 
 
+def stdout_to_devnull() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush of what is still buffered does not
+    fail again after statecli has said why (a closed pipe, a full disk)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no file descriptor (a test runner's stream)
+        pass
+
+
+def stdout_failed(e: OSError) -> OSError | OutputError:
+    """What a failed write to stdout becomes: a closed pipe stays itself (``| head``: exit 141, quietly);
+    anything else (``> /dev/full``, an I/O error) is an :class:`OutputError`, exit 4, said in one line."""
+    if e.errno == errno.EPIPE:
+        return e
+    stdout_to_devnull()
+    return OutputError(f"cannot write to standard output ({e.strerror or e})")
+
+
 class _TrimmedLines:
     """A text stream that drops the blanks rich pads lines with (a grid pads every row to its widest):
     in a file or a pipe they are noise for ``diff`` and ``grep``, and on a terminal they never show."""
@@ -82,16 +102,22 @@ class _TrimmedLines:
             piece = whole[start:end]
             if " \n" in piece:  # a C search; a regex over every padding blank costs 30 ms a megabyte
                 piece = "\n".join(line.rstrip(" ") for line in piece.split("\n"))
-            self.out.write(piece)
+            try:
+                self.out.write(piece)
+            except OSError as e:
+                raise stdout_failed(e) from None
             start = end
         self.pending = whole[start:]
         return len(text)
 
     def flush(self) -> None:
-        if self.pending:  # a line left open by its writer: kept as it is, it may go on later
-            self.out.write(self.pending)
-            self.pending = ""
-        self.out.flush()
+        try:
+            if self.pending:  # a line left open by its writer: kept as it is, it may go on later
+                self.out.write(self.pending)
+                self.pending = ""
+            self.out.flush()
+        except OSError as e:
+            raise stdout_failed(e) from None
 
     def isatty(self) -> bool:
         return False
@@ -105,8 +131,11 @@ def stderr_console() -> Console:
 
 def write(text: str) -> None:
     """Write plain data to stdout, as is."""
-    sys.stdout.write(text)
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except OSError as e:
+        raise stdout_failed(e) from None
 
 
 def message(kind: str, text: str, style: str = "") -> None:
