@@ -4,8 +4,11 @@ traceback, nothing on stdout, nothing written."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -130,3 +133,42 @@ def test_an_index_whose_ninth_byte_is_a_brace_is_still_an_index(tmp_path: Path) 
     result = statecli("inspect", str(tmp_path / "x.index.json"), "-f", "json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["format"] == "sharded-torch-zip"
+
+
+# --- a file that exists but cannot be read (#13, item 2) ----------------------------------------------
+
+
+def _as_nobody(argv: list[str], cwd: str) -> subprocess.CompletedProcess[bytes] | None:
+    """``statecli argv`` run as user nobody (root can read every file); None where that cannot be done."""
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        return None
+    drop = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable]
+    env = checkout_env()
+    if subprocess.run([*drop, "-c", "import statecli"], env=env, cwd=cwd, capture_output=True).returncode:
+        return None  # the interpreter or the checkout is not readable by nobody here
+    return subprocess.run([*drop, "-m", "statecli", *argv], env=env, cwd=cwd, capture_output=True, timeout=60)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["table", "json", "junit", "github"])
+def test_a_file_that_cannot_be_read_is_exit_3_and_in_the_report(samples_dir: Path, fmt: str) -> None:
+    # Typer's own readable check answered exit 2 ("Invalid value for 'PATH...'") and dropped the report.
+    folder = tempfile.mkdtemp(prefix="statecli-perm-")
+    try:
+        os.chmod(folder, 0o755)
+        locked = os.path.join(folder, "locked.safetensors")
+        shutil.copy(samples_dir / "cnn_bn.safetensors", locked)
+        os.chmod(locked, 0)
+        proc = _as_nobody(["check", locked, "--no-policy", "-f", fmt], folder)
+        if proc is None:
+            pytest.skip("needs root and setpriv to run statecli as a user who cannot read the file")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    assert proc.returncode == 3
+    assert proc.stderr.decode() == f"statecli: error: {locked}: cannot read (Permission denied)\n"
+    out = proc.stdout.decode()
+    if fmt == "table":
+        assert out == ""
+    else:
+        assert "cannot read (Permission denied)" in out

@@ -361,7 +361,7 @@ def test_file_too_short(tmp_path: Path, size: int) -> None:
 
 
 def test_missing_file_and_directory(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match="cannot read file"):
+    with pytest.raises(InputError, match=r"cannot read \("):
         read_safetensors(str(tmp_path / "absent.safetensors"))
     with pytest.raises(InputError, match="is a directory, not a regular file"):
         read_safetensors(str(tmp_path))

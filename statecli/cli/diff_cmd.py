@@ -28,12 +28,20 @@ def diff_command(
     path_a: Annotated[
         Path,
         typer.Argument(
-            metavar="A", help=f"The first checkpoint (the reference for max rel): {_CHECKPOINT}.", show_default=False
+            metavar="A",
+            help=f"The first checkpoint (the reference for max rel): {_CHECKPOINT}.",
+            show_default=False,
+            readable=False,  # statecli says why it cannot read a file (exit 3, not Typer's 2)
         ),
     ],
     path_b: Annotated[
         Path,
-        typer.Argument(metavar="B", help=f"The second checkpoint, of any format: {_CHECKPOINT}.", show_default=False),
+        typer.Argument(
+            metavar="B",
+            help=f"The second checkpoint, of any format: {_CHECKPOINT}.",
+            show_default=False,
+            readable=False,  # statecli says why it cannot read a file (exit 3, not Typer's 2)
+        ),
     ],
     atol: Annotated[
         float,

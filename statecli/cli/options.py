@@ -67,6 +67,7 @@ PathArg = Annotated[
     Path,
     typer.Argument(
         metavar="PATH",
+        readable=False,  # statecli says why it cannot read a file, in every report (exit 3, not 2)
         help=f"The checkpoint: {_CHECKPOINT}",
         show_default=False,
     ),
@@ -75,6 +76,7 @@ PathsArg = Annotated[
     list[Path],
     typer.Argument(
         metavar="PATH...",
+        readable=False,  # statecli says why it cannot read a file, in every report (exit 3, not 2)
         help=f"One or more checkpoints, each {_CHECKPOINT}",
         show_default=False,
     ),

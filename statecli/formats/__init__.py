@@ -96,7 +96,7 @@ def _read_file(path: str, st: os.stat_result) -> RawCheckpoint:
         with open_regular(path) as f:
             head = f.read(512)
     except OSError as e:
-        raise InputError(f"cannot read file ({e.strerror or e})", path=path) from None
+        raise InputError(f"cannot read ({e.strerror or e})", path=path) from None
     try:
         return _read_kind(path, head, st)
     except InputError as e:

@@ -102,7 +102,7 @@ def _read_pickles(path: str) -> tuple[list[Any], int]:
             size = os.fstat(f.fileno()).st_size
             data = f.read(min(size, MAX_PICKLE_BYTES))
     except OSError as e:
-        raise InputError(f"cannot read file ({e.strerror or e})", path=path) from e
+        raise InputError(f"cannot read ({e.strerror or e})", path=path) from e
     verdict = _Verdict()
     try:
         return _read_five(data, path, size, verdict)
@@ -168,7 +168,7 @@ def _walk_data(
                 spans[key] = (pos + 8, nbytes)
                 pos += 8 + nbytes
     except OSError as e:
-        raise InputError(f"cannot read file ({e.strerror or e})", path=path) from e
+        raise InputError(f"cannot read ({e.strerror or e})", path=path) from e
     missing = sorted(set(storages.refs) - set(keys))
     if missing:
         raise InputError(f"storage {quote(missing[0])} is used by a tensor but has no data", path=path)

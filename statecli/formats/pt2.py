@@ -396,7 +396,7 @@ class _Reader:
                 if data[:4] == b"PK\x03\x04":
                     return self._nested_zip(io.BytesIO(data), 0, len(data), rel)
         except OSError as e:
-            raise InputError(f"cannot read file ({e.strerror or e})", path=self.path) from e
+            raise InputError(f"cannot read ({e.strerror or e})", path=self.path) from e
         return self._bare_pickle(data, rel)
 
     def _nested_zip(self, f: Any, start: int, size: int, rel: str) -> Any:

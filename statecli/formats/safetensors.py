@@ -109,7 +109,7 @@ def _read_header(path: str) -> tuple[bytes, int, int]:
                 )
             raw = f.read(n)
     except OSError as e:
-        raise InputError(f"cannot read file: {e.strerror or e}", path=path) from e
+        raise InputError(f"cannot read ({e.strerror or e})", path=path) from e
     if len(raw) != n:
         # The file shrank between stat and read.
         raise InputError(f"header is {len(raw)} bytes, expected {n}", path=path)

@@ -85,7 +85,7 @@ def read_central_directory(path: str) -> dict[str, Member]:
         with open_regular(path) as f:
             return read_directory_at(f, 0, os.fstat(f.fileno()).st_size, path)
     except OSError as e:
-        raise InputError(f"cannot read file ({e.strerror or e})", path=path) from e
+        raise InputError(f"cannot read ({e.strerror or e})", path=path) from e
 
 
 def read_directory_at(f: Any, base: int, size: int, path: str) -> dict[str, Member]:
@@ -296,7 +296,7 @@ def read_member(path: str, m: Member, cap: int) -> bytes:
         with open_regular(path) as f:
             return read_member_from(f, m, cap, path)
     except OSError as e:
-        raise InputError(f"cannot read file ({e.strerror or e})", path=path) from e
+        raise InputError(f"cannot read ({e.strerror or e})", path=path) from e
 
 
 def read_member_from(f: Any, m: Member, cap: int, path: str) -> bytes:

@@ -142,7 +142,7 @@ class Source:
             try:
                 f = open_regular(path, buffering=0)  # closed in __exit__
             except OSError as e:
-                raise InputError(f"cannot read file ({e.strerror or e})", path=path) from e
+                raise InputError(f"cannot read ({e.strerror or e})", path=path) from e
             self._files[path] = f
         return f
 
