@@ -5,6 +5,7 @@ from __future__ import annotations
 from statecli.api import check, convert, load, open_checkpoint
 from statecli.errors import (
     CheckFailedError,
+    DangerousPickleWarning,
     InputError,
     LimitExceededError,
     OutputError,
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckFailedError",
     "Container",
+    "DangerousPickleWarning",
     "Finding",
     "InputError",
     "LimitExceededError",

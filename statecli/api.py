@@ -133,6 +133,11 @@ def load(
         Tensor name to tensor, in the file's order; tensors that share a storage in the file share
         memory in the result.
 
+    Warns:
+        DangerousPickleWarning: The file's pickle names code that torch.load would run (statecli does
+            not run it; the weights are read from the file's bytes). Make it an error with
+            ``warnings.simplefilter("error", statecli.DangerousPickleWarning)``.
+
     Raises:
         CheckFailedError: Values would overflow the target dtype (exit code 1).
         UsageError: An option is invalid or the device is not available (exit code 2).

@@ -57,3 +57,9 @@ class UnsafeError(StatecliError):
     """Refused because doing it would be unsafe (exit 5)."""
 
     exit_code = 5
+
+
+class DangerousPickleWarning(UserWarning):
+    """:func:`statecli.load` read weights from a file whose pickle names code that ``torch.load`` would
+    run. statecli never runs it; the warning says what it is, as the CLI's stderr does, so a caller can
+    turn it into an error (``warnings.simplefilter("error", DangerousPickleWarning)``)."""

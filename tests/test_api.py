@@ -56,3 +56,19 @@ def test_every_conversion_keyword_is_a_convert_option(fn: object) -> None:
 
     names = set(inspect.signature(fn).parameters) - {"src", "dst", "path", "progress"}  # type: ignore[arg-type]
     assert names <= set(ConvertOptions.__dataclass_fields__)
+
+
+def test_load_warns_of_a_dangerous_global_and_runs_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # statecli.load returned the weights of a file with a payload silently; the CLI says it on stderr.
+    import warnings
+
+    samples = Path(__file__).resolve().parent.parent / "sample_models"
+    monkeypatch.chdir(tmp_path)  # where the payload would leave its marker
+    with pytest.warns(statecli.DangerousPickleWarning, match=r"posix\.system"):
+        sd = statecli.load(samples / "malicious_os_system.pt")
+    assert list(sd) == ["weight"] and not (tmp_path / "statecli_pwned_marker").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", statecli.DangerousPickleWarning)
+        with pytest.raises(statecli.DangerousPickleWarning):
+            statecli.load(samples / "malicious_os_system.pt")
+        statecli.load(samples / "cnn_bn_state_dict.pt")  # a benign file: no warning, so no error

@@ -7,13 +7,14 @@ import torch when called.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from statecli.conversion import execute as _execute  # the module: its function must not shadow it here
 from statecli.conversion.casting import CastStats
 from statecli.conversion.execute import ConversionReport, Progress, build_units, load_units
 from statecli.conversion.plan import ConvertOptions, Dropped, Plan, PlanItem, build_plan
-from statecli.errors import UsageError
+from statecli.errors import DangerousPickleWarning, UsageError
 from statecli.formats import read
 from statecli.sizes import parse_size
 from statecli.util import gc_paused
@@ -82,4 +83,7 @@ def load(path: str | os.PathLike[str], opts: ConvertOptions | None = None, **fie
     if opts is None:
         opts = options(output_format="torch", **fields)
     p = plan(path, "statecli.load.pt", opts)
+    for f in p.report.findings:
+        if f.level == "dangerous":  # never run, but a caller must not miss it, as the CLI's stderr says it
+            warnings.warn(f"{p.report.path}: {f.message} ({f.code})", DangerousPickleWarning, stacklevel=3)
     return load_units(p, build_units(p), opts.device or "cpu")
