@@ -61,6 +61,7 @@ def convert(
     output_format: str | None = None,
     force: bool = False,
     verify: bool = False,
+    untie: bool = False,
     progress: Progress | None = None,
 ) -> ConversionReport:
     """Convert ``src`` into ``dst`` the way ``nn.Module.to()`` would, as ``statecli convert`` does.
@@ -82,6 +83,8 @@ def convert(
         output_format: ``"safetensors"``, ``"torch"`` or ``"sharded"``; ``None`` decides from ``dst``.
         force: Replace an existing output.
         verify: Read the written values back and compare them with a fresh conversion of the input's.
+        untie: For safetensors output, write each name of a tied tensor as its own tensor (every loader
+            sees every name) instead of storing it once with the other names in statecli's metadata.
         progress: Called with (bytes done, tensors done) while writing.
 
     Returns:

@@ -16,6 +16,8 @@ import torch
 from clirun import run_cli
 from subproc import checkout_env
 
+import statecli
+
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 CNN = str(SAMPLES / "cnn_bn_state_dict.pt")
 
@@ -415,3 +417,36 @@ def test_a_key_that_is_the_empty_string_converts_as_itself(tmp_path: Path, suffi
         from safetensors.torch import load_file
 
         assert sorted(load_file(dst)) == ["", "w"]
+
+
+# --- ties in safetensors (#13, item 3) ------------------------------------------------------------------
+
+
+def test_a_tie_written_to_safetensors_is_named_on_stderr(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    out = tmp_path / "lm.safetensors"
+    code, _, err = run_cli("convert", str(SAMPLES / "tied_lm.pt"), "-o", str(out))
+    assert code == 0
+    assert "lm_head.weight shares memory with embed.weight and is stored once" in err
+    assert "statecli.load restores it" in err and "--untie" in err
+    assert "lm_head.weight" not in load_file(out)  # what the warning is about
+
+
+def test_untie_writes_every_name_for_every_loader(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    out = tmp_path / "lm.safetensors"
+    code, _, err = run_cli("convert", str(SAMPLES / "tied_lm.pt"), "-o", str(out), "--untie")
+    assert code == 0 and "tied-names" not in err and "shares memory" not in err
+    got = load_file(out)
+    want = torch.load(SAMPLES / "tied_lm.pt", weights_only=True)
+    assert sorted(got) == sorted(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert statecli.open_checkpoint(out).metadata.get("statecli", "").count("aliases") == 0
+
+
+def test_untie_is_refused_for_a_pt_output(tmp_path: Path) -> None:
+    code, _, err = run_cli("convert", str(SAMPLES / "tied_lm.pt"), "-o", str(tmp_path / "lm.pt"), "--untie")
+    assert code == 2 and "--untie is for safetensors output" in err
+    assert not (tmp_path / "lm.pt").exists()

@@ -133,6 +133,16 @@ def convert_command(
         ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+    untie: Annotated[
+        bool,
+        typer.Option(
+            "--untie",
+            help="safetensors output: write each name of a tied tensor (lm_head.weight = embed.weight) as its "
+            "own tensor, so every loader sees every name; without it a tie is stored once and named in "
+            "statecli's metadata.",
+            rich_help_panel=SELECTION,
+        ),
+    ] = False,
     verify: Annotated[
         bool,
         typer.Option(
@@ -191,6 +201,7 @@ def convert_command(
         "max_shard_size": max_shard_size,
         "force": force,
         "verify": verify,
+        "untie": untie,
     }
     plan = conv.plan(path, output, **options)
     console.warn_dangerous(plan.report)  # nothing of it runs, and the output holds only tensors

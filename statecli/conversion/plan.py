@@ -54,6 +54,7 @@ class ConvertOptions:
     output_format: str | None = None  # "safetensors" | "torch" | "sharded"; None: from the output path
     force: bool = False
     verify: bool = False
+    untie: bool = False  # safetensors: write each tied name as its own tensor, not as an alias
 
 
 @dataclass(slots=True)
@@ -386,7 +387,12 @@ def build_plan(report: Report, output: str, options: ConvertOptions) -> Plan:
         dst_device = (device or t.device or "cpu") if fmt == "torch" else None  # safetensors stores none
         items.append(PlanItem(out, t, role, exact, evidence, t.dtype, dst, action, reason, dst_device, unit))
 
-    _tie_units(items)
+    if options.untie and fmt == "torch":
+        raise UsageError("--untie is for safetensors output: a .pt keeps a tie as one storage, as torch.save does")
+    _tie_units(items, untie=options.untie)
+    tied = [i for i in items if i.alias_of is not None]
+    if tied and fmt != "torch":
+        notes.append(Finding("warning", "tied-names", _tied_note(tied)))
     if fmt != "torch":
         unstorable = sorted({i.dst_dtype for i in items if i.dst_dtype not in dtypes.SAFETENSORS_CODES})
         if unstorable:
@@ -529,8 +535,27 @@ def _left_out(names: list[str], reason: str) -> str:
     return f"{count(n, 'tensor')} left out{shown}: {reason}"
 
 
-def _tie_units(items: list[PlanItem]) -> None:
-    """Tensors sharing memory are converted once, together: if one changes dtype, all do."""
+def _tied_note(tied: list[PlanItem]) -> str:
+    """What a safetensors output does with tied names, and how a user gets them back."""
+    loaders = "safetensors.torch.load_file and a strict load_state_dict will not see"
+    if len(tied) == 1:
+        (t,) = tied
+        return (
+            f"{t.name} shares memory with {t.alias_of} and is stored once, as statecli metadata: {loaders} it. "
+            "statecli.load restores it, as does the model's tie_weights() after a non-strict load; --untie "
+            "writes it as its own tensor"
+        )
+    shown = f" ({', '.join(t.name for t in tied)})" if len(tied) <= MAX_NAMED_LEFT_OUT else ""
+    return (
+        f"{len(tied):,} tensors{shown} share memory with others and are stored once, as statecli metadata: "
+        f"{loaders} them. statecli.load restores them, as does the model's tie_weights() after a non-strict "
+        "load; --untie writes each as its own tensor"
+    )
+
+
+def _tie_units(items: list[PlanItem], untie: bool = False) -> None:
+    """Tensors sharing memory are converted once, together: if one changes dtype, all do. A second name
+    for the same view becomes an alias of the first, unless ``untie`` asks for every name to be written."""
     by_unit: dict[str, list[PlanItem]] = {}
     for i in items:
         by_unit.setdefault(i.unit, []).append(i)
@@ -545,7 +570,7 @@ def _tie_units(items: list[PlanItem]) -> None:
                 m.reason = f"{m.src_dtype} → {m.dst_dtype} (shares memory with {leader.name})"
             view = (m.source.storage_offset, m.source.shape, m.source.stride, m.src_dtype)
             first = seen_views.get(view)
-            if first is not None:
+            if first is not None and not untie:
                 m.alias_of = first
             else:
                 seen_views[view] = m.name
