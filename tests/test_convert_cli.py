@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -450,3 +451,20 @@ def test_untie_is_refused_for_a_pt_output(tmp_path: Path) -> None:
     code, _, err = run_cli("convert", str(SAMPLES / "tied_lm.pt"), "-o", str(tmp_path / "lm.pt"), "--untie")
     assert code == 2 and "--untie is for safetensors output" in err
     assert not (tmp_path / "lm.pt").exists()
+
+
+@pytest.mark.slow
+def test_the_closing_line_times_the_conversion_and_says_the_torch_import_apart(tmp_path: Path) -> None:
+    # The closing line timed torch's import too, and read as the time the write took.
+    out = tmp_path / "a.safetensors"
+    proc = subprocess.run(
+        [sys.executable, "-m", "statecli", "convert", CNN, "-o", str(out), "--dtype", "bf16"],
+        env=checkout_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        rf"wrote {re.escape(str(out))}: 16 tensors \(14 cast to bfloat16\), 3\.3 KiB in \d+\.\d s "
+        r"\(torch import \d+\.\d s\); names, shapes, dtypes and roles checked",
+        line,
+    ), line

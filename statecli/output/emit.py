@@ -175,15 +175,19 @@ def plan(plan: Plan, fmt: str, quiet: bool) -> None:
         _closing(f"would write {plan.output}: {len(plan.items)} tensors{_casts(plan)}; nothing written (dry run)")
 
 
-def conversion(plan: Plan, result: ConversionReport, elapsed: float, fmt: str, quiet: bool) -> None:
-    """A conversion done: its findings, then the report (json) or the closing line."""
+def conversion(
+    plan: Plan, result: ConversionReport, elapsed: float, fmt: str, quiet: bool, torch_import: float = 0.0
+) -> None:
+    """A conversion done: its findings, then the report (json) or the closing line. ``elapsed`` is the
+    conversion's own time; ``torch_import``, spent before it, is said beside it when it counts."""
     notes([*result.findings, *plan.notes])
     if fmt == "json":
         console.write(formats.to_json(result.to_dict()))
     elif not quiet:
         checked = "values verified" if result.values_verified else "names, shapes, dtypes and roles checked"
         where = result.files[0] if len(result.files) == 1 else f"{plan.output} ({len(result.files)} files)"
+        importing = f" (torch import {torch_import:.1f} s)" if torch_import >= 0.05 else ""
         _closing(
             f"wrote {where}: {len(plan.items)} tensors{_casts(plan)}, {human_bytes(result.bytes_written)} "
-            f"in {elapsed:.1f} s; {checked}"
+            f"in {elapsed:.1f} s{importing}; {checked}"
         )

@@ -82,8 +82,8 @@ def _digest(data: bytes) -> str:
 
 
 def _steady(text: str) -> str:
-    """The text without what changes from run to run: convert's elapsed seconds."""
-    return re.sub(r"\bin \d+(\.\d+)? s\b", "in N s", text)
+    """The text without what changes from run to run: convert's elapsed seconds (and torch's import)."""
+    return re.sub(r"\b(in|import) \d+(\.\d+)? s\b", r"\1 N s", text)
 
 
 def run_case(argv: list[str], scratch: Path) -> tuple[dict[str, object], str]:
