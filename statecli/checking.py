@@ -165,7 +165,7 @@ def canonical_dtypes(where: str, names: tuple[str, ...]) -> tuple[str, ...]:
     for n in names:
         c = dtypes.canonical(n)
         if c is None:
-            raise _bad(where, f"unknown dtype {n!r} (try float32, bf16, fp16, int64, bool)")
+            raise _bad(where, dtypes.unknown(n))
         out.append(c)
     return tuple(out)
 

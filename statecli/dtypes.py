@@ -179,3 +179,10 @@ def torch_dtype(name: str) -> torch.dtype:
     import torch  # here, not at the top: inspect and friends must not pay for importing torch
 
     return getattr(torch, name)
+
+
+def unknown(name: str) -> str:
+    """The one way statecli says it does not know a dtype a user typed, whichever command was given it."""
+    return (
+        f"unknown dtype {name!r} (try float32/fp32, bfloat16/bf16, float16/fp16, float64, float8_e4m3fn, int64, bool)"
+    )

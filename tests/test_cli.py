@@ -350,11 +350,48 @@ def test_usage_errors_are_one_line_on_stderr_exit_2(args: list[str], text: str) 
     assert result.stderr.count("\n") == 1
 
 
-def test_bare_statecli_shows_the_help() -> None:
+def test_bare_statecli_shows_the_help_where_errors_go() -> None:
+    # A bare `statecli` is a usage error (exit 2): its help goes to stderr and stdout stays empty, so
+    # `statecli > out.json` with a forgotten command does not write the help into a data file.
     result = run_cli()
     assert result.exit_code == 2
-    assert "Usage: statecli" in result.stdout and "inspect" in result.stdout
-    assert result.stderr == ""
+    assert "Usage: statecli" in result.stderr and "inspect" in result.stderr
+    assert result.stdout == ""
+
+
+def test_stdin_is_not_read_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.undo()  # the real reader says it
+    result = run_cli("inspect", "-")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr == (
+        "statecli: error: '-' (standard input) is not supported: checkpoints are read by random access; give a path\n"
+    )
+
+
+def test_debug_after_the_command_says_where_it_goes() -> None:
+    result = run_cli("inspect", "sample_models/cnn_bn.safetensors", "--debug")
+    assert result.exit_code == 2
+    assert result.stderr == "statecli: error: --debug goes before the command: statecli --debug inspect ...\n"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["inspect", "sample_models/cnn_bn.safetensors", "--dtype", "foo"],
+        ["convert", "sample_models/cnn_bn.safetensors", "-o", "never.pt", "--dtype", "foo"],
+        ["check", "sample_models/cnn_bn.safetensors", "--no-policy", "--dtype", "foo"],
+    ],
+    ids=lambda a: a[0],
+)
+def test_one_wording_for_an_unknown_dtype(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    result = run_cli(*argv)
+    assert result.exit_code == 2
+    assert (
+        "unknown dtype 'foo' (try float32/fp32, bfloat16/bf16, float16/fp16, float64, float8_e4m3fn, int64, bool)"
+        in (result.stderr)
+    )
+    assert not Path("never.pt").exists()
 
 
 def test_version() -> None:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sys
@@ -19,7 +20,7 @@ import traceback
 from typing import Any
 
 import typer
-from typer._click.exceptions import ClickException, NoArgsIsHelpError
+from typer._click.exceptions import ClickException, NoArgsIsHelpError, NoSuchOption
 from typer.core import TyperGroup
 
 from statecli.errors import InputError, OutputError, StatecliError
@@ -96,6 +97,10 @@ def _writing_help(exc: BaseException) -> bool:
 def report_usage(exc: ClickException) -> int:
     """A command-line parsing error as one stderr line, like every other error; return its exit code."""
     ctx = getattr(exc, "ctx", None)
+    if isinstance(exc, NoSuchOption) and exc.option_name == "--debug" and ctx is not None:
+        # --debug is the app's option, before the command; after it, say where it goes rather than "no such".
+        console.error(f"--debug goes before the command: statecli --debug {ctx.info_name} ...")
+        return exc.exit_code
     where = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
     console.error(exc.format_message().rstrip(".") + where)
     return exc.exit_code
@@ -109,6 +114,12 @@ class StatecliGroup(TyperGroup):
         # one line each, whatever found them. Everything else keeps Typer's standalone handling.
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
+        argv = args[0] if args else kwargs.get("args")
+        if not (sys.argv[1:] if argv is None else argv):
+            # A bare ``statecli`` is a usage error: its help goes where errors go, stdout stays empty.
+            with contextlib.redirect_stdout(sys.stderr):
+                super().main(["--help"], standalone_mode=False, **{k: v for k, v in kwargs.items() if k != "args"})
+            sys.exit(2)
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
         except NoArgsIsHelpError as exc:

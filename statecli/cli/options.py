@@ -50,7 +50,7 @@ def _canonical_dtypes(values: list[str] | None) -> list[str] | None:
     for value in values:
         name = dtypes.canonical(value)
         if name is None:
-            raise typer.BadParameter(f"unknown dtype {value!r} (try float32, bfloat16/bf16, float16/fp16, int64, bool)")
+            raise typer.BadParameter(dtypes.unknown(value))
         out.append(name)
     return out
 

@@ -146,7 +146,7 @@ def target_dtype(name: str | None) -> str | None:
         return None
     canon = dtypes.canonical(name)
     if canon is None:
-        raise UsageError(f"unknown dtype {name!r} (try bf16, fp16, fp32, fp64, float8_e4m3fn, float8_e5m2)")
+        raise UsageError(dtypes.unknown(name))
     kind = dtypes.DTYPES[canon].kind
     if kind != "float" or canon == "float4_e2m1fn_x2" or canon == "float8_e8m0fnu":
         raise UsageError(

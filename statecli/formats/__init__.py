@@ -7,7 +7,7 @@ import stat
 import traceback
 from collections.abc import Iterable
 
-from statecli.errors import InputError, LimitExceededError, UnsupportedFormatError
+from statecli.errors import InputError, LimitExceededError, UnsupportedFormatError, UsageError
 from statecli.files import not_regular, open_regular
 from statecli.formats.base import check_names
 from statecli.records import RawCheckpoint, Report
@@ -45,6 +45,9 @@ def read_raw(path: str) -> RawCheckpoint:
 
 
 def _read_raw(path: str) -> RawCheckpoint:
+    if path == "-" and not os.path.lexists(path):
+        # A checkpoint is read by random access (a zip's directory sits at its end): a pipe cannot give that.
+        raise UsageError("'-' (standard input) is not supported: checkpoints are read by random access; give a path")
     try:
         st = os.stat(path)
     except FileNotFoundError:
