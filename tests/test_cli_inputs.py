@@ -172,3 +172,35 @@ def test_a_file_that_cannot_be_read_is_exit_3_and_in_the_report(samples_dir: Pat
         assert out == ""
     else:
         assert "cannot read (Permission denied)" in out
+
+
+# --- shell completion (#13, item 4) -----------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("words", "expected"),
+    [
+        ("statecli inspect x.pt --dtype bf", ["bfloat16", "bf16"]),
+        ("statecli convert a.pt -o b.pt --dtype fp", ["fp16", "fp32", "fp64"]),
+        ("statecli check a.pt --dtype int6", ["int64"]),
+        ("statecli inspect x.pt --format ", ["table", "json", "csv", "markdown"]),
+        ("statecli stats x.pt --role p", ["parameter"]),
+    ],
+)
+def test_completion_offers_the_choices(words: str, expected: list[str]) -> None:
+    env = checkout_env(_STATECLI_COMPLETE="complete_bash", COMP_WORDS=words, COMP_CWORD=str(len(words.split(" ")) - 1))
+    proc = subprocess.run([sys.executable, "-m", "statecli"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.split() == expected
+
+
+@pytest.mark.slow
+def test_completion_installs_and_falls_back_to_file_names_for_paths() -> None:
+    env = checkout_env(_STATECLI_COMPLETE="source_bash")
+    proc = subprocess.run([sys.executable, "-m", "statecli"], env=env, capture_output=True, text=True, timeout=60)
+    # A PATH argument offers no words of its own: `-o default` lets bash complete file names there.
+    assert "complete -o default -F _statecli_completion statecli" in proc.stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "statecli", "--help"], env=checkout_env(), capture_output=True, text=True, timeout=60
+    ).stdout
+    assert "--install-completion" in help_text and "--show-completion" in help_text

@@ -115,7 +115,8 @@ class StatecliGroup(TyperGroup):
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
         argv = args[0] if args else kwargs.get("args")
-        if not (sys.argv[1:] if argv is None else argv):
+        completing = "_STATECLI_COMPLETE" in os.environ  # the shell asks for completions with no arguments
+        if not (sys.argv[1:] if argv is None else argv) and not completing:
             # A bare ``statecli`` is a usage error: its help goes where errors go, stdout stays empty.
             with contextlib.redirect_stdout(sys.stderr):
                 super().main(["--help"], standalone_mode=False, **{k: v for k, v in kwargs.items() if k != "args"})

@@ -10,7 +10,7 @@ import typer
 
 from statecli.api import open_checkpoint
 from statecli.cli._errors import report_error
-from statecli.cli.options import MatchOpt, ModelOpt, PathsArg, RoleOpt
+from statecli.cli.options import MatchOpt, ModelOpt, PathsArg, RoleOpt, complete_dtype
 from statecli.errors import StatecliError
 from statecli.output import console, emit
 
@@ -42,6 +42,7 @@ def check_command(
             metavar="NAME",
             help="Allowed dtype of the floating tensors; repeatable. Integer, bool and quantized tensors are held "
             "to the list only when it names one of their kind (--dtype bf16 --dtype int64).",
+            autocompletion=complete_dtype,
             rich_help_panel=RULES,
         ),
     ] = None,

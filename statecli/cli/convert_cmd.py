@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from statecli.cli.options import PathArg
+from statecli.cli.options import PathArg, complete_dtype
 from statecli.output import console, emit
 
 SELECTION = "Selection and names"
@@ -41,6 +41,7 @@ def convert_command(
             metavar="NAME",
             help="Cast floating tensors to this dtype (bf16, fp16, fp32, fp64, float8_e4m3fn, float8_e5m2). "
             "Integer and bool tensors never change; complex ones go to the complex dtype of the same width.",
+            autocompletion=complete_dtype,
             rich_help_panel=DTYPE,
             show_default=False,
         ),

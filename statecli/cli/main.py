@@ -24,7 +24,7 @@ app = typer.Typer(
     epilog="Exit codes: 0 ok · 1 a check or diff found a problem · 2 usage error · 3 input unreadable, "
     "corrupt or unsupported · 4 output not written · 5 refused as unsafe.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
     context_settings={"help_option_names": ["-h", "--help"]},

@@ -42,6 +42,12 @@ class SortKey(str, Enum):
     dtype = "dtype"
 
 
+def complete_dtype(incomplete: str) -> list[str]:
+    """Shell completion for ``--dtype``: the dtype names and the short spellings users type."""
+    names = [*dtypes.DTYPES, "bf16", "fp16", "fp32", "fp64"]
+    return [n for n in names if n.startswith(incomplete)]
+
+
 def _canonical_dtypes(values: list[str] | None) -> list[str] | None:
     """``--dtype`` accepts the spellings users type (``bf16``, ``torch.float32``, ``half``)."""
     if not values:
@@ -113,6 +119,7 @@ DtypeOpt = Annotated[
         help="Only tensors of this dtype: torch names or usual spellings (float32, bf16, fp16, int64); "
         "repeat to keep several.",
         callback=_canonical_dtypes,
+        autocompletion=complete_dtype,
         rich_help_panel=FILTERS,
         show_default=False,
     ),
