@@ -226,12 +226,14 @@ def diff(
     normalize_prefixes: bool = False,
     roles: Iterable[str] | None = None,
     match: Iterable[str] | None = None,
+    dtypes: Iterable[str] | None = None,
 ) -> DiffReport:
     """Compare two checkpoints (paths of any format statecli reads, or reports already opened).
 
     ``normalize_prefixes`` strips a wrapper prefix (``module.``, ``_orig_mod.``, ``model.``) from a
     side's model tensors when every one of them has it, as deep as makes the most names match.
-    ``roles`` and ``match`` (shell globs on the compared names) keep only some tensors, on both sides.
+    ``roles``, ``match`` (shell globs on the compared names) and ``dtypes`` (canonical names) keep only some
+    tensors, on each side by its own role and dtype.
     Raises :class:`~statecli.errors.UsageError` for a negative or non-finite tolerance, and a
     :class:`~statecli.errors.StatecliError` for a file or bytes that cannot be read.
     """
@@ -256,6 +258,7 @@ def diff(
     rename_b = _renamer(b.tensors, prefix_b)
     role_set = set(roles) if roles else None
     globs = list(match) if match else None
+    dtype_set = set(dtypes) if dtypes else None
 
     def kept(tensors: tuple[TensorInfo, ...], rename: dict[str, str]) -> dict[str, TensorInfo]:
         return {
@@ -263,12 +266,13 @@ def diff(
             for t in tensors
             if (role_set is None or t.role in role_set)
             and (globs is None or any(fnmatchcase(rename[t.name], g) for g in globs))
+            and (dtype_set is None or t.dtype in dtype_set)
         }
 
     side_a = kept(a.tensors, rename_a)
     side_b = kept(b.tensors, rename_b)
     if not side_a and not side_b:
-        notes.append(Finding("warning", "nothing-compared", _nothing_compared(a, b, role_set, globs)))
+        notes.append(Finding("warning", "nothing-compared", _nothing_compared(a, b, role_set, globs, dtype_set)))
     common = [n for n in side_a if n in side_b]
     diffs = {n: _metadata_diff(n, side_a[n], side_b[n], rename_a, rename_b) for n in common}
     _compare_values(a, b, side_a, side_b, diffs, atol, rtol)
@@ -305,9 +309,12 @@ def diff(
     )
 
 
-def _nothing_compared(a: Report, b: Report, roles: set[str] | None, globs: list[str] | None) -> str:
+def _nothing_compared(
+    a: Report, b: Report, roles: set[str] | None, globs: list[str] | None, dtypes: set[str] | None = None
+) -> str:
     """Why the diff has nothing to compare, naming the filters the way they are typed."""
     filters = [f"--role {r}" for r in sorted(roles or ())] + [f"--match {g!r}" for g in globs or ()]
+    filters += [f"--dtype {d}" for d in sorted(dtypes or ())]
     if not filters:
         return "neither A nor B holds a tensor: nothing was compared"
     return (

@@ -474,3 +474,24 @@ def test_a_real_process_maps_errors_and_imports_neither_torch_nor_numpy(samples_
     )
     assert bad.returncode == 3
     assert bad.stderr.startswith("statecli: error: /nonexistent/x.pt: ") and bad.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", ["inspect", "tree", "stats", "diff"])
+def test_dtype_filters_the_same_way_in_every_listing_command(command: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # --dtype keeps only tensors of a dtype in inspect and tree; stats and diff had no such filter.
+    monkeypatch.undo()  # real files
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    sample = "sample_models/cnn_bn_state_dict.pt"
+    argv = [command, sample, *([sample] if command == "diff" else []), "--dtype", "int64", "-f", "json"]
+    result = run_cli(*argv)
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    if command == "tree":
+        text = json.dumps(doc)
+        assert "num_batches_tracked" in text and "running_mean" not in text
+        return
+    if command == "diff":
+        names = {r if isinstance(r, str) else r["name"] for r in doc["identical"]}
+    else:
+        names = {r["name"] for r in doc["tensors"] if r["name"] != "(total)"}
+    assert names == {"bn1.num_batches_tracked", "bn2.num_batches_tracked"}

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 import statecli
-from statecli.cli.options import OUTPUT, MatchOpt, RoleOpt
+from statecli.cli.options import OUTPUT, DtypeOpt, MatchOpt, RoleOpt
 from statecli.output import console, emit
 
 COMPARISON = "Comparison"
@@ -76,6 +76,7 @@ def diff_command(
     ] = False,
     role: RoleOpt = None,
     match: MatchOpt = None,
+    dtype: DtypeOpt = None,
     show_all: Annotated[
         bool,
         typer.Option(
@@ -127,6 +128,7 @@ def diff_command(
         normalize_prefixes=normalize_prefixes,
         roles=[r.value for r in role] if role else None,
         match=match,
+        dtypes=dtype,
     )
     emit.diff(result, fmt.value, show_all)
     if not result.same:

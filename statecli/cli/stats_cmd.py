@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from statecli.cli._common import open_selected
-from statecli.cli.options import MatchOpt, PathArg, RoleOpt
+from statecli.cli.options import DtypeOpt, MatchOpt, PathArg, RoleOpt
 from statecli.output import console, emit
 
 
@@ -23,6 +23,7 @@ def stats_command(
     path: PathArg,
     role: RoleOpt = None,
     match: MatchOpt = None,
+    dtype: DtypeOpt = None,
     fmt: Annotated[
         StatsFormat,
         typer.Option(
@@ -55,7 +56,7 @@ def stats_command(
     """
     from statecli.stats import compute  # reads values with torch: loaded by stats alone
 
-    report = open_selected(path, role, match, None)
+    report = open_selected(path, role, match, dtype)
     bar = console.progress_bar("reading", sum(t.nbytes for t in report.tensors), len(report.tensors))
     try:
         result = compute(report, None, bins if histogram else 0, bar.update if bar else None)
