@@ -96,7 +96,8 @@ def convert(
         UsageError: An option is invalid (exit code 2).
         InputError: The input cannot be read (exit code 3).
         OutputError: The output cannot be written, or does not read back as planned (exit code 4).
-        UnsafeError: The input names code that torch.load would run (exit code 5).
+        UnsafeError: The input's pickle fails after naming code torch.load would have run first (exit code 5);
+            a file that only names such code is converted all the same (nothing of it runs).
     """
     # Every keyword but progress is a ConvertOptions field of the same name (test_api checks it).
     fields = {k: v for k, v in locals().items() if k not in ("src", "dst", "progress")}
@@ -145,7 +146,8 @@ def load(
         CheckFailedError: Values would overflow the target dtype (exit code 1).
         UsageError: An option is invalid or the device is not available (exit code 2).
         InputError: The checkpoint cannot be read (exit code 3).
-        UnsafeError: The checkpoint names code that torch.load would run (exit code 5).
+        UnsafeError: The checkpoint's pickle fails after naming code torch.load would have run first (exit
+            code 5).
     """
     fields = {k: v for k, v in locals().items() if k != "path"}
     from statecli import conversion  # here, not at the top: reading a checkpoint needs none of it

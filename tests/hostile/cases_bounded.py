@@ -20,6 +20,7 @@ from make_hostile import (
     case,
     error,
     finding,
+    obj,
     ok,
     safetensors_file,
     torch_zip,
@@ -61,19 +62,6 @@ def deep(a: Asm, depth: int = 5_000) -> Asm:
 
 _MD = "torch.distributed.checkpoint.metadata"
 _FS = "torch.distributed.checkpoint.filesystem"
-
-
-def obj(module: str, name: str, *fields: tuple[str, Write]) -> Write:
-    """A dataclass as pickle writes it: ``cls.__new__(cls)`` (NEWOBJ) and BUILD with its field dict."""
-
-    def write(a: Asm) -> None:
-        a.global_(module, name).op("EMPTY_TUPLE").op("NEWOBJ").op("EMPTY_DICT").op("MARK")
-        for k, w in fields:
-            a.str_(k)
-            w(a)
-        a.op("SETITEMS").op("BUILD")
-
-    return write
 
 
 def size(*dims: int) -> Write:

@@ -14,7 +14,7 @@ import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from make_hostile import Asm, case, error, ok, torch_zip
+from make_hostile import Asm, case, error, obj, ok, torch_zip
 
 MD = "torch.distributed.checkpoint.metadata"
 FS = "torch.distributed.checkpoint.filesystem"
@@ -30,16 +30,8 @@ def _size(dims: Sequence[int]) -> Writer:
 
 
 def _obj(module: str, name: str, fields: Sequence[tuple[str, Writer]]) -> Writer:
-    """A dataclass as pickle writes it: ``cls.__new__(cls)`` then BUILD with its field dict."""
-
-    def write(a: Asm) -> None:
-        a.global_(module, name).op("EMPTY_TUPLE").op("NEWOBJ").op("EMPTY_DICT").op("MARK")
-        for key, value in fields:
-            a.str_(key)
-            value(a)
-        a.op("SETITEMS").op("BUILD")
-
-    return write
+    """A dataclass as pickle writes it (see make_hostile.obj), its fields given as one list."""
+    return obj(module, name, *fields)
 
 
 def _properties(dtype: str) -> Writer:

@@ -14,13 +14,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from make_hostile import MARKER, PAYLOAD, Asm, Expected, case, exploit, torch_zip, with_payload
+from make_hostile import MARKER, PAYLOAD, Asm, Expected, _touch, case, exploit, torch_zip, with_payload
 
 SHELL_PY = f"import os; os.system({PAYLOAD!r})"
-
-
-def _touch(a: Asm) -> Asm:
-    return a.str_(PAYLOAD)
 
 
 @case("torch_collect_env_run", "verdict", exploit("dangerous-global", "torch.utils.collect_env.run"))

@@ -263,6 +263,19 @@ def case(name: str, group: str, expected: Expected) -> Callable[[Builder], Build
     return register
 
 
+def obj(module: str, name: str, *fields: tuple[str, Callable[[Asm], object]]) -> Callable[[Asm], object]:
+    """A dataclass as pickle writes it: ``cls.__new__(cls)`` (NEWOBJ) and BUILD with its field dict."""
+
+    def write(a: Asm) -> None:
+        a.global_(module, name).op("EMPTY_TUPLE").op("NEWOBJ").op("EMPTY_DICT").op("MARK")
+        for k, w in fields:
+            a.str_(k)
+            w(a)
+        a.op("SETITEMS").op("BUILD")
+
+    return write
+
+
 def _touch(a: Asm) -> Asm:
     return a.str_(PAYLOAD)
 
