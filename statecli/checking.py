@@ -477,10 +477,10 @@ _FAMILIES = {"float": "floating", "complex": "complex", "int": "integer", "uint"
              "quant": "quantized", "bits": "bits"}  # fmt: skip
 
 
-def _family(dtype: str) -> str:
-    """A dtype's family; a dtype statecli does not know is its own, so a rule always holds it to its list."""
+def _family(dtype: str) -> str | None:
+    """A dtype's family; None for a dtype statecli does not know, which every dtype rule holds to its list."""
     d = dtypes.DTYPES.get(dtype)
-    return _FAMILIES[d.kind] if d is not None else f"unknown {dtype}"
+    return _FAMILIES[d.kind] if d is not None else None
 
 
 # Rules a scoped set takes over, for the tensors it covers, from a set over all tensors: a policy's
@@ -503,11 +503,10 @@ def _replaced(rs: RuleSet, sets: list[RuleSet], scoped: list[TensorInfo]) -> dic
 
 
 def _apply(
-    rs: RuleSet, scoped: list[TensorInfo], stats: dict[str, Any], replaced: dict[str, set[str]] | None = None
+    rs: RuleSet, scoped: list[TensorInfo], stats: dict[str, Any], replaced: dict[str, set[str]]
 ) -> list[RuleResult]:
     out: list[RuleResult] = []
     n = len(scoped)
-    replaced = replaced or {}
 
     def own(rule: str) -> list[TensorInfo]:
         """The tensors in scope that no scoped set holds to its own ``rule``."""
@@ -515,9 +514,9 @@ def _apply(
         return [t for t in scoped if t.name not in names] if names else scoped
 
     if rs.dtype:
-        families = {_family(d) for d in rs.dtype}
-        held = [t for t in own("dtype") if _family(t.dtype) in families or _family(t.dtype).startswith("unknown")]
-        kinds = ", ".join(sorted(f for f in families if not f.startswith("unknown")))
+        families = {_family(d) for d in rs.dtype}  # the rule's dtypes are canonical: all known
+        held = [t for t in own("dtype") if (f := _family(t.dtype)) is None or f in families]
+        kinds = ", ".join(sorted(f for f in families if f is not None))
         r = RuleResult("dtype", rs.scope, f"dtype in {', '.join(rs.dtype)} ({kinds} tensors)", len(held))
         for t in held:
             if t.dtype not in rs.dtype:
