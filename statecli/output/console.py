@@ -67,6 +67,7 @@ def stdout_to_devnull() -> None:
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)  # fd 1 holds it now
     except (OSError, ValueError):  # no file descriptor (a test runner's stream)
         pass
 
