@@ -21,6 +21,7 @@ import copy
 import os
 import pickle
 import pickletools
+import shutil
 import warnings
 import zipfile
 from collections import OrderedDict
@@ -32,7 +33,10 @@ from typing import Any
 import graph_fixtures
 import pytest
 import torch
+from clirun import run_cli
 from torch import nn
+
+import statecli
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 MALICIOUS = SAMPLES / "malicious_os_system.pt"
@@ -600,3 +604,160 @@ def test_comparator_rejects_a_module_attribute_change(tmp_path: Path) -> None:
     actual.train()
     with pytest.raises(AssertionError, match="training"):
         assert_graph_equal(actual, expected)
+
+
+# ----------------------------------------------------------------------------------------------- the oracle
+
+
+@pytest.mark.parametrize("opt", list(OPTIONS))
+@pytest.mark.parametrize("case", CASES)
+def test_pt_to_pt_converts_the_whole_graph(tmp_path: Path, case: str, opt: str) -> None:
+    opts = OPTIONS[opt]
+    src = make_source(tmp_path, case, opts)
+    out = tmp_path / f"out{src.suffix}"
+    code, stdout, err = run_cli("convert", src, "-o", out, *opts.args)
+    assert code == 0, err
+    assert stdout == ""
+    assert "left out" not in err, err  # .pt → .pt: nothing is left out
+
+    expected = expected_of(src, opts)
+    actual = load_trusted(out, weights_only=False)  # no map_location: the locations say where to load
+    assert_graph_equal(actual, expected)
+
+    if weights_only_loads(src, map_location=opts.device):
+        assert_graph_equal(load_trusted(out, weights_only=True), actual)
+
+    # statecli re-emits the source's pickle: the same classes and functions, only storages change.
+    assert graph_globals(out) == graph_globals(src)
+    if opts.device is not None:
+        assert not {s for s in pickle_strings(out) if s.startswith("cuda")}, "a cuda location is left"
+
+    code, _, err = run_cli("inspect", out, "--format", "json")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    ("case", "kwargs"),
+    [
+        ("training", {"dtype": "bf16", "keep_optimizer_dtype": True}),
+        ("lightning", {"dtype": "fp16", "keep_buffers": True}),
+        ("module", {"dtype": "bf16", "device": "cpu"}),
+        ("tied_training", {"dtype": "fp16"}),
+    ],
+)
+def test_python_api_converts_the_whole_graph(tmp_path: Path, case: str, kwargs: dict[str, Any]) -> None:
+    opts = Options(
+        dtype=kwargs.get("dtype"),
+        device=kwargs.get("device"),
+        keep_buffers=kwargs.get("keep_buffers", False),
+        keep_optimizer_dtype=kwargs.get("keep_optimizer_dtype", False),
+    )
+    src = make_source(tmp_path, case, opts)
+    out = tmp_path / f"out{src.suffix}"
+    statecli.convert(src, out, **kwargs)
+    assert_graph_equal(load_trusted(out, weights_only=False), expected_of(src, opts))
+
+
+def test_complex_follows_the_width_of_the_target(tmp_path: Path) -> None:
+    # Complex tensors inside a training dict go to the complex dtype of the target's width.
+    torch.manual_seed(61)
+    obj = {"model": {"w": torch.randn(3), "z": torch.randn(2, dtype=torch.complex64)}, "epoch": 1}
+    src = graph_fixtures.save(obj, tmp_path / "c.pt")
+    out = tmp_path / "o.pt"
+    code, _, err = run_cli("convert", src, "-o", out, "--dtype", "fp16")
+    assert code == 0, err
+    opts = Options(dtype="fp16")
+    expected = expected_of(src, opts)
+    assert expected["model"]["z"].dtype == torch.complex32
+    assert_graph_equal(load_trusted(out, weights_only=False), expected)
+
+
+# ----------------------------------------------------------------------------------------------- dangerous sources
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty folder that is also the current directory: where the payload's marker would appear."""
+    folder = tmp_path / "work"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    return folder
+
+
+@pytest.mark.parametrize("extra", [(), ("--dtype", "bf16"), ("--device", "cpu")])
+def test_a_dangerous_source_is_refused(workdir: Path, extra: tuple[str, ...]) -> None:
+    code, out, err = run_cli("convert", MALICIOUS, "-o", workdir / "m.pt", *extra)
+    assert code == 5, err
+    assert out == ""
+    assert "system" in err  # says what the pickle would call
+    assert listing(workdir) == []  # no output, no temporary file, no marker
+    assert not (SAMPLES / MARKER).exists()
+
+
+def test_a_dangerous_source_is_refused_by_the_python_api(workdir: Path) -> None:
+    with pytest.raises(statecli.UnsafeError):
+        statecli.convert(MALICIOUS, workdir / "m.pt")
+    assert listing(workdir) == []
+
+
+def test_allow_dangerous_copies_the_global_through_without_running_it(workdir: Path) -> None:
+    out = workdir / "m.pt"
+    code, _, err = run_cli("convert", MALICIOUS, "-o", out, "--allow-dangerous", "--dtype", "bf16")
+    assert code == 0, err
+    assert listing(workdir) == ["m.pt"]  # no marker: nothing ran
+    src_globals, out_globals = pickle_globals(MALICIOUS), pickle_globals(out)
+    dangerous = [g for g in src_globals if g.split(" ")[0] in ("posix", "nt", "os")]
+    assert dangerous, src_globals
+    assert set(dangerous) <= set(out_globals)
+    assert graph_globals(out) == graph_globals(MALICIOUS)
+    assert f"touch {MARKER}" in pickle_strings(out)  # the payload's argument, verbatim
+    report = statecli.open_checkpoint(out)  # statecli's reader, not pickle
+    assert any(f.level == "dangerous" for f in report.findings)
+    assert {t.name: t.dtype for t in report.tensors}["weight"] == "bfloat16"
+    assert listing(workdir) == ["m.pt"]
+
+
+def test_allow_dangerous_in_the_python_api(workdir: Path) -> None:
+    statecli.convert(MALICIOUS, workdir / "m.pt", allow_dangerous=True)
+    assert listing(workdir) == ["m.pt"]
+    assert set(pickle_globals(MALICIOUS)) <= set(pickle_globals(workdir / "m.pt"))
+
+
+def test_a_copy_of_the_dangerous_sample_is_refused_beside_its_output(workdir: Path) -> None:
+    # The same with the source in the output folder: only the source is left there.
+    src = workdir / "evil.pt"
+    shutil.copyfile(MALICIOUS, src)
+    code, _, err = run_cli("convert", src, "-o", workdir / "out.pt")
+    assert code == 5, err
+    assert listing(workdir) == ["evil.pt"]
+
+
+# ----------------------------------------------------------------------------------------------- unchanged meanings
+
+
+def test_select_still_converts_one_sub_dict_as_a_state_dict(tmp_path: Path) -> None:
+    src = make_source(tmp_path, "training", OPTIONS["bf16"])
+    out = tmp_path / "model.pt"
+    code, _, err = run_cli("convert", src, "-o", out, "--select", "model", "--dtype", "bf16")
+    assert code == 0, err
+    got = load_trusted(out, weights_only=True)
+    want = expected_of(src, OPTIONS["bf16"])["model"]
+    assert list(got) == list(want)
+    for k, v in want.items():
+        assert type(got[k]) is torch.Tensor and got[k].dtype == v.dtype and _same_values(got[k], v), k
+    assert "left out" in err and "--select model" in err
+
+
+@pytest.mark.parametrize("case", ["training", "lightning"])
+def test_safetensors_output_takes_the_model_and_says_what_was_left_out(tmp_path: Path, case: str) -> None:
+    src = make_source(tmp_path, case, OPTIONS["bf16"])
+    out = tmp_path / "w.safetensors"
+    code, _, err = run_cli("convert", src, "-o", out, "--dtype", "bf16")
+    assert code == 0, err
+    from safetensors.torch import load_file
+
+    got = load_file(out)
+    model = load_trusted(src, weights_only=False)
+    names = list(model["model"] if case == "training" else model["state_dict"])
+    assert sorted(got) == sorted(names)
+    assert "left out" in err and "optimizer state" in err
