@@ -62,9 +62,16 @@ def convert(
     force: bool = False,
     verify: bool = False,
     untie: bool = False,
+    keep_optimizer_dtype: bool = False,
+    allow_dangerous: bool = False,
+    state_dict: bool = False,
     progress: Progress | None = None,
 ) -> ConversionReport:
     """Convert ``src`` into ``dst`` the way ``nn.Module.to()`` would, as ``statecli convert`` does.
+
+    A ``torch.save`` archive converted to a ``.pt`` keeps its whole object graph (model, optimizer state,
+    scheduler, RNG state, every other value, written back as read, only the storages converted); to
+    safetensors, or with ``select``, the output is a state dict.
 
     Args:
         src: The checkpoint to read (any format :func:`open_checkpoint` reads).
@@ -85,6 +92,12 @@ def convert(
         verify: Read the written values back and compare them with a fresh conversion of the input's.
         untie: For safetensors output, write each name of a tied tensor as its own tensor (every loader
             sees every name) instead of storing it once with the other names in statecli's metadata.
+        keep_optimizer_dtype: A whole training checkpoint (``.pt`` to ``.pt``): keep optimizer state in its
+            dtype instead of following its parameter's.
+        allow_dangerous: A ``.pt`` to ``.pt`` conversion copies the input's pickle; without this, one that
+            statecli flags as dangerous is refused with :class:`UnsafeError`. With it, the pickle is copied
+            through as it is (nothing of it runs).
+        state_dict: Write the model's state dict to a ``.pt``, not the whole checkpoint.
         progress: Called with (bytes done, tensors done) while writing.
 
     Returns:
@@ -97,7 +110,8 @@ def convert(
         InputError: The input cannot be read (exit code 3).
         OutputError: The output cannot be written, or does not read back as planned (exit code 4).
         UnsafeError: The input's pickle fails after naming code torch.load would have run first (exit code 5);
-            a file that only names such code is converted all the same (nothing of it runs).
+            or a whole-checkpoint ``.pt`` output would copy a pickle statecli flags as dangerous, without
+            ``allow_dangerous``. A state dict output is written all the same (nothing of it runs).
     """
     # Every keyword but progress is a ConvertOptions field of the same name (test_api checks it).
     fields = {k: v for k, v in locals().items() if k not in ("src", "dst", "progress")}

@@ -335,6 +335,9 @@ class Report:
     metadata: dict[str, str] = field(default_factory=dict)
     file_size: int = 0
     storage_sizes: dict[str, int] = field(default_factory=dict)
+    # optimizer-state prefix (``optimizer.state.3``) -> the model parameter it belongs to, where the reader
+    # matched the optimizer's parameters to the model's (see formats/optimizer.py)
+    optimizer_owners: dict[str, str] = field(default_factory=dict)
 
     def select(
         self,
@@ -367,6 +370,7 @@ class Report:
             metadata=self.metadata,
             file_size=self.file_size,
             storage_sizes=self.storage_sizes,
+            optimizer_owners=self.optimizer_owners,
         )
 
     def to_json(self) -> str:
@@ -460,3 +464,5 @@ class RawCheckpoint:
     file_size: int = 0
     # storage key -> bytes that storage holds on disk, for "bytes on disk vs logical bytes"
     storage_sizes: dict[str, int] = field(default_factory=dict)
+    # optimizer-state prefix (``optimizer.state.3``) -> the model parameter it belongs to, where known
+    optimizer_owners: dict[str, str] = field(default_factory=dict)

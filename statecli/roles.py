@@ -444,4 +444,5 @@ def resolve(raw: RawCheckpoint) -> Report:
         metadata=dict(raw.metadata),
         file_size=raw.file_size,
         storage_sizes=dict(raw.storage_sizes),
+        optimizer_owners=dict(raw.optimizer_owners),
     )

@@ -385,7 +385,7 @@ def test_views_are_saved_compactly_and_views_of_one_storage_stay_views(tmp_path:
     sd = {"slice": base[10:20], "t": torch.randn(3, 5).t(), "q": qkv[:2], "k": qkv[2:4], "small": torch.ones(2)}
     path = _save(tmp_path, "v.pt", sd)
     out = tmp_path / "o.pt"
-    conv.convert(path, out, dtype="fp16")
+    conv.convert(path, out, dtype="fp16", state_dict=True)
     assert out.stat().st_size < 10_000  # the 400 KB base of "slice" is not carried along
     got = tload(out)
     for k, v in sd.items():
@@ -412,7 +412,7 @@ def test_whole_module_becomes_a_state_dict_with_exact_roles(tmp_path: Path) -> N
     model.load_state_dict(st_load(out))
 
     pt = tmp_path / "f.pt"
-    conv.convert(SAMPLES / "frozen_nonpersistent_module.pt", pt)
+    conv.convert(SAMPLES / "frozen_nonpersistent_module.pt", pt, state_dict=True)
     back = {t.name: t for t in statecli.open_checkpoint(pt).tensors}
     assert back["scale"].role == "buffer" and back["scale"].exact
     assert back["head.weight"].role == "parameter" and back["head.weight"].exact
@@ -593,7 +593,7 @@ def test_each_only_glob_that_matches_nothing_is_named(tmp_path: Path) -> None:
 def test_an_only_glob_that_matches_only_left_out_tensors_says_so(tmp_path: Path) -> None:
     want = r"\('optimizer\.\*' matches only tensors left out: optimizer\.state\.0\.step, optimizer state\)"
     with pytest.raises(UsageError, match=want):
-        conv.plan(SAMPLES / "training_adam.pt", tmp_path / "o.pt", dtype="bf16", only=["optimizer.*"])
+        conv.plan(SAMPLES / "training_adam.pt", tmp_path / "o.pt", dtype="bf16", only=["optimizer.*"], state_dict=True)
 
 
 @pytest.mark.parametrize(
@@ -645,7 +645,7 @@ def test_name_collision_after_strip_prefix_is_an_error(tmp_path: Path) -> None:
 
 def test_quantized_tensors_are_refused_clearly(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedFormatError, match="quantized"):
-        conv.convert(SAMPLES / "all_dtypes.pt", tmp_path / "o.pt")
+        conv.convert(SAMPLES / "all_dtypes.pt", tmp_path / "o.pt", state_dict=True)
     assert listing(tmp_path) == []
 
 

@@ -74,7 +74,10 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path: Path) -> None:
     assert "float32  float16" in w and "float32 → float16" in w
     assert lines[-1].startswith("fc.bias")  # the plan is all of stdout
     assert "written" not in out
-    assert err == f"would write {out_path}: 16 tensors (10 cast to float16); nothing written (dry run)\n"
+    assert (
+        err
+        == f"would write {out_path}: the whole checkpoint, 16 tensors (10 cast to float16); nothing written (dry run)\n"
+    )
     assert listing(tmp_path) == []
 
 
@@ -128,7 +131,13 @@ def test_dry_run_json_is_the_plan(tmp_path: Path) -> None:
     doc = json.loads(out)
     assert doc["schema"] == "statecli.plan/1"
     assert doc["output_format"] == "torch"
-    assert len(doc["tensors"]) == 16
+    assert doc["whole_checkpoint"] is True  # a .pt to a .pt: optimizer state and all
+    assert len(doc["tensors"]) == 46 and doc["dropped"] == []
+    code, out, _ = run_cli(
+        "convert", str(SAMPLES / "training_adam.pt"), "-o", str(tmp_path / "a.pt"), "-n", "-f", "json", "--state-dict"
+    )
+    doc = json.loads(out)
+    assert doc["whole_checkpoint"] is False and len(doc["tensors"]) == 16
     assert {d["reason"] for d in doc["dropped"]} == {"optimizer state"}
     assert listing(tmp_path) == []
 

@@ -226,7 +226,7 @@ def test_qat_observers_state_dict() -> None:
 def test_a_quantized_whole_module_is_refused_by_convert_not_emptied(tmp_path: Path) -> None:
     """Before: convert wrote embed / norm and dropped the packed weights it never saw, exit 0."""
     with pytest.raises(UnsupportedFormatError, match="quantized"):
-        conv.convert(SAMPLES / "quantized_dynamic_module.pt", tmp_path / "out.pt")
+        conv.convert(SAMPLES / "quantized_dynamic_module.pt", tmp_path / "out.pt", state_dict=True)
     assert not list(tmp_path.iterdir())
 
 
@@ -423,7 +423,7 @@ def test_convert_keeps_parameters_only_where_they_read_back_exact(tmp_path: Path
     path = tmp_path / "frozen_bn.pt"
     torch.save(_frozen_bn_net(), path)
     out = tmp_path / "out.pt"
-    result = conv.convert(path, out)
+    result = conv.convert(path, out, state_dict=True)
     assert [n.code for n in result.plan.notes] == ["roles-not-stored"]
     assert exact_names(statecli.open_checkpoint(out)) == set()
     out_st = tmp_path / "out.safetensors"

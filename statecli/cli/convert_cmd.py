@@ -65,6 +65,16 @@ def convert_command(
             rich_help_panel=DTYPE,
         ),
     ] = False,
+    keep_optimizer_dtype: Annotated[
+        bool,
+        typer.Option(
+            "--keep-optimizer-dtype",
+            help="A whole training checkpoint (.pt to .pt): leave optimizer state (exp_avg, momentum, ...) in its "
+            "dtype. Without it, it follows its parameter's dtype, as Optimizer.load_state_dict would make it; "
+            "step counts never change.",
+            rich_help_panel=DTYPE,
+        ),
+    ] = False,
     only: Annotated[
         list[str] | None,
         typer.Option(
@@ -107,6 +117,15 @@ def convert_command(
             show_default=False,
         ),
     ] = None,
+    state_dict: Annotated[
+        bool,
+        typer.Option(
+            "--state-dict",
+            help="Write the model's state dict, not the whole checkpoint, to a .pt (a whole pickled module or a "
+            "training checkpoint becomes the state dict inspect shows; torch.load(weights_only=True) reads it).",
+            rich_help_panel=SELECTION,
+        ),
+    ] = False,
     strip_prefix: Annotated[
         list[str] | None,
         typer.Option(
@@ -144,6 +163,15 @@ def convert_command(
             rich_help_panel=SELECTION,
         ),
     ] = False,
+    allow_dangerous: Annotated[
+        bool,
+        typer.Option(
+            "--allow-dangerous",
+            help="A .pt to .pt conversion copies the input's pickle; one that would call code statecli flags as "
+            "dangerous is refused (exit 5) unless this is given, which copies it through as it is (statecli "
+            "still never runs it). --select or a .safetensors output writes only the tensors instead.",
+        ),
+    ] = False,
     verify: Annotated[
         bool,
         typer.Option(
@@ -172,6 +200,10 @@ def convert_command(
     ] = False,
 ) -> None:
     """Convert a checkpoint's dtype, device or file format the way nn.Module.to() would, losing nothing.
+
+    A .pt or .ckpt converted to a .pt or .ckpt keeps everything: model, optimizer state, scheduler, RNG
+    state and every other value, written back as they were read, only the storages converted. To
+    safetensors (tensors only), or with --select, the output is a state dict.
 
     Only floating tensors change dtype (num_batches_tracked stays int64). Values that would overflow the
     target dtype, and infinities it cannot hold (fp8 e4m3fn has none), stop the conversion (exit 1)
@@ -203,9 +235,12 @@ def convert_command(
         "force": force,
         "verify": verify,
         "untie": untie,
+        "keep_optimizer_dtype": keep_optimizer_dtype,
+        "allow_dangerous": allow_dangerous,
+        "state_dict": state_dict,
     }
     plan = conv.plan(path, output, **options)
-    console.warn_dangerous(plan.report)  # nothing of it runs, and the output holds only tensors
+    console.warn_dangerous(plan.report)  # nothing of it runs; a .pt output copies it only under --allow-dangerous
     if dry_run:
         emit.plan(plan, fmt.value, quiet)
         return

@@ -6,6 +6,7 @@ import torch when called.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from typing import TYPE_CHECKING, Any
@@ -82,7 +83,8 @@ def load(path: str | os.PathLike[str], opts: ConvertOptions | None = None, **fie
     moved once, so ties hold."""
     if opts is None:
         opts = options(output_format="torch", **fields)
-    p = plan(path, "statecli.load.pt", opts)
+    # A state dict is what load returns, whatever a .pt conversion of the same file would write.
+    p = plan(path, "statecli.load.pt", dataclasses.replace(opts, state_dict=True))
     for f in p.report.findings:
         if f.level == "dangerous":  # never run, but a caller must not miss it, as the CLI's stderr says it
             warnings.warn(f"{p.report.path}: {f.message} ({f.code})", DangerousPickleWarning, stacklevel=3)

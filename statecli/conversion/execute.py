@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 from statecli import dtypes
 from statecli.conversion.casting import CastStats, cast, overflow_error, range_findings
-from statecli.conversion.plan import DEFAULT_SHARD_SIZE, INDEX_NAME, Plan, PlanItem, parameters_keep_roles
+from statecli.conversion.plan import (
+    DEFAULT_SHARD_SIZE,
+    INDEX_NAME,
+    STORAGE_CLASS,
+    Plan,
+    PlanItem,
+    parameters_keep_roles,
+)
 from statecli.dtypes import contiguous_strides
 from statecli.errors import CheckFailedError, InputError, OutputError, StatecliError, UsageError
 from statecli.formats import read
@@ -29,11 +36,12 @@ from statecli.formats.atomic import (
     remove_leftovers,
     sync_folder,
 )
+from statecli.formats.repickle import PersistentId, persistent_id_bytes, rewrite
 from statecli.formats.safetensors import METADATA_KEY, roles_metadata
 from statecli.formats.safetensors import header as st_header
 from statecli.formats.sharded import index_bytes, shard_name, split_by_size
-from statecli.formats.torchzip import ParameterOut, StorageOut, TensorOut, write_torch_zip
-from statecli.records import Finding, Report
+from statecli.formats.torchzip import ParameterOut, StorageOut, TensorOut, read_graph, write_archive, write_torch_zip
+from statecli.records import Finding, Report, TensorInfo
 from statecli.tensors.source import Source, byte_view, check_views, refuse_mixed_dtypes
 from statecli.tensors.values import StorageReader
 from statecli.tensors.views import torch_dtype, view
@@ -87,12 +95,17 @@ class _Unit:
     compact: bool
     storage_numel: int  # in elements of the source dtype (the whole storage, or the compact view)
     streamable: bool = False  # one contiguous view over all of its bytes: can go through in pieces
+    # A whole storage some of whose elements no tensor views: they are cast with the rest, but not counted.
+    slack: bool = False
+    whole_bytes: int = 0  # a whole storage's bytes (sub-byte dtypes count bytes, not elements)
 
     @property
     def leader(self) -> PlanItem:
         return self.items[0]
 
     def out_nbytes(self) -> int:
+        if self.whole_bytes and self.dst_dtype == self.src_dtype:
+            return self.whole_bytes
         return dtypes.nbytes(self.dst_dtype, self.storage_numel)
 
     def view_of(self, item: PlanItem) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
@@ -134,7 +147,18 @@ def build_units(plan: Plan) -> list[_Unit]:
         whole = storage_sizes.get(key)
         t = lead.source
         contiguous_full = t.storage_offset == 0 and (t.stride in (None, contiguous_strides(t.shape)))
-        if len(views) == 1 and (whole is None or not (contiguous_full and _extent(t) * itemsize == whole)):
+        if plan.graph and whole is not None:
+            # The whole object graph keeps every storage whole, as torch.save does: one pass over its bytes.
+            covered = any(
+                i.source.storage_offset == 0
+                and i.source.stride in (None, contiguous_strides(i.source.shape))
+                and _extent(i.source) * itemsize == whole
+                for i in items
+            )
+            u = _Unit(items, lead.src_dtype, lead.dst_dtype, False, whole // itemsize, streamable=covered)
+            u.slack, u.whole_bytes = not covered, whole
+            units.append(u)
+        elif len(views) == 1 and (whole is None or not (contiguous_full and _extent(t) * itemsize == whole)):
             # No storage size: safetensors, where a tensor is exactly its own byte range.
             units.append(_Unit(items, lead.src_dtype, lead.dst_dtype, True, t.numel, streamable=whole is None))
         elif len(views) == 1:
@@ -159,7 +183,22 @@ def materialize(source: Source, unit: _Unit) -> tuple[torch.Tensor, CastStats | 
     if unit.dst_dtype == unit.src_dtype:
         return values, None
     out, stats = cast(values, torch_dtype(unit.dst_dtype))
+    if unit.slack:
+        # Elements no tensor views are cast too (the storage stays whole) but cannot overflow anything a user
+        # sees: only the viewed ones count.
+        _, stats = cast(values[_viewed(unit, values.numel())], torch_dtype(unit.dst_dtype))
     return out, stats
+
+
+def _viewed(unit: _Unit, numel: int) -> torch.Tensor:
+    """A mask of the storage elements some tensor of ``unit`` views."""
+    import torch  # deferred: importing torch takes about a second, and metadata commands never need it
+
+    mask = torch.zeros(numel, dtype=torch.bool)
+    for i in unit.items:
+        offset, shape, stride = unit.view_of(i)
+        view(mask, offset, shape, stride).fill_(True)
+    return mask
 
 
 def stream(
@@ -212,6 +251,38 @@ def _write_torch(pending: PendingFile, plan: Plan, units: list[_Unit], feeder: _
     # Restore plan order: units group items, the state dict keeps the input's order.
     ordered = {i.name: state[i.name] for i in plan.items}
     return write_torch_zip(pending, root, ordered, ((storages[id(u)], feeder.storage(u)) for u in units))
+
+
+def _write_graph(pending: PendingFile, plan: Plan, units: list[_Unit], feeder: _Feeder, root: str) -> int:
+    """The input's own pickle, every storage record rewritten for its new dtype and device, then each
+    storage's bytes (converted where its tensors are) in the order the pickle first names them."""
+    graph = read_graph(plan.report.path)
+    by_key = {u.leader.source.storage: u for u in units}
+    new: dict[str, tuple[PersistentId, bytes]] = {}
+    pids = []
+    for pid in graph.pids:
+        made = new.get(pid.key)
+        if made is None:
+            u = by_key.get(f"data/{pid.key}")
+            location = (u.leader.dst_device if u is not None else plan.options.device) or pid.location
+            stype = pid.storage_type
+            if u is not None and u.dst_dtype != u.src_dtype:
+                stype = STORAGE_CLASS[u.dst_dtype]
+            out = PersistentId(stype, pid.key, location, pid.numel)
+            made = new[pid.key] = (out, persistent_id_bytes(out))
+        pids.append(made[1])
+    data = rewrite(graph.data, graph.start, graph.end, pids, plan.report.path)
+
+    def storages() -> Iterator[tuple[StorageOut, Iterator[memoryview]]]:
+        for key, (pid, _) in new.items():
+            u = by_key.get(f"data/{key}")
+            if u is not None:
+                yield StorageOut(key, u.dst_dtype, pid.location, pid.numel, u.out_nbytes()), feeder.storage(u)
+            else:  # viewed by no tensor the report lists (a per-channel quantizer's scales): copied as it is
+                size = plan.report.storage_sizes[f"data/{key}"]
+                yield StorageOut(key, "uint8", pid.location, size, size), feeder.bare(f"data/{key}", size)
+
+    return write_archive(pending, root, data, storages())
 
 
 @dataclass(slots=True)
@@ -295,6 +366,25 @@ class _Feeder:
             pieces = self._pieces(byte_view(self._whole(u)))
         yield from self._exactly(pieces, u.out_nbytes(), u.leader.name)
         self.done_tensors += len(u.items)
+
+    def bare(self, storage: str, size: int) -> Iterator[memoryview]:
+        """The bytes of a storage that no listed tensor views, as they are."""
+        t = TensorInfo(
+            name=f"storage {storage}",
+            role="other",
+            exact=False,
+            evidence="",
+            persistent=None,
+            requires_grad=None,
+            dtype="uint8",
+            shape=(size,),
+            numel=size,
+            nbytes=size,
+            device=None,
+            storage=storage,
+        )
+        pieces = (byte_view(piece) for piece in self.source.chunks(t))
+        yield from self._exactly(pieces, size, t.name)
 
     def _exactly(self, pieces: Generator[memoryview, None, None], n: int, name: str) -> Iterator[memoryview]:
         """``pieces`` when they add up to the ``n`` bytes the output's header announced; an error otherwise.
@@ -383,7 +473,8 @@ def execute(plan: Plan, progress: Progress | None = None) -> ConversionReport:
                 stem = os.path.splitext(os.path.basename(plan.output))[0]
                 root = stem if _SAFE_NAME.match(stem) else "archive"
                 feeder = _Feeder(source, report, progress)
-                report.bytes_written = _write_torch(p, plan, units, feeder, root)
+                write = _write_graph if plan.graph else _write_torch
+                report.bytes_written = write(p, plan, units, feeder, root)
             else:
                 _write_safetensors(plan, units, _Feeder(source, report, progress), report, pendings)
             # Overflow is known only once every value has been cast; the files are thrown away unnamed.
@@ -508,7 +599,7 @@ def _read_back(plan: Plan, pendings: list[tuple[PendingFile, str]]) -> None:
             seen[t.name] = t
     problems = []
     # A .pt keeps roles only as Parameter objects, written when every role is exact (see _exact_module_roles).
-    roles_stored = plan.output_format != "torch" or _exact_module_roles(plan.items)
+    roles_stored = plan.output_format != "torch" or plan.graph or _exact_module_roles(plan.items)
     for i in plan.items:
         t = seen.pop(i.name, None)
         if t is None:

@@ -19,7 +19,7 @@ from fnmatch import fnmatchcase, translate
 from typing import Any
 
 from statecli import dtypes
-from statecli.errors import InputError, StatecliError, UnsupportedFormatError, UsageError
+from statecli.errors import InputError, StatecliError, UnsafeError, UnsupportedFormatError, UsageError
 from statecli.records import Finding, JsonFields, RawTensor, Report, TensorInfo
 from statecli.roles import infer, keep_vars_proves
 from statecli.wording import count
@@ -55,6 +55,9 @@ class ConvertOptions:
     force: bool = False
     verify: bool = False
     untie: bool = False  # safetensors: write each tied name as its own tensor, not as an alias
+    keep_optimizer_dtype: bool = False  # a whole training checkpoint: optimizer state keeps its dtype
+    allow_dangerous: bool = False  # a whole .pt copies its pickle: one statecli flags as dangerous only with this
+    state_dict: bool = False  # a .pt of the model's state dict even where the whole checkpoint could be written
 
 
 @dataclass(slots=True)
@@ -122,6 +125,8 @@ class Plan:
     items: list[PlanItem]
     dropped: list[Dropped]
     notes: list[Finding] = field(default_factory=list)
+    # The whole object graph: the input's pickle is written back with new storage records (graph_mode).
+    graph: bool = False
 
     @property
     def target_dtype(self) -> str | None:
@@ -134,6 +139,7 @@ class Plan:
             "input_format": self.report.format,
             "output": self.output,
             "output_format": self.output_format,
+            "whole_checkpoint": self.graph,
             "tensors": [i.to_dict() for i in self.items],
             "dropped": [d.to_dict() for d in self.dropped],
             "notes": [n.to_dict() for n in self.notes],
@@ -315,7 +321,7 @@ def _role(t: TensorInfo, selected_group: bool) -> tuple[str, bool, str]:
 
 
 def _dtype_decision(
-    t: TensorInfo, names: tuple[str, ...], role: str, target: str | None, options: ConvertOptions
+    t: TensorInfo, names: tuple[str, ...], role: str, target: str | None, options: ConvertOptions, graph: bool = False
 ) -> tuple[str, str, str]:
     """(action, destination dtype, reason) for one tensor on its own, before ties are considered.
 
@@ -326,11 +332,15 @@ def _dtype_decision(
     src = t.dtype
     kind = dtypes.DTYPES[src].kind if src in dtypes.DTYPES else "unknown"
     if kind == "quant" or t.layout == "quantized":
+        if graph:
+            return "keep", src, f"quantized {src}: never changes"
         raise UnsupportedFormatError(
             f"tensor {t.name!r} is quantized ({src}): convert does not write quantized tensors yet "
             "(their scales live in the pickle, not in the tensor data)"
         )
     if t.layout != "strided":
+        if graph:
+            return "keep", src, f"layout {t.layout}: written as saved"
         raise UnsupportedFormatError(f"tensor {t.name!r} has layout {t.layout}: convert handles strided tensors only")
     if target is None:
         return "keep", src, "no --dtype"
@@ -359,14 +369,34 @@ def _dtype_decision(
     return "cast", dst, f"{src} → {dst}"
 
 
+class _NoStorageClass(UsageError):
+    """A cast a whole-checkpoint .pt cannot hold (see :func:`_check_storage_types`)."""
+
+
 def build_plan(report: Report, output: str, options: ConvertOptions) -> Plan:
     """Decide every tensor's fate. Raises UsageError for options that cannot apply to this input."""
+    graph = graph_mode(report, output_format(output, options), options)
+    try:
+        return _build_plan(report, output, options, graph)
+    except _NoStorageClass as e:
+        if not graph or report.container.kind != "state_dict":
+            raise UsageError(e.message) from None
+    # A state dict holds nothing but tensors: written by statecli's own pickler it loses only the
+    # per-module _metadata versions, which load_state_dict does not need.
+    return _build_plan(report, output, options, graph=False)
+
+
+def _build_plan(report: Report, output: str, options: ConvertOptions, graph: bool) -> Plan:
     target = target_dtype(options.dtype)
     device = check_device(options.device)
     fmt = output_format(output, options)
     notes: list[Finding] = []
 
-    selected, dropped = _select(report, options.select)
+    if graph:
+        notes.extend(_refuse_dangerous(report, options))
+        selected, dropped = [(t, t.name) for t in report.tensors], []
+    else:
+        selected, dropped = _select(report, options.select)
     picked_other = options.select is not None and options.select != report.container.state_dict_at
 
     # Names first: a collision is an error before anything else is decided.
@@ -380,12 +410,20 @@ def build_plan(report: Report, output: str, options: ConvertOptions) -> Plan:
         names[out] = t.name
 
     items: list[PlanItem] = []
+    owners = report.optimizer_owners
+    planned: dict[str, PlanItem] = {}
     for (t, inner), out in zip(selected, names, strict=True):
-        role, exact, evidence = _role(t, picked_other)
-        action, dst, reason = _dtype_decision(t, (out, inner, t.name), role, target, options)
+        # Beside the model, a whole checkpoint's EMA copy is a state dict of its own: its BatchNorm statistics
+        # are buffers to --keep-buffers as the model's are.
+        again = picked_other or (graph and t.group != "model" and "optim" not in t.group)
+        role, exact, evidence = _role(t, again)
+        action, dst, reason = _dtype_decision(t, (out, inner, t.name), role, target, options, graph)
+        if graph and "optim" in t.group:
+            action, dst, reason = _optimizer_decision(t, (action, dst, reason), options, owners, planned)
         unit = t.storage if t.storage is not None else f"tensor:{t.file or ''}:{t.name}"
         dst_device = (device or t.device or "cpu") if fmt == "torch" else None  # safetensors stores none
         items.append(PlanItem(out, t, role, exact, evidence, t.dtype, dst, action, reason, dst_device, unit))
+        planned[t.name] = items[-1]
 
     if options.untie and fmt == "torch":
         raise UsageError("--untie is for safetensors output: a .pt keeps a tie as one storage, as torch.save does")
@@ -425,7 +463,9 @@ def build_plan(report: Report, output: str, options: ConvertOptions) -> Plan:
                     "put these tensors on the CPU",
                 )
             )
-    if fmt == "torch" and _all_roles_exact(items) and not parameters_keep_roles(items):
+    if graph:
+        _check_storage_types(items, report.path)
+    if fmt == "torch" and not graph and _all_roles_exact(items) and not parameters_keep_roles(items):
         notes.append(
             Finding(
                 "info",
@@ -448,7 +488,91 @@ def build_plan(report: Report, output: str, options: ConvertOptions) -> Plan:
     if options.only or options.exclude:
         triples = ((i.name, inner, t.name) for i, (t, inner) in zip(items, selected, strict=True))
         notes.extend(_check_globs(report, options, triples, dropped))
-    return Plan(report, output, fmt, options, items, dropped, notes)
+    return Plan(report, output, fmt, options, items, dropped, notes, graph=graph)
+
+
+# Inputs whose whole pickle can be written back with new storage records (see formats/repickle.py).
+GRAPH_FORMATS = frozenset({"torch-zip"})
+# torch's typed storage class per dtype: a whole-checkpoint .pt keeps each storage's class, so a dtype
+# without one (float8, uint16, ...: torch pickles those untyped, the dtype in each tensor's rebuild call)
+# cannot be cast to or from there.
+STORAGE_CLASS = {d: name for name, d in dtypes.STORAGE_TYPES.items() if name != "UntypedStorage"}
+
+
+def graph_mode(report: Report, fmt: str, options: ConvertOptions) -> bool:
+    """Whether the output is the whole object graph (a torch archive in, a .pt out, no sub-dict picked and no
+    key renamed): every value of the input, with only its storages converted. Otherwise the output is a state
+    dict (safetensors holds tensors only; ``--select`` and the prefix options are about a state dict's keys)."""
+    return (
+        fmt == "torch"
+        and not options.state_dict
+        and report.format in GRAPH_FORMATS
+        and options.select is None
+        and not options.strip_prefix
+        and not options.add_prefix
+    )
+
+
+def _refuse_dangerous(report: Report, options: ConvertOptions) -> list[Finding]:
+    """A whole-checkpoint .pt copies the input's pickle, calls included: one statecli flags as dangerous would
+    be handed on to every later ``torch.load``. Refused unless the user asks for it by name, and then said."""
+    dangerous = [f for f in report.findings if f.level == "dangerous"]
+    if dangerous and options.allow_dangerous:
+        return [
+            Finding(
+                "warning",
+                "dangerous-copied",
+                f"--allow-dangerous: the output's pickle holds what the input's does "
+                f"({count(len(dangerous), 'dangerous finding')}); torch.load(weights_only=False) of it would run "
+                "that code",
+            )
+        ]
+    if dangerous:
+        raise UnsafeError(
+            f"{dangerous[0].message} ({dangerous[0].code}"
+            + (f", and {len(dangerous) - 1} more" if len(dangerous) > 1 else "")
+            + "). Converting the whole checkpoint to a .pt would copy that into the output, so it is refused: "
+            "--allow-dangerous copies it through verbatim (statecli still never runs it); --state-dict, --select "
+            "KEY or a .safetensors output writes only the tensors",
+            path=report.path,
+        )
+    return []
+
+
+def _optimizer_decision(
+    t: TensorInfo,
+    own: tuple[str, str, str],
+    options: ConvertOptions,
+    owners: dict[str, str],
+    planned: dict[str, PlanItem],
+) -> tuple[str, str, str]:
+    """Optimizer state as ``Optimizer.load_state_dict`` treats it: ``step`` keeps its dtype; the rest follows
+    its parameter's dtype (which is what it becomes at load anyway), unless ``--keep-optimizer-dtype``."""
+    if own[0] != "cast":
+        return own
+    if t.name.rpartition(".")[2] == "step":
+        return "keep", t.dtype, "optimizer step count: never changes (as Optimizer.load_state_dict)"
+    if options.keep_optimizer_dtype:
+        return "keep", t.dtype, "optimizer state: --keep-optimizer-dtype"
+    owner = planned.get(owners.get(t.name.rpartition(".")[0], ""))
+    if owner is None:
+        return own
+    if owner.action != "cast":
+        return "keep", t.dtype, f"follows its parameter {owner.name} (kept)"
+    return "cast", owner.dst_dtype, f"{t.dtype} → {owner.dst_dtype} (follows its parameter {owner.name})"
+
+
+def _check_storage_types(items: list[PlanItem], path: str) -> None:
+    """A cast in a whole-checkpoint .pt changes a storage's class: both dtypes need one (see STORAGE_CLASS)."""
+    for i in items:
+        if i.action == "cast" and (i.src_dtype not in STORAGE_CLASS or i.dst_dtype not in STORAGE_CLASS):
+            odd = i.src_dtype if i.src_dtype not in STORAGE_CLASS else i.dst_dtype
+            raise _NoStorageClass(
+                f"cannot cast {i.name!r} ({i.src_dtype} → {i.dst_dtype}) inside a whole checkpoint: torch pickles "
+                f"{odd} storages untyped, with the dtype in each tensor's rebuild call, which statecli copies "
+                "as it is. Convert the model's state dict instead (--state-dict, --select KEY, or a .safetensors "
+                f"output), or leave it as it is with --exclude '{i.name}'"
+            )
 
 
 def _collision(first: str, second: str, out: str, options: ConvertOptions) -> StatecliError:

@@ -77,18 +77,19 @@ def _could_be_parameter(t: RawTensor, nb: Neighbours) -> bool:
     return t.role == "parameter" or infer(t, nb)[0] == "parameter"
 
 
-def apply_optimizer_evidence(root: Any, tensors: list[RawTensor]) -> list[Finding]:
-    """Mark the model tensors a single index-keyed optimizer names; findings say what was (not) done."""
+def apply_optimizer_evidence(root: Any, tensors: list[RawTensor]) -> tuple[list[Finding], dict[str, str]]:
+    """Mark the model tensors a single index-keyed optimizer names; findings say what was (not) done. Also
+    returns, per optimizer-state prefix (``optimizer.state.3``), the name of the parameter it belongs to."""
     optimizers = _optimizers(root)
     if not optimizers:
-        return []
+        return [], {}
     if len(optimizers) > 1:
         where = name_list([w for w, _ in optimizers])
-        return [Finding("info", "optimizer-evidence", f"{len(optimizers)} optimizers ({where}): not mapped")]
+        return [Finding("info", "optimizer-evidence", f"{len(optimizers)} optimizers ({where}): not mapped")], {}
     where, opt = optimizers[0]
     ids = _param_ids(opt)
     if ids is None:
-        return []
+        return [], {}
     nb = Neighbours(tensors)  # the rules that look at siblings (old spectral_norm's weight_u, ...) count too
     candidates = [t for t in tensors if _could_be_parameter(t, nb)]
     if sorted(ids) != list(range(len(ids))) or len(ids) != len(candidates):
@@ -99,10 +100,12 @@ def apply_optimizer_evidence(root: Any, tensors: list[RawTensor]) -> list[Findin
                 f"the optimizer in {quote(where)} has {len(ids)} parameters, the model {len(candidates)} tensors that "
                 "could be parameters; they do not line up, so no role is taken from it",
             )
-        ]
+        ], {}
     state = _mapping(opt.get("state")) or {}
     stateless = []
+    owners = {}
     for index, t in zip(ids, candidates, strict=True):
+        owners[f"{where}.state.{index}"] = t.name
         if t.role is not None and t.exact:
             continue  # a fact from the file already
         t.role = "parameter"
@@ -126,4 +129,4 @@ def apply_optimizer_evidence(root: Any, tensors: list[RawTensor]) -> list[Findin
                 f"{len(stateless)} parameters have no optimizer state (frozen, or never updated): {names}",
             )
         )
-    return findings
+    return findings, owners

@@ -547,7 +547,8 @@ def finish(raw: RawCheckpoint, root: Any, empty: str | None = None) -> RawCheckp
     evidence for the model's parameters, and a warning ``empty`` when no tensor was found.
 
     One step for all of them, so the same object graph gets the same roles in every container."""
-    raw.findings.extend(apply_optimizer_evidence(root, raw.tensors))
+    findings, raw.optimizer_owners = apply_optimizer_evidence(root, raw.tensors)
+    raw.findings.extend(findings)
     if not raw.tensors and empty is not None:
         raw.findings.append(Finding("warning", "no-tensors", empty))
     return raw

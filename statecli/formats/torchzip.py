@@ -12,11 +12,13 @@ import os
 import pickle
 import zlib
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from statecli import dtypes
 from statecli.dtypes import torch_dtype
 from statecli.errors import InputError, StatecliError
+from statecli.formats.repickle import PersistentId
 from statecli.formats.torchpickle import MAX_PICKLE_BYTES, Storages, Walker, finish
 from statecli.formats.zipdir import Member, read_central_directory, read_member
 from statecli.records import Finding, RawCheckpoint
@@ -85,6 +87,40 @@ def read_torch_zip(path: str, members: dict[str, Member] | None = None, limits: 
     )
     keys = name_list(container.other_keys) or "none"
     return finish(raw, obj, f"no tensors found in the checkpoint (top-level keys: {keys})")
+
+
+@dataclass(slots=True)
+class PickleGraph:
+    """A torch archive's pickle as bytes, with the persistent id of each storage record in pickle order: what
+    writing the same object graph back with other storages needs (see :mod:`statecli.formats.repickle`)."""
+
+    path: str
+    data: bytes
+    start: int
+    end: int
+    pids: list[PersistentId]  # one per BINPERSID, in order (a storage named twice is here twice)
+    root: Any  # the object, as the restricted reader built it
+
+
+def read_graph(path: str, limits: Limits | None = None) -> PickleGraph:
+    """The pickle of the ``torch.save`` archive at ``path`` and its persistent ids, parsed once more by the
+    restricted reader (nothing is run)."""
+    members = read_central_directory(path)
+    root = archive_root(list(members), path)
+    data = read_member(path, members[f"{root}/data.pkl"], MAX_PICKLE_BYTES)
+    storages = Storages(members, root, path)
+    pids: list[PersistentId] = []
+
+    def record(pid: Any) -> Any:
+        ref = storages(pid)  # checks the id first: the fields below are the types it checked
+        pids.append(PersistentId(pid[1].name, pid[2], pid[3], pid[4]))
+        return ref
+
+    try:
+        obj, unpickler = loads(data, record, limits)
+    except StatecliError as e:
+        raise e.at(path) from None
+    return PickleGraph(path, data, unpickler.start, unpickler.end, pids, obj)
 
 
 def _stacked_pickles(data: bytes, first: Any, storages: Storages, limits: Limits | None) -> int:
@@ -183,7 +219,14 @@ def write_torch_zip(
     its member (streamed from its chunks, in order), under folder ``root``; returns the storage bytes."""
     buf = io.BytesIO()
     _Pickler(buf, protocol=2).dump(collections.OrderedDict(state))
-    data = buf.getvalue()
+    return write_archive(sink, root, buf.getvalue(), storages)
+
+
+def write_archive(
+    sink: Sink, root: str, data: bytes, storages: Iterable[tuple[StorageOut, Iterable[bytes | memoryview]]]
+) -> int:
+    """A ``torch.save`` archive of the pickle ``data`` and each storage's bytes as its member (streamed from its
+    chunks, in order), under folder ``root``; returns the storage bytes."""
     from statecli.formats.zipwriter import ZipWriter  # the writer: inspect, which imports this module, never needs it
 
     writer = ZipWriter(sink)

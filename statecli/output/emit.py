@@ -161,6 +161,12 @@ def _closing(line: str) -> None:
     console.stderr_console().print(Text(clean(line)), soft_wrap=True)
 
 
+def _what(plan: Plan) -> str:
+    """``12 tensors``, or ``the whole checkpoint, 46 tensors`` when every other value of it is written too."""
+    tensors = count(len(plan.items), "tensor")
+    return f"the whole checkpoint, {tensors}" if plan.graph else tensors
+
+
 def plan(plan: Plan, fmt: str, quiet: bool) -> None:
     """A dry run: the plan is its data; what it leaves out, and that nothing was written, are messages, on
     stderr with the same words a real run uses."""
@@ -172,7 +178,7 @@ def plan(plan: Plan, fmt: str, quiet: bool) -> None:
         _print(table.plan_table(plan))
     notes(plan.notes)
     if fmt == "table" and not quiet:
-        _closing(f"would write {plan.output}: {len(plan.items)} tensors{_casts(plan)}; nothing written (dry run)")
+        _closing(f"would write {plan.output}: {_what(plan)}{_casts(plan)}; nothing written (dry run)")
 
 
 def conversion(
@@ -188,6 +194,6 @@ def conversion(
         where = result.files[0] if len(result.files) == 1 else f"{plan.output} ({len(result.files)} files)"
         importing = f" (torch import {torch_import:.1f} s)" if torch_import >= 0.05 else ""
         _closing(
-            f"wrote {where}: {len(plan.items)} tensors{_casts(plan)}, {human_bytes(result.bytes_written)} "
+            f"wrote {where}: {_what(plan)}{_casts(plan)}, {human_bytes(result.bytes_written)} "
             f"in {elapsed:.1f} s{importing}; {checked}"
         )

@@ -26,6 +26,16 @@ def _scan_table() -> dict[int, tuple[int, int, bool, int, bool]]:
 
 
 _SCAN: dict[int, tuple[int, int, bool, int, bool]] = {}
+
+
+def opcode_table() -> dict[int, tuple[int, int, bool, int, bool]]:
+    """Per opcode byte: (argument size or pickletools' negative code, items popped below a mark (or in all),
+    whether it pops to a mark, items pushed, whether it pushes a mark). Built once, on first use."""
+    if not _SCAN:
+        _SCAN.update(_scan_table())
+    return _SCAN
+
+
 _MARK = object()
 _LONG = object()  # a string longer than any global's name
 # Opcodes after which a value the pickle holds may be called (directly, or by pickle looking a method up):
@@ -33,7 +43,7 @@ _LONG = object()  # a string longer than any global's name
 _CALLING = frozenset(b"Rb\x81\x92ioaesu\x90")
 # SHORT_BINUNICODE, BINUNICODE, BINUNICODE8, SHORT_BINSTRING, BINSTRING: length-prefixed strings.
 _STRINGS = frozenset(b"\x8cX\x8dUT")
-_LENGTH_WIDTH = {-2: 1, -3: 4, -4: 4, -5: 8}
+LENGTH_WIDTH = {-2: 1, -3: 4, -4: 4, -5: 8}
 
 
 def names_after(data: Any, start: int, stop: int) -> tuple[dict[tuple[str, str], int], bool]:
@@ -43,9 +53,7 @@ def names_after(data: Any, start: int, stop: int) -> tuple[dict[tuple[str, str],
     building any value; where the pickle can hold a STACK_GLOBAL, a stack of the strings it would take is
     kept. The walk ends at STOP or at the first byte that is no pickle. A STACK_GLOBAL whose operands are
     not literal strings names :data:`COMPUTED`."""
-    if not _SCAN:
-        _SCAN.update(_scan_table())
-    table = _SCAN
+    table = opcode_table()
     n = len(data)
     names: dict[tuple[str, str], int] = {}
     calls = False
@@ -95,7 +103,7 @@ def names_after(data: Any, start: int, stop: int) -> tuple[dict[tuple[str, str],
                         text = int(arg)
                 pos = end + 1
             elif size < 0:  # a length, then that many bytes
-                width = _LENGTH_WIDTH[size]
+                width = LENGTH_WIDTH[size]
                 length = int.from_bytes(data[pos : pos + width], "little", signed=size == -3)
                 if length < 0:
                     break
