@@ -172,7 +172,10 @@ def rewrite(data: bytes, start: int, end: int, pids: Sequence[bytes], path: str)
     memo entry a span made (``{'device': 'cpu'}`` beside a cpu storage: pickle memoizes the one ``'cpu'``
     string) becomes the literal it was. Raises :class:`UnsupportedFormatError` where a persistent id is not
     built the way torch builds one, or such a read is of something other than a literal."""
-    w = _walk(data, start, end, path)
+    try:
+        w = _walk(data, start, end, path)
+    except (ValueError, KeyError, IndexError) as e:  # the reader read it; a walk that cannot is refused
+        raise _refuse(f"its opcodes cannot be walked ({e.__class__.__name__})", path) from None
     if len(w.spans) != len(pids):
         raise _refuse(f"{len(w.spans)} persistent ids found where the reader saw {len(pids)}", path)
     cuts = sorted(
