@@ -36,7 +36,7 @@ from statecli.formats.atomic import (
     remove_leftovers,
     sync_folder,
 )
-from statecli.formats.repickle import PersistentId, persistent_id_bytes, rewrite
+from statecli.formats.repickle import PersistentId, rewrite
 from statecli.formats.safetensors import METADATA_KEY, roles_metadata
 from statecli.formats.safetensors import header as st_header
 from statecli.formats.sharded import index_bytes, shard_name, split_by_size
@@ -258,7 +258,7 @@ def _write_graph(pending: PendingFile, plan: Plan, units: list[_Unit], feeder: _
     storage's bytes (converted where its tensors are) in the order the pickle first names them."""
     graph = read_graph(plan.report.path)
     by_key = {u.leader.source.storage: u for u in units}
-    new: dict[str, tuple[PersistentId, bytes]] = {}
+    new: dict[str, PersistentId] = {}
     pids = []
     for pid in graph.pids:
         made = new.get(pid.key)
@@ -268,13 +268,12 @@ def _write_graph(pending: PendingFile, plan: Plan, units: list[_Unit], feeder: _
             stype = pid.storage_type
             if u is not None and u.dst_dtype != u.src_dtype:
                 stype = STORAGE_CLASS[u.dst_dtype]
-            out = PersistentId(stype, pid.key, location, pid.numel)
-            made = new[pid.key] = (out, persistent_id_bytes(out))
-        pids.append(made[1])
+            made = new[pid.key] = PersistentId(stype, pid.key, location, pid.numel)
+        pids.append(made)
     data = rewrite(graph.data, graph.start, graph.end, pids, plan.report.path)
 
     def storages() -> Iterator[tuple[StorageOut, Iterator[memoryview]]]:
-        for key, (pid, _) in new.items():
+        for key, pid in new.items():
             u = by_key.get(f"data/{key}")
             if u is not None:
                 yield StorageOut(key, u.dst_dtype, pid.location, pid.numel, u.out_nbytes()), feeder.storage(u)

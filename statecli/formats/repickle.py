@@ -39,11 +39,40 @@ class PersistentId:
     numel: int  # elements of the storage type (bytes for UntypedStorage)
 
 
-def persistent_id_bytes(pid: PersistentId) -> bytes:
-    """The opcodes of ``('storage', torch.<storage_type>, key, location, numel)`` as a protocol-2 pickler writes
-    them, with only the opcodes ``torch.load(weights_only=True)`` reads."""
-    glob = b"c" + b"torch\n" + pid.storage_type.encode("ascii") + b"\n"
-    return b"".join((b"(", _unicode("storage"), glob, _unicode(pid.key), _unicode(pid.location), _int(pid.numel), b"t"))
+class _Pids:
+    """Writes persistent ids as a protocol-2 pickler would, with only the opcodes ``torch.load(weights_only=True)``
+    reads. The parts every id repeats (``'storage'``, the storage class, the location) are memoized at indices
+    past every index the pickle uses, so a hundred thousand ids cost a few bytes each, not forty; not in a
+    pickle with MEMOIZE, whose indices count entries."""
+
+    def __init__(self, first_free: int | None) -> None:
+        self.next = first_free
+        self.seen: dict[bytes, bytes] = {}
+
+    def part(self, literal: bytes) -> bytes:
+        got = self.seen.get(literal)
+        if got is not None:
+            return got
+        if self.next is None or self.next >= 2**32:
+            return literal
+        index = struct.pack("<I", self.next)
+        self.next += 1
+        self.seen[literal] = b"j" + index  # LONG_BINGET
+        return literal + b"r" + index  # LONG_BINPUT
+
+    def __call__(self, pid: PersistentId) -> bytes:
+        glob = b"c" + b"torch\n" + pid.storage_type.encode("ascii") + b"\n"
+        return b"".join(
+            (
+                b"(",
+                self.part(_unicode("storage")),
+                self.part(glob),
+                _unicode(pid.key),
+                self.part(_unicode(pid.location)),
+                _int(pid.numel),
+                b"t",
+            )
+        )
 
 
 def _unicode(s: str) -> bytes:
@@ -84,6 +113,8 @@ class _Walk:
     # (position, end, is a put, index, the value as a literal opcode or None), in order
     memo: list[tuple[int, int, bool, int, bytes | None]]
     stop: int  # one past STOP
+    top: int  # the largest memo index used
+    memoize: bool  # whether MEMOIZE numbers entries by count
 
 
 def _walk(data: bytes, start: int, end: int, path: str) -> _Walk:
@@ -137,7 +168,8 @@ def _walk(data: bytes, start: int, end: int, path: str) -> _Walk:
                 raise _refuse(f"the persistent id at byte {at} holds another one", path)
             spans.append((lead, at, _puts_in(data, lead, at, memo)))
         elif code == _STOP:
-            return _Walk(spans, frames, memo, pos)
+            top = max(literal_of, default=-1)
+            return _Walk(spans, frames, memo, pos, top, any(data[e[0]] == _MEMOIZE for e in memo))
         if code == _MARK:
             marks.append(at)
         elif to_mark:
@@ -161,10 +193,9 @@ def _puts_in(data: bytes, lo: int, hi: int, memo: list[tuple[int, int, bool, int
     return found
 
 
-def rewrite(data: bytes, start: int, end: int, pids: Sequence[bytes], path: str) -> bytes:
+def rewrite(data: bytes, start: int, end: int, pids: Sequence[PersistentId], path: str) -> bytes:
     """The pickle ``data[start:end]`` (PROTO … STOP; what follows STOP is left out, as ``torch.load`` ignores it)
-    with its ``k``-th persistent id replaced by ``pids[k]`` (opcodes that build the id's value, as
-    :func:`persistent_id_bytes` writes them).
+    with its ``k``-th persistent id replaced by ``pids[k]``.
 
     The pickle was read to its end by the restricted reader first, so every opcode is a known one; the walk
     here only needs each opcode's length. Each old span's memo puts are written again after the new tuple,
@@ -178,8 +209,9 @@ def rewrite(data: bytes, start: int, end: int, pids: Sequence[bytes], path: str)
         raise _refuse(f"its opcodes cannot be walked ({e.__class__.__name__})", path) from None
     if len(w.spans) != len(pids):
         raise _refuse(f"{len(w.spans)} persistent ids found where the reader saw {len(pids)}", path)
+    write = _Pids(None if w.memoize else w.top + 1)
     cuts = sorted(
-        [(lo, hi + 1, pids[k] + b"".join(puts) + b"Q") for k, (lo, hi, puts) in enumerate(w.spans)]
+        [(lo, hi + 1, write(pids[k]) + b"".join(puts) + b"Q") for k, (lo, hi, puts) in enumerate(w.spans)]
         + [(lo, hi, b"") for lo, hi in w.frames]
         + _literal_reads(w, path)
     )
