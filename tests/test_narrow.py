@@ -1,9 +1,10 @@
-"""What a person sees on a narrow terminal (#13 item 4): tables, legends and tree headers at 60, 80 and 100
-columns, run as a user runs them (``COLUMNS=80 statecli ...``).
+"""What a person sees on a narrow terminal (#13 item 4): tables, legends, tree headers and ``--help`` at 60,
+80 and 100 columns, run as a user runs them (``COLUMNS=80 statecli ...``).
 
 - a legend wraps between words and describes only the columns that are shown;
 - optional columns go before any name is shortened, and two different names never look the same;
-- the tree's header breaks between its parts, never inside one.
+- the tree's header breaks between its parts, never inside one;
+- ``--help``: examples on their own lines, choices never split inside a word, no trailing blanks in a pipe.
 """
 
 from __future__ import annotations
@@ -12,14 +13,18 @@ import re
 from pathlib import Path
 
 import pytest
+import typer.main
 from clirun import run_cli
 from rich.cells import cell_len
 
+from statecli.cli.main import app
 from statecli.output import columns as C
 from statecli.output import table as render
 
 REPO = Path(__file__).resolve().parent.parent
 WIDTHS = (60, 80, 100)
+ROOT = typer.main.get_command(app)
+COMMANDS = dict(ROOT.commands)  # type: ignore[attr-defined]
 SAMPLES = [
     "cnn_bn_state_dict.pt",
     "training_adam.pt",
@@ -183,3 +188,99 @@ def test_names_with_wide_characters_are_cut_by_cells() -> None:
     names = ["層" * 10 + ".weight", "層" * 10 + ".bias"]
     shown, used = render.cut_names(names, 14)
     assert used == 14 and len(set(shown)) == 2 and all(cell_len(s) <= 14 for s in shown)
+
+
+# --- --help -------------------------------------------------------------------------------------------
+
+HELP = [[], *([name] for name in sorted(COMMANDS))]
+
+
+def _help(argv: list[str], width: int) -> str:
+    result = run_cli(*argv, "--help", env={"COLUMNS": str(width)})
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("argv", HELP, ids=lambda a: " ".join(a) or "statecli")
+def test_piped_help_has_no_trailing_blanks(argv: list[str], width: int) -> None:
+    out = _help(argv, width)
+    assert [n for n, line in enumerate(out.splitlines(), 1) if line != line.rstrip()] == []
+
+
+def _examples(name: str) -> list[str]:
+    text = COMMANDS[name].help or ""
+    return [line.strip() for line in text.split("Examples:", 1)[1].splitlines() if line.strip()]
+
+
+def _shown_commands(out: str) -> list[tuple[str, list[str]]]:
+    """Every command line the help shows, its continuation lines (after `` \\``) joined."""
+    lines = [line.strip() for line in out.splitlines()]
+    found = []
+    i = 0
+    while i < len(lines):
+        if lines[i].startswith("statecli "):
+            block = [lines[i]]
+            while block[-1].endswith(" \\") and i + 1 < len(lines):
+                i += 1
+                block.append(lines[i])
+            found.append((" ".join(part.removesuffix(" \\") for part in block), block))
+        i += 1
+    return found
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_help_examples_start_on_their_own_lines_and_break_only_between_words(name: str, width: int) -> None:
+    out = _help([name], width)
+    shown = dict(_shown_commands(out))
+    for example in _examples(name):
+        assert example in shown, f"{example!r} is not shown whole at {width} columns:\n{out}"
+        assert all(cell_len(line) <= width for line in shown[example])
+
+
+def _choices(name: str) -> list[tuple[str, list[str]]]:
+    return [
+        (p.name or "", list(p.type.choices))  # type: ignore[attr-defined]
+        for p in COMMANDS[name].params
+        if hasattr(p.type, "choices")
+    ]
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_help_never_splits_a_choice(name: str, width: int) -> None:
+    out = _help([name], width)
+    words = set(re.findall(r"[\w-]+", out))
+    for param, choices in _choices(name):
+        for choice in choices:
+            assert choice in words, f"--{param}: {choice!r} is not shown whole at {width} columns"
+            # a piece of it alone ("markd", "own") is a choice cut in two
+            pieces = {choice[:k] for k in range(2, len(choice))} | {choice[k:] for k in range(2, len(choice) - 1)}
+            assert not pieces & (words - set(choices) - _prose_words()), (param, choice, pieces & words)
+
+
+def _prose_words() -> set[str]:
+    # Words the help texts use on their own that happen to be part of a choice name (e.g. "on" of "json").
+    helps = [c.help or "" for c in COMMANDS.values()]
+    helps += [getattr(p, "help", "") or "" for c in COMMANDS.values() for p in c.params]
+    text = " ".join(helps)
+    return set(re.findall(r"[\w-]+", text))
+
+
+@pytest.mark.parametrize("width", [30, 44, 56, 76])
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_a_broken_example_is_still_the_same_shell_command(name: str, width: int) -> None:
+    import shlex
+
+    from statecli.cli._help import break_command
+
+    for example in _examples(name):
+        lines = break_command(example, width)
+        assert all(line.endswith(" \\") for line in lines[:-1]) and not lines[-1].endswith("\\")
+        parts = [line.removesuffix(" \\") for line in lines]
+        for part in parts:
+            shlex.split(part)  # quotes balanced on every line: no break inside a quoted word
+        assert shlex.split(" ".join(parts)) == shlex.split(example)
+        # Longer than the width only where one word is: '.changed[] | select(...)' is not cut.
+        assert all(len(line) <= width or len(shlex.split(line.removesuffix(" \\"))) <= 2 for line in lines)
