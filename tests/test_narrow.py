@@ -157,6 +157,16 @@ def test_the_tree_header_breaks_between_its_parts(sample: str, width: int) -> No
         assert any(part in line for line in header), (part, header)
 
 
+@pytest.mark.parametrize("width", [60, 80])
+def test_the_diff_summary_wraps_between_words(width: int) -> None:
+    a, b = "sample_models/sharded", "sample_models/transformer_buffers.safetensors"
+    wide = show("diff", a, b, width=200).splitlines()[-1]
+    assert wide.startswith("different: ") and cell_len(wide) > 80
+    summary = Shown(show("diff", a, b, width=width)).after[1:]
+    assert all(cell_len(line) <= width for line in summary), summary
+    assert " ".join(summary) == wide
+
+
 # --- the grid's name cutting, unit by unit ------------------------------------------------------------
 
 

@@ -428,7 +428,8 @@ def diff_view(report: DiffReport, show_all: bool = False) -> Group:
     title = f"{report.path_a} → {report.path_b}"
     items = C.diff_items(report, show_all)
     parts: list[RenderableType] = [Grid(title, C.DIFF_TABLE, items), Text()] if items else [Text(title, style="bold")]
-    parts.append(Text(diff_summary(report), style="bold green" if report.same else "bold red"))
+    verdict = Text(diff_summary(report), style="bold green" if report.same else "bold red")
+    parts.append(Flow([("", verdict)]))  # a Flow wraps between words, under soft_wrap too
     return Group(*parts)
 
 
