@@ -257,7 +257,8 @@ def test_names_are_cut_only_when_every_optional_column_is_gone() -> None:
     text = text_of(render.report_table(make_report(BN_TENSORS)), width=50)
     lines = text.splitlines()
     assert lines[1] == "(hidden: Evidence, Numel, Device, Grad)"  # the long form would not fit
-    assert lines[4].startswith("…")  # names shortened from the left, ends kept
+    # Names shortened in the middle: the module path's start and the tensor's own name stay.
+    assert lines[4].startswith("enco…bn1.weight ")
     assert max(len(line) for line in lines[2:]) <= 50
 
 

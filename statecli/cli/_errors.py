@@ -23,6 +23,7 @@ import typer
 from typer._click.exceptions import ClickException, NoArgsIsHelpError, NoSuchOption
 from typer.core import TyperGroup
 
+from statecli.cli._help import FittedHelp
 from statecli.errors import InputError, OutputError, StatecliError
 from statecli.output import console
 
@@ -106,8 +107,9 @@ def report_usage(exc: ClickException) -> int:
     return exc.exit_code
 
 
-class StatecliGroup(TyperGroup):
-    """The app's command group: every command runs inside this error mapping."""
+class StatecliGroup(FittedHelp, TyperGroup):
+    """The app's command group: every command runs inside this error mapping; its help fits the width
+    (:mod:`statecli.cli._help`)."""
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         # Typer would print a usage error as a boxed panel with the usage above it; statecli's errors are

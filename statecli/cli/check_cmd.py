@@ -140,6 +140,7 @@ def check_command(
         typer.Option(
             "--format",
             "-f",
+            metavar="FORMAT",
             help="table: for people; json: statecli.check/1; junit: JUnit XML, one test case per rule; github: "
             "workflow annotations (::error); html: a self-contained report to keep as a CI artifact.",
         ),

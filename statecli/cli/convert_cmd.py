@@ -190,6 +190,7 @@ def convert_command(
         typer.Option(
             "--format",
             "-f",
+            metavar="FORMAT",
             help="table: the plan (with --dry-run) as a table, for people; json: statecli.plan/1 or "
             "statecli.conversion/1. Either way messages and the closing line go to stderr.",
         ),

@@ -91,6 +91,7 @@ def diff_command(
         typer.Option(
             "--format",
             "-f",
+            metavar="FORMAT",
             help="table: the tensors that differ and a summary line, for people; json: the statecli.diff/1 schema; "
             "csv: one row per tensor, every common tensor and every name on one side, numbers unrounded; "
             "markdown: the summary line and the table's rows, to post in a pull request.",

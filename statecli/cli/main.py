@@ -14,6 +14,7 @@ import typer
 from statecli import __version__
 from statecli.cli import check_cmd, convert_cmd, diff_cmd, inspect_cmd, schema_cmd, stats_cmd, tree_cmd
 from statecli.cli._errors import StatecliGroup
+from statecli.cli._help import StatecliCommand
 
 app = typer.Typer(
     name="statecli",
@@ -30,13 +31,13 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-app.command("inspect")(inspect_cmd.inspect_command)
-app.command("tree")(tree_cmd.tree_command)
-app.command("convert")(convert_cmd.convert_command)
-app.command("diff")(diff_cmd.diff_command)
-app.command("stats")(stats_cmd.stats_command)
-app.command("check")(check_cmd.check_command)
-app.command("schema")(schema_cmd.schema_command)
+app.command("inspect", cls=StatecliCommand)(inspect_cmd.inspect_command)
+app.command("tree", cls=StatecliCommand)(tree_cmd.tree_command)
+app.command("convert", cls=StatecliCommand)(convert_cmd.convert_command)
+app.command("diff", cls=StatecliCommand)(diff_cmd.diff_command)
+app.command("stats", cls=StatecliCommand)(stats_cmd.stats_command)
+app.command("check", cls=StatecliCommand)(check_cmd.check_command)
+app.command("schema", cls=StatecliCommand)(schema_cmd.schema_command)
 
 
 def _version(value: bool) -> None:

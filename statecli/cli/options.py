@@ -129,6 +129,7 @@ FormatOpt = Annotated[
     typer.Option(
         "--format",
         "-f",
+        metavar="FORMAT",
         help="table: for people; json: the statecli.report/1 schema (an array for several files); "
         "csv, markdown: one row per tensor.",
         rich_help_panel=OUTPUT,
@@ -139,6 +140,7 @@ TreeFormatOpt = Annotated[
     typer.Option(
         "--format",
         "-f",
+        metavar="FORMAT",
         help="table: a drawn tree for people; json: the statecli.tree/1 schema.",
         rich_help_panel=OUTPUT,
     ),
@@ -148,8 +150,9 @@ SortOpt = Annotated[
     typer.Option(
         "--sort",
         "-s",
-        help="Order of the tensors: as stored in the file, by name, by size or numel (largest first), "
-        "by role (parameters, buffers, other) or by dtype.",
+        metavar="KEY",
+        help="Order of the tensors: file (as stored), name, size or numel (largest first), role (parameters, "
+        "buffers, other) or dtype.",
         rich_help_panel=OUTPUT,
     ),
 ]

@@ -29,6 +29,7 @@ def stats_command(
         typer.Option(
             "--format",
             "-f",
+            metavar="FORMAT",
             help="table: for people; json: the statecli.stats/1 schema; csv: one row each; markdown: the table's "
             "rows as a GitHub table.",
         ),

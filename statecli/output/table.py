@@ -9,7 +9,7 @@ Strings that come from a checkpoint (tensor names, paths, keys, metadata, findin
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from rich.cells import cell_len
@@ -96,6 +96,128 @@ def measure_columns(headers: list[str], rows: list[list[str]]) -> tuple[list[int
     return widths, narrow
 
 
+NAME_MIN = 12  # cells a shortened name keeps at least
+ELLIPSIS = "…"
+
+
+def _head(text: str, cells: int) -> str:
+    """The longest start of ``text`` that fits in ``cells``."""
+    if text.isascii():
+        return text[:cells]
+    used = 0
+    for i, ch in enumerate(text):
+        used += cell_len(ch)
+        if used > cells:
+            return text[:i]
+    return text
+
+
+def _tail(text: str, cells: int) -> str:
+    """The longest end of ``text`` that fits in ``cells``."""
+    if cells <= 0:
+        return ""
+    if text.isascii():
+        return text[-cells:]
+    return _head(text[::-1], cells)[::-1]
+
+
+def cut(text: str, width: int, head: int) -> str:
+    """``text`` in ``width`` cells: its first ``head`` cells, ``…``, and as much of its end as fits."""
+    if text.isascii():  # nearly every name: slices, no cell counting (100,000 names a pass)
+        n = len(text)
+        return text if n <= width else text[:head] + ELLIPSIS + text[n - (width - 1 - head) :]
+    if _width(text) <= width:
+        return text
+    start = _head(text, head)
+    return start + ELLIPSIS + _tail(text, width - 1 - _width(start))
+
+
+def _heads(first: int, width: int) -> Iterator[int]:
+    """Where to cut, nearest ``first`` first: ``first``, ``first + 1``, ``first - 1``, ..."""
+    for step in range(width):
+        for head in (first + step, first - step) if step else (first,):
+            if 0 <= head < width:
+                yield head
+
+
+def _distinct(names: Iterable[str], width: int) -> tuple[dict[str, str], list[str]]:
+    """Each name shortened to ``width`` cells so that no two look alike, and the names that no cut at
+    this width tells apart (empty when none). A name is cut in the middle, a third of it kept from the
+    start and the rest from the end (the module path and the tensor's own name); names that would look
+    alike are cut elsewhere together, nearest that split first, until the part that tells them apart
+    shows."""
+    first = (width - 1) // 3
+    last = width - 1 - first
+    # cut() inlined for ASCII names: this pass runs over every name, a few times when names need room.
+    shown = {
+        n: (n if len(n) <= width else f"{n[:first]}{ELLIPSIS}{n[len(n) - last :]}")
+        if n.isascii()
+        else cut(n, width, first)
+        for n in names
+    }
+    alike: dict[str, list[str]] = {}
+    for name, text in shown.items():
+        alike.setdefault(text, []).append(name)
+    taken = set(alike)
+    for text, group in alike.items():
+        if len(group) == 1:
+            continue
+        taken.discard(text)
+        trial = _split(group, width, taken)
+        if trial is None:
+            return shown, group
+        shown.update(zip(group, trial, strict=True))
+        taken.update(trial)
+    return shown, []
+
+
+def _split(group: list[str], width: int, taken: set[str]) -> list[str] | None:
+    """``group`` cut at the split nearest a third of ``width`` that tells them apart from each other and
+    from ``taken``; ``None`` when there is none."""
+    for head in _heads((width - 1) // 3, width):
+        trial = _apart(group, width, head, taken)
+        if trial is not None:
+            return trial
+    return None
+
+
+def _apart(group: list[str], width: int, head: int, taken: set[str]) -> list[str] | None:
+    """``group`` cut at ``head``, when that makes them differ from each other and from ``taken``."""
+    out = []
+    seen = set()
+    for name in group:
+        text = cut(name, width, head)
+        if text in seen or text in taken:
+            return None  # most splits fail on the first few names: stop at the first clash
+        seen.add(text)
+        out.append(text)
+    return out
+
+
+def cut_names(names: Sequence[str], width: int) -> tuple[list[str], int]:
+    """``names`` shortened to ``width`` cells, two different names never shown alike, and the width used:
+    wider than ``width`` when names differ only where no single cut can show it (then the table is wider
+    than the terminal: better than two rows a reader cannot tell apart)."""
+    distinct = list(dict.fromkeys(names))
+    longest = max(map(_width, distinct), default=0)
+    if width >= longest:
+        return list(names), longest
+    shown, stuck = _distinct(distinct, width)
+    if stuck:
+        # A wider cut: found by halving (each try is a pass over every name, 100,000 of them at times),
+        # so the least width that works, or one a cell or two wider where more room does not always help.
+        low, high, shown = width, longest, {n: n for n in distinct}
+        while high - low > 1:
+            mid = (low + high) // 2
+            trial, stuck = _distinct(distinct, mid)
+            if stuck:
+                low = mid
+            else:
+                high, shown = mid, trial
+        width = high
+    return [shown[n] for n in names], width
+
+
 class Grid:
     """A result's table from its column set: a title, a header, a rule, one aligned line per item.
 
@@ -146,31 +268,39 @@ class Grid:
     def fit(self, max_width: int) -> tuple[list[int], list[int]]:
         """The columns shown in ``max_width`` cells (indices into the headers) and their widths.
 
-        Too wide: first the names give up what they can spare down to a third of the width, then the
-        hideable columns go (those holding only ``—`` first, then by their ``hide`` number), and only then
-        are the names shortened further, to 12 cells at least. Names cut short look alike (``…unning_mean``),
-        and a table wider than the terminal wraps every row onto two lines: both are worse than a missing
-        column.
+        Too wide: the hideable columns go first (those holding only ``—`` first, then by their ``hide``
+        number), and only when none is left are the names shortened, to :data:`NAME_MIN` cells at least
+        (see :meth:`names`). A missing column is said under the title; a name cut short loses what tells
+        it from its neighbours, and a table wider than the terminal wraps every row onto two lines.
         """
+        self._cleaned()
         cols = list(range(len(self.headers)))
         widths = list(self.widths)
-        full = widths[0]
 
-        def total(name: int) -> int:
-            return name + sum(widths[i] for i in cols[1:]) + len(self.GAP) * (len(cols) - 1)
+        def total() -> int:
+            return sum(widths[i] for i in cols) + len(self.GAP) * (len(cols) - 1)
 
-        if total(full) <= max_width:
+        if total() <= max_width:
             return cols, widths
-        floor = min(full, max(24, max_width // 3))
         hideable = [i for i, c in enumerate(self.columns) if c.hide is not None]
         optional = sorted(hideable, key=lambda i: self.columns[i].hide)  # type: ignore[arg-type, return-value]
         blank = [i for i in optional if all(row[i] in (UNKNOWN, "") for row in self.rows)]
         for i in blank + [i for i in optional if i not in blank]:
-            if total(floor) <= max_width:
+            if total() <= max_width:
                 break
             cols.remove(i)
-        widths[0] = max(12, min(full, full - (total(full) - max_width)))
+        wanted = max(NAME_MIN, widths[0] - (total() - max_width))
+        if wanted < widths[0]:
+            widths[0] = self.names(wanted)[1]
         return cols, widths
+
+    def names(self, width: int) -> tuple[list[str], int]:
+        """The first column's cells shortened to ``width`` cells, all still different (see
+        :func:`cut_names`), and the width they need; computed once per width."""
+        cache = self.__dict__.setdefault("_names", {})
+        if width not in cache:
+            cache[width] = cut_names([row[0] for row in self.rows], width)
+        return cache[width]
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         self._cleaned()
@@ -203,7 +333,11 @@ class Grid:
                 cells.append(row[last] if tail is None else tail(row[last], widths[last]))
                 yield Segment(gap.join(cells) + "\n")
             return
-        for t, row in zip(self.items, self.rows, strict=True):
+        rows: Iterable[Sequence[str]] = self.rows
+        if widths[0] < self.widths[0]:
+            names = self.names(widths[0])[0]
+            rows = ((name, *row[1:]) for name, row in zip(names, self.rows, strict=True))
+        for t, row in zip(self.items, rows, strict=True):
             # The last column is not padded unless right-aligned: no trailing blanks on every line.
             cells = [row[i] if i == last and not right[i] else self._pad(row[i], widths[i], i) for i in cols]
             if plain:
@@ -217,9 +351,6 @@ class Grid:
 
     def _pad(self, text: str, width: int, column: int) -> str:
         used = _width(text)
-        if used > width:  # only the name column is ever narrower than its cells
-            text = "…" + text[len(text) - width + 1 :]
-            used = width
         pad = " " * (width - used)
         return pad + text if self.right[column] else text + pad
 
@@ -297,7 +428,8 @@ def diff_view(report: DiffReport, show_all: bool = False) -> Group:
     title = f"{report.path_a} → {report.path_b}"
     items = C.diff_items(report, show_all)
     parts: list[RenderableType] = [Grid(title, C.DIFF_TABLE, items), Text()] if items else [Text(title, style="bold")]
-    parts.append(Text(diff_summary(report), style="bold green" if report.same else "bold red"))
+    verdict = Text(diff_summary(report), style="bold green" if report.same else "bold red")
+    parts.append(Flow([("", verdict)]))  # a Flow wraps between words, under soft_wrap too
     return Group(*parts)
 
 
@@ -463,47 +595,137 @@ def summary(report: Report) -> Table:
 
 def report_view(report: Report, with_summary: bool = True, with_legend: bool = True) -> Group:
     """What ``statecli inspect`` shows for one file: the table, then the summary and the legend."""
-    parts: list[RenderableType] = [report_table(report)]
+    table = report_table(report)
+    parts: list[RenderableType] = [table]
     if with_summary:
         parts += [Text(), summary(report)]
     if with_legend:
-        parts.append(legend(any(t.persistent is False for t in report.tensors)))
+        parts.append(Legend(table, any(t.persistent is False for t in report.tensors)))
     return Group(*parts)
 
 
-def legend(non_persistent: bool = False) -> Text:
-    """The line that explains the table's marks (``np`` only when the table shows one)."""
-    np_note = f" · {NON_PERSISTENT}: non-persistent buffer, left out of state_dict()" if non_persistent else ""
-    return Text(
-        f"{EXACT_MARK} exact: the file states the role · {INFERRED_MARK} inferred: see Evidence · "
-        f"{UNKNOWN} not stored in the file{np_note}",
-        style="dim",
-    )
+class Flow:
+    """Parts of a line on as few lines as the width allows, broken between parts and never inside one,
+    unless a part is wider than a line by itself (then it breaks between its words).
+
+    ``parts`` pairs each part with what joins it to the part before on one line (`` · ``); a line
+    break drops the joint, so no line starts or ends with a dangling separator. ``alone`` parts start a
+    line of their own whenever the whole does not fit on one line.
+    """
+
+    def __init__(self, parts: Sequence[tuple[str, Text]], alone: Iterable[int] = (), style: str = "") -> None:
+        self.parts = parts
+        self.alone = frozenset(alone)
+        self.style = style
+
+    def _lines(self, width: int) -> list[Text]:
+        whole = self._whole()
+        if whole.cell_len <= width:
+            return [whole]
+        lines: list[Text] = []
+        line: Text | None = None
+        for i, (joint, part) in enumerate(self.parts):
+            if line is not None and i not in self.alone and line.cell_len + cell_len(joint) + part.cell_len <= width:
+                line.append(joint, self.style)
+                line.append_text(part)
+                continue
+            if line is not None:
+                lines.append(line)
+            line = part.copy()
+        if line is not None:
+            lines.append(line)
+        return lines
+
+    def _whole(self) -> Text:
+        text = Text()
+        for k, (joint, part) in enumerate(self.parts):
+            if k:
+                text.append(joint, self.style)
+            text.append_text(part)
+        return text
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        whole = self._whole().cell_len
+        longest = max((max(map(cell_len, part.plain.split()), default=0) for _, part in self.parts), default=0)
+        return Measurement(min(longest, whole), whole)
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        # Wrapped here, not by the console: statecli prints with soft_wrap, which would leave a long line
+        # to the terminal to break anywhere, inside a word too.
+        width = options.max_width
+        for line in self._lines(width):
+            for piece in line.wrap(console, width, overflow="fold", no_wrap=False):
+                yield from piece.render(console)
+                yield Segment.line()
+
+
+def legend_parts(shown: Collection[str], non_persistent: bool = False) -> list[str]:
+    """What the inspect table's marks mean, for the columns ``shown`` (their headers): "see Evidence" only
+    beside an Evidence column, ``—`` only when a column that may hold it (Device, Grad) is there, ``np``
+    only when the table shows one."""
+    parts = [f"{EXACT_MARK} exact: the file states the role"]
+    if "Evidence" in shown:
+        parts.append(f"{INFERRED_MARK} inferred: see Evidence")
+    else:
+        parts.append(f"{INFERRED_MARK} inferred: the file does not state it")
+    if {"Device", "Grad"} & set(shown):
+        parts.append(f"{UNKNOWN} not stored in the file")
+    if non_persistent:
+        parts.append(f"{NON_PERSISTENT}: non-persistent buffer, left out of state_dict()")
+    return parts
+
+
+def legend_text(shown: Collection[str], non_persistent: bool = False) -> str:
+    """:func:`legend_parts` on one line."""
+    return " · ".join(legend_parts(shown, non_persistent))
+
+
+class Legend:
+    """The lines under the inspect table that explain its marks, for the columns the table shows at the
+    width it is printed in, wrapped between its entries."""
+
+    def __init__(self, table: Grid, non_persistent: bool = False) -> None:
+        self.table = table
+        self.non_persistent = non_persistent
+
+    def _flow(self, width: int) -> Flow:
+        cols, _ = self.table.fit(width)
+        parts = legend_parts({self.table.headers[i] for i in cols}, self.non_persistent)
+        return Flow([(" · ", Text(p, style="dim")) for p in parts], style="dim")
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        return Measurement.get(console, options, self._flow(options.max_width))
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield self._flow(options.max_width)
 
 
 # --- tree ---------------------------------------------------------------------------------------
 
 
-def _sizes(node: TreeNode) -> Text:
-    """``2 params 4.6 KiB · 3 buffers 520 B``, zero parts left out."""
+def _size_parts(node: TreeNode) -> list[Text]:
+    """``2 params 4.6 KiB``, ``3 buffers 520 B``: one per role, zero parts left out."""
     parts = [
         (node.parameters, "param", "parameter"),
         (node.buffers, "buffer", "buffer"),
         (node.other, "other", "other"),
     ]
-    text = Text()
+    out = []
     for tot, word, role in parts:
         if not tot.count:
             continue
-        if text:
-            text.append(" · ")
         label = count(tot.count, word) if word != "other" else f"{tot.count:,} other"
-        text.append(f"{label} {human_bytes(tot.nbytes)}", style=ROLE_STYLES[role])
-    return text
+        out.append(Text(f"{label} {human_bytes(tot.nbytes)}", style=ROLE_STYLES[role]))
+    return out
+
+
+def _sizes(node: TreeNode) -> Text:
+    """``2 params 4.6 KiB · 3 buffers 520 B``, zero parts left out."""
+    return Text(" · ").join(_size_parts(node))
 
 
 def _notes(node: TreeNode, logical: bool = False) -> Text:
-    """``  (2 folded · 1 shared)``: tensors counted but not listed, tensors whose bytes an earlier tensor
+    """``(2 folded · 1 shared)``: tensors counted but not listed, tensors whose bytes an earlier tensor
     carries, and (for the root) the logical bytes when shared storages make them differ; empty when
     there is nothing to say."""
     notes = []
@@ -513,7 +735,7 @@ def _notes(node: TreeNode, logical: bool = False) -> Text:
         notes.append(f"{node.shared:,} shared")
     if logical and node.logical_nbytes != node.nbytes:
         notes.append(f"{human_bytes(node.logical_nbytes)} logical")
-    return Text(f"  ({' · '.join(notes)})", style="dim") if notes else Text()
+    return Text(f"({' · '.join(notes)})", style="dim") if notes else Text()
 
 
 def _module_label(node: TreeNode, width: int, total: int) -> Text:
@@ -523,8 +745,22 @@ def _module_label(node: TreeNode, width: int, total: int) -> Text:
     text.append(bar(fraction), style="magenta")
     text.append(f" {fraction * 100:5.1f}%  ")
     text.append_text(_sizes(node))
-    text.append_text(_notes(node))
+    notes = _notes(node)
+    if notes:
+        text.append("  ")
+        text.append_text(notes)
     return text
+
+
+def _header(root: TreeNode, title: str) -> Flow:
+    """The tree's first line, in bold: the path and its bytes, then the totals per role and the notes.
+    Too wide for the terminal, the totals start a line of their own, broken between roles if need be."""
+    parts = [("", Text(f"{clean(title)}  {human_bytes(root.nbytes)}"))]
+    parts += [(" · " if k else "  ", part) for k, part in enumerate(_size_parts(root))]
+    notes = _notes(root, logical=True)
+    if notes:
+        parts.append(("  ", notes))
+    return Flow([(joint, Text(style="bold").append_text(part)) for joint, part in parts], alone=[1], style="bold")
 
 
 def _tensor_labels(node: TreeNode, width: int) -> list[Text]:
@@ -566,10 +802,6 @@ def tree(root: TreeNode, title: str) -> Tree:
     """``root`` drawn with rich: each module with a bar for its share of all bytes (in storages: shared
     storages count once), then its totals; tensors within the depth with role mark, dtype, shape and
     size, and what they share storage with."""
-    label = Text(clean(title), style="bold")
-    label.append(f"  {human_bytes(root.nbytes)}  ")
-    label.append_text(_sizes(root))
-    label.append_text(_notes(root, logical=True))
-    out = Tree(label, guide_style="dim")
+    out = Tree(_header(root, title), guide_style="dim")
     _grow(out, root, root.nbytes)
     return out
