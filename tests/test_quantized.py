@@ -1,0 +1,176 @@
+"""Quantized tensors (``qint8``, ``quint8``, ``qint32``; per tensor and per channel) through statecli: the
+quantizer read from the pickle, ``convert`` to a .pt that torch.load(weights_only=True) reads back equal,
+``statecli.load`` giving real quantized tensors, and ``diff`` comparing them exactly. torch is the oracle."""
+
+from __future__ import annotations
+
+import json
+import pickletools
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from clirun import run_cli
+
+import statecli
+from statecli.pickled import Global, QuantizerRef, StorageRef, TensorRef
+from statecli.safepickle.handlers import HANDLERS
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+QUANTIZED = {"qint8", "quint8", "qint32", "per_channel", "per_channel_axis1", "float_qparams", "transposed", "alias"}
+
+
+def quiet(fn: Any, *args: Any, **kw: Any) -> Any:
+    """Call ``fn`` without torch's deprecation notices for quantized tensors and TypedStorage."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kw)
+
+
+def tload(path: Path | str, **kw: Any) -> Any:
+    return quiet(torch.load, path, weights_only=True, **kw)
+
+
+def quantized_state() -> dict[str, torch.Tensor]:
+    """Every quantizer torch.save writes, beside plain tensors; ``alias`` is ``qint8`` under a second name."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 3, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qint8 = torch.quantize_per_tensor(w, 0.05, 3, torch.qint8)
+        return {
+            "weight": torch.randn(4, generator=g),
+            "qint8": qint8,
+            "quint8": torch.quantize_per_tensor(w, 0.1, 128, torch.quint8),
+            "qint32": torch.quantize_per_tensor(w, 0.001, -7, torch.qint32),
+            "per_channel": torch.quantize_per_channel(
+                w, torch.tensor([0.1, 0.2, 0.05, 0.3], dtype=torch.float64), torch.tensor([0, 1, -2, 3]), 0, torch.qint8
+            ),
+            "per_channel_axis1": torch.quantize_per_channel(
+                w, torch.tensor([0.02, 0.04, 0.08], dtype=torch.float64), torch.tensor([120, 128, 130]), 1, torch.quint8
+            ),
+            # Embedding-style: float zero points (torch pickles the scheme as per_channel_affine all the same).
+            "float_qparams": torch.quantize_per_channel(
+                w, torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.tensor([0.5, -1.0, 0.0, 2.0]), 0, torch.quint8
+            ),
+            "transposed": torch.quantize_per_tensor(w.t().contiguous(), 0.07, 0, torch.qint8).t(),
+            "steps": torch.tensor(7),
+            "alias": qint8,
+        }
+
+
+def save_state(path: Path, state: dict[str, torch.Tensor] | None = None, **kw: Any) -> Path:
+    quiet(torch.save, quantized_state() if state is None else state, path, **kw)
+    return path
+
+
+def assert_same_quantized(got: torch.Tensor, want: torch.Tensor, name: str = "") -> None:
+    """Equal as torch sees a quantized tensor: dtype, shape, scheme, integers and every quantizer parameter."""
+    assert got.is_quantized and want.is_quantized, name
+    assert got.dtype == want.dtype and got.shape == want.shape, name
+    assert got.qscheme() == want.qscheme(), name
+    assert torch.equal(got.int_repr(), want.int_repr()), name
+    if want.qscheme() == torch.per_tensor_affine:
+        assert (got.q_scale(), got.q_zero_point()) == (want.q_scale(), want.q_zero_point()), name
+    else:
+        assert torch.equal(got.q_per_channel_scales(), want.q_per_channel_scales()), name
+        assert torch.equal(got.q_per_channel_zero_points(), want.q_per_channel_zero_points()), name
+        assert got.q_per_channel_axis() == want.q_per_channel_axis(), name
+
+
+def assert_same_state(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert list(got) == list(want)
+    for name, w in want.items():
+        if w.is_quantized:
+            assert_same_quantized(got[name], w, name)
+        else:
+            assert got[name].dtype == w.dtype and torch.equal(got[name], w), name
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def test_the_quantizer_reaches_the_records(tmp_path: Path) -> None:
+    src = save_state(tmp_path / "q.pt")
+    by = {t.name: t for t in statecli.open_checkpoint(src).tensors}
+    q = by["qint8"].quantizer
+    assert q is not None and (q.scheme, q.scale, q.zero_point, q.axis) == ("per_tensor_affine", 0.05, 3, None)
+    assert by["qint32"].quantizer is not None and by["qint32"].quantizer.zero_point == -7
+    pc = by["per_channel_axis1"].quantizer
+    assert pc is not None and (pc.scheme, pc.axis) == ("per_channel_affine", 1)
+    assert pc.scales is not None and pc.zero_points is not None
+    assert (pc.scales.dtype, pc.scales.shape, pc.zero_points.dtype, pc.zero_points.shape) == (
+        "float64",
+        (3,),
+        "int64",
+        (3,),
+    )
+    fq = by["float_qparams"].quantizer
+    assert fq is not None and fq.zero_points is not None and fq.zero_points.dtype == "float32"
+    assert by["weight"].quantizer is None and by["steps"].quantizer is None
+
+
+def _qtensor(params: tuple[Any, ...]) -> TensorRef:
+    """What the restricted reader makes of ``_rebuild_qtensor`` over a 4×3 qint8 storage with ``params``."""
+    rebuild = HANDLERS[("torch._utils", "_rebuild_qtensor")]
+    return rebuild((StorageRef("0", "qint8", "cpu", 12, 12), 0, (4, 3), (3, 1), params, False, None))
+
+
+def test_quantizer_params_torch_load_would_refuse_are_not_carried() -> None:
+    scales = TensorRef(StorageRef("1", "float64", "cpu", 4, 32), 0, (4,), (1,), "float64", None)
+    zero_points = TensorRef(StorageRef("2", "int64", "cpu", 4, 32), 0, (4,), (1,), "int64", None)
+    per_tensor, per_channel = Global("torch", "per_tensor_affine"), Global("torch", "per_channel_affine")
+    assert _qtensor((per_tensor, 0.5, 3)).quantizer == QuantizerRef("per_tensor_affine", 0.5, 3)
+    q = _qtensor((per_channel, scales, zero_points, 0)).quantizer
+    assert q is not None and (q.axis, q.scales, q.zero_points) == (0, scales, zero_points)
+    bad = [
+        (per_tensor, 0.5),
+        (per_tensor, "0.5", 3),
+        (per_tensor, 0.5, True),
+        (per_tensor, 0.5, 2**63),
+        (Global("torch", "per_tensor_symmetric"), 0.5, 3),  # torch.load refuses every other scheme
+        (Global("os", "per_tensor_affine"), 0.5, 3),
+        (per_channel, scales, zero_points, 1),  # 3 channels along axis 1, 4 scales
+        (per_channel, scales, zero_points, -1),
+        (per_channel, scales, zero_points, 2),
+        (per_channel, [0.1] * 4, [0] * 4, 0),  # lists: torch.save writes tensors
+        (per_channel, zero_points, zero_points, 0),  # integer scales
+        (per_channel, scales, zero_points),
+        (),
+    ]
+    for params in bad:
+        t = _qtensor(params)
+        assert t.layout == "quantized" and t.quantizer is None, params
+
+
+def test_inspect_json_does_not_show_the_quantizer(tmp_path: Path) -> None:
+    src = save_state(tmp_path / "q.pt")
+    code, out, err = run_cli("inspect", src, "--format", "json")
+    assert code == 0, err
+    doc = json.loads(out)
+    keys = {tuple(t) for t in doc["tensors"]}
+    assert len(keys) == 1  # quantized tensors have exactly the fields of the others
+    assert json.loads(statecli.open_checkpoint(src).to_json()) == statecli.open_checkpoint(src).to_dict()
+
+
+# ----------------------------------------------------------------------------------------------- convert
+
+
+def _globals(path: Path) -> list[str]:
+    with zipfile.ZipFile(path) as z:
+        pkl = z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
+    return [arg for op, arg, _ in pickletools.genops(pkl) if op.name == "GLOBAL"]
+
+
+# ----------------------------------------------------------------------------------------------- statecli.load
+
+
+# ----------------------------------------------------------------------------------------------- diff
+
+
+def _edited(**changes: torch.Tensor) -> dict[str, torch.Tensor]:
+    state = quantized_state()
+    state.update(changes)
+    return state
