@@ -4,17 +4,23 @@ quantizer read from the pickle, ``convert`` to a .pt that torch.load(weights_onl
 
 from __future__ import annotations
 
+import collections
 import json
 import pickletools
+import subprocess
+import sys
 import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from clirun import run_cli
 
 import statecli
+from statecli import conversion as conv
+from statecli.errors import OutputError, UnsupportedFormatError, UsageError
 from statecli.pickled import Global, QuantizerRef, StorageRef, TensorRef
 from statecli.safepickle.handlers import HANDLERS
 
@@ -158,10 +164,135 @@ def test_inspect_json_does_not_show_the_quantizer(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------- convert
 
 
+def test_convert_to_pt_keeps_quantized_tensors_as_torch_saved_them(tmp_path: Path) -> None:
+    src = save_state(tmp_path / "q.pt")
+    out = tmp_path / "out.pt"
+    report = conv.convert(src, out, dtype="bf16", verify=True)
+    decisions = {i.name: (i.action, i.dst_dtype, i.reason) for i in report.plan.items}
+    assert decisions["qint8"] == ("keep", "qint8", "quantized qint8: never changes")
+    assert decisions["per_channel_axis1"] == ("keep", "quint8", "quantized quint8: never changes")
+    assert decisions["weight"][:2] == ("cast", "bfloat16")
+    want = tload(src)
+    back = tload(out)
+    want["weight"] = want["weight"].bfloat16()
+    assert_same_state(back, want)
+    assert back["alias"].untyped_storage().data_ptr() == back["qint8"].untyped_storage().data_ptr()
+
+
+def test_the_written_pickle_calls_what_torch_save_calls(tmp_path: Path) -> None:
+    """The same globals in the same order as torch.save's own pickle: _rebuild_qtensor with a storage typed
+    by the quantized dtype, and the quantizer tuple torch writes (per_channel_affine for float qparams too)."""
+    for name, t in quantized_state().items():
+        if not t.is_quantized or name == "alias":
+            continue
+        src = save_state(tmp_path / f"{name}.pt", collections.OrderedDict({name: t}))  # as statecli writes one
+        out = tmp_path / f"{name}-out.pt"
+        conv.convert(src, out)
+        assert _globals(out) == _globals(src), name
+
+
 def _globals(path: Path) -> list[str]:
     with zipfile.ZipFile(path) as z:
         pkl = z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
     return [arg for op, arg, _ in pickletools.genops(pkl) if op.name == "GLOBAL"]
+
+
+def test_a_quantizer_that_reads_back_wrong_is_not_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from statecli.conversion import quantized as cq
+
+    src = save_state(tmp_path / "q.pt", {"q": quantized_state()["qint8"]})
+    real = cq.QuantizedOut.wrap
+
+    def rescaled(self: cq.QuantizedOut, item: conv.PlanItem, t: Any) -> Any:
+        out = real(self, item, t)
+        out.scale *= 2
+        return out
+
+    monkeypatch.setattr(cq.QuantizedOut, "wrap", rescaled)
+    with pytest.raises(OutputError, match=r"q has quantizer \('per_tensor_affine', 0.1, 3\), expected"):
+        conv.convert(src, tmp_path / "o.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.pt"]
+
+
+def test_verify_reads_the_per_channel_scales_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from statecli.conversion import quantized as cq
+
+    src = save_state(tmp_path / "q.pt", {"q": quantized_state()["per_channel"]})
+    real = cq.QuantizedOut.storages
+
+    def scrambled(self: cq.QuantizedOut) -> Any:
+        for storage, pieces in real(self):
+            yield storage, [bytes(reversed(bytes(p))) for p in pieces]
+
+    monkeypatch.setattr(cq.QuantizedOut, "storages", scrambled)
+    conv.convert(src, tmp_path / "unchecked.pt")  # names, dtypes, shapes: all as planned
+    with pytest.raises(OutputError, match="--verify: the values of q"):
+        conv.convert(src, tmp_path / "o.pt", verify=True)
+    assert not (tmp_path / "o.pt").exists()
+
+
+def test_convert_moves_quantized_tensors_with_the_others(tmp_path: Path) -> None:
+    src = save_state(tmp_path / "q.pt")
+    out = tmp_path / "gpu.pt"
+    conv.convert(src, out, device="cuda:0")
+    assert {t.device for t in statecli.open_checkpoint(out).tensors} == {"cuda:0"}
+    with zipfile.ZipFile(out) as z:
+        pkl = z.read("gpu/data.pkl")
+    assert b"cpu" not in pkl  # the per-channel scales and zero points move too, as torch.save's would
+    assert_same_state(tload(out, map_location="cpu"), tload(src))
+    back = tmp_path / "cpu.pt"
+    conv.convert(out, back, device="cpu")
+    assert_same_state(tload(back), tload(src))
+
+
+def test_quantized_tensors_cannot_go_to_meta(tmp_path: Path) -> None:
+    src = save_state(tmp_path / "q.pt")
+    with pytest.raises(UsageError, match=r"quantized.*meta"):
+        conv.plan(src, tmp_path / "o.pt", device="meta")
+    with pytest.raises(UsageError, match=r"quantized.*meta"):
+        statecli.load(src, device="meta")
+
+
+def test_safetensors_output_is_a_usage_error_naming_the_tensors(tmp_path: Path) -> None:
+    src = save_state(tmp_path / "q.pt")
+    out = tmp_path / "out" / "q.safetensors"
+    out.parent.mkdir()
+    with pytest.raises(UsageError) as e:
+        conv.convert(src, out)
+    assert "qint8" in e.value.message and "per_channel_axis1" in e.value.message and ".pt" in e.value.message
+    code, _, err = run_cli("convert", src, "-o", out)
+    assert code == 2 and "write a .pt file instead" in err
+    code, _, err = run_cli("convert", src, "-o", out.parent / "shards/")
+    assert code == 2, err
+    assert list(out.parent.iterdir()) == []
+
+
+def test_convert_cli_table_says_why_quantized_tensors_keep_their_dtype(tmp_path: Path) -> None:
+    src = save_state(tmp_path / "q.pt")
+    code, out, err = run_cli(
+        "convert", src, "-o", tmp_path / "o.pt", "--dtype", "fp16", "--dry-run", "--format", "json"
+    )
+    assert code == 0, err
+    reasons = {t["name"]: t["reason"] for t in json.loads(out)["tensors"]}
+    assert reasons["per_channel"] == "quantized qint8: never changes"
+    assert reasons["qint32"] == "quantized qint32: never changes"
+
+
+def test_plan_of_a_quantized_checkpoint_needs_no_torch(tmp_path: Path) -> None:
+    code = (
+        "import sys, statecli.conversion as c\n"
+        f"p = c.plan({str(SAMPLES / 'quantized_static_state_dict.pt')!r}, {str(tmp_path / 'o.pt')!r}, dtype='fp16')\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+        "print(sorted({i.reason for i in p.items if i.src_dtype == 'qint8'}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['quantized qint8: never changes']"
+
+
+def test_packed_quantized_dtypes_are_still_refused(tmp_path: Path) -> None:
+    with pytest.raises(UnsupportedFormatError, match=r"quint4x2.*packed"):
+        conv.convert(SAMPLES / "all_dtypes.pt", tmp_path / "o.pt")
+    assert list(tmp_path.iterdir()) == []
 
 
 # ----------------------------------------------------------------------------------------------- statecli.load

@@ -22,6 +22,7 @@ from statecli import dtypes
 from statecli.errors import InputError, StatecliError, UnsupportedFormatError, UsageError
 from statecli.records import Finding, JsonFields, RawTensor, Report, TensorInfo
 from statecli.roles import infer, keep_vars_proves
+from statecli.tensors.quantized import unsupported as quantized_unsupported
 from statecli.wording import count
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -326,10 +327,10 @@ def _dtype_decision(
     src = t.dtype
     kind = dtypes.DTYPES[src].kind if src in dtypes.DTYPES else "unknown"
     if kind == "quant" or t.layout == "quantized":
-        raise UnsupportedFormatError(
-            f"tensor {t.name!r} is quantized ({src}): convert does not write quantized tensors yet "
-            "(their scales live in the pickle, not in the tensor data)"
-        )
+        why = quantized_unsupported(t)
+        if why is not None:
+            raise UnsupportedFormatError(f"tensor {t.name!r} is quantized ({src}): {why}")
+        return "keep", src, f"quantized {src}: never changes"
     if t.layout != "strided":
         raise UnsupportedFormatError(f"tensor {t.name!r} has layout {t.layout}: convert handles strided tensors only")
     if target is None:
@@ -359,6 +360,16 @@ def _dtype_decision(
     return "cast", dst, f"{src} → {dst}"
 
 
+def _refuse_quantized_on_meta(items: list[PlanItem]) -> None:
+    """torch has no quantized tensors on the meta device: a .pt that puts one there would not load."""
+    names = [i.name for i in items if i.dst_device == "meta" and i.source.quantizer is not None]
+    if names:
+        raise UsageError(
+            f"torch cannot hold quantized tensors on the meta device ({', '.join(names[:5])}"
+            f"{' …' if len(names) > 5 else ''}); choose cpu or cuda"
+        )
+
+
 def build_plan(report: Report, output: str, options: ConvertOptions) -> Plan:
     """Decide every tensor's fate. Raises UsageError for options that cannot apply to this input."""
     target = target_dtype(options.dtype)
@@ -386,6 +397,7 @@ def build_plan(report: Report, output: str, options: ConvertOptions) -> Plan:
         unit = t.storage if t.storage is not None else f"tensor:{t.file or ''}:{t.name}"
         dst_device = (device or t.device or "cpu") if fmt == "torch" else None  # safetensors stores none
         items.append(PlanItem(out, t, role, exact, evidence, t.dtype, dst, action, reason, dst_device, unit))
+    _refuse_quantized_on_meta(items)
 
     if options.untie and fmt == "torch":
         raise UsageError("--untie is for safetensors output: a .pt keeps a tie as one storage, as torch.save does")
