@@ -295,7 +295,72 @@ def test_packed_quantized_dtypes_are_still_refused(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("sample", ["quantized_static_state_dict.pt", "quantized_dynamic_state_dict.pt"])
+def test_quantized_samples_convert_to_pt(tmp_path: Path, sample: str) -> None:
+    out = tmp_path / "o.pt"
+    code, _, err = run_cli("convert", SAMPLES / sample, "-o", out, "--dtype", "bf16", "--verify")
+    assert code == 0, err
+    back = tload(out)
+    got = quiet(statecli.load, SAMPLES / sample)
+    assert set(back) == set(got) and any(t.is_quantized for t in got.values())
+    for name, t in got.items():
+        if t.is_quantized:
+            assert_same_quantized(back[name], t, name)
+
+
 # ----------------------------------------------------------------------------------------------- statecli.load
+
+
+def test_load_gives_real_quantized_tensors(tmp_path: Path) -> None:
+    src = save_state(tmp_path / "q.pt")
+    got = quiet(statecli.load, src, dtype="fp16")
+    want = tload(src)
+    want["weight"] = want["weight"].half()
+    assert_same_state(got, want)
+    assert got["alias"].untyped_storage().data_ptr() == got["qint8"].untyped_storage().data_ptr()
+
+
+def test_load_matches_torch_on_the_static_sample() -> None:
+    got = quiet(statecli.load, SAMPLES / "quantized_static_state_dict.pt")
+    want = tload(SAMPLES / "quantized_static_state_dict.pt")
+    packed = want["fc._packed_params._packed_params"]
+    assert_same_quantized(got["conv.weight"], want["conv.weight"], "conv.weight")
+    assert_same_quantized(got["fc._packed_params._packed_params.0"], packed[0], "fc weight")
+    assert torch.equal(got["fc._packed_params._packed_params.1"], packed[1])
+
+
+def test_load_from_a_legacy_file(tmp_path: Path) -> None:
+    src = save_state(tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert statecli.open_checkpoint(src).format == "torch-legacy"
+    assert_same_state(quiet(statecli.load, src), tload(src))
+
+
+def test_load_from_bin_shards(tmp_path: Path) -> None:
+    state = quantized_state()
+    del state["alias"]
+    names = list(state)
+    first, second = names[: len(names) // 2], names[len(names) // 2 :]
+    save_state(tmp_path / "pytorch_model-1.bin", {k: state[k] for k in first})
+    save_state(tmp_path / "pytorch_model-2.bin", {k: state[k] for k in second})
+    weight_map = {k: "pytorch_model-1.bin" for k in first} | {k: "pytorch_model-2.bin" for k in second}
+    index = tmp_path / "pytorch_model.bin.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    got = quiet(statecli.load, index)
+    assert_same_state(got, state)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_load_to_cuda(tmp_path: Path) -> None:
+    src = save_state(tmp_path / "q.pt")
+    want = tload(src)
+    for device in ("cuda", "cuda:0"):
+        try:
+            got = quiet(statecli.load, src, device=device)
+        except UsageError as e:  # torch without quantized CUDA kernels for a scheme: said, not crashed
+            assert "quantized" in e.message and "cuda" in e.message
+            continue
+        assert all(v.device.type == "cuda" for v in got.values())
+        assert_same_state({k: v.cpu() for k, v in got.items()}, want)
 
 
 # ----------------------------------------------------------------------------------------------- diff

@@ -36,6 +36,8 @@ from statecli.formats.safetensors import header as st_header
 from statecli.formats.sharded import index_bytes, shard_name, split_by_size
 from statecli.formats.torchzip import ParameterOut, QTensorOut, StorageOut, TensorOut, write_torch_zip
 from statecli.records import Finding, Report
+from statecli.tensors.quantized import channel_params
+from statecli.tensors.quantized import make as make_quantized
 from statecli.tensors.source import Source, byte_view, check_views, refuse_mixed_dtypes
 from statecli.tensors.values import StorageReader
 from statecli.tensors.views import storage_dtype, torch_dtype, view
@@ -589,7 +591,12 @@ def load_units(plan: Plan, units: list[_Unit], device: str) -> dict[str, Any]:
                 base = base.clone()  # do not keep a larger read buffer alive behind a small view
             for item in u.items:
                 offset, shape, stride = u.view_of(item)
-                out[item.name] = view(base, offset, shape, stride)
+                q = item.source.quantizer
+                if q is not None:  # a real quantized tensor over the same memory, as torch.load gives
+                    params = channel_params(source, q)
+                    out[item.name] = make_quantized(base, offset, shape, stride, item.source, params)
+                else:
+                    out[item.name] = view(base, offset, shape, stride)
     err = None if plan.options.allow_overflow else overflow_error(report.stats, report.plan.target_dtype or "")
     if err is not None:
         raise CheckFailedError(err.message.replace("Nothing was written. ", ""))
