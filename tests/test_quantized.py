@@ -20,6 +20,7 @@ from clirun import run_cli
 
 import statecli
 from statecli import conversion as conv
+from statecli.diff import diff
 from statecli.errors import OutputError, UnsupportedFormatError, UsageError
 from statecli.pickled import Global, QuantizerRef, StorageRef, TensorRef
 from statecli.safepickle.handlers import HANDLERS
@@ -370,3 +371,105 @@ def _edited(**changes: torch.Tensor) -> dict[str, torch.Tensor]:
     state = quantized_state()
     state.update(changes)
     return state
+
+
+def test_diff_of_a_quantized_checkpoint_with_itself_compares_every_value(tmp_path: Path) -> None:
+    src = save_state(tmp_path / "q.pt")
+    result = diff(src, src)
+    assert result.same
+    assert result.summary.unchecked == 0 and result.summary.identical == len(quantized_state())
+    assert not any(n.code == "values-not-compared" for n in result.notes)
+
+
+def test_diff_against_the_converted_pt(tmp_path: Path) -> None:
+    src = save_state(tmp_path / "q.pt")
+    out = tmp_path / "o.pt"
+    conv.convert(src, out)
+    result = diff(src, out)
+    assert result.same and result.summary.unchecked == 0
+
+
+def test_a_change_of_scale_alone_is_a_difference(tmp_path: Path) -> None:
+    q = quantized_state()["qint8"]
+    rescaled = quiet(torch._make_per_tensor_quantized_tensor, q.int_repr(), 0.06, 3)
+    a = save_state(tmp_path / "a.pt")
+    b = save_state(tmp_path / "b.pt", _edited(qint8=rescaled, alias=rescaled))
+    result = diff(a, b, atol=1.0, rtol=1.0)  # a tolerance does not hide a new quantizer
+    assert not result.same
+    d = {t.name: t for t in result.tensors}["qint8"]
+    assert d.status == "differs" and d.equal is False and d.mismatched == q.numel()
+    assert "values" in d.differences
+    assert any("scale 0.05 → 0.06" in n for n in d.notes)
+    code, _, _ = run_cli("diff", a, b)
+    assert code == 1
+
+
+def test_one_integer_changed_is_counted(tmp_path: Path) -> None:
+    q = quantized_state()["qint32"]
+    ints = q.int_repr().clone()
+    ints[1, 2] += 1
+    a = save_state(tmp_path / "a.pt")
+    b = save_state(tmp_path / "b.pt", _edited(qint32=quiet(torch._make_per_tensor_quantized_tensor, ints, 0.001, -7)))
+    d = {t.name: t for t in diff(a, b).tensors}["qint32"]
+    assert d.status == "differs" and d.mismatched == 1
+    assert d.max_abs == pytest.approx(0.001)
+
+
+def test_one_channel_rescaled_counts_that_channel(tmp_path: Path) -> None:
+    q = quantized_state()["per_channel"]
+    scales = q.q_per_channel_scales().clone()
+    scales[2] = 0.5
+    changed = quiet(torch._make_per_channel_quantized_tensor, q.int_repr(), scales, q.q_per_channel_zero_points(), 0)
+    a = save_state(tmp_path / "a.pt")
+    b = save_state(tmp_path / "b.pt", _edited(per_channel=changed))
+    d = {t.name: t for t in diff(a, b).tensors}["per_channel"]
+    assert d.status == "differs" and d.mismatched == 3  # the 3 values of channel 2
+    assert any("scales differ in 1 of 4 channels" in n for n in d.notes)
+
+
+def test_a_quantized_tensor_against_a_float_one_is_not_compared(tmp_path: Path) -> None:
+    a = save_state(tmp_path / "a.pt")
+    b = save_state(tmp_path / "b.pt", _edited(qint8=quantized_state()["qint8"].dequantize()))
+    d = {t.name: t for t in diff(a, b).tensors}["qint8"]
+    assert d.status == "unchecked"
+    assert any("values not compared" in n and "quantized" in n for n in d.notes)
+
+
+@pytest.mark.parametrize("chunk", [5, 1 << 20])
+def test_channels_are_found_across_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
+    """Along axis 1 of a 4×3 tensor, channel 1 holds flat elements 1, 4, 7, 10: chunks of 5 split it."""
+    from statecli import diff as diff_core
+
+    monkeypatch.setattr(diff_core, "CHUNK_ELEMENTS", chunk)
+    q = quantized_state()["per_channel_axis1"]
+    zero_points = q.q_per_channel_zero_points().clone()
+    zero_points[1] += 1
+    ints = q.int_repr().clone()
+    ints[0, 0] += 1  # channel 0: one more value
+    ints[2, 1] += 1  # channel 1: already counted
+    changed = quiet(torch._make_per_channel_quantized_tensor, ints, q.q_per_channel_scales(), zero_points, 1)
+    a = save_state(tmp_path / "a.pt")
+    b = save_state(tmp_path / "b.pt", _edited(per_channel_axis1=changed))
+    d = {t.name: t for t in diff(a, b).tensors}["per_channel_axis1"]
+    assert d.mismatched == 4 + 1
+    assert "per-channel zero points differ in 1 of 3 channels" in d.notes and "2 integers changed" in d.notes
+
+
+def test_a_new_scheme_or_zero_point_changes_every_value(tmp_path: Path) -> None:
+    state = quantized_state()
+    q = state["qint8"]
+    per_channel = quiet(
+        torch._make_per_channel_quantized_tensor,
+        q.int_repr(),
+        torch.full((4,), q.q_scale(), dtype=torch.float64),
+        torch.full((4,), q.q_zero_point()),
+        0,
+    )
+    shifted = quiet(torch._make_per_tensor_quantized_tensor, q.int_repr(), q.q_scale(), q.q_zero_point() + 1)
+    a = save_state(tmp_path / "a.pt")
+    b = save_state(tmp_path / "b.pt", _edited(qint8=per_channel, alias=shifted))
+    by = {t.name: t for t in diff(a, b).tensors}
+    assert by["qint8"].mismatched == 12 and "qscheme per_tensor_affine → per_channel_affine" in by["qint8"].notes
+    # Same real values (one scale everywhere), a different representation: still a difference.
+    assert by["qint8"].max_abs == 0 and by["qint8"].status == "differs"
+    assert by["alias"].mismatched == 12 and "zero point 3 → 4" in by["alias"].notes

@@ -32,19 +32,25 @@ def is_quantized(t: TensorInfo) -> bool:
 def unsupported(t: TensorInfo) -> str | None:
     """Why statecli cannot rebuild quantized tensor ``t`` (a phrase that follows its name), or None."""
     if t.dtype not in INT_REPR:
-        return f"{t.dtype} packs several values into a byte, and statecli does not read packed quantized tensors"
+        return "several values packed into each byte, which statecli does not read"
     if t.layout != "quantized" or t.quantizer is None:
         return "its quantizer (a scheme, scales, zero points and an axis) is not one torch.load accepts"
     return None
 
 
-def read_part(source: Source, part: TensorInfo) -> torch.Tensor:
-    """A per-channel scales or zero points tensor, on the CPU, contiguous and in memory of its own."""
+def read_view(source: Source, t: TensorInfo) -> torch.Tensor:
+    """``t`` on the CPU as the file holds it, a view of its storage read whole; a quantized tensor as its
+    integers (``int8``, ``uint8``, ``int32``)."""
     from statecli.tensors.source import check_views  # deferred: planning imports this module, not the readers
 
-    base = typed(source.read(part), part.dtype)
-    check_views([part], base.numel(), source.report.path)
-    return view_of(base, part).clone()
+    base = typed(source.read(t), t.dtype)
+    check_views([t], base.numel(), source.report.path)
+    return view_of(base, t)
+
+
+def read_part(source: Source, part: TensorInfo) -> torch.Tensor:
+    """A per-channel scales or zero points tensor, on the CPU, contiguous and in memory of its own."""
+    return read_view(source, part).clone()
 
 
 def channel_params(source: Source, q: Quantizer) -> ChannelParams | None:
