@@ -149,7 +149,8 @@ def load(
 
     Returns:
         Tensor name to tensor, in the file's order; tensors that share a storage in the file share
-        memory in the result.
+        memory in the result. Quantized tensors (``qint8``, ``quint8``, ``qint32``) are torch quantized
+        tensors with the file's quantizer (scale and zero point, or per-channel ones and the axis).
 
     Warns:
         DangerousPickleWarning: The file's pickle names code that torch.load would run (statecli does

@@ -4,7 +4,9 @@ Names first (only in A, only in B), then for each common tensor its shape, dtype
 storage sharing, then its values: max abs and max relative difference, cosine similarity, exact
 equality, and whether every element is within ``|a - b| <= atol + rtol * |b|`` (torch.allclose's rule;
 NaN equals NaN at the same position). Values are compared in float64 (complex128 for complex tensors,
-by the magnitude of the difference), in chunks, so memory stays near the largest tensor.
+by the magnitude of the difference), in chunks, so memory stays near the largest tensor. Quantized tensors
+are compared exactly, whatever the tolerance: their integers and their quantizer (scheme, scale and zero
+point, or per-channel ones and the axis); the maxima and cosine are those of their real values.
 
 What fails a diff: a name on one side only, a shape change, values beyond tolerance, and nothing to
 compare (no tensor on either side after the filters: a gate must not pass having compared nothing). A dtype change
@@ -28,7 +30,9 @@ from statecli import dtypes
 from statecli.clip import describe_name, quote
 from statecli.errors import UsageError
 from statecli.formats import read
-from statecli.records import Finding, FindingCap, JsonFields, Report, TensorInfo, cap_findings
+from statecli.records import Finding, FindingCap, JsonFields, Quantizer, Report, TensorInfo, cap_findings
+from statecli.tensors.quantized import ChannelParams, channel_params, is_quantized, read_view, unsupported
+from statecli.tensors.source import Source
 from statecli.tensors.values import StorageReader, iter_values, readable
 from statecli.wording import count, name_list
 
@@ -44,7 +48,7 @@ _INTEGERS = ("int", "uint", "bool")
 
 # Status of a common tensor, worst first.
 DIFFERS = "differs"  # shape change or values beyond tolerance: the diff fails
-UNCHECKED = "unchecked"  # values could not be read on one side (quantized, raw bits): not compared
+UNCHECKED = "unchecked"  # values not read on a side (packed, raw bits) or quantized against plain: not compared
 CLOSE = "close"  # values within tolerance but not all exactly equal
 CHANGED = "changed"  # values equal; dtype, role, device or sharing changed
 IDENTICAL = "identical"
@@ -536,6 +540,10 @@ def _compare_values(
 ) -> None:
     """Fill the value fields of ``diffs``: A streamed in file order, B read by name alongside."""
     compare = {t.name: n for n, t in side_a.items() if n in diffs and "shape" not in diffs[n].differences}
+    quantized = {k: n for k, n in compare.items() if is_quantized(side_a[n]) or is_quantized(side_b[n])}
+    if quantized:
+        _compare_quantized(a, b, side_a, side_b, diffs, list(quantized.values()))
+        compare = {k: n for k, n in compare.items() if k not in quantized}
     if not compare:
         return
     with warnings.catch_warnings(), StorageReader(b) as reader_b:
@@ -604,6 +612,11 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor, atol: float = 0.0, rtol: f
     for start in range(0, flat_a.numel(), CHUNK_ELEMENTS):
         ra, rb = flat_a[start : start + CHUNK_ELEMENTS], flat_b[start : start + CHUNK_ELEMENTS]
         _compare_chunk(ra, rb, run)
+    return _finish(run)
+
+
+def _finish(run: _Running) -> ValueStats:
+    """The stats once every chunk went through :func:`_compare_chunk`, with the cosine where it is defined."""
     stats = run.stats
     if run.finite and run.norm_a > 0 and run.norm_b > 0:
         if stats.equal:
@@ -690,3 +703,152 @@ def _accumulate_norms(ca: torch.Tensor, cb: torch.Tensor, run: _Running) -> None
         run.dot += float(torch.dot(ca, cb))
         run.norm_a += float(torch.dot(ca, ca))
         run.norm_b += float(torch.dot(cb, cb))
+
+
+# ------------------------------------------------------------------------------- quantized values
+
+
+@dataclass(slots=True)
+class _Quantized:
+    """A quantized tensor as the file holds it: its integers (CPU, its shape) and its quantizer."""
+
+    t: TensorInfo
+    q: Quantizer
+    ints: torch.Tensor
+    params: ChannelParams | None  # per channel: (scales, zero points)
+
+
+def _compare_quantized(
+    a: Report,
+    b: Report,
+    side_a: dict[str, TensorInfo],
+    side_b: dict[str, TensorInfo],
+    diffs: dict[str, TensorDiff],
+    names: list[str],
+) -> None:
+    """Compare the quantized tensors among the common ones exactly: integers and quantizer (a new scale alone
+    is a difference, whatever the tolerance). A quantized tensor against a plain one is not compared."""
+    with Source(a, check_crc=False) as source_a, Source(b, check_crc=False) as source_b:
+        for name in names:
+            d, ta, tb = diffs[name], side_a[name], side_b[name]
+            why = _not_comparable(ta, tb)
+            if why is not None:
+                d.notes = (*d.notes, f"values not compared ({why})")
+                continue
+            _fill_quantized(d, _read_quantized(source_a, ta), _read_quantized(source_b, tb))
+
+
+def _read_quantized(source: Source, t: TensorInfo) -> _Quantized:
+    q = t.quantizer
+    assert q is not None  # _not_comparable: unsupported() is None
+    return _Quantized(t, q, read_view(source, t), channel_params(source, q))
+
+
+def _not_comparable(ta: TensorInfo, tb: TensorInfo) -> str | None:
+    if not (is_quantized(ta) and is_quantized(tb)):
+        return f"A is {_kind(ta)}, B is {_kind(tb)}: a quantized tensor is compared only with a quantized one"
+    for side, t in (("A", ta), ("B", tb)):
+        why = unsupported(t)
+        if why is not None:
+            return f"{side}: quantized {t.dtype}: {why}"
+    return None
+
+
+def _kind(t: TensorInfo) -> str:
+    return f"quantized {t.dtype}" if is_quantized(t) else t.dtype
+
+
+def _same(x: float | None, y: float | None) -> bool:
+    return x == y or (x is not None and y is not None and math.isnan(x) and math.isnan(y))
+
+
+def _differ(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Elements that differ; a NaN stored on both sides is the same NaN."""
+    return (x != y) & ~(x.isnan() & y.isnan()) if x.is_floating_point() else x != y
+
+
+def _quantizer_notes(qa: _Quantized, qb: _Quantized) -> tuple[list[str], bool, torch.Tensor | None]:
+    """What differs between the two quantizers, whether that changes every value, and (per channel, same axis
+    and dtypes) which channels' scale or zero point differ."""
+    a, b = qa.q, qb.q
+    if a.per_channel != b.per_channel:
+        return [f"qscheme {a.scheme} → {b.scheme}"], True, None
+    if qa.params is None or qb.params is None:
+        notes = [] if _same(a.scale, b.scale) else [f"scale {a.scale!r} → {b.scale!r}"]
+        notes += [] if a.zero_point == b.zero_point else [f"zero point {a.zero_point} → {b.zero_point}"]
+        return notes, bool(notes), None
+    if a.axis != b.axis:
+        return [f"per-channel axis {a.axis} → {b.axis}"], True, None
+    pairs = list(zip(("scales", "zero points"), qa.params, qb.params, strict=True))
+    # A dtype change (float zero points against integer ones) changes how every value is computed.
+    notes = [f"per-channel {what} {_name(x)} → {_name(y)}" for what, x, y in pairs if x.dtype != y.dtype]
+    if notes:
+        return notes, True, None
+    changed = [(what, _differ(x, y)) for what, x, y in pairs]
+    for what, mask in changed:
+        k = int(mask.sum())
+        if k:
+            notes.append(f"per-channel {what} differ in {k:,} of {mask.numel():,} channels")
+    return notes, False, changed[0][1] | changed[1][1]
+
+
+def _name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _channel_of(q: _Quantized, start: int, n: int) -> torch.Tensor | None:
+    """The channel of each of the ``n`` flattened elements from ``start`` (None per tensor): in row-major
+    order, element i lies in channel (i // inner) % channels, along the quantizer's axis."""
+    import torch  # deferred: importing torch takes about a second, and metadata commands never need it
+
+    axis = q.q.axis
+    if q.params is None or axis is None:
+        return None
+    inner = math.prod(q.t.shape[axis + 1 :])
+    return torch.arange(start, start + n).floor_divide_(inner).remainder_(q.t.shape[axis])
+
+
+def _dequantized(ints: torch.Tensor, q: _Quantized, channel: torch.Tensor | None) -> torch.Tensor:
+    """The real values of a chunk of the flattened integers, in float64; ``channel``: :func:`_channel_of`."""
+    import torch  # deferred: importing torch takes about a second, and metadata commands never need it
+
+    values = ints.to(torch.float64)
+    if q.params is None or channel is None:
+        return values.sub_(float(q.q.zero_point or 0)).mul_(float(q.q.scale or 0.0))
+    scales, zero_points = q.params
+    return values.sub_(zero_points.to(torch.float64)[channel]).mul_(scales.to(torch.float64)[channel])
+
+
+def _fill_quantized(d: TensorDiff, qa: _Quantized, qb: _Quantized) -> None:
+    """Fill ``d`` for two quantized tensors of one shape, in chunks of :data:`CHUNK_ELEMENTS`. A value differs
+    where its integer, or the scale or zero point that applies to it, differs: ``equal``, ``mismatched`` and
+    ``within_tolerance`` are exact, whatever --atol and --rtol. ``max_abs``, ``max_rel`` and ``cosine`` are
+    those of the real (dequantized) values, as for any other tensor."""
+    import torch  # deferred: importing torch takes about a second, and metadata commands never need it
+
+    notes, all_differ, channels = _quantizer_notes(qa, qb)
+    flat_a, flat_b = qa.ints.reshape(-1), qb.ints.reshape(-1)  # a copy only for a non-contiguous view
+    run = _Running(torch.float64, None, True, 0.0, 0.0)
+    mismatched = ints_differ = 0
+    for start in range(0, flat_a.numel(), CHUNK_ELEMENTS):
+        ia, ib = flat_a[start : start + CHUNK_ELEMENTS], flat_b[start : start + CHUNK_ELEMENTS]
+        channel_a, channel_b = _channel_of(qa, start, ia.numel()), _channel_of(qb, start, ib.numel())
+        _compare_chunk(_dequantized(ia, qa, channel_a), _dequantized(ib, qb, channel_b), run)
+        differ = ia.to(torch.int64) != ib.to(torch.int64)
+        ints_differ += int(torch.count_nonzero(differ))
+        if all_differ:
+            mismatched += ia.numel()
+            continue
+        if channels is not None and channel_a is not None:  # same axis on both sides
+            differ |= channels[channel_a]
+        mismatched += int(torch.count_nonzero(differ))
+    stats = _finish(run)
+    d.max_abs, d.max_rel, d.cosine = stats.max_abs, stats.max_rel, stats.cosine
+    d.equal = d.within_tolerance = mismatched == 0
+    d.mismatched = mismatched
+    if ints_differ:
+        notes.append(f"{count(ints_differ, 'integer')} changed")
+    if mismatched:
+        d.differences = (*d.differences, "values")
+        notes.append(f"quantized, compared exactly: {mismatched:,} of {count(flat_a.numel(), 'value')} changed")
+    d.notes = (*d.notes, *notes)

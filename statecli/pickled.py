@@ -131,6 +131,20 @@ class StorageRef:
 
 
 @dataclass(slots=True)
+class QuantizerRef:
+    """A quantized tensor's quantizer as ``_rebuild_qtensor``'s ``quantizer_params`` state it: ``scheme`` (a
+    torch qscheme's name) with one ``scale`` and ``zero_point``, or with ``scales`` and ``zero_points``, tensors
+    of their own, one entry per index along ``axis``."""
+
+    scheme: str
+    scale: float | None = None
+    zero_point: int | None = None
+    scales: TensorRef | None = None
+    zero_points: TensorRef | None = None
+    axis: int | None = None
+
+
+@dataclass(slots=True)
 class TensorRef:
     """A tensor as torch would rebuild it: facts only."""
 
@@ -144,6 +158,7 @@ class TensorRef:
     layout: str = "strided"
     device: str | None = None  # only where no storage says it (meta tensors)
     extra: list[TensorRef] | tuple[()] = ()  # sparse components, quantizer params
+    quantizer: QuantizerRef | None = None  # a quantized tensor's, when torch.load would accept it
 
     # Hashed by identity, as torch tensors are: a whole pickled optimizer keys its ``state`` by Parameter.
     __hash__ = object.__hash__
@@ -156,4 +171,4 @@ class TensorRef:
         return n
 
 
-__all__ = ["COMPUTED", "Action", "Global", "PickledDict", "StorageRef", "Stub", "TensorRef"]
+__all__ = ["COMPUTED", "Action", "Global", "PickledDict", "QuantizerRef", "StorageRef", "Stub", "TensorRef"]

@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring_ascii
 from typing import Any
@@ -16,7 +16,11 @@ SCHEMA = "statecli.report/1"
 
 @functools.cache
 def _field_names(cls: type) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cls))
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("json", True))
+
+
+# A field that a record carries for the commands, but that its JSON leaves out (see TensorInfo.quantizer).
+NOT_IN_JSON = {"json": False}
 
 
 def _plain(v: Any) -> Any:
@@ -169,6 +173,7 @@ class RawTensor:
     is_parameter: bool = False  # an nn.Parameter object in the pickle
     layout: str = "strided"
     file: str | None = None  # the shard holding it, for sharded checkpoints
+    quantizer: Quantizer | None = None  # a quantized tensor's, as its pickle states it
 
 
 @dataclass(slots=True)
@@ -197,6 +202,9 @@ class TensorInfo(JsonFields):
     storage: str | None = None
     layout: str = "strided"
     file: str | None = None
+    # What convert, load and diff need to rebuild a quantized tensor; not in the JSON report, whose schema
+    # (statecli.report/1) it would change for every reader of it.
+    quantizer: Quantizer | None = field(default=None, metadata=NOT_IN_JSON)
 
     @property
     def trainable(self) -> str:
@@ -207,6 +215,40 @@ class TensorInfo(JsonFields):
         if self.role == "parameter":
             return "trainable" if self.requires_grad else "frozen"
         return "requires grad" if self.requires_grad else "no grad"
+
+
+@dataclass(frozen=True, slots=True)
+class Quantizer:
+    """How a quantized tensor's integers ``q`` stand for real numbers, ``(q - zero_point) * scale``, as its
+    pickle (torch's ``_rebuild_qtensor``) states it.
+
+    ``per_tensor_affine``: one ``scale`` and ``zero_point``. ``per_channel_affine`` (and
+    ``per_channel_affine_float_qparams``): one of each per index along ``axis``, in ``scales`` and
+    ``zero_points``, tensors of the file like any other (not listed among its tensors), read from their
+    own storages.
+    """
+
+    scheme: str
+    scale: float | None = None
+    zero_point: int | None = None
+    axis: int | None = None
+    scales: TensorInfo | None = None
+    zero_points: TensorInfo | None = None
+
+    @property
+    def per_channel(self) -> bool:
+        return self.axis is not None
+
+    def moved(self, storage: Callable[[str], str], file: str | None = None) -> Quantizer:
+        """The same quantizer once a reader renames storages (``data/0`` → ``legacy/0``, a shard's prefix):
+        the scales and zero points live beside the tensor and are renamed with it."""
+        if self.scales is None or self.zero_points is None:
+            return self
+        scales, zero_points = (
+            dataclasses.replace(t, storage=storage(t.storage) if t.storage is not None else None, file=file or t.file)
+            for t in (self.scales, self.zero_points)
+        )
+        return dataclasses.replace(self, scales=scales, zero_points=zero_points)
 
 
 @dataclass(frozen=True, slots=True)

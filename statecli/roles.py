@@ -410,6 +410,7 @@ def resolve(raw: RawCheckpoint) -> Report:
         info = TensorInfo(
             t.name, role, exact, evidence, persistent, t.requires_grad, t.dtype, t.shape, n,
             nbytes(t.dtype, n), t.device, shares, group, t.stride, t.storage_offset, storage, t.layout, t.file,
+            t.quantizer,
         )  # fmt: skip
         append(info)
     findings = FindingCap()

@@ -26,7 +26,6 @@ from torch_facts import facts, statecli_facts, tensors_of
 
 import statecli
 from statecli import conversion as conv
-from statecli.errors import UnsupportedFormatError
 from statecli.records import Container, RawCheckpoint, RawTensor, Report
 from statecli.roles import apply_keep_vars, keep_vars_proves, resolve
 
@@ -223,11 +222,18 @@ def test_qat_observers_state_dict() -> None:
     check_against("qat_observers.pt", model)
 
 
-def test_a_quantized_whole_module_is_refused_by_convert_not_emptied(tmp_path: Path) -> None:
-    """Before: convert wrote embed / norm and dropped the packed weights it never saw, exit 0."""
-    with pytest.raises(UnsupportedFormatError, match="quantized"):
-        conv.convert(SAMPLES / "quantized_dynamic_module.pt", tmp_path / "out.pt", state_dict=True)
-    assert not list(tmp_path.iterdir())
+def test_a_quantized_whole_module_converts_with_its_packed_weights(tmp_path: Path) -> None:
+    """Before: convert wrote embed / norm and dropped the packed weights it never saw, exit 0; then it refused
+    quantized tensors. Now it writes every tensor it sees, the packed quantized weights among them."""
+    out = tmp_path / "out.pt"
+    report = conv.convert(SAMPLES / "quantized_dynamic_module.pt", out, verify=True, state_dict=True)
+    assert report.plan.dropped == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantized tensors' deprecation notice
+        back = torch.load(out, weights_only=True)
+    assert set(back) == {t.name for t in statecli.open_checkpoint(SAMPLES / "quantized_dynamic_module.pt").tensors}
+    for name in ("proj._packed_params._packed_params.0", "rnn._all_weight_values.0.param.4.1.0"):
+        assert back[name].is_quantized and back[name].dtype == torch.qint8, name
 
 
 def test_a_qfunctional_scale_is_a_documented_wrong_guess(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import os
 import re
 import time
@@ -25,6 +26,7 @@ from statecli.conversion.plan import (
     PlanItem,
     parameters_keep_roles,
 )
+from statecli.conversion.quantized import QuantizedOut, quantizer_problem, same_channel_params
 from statecli.dtypes import contiguous_strides
 from statecli.errors import CheckFailedError, InputError, OutputError, StatecliError, UsageError
 from statecli.formats import read
@@ -40,11 +42,21 @@ from statecli.formats.repickle import PersistentId, rewrite
 from statecli.formats.safetensors import METADATA_KEY, roles_metadata
 from statecli.formats.safetensors import header as st_header
 from statecli.formats.sharded import index_bytes, shard_name, split_by_size
-from statecli.formats.torchzip import ParameterOut, StorageOut, TensorOut, read_graph, write_archive, write_torch_zip
+from statecli.formats.torchzip import (
+    ParameterOut,
+    QTensorOut,
+    StorageOut,
+    TensorOut,
+    read_graph,
+    write_archive,
+    write_torch_zip,
+)
 from statecli.records import Finding, Report, TensorInfo
+from statecli.tensors.quantized import channel_params
+from statecli.tensors.quantized import make as make_quantized
 from statecli.tensors.source import Source, byte_view, check_views, refuse_mixed_dtypes
 from statecli.tensors.values import StorageReader
-from statecli.tensors.views import torch_dtype, view
+from statecli.tensors.views import storage_dtype, torch_dtype, view
 from statecli.wording import count, name_list
 
 if TYPE_CHECKING:
@@ -155,8 +167,10 @@ def build_units(plan: Plan) -> list[_Unit]:
                 and _extent(i.source) * itemsize == whole
                 for i in items
             )
-            u = _Unit(items, lead.src_dtype, lead.dst_dtype, False, whole // itemsize, streamable=covered)
-            u.slack, u.whole_bytes = not covered, whole
+            # Uncast, the bytes go through as they are, whatever the views (packed quint4x2 counts halves).
+            same = lead.dst_dtype == lead.src_dtype
+            u = _Unit(items, lead.src_dtype, lead.dst_dtype, False, whole // itemsize, streamable=covered or same)
+            u.slack, u.whole_bytes = not (covered or same), whole
             units.append(u)
         elif len(views) == 1 and (whole is None or not (contiguous_full and _extent(t) * itemsize == whole)):
             # No storage size: safetensors, where a tensor is exactly its own byte range.
@@ -172,7 +186,7 @@ def build_units(plan: Plan) -> list[_Unit]:
 def materialize(source: Source, unit: _Unit) -> tuple[torch.Tensor, CastStats | None]:
     """The unit's output storage as a 1-D tensor of its destination dtype, and the cast's counts."""
     raw = source.read(unit.leader.source)
-    src_dtype = torch_dtype(unit.src_dtype)
+    src_dtype = storage_dtype(unit.src_dtype)
     t = unit.leader.source
     base = raw.view(src_dtype)
     check_views([i.source for i in unit.items], base.numel(), source.report.path)
@@ -232,8 +246,9 @@ def _exact_module_roles(items: list[PlanItem]) -> bool:
 
 def _write_torch(pending: PendingFile, plan: Plan, units: list[_Unit], feeder: _Feeder, root: str) -> int:
     storages: dict[int, StorageOut] = {}
-    state: dict[str, TensorOut | ParameterOut] = {}
+    state: dict[str, TensorOut | QTensorOut | ParameterOut] = {}
     keep_vars = _exact_module_roles(plan.items)
+    quantized = QuantizedOut(feeder.source, len(units))
     for k, u in enumerate(units):
         location = u.leader.dst_device or "cpu"
         numel = u.storage_numel
@@ -242,7 +257,9 @@ def _write_torch(pending: PendingFile, plan: Plan, units: list[_Unit], feeder: _
         s = storages[id(u)]
         for item in u.items:
             offset, shape, stride = u.view_of(item)
-            t = TensorOut(s, offset, shape, stride)
+            t: TensorOut | QTensorOut = TensorOut(s, offset, shape, stride)
+            if item.source.quantizer is not None:
+                t = quantized.wrap(item, t)
             if keep_vars and item.role == "parameter":
                 grad = item.source.requires_grad
                 state[item.name] = ParameterOut(t, True if grad is None else grad)
@@ -250,7 +267,8 @@ def _write_torch(pending: PendingFile, plan: Plan, units: list[_Unit], feeder: _
                 state[item.name] = t
     # Restore plan order: units group items, the state dict keeps the input's order.
     ordered = {i.name: state[i.name] for i in plan.items}
-    return write_torch_zip(pending, root, ordered, ((storages[id(u)], feeder.storage(u)) for u in units))
+    written = ((storages[id(u)], feeder.storage(u)) for u in units)
+    return write_torch_zip(pending, root, ordered, itertools.chain(written, quantized.storages()))
 
 
 def _write_graph(pending: PendingFile, plan: Plan, units: list[_Unit], feeder: _Feeder, root: str) -> int:
@@ -612,6 +630,8 @@ def _read_back(plan: Plan, pendings: list[tuple[PendingFile, str]]) -> None:
             problems.append(f"{i.name} reads back as {t.role} ({t.evidence}), expected exact {i.role}")
         if plan.output_format == "torch" and t.device != i.dst_device:
             problems.append(f"{i.name} is saved on {t.device}, expected {i.dst_device}")
+        if (problem := quantizer_problem(i.source, t)) is not None:
+            problems.append(f"{i.name} {problem}")
     problems.extend(f"{name} was not planned" for name in seen)
     if problems:
         raise OutputError(
@@ -640,7 +660,8 @@ def _verify_values(plan: Plan, units: list[_Unit], source: Source, pendings: lis
                 offset, shape, stride = u.view_of(item)
                 want = view(expected, offset, shape, stride).contiguous()
                 have = reader.values(t).contiguous()
-                if bytes(byte_view(want)) != bytes(byte_view(have)):
+                same = bytes(byte_view(want)) == bytes(byte_view(have))
+                if not same or not same_channel_params(source, item.source, reader.source, t):
                     raise OutputError(
                         f"--verify: the values of {item.name} in the output differ from the input's; "
                         "the output was not kept",
@@ -670,7 +691,12 @@ def load_units(plan: Plan, units: list[_Unit], device: str) -> dict[str, Any]:
                 base = base.clone()  # do not keep a larger read buffer alive behind a small view
             for item in u.items:
                 offset, shape, stride = u.view_of(item)
-                out[item.name] = view(base, offset, shape, stride)
+                q = item.source.quantizer
+                if q is not None:  # a real quantized tensor over the same memory, as torch.load gives
+                    params = channel_params(source, q)
+                    out[item.name] = make_quantized(base, offset, shape, stride, item.source, params)
+                else:
+                    out[item.name] = view(base, offset, shape, stride)
     err = None if plan.options.allow_overflow else overflow_error(report.stats, report.plan.target_dtype or "")
     if err is not None:
         raise CheckFailedError(err.message.replace("Nothing was written. ", ""))

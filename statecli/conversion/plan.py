@@ -22,6 +22,7 @@ from statecli import dtypes
 from statecli.errors import InputError, StatecliError, UnsafeError, UnsupportedFormatError, UsageError
 from statecli.records import Finding, JsonFields, RawTensor, Report, TensorInfo
 from statecli.roles import infer, keep_vars_proves
+from statecli.tensors.quantized import unsupported as quantized_unsupported
 from statecli.wording import count
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -332,12 +333,11 @@ def _dtype_decision(
     src = t.dtype
     kind = dtypes.DTYPES[src].kind if src in dtypes.DTYPES else "unknown"
     if kind == "quant" or t.layout == "quantized":
-        if graph:
-            return "keep", src, f"quantized {src}: never changes"
-        raise UnsupportedFormatError(
-            f"tensor {t.name!r} is quantized ({src}): convert does not write quantized tensors yet "
-            "(their scales live in the pickle, not in the tensor data)"
-        )
+        # A whole checkpoint copies a quantized storage's bytes as they are: whatever torch can load, it can.
+        why = None if graph else quantized_unsupported(t)
+        if why is not None:
+            raise UnsupportedFormatError(f"tensor {t.name!r} is quantized ({src}): {why}")
+        return "keep", src, f"quantized {src}: never changes"
     if t.layout != "strided":
         if graph:
             return "keep", src, f"layout {t.layout}: written as saved"
@@ -369,8 +369,50 @@ def _dtype_decision(
     return "cast", dst, f"{src} → {dst}"
 
 
+def _quantized_modules(report: Report) -> set[str]:
+    """Modules that hold a ``scale`` and a ``zero_point`` (quantized Conv, Linear, BatchNorm, LayerNorm,
+    Quantize, fake-quant observers): their float tensors feed quantized kernels, which take float32 only,
+    and ``nn.Module.to(dtype)`` has no meaning for a quantized model. Casting them would write a file that
+    loads and then fails."""
+    seen: dict[str, int] = {}
+    for t in report.tensors:
+        prefix, _, last = t.name.rpartition(".")
+        if last == "scale":
+            seen[prefix] = seen.get(prefix, 0) | 1
+        elif last == "zero_point":
+            seen[prefix] = seen.get(prefix, 0) | 2
+    found = {prefix for prefix, bits in seen.items() if bits == 3}
+    if any(t.evidence == "rule:quantized-module" or "_packed_params." in t.name for t in report.tensors):
+        found.add("\0")  # a marker: the rule's evidence alone is enough (see _in_quantized)
+    return found
+
+
+def _in_quantized(t: TensorInfo, quantized: set[str]) -> bool:
+    """Whether ``t`` belongs to a quantized module (see :func:`_quantized_modules`) or lies below one (the
+    float bias in a Linear's ``_packed_params``)."""
+    name = t.name
+    if t.evidence == "rule:quantized-module" or "_packed_params." in name or "_all_weight_values." in name:
+        return True
+    dot = name.find(".")
+    while dot >= 0:
+        if name[:dot] in quantized:
+            return True
+        dot = name.find(".", dot + 1)
+    return False
+
+
 class _NoStorageClass(UsageError):
     """A cast a whole-checkpoint .pt cannot hold (see :func:`_check_storage_types`)."""
+
+
+def _refuse_quantized_on_meta(items: list[PlanItem]) -> None:
+    """torch has no quantized tensors on the meta device: a .pt that puts one there would not load."""
+    names = [i.name for i in items if i.dst_device == "meta" and i.source.quantizer is not None]
+    if names:
+        raise UsageError(
+            f"torch cannot hold quantized tensors on the meta device ({', '.join(names[:5])}"
+            f"{' …' if len(names) > 5 else ''}); choose cpu or cuda"
+        )
 
 
 def build_plan(report: Report, output: str, options: ConvertOptions) -> Plan:
@@ -411,6 +453,7 @@ def _build_plan(report: Report, output: str, options: ConvertOptions, graph: boo
 
     items: list[PlanItem] = []
     owners = report.optimizer_owners
+    quantized = _quantized_modules(report)
     planned: dict[str, PlanItem] = {}
     for (t, inner), out in zip(selected, names, strict=True):
         # Beside the model, a whole checkpoint's EMA copy is a state dict of its own: its BatchNorm statistics
@@ -418,12 +461,15 @@ def _build_plan(report: Report, output: str, options: ConvertOptions, graph: boo
         again = picked_other or (graph and t.group != "model" and "optim" not in t.group)
         role, exact, evidence = _role(t, again)
         action, dst, reason = _dtype_decision(t, (out, inner, t.name), role, target, options, graph)
+        if action == "cast" and quantized and _in_quantized(t, quantized):
+            action, dst, reason = "keep", t.dtype, f"{t.dtype} in a quantized module: its kernels take it as it is"
         if graph and "optim" in t.group:
             action, dst, reason = _optimizer_decision(t, (action, dst, reason), options, owners, planned)
         unit = t.storage if t.storage is not None else f"tensor:{t.file or ''}:{t.name}"
         dst_device = (device or t.device or "cpu") if fmt == "torch" else None  # safetensors stores none
         items.append(PlanItem(out, t, role, exact, evidence, t.dtype, dst, action, reason, dst_device, unit))
         planned[t.name] = items[-1]
+    _refuse_quantized_on_meta(items)
 
     if options.untie and fmt == "torch":
         raise UsageError("--untie is for safetensors output: a .pt keeps a tie as one storage, as torch.save does")

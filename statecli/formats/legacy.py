@@ -203,6 +203,12 @@ def read_legacy(path: str) -> RawCheckpoint:
     raw = walker.result("torch-legacy", container, findings, size, {f"legacy/{k}": n for k, (_, n) in spans.items()})
     for t in raw.tensors:
         if t.storage is not None:
-            t.storage = "legacy/" + t.storage.removeprefix("data/")
+            t.storage = _legacy_key(t.storage)
+        if t.quantizer is not None:
+            t.quantizer = t.quantizer.moved(_legacy_key)
     keys_text = name_list(container.other_keys) or "none"
     return finish(raw, obj, f"no tensors found (top-level keys: {keys_text})")
+
+
+def _legacy_key(storage: str) -> str:
+    return "legacy/" + storage.removeprefix("data/")

@@ -163,6 +163,8 @@ def _read_index(path: str, read_shard: Callable[[str], RawCheckpoint]) -> RawChe
             t.file = shard
             if t.storage is not None:
                 t.storage = f"{shard}:{t.storage}"
+            if t.quantizer is not None:
+                t.quantizer = t.quantizer.moved(lambda key, shard=shard: f"{shard}:{key}", shard)
             tensors.append(t)
         for name, t in held.items():
             target = t.storage.removeprefix("alias:") if t.storage and t.storage.startswith("alias:") else None

@@ -12,11 +12,13 @@ from typing import Any
 
 from statecli.clip import printable
 from statecli.dtypes import DTYPES, STORAGE_TYPES
+from statecli.dtypes import nbytes as dtype_nbytes
 from statecli.errors import InputError, LimitExceededError
 from statecli.formats.base import MAX_NAME_CHARS
 from statecli.formats.optimizer import apply_optimizer_evidence
 from statecli.formats.zipdir import Member
-from statecli.records import Container, Finding, RawCheckpoint, RawTensor, more_findings
+from statecli.pickled import QuantizerRef
+from statecli.records import Container, Finding, Quantizer, RawCheckpoint, RawTensor, TensorInfo, more_findings
 from statecli.roles import RNG_EVIDENCE, apply_keep_vars, looks_like_rng_state
 from statecli.safepickle import Global, StorageRef, Stub, TensorRef, describe
 
@@ -134,8 +136,30 @@ def raw_tensor(t: TensorRef, name: str, group: str, folder: str = "data") -> Raw
     device = t.device if t.device is not None or s is None else s.location
     storage, nbytes = (f"{folder}/{s.key}", s.nbytes) if s is not None else (None, 0)
     # Positional (RawTensor's field order): this runs once per tensor, and keyword calls cost more.
-    return RawTensor(name, t.dtype, t.shape, t.stride, t.offset, device, storage, nbytes,
-                     group, t.requires_grad, None, None, False, None, t.is_parameter, t.layout)  # fmt: skip
+    raw = RawTensor(name, t.dtype, t.shape, t.stride, t.offset, device, storage, nbytes,
+                    group, t.requires_grad, None, None, False, None, t.is_parameter, t.layout)  # fmt: skip
+    if t.quantizer is not None:
+        raw.quantizer = _quantizer(t.quantizer, name, group, folder)
+    return raw
+
+
+def _quantizer(q: QuantizerRef, name: str, group: str, folder: str) -> Quantizer:
+    """A quantized tensor's quantizer, its per-channel scales and zero points as records that name their
+    storages the way the tensor's own record does, so that they are read like any tensor."""
+    if q.scales is None or q.zero_points is None:
+        return Quantizer(q.scheme, q.scale, q.zero_point)
+    scales = _quantizer_part(q.scales, f"{name} (per-channel scales)", group, folder)
+    zero_points = _quantizer_part(q.zero_points, f"{name} (per-channel zero points)", group, folder)
+    return Quantizer(q.scheme, axis=q.axis, scales=scales, zero_points=zero_points)
+
+
+def _quantizer_part(t: TensorRef, name: str, group: str, folder: str) -> TensorInfo:
+    r = raw_tensor(t, name, group, folder)
+    n = t.numel
+    return TensorInfo(
+        name, "other", False, "quantizer", None, None, t.dtype, t.shape, n, dtype_nbytes(t.dtype, n), r.device,
+        (), group, r.stride, r.storage_offset, r.storage,
+    )  # fmt: skip
 
 
 def _module_state(obj: Any) -> dict[str, Any] | None:

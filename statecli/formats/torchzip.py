@@ -178,12 +178,45 @@ class TensorOut:
         return torch._utils._rebuild_tensor_v2, args
 
 
+class QTensorOut:
+    """A quantized tensor over a :class:`StorageOut` of its quantized dtype (``qint8``, ...); pickles as torch's
+    ``_rebuild_qtensor`` call. Per tensor: ``scale`` and ``zero_point``; per channel: ``scales`` and
+    ``zero_points`` (tensors over storages of their own) and ``axis``."""
+
+    __slots__ = ("axis", "scale", "scales", "tensor", "zero_point", "zero_points")
+
+    def __init__(
+        self,
+        tensor: TensorOut,
+        scale: float | None = None,
+        zero_point: int | None = None,
+        scales: TensorOut | None = None,
+        zero_points: TensorOut | None = None,
+        axis: int | None = None,
+    ) -> None:
+        self.tensor, self.scale, self.zero_point = tensor, scale, zero_point
+        self.scales, self.zero_points, self.axis = scales, zero_points, axis
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        import torch  # deferred: importing torch takes about a second, and metadata commands never need it
+
+        # The quantizer tuple torch's Tensor._reduce_ex_internal writes. It names per_channel_affine for
+        # per_channel_affine_float_qparams too: torch.load tells them apart by the zero points' dtype.
+        if self.axis is None:
+            params: tuple[Any, ...] = (torch.per_tensor_affine, self.scale, self.zero_point)
+        else:
+            params = (torch.per_channel_affine, self.scales, self.zero_points, self.axis)
+        t = self.tensor
+        args = (t.storage, t.offset, t.shape, t.stride, params, False, collections.OrderedDict())
+        return torch._utils._rebuild_qtensor, args
+
+
 class ParameterOut:
     """An ``nn.Parameter`` around a :class:`TensorOut` (``state_dict(keep_vars=True)``)."""
 
     __slots__ = ("data", "requires_grad")
 
-    def __init__(self, data: TensorOut, requires_grad: bool) -> None:
+    def __init__(self, data: TensorOut | QTensorOut, requires_grad: bool) -> None:
         self.data, self.requires_grad = data, requires_grad
 
     def __reduce_ex__(self, protocol: Any) -> Any:
@@ -212,7 +245,7 @@ class _Pickler(pickle.Pickler):
 def write_torch_zip(
     sink: Sink,
     root: str,
-    state: Mapping[str, TensorOut | ParameterOut],
+    state: Mapping[str, TensorOut | QTensorOut | ParameterOut],
     storages: Iterable[tuple[StorageOut, Iterable[bytes | memoryview]]],
 ) -> int:
     """Write ``state`` as ``torch.save`` writes a state dict: the pickle, then each storage's bytes as

@@ -13,7 +13,7 @@ from typing import Any
 from statecli.clip import describe
 from statecli.dtypes import DTYPES, STORAGE_TYPES
 from statecli.errors import InputError
-from statecli.pickled import Global, PickledDict, StorageRef, Stub, TensorRef
+from statecli.pickled import Global, PickledDict, QuantizerRef, StorageRef, Stub, TensorRef
 from statecli.safepickle.bounds import HashCounts, _check_items
 
 MAX_INDEX = 2**62  # element counts, offsets and strides beyond this are not real tensors
@@ -123,7 +123,40 @@ def _h_rebuild_qtensor(args: tuple[Any, ...]) -> TensorRef:
     qparams = args[4]
     if isinstance(qparams, tuple):
         t.extra = [q for q in qparams if isinstance(q, TensorRef)]
+        t.quantizer = _quantizer(qparams, t.shape)
     return t
+
+
+_PER_CHANNEL = ("per_channel_affine", "per_channel_affine_float_qparams")
+_INT64 = 1 << 63
+
+
+def _quantizer(params: tuple[Any, ...], shape: tuple[int, ...]) -> QuantizerRef | None:
+    """The quantizer ``torch._utils._rebuild_qtensor`` builds from ``params``, or None where torch.load would
+    refuse them, or they take a form torch.save does not write (per-channel scales as lists: statecli reads
+    tensors only). Not an error here: inspecting such a file needs none of it; converting it says so."""
+    scheme = params[0] if params else None
+    if not (isinstance(scheme, Global) and scheme.module == "torch"):
+        return None
+    if scheme.name == "per_tensor_affine" and len(params) == 3:
+        scale, zero_point = params[1], params[2]
+        if type(scale) in (float, int) and type(zero_point) is int and -_INT64 <= zero_point < _INT64:
+            return QuantizerRef(scheme.name, scale=float(scale), zero_point=zero_point)
+        return None
+    if scheme.name in _PER_CHANNEL and len(params) == 4:
+        scales, zero_points, axis = params[1], params[2], params[3]
+        if type(scales) is not TensorRef or type(zero_points) is not TensorRef or type(axis) is not int:
+            return None
+        # torch.load checks the axis and the lengths too (torch._utils._rebuild_qtensor).
+        if not 0 <= axis < len(shape) or scales.storage is None or zero_points.storage is None:
+            return None
+        if scales.shape != (shape[axis],) or zero_points.shape != (shape[axis],):
+            return None
+        kinds = (DTYPES[scales.dtype].kind, DTYPES[zero_points.dtype].kind)
+        if kinds[0] != "float" or kinds[1] not in ("float", "int"):
+            return None
+        return QuantizerRef(scheme.name, scales=scales, zero_points=zero_points, axis=axis)
+    return None
 
 
 def _h_rebuild_parameter(args: tuple[Any, ...]) -> TensorRef:
@@ -132,6 +165,7 @@ def _h_rebuild_parameter(args: tuple[Any, ...]) -> TensorRef:
         raise InputError("corrupt pickle: a Parameter wraps something that is not a tensor")
     p = TensorRef(data.storage, data.offset, data.shape, data.stride, data.dtype, None, True, data.layout, data.device)
     p.extra = data.extra
+    p.quantizer = data.quantizer
     return _with_grad(p, args[1])
 
 

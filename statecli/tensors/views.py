@@ -15,9 +15,22 @@ if TYPE_CHECKING:
     import torch
 
 
+# The integers behind each quantized dtype: torch can view bytes as ``qint8`` but cannot copy, clone or
+# make contiguous such a tensor unless it is a quantized one, with a quantizer.
+INT_REPR = {"qint8": "int8", "quint8": "uint8", "qint32": "int32"}
+
+
+def storage_dtype(dtype: str) -> torch.dtype:
+    """The torch dtype a storage of ``dtype`` is read as: ``dtype`` itself, or for a quantized dtype its
+    integer representation (``qint8`` as ``int8``), from which :mod:`statecli.tensors.quantized` makes the
+    quantized tensor."""
+    return torch_dtype(INT_REPR.get(dtype, dtype))
+
+
 def typed(raw: torch.Tensor, dtype: str) -> torch.Tensor:
-    """A flat uint8 storage read from the file, seen as ``dtype`` (no copy)."""
-    return raw.view(torch_dtype(dtype))
+    """A flat uint8 storage read from the file, seen as ``dtype`` (no copy); quantized dtypes as their
+    integers (see :func:`storage_dtype`)."""
+    return raw.view(storage_dtype(dtype))
 
 
 def view(base: torch.Tensor, offset: int, shape: tuple[int, ...], stride: tuple[int, ...]) -> torch.Tensor:
