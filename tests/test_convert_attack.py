@@ -223,3 +223,46 @@ def test_nothing_ran_when_torch_reads_what_was_refused(tmp_path: Path) -> None:
     code = f"import torch\ntry:\n    torch.load({str(src)!r}, weights_only=False)\nexcept Exception:\n    pass\n"
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, timeout=120, check=True)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("case", ["storage-alone", "float8"])
+def test_an_untyped_storage_keeps_the_name_weights_only_accepts(tmp_path: Path, case: str) -> None:
+    """torch pickles UntypedStorage (a storage saved alone, every float8/uint16 tensor) as
+    torch.storage.UntypedStorage; the rewrite wrote torch.UntypedStorage, which torch.load(weights_only=True)
+    refuses: a trusted file that loaded weights_only no longer did."""
+    import torch
+
+    src = tmp_path / "u.pt"
+    t = torch.arange(6, dtype=torch.float32)
+    if case == "storage-alone":
+        obj = {"s": torch.randn(5).untyped_storage(), "t": t, "cfg": {"lr": 0.1}}
+    else:
+        obj = {"f8": t.to(torch.float8_e4m3fn), "t": t, "cfg": {"lr": 0.1}}
+    torch.save(obj, src)
+    torch.load(src, weights_only=True)
+    code, _, err = run_cli("convert", src, "-o", tmp_path / "out.pt", "--dtype", "bf16", "--exclude", "f8")
+    assert code == 0, err
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert got["t"].dtype == torch.bfloat16 and got["cfg"] == {"lr": 0.1}
+    if case == "storage-alone":
+        assert bytes(got["s"]) == bytes(obj["s"])
+    else:
+        assert torch.equal(got["f8"].view(torch.uint8), obj["f8"].view(torch.uint8))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a sparse tensor in a whole checkpoint: the read-back expects device cpu, "
+    "reads None, and refuses with exit 4 (the state-dict path says 'strided tensors only', exit 3); "
+    "keeping it needs the sparse rebuild's inner tensors cast, not a local fix",
+)
+def test_a_sparse_tensor_in_a_whole_checkpoint_is_kept_or_refused_cleanly(tmp_path: Path) -> None:
+    import torch
+
+    src = tmp_path / "sp.pt"
+    torch.save({"s": torch.eye(3).to_sparse(), "w": torch.randn(2)}, src)
+    code, _, err = run_cli("convert", src, "-o", tmp_path / "out.pt")
+    assert code in (0, 3), err
+    if code == 0:
+        got = torch.load(tmp_path / "out.pt", weights_only=True)
+        assert torch.equal(got["s"].to_dense(), torch.eye(3))
