@@ -265,10 +265,10 @@ def _write_graph(pending: PendingFile, plan: Plan, units: list[_Unit], feeder: _
         if made is None:
             u = by_key.get(f"data/{pid.key}")
             location = (u.leader.dst_device if u is not None else plan.options.device) or pid.location
-            stype = pid.storage_type
+            stype, module = pid.storage_type, pid.module
             if u is not None and u.dst_dtype != u.src_dtype:
-                stype = STORAGE_CLASS[u.dst_dtype]
-            out = PersistentId(stype, pid.key, location, pid.numel)
+                stype, module = STORAGE_CLASS[u.dst_dtype], "torch"
+            out = PersistentId(stype, pid.key, location, pid.numel, module)
             made = new[pid.key] = (out, persistent_id_bytes(out))
         pids.append(made[1])
     data = rewrite(graph.data, graph.start, graph.end, pids, plan.report.path)

@@ -37,12 +37,15 @@ class PersistentId:
     key: str
     location: str
     numel: int  # elements of the storage type (bytes for UntypedStorage)
+    # The type's module as the input named it: torch pickles UntypedStorage as torch.storage.UntypedStorage,
+    # the only name torch.load(weights_only=True) accepts for it (torch.UntypedStorage is refused).
+    module: str = "torch"
 
 
 def persistent_id_bytes(pid: PersistentId) -> bytes:
     """The opcodes of ``('storage', torch.<storage_type>, key, location, numel)`` as a protocol-2 pickler writes
     them, with only the opcodes ``torch.load(weights_only=True)`` reads."""
-    glob = b"c" + b"torch\n" + pid.storage_type.encode("ascii") + b"\n"
+    glob = b"c" + pid.module.encode("ascii") + b"\n" + pid.storage_type.encode("ascii") + b"\n"
     return b"".join((b"(", _unicode("storage"), glob, _unicode(pid.key), _unicode(pid.location), _int(pid.numel), b"t"))
 
 

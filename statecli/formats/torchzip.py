@@ -110,10 +110,16 @@ def read_graph(path: str, limits: Limits | None = None) -> PickleGraph:
     data = read_member(path, members[f"{root}/data.pkl"], MAX_PICKLE_BYTES)
     storages = Storages(members, root, path)
     pids: list[PersistentId] = []
+    first: dict[str, PersistentId] = {}
 
     def record(pid: Any) -> Any:
         ref = storages(pid)  # checks the id first: the fields below are the types it checked
-        pids.append(PersistentId(pid[1].name, pid[2], pid[3], pid[4]))
+        # A key read before is the storage read then, whatever the other fields say (torch.load caches by
+        # key too), and the reader checked only the first record's fields.
+        known = first.get(ref.key)
+        if known is None:
+            known = first[ref.key] = PersistentId(pid[1].name, pid[2], pid[3], pid[4], pid[1].module)
+        pids.append(known)
         return ref
 
     try:
