@@ -26,7 +26,7 @@ from statecli.conversion.plan import (
     parameters_keep_roles,
 )
 from statecli.dtypes import contiguous_strides
-from statecli.errors import CheckFailedError, InputError, OutputError, StatecliError, UsageError
+from statecli.errors import CheckFailedError, InputError, OutputError, StatecliError, UnsafeError, UsageError
 from statecli.formats import read
 from statecli.formats.atomic import (
     PendingFile,
@@ -595,6 +595,7 @@ def _read_back(plan: Plan, pendings: list[tuple[PendingFile, str]]) -> None:
         if kind == "index":
             continue
         back = read(p.readable_path)
+        _same_verdict(plan, back)
         for t in back.tensors:
             seen[t.name] = t
     problems = []
@@ -618,6 +619,21 @@ def _read_back(plan: Plan, pendings: list[tuple[PendingFile, str]]) -> None:
         raise OutputError(
             "the written file does not match the plan, so it was not kept: " + "; ".join(problems[:10]),
             path=plan.output,
+        )
+
+
+def _same_verdict(plan: Plan, back: Report) -> None:
+    """A whole checkpoint's output holds the pickle the writer read again, rewritten: it must do nothing
+    dangerous where the plan's verdict on the input found nothing (a file changed between the two reads, or a
+    rewrite that moved an opcode, would otherwise hand on a call no one was told of)."""
+    if not plan.graph or any(f.level == "dangerous" for f in plan.report.findings):
+        return  # refused at planning, or copied on --allow-dangerous, which says so
+    bad = next((f for f in back.findings if f.level == "dangerous"), None)
+    if bad is not None:
+        raise UnsafeError(
+            f"the written pickle would do what the input's, as judged, did not: {bad.message} ({bad.code}); "
+            "it was not kept (was the input changed while it was converted?)",
+            path=plan.report.path,
         )
 
 
