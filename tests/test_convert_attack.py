@@ -266,3 +266,17 @@ def test_a_sparse_tensor_in_a_whole_checkpoint_is_kept_or_refused_cleanly(tmp_pa
     if code == 0:
         got = torch.load(tmp_path / "out.pt", weights_only=True)
         assert torch.equal(got["s"].to_dense(), torch.eye(3))
+
+
+def test_a_global_written_again_under_another_protocol_is_refused(tmp_path: Path) -> None:
+    """commands.Popen memoized in a (cached) storage record at protocol 3, where it is an unknown package's
+    class (a warning); then PROTO 2 and a memo read of it, made with NEWOBJ. Written back as the literal
+    GLOBAL, protocol 2's name mapping reads it as subprocess.Popen: refused (exit 3), nothing written."""
+    pid2 = b"(" + _x("storage") + _g("commands", "Popen") + b"q\x05" + _x("0") + _x("cpu") + b"K\x04t"
+    pkl = b"\x80\x03}" + _x("w") + _tensor() + b"s" + _x("s2") + pid2 + b"Qs\x80\x02" + _x("p") + b"h\x05)\x81s."
+    src = _archive(tmp_path / "proto.pt", pkl)
+    assert not [f for f in read(str(src)).findings if f.level == "dangerous"]
+    code, _, err = run_cli("convert", src, "-o", tmp_path / "out.pt")
+    assert code == 3, err
+    assert "changes its protocol" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["proto.pt"]
