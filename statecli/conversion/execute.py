@@ -632,7 +632,8 @@ def _same_verdict(plan: Plan, back: Report) -> None:
     if bad is not None:
         raise UnsafeError(
             f"the written pickle would do what the input's, as judged, did not: {bad.message} ({bad.code}); "
-            "it was not kept (was the input changed while it was converted?)",
+            "it was not kept (the input changed while it was converted, or its pickle could not be written back "
+            "faithfully)",
             path=plan.report.path,
         )
 

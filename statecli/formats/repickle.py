@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from statecli.errors import UnsupportedFormatError
 from statecli.safepickle.names import LENGTH_WIDTH, opcode_table
 
-_MARK, _TUPLE, _BINPERSID, _FRAME, _MEMOIZE, _STOP = 0x28, 0x74, 0x51, 0x95, 0x94, 0x2E
+_MARK, _TUPLE, _BINPERSID, _FRAME, _MEMOIZE, _STOP, _PROTO = 0x28, 0x74, 0x51, 0x95, 0x94, 0x2E, 0x80
 _PUTS = {0x71: 1, 0x72: 4, 0x70: -1}  # BINPUT, LONG_BINPUT, PUT: width of the index (-1: text line)
 _GETS = {0x68: 1, 0x6A: 4, 0x67: -1}  # BINGET, LONG_BINGET, GET
 
@@ -144,6 +144,10 @@ def _rewrite(data: bytes, start: int, end: int, pids: Sequence[bytes], path: str
         elif size < 0:
             width = LENGTH_WIDTH[size]
             pos += width + int.from_bytes(data[pos : pos + width], "little", signed=size == -3)
+        if code == _PROTO and at != start:
+            # A GLOBAL written again as a literal after it would be read under another protocol, whose
+            # name mapping differs (commands.Popen is subprocess.Popen below protocol 3). torch never does this.
+            raise _refuse(f"the pickle changes its protocol at byte {at}", path)
         if code in _PUTS or code == _MEMOIZE:
             if code == _MEMOIZE:
                 index = len(literal_of)
