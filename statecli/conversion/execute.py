@@ -28,7 +28,15 @@ from statecli.conversion.plan import (
 )
 from statecli.conversion.quantized import QuantizedOut, quantizer_problem, same_channel_params
 from statecli.dtypes import contiguous_strides
-from statecli.errors import CheckFailedError, InputError, OutputError, StatecliError, UsageError
+from statecli.errors import (
+    CheckFailedError,
+    InputError,
+    OutputError,
+    StatecliError,
+    UnsafeError,
+    UnsupportedFormatError,
+    UsageError,
+)
 from statecli.formats import read
 from statecli.formats.atomic import (
     PendingFile,
@@ -283,12 +291,22 @@ def _write_graph(pending: PendingFile, plan: Plan, units: list[_Unit], feeder: _
         if made is None:
             u = by_key.get(f"data/{pid.key}")
             location = (u.leader.dst_device if u is not None else plan.options.device) or pid.location
-            stype = pid.storage_type
+            stype, module = pid.storage_type, pid.module
             if u is not None and u.dst_dtype != u.src_dtype:
-                stype = STORAGE_CLASS[u.dst_dtype]
-            made = new[pid.key] = PersistentId(stype, pid.key, location, pid.numel)
+                if STORAGE_CLASS.get(u.src_dtype) != stype:
+                    # An untyped storage (or one whose type is not its tensors' dtype): the dtype torch
+                    # rebuilds them with is in their rebuild calls, which are copied as they are.
+                    raise UnsupportedFormatError(
+                        f"cannot cast {u.leader.name!r} inside a whole checkpoint: its storage is saved as "
+                        f"{pid.module}.{stype}, its dtype in its rebuild call, which statecli copies as it is; "
+                        "convert the model's state dict instead (--state-dict, --select KEY, or a .safetensors "
+                        "output)",
+                        path=plan.report.path,
+                    )
+                stype, module = STORAGE_CLASS[u.dst_dtype], "torch"
+            made = new[pid.key] = PersistentId(stype, pid.key, location, pid.numel, module)
         pids.append(made)
-    data = rewrite(graph.data, graph.start, graph.end, pids, plan.report.path)
+    data = rewrite(graph.data, graph.start, graph.end, pids, plan.report.path, graph.first_free)
 
     def storages() -> Iterator[tuple[StorageOut, Iterator[memoryview]]]:
         for key, pid in new.items():
@@ -612,6 +630,7 @@ def _read_back(plan: Plan, pendings: list[tuple[PendingFile, str]]) -> None:
         if kind == "index":
             continue
         back = read(p.readable_path)
+        _same_verdict(plan, back)
         for t in back.tensors:
             seen[t.name] = t
     problems = []
@@ -637,6 +656,22 @@ def _read_back(plan: Plan, pendings: list[tuple[PendingFile, str]]) -> None:
         raise OutputError(
             "the written file does not match the plan, so it was not kept: " + "; ".join(problems[:10]),
             path=plan.output,
+        )
+
+
+def _same_verdict(plan: Plan, back: Report) -> None:
+    """A whole checkpoint's output holds the pickle the writer read again, rewritten: it must do nothing
+    dangerous where the plan's verdict on the input found nothing (a file changed between the two reads, or a
+    rewrite that moved an opcode, would otherwise hand on a call no one was told of)."""
+    if not plan.graph or any(f.level == "dangerous" for f in plan.report.findings):
+        return  # refused at planning, or copied on --allow-dangerous, which says so
+    bad = next((f for f in back.findings if f.level == "dangerous"), None)
+    if bad is not None:
+        raise UnsafeError(
+            f"the written pickle would do what the input's, as judged, did not: {bad.message} ({bad.code}); "
+            "it was not kept (the input changed while it was converted, or its pickle could not be written back "
+            "faithfully)",
+            path=plan.report.path,
         )
 
 

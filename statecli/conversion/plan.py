@@ -467,6 +467,12 @@ def _build_plan(report: Report, output: str, options: ConvertOptions, graph: boo
             action, dst, reason = _optimizer_decision(t, (action, dst, reason), options, owners, planned)
         unit = t.storage if t.storage is not None else f"tensor:{t.file or ''}:{t.name}"
         dst_device = (device or t.device or "cpu") if fmt == "torch" else None  # safetensors stores none
+        if graph and t.storage is None:
+            # A meta tensor's dtype and device, a sparse tensor's layout, live in its rebuild call, which the
+            # whole checkpoint copies as it is (its component storages, if any, move with --device).
+            what = "meta tensor" if t.layout == "strided" else f"{t.layout} tensor"
+            action, dst, dst_device = "keep", t.dtype, t.device
+            reason = f"{what} with no storage of its own: written as saved"
         items.append(PlanItem(out, t, role, exact, evidence, t.dtype, dst, action, reason, dst_device, unit))
         planned[t.name] = items[-1]
     _refuse_quantized_on_meta(items)

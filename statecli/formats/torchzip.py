@@ -100,6 +100,9 @@ class PickleGraph:
     end: int
     pids: list[PersistentId]  # one per BINPERSID, in order (a storage named twice is here twice)
     root: Any  # the object, as the restricted reader built it
+    # A memo index past every one the pickle puts, for the new records' repeated parts; None where MEMOIZE
+    # may number entries by count (any 0x94 byte: a string holding one only costs the saving).
+    first_free: int | None = None
 
 
 def read_graph(path: str, limits: Limits | None = None) -> PickleGraph:
@@ -110,17 +113,24 @@ def read_graph(path: str, limits: Limits | None = None) -> PickleGraph:
     data = read_member(path, members[f"{root}/data.pkl"], MAX_PICKLE_BYTES)
     storages = Storages(members, root, path)
     pids: list[PersistentId] = []
+    first: dict[str, PersistentId] = {}
 
     def record(pid: Any) -> Any:
         ref = storages(pid)  # checks the id first: the fields below are the types it checked
-        pids.append(PersistentId(pid[1].name, pid[2], pid[3], pid[4]))
+        # A key read before is the storage read then, whatever the other fields say (torch.load caches by
+        # key too), and the reader checked only the first record's fields.
+        known = first.get(ref.key)
+        if known is None:
+            known = first[ref.key] = PersistentId(pid[1].name, pid[2], pid[3], pid[4], pid[1].module)
+        pids.append(known)
         return ref
 
     try:
         obj, unpickler = loads(data, record, limits)
     except StatecliError as e:
         raise e.at(path) from None
-    return PickleGraph(path, data, unpickler.start, unpickler.end, pids, obj)
+    first_free = None if data.find(b"\x94", unpickler.start, unpickler.end) >= 0 else unpickler.memo_top + 1
+    return PickleGraph(path, data, unpickler.start, unpickler.end, pids, obj, first_free)
 
 
 def _stacked_pickles(data: bytes, first: Any, storages: Storages, limits: Limits | None) -> int:

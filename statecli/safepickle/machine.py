@@ -68,6 +68,7 @@ class RestrictedUnpickler(Calls, FastPath):
         self.proto = 0
         self.start = start
         self.end = 0  # offset just past STOP
+        self.memo_top = -1  # the largest memo index the pickle put, once read to its STOP
         self.fast_paths = fast_paths
         self._hash_counts: dict[int, HashCounts] = {}
         self._max_memo = self.limits.max_memo
@@ -250,6 +251,7 @@ class RestrictedUnpickler(Calls, FastPath):
                         raise InputError(f"corrupt pickle: frame of {size} bytes runs past the data")
                 elif op == 0x2E:  # STOP
                     self.end = pos
+                    self.memo_top = max(memo, default=-1)
                     if not stack:
                         raise InputError("corrupt pickle: STOP with an empty stack")
                     return stack.pop()

@@ -76,9 +76,10 @@ def snapshot(root: Path) -> dict[str, Any]:
 
 # Usage errors (exit 2) convert may give on a file it read: no model tensors (the fix is the user's,
 # ``--select`` names where the tensors are; load says the same), and what the chosen output format cannot
-# hold (a dtype or a name safetensors cannot store: the fix is a .pt output).
+# hold (a dtype or a name safetensors cannot store: the fix is a .pt output; a cast a whole checkpoint's own
+# pickle cannot say: the fix is --state-dict).
 NOTHING_TO_CONVERT = "nothing to convert:"
-USAGE_EXITS = (NOTHING_TO_CONVERT, "safetensors cannot store")
+USAGE_EXITS = (NOTHING_TO_CONVERT, "safetensors cannot store", "cannot cast ")
 NO_COMPLEX = "has no complex counterpart"  # --dtype to a float with no complex twin: the user's choice
 
 
