@@ -103,7 +103,7 @@ def _laundering_pickle(marker: Path) -> bytes:
 
 
 def test_a_popped_mark_cannot_move_a_storage_record_and_launder_a_call(tmp_path: Path) -> None:
-    marker = tmp_path / "PWNED"
+    marker = tmp_path / "statecli_hostile_marker"  # a payload marker: the session-end false-alarm check skips it
     src = _archive(tmp_path / "evil.pt", _laundering_pickle(marker))
     verdict = read(str(src))
     assert not [f for f in verdict.findings if f.level == "dangerous"]  # the input: a warning, no more
@@ -201,7 +201,7 @@ def test_the_output_pickle_is_judged_again_before_it_is_kept(tmp_path: Path) -> 
     (exit 5, nothing written)."""
     import torch
 
-    marker = tmp_path / "PWNED"
+    marker = tmp_path / "statecli_hostile_marker"  # a payload marker: the session-end false-alarm check skips it
     src = tmp_path / "m.pt"
     torch.save({"w": torch.ones(4)}, src)
     p = statecli.conversion.plan(src, tmp_path / "out.pt", dtype="bf16")
@@ -218,7 +218,7 @@ def test_the_output_pickle_is_judged_again_before_it_is_kept(tmp_path: Path) -> 
 def test_nothing_ran_when_torch_reads_what_was_refused(tmp_path: Path) -> None:
     """The input itself, under torch.load(weights_only=False) in a throwaway process: it imports mypkg and
     fails; nothing touches the marker (the output, had it been written, would have)."""
-    marker = tmp_path / "PWNED"
+    marker = tmp_path / "statecli_hostile_marker"  # a payload marker: the session-end false-alarm check skips it
     src = _archive(tmp_path / "evil.pt", _laundering_pickle(marker))
     code = f"import torch\ntry:\n    torch.load({str(src)!r}, weights_only=False)\nexcept Exception:\n    pass\n"
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, timeout=120, check=True)
