@@ -46,7 +46,7 @@ from statecli.formats.atomic import (
     remove_leftovers,
     sync_folder,
 )
-from statecli.formats.repickle import PersistentId, rewrite
+from statecli.formats.repickle import STATE_DICT_INSTEAD, PersistentId, rewrite
 from statecli.formats.safetensors import METADATA_KEY, roles_metadata
 from statecli.formats.safetensors import header as st_header
 from statecli.formats.sharded import index_bytes, shard_name, split_by_size
@@ -299,8 +299,7 @@ def _write_graph(pending: PendingFile, plan: Plan, units: list[_Unit], feeder: _
                     raise UnsupportedFormatError(
                         f"cannot cast {u.leader.name!r} inside a whole checkpoint: its storage is saved as "
                         f"{pid.module}.{stype}, its dtype in its rebuild call, which statecli copies as it is; "
-                        "convert the model's state dict instead (--state-dict, --select KEY, or a .safetensors "
-                        "output)",
+                        f"{STATE_DICT_INSTEAD}",
                         path=plan.report.path,
                     )
                 stype, module = STORAGE_CLASS[u.dst_dtype], "torch"

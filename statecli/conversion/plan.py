@@ -20,6 +20,7 @@ from typing import Any
 
 from statecli import dtypes
 from statecli.errors import InputError, StatecliError, UnsafeError, UnsupportedFormatError, UsageError
+from statecli.formats.repickle import STATE_DICT_INSTEAD
 from statecli.records import Finding, JsonFields, RawTensor, Report, TensorInfo
 from statecli.roles import infer, keep_vars_proves
 from statecli.tensors.quantized import unsupported as quantized_unsupported
@@ -381,10 +382,7 @@ def _quantized_modules(report: Report) -> set[str]:
             seen[prefix] = seen.get(prefix, 0) | 1
         elif last == "zero_point":
             seen[prefix] = seen.get(prefix, 0) | 2
-    found = {prefix for prefix, bits in seen.items() if bits == 3}
-    if any(t.evidence == "rule:quantized-module" or "_packed_params." in t.name for t in report.tensors):
-        found.add("\0")  # a marker: the rule's evidence alone is enough (see _in_quantized)
-    return found
+    return {prefix for prefix, bits in seen.items() if bits == 3}
 
 
 def _in_quantized(t: TensorInfo, quantized: set[str]) -> bool:
@@ -393,6 +391,8 @@ def _in_quantized(t: TensorInfo, quantized: set[str]) -> bool:
     name = t.name
     if t.evidence == "rule:quantized-module" or "_packed_params." in name or "_all_weight_values." in name:
         return True
+    if not quantized:
+        return False
     dot = name.find(".")
     while dot >= 0:
         if name[:dot] in quantized:
@@ -461,7 +461,7 @@ def _build_plan(report: Report, output: str, options: ConvertOptions, graph: boo
         again = picked_other or (graph and t.group != "model" and "optim" not in t.group)
         role, exact, evidence = _role(t, again)
         action, dst, reason = _dtype_decision(t, (out, inner, t.name), role, target, options, graph)
-        if action == "cast" and quantized and _in_quantized(t, quantized):
+        if action == "cast" and _in_quantized(t, quantized):
             action, dst, reason = "keep", t.dtype, f"{t.dtype} in a quantized module: its kernels take it as it is"
         if graph and "optim" in t.group:
             action, dst, reason = _optimizer_decision(t, (action, dst, reason), options, owners, planned)
@@ -622,8 +622,7 @@ def _check_storage_types(items: list[PlanItem], path: str) -> None:
             raise _NoStorageClass(
                 f"cannot cast {i.name!r} ({i.src_dtype} → {i.dst_dtype}) inside a whole checkpoint: torch pickles "
                 f"{odd} storages untyped, with the dtype in each tensor's rebuild call, which statecli copies "
-                "as it is. Convert the model's state dict instead (--state-dict, --select KEY, or a .safetensors "
-                f"output), or leave it as it is with --exclude '{i.name}'"
+                f"as it is; {STATE_DICT_INSTEAD}, or leave it as it is with --exclude '{i.name}'"
             )
 
 

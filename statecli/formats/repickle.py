@@ -85,11 +85,13 @@ def _int(n: int) -> bytes:
     return b"\x8a" + bytes((len(raw),)) + raw
 
 
+# The way out of every cast or rewrite a whole checkpoint cannot hold: statecli's own state-dict writer.
+STATE_DICT_INSTEAD = "convert the model's state dict instead (--state-dict, --select KEY, or a .safetensors output)"
+
+
 def _refuse(why: str, path: str) -> UnsupportedFormatError:
     return UnsupportedFormatError(
-        f"cannot write this pickle back with new storage records: {why}; convert the model's state dict "
-        "instead (--state-dict, --select KEY, or a .safetensors output)",
-        path=path,
+        f"cannot write this pickle back with new storage records: {why}; {STATE_DICT_INSTEAD}", path=path
     )
 
 
