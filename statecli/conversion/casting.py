@@ -5,9 +5,11 @@ torch is imported when called; nothing here reads or writes a file.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,7 +21,29 @@ from statecli.wording import count
 if TYPE_CHECKING:
     import torch
 
-_CHUNK_ELEMENTS = 8 << 20
+# Small enough that the range screen's second look at a chunk finds it in cache: the screen then costs a
+# fraction of the cast instead of another trip through memory.
+_CHUNK_ELEMENTS = 1 << 20
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch with one intra-op thread for the duration, the caller's count restored after.
+
+    A conversion is a stream of memory-bound casts beside a reader and a sync thread: torch's own thread
+    pool only adds contention (two threads on two cores measured twice as slow). Parallelism comes from
+    worker processes over files instead. A library call must not leave the caller's setting changed."""
+    import torch  # deferred: importing torch takes about a second, and metadata commands never need it
+
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass(slots=True)
@@ -118,6 +142,40 @@ def _count_range(s: torch.Tensor, o: torch.Tensor, dst_dtype: torch.dtype, stats
         stats.underflow += zero_out - (size - int(torch.count_nonzero(sc)))
 
 
+@functools.cache
+def _screen_bits(dst_dtype: torch.dtype) -> tuple[torch.dtype, int, int] | None:
+    """(integer dtype of the same width, magnitude mask, bit pattern of +inf) for a target with an inf;
+    None where a cast saturates or has no inf (float8_e4m3fn and the fnuz formats), which the screen
+    below cannot see through."""
+    import torch  # deferred: importing torch takes about a second, and metadata commands never need it
+
+    real = _real(dst_dtype)
+    if not math.isinf(_inf_becomes(dst_dtype)) or not real.is_floating_point:
+        return None
+    width = torch.finfo(real).bits
+    ints = {8: torch.int8, 16: torch.int16, 32: torch.int32, 64: torch.int64}
+    inf_bits = int(torch.tensor(float("inf"), dtype=real).view(ints[width]).item())
+    return ints[width], (1 << (width - 1)) - 1, inf_bits
+
+
+def _surely_clean(o: torch.Tensor, bits: tuple[torch.dtype, int, int], scratch: torch.Tensor) -> bool:
+    """True when the cast chunk ``o`` holds no zero and no inf or NaN: then nothing overflowed, nothing
+    flushed to zero and the input had no NaN/inf, and the exact counting can be skipped.
+
+    One pass over the output's bits: the magnitude bits (sign masked off) are 0 only for ±0 and reach the
+    pattern of inf only for inf and NaN. That is a fifth of what counting zeros and a min/max of the input
+    cost, and an input without zeros or non-finite values (almost every weight) never needs more."""
+    import torch  # deferred: importing torch takes about a second, and metadata commands never need it
+
+    int_dtype, mask, inf_bits = bits
+    raw = o.view(int_dtype)
+    if raw.numel() != o.numel():  # a complex chunk: its real and imaginary parts side by side
+        raw = raw.view(-1)
+    m = torch.bitwise_and(raw, mask, out=scratch[: raw.numel()])
+    lo, hi = torch.aminmax(m)
+    return int(lo) > 0 and int(hi) < inf_bits
+
+
 def cast(src: torch.Tensor, dst_dtype: torch.dtype) -> tuple[torch.Tensor, CastStats]:
     """``src`` (contiguous) cast to ``dst_dtype`` in chunks, counting overflow, underflow and NaN/inf."""
     import torch  # deferred: importing torch takes about a second, and metadata commands never need it
@@ -128,11 +186,15 @@ def cast(src: torch.Tensor, dst_dtype: torch.dtype) -> tuple[torch.Tensor, CastS
     stats = CastStats()
     flat_s = src.reshape(-1)
     flat_o = out.view(-1)
+    bits = _screen_bits(dst_dtype)
+    parts = 2 if dst_dtype.is_complex else 1
+    scratch = torch.empty(min(flat_o.numel(), _CHUNK_ELEMENTS) * parts, dtype=bits[0]) if bits else None
     for lo in range(0, flat_s.numel(), _CHUNK_ELEMENTS):
         s = flat_s[lo : lo + _CHUNK_ELEMENTS]
         o = flat_o[lo : lo + _CHUNK_ELEMENTS]
         o.copy_(s)
-        _count_range(s, o, dst_dtype, stats)
+        if bits is None or scratch is None or not _surely_clean(o, bits, scratch):
+            _count_range(s, o, dst_dtype, stats)
     return out, stats
 
 
