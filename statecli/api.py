@@ -65,6 +65,9 @@ def convert(
     keep_optimizer_dtype: bool = False,
     allow_dangerous: bool = False,
     state_dict: bool = False,
+    sync: bool = True,
+    jobs: int | None = None,
+    distributed: bool = False,
     progress: Progress | None = None,
 ) -> ConversionReport:
     """Convert ``src`` into ``dst`` the way ``nn.Module.to()`` would, as ``statecli convert`` does.
@@ -98,6 +101,13 @@ def convert(
             statecli flags as dangerous is refused with :class:`UnsafeError`. With it, the pickle is copied
             through as it is (nothing of it runs).
         state_dict: Write the model's state dict to a ``.pt``, not the whole checkpoint.
+        sync: Flush every output file to disk before it gets its name (``False``: faster on scratch space,
+            but a crash soon after can leave a named file empty or partly written).
+        jobs: Worker processes for a multi-file (sharded) output, each writing whole files; ``None``: the
+            usable cores, capped by the files and by the work. The output's bytes are the same whatever it is.
+            torch runs with one intra-op thread during the conversion; the caller's setting is restored.
+        distributed: Called on every rank of a ``torchrun`` launch (``torch.distributed`` env set): the
+            ranks share a sharded output's files out (gloo; a shared filesystem), rank 0 writes the index.
         progress: Called with (bytes done, tensors done) while writing.
 
     Returns:

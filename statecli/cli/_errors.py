@@ -31,10 +31,12 @@ INTERNAL_EXIT = 3
 
 
 def report_error(err: StatecliError, debug: bool = False) -> int:
-    """Print ``err`` as one stderr line (a traceback first with ``debug``); return its exit code."""
+    """Print ``err`` as one stderr line (a traceback first with ``debug``); return its exit code. An error
+    another torchrun rank met (``peer``) is said by that rank and by rank 0 only, not once per rank."""
     if debug:
         _print_traceback(err)
-    console.error(str(err))
+    if not getattr(err, "peer", False) or os.environ.get("RANK", "0") == "0":
+        console.error(str(err))
     return err.exit_code
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from enum import Enum
 from typing import Annotated
@@ -13,6 +14,7 @@ from statecli.output import console, emit
 
 SELECTION = "Selection and names"
 DTYPE = "Dtype and device"
+SCALE = "Speed and scale"
 
 
 class ConvertFormat(str, Enum):
@@ -153,6 +155,38 @@ def convert_command(
         ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+    jobs: Annotated[
+        int | None,
+        typer.Option(
+            "--jobs",
+            "-j",
+            metavar="N",
+            min=1,
+            help="Worker processes for a folder output, each writing whole shard files (default: the usable "
+            "cores, capped by the files, one per 32 MiB of output). The bytes written are the same for any N.",
+            rich_help_panel=SCALE,
+            show_default=False,
+        ),
+    ] = None,
+    distributed: Annotated[
+        bool,
+        typer.Option(
+            "--distributed",
+            help="Launched by torchrun (torchrun --nproc-per-node M [--nnodes N] -m statecli convert ... "
+            "--distributed): the ranks share a folder output's files out over torch.distributed (gloo) on a "
+            "shared filesystem; rank 0 writes the index once every rank is done, and reports.",
+            rich_help_panel=SCALE,
+        ),
+    ] = False,
+    no_sync: Annotated[
+        bool,
+        typer.Option(
+            "--no-sync",
+            help="Do not wait for the output to reach the disk before naming it: faster on scratch space, but a "
+            "crash or power loss soon after can leave a named file that is empty or partly written.",
+            rich_help_panel=SCALE,
+        ),
+    ] = False,
     untie: Annotated[
         bool,
         typer.Option(
@@ -239,9 +273,15 @@ def convert_command(
         "keep_optimizer_dtype": keep_optimizer_dtype,
         "allow_dangerous": allow_dangerous,
         "state_dict": state_dict,
+        "sync": not no_sync,
+        "jobs": jobs,
+        "distributed": distributed,
     }
+    if distributed and os.environ.get("RANK", "0") != "0":
+        quiet = True  # rank 0 reports for every rank; the others only say their own errors
     plan = conv.plan(path, output, **options)
-    console.warn_dangerous(plan.report)  # nothing of it runs; a .pt output copies it only under --allow-dangerous
+    if not (distributed and os.environ.get("RANK", "0") != "0"):
+        console.warn_dangerous(plan.report)  # nothing of it runs; a .pt output copies it only under --allow-dangerous
     if dry_run:
         emit.plan(plan, fmt.value, quiet)
         return
@@ -262,4 +302,6 @@ def convert_command(
     finally:
         if progress_bar is not None:
             progress_bar.stop()
+    if distributed and os.environ.get("RANK", "0") != "0":
+        return
     emit.conversion(plan, result, time.monotonic() - started, fmt.value, quiet, torch_import)

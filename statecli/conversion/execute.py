@@ -7,7 +7,6 @@ Memory stays near the largest storage: one storage is read, cast and written bef
 from __future__ import annotations
 
 import collections
-import contextlib
 import itertools
 import os
 import re
@@ -17,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from statecli import dtypes
-from statecli.conversion.casting import CastStats, cast, overflow_error, range_findings
+from statecli.conversion.casting import CastStats, cast, one_thread, overflow_error, range_findings
 from statecli.conversion.plan import (
     DEFAULT_SHARD_SIZE,
     INDEX_NAME,
@@ -85,6 +84,13 @@ class ConversionReport:
     bytes_written: int = 0
     values_verified: bool = False
     findings: list[Finding] = field(default_factory=list)
+    jobs: int = 1  # worker processes on this machine
+    world_size: int = 1  # torchrun ranks
+    ranks: list[dict[str, Any]] = field(default_factory=list)  # each rank's output files
+
+    def __post_init__(self) -> None:
+        if not self.ranks:
+            self.ranks = [{"rank": 0, "files": self.files}]
 
     def to_dict(self) -> dict[str, Any]:
         out = self.plan.to_dict()
@@ -92,6 +98,9 @@ class ConversionReport:
         out["files"] = list(self.files)
         out["bytes_written"] = self.bytes_written
         out["values_verified"] = self.values_verified
+        out["jobs"] = self.jobs
+        out["world_size"] = self.world_size
+        out["ranks"] = [{"rank": r["rank"], "files": list(r["files"])} for r in self.ranks]
         for t in out["tensors"]:
             s = self.stats.get(t["name"])
             t["overflow"] = s.overflow if s else 0
@@ -459,50 +468,116 @@ class _Feeder:
         self.done_tensors += 1
 
 
+@dataclass(slots=True)
+class OutFile:
+    """One file of a multi-file output: its tensors in file order, and every plan item it holds
+    (aliases included), in plan order."""
+
+    path: str
+    entries: list[_StEntry]
+    items: list[PlanItem]
+    aliases: dict[str, str]
+    nbytes: int
+
+
+@dataclass(slots=True)
+class Layout:
+    """A multi-file output: which tensor goes to which file, decided before any is written, so that any
+    number of workers or ranks writes the same bytes; the index comes last."""
+
+    files: list[OutFile]
+    index_path: str
+    index: bytes
+
+
+def _groups(plan: Plan, entries: list[_StEntry]) -> list[list[_StEntry]]:
+    """Tensors grouped into output files. ``--max-shard-size`` cuts by size; without it, a sharded input
+    keeps its sharding (each tensor stays in its shard's place, so a 1,000-shard checkpoint gives 1,000
+    shards that workers can write side by side), and a DCP folder is cut evenly into as many files as it
+    has; anything else is cut at the default size."""
+    limit = plan.options.max_shard_size
+    fmt = plan.report.format
+    if limit is None and fmt.startswith("sharded"):
+        by_file: dict[str | None, list[_StEntry]] = {}
+        for e in entries:
+            by_file.setdefault(e.item.source.file, []).append(e)
+        return [by_file[f] for f in sorted(by_file, key=lambda f: (f is None, f or ""))]
+    if limit is None and fmt == "dcp":
+        files = len({t.file for t in plan.report.tensors if t.file})
+        total = sum(e.nbytes for e in entries)
+        if files > 1 and total:
+            limit = min(DEFAULT_SHARD_SIZE, -(-total // files))
+    return split_by_size(entries, _size, limit or DEFAULT_SHARD_SIZE)
+
+
+def layout(plan: Plan, units: list[_Unit]) -> Layout:
+    """The files of a sharded safetensors output and its index."""
+    entries, aliases = _st_layout(plan, units)
+    order = {id(u): k for k, u in enumerate(units)}
+    groups = [g for g in _groups(plan, entries) if g]
+    if not groups:
+        groups = [[]]
+    n = len(groups)
+    folder = plan.output
+    file_of: dict[str, int] = {}
+    files = []
+    for k, group in enumerate(groups):
+        # Widest dtype first inside each file, so that every tensor's bytes are aligned to its element.
+        group.sort(key=lambda e: (-dtypes.DTYPES[e.item.dst_dtype].itemsize, order[id(e.unit)]))
+        for e in group:
+            file_of[e.item.name] = k
+        path = os.path.join(folder, shard_name(k, n))
+        files.append(OutFile(path, group, [], {}, sum(e.nbytes for e in group)))
+    for a, target in aliases.items():
+        files[file_of[target]].aliases[a] = target
+        file_of[a] = file_of[target]
+    for i in plan.items:
+        k = file_of.get(i.name)
+        if k is not None:
+            files[k].items.append(i)
+    weight_map = {e.item.name: os.path.basename(f.path) for f in files for e in f.entries}
+    total = sum(f.nbytes for f in files)
+    return Layout(files, os.path.join(folder, INDEX_NAME), index_bytes(total, weight_map))
+
+
 def output_paths(plan: Plan) -> list[str]:
     """The files a plan will create (for sharded output, only known exactly once sizes are)."""
     if plan.output_format != "sharded":
         return [plan.output]
-    units = build_units(plan)
-    entries, _ = _st_layout(plan, units)
-    n = len(split_by_size(entries, _size, plan.options.max_shard_size or DEFAULT_SHARD_SIZE))
-    folder = plan.output
-    names = [shard_name(k, n) for k in range(n)]
-    return [os.path.join(folder, x) for x in [*names, INDEX_NAME]]
+    out = layout(plan, build_units(plan))
+    return [*(f.path for f in out.files), out.index_path]
 
 
 def execute(plan: Plan, progress: Progress | None = None) -> ConversionReport:
     """Write the plan's output. Raises StatecliError (exit 1 overflow, 3 input, 4 output)."""
+    with one_thread():
+        return _execute(plan, progress)
+
+
+def _execute(plan: Plan, progress: Progress | None) -> ConversionReport:
+    units = build_units(plan)
+    if plan.output_format == "sharded":
+        from statecli.conversion.workers import execute_files  # it imports this module
+
+        if not plan.options.distributed:
+            return execute_files(plan, units, progress)
+        from statecli.conversion.distributed import TorchGroup
+
+        group = TorchGroup()
+        try:
+            return execute_files(plan, units, progress, group)
+        finally:
+            group.close()
+    if plan.options.distributed:
+        raise UsageError("--distributed shares the files of a folder output out among ranks: give a folder as -o")
     started = time.time()
     report = ConversionReport(plan)
-    inputs = _input_files(plan.report)
-    units = build_units(plan)
-    made_folder = None
-    if plan.output_format == "sharded":
-        folder = os.path.abspath(plan.output)
-        if os.path.isdir(folder):
-            paths = output_paths(plan)
-            for p in paths:
-                check_destination(p, plan.options.force, inputs)
-            report.findings.extend(_stale_shards(folder, paths))
-        elif (problem := folder_problem(os.path.dirname(folder))) is not None:
-            raise OutputError(problem, path=plan.output)
-        elif os.path.lexists(folder):
-            raise OutputError("output path exists and is not a folder", path=plan.output)
-        else:
-            try:
-                os.mkdir(folder)  # only the last level, like save_pretrained; removed again on failure
-            except OSError as e:
-                raise output_error(e, plan.output) from e
-            made_folder = folder
-    else:
-        check_destination(plan.output, plan.options.force, inputs)
-
+    check_destination(plan.output, plan.options.force, input_files(plan.report))
     with Source(plan.report, check_crc=plan.options.verify) as source:
         pendings: list[tuple[PendingFile, str]] = []
         try:
+            p = PendingFile(plan.output, sync=plan.options.sync)
             if plan.output_format == "torch":
-                p = PendingFile(plan.output)
                 pendings.append((p, "torch"))
                 stem = os.path.splitext(os.path.basename(plan.output))[0]
                 root = stem if _SAFE_NAME.match(stem) else "archive"
@@ -510,7 +585,8 @@ def execute(plan: Plan, progress: Progress | None = None) -> ConversionReport:
                 write = _write_graph if plan.graph else _write_torch
                 report.bytes_written = write(p, plan, units, feeder, root)
             else:
-                _write_safetensors(plan, units, _Feeder(source, report, progress), report, pendings)
+                pendings.append((p, "safetensors"))
+                _write_safetensors(plan, units, _Feeder(source, report, progress), report, p)
             # Overflow is known only once every value has been cast; the files are thrown away unnamed.
             err = None if plan.options.allow_overflow else overflow_error(report.stats, report.plan.target_dtype or "")
             if err is not None:
@@ -524,9 +600,6 @@ def execute(plan: Plan, progress: Progress | None = None) -> ConversionReport:
         except BaseException as e:
             for p, _ in pendings:
                 p.discard()
-            if made_folder is not None:
-                with contextlib.suppress(OSError):
-                    os.rmdir(made_folder)  # fails, as it should, if anything else appeared in it
             if isinstance(e, OSError):
                 raise output_error(e, plan.output) from e
             raise
@@ -540,10 +613,32 @@ def execute(plan: Plan, progress: Progress | None = None) -> ConversionReport:
                 p.discard()
             raise
         out_folder = os.path.dirname(os.path.abspath(report.files[0]))
-        sync_folder(out_folder)
+        if plan.options.sync:
+            sync_folder(out_folder)
     report.findings.extend(_leftovers(out_folder, started))
     report.findings.extend(range_findings(report.stats, plan.target_dtype))
     return report
+
+
+def prepare_folder(plan: Plan, paths: list[str], report: ConversionReport) -> str | None:
+    """Check a folder output before any work (each file's name, --force) or make it; return the folder
+    when it was made here (removed again on failure), None when it was there."""
+    folder = os.path.abspath(plan.output)
+    if os.path.isdir(folder):
+        inputs = input_files(plan.report)
+        for p in paths:
+            check_destination(p, plan.options.force, inputs)
+        report.findings.extend(_stale_shards(folder, paths))
+        return None
+    if (problem := folder_problem(os.path.dirname(folder))) is not None:
+        raise OutputError(problem, path=plan.output)
+    if os.path.lexists(folder):
+        raise OutputError("output path exists and is not a folder", path=plan.output)
+    try:
+        os.mkdir(folder)  # only the last level, like save_pretrained; removed again on failure
+    except OSError as e:
+        raise output_error(e, plan.output) from e
+    return folder
 
 
 def _leftovers(folder: str, started: float) -> list[Finding]:
@@ -579,39 +674,24 @@ def _stale_shards(folder: str, paths: list[str]) -> list[Finding]:
 
 
 def _write_safetensors(
-    plan: Plan,
-    units: list[_Unit],
-    feeder: _Feeder,
-    report: ConversionReport,
-    pendings: list[tuple[PendingFile, str]],
+    plan: Plan, units: list[_Unit], feeder: _Feeder, report: ConversionReport, pending: PendingFile
 ) -> None:
     entries, aliases = _st_layout(plan, units)
-    sharded = plan.output_format == "sharded"
-    groups = split_by_size(entries, _size, plan.options.max_shard_size or DEFAULT_SHARD_SIZE) if sharded else [entries]
-    n = len(groups)
     views = collections.Counter(id(e.unit) for e in entries)
-    weight_map: dict[str, str] = {}
-    for k, group in enumerate(groups):
-        path = os.path.join(plan.output, shard_name(k, n)) if sharded else plan.output
-        shard_names = {e.item.name for e in group}
-        shard_aliases = {a: t for a, t in aliases.items() if t in shard_names}
-        shard_items = [i for i in plan.items if i.name in shard_names or i.name in shard_aliases]
-        pending = PendingFile(path)
-        pendings.append((pending, "safetensors"))
-        pending.write(_safetensors_header(group, shard_items, shard_aliases))
-        for e in group:
-            for piece in feeder.tensor(e.unit, e.item, views[id(e.unit)], e.nbytes):
-                pending.write(piece)
-            report.bytes_written += e.nbytes
-            weight_map[e.item.name] = os.path.basename(path)
-    if sharded:
-        body = index_bytes(report.bytes_written, weight_map)
-        pending = PendingFile(os.path.join(plan.output, INDEX_NAME))
-        pendings.append((pending, "index"))
-        pending.write(body)
+    report.bytes_written = write_shard(OutFile(plan.output, entries, plan.items, aliases, 0), views, feeder, pending)
 
 
-def _input_files(report: Report) -> list[str]:
+def write_shard(f: OutFile, views: collections.Counter[int], feeder: _Feeder, pending: PendingFile) -> int:
+    """One safetensors file: its header, then each tensor's bytes. ``views``: how many entries of the
+    files this process writes view each unit (a unit with several views is materialized once)."""
+    pending.write(_safetensors_header(f.entries, f.items, f.aliases))
+    for e in f.entries:
+        for piece in feeder.tensor(e.unit, e.item, views[id(e.unit)], e.nbytes):
+            pending.write(piece)
+    return sum(e.nbytes for e in f.entries)
+
+
+def input_files(report: Report) -> list[str]:
     if report.format.startswith("sharded"):
         folder = os.path.dirname(report.path)
         return [report.path, *sorted({os.path.join(folder, t.file) for t in report.tensors if t.file})]
@@ -621,8 +701,9 @@ def _input_files(report: Report) -> list[str]:
 # ---------------------------------------------------------------- checking what was written
 
 
-def _read_back(plan: Plan, pendings: list[tuple[PendingFile, str]]) -> None:
-    """Read every output file with statecli's own readers and compare it with the plan."""
+def _read_back(plan: Plan, pendings: list[tuple[PendingFile, str]], items: list[PlanItem] | None = None) -> None:
+    """Read output files with statecli's own readers and compare them with the plan's ``items`` (all of
+    them by default: one file of a multi-file output holds its own)."""
 
     seen: dict[str, Any] = {}
     for p, kind in pendings:
@@ -635,7 +716,7 @@ def _read_back(plan: Plan, pendings: list[tuple[PendingFile, str]]) -> None:
     problems = []
     # A .pt keeps roles only as Parameter objects, written when every role is exact (see _exact_module_roles).
     roles_stored = plan.output_format != "torch" or plan.graph or _exact_module_roles(plan.items)
-    for i in plan.items:
+    for i in plan.items if items is None else items:
         t = seen.pop(i.name, None)
         if t is None:
             problems.append(f"{i.name} is missing")
@@ -674,8 +755,15 @@ def _same_verdict(plan: Plan, back: Report) -> None:
         )
 
 
-def _verify_values(plan: Plan, units: list[_Unit], source: Source, pendings: list[tuple[PendingFile, str]]) -> None:
-    """--verify: every written tensor's bytes equal a fresh conversion of the input's."""
+def _verify_values(
+    plan: Plan,
+    units: list[_Unit],
+    source: Source,
+    pendings: list[tuple[PendingFile, str]],
+    names: set[str] | None = None,
+) -> None:
+    """--verify: every written tensor's bytes equal a fresh conversion of the input's (of ``names`` only,
+    those the files in ``pendings`` hold, when given)."""
     written: dict[str, tuple[StorageReader, Any]] = {}
     readers = []
     try:
@@ -688,8 +776,12 @@ def _verify_values(plan: Plan, units: list[_Unit], source: Source, pendings: lis
             for t in back.tensors:
                 written[t.name] = (reader, t)
         for u in units:
+            if names is not None and not any(i.name in names for i in u.items):
+                continue
             expected, _ = materialize(source, u)
             for item in u.items:
+                if names is not None and item.name not in names:
+                    continue
                 reader, t = written[item.name]
                 offset, shape, stride = u.view_of(item)
                 want = view(expected, offset, shape, stride).contiguous()
@@ -714,7 +806,7 @@ def load_units(plan: Plan, units: list[_Unit], device: str) -> dict[str, Any]:
         raise UsageError(f"device {device!r} is not available here: torch sees no CUDA GPU")
     report = ConversionReport(plan)
     out: dict[str, Any] = {}
-    with Source(plan.report) as source:
+    with Source(plan.report) as source, one_thread():
         for u in units:
             base, stats = materialize(source, u)
             if stats is not None:

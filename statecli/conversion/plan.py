@@ -60,6 +60,10 @@ class ConvertOptions:
     keep_optimizer_dtype: bool = False  # a whole training checkpoint: optimizer state keeps its dtype
     allow_dangerous: bool = False  # a whole .pt copies its pickle: one statecli flags as dangerous only with this
     state_dict: bool = False  # a .pt of the model's state dict even where the whole checkpoint could be written
+    # How the output is written, not what it holds (the bytes are the same whatever these say):
+    sync: bool = True  # flush every output file to disk before it gets its name (--no-sync: scratch outputs)
+    jobs: int | None = None  # worker processes for a multi-file output; None: the usable cores, capped
+    distributed: bool = False  # launched by torchrun: the ranks share the output files out
 
 
 @dataclass(slots=True)
@@ -431,6 +435,8 @@ def build_plan(report: Report, output: str, options: ConvertOptions) -> Plan:
 def _build_plan(report: Report, output: str, options: ConvertOptions, graph: bool) -> Plan:
     target = target_dtype(options.dtype)
     device = check_device(options.device)
+    if options.jobs is not None and options.jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, not {options.jobs}")
     fmt = output_format(output, options)
     notes: list[Finding] = []
 

@@ -104,10 +104,14 @@ def _link_target(path: str) -> str:
 
 
 class PendingFile:
-    """A file being written in ``folder`` that becomes ``path`` only on :meth:`commit`."""
+    """A file being written in ``folder`` that becomes ``path`` only on :meth:`commit`.
 
-    def __init__(self, path: str) -> None:
+    ``sync=False`` (``--no-sync``) never asks the kernel to put the bytes on disk: faster on scratch
+    space, but a crash or power loss soon after can leave a named file that is empty or partly written."""
+
+    def __init__(self, path: str, sync: bool = True) -> None:
         self.path = path
+        self.sync = sync
         self.folder = os.path.dirname(os.path.abspath(path)) or "."
         self.temp_name: str | None = None
         flags = os.O_RDWR | getattr(os, "O_CLOEXEC", 0)
@@ -128,6 +132,7 @@ class PendingFile:
         self._unsynced = 0
         self._sync: Future[None] | None = None
         self._syncer: ThreadPoolExecutor | None = None
+        self._final: Future[None] | None = None
 
     def write(self, data: bytes | memoryview) -> None:
         """Append ``data``. Every so often the kernel is asked, from a worker thread, to start putting
@@ -137,7 +142,7 @@ class PendingFile:
             n = os.write(self.fd, view)
             view = view[n:]
             self._unsynced += n
-        if self._unsynced >= _SYNC_EVERY and (self._sync is None or self._sync.done()):
+        if self.sync and self._unsynced >= _SYNC_EVERY and (self._sync is None or self._sync.done()):
             if self._sync is not None:
                 self._sync.result()  # raises the OSError (no space, ...) the last sync met
             if self._syncer is None:
@@ -157,16 +162,39 @@ class PendingFile:
         """A path that reads the file as written so far (to check it before it is named)."""
         return self.temp_name if self.temp_name is not None else f"/proc/self/fd/{self.fd}"
 
+    def done_writing(self) -> None:
+        """Nothing more will be written: start the final flush to disk in the background, so that the
+        next file's work overlaps it. :meth:`finish` waits for it."""
+        if self._final is not None or not self.sync:
+            return
+        if self._syncer is None:
+            self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="statecli-sync")
+        self._final = self._syncer.submit(self._flush)
+
+    def _flush(self) -> None:
+        if self._sync is not None:
+            self._sync.result()
+        os.fchmod(self.fd, _umask_mode())
+        if self.sync:
+            os.fsync(self.fd)
+
     def finish(self) -> None:
         """Flush to disk and set the normal permissions; the file still has no name."""
         try:
+            if self._final is not None:
+                final, self._final = self._final, None
+                final.result()
+            else:
+                self._flush()
             self._join_sync()
-            os.fchmod(self.fd, _umask_mode())
-            os.fsync(self.fd)
         except OSError as e:
             raise output_error(e, self.path) from e
 
     def _join_sync(self) -> None:
+        if self._final is not None:
+            final, self._final = self._final, None
+            with contextlib.suppress(OSError):
+                final.result()  # only on the way out (discard, close): commit runs after finish
         if self._sync is not None:
             sync, self._sync = self._sync, None
             sync.result()
@@ -196,6 +224,26 @@ class PendingFile:
             raise output_error(e, self.path) from e
         finally:
             self.close()
+
+    def stage(self, name: str) -> str:
+        """Give the finished file the hidden name ``name`` in its folder (a :func:`staging_name`) and
+        return its path: another process (the one that started this worker) commits it with
+        :func:`commit_staged` once every file of the conversion is written and checked."""
+        target = os.path.join(self.folder, name)
+        try:
+            if self.temp_name is None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(target)
+                if not self._link(name):
+                    raise FileExistsError(errno.EEXIST, "staging name taken", name)
+            else:
+                os.replace(self.temp_name, target)
+                self.temp_name = None
+        except OSError as e:
+            raise output_error(e, self.path) from e
+        finally:
+            self.close()
+        return target
 
     def _link(self, name: str) -> bool:
         """Give the anonymous file the name ``name`` in its folder; False when that name exists."""
@@ -227,6 +275,32 @@ class PendingFile:
 
 
 _SYNC_EVERY = 256 << 20
+
+
+def staging_name(owner: int, run: str, k: int) -> str:
+    """The hidden name of output file ``k`` of conversion ``run``, written by a worker for the process
+    ``owner``. It follows the leftover pattern: if ``owner`` is killed before it commits, the next
+    conversion into the folder removes it (see :func:`remove_leftovers`)."""
+    return f".statecli-{owner}-{_where()}-{run}f{k}.tmp"
+
+
+def commit_staged(staged: str, path: str) -> None:
+    """Give a staged file (see :meth:`PendingFile.stage`) its name, replacing what was there."""
+    try:
+        os.replace(staged, path)
+    except OSError as e:
+        raise output_error(e, path) from e
+
+
+def discard_staged(folder: str, owner: int, run: str) -> None:
+    """Remove every file staged for ``owner``'s conversion ``run`` (a worker died, or one failed)."""
+    prefix = f".statecli-{owner}-{_where()}-{run}f"
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            if name.startswith(prefix) and name.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(folder, name))
+
 
 _LEFTOVER = re.compile(r"\.statecli-([0-9]{1,10})-([0-9a-f]{8})-[A-Za-z0-9_]{1,32}\.tmp")
 
