@@ -260,9 +260,15 @@ def write_torch_zip(
 ) -> int:
     """Write ``state`` as ``torch.save`` writes a state dict: the pickle, then each storage's bytes as
     its member (streamed from its chunks, in order), under folder ``root``; returns the storage bytes."""
+    return write_archive(sink, root, pickle_bytes(collections.OrderedDict(state)), storages)
+
+
+def pickle_bytes(obj: Any) -> bytes:
+    """``obj`` pickled as ``torch.save`` pickles its ``data.pkl``: protocol 2, each :class:`StorageOut` a
+    persistent id. A DCP chunk (:mod:`statecli.formats.dcpwrite`) pickles one bare tensor, not a dict."""
     buf = io.BytesIO()
-    _Pickler(buf, protocol=2).dump(collections.OrderedDict(state))
-    return write_archive(sink, root, buf.getvalue(), storages)
+    _Pickler(buf, protocol=2).dump(obj)
+    return buf.getvalue()
 
 
 def write_archive(
