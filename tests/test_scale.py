@@ -357,3 +357,104 @@ def test_help_says_what_no_sync_risks():
     text = " ".join(run.stdout.split())
     assert "--jobs" in text and "--distributed" in text
     assert "crash or power loss" in text
+
+
+# ---------------------------------------------------------------- Hugging Face <-> DCP, under the pool and torchrun
+
+
+def _dcp_load(folder: Path, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    out = {k: torch.zeros_like(v) for k, v in like.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process": it is
+        dcp.load(out, checkpoint_id=str(folder), no_dist=True)
+    return out
+
+
+def _state_dict(index: Path) -> dict[str, torch.Tensor]:
+    sd = {}
+    for f in sorted(index.parent.glob("*.safetensors")):
+        sd.update(load_file(str(f)))
+    return sd
+
+
+def test_hf_to_dcp_loads_with_dcp_load_whatever_the_parallelism(tmp_path):
+    index = _sharded(tmp_path / "in")
+    one = statecli.convert(index, str(tmp_path / "one") + "/", output_format="dcp", dtype="bf16", jobs=1)
+    statecli.convert(index, str(tmp_path / "two") + "/", output_format="dcp", dtype="bf16", jobs=2)
+    assert sorted(os.listdir(tmp_path / "one")) == [".metadata", *(f"__0_{k}.distcp" for k in range(SHARDS))]
+    assert _hashes(tmp_path / "one") == _hashes(tmp_path / "two")
+    assert one.bytes_written == sum(os.path.getsize(f) for f in one.files if f.endswith(".distcp"))
+
+    expected = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in _state_dict(index).items()}
+    got = _dcp_load(tmp_path / "one", expected)
+    assert got.keys() == expected.keys()
+    for k, v in expected.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+
+    # torch's own way from a torch.save file gives the same tensors.
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save, torch_save_to_dcp
+
+    torch.save(expected, tmp_path / "sd.pt")
+    torch_save_to_dcp(str(tmp_path / "sd.pt"), str(tmp_path / "theirs"))
+    dcp_to_torch_save(str(tmp_path / "theirs"), str(tmp_path / "theirs.pt"))
+    dcp_to_torch_save(str(tmp_path / "one"), str(tmp_path / "ours.pt"))
+    theirs = torch.load(tmp_path / "theirs.pt", weights_only=True)
+    ours = torch.load(tmp_path / "ours.pt", weights_only=True)
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) and ours[k].dtype == theirs[k].dtype for k in theirs)
+
+    run = _torchrun(["convert", str(index), "-o", str(tmp_path / "ranks") + "/", "-t", "dcp", "--dtype", "bf16",
+                     "--distributed", "--format", "json"])  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert _hashes(tmp_path / "ranks") == _hashes(tmp_path / "one")
+    report = json.loads(run.stdout)
+    assert [".metadata" in " ".join(r["files"]) for r in report["ranks"]] == [True, False]
+
+
+def test_dcp_to_hf_matches_dcp_to_torch_save_under_the_pool(tmp_path):
+    """A DCP folder (written by torch) to HF shards, by two workers, equals torch's own dcp_to_torch_save."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    g = torch.Generator().manual_seed(3)
+    model = {f"layers.{k}.w": torch.randn(128, 64, generator=g) for k in range(8)}
+    model["norm.running_mean"] = torch.randn(64, generator=g)
+    model["norm.num_batches_tracked"] = torch.tensor(5)
+    optim = {f"state.layers.{k}.w.exp_avg": torch.randn(128, 64, generator=g) for k in range(2)}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        writer = FileSystemWriter(str(tmp_path / "dcp"), thread_count=4)
+        dcp.save({"model": model, "optim": optim}, storage_writer=writer, no_dist=True)
+    assert len(list((tmp_path / "dcp").glob("*.distcp"))) == 4
+    report = statecli.convert(tmp_path / "dcp", str(tmp_path / "hf") + "/", dtype="bf16", jobs=2)
+    assert report.jobs == 2
+    shards = [f for f in report.files if f.endswith(".safetensors")]
+    assert len(shards) == 4  # as many shards as the folder had .distcp files
+    dcp_to_torch_save(str(tmp_path / "dcp"), str(tmp_path / "theirs.pt"))
+    theirs = torch.load(tmp_path / "theirs.pt", weights_only=True)["model"]
+    ours = {}
+    for f in shards:
+        ours.update(load_file(f))
+    ours = {k.removeprefix("model."): v for k, v in ours.items()}
+    assert ours.keys() == theirs.keys()
+    for k, v in theirs.items():
+        want = v.to(torch.bfloat16) if v.is_floating_point() else v
+        assert ours[k].dtype == want.dtype and torch.equal(ours[k], want), k
+    statecli.convert(tmp_path / "dcp", str(tmp_path / "hf1") + "/", dtype="bf16", jobs=1)
+    assert _hashes(tmp_path / "hf1") == _hashes(tmp_path / "hf")
+
+
+def test_dcp_output_refuses_what_it_cannot_hold(tmp_path):
+    index = _sharded(tmp_path / "in")
+    with pytest.raises(UsageError, match="folder"):
+        statecli.convert(index, str(tmp_path / "x.safetensors"), output_format="dcp")
+    with pytest.raises(UsageError, match="--verify"):
+        statecli.convert(index, str(tmp_path / "d") + "/", output_format="dcp", verify=True)
+    assert not (tmp_path / "d").exists()

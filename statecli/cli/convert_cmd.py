@@ -17,6 +17,13 @@ DTYPE = "Dtype and device"
 SCALE = "Speed and scale"
 
 
+class OutputFormat(str, Enum):
+    safetensors = "safetensors"
+    torch = "torch"
+    sharded = "sharded"
+    dcp = "dcp"
+
+
 class ConvertFormat(str, Enum):
     table = "table"
     json = "json"
@@ -145,6 +152,18 @@ def convert_command(
             "--add-prefix", metavar="PREFIX", help="Put this prefix before every name.", rich_help_panel=SELECTION
         ),
     ] = "",
+    output_format: Annotated[
+        OutputFormat | None,
+        typer.Option(
+            "--output-format",
+            "-t",
+            metavar="KIND",
+            help="What to write, where -o's name does not say it: dcp writes a torch.distributed.checkpoint folder "
+            "(.distcp files + .metadata) that dcp.load reads into a model's state dict, as torchtitan starts from a "
+            "released model; sharded, safetensors and torch as a folder, .safetensors or .pt name would.",
+            show_default=False,
+        ),
+    ] = None,
     max_shard_size: Annotated[
         str | None,
         typer.Option(
@@ -252,6 +271,7 @@ def convert_command(
         statecli convert gpu_run.pt -o cpu_run.pt --device cpu
         statecli convert run.ckpt -o w.safetensors --strip-prefix model. --dtype fp16 --keep-buffers
         statecli convert big.pt -o out/ --max-shard-size 2GB
+        statecli convert hf_model/ -o dcp_ckpt/ --output-format dcp --dtype bf16
         statecli convert model.pt -o model-fp16.pt --dtype fp16 --dry-run
     """
     from statecli import conversion as conv  # the writers and their checks: loaded by convert alone
@@ -267,6 +287,7 @@ def convert_command(
         "add_prefix": add_prefix,
         "allow_overflow": allow_overflow,
         "max_shard_size": max_shard_size,
+        "output_format": output_format.value if output_format is not None else None,
         "force": force,
         "verify": verify,
         "untie": untie,

@@ -7,6 +7,8 @@ command runs inside :class:`statecli.cli._errors.StatecliGroup`, the one place e
 from __future__ import annotations
 
 import gc
+import os
+import sys
 from typing import Annotated
 
 import typer
@@ -75,4 +77,16 @@ def main() -> None:
     # A command is one short process that builds many small objects and no reference cycles worth
     # collecting: the cyclic collector would only rescan them (a third of the time at 100,000 tensors).
     gc.disable()
-    app(prog_name="statecli")
+    try:
+        app(prog_name="statecli")
+    except SystemExit as e:
+        dist = sys.modules.get("statecli.conversion.distributed")
+        if dist is not None and dist.joined:
+            # torchrun ranks: gloo's threads can abort the interpreter's teardown (SIGABRT, "terminate called
+            # without an active exception") after a conversion that succeeded; everything is written, closed
+            # and said, so the process ends here with its own exit code.
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        raise

@@ -23,6 +23,7 @@ from statecli.errors import UsageError
 # noticed by torchrun itself, which stops the others at once; this only bounds a rank that hangs.
 WAIT = datetime.timedelta(hours=6)
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+joined = False  # this process joined a group (the command line ends such a process without teardown)
 
 
 def launched_by_torchrun() -> bool:
@@ -44,9 +45,11 @@ class TorchGroup:
 
         if not dist.is_available():
             raise UsageError("--distributed: this torch build has no torch.distributed")
+        global joined
         self._owned = not dist.is_initialized()
         if self._owned:
             dist.init_process_group(backend="gloo", timeout=WAIT)
+            joined = True
         self.rank = dist.get_rank()
         self.size = dist.get_world_size()
 
@@ -69,8 +72,17 @@ class TorchGroup:
         dist.all_gather(theirs, mine)
         return [json.loads(bytes(byte_view(t[: int(n)]))) for t, n in zip(theirs, sizes, strict=True)]
 
-    def close(self) -> None:
+    def close(self, together: bool = True) -> None:
+        """Leave the group; ``together``: every rank is leaving at the same point (a result or an error they
+        all raise), so they wait for each other first. A rank leaving alone must not wait for ranks that
+        will never come: torchrun stops them once it exits."""
         import torch.distributed as dist
 
-        if self._owned and dist.is_initialized():
+        if self._owned and dist.is_initialized() and not together:
+            dist.destroy_process_group()
+        elif self._owned and dist.is_initialized():
+            # Every rank past its last exchange before any tears its connections down: a rank that leaves
+            # while another still reads from it makes gloo abort the process ("terminate called without an
+            # active exception"), failing a conversion that had succeeded.
+            dist.barrier()
             dist.destroy_process_group()

@@ -45,6 +45,8 @@ from statecli.formats.atomic import (
     remove_leftovers,
     sync_folder,
 )
+from statecli.formats.dcpwrite import METADATA_NAME as DCP_METADATA
+from statecli.formats.dcpwrite import DcpRecord, DcpTensor, dcp_file_name, write_dcp_file
 from statecli.formats.repickle import STATE_DICT_INSTEAD, PersistentId, rewrite
 from statecli.formats.safetensors import METADATA_KEY, roles_metadata
 from statecli.formats.safetensors import header as st_header
@@ -485,9 +487,10 @@ class Layout:
     """A multi-file output: which tensor goes to which file, decided before any is written, so that any
     number of workers or ranks writes the same bytes; the index comes last."""
 
+    kind: str  # "sharded" (safetensors shards + model.safetensors.index.json) | "dcp" (.distcp + .metadata)
     files: list[OutFile]
     index_path: str
-    index: bytes
+    index: bytes | None  # known before writing (sharded); a DCP .metadata needs every file's byte spans
 
 
 def _groups(plan: Plan, entries: list[_StEntry]) -> list[list[_StEntry]]:
@@ -502,11 +505,16 @@ def _groups(plan: Plan, entries: list[_StEntry]) -> list[list[_StEntry]]:
         for e in entries:
             by_file.setdefault(e.item.source.file, []).append(e)
         return [by_file[f] for f in sorted(by_file, key=lambda f: (f is None, f or ""))]
-    if limit is None and fmt == "dcp":
-        files = len({t.file for t in plan.report.tensors if t.file})
-        total = sum(e.nbytes for e in entries)
-        if files > 1 and total:
-            limit = min(DEFAULT_SHARD_SIZE, -(-total // files))
+    total = sum(e.nbytes for e in entries)
+    if limit is None and fmt == "dcp" and total:
+        files = max(len({t.file for t in plan.report.tensors if t.file}), -(-total // DEFAULT_SHARD_SIZE))
+        # In order, each tensor to the file its first byte falls in when the bytes are cut in equal parts.
+        groups: list[list[_StEntry]] = [[] for _ in range(files)]
+        done = 0
+        for e in entries:
+            groups[min(files - 1, done * files // total)].append(e)
+            done += e.nbytes
+        return [g for g in groups if g]
     return split_by_size(entries, _size, limit or DEFAULT_SHARD_SIZE)
 
 
@@ -519,6 +527,7 @@ def layout(plan: Plan, units: list[_Unit]) -> Layout:
         groups = [[]]
     n = len(groups)
     folder = plan.output
+    dcp = plan.output_format == "dcp"
     file_of: dict[str, int] = {}
     files = []
     for k, group in enumerate(groups):
@@ -526,7 +535,7 @@ def layout(plan: Plan, units: list[_Unit]) -> Layout:
         group.sort(key=lambda e: (-dtypes.DTYPES[e.item.dst_dtype].itemsize, order[id(e.unit)]))
         for e in group:
             file_of[e.item.name] = k
-        path = os.path.join(folder, shard_name(k, n))
+        path = os.path.join(folder, dcp_file_name(k) if dcp else shard_name(k, n))
         files.append(OutFile(path, group, [], {}, sum(e.nbytes for e in group)))
     for a, target in aliases.items():
         files[file_of[target]].aliases[a] = target
@@ -535,14 +544,16 @@ def layout(plan: Plan, units: list[_Unit]) -> Layout:
         k = file_of.get(i.name)
         if k is not None:
             files[k].items.append(i)
+    if dcp:
+        return Layout("dcp", files, os.path.join(folder, DCP_METADATA), None)
     weight_map = {e.item.name: os.path.basename(f.path) for f in files for e in f.entries}
     total = sum(f.nbytes for f in files)
-    return Layout(files, os.path.join(folder, INDEX_NAME), index_bytes(total, weight_map))
+    return Layout("sharded", files, os.path.join(folder, INDEX_NAME), index_bytes(total, weight_map))
 
 
 def output_paths(plan: Plan) -> list[str]:
     """The files a plan will create (for sharded output, only known exactly once sizes are)."""
-    if plan.output_format != "sharded":
+    if plan.output_format not in ("sharded", "dcp"):
         return [plan.output]
     out = layout(plan, build_units(plan))
     return [*(f.path for f in out.files), out.index_path]
@@ -556,7 +567,7 @@ def execute(plan: Plan, progress: Progress | None = None) -> ConversionReport:
 
 def _execute(plan: Plan, progress: Progress | None) -> ConversionReport:
     units = build_units(plan)
-    if plan.output_format == "sharded":
+    if plan.output_format in ("sharded", "dcp"):
         from statecli.conversion.workers import execute_files  # it imports this module
 
         if not plan.options.distributed:
@@ -565,9 +576,15 @@ def _execute(plan: Plan, progress: Progress | None) -> ConversionReport:
 
         group = TorchGroup()
         try:
-            return execute_files(plan, units, progress, group)
-        finally:
-            group.close()
+            report = execute_files(plan, units, progress, group)
+        except StatecliError:
+            group.close()  # execute_files raises its errors on every rank at once
+            raise
+        except BaseException:
+            group.close(together=False)
+            raise
+        group.close()
+        return report
     if plan.options.distributed:
         raise UsageError("--distributed shares the files of a folder output out among ranks: give a folder as -o")
     started = time.time()
@@ -681,6 +698,30 @@ def _write_safetensors(
     report.bytes_written = write_shard(OutFile(plan.output, entries, plan.items, aliases, 0), views, feeder, pending)
 
 
+def write_dcp(
+    f: OutFile, views: collections.Counter[int], feeder: _Feeder, pending: PendingFile
+) -> tuple[int, list[DcpRecord]]:
+    """One ``.distcp`` data file: each tensor a ``torch.save`` archive of its own, back to back; the byte
+    span of each, for the ``.metadata`` written once every file is."""
+    name = os.path.basename(f.path)
+    tensors = (
+        DcpTensor(
+            e.item.name,
+            e.item.dst_dtype,
+            e.item.shape,
+            e.nbytes,
+            feeder.tensor(e.unit, e.item, views[id(e.unit)], e.nbytes),
+        )
+        for e in f.entries
+    )
+    records = write_dcp_file(pending, name, tensors)
+    return sum(r.length for r in records), records
+
+
+def _pieces(feeder: _Feeder, e: _StEntry, views: collections.Counter[int]) -> Iterator[memoryview]:
+    return feeder.tensor(e.unit, e.item, views[id(e.unit)], e.nbytes)
+
+
 def write_shard(f: OutFile, views: collections.Counter[int], feeder: _Feeder, pending: PendingFile) -> int:
     """One safetensors file: its header, then each tensor's bytes. ``views``: how many entries of the
     files this process writes view each unit (a unit with several views is materialized once)."""
@@ -715,7 +756,7 @@ def _read_back(plan: Plan, pendings: list[tuple[PendingFile, str]], items: list[
             seen[t.name] = t
     problems = []
     # A .pt keeps roles only as Parameter objects, written when every role is exact (see _exact_module_roles).
-    roles_stored = plan.output_format != "torch" or plan.graph or _exact_module_roles(plan.items)
+    roles_stored = plan.output_format not in ("torch", "dcp") or plan.graph or _exact_module_roles(plan.items)
     for i in plan.items if items is None else items:
         t = seen.pop(i.name, None)
         if t is None:

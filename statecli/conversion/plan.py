@@ -24,7 +24,7 @@ from statecli.formats.repickle import STATE_DICT_INSTEAD
 from statecli.records import Finding, JsonFields, RawTensor, Report, TensorInfo
 from statecli.roles import infer, keep_vars_proves
 from statecli.tensors.quantized import unsupported as quantized_unsupported
-from statecli.wording import count
+from statecli.wording import count, name_list
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -53,7 +53,7 @@ class ConvertOptions:
     add_prefix: str = ""
     allow_overflow: bool = False
     max_shard_size: int | None = None
-    output_format: str | None = None  # "safetensors" | "torch" | "sharded"; None: from the output path
+    output_format: str | None = None  # "safetensors" | "torch" | "sharded" | "dcp"; None: from the output path
     force: bool = False
     verify: bool = False
     untie: bool = False  # safetensors: write each tied name as its own tensor, not as an alias
@@ -126,7 +126,7 @@ class Dropped(JsonFields):
 class Plan:
     report: Report
     output: str
-    output_format: str  # "safetensors" | "torch" | "sharded"
+    output_format: str  # "safetensors" | "torch" | "sharded" | "dcp"
     options: ConvertOptions
     items: list[PlanItem]
     dropped: list[Dropped]
@@ -182,8 +182,13 @@ def output_format(output: str, options: ConvertOptions) -> str:
     """safetensors / torch / sharded, from ``--format``-like option or the output path."""
     if options.output_format is not None:
         fmt = options.output_format
-        if fmt not in ("safetensors", "torch", "sharded"):
-            raise UsageError(f"unknown output format {fmt!r} (safetensors, torch or sharded)")
+        if fmt not in ("safetensors", "torch", "sharded", "dcp"):
+            raise UsageError(f"unknown output format {fmt!r} (safetensors, torch, sharded or dcp)")
+        if fmt == "dcp" and os.path.splitext(output.rstrip("/" + os.sep))[1].lower() in (
+            SAFETENSORS_SUFFIX,
+            *TORCH_SUFFIXES,
+        ):
+            raise UsageError(f"a DCP checkpoint is a folder: give a folder as -o (for example out/), not {output!r}")
         return fmt
     if output.endswith(os.sep) or output.endswith("/") or os.path.isdir(output):
         return "sharded"
@@ -485,11 +490,14 @@ def _build_plan(report: Report, output: str, options: ConvertOptions, graph: boo
 
     if options.untie and fmt == "torch":
         raise UsageError("--untie is for safetensors output: a .pt keeps a tie as one storage, as torch.save does")
-    _tie_units(items, untie=options.untie)
+    if fmt == "dcp":
+        _refuse_for_dcp(items, options)
+    # DCP has no aliases: dcp.load fills each key of the model's state dict, tied names included, from its own entry.
+    _tie_units(items, untie=options.untie or fmt == "dcp")
     tied = [i for i in items if i.alias_of is not None]
     if tied and fmt != "torch":
         notes.append(Finding("warning", "tied-names", _tied_note(tied)))
-    if fmt != "torch":
+    if fmt not in ("torch", "dcp"):  # a DCP entry is a torch.save archive: any plain dtype, any name
         unstorable = sorted({i.dst_dtype for i in items if i.dst_dtype not in dtypes.SAFETENSORS_CODES})
         if unstorable:
             names = ", ".join(i.name for i in items if i.dst_dtype in unstorable)
@@ -505,11 +513,10 @@ def _build_plan(report: Report, output: str, options: ConvertOptions, graph: boo
                 "write a .pt file instead"
             )
     if fmt != "torch":
+        stores = "a DCP checkpoint" if fmt == "dcp" else "safetensors"
         if device is not None:
             notes.append(
-                Finding(
-                    "warning", "device-not-stored", "safetensors stores no device: --device does not change the file"
-                )
+                Finding("warning", "device-not-stored", f"{stores} stores no device: --device does not change the file")
             )
         elif any(i.source.device not in (None, "cpu") for i in items):
             saved = sorted({i.source.device for i in items if i.source.device not in (None, "cpu")})
@@ -517,8 +524,9 @@ def _build_plan(report: Report, output: str, options: ConvertOptions, graph: boo
                 Finding(
                     "info",
                     "device-not-stored",
-                    f"the input was saved on {', '.join(saved)}; safetensors stores no device, so loaders "
-                    "put these tensors on the CPU",
+                    f"the input was saved on {', '.join(saved)}; {stores} stores no device, so loaders "
+                    "put these tensors on the CPU"
+                    + (" (dcp.load: on the device of the state dict it fills)" if fmt == "dcp" else ""),
                 )
             )
     if graph:
@@ -732,6 +740,21 @@ def _tied_note(tied: list[PlanItem]) -> str:
         f"{loaders} them. statecli.load restores them, as does the model's tie_weights() after a non-strict "
         "load; --untie writes each as its own tensor"
     )
+
+
+def _refuse_for_dcp(items: list[PlanItem], options: ConvertOptions) -> None:
+    """What a DCP checkpoint written by one process cannot hold, refused before any work."""
+    if options.verify:
+        raise UsageError(
+            "--verify does not read DCP output back yet (names, shapes and dtypes are always checked); "
+            "torch.distributed.checkpoint.format_utils.dcp_to_torch_save reads it for a check of its own"
+        )
+    quantized = [i.name for i in items if i.source.quantizer is not None]
+    if quantized:
+        raise UsageError(
+            f"a DCP checkpoint holds plain tensors; {count(len(quantized), 'quantized tensor')} "
+            f"({name_list(quantized)}) would lose its scales: write a .pt instead"
+        )
 
 
 def _tie_units(items: list[PlanItem], untie: bool = False) -> None:

@@ -44,6 +44,7 @@ from statecli.conversion.execute import (
     build_units,
     layout,
     prepare_folder,
+    write_dcp,
     write_shard,
 )
 from statecli.conversion.plan import Plan
@@ -56,6 +57,8 @@ from statecli.formats.atomic import (
     staging_name,
     sync_folder,
 )
+from statecli.formats.dcp import read_dcp
+from statecli.formats.dcpwrite import DcpRecord, metadata_bytes
 from statecli.tensors.source import Source
 
 # Below this much output per worker, starting a process costs more than it saves: the default --jobs
@@ -83,6 +86,7 @@ class Written:
     nbytes: int
     stats: dict[str, CastStats]
     staged: str | None = None  # the hidden name a worker process gave it
+    records: list[DcpRecord] = field(default_factory=list)  # a .distcp file's tensor spans, for the .metadata
     pending: PendingFile | None = field(default=None, repr=False)  # written by this process: still unnamed
 
     def commit(self) -> None:
@@ -159,12 +163,16 @@ def write_files(
                 feeder.report = ConversionReport(plan)  # each file's counts apart: merged in file order
                 w = Written(k, f.path, 0, feeder.report.stats, pending=pending)
                 written.append(w)
-                w.nbytes = write_shard(f, views, feeder, pending)
+                if out.kind == "dcp":
+                    w.nbytes, w.records = write_dcp(f, views, feeder, pending)
+                else:
+                    w.nbytes = write_shard(f, views, feeder, pending)
                 pending.done_writing()
             for w in written:
                 assert w.pending is not None
                 w.pending.finish()
-                _read_back(plan, [(w.pending, "safetensors")], out.files[w.index].items)
+                if out.kind == "sharded":  # a .distcp file is read back with the .metadata that names its spans
+                    _read_back(plan, [(w.pending, "safetensors")], out.files[w.index].items)
             if plan.options.verify:
                 names = {i.name for f in files for i in f.items}
                 pendings = [(w.pending, "safetensors") for w in written if w.pending is not None]
@@ -319,7 +327,7 @@ def execute_files(
             failure = None
         except StatecliError as e:
             failure = e
-        stats, failure = _combine(plan, group, written, failure)
+        stats, records, failure = _combine(plan, group, written, failure)
         if failure is not None:
             raise failure
         report.stats = stats
@@ -327,10 +335,16 @@ def execute_files(
         err = None if plan.options.allow_overflow else overflow_error(stats, plan.target_dtype or "")
         if err is not None:
             raise err
-        for w in written:
-            w.commit()
+        problem = None
+        try:
+            for w in written:
+                w.commit()
+        except StatecliError as e:
+            if group is None:
+                raise
+            problem = e
         if group is not None:
-            _agree(group, None)  # every rank's files have their names before the index names them
+            _agree(group, problem)  # every rank's files have their names before the index names them
     except BaseException:
         for w in written:
             w.discard()
@@ -339,14 +353,14 @@ def execute_files(
                 os.rmdir(made_folder)  # fails, as it should, if anything else appeared in it
         raise
     report.files = [f.path for f in out.files]
-    report.bytes_written = sum(f.nbytes for f in out.files)
+    report.bytes_written = sum(r.length for r in records) if out.kind == "dcp" else sum(f.nbytes for f in out.files)
     report.ranks = [{"rank": r, "files": [out.files[k].path for k in share]} for r, share in enumerate(shares)]
     report.world_size = size
     folder = os.path.dirname(os.path.abspath(out.index_path))
     if rank == 0:
         problem = None
         try:
-            _write_index(plan, out)
+            _write_index(plan, out, records)
         except StatecliError as e:
             problem = e
         if group is None and problem is not None:
@@ -362,11 +376,13 @@ def execute_files(
     return report
 
 
-def _write_index(plan: Plan, out: Layout) -> None:
+def _write_index(plan: Plan, out: Layout, records: list[DcpRecord]) -> None:
     pending = PendingFile(out.index_path, sync=plan.options.sync)
     try:
-        pending.write(out.index)
+        pending.write(out.index if out.index is not None else metadata_bytes(records))
         pending.finish()
+        if out.kind == "dcp":
+            _read_back_dcp(plan, pending)
         pending.commit()
     except BaseException:
         pending.discard()
@@ -375,15 +391,40 @@ def _write_index(plan: Plan, out: Layout) -> None:
         sync_folder(os.path.dirname(os.path.abspath(out.index_path)))
 
 
+def _read_back_dcp(plan: Plan, pending: PendingFile) -> None:
+    """The folder read again through the .metadata just written, before it gets its name: every tensor
+    there with its planned name, shape and dtype, every span inside its file, nothing else."""
+    back = read_dcp(plan.output, metadata_path=pending.readable_path)
+    seen = {t.name: t for t in back.tensors}
+    problems = []
+    for i in plan.items:
+        t = seen.pop(i.name, None)
+        if t is None:
+            problems.append(f"{i.name} is missing")
+        elif tuple(t.shape) != tuple(i.shape) or t.dtype != i.dst_dtype:
+            problems.append(f"{i.name} is {t.dtype} {list(t.shape)}, expected {i.dst_dtype} {list(i.shape)}")
+    problems.extend(f"{name} was not planned" for name in seen)
+    if problems:
+        raise OutputError(
+            "the written checkpoint does not match the plan, so its .metadata was not kept: "
+            + "; ".join(problems[:10]),
+            path=plan.output,
+        )
+
+
 def _combine(
     plan: Plan, group: Group | None, written: list[Written], failure: StatecliError | None
-) -> tuple[dict[str, CastStats], StatecliError | None]:
-    """Every file's cast counts in file order (whoever wrote it), and the first failure of any rank."""
+) -> tuple[dict[str, CastStats], list[DcpRecord], StatecliError | None]:
+    """Every file's cast counts in file order (whoever wrote it), every .distcp span, and the first
+    failure of any rank."""
     if group is None:
-        return _in_file_order((w.index, w.stats) for w in written), failure
+        records = [r for w in written for r in w.records]
+        return _in_file_order((w.index, w.stats) for w in written), records, failure
     mine = {
         "error": _error_dict(failure),
-        "stats": [[w.index, {n: list(_fields(s)) for n, s in w.stats.items()}] for w in written],
+        # Only counts that say something travel: a tensor with none reads as zeros in the report anyway.
+        "stats": [[w.index, {n: list(_fields(s)) for n, s in w.stats.items() if any(_fields(s))}] for w in written],
+        "records": [list(r) for w in written for r in w.records],
     }
     everyone = group.gather(mine)
     for r, theirs in enumerate(everyone):
@@ -392,7 +433,12 @@ def _combine(
     per_file = (
         (k, {n: CastStats(*v) for n, v in stats.items()}) for theirs in everyone for k, stats in theirs["stats"]
     )
-    return _in_file_order(per_file), failure
+    records = [
+        DcpRecord(n, dt, tuple(shape), path, offset, length)
+        for theirs in everyone
+        for n, dt, shape, path, offset, length in theirs["records"]
+    ]
+    return _in_file_order(per_file), records, failure
 
 
 def _in_file_order(per_file: Any) -> dict[str, CastStats]:

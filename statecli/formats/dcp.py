@@ -160,14 +160,17 @@ class _Parsed:
     metadata_size: int = 0
 
 
-def read_dcp(folder: str, limits: Limits | None = None) -> RawCheckpoint:
+def read_dcp(folder: str, limits: Limits | None = None, metadata_path: str | None = None) -> RawCheckpoint:
     """Read a torch.distributed.checkpoint folder's metadata without torch and without running its pickle.
+
+    ``metadata_path``: read the ``.metadata`` from there instead (a conversion checks the one it wrote
+    before giving it its name).
 
     Raises :class:`~statecli.errors.UnsafeError` (exit 5) for a data file that leaves the folder and
     :class:`~statecli.errors.InputError` (exit 3) for a corrupt, truncated or oversized ``.metadata``,
     a missing ``.distcp`` file, or a span or chunk that does not fit the bytes that are there.
     """
-    p = _parse(folder, limits)
+    p = _parse(folder, limits, metadata_path)
     findings = p.findings
     findings.extend(_scan_byte_entries(p))
 
@@ -280,10 +283,11 @@ def chunk_map(folder: str, limits: Limits | None = None) -> dict[str, list[Chunk
 # ------------------------------------------------------------------------------------- parsing
 
 
-def _parse(folder: str, limits: Limits | None) -> _Parsed:
+def _parse(folder: str, limits: Limits | None, metadata_path: str | None = None) -> _Parsed:
     folder_real = os.path.realpath(folder)
-    meta_path = os.path.join(folder, METADATA_NAME)
-    _inside(folder_real, meta_path, METADATA_NAME, meta_path)
+    meta_path = metadata_path or os.path.join(folder, METADATA_NAME)
+    if metadata_path is None:
+        _inside(folder_real, meta_path, METADATA_NAME, meta_path)
     data = _read_metadata(meta_path)
     try:
         root, unpickler = loads(data, None, limits)

@@ -190,7 +190,8 @@ def conversion(
     if fmt == "json":
         console.write(formats.to_json(result.to_dict()))
     elif not quiet:
-        checked = "values verified" if result.values_verified else "names, shapes, dtypes and roles checked"
+        stored = "names, shapes and dtypes" if plan.output_format == "dcp" else "names, shapes, dtypes and roles"
+        checked = "values verified" if result.values_verified else f"{stored} checked"
         where = result.files[0] if len(result.files) == 1 else f"{plan.output} ({len(result.files)} files)"
         importing = f" (torch import {torch_import:.1f} s)" if torch_import >= 0.05 else ""
         _closing(
