@@ -55,3 +55,15 @@ def test_clean_input_is_counted_clean():
     src = torch.rand(5000, dtype=torch.float32) + 0.5
     _, got = cast(src, torch.bfloat16)
     assert got == CastStats()
+
+
+@pytest.mark.parametrize("dst_dtype", [torch.float16, torch.bfloat16, torch.float8_e5m2])
+def test_zeros_and_underflow_in_one_chunk(monkeypatch, dst_dtype):
+    """A chunk with zeros of its own and values that flush to zero: only the flushed ones count."""
+    monkeypatch.setattr(casting, "_CHUNK_ELEMENTS", 64)
+    src = torch.rand(640, dtype=torch.float32) + 0.5
+    src[[3, 70, 71, 500]] = torch.tensor([0.0, -0.0, 0.0, 0.0])
+    src[[4, 72, 501]] = torch.tensor([1e-30, -1e-30, 1e-39])
+    out, got = cast(src, dst_dtype)
+    assert got == _exact(src, dst_dtype)
+    assert got.underflow == int((src.to(dst_dtype) == 0).sum() - (src == 0).sum())

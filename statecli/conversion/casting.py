@@ -158,22 +158,40 @@ def _screen_bits(dst_dtype: torch.dtype) -> tuple[torch.dtype, int, int] | None:
     return ints[width], (1 << (width - 1)) - 1, inf_bits
 
 
-def _surely_clean(o: torch.Tensor, bits: tuple[torch.dtype, int, int], scratch: torch.Tensor) -> bool:
-    """True when the cast chunk ``o`` holds no zero and no inf or NaN: then nothing overflowed, nothing
-    flushed to zero and the input had no NaN/inf, and the exact counting can be skipped.
+_INTS = {1: "int8", 2: "int16", 4: "int32", 8: "int64"}
 
-    One pass over the output's bits: the magnitude bits (sign masked off) are 0 only for ±0 and reach the
-    pattern of inf only for inf and NaN. That is a fifth of what counting zeros and a min/max of the input
-    cost, and an input without zeros or non-finite values (almost every weight) never needs more."""
+
+def _magnitudes(t: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """``t``'s bits with the sign masked off, as integers of its width (a complex chunk's parts side by
+    side): 0 only for ±0, at least the pattern of inf only for inf and NaN."""
     import torch  # deferred: importing torch takes about a second, and metadata commands never need it
 
-    int_dtype, mask, inf_bits = bits
-    raw = o.view(int_dtype)
-    if raw.numel() != o.numel():  # a complex chunk: its real and imaginary parts side by side
+    width = t.element_size() // (2 if t.is_complex() else 1)
+    raw = t.view(getattr(torch, _INTS[width]))
+    if raw.numel() != t.numel():
         raw = raw.view(-1)
-    m = torch.bitwise_and(raw, mask, out=scratch[: raw.numel()])
+    return torch.bitwise_and(raw, (1 << (8 * width - 1)) - 1, out=scratch[: raw.numel()])
+
+
+def _screen(
+    o: torch.Tensor, bits: tuple[torch.dtype, int, int], scratch: torch.Tensor
+) -> tuple[bool, bool, torch.Tensor]:
+    """(any zero, any inf or NaN, the magnitudes) of the cast chunk ``o``, in one pass over its bits.
+
+    With neither, nothing overflowed, nothing flushed to zero and the input had no NaN/inf: the exact
+    counting can be skipped. That is a fifth of what counting zeros and a min/max of the input cost, and
+    an input without zeros or non-finite values (almost every weight) never needs more."""
+    import torch  # deferred: importing torch takes about a second, and metadata commands never need it
+
+    m = _magnitudes(o, scratch)
     lo, hi = torch.aminmax(m)
-    return int(lo) > 0 and int(hi) < inf_bits
+    return int(lo) == 0, int(hi) >= bits[2], m
+
+
+def _zeros(m: torch.Tensor) -> int:
+    import torch  # deferred: importing torch takes about a second, and metadata commands never need it
+
+    return m.numel() - int(torch.count_nonzero(m))
 
 
 def cast(src: torch.Tensor, dst_dtype: torch.dtype) -> tuple[torch.Tensor, CastStats]:
@@ -189,12 +207,27 @@ def cast(src: torch.Tensor, dst_dtype: torch.dtype) -> tuple[torch.Tensor, CastS
     bits = _screen_bits(dst_dtype)
     parts = 2 if dst_dtype.is_complex else 1
     scratch = torch.empty(min(flat_o.numel(), _CHUNK_ELEMENTS) * parts, dtype=bits[0]) if bits else None
+    src_scratch: torch.Tensor | None = None
+    # A real source's zeros can be counted from its bits too (complex ones go the exact way).
+    src_ints = None if src.is_complex() or not src.is_floating_point() else _INTS.get(src.element_size())
     for lo in range(0, flat_s.numel(), _CHUNK_ELEMENTS):
         s = flat_s[lo : lo + _CHUNK_ELEMENTS]
         o = flat_o[lo : lo + _CHUNK_ELEMENTS]
         o.copy_(s)
-        if bits is None or scratch is None or not _surely_clean(o, bits, scratch):
+        if bits is None or scratch is None:
             _count_range(s, o, dst_dtype, stats)
+            continue
+        zeros, nonfinite, m = _screen(o, bits, scratch)
+        if not zeros and not nonfinite:
+            continue
+        if nonfinite or src_ints is None:
+            _count_range(s, o, dst_dtype, stats)
+            continue
+        # Zeros but nothing non-finite: no overflow and no NaN/inf in the input (the target has an inf, so
+        # either would show); what flushed to zero is the zeros out less the zeros in.
+        if src_scratch is None:
+            src_scratch = torch.empty(min(flat_s.numel(), _CHUNK_ELEMENTS), dtype=getattr(torch, src_ints))
+        stats.underflow += _zeros(m) - _zeros(_magnitudes(s, src_scratch))
     return out, stats
 
 
