@@ -458,3 +458,32 @@ def test_dcp_output_refuses_what_it_cannot_hold(tmp_path):
     with pytest.raises(UsageError, match="--verify"):
         statecli.convert(index, str(tmp_path / "d") + "/", output_format="dcp", verify=True)
     assert not (tmp_path / "d").exists()
+
+
+SPAWN = """
+import multiprocessing, sys
+import statecli
+from statecli.conversion import workers
+workers._context = lambda: multiprocessing.get_context("spawn")  # what macOS and Windows get
+if __name__ == "__main__":
+    report = statecli.convert(sys.argv[1], sys.argv[2], dtype="bf16", jobs=2)
+    print(report.jobs)
+"""
+
+
+def test_spawned_workers_write_the_same_bytes(tmp_path):
+    """Where fork is not safe the workers are spawned: the plan travels to them, the bytes are the same."""
+    index = _sharded(tmp_path / "in")
+    script = tmp_path / "spawn.py"
+    script.write_text(SPAWN)
+    run = subprocess.run(
+        [sys.executable, str(script), str(index), str(tmp_path / "spawned") + "/"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "2"
+    statecli.convert(index, str(tmp_path / "one") + "/", dtype="bf16", jobs=1)
+    assert _hashes(tmp_path / "spawned") == _hashes(tmp_path / "one")
