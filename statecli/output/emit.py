@@ -194,7 +194,13 @@ def conversion(
         checked = "values verified" if result.values_verified else f"{stored} checked"
         where = result.files[0] if len(result.files) == 1 else f"{plan.output} ({len(result.files)} files)"
         importing = f" (torch import {torch_import:.1f} s)" if torch_import >= 0.05 else ""
+        by = []
+        if result.world_size > 1:
+            by.append(f"{result.world_size} ranks")
+        if result.jobs > 1:
+            by.append(f"{result.jobs} workers" + (" each" if result.world_size > 1 else ""))
+        who = f" by {' of '.join(by)}" if by else ""
         _closing(
             f"wrote {where}: {_what(plan)}{_casts(plan)}, {human_bytes(result.bytes_written)} "
-            f"in {elapsed:.1f} s{importing}; {checked}"
+            f"in {elapsed:.1f} s{who}{importing}; {checked}"
         )
