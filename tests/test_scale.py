@@ -449,6 +449,10 @@ def test_dcp_to_hf_matches_dcp_to_torch_save_under_the_pool(tmp_path):
         assert ours[k].dtype == want.dtype and torch.equal(ours[k], want), k
     statecli.convert(tmp_path / "dcp", str(tmp_path / "hf1") + "/", dtype="bf16", jobs=1)
     assert _hashes(tmp_path / "hf1") == _hashes(tmp_path / "hf")
+    run = _torchrun(["convert", str(tmp_path / "dcp"), "-o", str(tmp_path / "ranks") + "/", "--dtype", "bf16",
+                     "--distributed"])  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert _hashes(tmp_path / "ranks") == _hashes(tmp_path / "hf")
 
 
 def test_dcp_output_refuses_what_it_cannot_hold(tmp_path):
