@@ -92,6 +92,13 @@ index["metadata"] = {"total_size": total}
 json.dump(index, open(os.path.join(dst, "model.safetensors.index.json"), "w"), indent=2)
 """
 
+# The same, durable as statecli's default output is: each file flushed to disk (fsync) before the script ends.
+SHARDS_SYNC_SCRIPT = SHARDS_SCRIPT.replace(
+    'save_file(out, os.path.join(dst, shard), metadata={"format": "pt"})',
+    'save_file(out, os.path.join(dst, shard), metadata={"format": "pt"})\n'
+    "    fd = os.open(os.path.join(dst, shard), os.O_RDONLY); os.fsync(fd); os.close(fd)",
+)
+
 # Case 4: one .pt to one .safetensors.
 PT_SCRIPT = """\
 import sys, torch
@@ -100,6 +107,8 @@ sd = torch.load(sys.argv[1], mmap=True, weights_only=True)
 out = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()}
 save_file(out, sys.argv[2], metadata={"format": "pt"})
 """
+
+PT_SYNC_SCRIPT = PT_SCRIPT + "import os\nfd = os.open(sys.argv[2], os.O_RDONLY); os.fsync(fd); os.close(fd)\n"
 
 # Case 5: DCP to one .safetensors file (not sharded), through torch's own converter to a temporary .pt.
 DCP_SCRIPT = """\
@@ -632,7 +641,10 @@ def print_case(case: Case) -> None:
             row += f" {'':>7} {'':>6}"
         print(row + f"  {c.check}")
     if convert and any(c.workers_note for c in case.cmds if c.ok):
-        print("  * workers assumed: min(cpus, input files); statecli --help prints no --jobs default")
+        print(
+            "  * workers: statecli's default --jobs, taken as min(cpus, output files); "
+            "it also gives each worker at least 32 MiB of output"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -803,6 +815,14 @@ def main(argv: list[str] | None = None) -> int:
                         expect=shard_expect,
                         workers=1,
                     ),
+                    Cmd(
+                        "the same + fsync of each file (durable)",
+                        [py, "-c", SHARDS_SYNC_SCRIPT, str(shards), str(naive_out)],
+                        "reference",
+                        out=naive_out,
+                        expect=shard_expect,
+                        workers=1,
+                    ),
                     sc("statecli convert (default jobs)", [], [], auto if "--jobs" in flags else 1, auto_note),
                     sc("statecli convert --jobs 1", ["--jobs", "1"], ["--jobs"], 1),
                     sc("statecli convert --jobs 2", ["--jobs", "2"], ["--jobs"], 2),
@@ -830,9 +850,25 @@ def main(argv: list[str] | None = None) -> int:
                 f"single {pt.stat().st_size / MIB:,.0f} MiB fp32 .pt -> bf16 .safetensors",
                 [
                     Cmd(
+                        "torch.load + cast + save_file (naive)",
+                        [py, "-c", PT_SCRIPT.replace("mmap=True, ", ""), str(pt), str(out_n)],
+                        "baseline",
+                        out=out_n,
+                        expect=expect,
+                        workers=1,
+                    ),
+                    Cmd(
                         "torch.load(mmap=True) + cast + save_file",
                         [py, "-c", PT_SCRIPT, str(pt), str(out_n)],
-                        "baseline",
+                        "reference",
+                        out=out_n,
+                        expect=expect,
+                        workers=1,
+                    ),
+                    Cmd(
+                        "the same + fsync (durable)",
+                        [py, "-c", PT_SYNC_SCRIPT, str(pt), str(out_n)],
+                        "reference",
                         out=out_n,
                         expect=expect,
                         workers=1,
@@ -844,6 +880,15 @@ def main(argv: list[str] | None = None) -> int:
                         out=out_s,
                         expect=expect,
                         workers=1,
+                    ),
+                    Cmd(
+                        "statecli convert ... --no-sync",
+                        [*statecli, "convert", str(pt), "-o", str(out_s), *conv, "--no-sync"],
+                        "statecli",
+                        out=out_s,
+                        expect=expect,
+                        workers=1,
+                        skip=missing("--no-sync"),
                     ),
                 ],
                 input_bytes=pt.stat().st_size,
