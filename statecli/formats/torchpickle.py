@@ -7,7 +7,7 @@ storages; here the unpickled stubs become tensor records (:class:`Walker`), stor
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from statecli.clip import printable
@@ -16,7 +16,7 @@ from statecli.dtypes import nbytes as dtype_nbytes
 from statecli.errors import InputError, LimitExceededError
 from statecli.formats.base import MAX_NAME_CHARS
 from statecli.formats.optimizer import apply_optimizer_evidence
-from statecli.formats.zipdir import Member
+from statecli.formats.zipdir import Directory, Member
 from statecli.pickled import QuantizerRef
 from statecli.records import Container, Finding, Quantizer, RawCheckpoint, RawTensor, TensorInfo, more_findings
 from statecli.roles import RNG_EVIDENCE, apply_keep_vars, looks_like_rng_state
@@ -82,11 +82,21 @@ def storage_dtype(stype: Any, key: Any, location: Any, numel: Any, path: str) ->
     return dtype
 
 
+def _sizes(members: Mapping[str, Member]) -> Callable[[str], int | None]:
+    """A member's size by name (None for no such member): a :class:`Directory` answers without making the
+    member's record."""
+    if isinstance(members, Directory):
+        return members.size
+    get = members.get
+    return lambda name: None if (m := get(name)) is None else m.size
+
+
 class Storages:
     """Builds storage records from persistent ids, checking each against the archive's members."""
 
-    def __init__(self, members: dict[str, Member], root: str, path: str, exact: bool = True) -> None:
+    def __init__(self, members: Mapping[str, Member], root: str, path: str, exact: bool = True) -> None:
         self.members = members
+        self.size_of = _sizes(members)
         self.root = root
         self.path = path
         # torch.load refuses a record of any other size than its storage's; torch.jit.load reads the start
@@ -114,14 +124,14 @@ class Storages:
         if numel < 0 or numel > 2**62:
             raise InputError(f"storage {describe(key)} claims {describe(numel)} elements", path=self.path)
         nbytes = numel * DTYPES[dtype].itemsize
-        info = self.members.get(self.prefix + key)
-        if info is None:
+        size = self.size_of(self.prefix + key)
+        if size is None:
             raise InputError(
                 f"storage {describe(key)} has no data/{printable(key)} member in the archive", path=self.path
             )
-        if info.size < nbytes or (self.exact and info.size != nbytes):
+        if size < nbytes or (self.exact and size != nbytes):
             raise InputError(
-                f"storage {describe(key)} claims {nbytes} bytes but data/{printable(key)} holds {info.size}",
+                f"storage {describe(key)} claims {nbytes} bytes but data/{printable(key)} holds {size}",
                 path=self.path,
             )
         ref = StorageRef(key, dtype, location if len(location) <= 64 else location[:64], numel, nbytes)
