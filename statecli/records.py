@@ -305,6 +305,19 @@ class Summary:
                 seen[storage] = sizes[storage]
             elif seen.get(storage, -1) < size:
                 seen[storage] = size
+        return cls.from_counts(combos, n, exact, logical, unshared + sum(seen.values()))
+
+    @classmethod
+    def from_counts(
+        cls,
+        combos: dict[tuple[str, str, str | None], list[int]],
+        n: int,
+        exact: int,
+        logical: int,
+        storage_nbytes: int,
+    ) -> Summary:
+        """The summary of ``n`` tensors counted as :meth:`of` counts them: ``[count, numel, nbytes]`` per
+        (role, dtype, device), how many roles are exact, their bytes, and the bytes of distinct storages."""
         inferred = n - exact
         roles: dict[str, list[int]] = {r: [0, 0, 0] for r in ROLES}
         by_dtype: dict[str, list[int]] = {}
@@ -327,7 +340,7 @@ class Summary:
             exact=exact,
             inferred=inferred,
             logical_nbytes=logical,
-            storage_nbytes=unshared + sum(seen.values()),
+            storage_nbytes=storage_nbytes,
         )
 
     def to_dict(self) -> dict[str, Any]:
