@@ -69,3 +69,13 @@ def test_any_report(items: list[TensorInfo], path: str, metadata: dict[str, str]
         metadata=metadata,
     )
     assert report.to_json() == json.dumps(report.to_dict())
+
+
+def test_percent_signs_in_the_file_text_stay_as_they_are() -> None:
+    # The JSON of the usual tensor is a format made from the file's own text: a % there must not become a slot.
+    items = [
+        TensorInfo("w%s", "parameter", False, "default", True, None, "float32", (2,), 2, 8, "cuda:%d", group="g%%s"),
+        TensorInfo("b", "buffer", True, "e%", None, False, "%s", (), 1, 4, None, storage="s%s", file="f%"),
+    ]
+    report = Report("p%s", "torch-zip", Container("state_dict", ""), tuple(items), Summary.of(items))
+    assert report.to_json() == json.dumps(report.to_dict())
