@@ -84,7 +84,7 @@ class Member:
 
 
 # A member as the directory reader keeps it: Member's fields, in its order, as a plain tuple.
-_SIZE = 3  # the index of ``size`` in it
+MEMBER_SIZE = 3  # the index of ``size`` in it
 
 
 class Directory(Mapping[str, Member]):
@@ -108,7 +108,13 @@ class Directory(Mapping[str, Member]):
     def size(self, name: str) -> int | None:
         """The uncompressed size of member ``name``, None when the archive holds none of that name."""
         entry = self._entries.get(name)
-        return None if entry is None else entry[_SIZE]
+        return None if entry is None else entry[MEMBER_SIZE]
+
+    @property
+    def entries(self) -> dict[str, tuple[str, int, int, int, int, int, int, int]]:
+        """The plain records by name (Member's fields in order), for readers that look up thousands: do not
+        change them."""
+        return self._entries
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
