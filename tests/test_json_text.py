@@ -79,3 +79,17 @@ def test_percent_signs_in_the_file_text_stay_as_they_are() -> None:
     ]
     report = Report("p%s", "torch-zip", Container("state_dict", ""), tuple(items), Summary.of(items))
     assert report.to_json() == json.dumps(report.to_dict())
+
+
+@pytest.mark.parametrize("count", [0, 1, 3, 4, 7])
+def test_pieces_join_at_every_batch_edge(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
+    # The tensors' text comes in batches (4096 tensors each): none is lost or doubled at an edge.
+    import statecli.records
+
+    monkeypatch.setattr(statecli.records, "_JSON_BATCH", 3)
+    items = [
+        TensorInfo(f"t{i}", "parameter", False, "default", True, None, "float32", (i,), i, 4 * i, "cpu")
+        for i in range(count)
+    ]
+    report = Report("p", "torch-zip", Container("state_dict", ""), tuple(items), Summary.of(items))
+    assert report.to_json() == json.dumps(report.to_dict())
