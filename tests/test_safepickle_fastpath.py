@@ -292,3 +292,29 @@ def test_storage_records_are_the_same_the_short_way_and_the_long_way() -> None:
                 outcome(storages, ("storage", float_storage, "0", "cpu", 4))
                 outcome(storages, ("storage", long_storage, "1", "cpu", 1))
             assert outcome(short, pid) == outcome(long, pid), (exact, pid)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"optimizer": torch.zeros(2)},  # an optimizer's key holding a tensor: kept apart
+        {"rng": torch.zeros(8, dtype=torch.uint8)},  # could be an RNG state
+        {"callbacks": torch.zeros(2)},  # a Lightning marker
+        {"w.weight": torch.nn.Parameter(torch.zeros(2))},  # keep-vars
+        {"nested": {"a": torch.zeros(2)}},  # not flat
+    ],
+)
+def test_a_flat_state_dict_is_walked_as_any_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: dict[str, Any]
+) -> None:
+    # The walker tells a flat state dict (every value a tensor, none an optimizer's or an RNG state) in C and
+    # hands it to the state-dict walk whole: the same records and container as the loop over its items.
+    from statecli.formats import torchpickle
+
+    path = tmp_path / "sd.pt"
+    torch.save({"a.weight": torch.zeros(3), "a.bias": torch.zeros(3), "n": torch.tensor(2), **extra}, path)
+    quick = statecli.open_checkpoint(path)
+    monkeypatch.setattr(torchpickle, "_ONLY_TENSORS", set())  # every dict through the loop
+    slow = statecli.open_checkpoint(path)
+    assert quick == slow

@@ -8,6 +8,7 @@ storages; here the unpickled stubs become tensor records (:class:`Walker`), stor
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from operator import attrgetter
 from typing import Any
 
 from statecli.clip import printable
@@ -65,6 +66,10 @@ OPTIMIZER_KEYS = frozenset(
     }
 )
 LIGHTNING_MARKERS = frozenset({"pytorch-lightning_version", "optimizer_states", "lr_schedulers", "callbacks"})
+_ONLY_STR = {str}
+_ONLY_TENSORS = {TensorRef}
+_DTYPE = attrgetter("dtype")
+_IS_PARAMETER = attrgetter("is_parameter")
 MODULE_INTERNALS = frozenset(
     {"_parameters", "_buffers", "_non_persistent_buffers_set", "_modules", "training", "_version"}
 )
@@ -388,7 +393,7 @@ class Walker(Visits):
                 self._generic(root, None, "model", 0)
                 return Container(kind="list", state_dict_at="")
             return Container(kind="empty", state_dict_at=None)
-        keys = [k if type(k) is str else _key(k) for k in mapping]
+        keys = list(mapping) if set(map(type, mapping)) <= _ONLY_STR else [_key(k) for k in mapping]
         lightning = bool(LIGHTNING_MARKERS & set(keys))
         # An RNG state beside the model (``{"model": …, "rng_state": get_rng_state()}``) is no model tensor.
         direct = any(isinstance(v, TensorRef) and not _is_rng_state(_key(k), v) for k, v in mapping.items())
@@ -407,6 +412,16 @@ class Walker(Visits):
             kind = "lightning" if lightning else "training"
             other = tuple(k for k in keys if k != _key(model_key))
             return Container(kind, _key(model_key), other, self.module_class, self.training)
+        values = mapping.values()
+        if (
+            set(map(type, values)) == _ONLY_TENSORS
+            and OPTIMIZER_KEYS.isdisjoint(keys)
+            and "uint8" not in set(map(_DTYPE, values))
+        ):
+            # A flat state dict: every value a tensor, none under an optimizer's key, none that could be an RNG
+            # state (1-D uint8). What the loop below would make of it, told in C.
+            self._state_dict(mapping, None)
+            return Container("lightning" if lightning else "state_dict", "", (), self.module_class, self.training)
         # The root itself is the state dict, perhaps nested; optimizer-like keys are kept apart.
         model_items = {}
         other_keys = []
@@ -477,7 +492,7 @@ class Walker(Visits):
         start = len(self.tensors)
         self._generic(obj, prefix, "model", 0)
         mine = self.tensors[start:]
-        if any(t.is_parameter for t in mine):
+        if any(map(_IS_PARAMETER, mine)):
             apply_keep_vars(mine, self.nested)
         for t in mine:
             if t.evidence is None:
@@ -521,12 +536,22 @@ class Walker(Visits):
                 for k, v in mapping.items():
                     if type(v) is TensorRef:
                         # The common case, without a call per name or a recursive call per tensor: what _emit
-                        # does for a tensor without a role, written out.
+                        # does for a tensor without a role, and raw_tensor for a tensor over a storage
+                        # without a quantizer, written out.
                         name = dot + k if type(k) is str and len(k) < room else join_key(prefix, k)
                         left -= RECORD_UNITS + len(name)
                         if left < 0:
                             self._over_budget()
-                        record(raw_tensor(v, name, group))
+                        s = v.storage
+                        if s is None or v.quantizer is not None:
+                            record(raw_tensor(v, name, group))
+                            continue
+                        # Positional (RawTensor's field order), as in raw_tensor.
+                        device = s.location if v.device is None else v.device
+                        record(RawTensor(
+                            name, v.dtype, v.shape, v.stride, v.offset, device, f"data/{s.key}", s.nbytes, group,
+                            v.requires_grad, None, None, False, None, v.is_parameter, v.layout,
+                        ))  # fmt: skip
                     elif isinstance(v, (dict, list, tuple, Stub)):  # leaves (numbers, text) need no name
                         self.units_left = left
                         self._generic(v, join_key(prefix, k), group, depth + 1)
