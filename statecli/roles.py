@@ -6,6 +6,7 @@ docs/roles.md. A rule is a guess: its result is never marked exact.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
@@ -56,6 +57,9 @@ class Neighbours:
         zero_points: set[str] = set()
         orig: set[str] = set()
         g: set[str] = set()
+        tensors = list(tensors)
+        if not _may_have_neighbours(tensors):
+            tensors = []  # no name or dtype the loop below looks for: every set stays empty
         for t in tensors:
             name = t.name
             if t.dtype in _QUANTIZED:
@@ -88,6 +92,19 @@ class Neighbours:
             return True
         return ("_packed_params" in name or "_all_weight_values" in name) and _PACKED.search(name) is not None
 
+
+def _may_have_neighbours(tensors: list[RawTensor]) -> bool:
+    """Whether any tensor has a quantized dtype or a name :class:`Neighbours` looks at: tested on all the
+    names at once, in C, so that a file without any (nearly all) costs no Python step per tensor. A yes
+    may be wrong (a name holding a newline); the loop then finds what is really there."""
+    if not _QUANTIZED.isdisjoint({t.dtype for t in tensors}):
+        return True
+    names = "\n".join([t.name for t in tensors]) + "\n"
+    return any(mark in names for mark in _NEIGHBOUR_MARKS)
+
+
+# What Neighbours.__init__ looks for in a name: a substring, or (with the newline) an ending.
+_NEIGHBOUR_MARKS = ("_packed_params", "_all_weight_values", "scale\n", "zero_point\n", "_orig\n", "_g\n")
 
 NO_NEIGHBOURS = Neighbours()
 
@@ -250,9 +267,11 @@ RULES: tuple[Rule, ...] = (
 
 
 # Substrings of a name that some rule looks for. A name with none of them, in a file whose neighbours
-# trigger no rule, gets a role that depends only on its last segment, dtype and rank: memoized.
+# trigger no rule, gets a role that depends only on its last segment, dtype and rank: memoized per pattern
+# (last segment, dtype, rank). One search for all of them: a loop over the marks cost more than the rules.
 _NAME_MARKS = ("observer", "fake_quant", "activation_post_process", "_packed_params", "_all_weight_values")
 _NAME_MARKS += ("parametrizations", "attn.bias")
+_MARKED = re.compile("|".join(map(re.escape, _NAME_MARKS))).search  # literals: linear in the name
 _MEMO: dict[tuple[str, str, int], tuple[str, str]] = {}
 _MEMO_LIMIT = 100_000  # distinct (last, dtype, rank); a file of random names must not grow it without end
 
@@ -266,7 +285,7 @@ def infer(t: RawTensor, nb: Neighbours = NO_NEIGHBOURS) -> tuple[str, str]:
     plain = (
         t.dtype != "uint8"  # rng-state looks at the whole name of uint8 tensors
         and nb.plain
-        and not any(m in name for m in _NAME_MARKS)
+        and _MARKED(name) is None
         and not last.startswith("original")
     )
     if plain:
@@ -367,52 +386,103 @@ class _Sharing:
         self.common, self.cut = _listing(self.head, None)
 
 
-def resolve(raw: RawCheckpoint) -> Report:
-    """Turn a reader's facts into the report: roles with evidence, shared storages, summary."""
+def _all_plain(tensors: list[RawTensor], nb: Neighbours) -> bool:
+    """Whether a memoized role found for a tensor's pattern is the one :func:`infer` gives it, told for all of
+    ``tensors`` at once: no sibling rule fires and no name holds a mark. (A uint8 tensor's or an ``original*``
+    name's pattern is never memoized, so a lookup of theirs misses and infer() decides.)"""
+    return nb.plain and _MARKED("\n".join([t.name for t in tensors])) is None
+
+
+def _shared_storages(tensors: list[RawTensor]) -> dict[str, list[str]]:
+    """The storages more than one tensor names, each with its tensors' names in file order (a file whose
+    storages are all distinct, nearly every one, is told in one pass in C)."""
+    keys = [t.storage for t in tensors]
+    distinct = set(keys)
+    if len(distinct) + max(0, keys.count(None) - 1) == len(keys):
+        return {}
     by_storage: dict[str, list[str]] = {}
-    for t in raw.tensors:
+    for t in tensors:
         if t.storage is not None:
             by_storage.setdefault(t.storage, []).append(t.name)
+    return {key: names for key, names in by_storage.items() if len(names) > 1}
+
+
+# Bytes per element of the whole-byte dtypes; the packed ones (quint4x2, ...) go through nbytes().
+_ITEMSIZE = {name: d.bits // 8 for name, d in DTYPES.items() if d.bits >= 8}
+
+
+def resolve(raw: RawCheckpoint) -> Report:
+    """Turn a reader's facts into the report: roles with evidence, shared storages, summary."""
+    tensors = raw.tensors
+    by_storage = _shared_storages(tensors)
     infos: list[TensorInfo] = []
     append = infos.append
     nb: Neighbours | None = None
     listed: dict[str, _Sharing] = {}  # shared storages, each listing made once
-    for t in raw.tensors:
+    # The summary's counts, kept here rather than by a second pass over the records (see Summary.of).
+    combos: dict[tuple[str, str, str | None], list[int]] = {}
+    exact_count = logical = unshared = 0
+    seen: dict[str, int] = {}
+    sizes = raw.storage_sizes
+    itemsize = _ITEMSIZE
+    prod = math.prod
+    memo = _MEMO
+    plain = False  # every tensor's inferred role depends on its pattern alone (see _all_plain)
+    for t in tensors:
         role = t.role
         group = t.group
         if role is not None:
             exact, evidence = t.exact, t.evidence or "reader"
+            if exact:
+                exact_count += 1
         else:
             if nb is None:
-                nb = Neighbours(raw.tensors)
-            role, evidence = infer(t, nb)
+                nb = Neighbours(tensors)
+                plain = _all_plain(tensors, nb)
+            found = memo.get((t.name.rpartition(".")[2], t.dtype, len(t.shape))) if plain else None
+            role, evidence = found if found is not None else infer(t, nb)
             exact = False
             if evidence == RNG_EVIDENCE:
                 group = t.name.partition(".")[0]  # not model state: it lives under its own key
         persistent = t.persistent
-        if persistent is None and group == "model" and role in ("parameter", "buffer"):
+        if persistent is None and group == "model" and (role == "parameter" or role == "buffer"):
             persistent = True  # present in a saved state: it was persistent when saved
-        n = 1
-        for d in t.shape:
-            n *= d
+        dtype = t.dtype
+        n = prod(t.shape)
+        size = itemsize.get(dtype)
+        size = n * size if size is not None else nbytes(dtype, n)
         storage = t.storage
         shares: tuple[str, ...] = ()
-        if storage is not None:
-            sharers = by_storage[storage]
-            if len(sharers) > 1:
-                # Listing every sharer beside every tensor is quadratic: 10,000 names for one storage would be
-                # 100 million entries. The first ones show the tie; a finding gives the count.
-                sharing = listed.get(storage)
-                if sharing is None:
-                    sharing = listed[storage] = _Sharing(sharers)
-                shares = _listing(sharing.head, t.name)[0] if t.name in sharing.in_head else sharing.common
+        if storage is None:
+            unshared += size
+        else:
+            if by_storage:
+                sharers = by_storage.get(storage)
+                if sharers is not None:
+                    # Listing every sharer beside every tensor is quadratic: 10,000 names for one storage would
+                    # be 100 million entries. The first ones show the tie; a finding gives the count.
+                    sharing = listed.get(storage)
+                    if sharing is None:
+                        sharing = listed[storage] = _Sharing(sharers)
+                    shares = _listing(sharing.head, t.name)[0] if t.name in sharing.in_head else sharing.common
+            if storage in sizes:
+                seen[storage] = sizes[storage]
+            elif seen.get(storage, -1) < size:
+                seen[storage] = size
+        device = t.device
+        key = (role, dtype, device)
+        acc = combos.get(key)
+        if acc is None:
+            acc = combos[key] = [0, 0, 0]
+        acc[0] += 1
+        acc[1] += n
+        acc[2] += size
+        logical += size
         # Positional: this runs once per tensor, and keyword calls cost more (the order is TensorInfo's).
-        info = TensorInfo(
-            t.name, role, exact, evidence, persistent, t.requires_grad, t.dtype, t.shape, n,
-            nbytes(t.dtype, n), t.device, shares, group, t.stride, t.storage_offset, storage, t.layout, t.file,
-            t.quantizer,
-        )  # fmt: skip
-        append(info)
+        append(TensorInfo(
+            t.name, role, exact, evidence, persistent, t.requires_grad, dtype, t.shape, n, size, device, shares,
+            group, t.stride, t.storage_offset, storage, t.layout, t.file, t.quantizer,
+        ))  # fmt: skip
     findings = FindingCap()
     findings.extend(raw.findings)
     for key, names in by_storage.items():
@@ -435,12 +505,13 @@ def resolve(raw: RawCheckpoint) -> Report:
                     f"them all (at most {MAX_SHARES_CHARS:,} characters)",
                 )
             )
+    summary = Summary.from_counts(combos, len(infos), exact_count, logical, unshared + sum(seen.values()))
     return Report(
         path=raw.path,
         format=raw.format,
         container=raw.container,
         tensors=tuple(infos),
-        summary=Summary.of(infos, raw.storage_sizes),
+        summary=summary,
         findings=tuple(findings.findings()),
         metadata=dict(raw.metadata),
         file_size=raw.file_size,

@@ -69,3 +69,27 @@ def test_any_report(items: list[TensorInfo], path: str, metadata: dict[str, str]
         metadata=metadata,
     )
     assert report.to_json() == json.dumps(report.to_dict())
+
+
+def test_percent_signs_in_the_file_text_stay_as_they_are() -> None:
+    # The JSON of the usual tensor is a format made from the file's own text: a % there must not become a slot.
+    items = [
+        TensorInfo("w%s", "parameter", False, "default", True, None, "float32", (2,), 2, 8, "cuda:%d", group="g%%s"),
+        TensorInfo("b", "buffer", True, "e%", None, False, "%s", (), 1, 4, None, storage="s%s", file="f%"),
+    ]
+    report = Report("p%s", "torch-zip", Container("state_dict", ""), tuple(items), Summary.of(items))
+    assert report.to_json() == json.dumps(report.to_dict())
+
+
+@pytest.mark.parametrize("count", [0, 1, 3, 4, 7])
+def test_pieces_join_at_every_batch_edge(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
+    # The tensors' text comes in batches (4096 tensors each): none is lost or doubled at an edge.
+    import statecli.records
+
+    monkeypatch.setattr(statecli.records, "_JSON_BATCH", 3)
+    items = [
+        TensorInfo(f"t{i}", "parameter", False, "default", True, None, "float32", (i,), i, 4 * i, "cpu")
+        for i in range(count)
+    ]
+    report = Report("p", "torch-zip", Container("state_dict", ""), tuple(items), Summary.of(items))
+    assert report.to_json() == json.dumps(report.to_dict())

@@ -210,6 +210,34 @@ def test_plain_table_fast_path_writes_what_the_general_path_writes(monkeypatch: 
     assert text_of(render.report_table(report)) == fast
 
 
+@pytest.mark.parametrize("color", [None, "truecolor"])
+@pytest.mark.parametrize("width", [200, 60])
+def test_rows_alike_made_once_print_as_rows_made_one_by_one(color: str | None, width: int) -> None:
+    # report_table makes the cells between Name and Shares once per kind of tensor: the same text, plain or
+    # coloured, whole or cut to fit, as a grid that makes every cell of every row.
+    many = tuple(tensor_info(f"blocks.{i}.bn.weight", device=None if i % 3 else "cuda:0") for i in range(6))
+    tied = (
+        tensor_info("embed.weight", shares_with=("head.weight",), storage="0"),
+        tensor_info("head.weight", shares_with=("embed.weight",), storage="0"),
+    )
+    odd = (tensor_info("odd\x1b[2Jname"),)  # cleaned before it is printed, row by row
+    for tensors in (TENSORS + many, TENSORS + many + tied, TENSORS + many + tied + odd):
+        report = make_report(tensors)
+        columns_ = columns.inspect_table(report.tensors)
+
+        def text(grid: render.Grid) -> str:
+            console = Console(file=io.StringIO(), width=width, color_system=color)  # type: ignore[arg-type]
+            console.print(grid, soft_wrap=True)
+            return console.file.getvalue()  # type: ignore[attr-defined]
+
+        alike = render.Grid(report.path, columns_, report.tensors, same=columns.inspect_same)
+        one_by_one = render.Grid(report.path, columns_, report.tensors)
+        assert alike._shared is not None  # the path under test
+        assert [tuple(r) for r in alike.rows] == [tuple(r) for r in one_by_one.rows]
+        assert (alike.widths, alike.narrow) == (one_by_one.widths, one_by_one.narrow)
+        assert text(alike) == text(one_by_one)
+
+
 def test_wide_characters_in_names_keep_the_columns_aligned() -> None:
     from rich.cells import cell_len
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from statecli.records import Container, RawCheckpoint, RawTensor
+from statecli.records import Container, RawCheckpoint, RawTensor, Summary
 from statecli.roles import RULES, infer, resolve
 
 
@@ -210,3 +212,49 @@ def test_shared_storage_and_bytes_on_disk() -> None:
     assert by["bias"].shares_with == ()
     assert report.summary.logical_nbytes == 64 + 64 + 16
     assert report.summary.storage_nbytes == 64 + 16
+
+
+def test_resolve_counts_its_summary_as_summary_of_does(samples_dir: Path) -> None:
+    # resolve() counts the summary as it makes the records, Summary.of() from the records: the same figures.
+    import statecli
+
+    for path in sorted(samples_dir.iterdir()):
+        if path.suffix in (".py", ".md") or path.name.startswith((".", "__")):
+            continue
+        report = statecli.open_checkpoint(path)
+        assert report.summary == Summary.of(report.tensors, report.storage_sizes), path.name
+    odd = [
+        RawTensor("a", "quint4x2", (5,), storage="data/0"),  # packed: 3 bytes
+        RawTensor("b", "no-such-dtype", (2,)),  # 0 bytes
+        RawTensor("c", "float32", (3,), storage="data/0"),
+        RawTensor("d", "int64", (), role="buffer", exact=True, evidence="module"),
+    ]
+    report = resolve(RawCheckpoint("x.pt", "torch-zip", odd, Container("state_dict", "")))
+    assert report.summary == Summary.of(report.tensors, report.storage_sizes)
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        raw("net.observer.scale"),  # a mark in one name
+        raw("h.0.attn.bias", "float32", (1, 1, 4, 4)),
+        raw("parametrizations.weight.original"),
+        raw("rng", "uint8", (16,)),
+        raw("m.weight_orig"),  # a sibling rule
+        raw("q.weight", "qint8", (4,)),
+        raw("enc.original_size"),
+    ],
+)
+def test_roles_found_for_all_names_at_once_are_each_names_own(odd: RawTensor) -> None:
+    # resolve() tells whether every tensor's role depends on its pattern alone for all of them at once;
+    # one name that does not must not change what the others get, nor get another role than infer() gives.
+    from statecli.roles import _MEMO, Neighbours
+
+    names = [raw(f"blocks.{i}.{leaf}") for i in range(3) for leaf in ("weight", "bias", "running_mean")]
+    twin = raw(f"twin.{odd.name.rpartition('.')[2]}", odd.dtype, odd.shape)  # same pattern, seen first
+    tensors = [*names, twin, odd]
+    _MEMO.clear()
+    report = resolve(RawCheckpoint("x.pt", "torch-zip", tensors, Container("state_dict", "")))
+    _MEMO.clear()
+    nb = Neighbours(tensors)
+    assert [(t.role, t.evidence) for t in report.tensors] == [infer(t, nb) for t in tensors]

@@ -182,9 +182,13 @@ _BASES = _base_pickles()
 
 
 def _parse(data: bytes, members: dict[str, int], root: str, fast: bool) -> Any:
-    from statecli.formats.zipdir import Member
+    from statecli.formats.zipdir import Directory, Member
 
-    infos = {n: Member(n, 0, size, size, 0, 0) for n, size in members.items()}
+    # The fast way over the directory reader's records (Storages' own short way to a storage record), the
+    # general one over Member records (Storages' every check): the same objects, or the same error.
+    infos: Any = {n: Member(n, 0, size, size, 0, 0) for n, size in members.items()}
+    if fast:
+        infos = Directory({n: (n, 0, size, size, 0, 0, 0, 1 << 63) for n, size in members.items()})
     try:
         obj, u = loads(data, _Storages(infos, root, "x.pt"), fast_paths=fast)
     except statecli.StatecliError as e:
@@ -213,3 +217,104 @@ def test_mutated_pickles_parse_the_same_both_ways(base: int, edits: list[tuple[i
     slow, _ = _parse(bytes(buf), members, root, False)
     fast, _ = _parse(bytes(buf), members, root, True)
     assert fast == slow
+
+
+@pytest.mark.parametrize(
+    ("offset", "fits"),
+    [(b"K\x01", True), (b"K\x02", False), (b"K\x05", False), (b"J\xff\xff\xff\xff", False)],
+)
+def test_a_view_past_its_storage_is_refused_in_the_fast_path(tmp_path: Path, offset: bytes, fits: bool) -> None:
+    # b views 3 of its storage's 4 elements from offset 1: from offset 2 its last element would be the 5th.
+    src = tmp_path / "src.pt"
+    torch.save({"a": torch.zeros(2), "b": torch.zeros(4)[1:4], "c": torch.zeros(2)}, src)
+    dst = tmp_path / "dst.pt"
+    _rewrite_pickle(src, dst, lambda data: data.replace(b"QK\x01K\x03\x85", b"Q" + offset + b"K\x03\x85", 1))
+    if fits:
+        report = statecli.open_checkpoint(dst)
+        assert [(t.name, t.storage_offset) for t in report.tensors] == [("a", 0), ("b", 1), ("c", 0)]
+        return
+    with pytest.raises(statecli.InputError, match=r"reaches element|impossible"):
+        statecli.open_checkpoint(dst)
+
+
+@pytest.mark.parametrize("offset", [b"K\x00", b"K\x01"])
+def test_a_scalar_past_its_storage_is_refused_in_the_fast_path(tmp_path: Path, offset: bytes) -> None:
+    src = tmp_path / "src.pt"
+    torch.save({"a": torch.zeros(2), "b": torch.tensor(1.0), "c": torch.zeros(2)}, src)
+    dst = tmp_path / "dst.pt"
+    _rewrite_pickle(src, dst, lambda data: data.replace(b"QK\x00)", b"Q" + offset + b")", 1))
+    if offset == b"K\x00":
+        assert [t.name for t in statecli.open_checkpoint(dst).tensors] == ["a", "b", "c"]
+        return
+    with pytest.raises(statecli.InputError, match="reaches element 1 of storage"):
+        statecli.open_checkpoint(dst)
+
+
+def test_storage_records_are_the_same_the_short_way_and_the_long_way() -> None:
+    # Storages takes the usual record from the directory reader's plain records in a few steps; every check
+    # it makes there must agree with the full one, made over Member records.
+    from statecli.formats.zipdir import Directory, Member
+    from statecli.pickled import Global
+
+    sizes = {"r/data/0": 16, "r/data/1": 8, "r/data/2": 0, "r/data/9": 20}
+    float_storage, long_storage = Global("torch", "FloatStorage"), Global("torch", "LongStorage")
+    odd = Global("os", "system")
+    pids: list[Any] = [
+        ("storage", float_storage, "0", "cpu", 4),
+        ("storage", long_storage, "1", "cuda:0", 1),
+        ("storage", float_storage, "2", "cpu", 0),
+        ("storage", float_storage, "9", "cpu", 4),  # fewer bytes than the member holds
+        ("storage", float_storage, "9", "cpu", 6),  # more
+        ("storage", float_storage, "7", "cpu", 1),  # no such member
+        ("storage", float_storage, "0", "c" * 65, 4),  # a location cut to 64 characters
+        ("storage", float_storage, "0", "cpu", -1),
+        ("storage", float_storage, "0", "cpu", 2**62 + 1),
+        ("storage", float_storage, "0", "cpu", True),
+        ("storage", float_storage, "0", 5, 4),
+        ("storage", odd, "0", "cpu", 4),
+        ("Storage", float_storage, "0", "cpu", 4),
+        ("storage", float_storage, 0, "cpu", 4),
+        ("storage", float_storage, "0", "cpu"),
+    ]
+
+    def outcome(storages: Any, pid: Any) -> Any:
+        try:
+            return storages(pid)
+        except statecli.StatecliError as e:
+            return type(e).__name__, str(e)
+
+    for exact in (True, False):
+        for pid in pids:
+            records = {n: (n, 0, size, size, 0, 0, 0, 1 << 63) for n, size in sizes.items()}
+            short = _Storages(Directory(records), "r", "x.pt", exact)
+            long = _Storages({n: Member(*r) for n, r in records.items()}, "r", "x.pt", exact)
+            for storages in (short, long):  # a storage type is checked once, then known: both ways
+                outcome(storages, ("storage", float_storage, "0", "cpu", 4))
+                outcome(storages, ("storage", long_storage, "1", "cpu", 1))
+            assert outcome(short, pid) == outcome(long, pid), (exact, pid)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"optimizer": torch.zeros(2)},  # an optimizer's key holding a tensor: kept apart
+        {"rng": torch.zeros(8, dtype=torch.uint8)},  # could be an RNG state
+        {"callbacks": torch.zeros(2)},  # a Lightning marker
+        {"w.weight": torch.nn.Parameter(torch.zeros(2))},  # keep-vars
+        {"nested": {"a": torch.zeros(2)}},  # not flat
+    ],
+)
+def test_a_flat_state_dict_is_walked_as_any_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: dict[str, Any]
+) -> None:
+    # The walker tells a flat state dict (every value a tensor, none an optimizer's or an RNG state) in C and
+    # hands it to the state-dict walk whole: the same records and container as the loop over its items.
+    from statecli.formats import torchpickle
+
+    path = tmp_path / "sd.pt"
+    torch.save({"a.weight": torch.zeros(3), "a.bias": torch.zeros(3), "n": torch.tensor(2), **extra}, path)
+    quick = statecli.open_checkpoint(path)
+    monkeypatch.setattr(torchpickle, "_ONLY_TENSORS", set())  # every dict through the loop
+    slow = statecli.open_checkpoint(path)
+    assert quick == slow

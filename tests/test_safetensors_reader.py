@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import struct
 import subprocess
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from statecli.dtypes import SAFETENSORS_CODES, SAFETENSORS_DTYPES
+from statecli.dtypes import DTYPES, SAFETENSORS_CODES, SAFETENSORS_DTYPES
 from statecli.errors import InputError, LimitExceededError, UnsupportedFormatError
 from statecli.formats import safetensors as safetensors_reader
 from statecli.formats.safetensors import MAX_HEADER_BYTES, read_safetensors
@@ -559,3 +560,61 @@ def test_corrupted_bytes_never_crash(data: st.DataObject) -> None:
         path.write_bytes(bytes(blob))
         with contextlib.suppress(InputError):
             read_safetensors(str(path))
+
+
+_dims = st.one_of(st.integers(0, 8), st.integers(-2, 2**64), st.booleans(), st.just(1.0), st.just("1"))
+
+
+@st.composite
+def _valid_entry(draw: st.DrawFn) -> dict[str, object]:
+    code = draw(st.sampled_from(sorted(SAFETENSORS_DTYPES)))
+    # Now and then a dimension that is no JSON integer but counts as one (true, 2.0): to be refused.
+    shape = draw(st.lists(st.one_of(st.integers(0, 5), st.sampled_from([True, False, 2.0])), max_size=3))
+    begin = draw(st.integers(0, 64))
+    size = math.prod(int(d) for d in shape) * DTYPES[SAFETENSORS_DTYPES[code]].itemsize
+    return {"dtype": code, "shape": shape, "data_offsets": [begin, begin + size]}
+
+
+_header_entries = st.one_of(
+    _valid_entry(),
+    st.fixed_dictionaries(
+        {
+            "dtype": st.one_of(st.sampled_from(sorted(SAFETENSORS_DTYPES)), st.just("XYZ"), st.just(4)),
+            "shape": st.one_of(st.lists(_dims, max_size=3), st.just([1] * 65), st.just(4)),
+            "data_offsets": st.one_of(
+                st.tuples(st.integers(-2, 40), st.integers(-2, 80)).map(list),
+                st.just([0, 4, 4]),
+                st.just(["0", "4"]),
+                st.just([True, 4]),
+            ),
+        },
+        optional={"extra": st.just(1)},
+    ),
+    st.none(),
+    st.integers(),
+    st.lists(st.integers(), max_size=2),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(header=st.dictionaries(st.text(max_size=3), _header_entries, max_size=4))
+def test_entries_are_checked_in_line_as_parse_entry_checks_them(header: dict[str, object]) -> None:
+    # _entries() checks the usual entry itself and hands the rest to _parse_entry(): it must take exactly the
+    # entries _parse_entry() takes, with the same values, and fail where it fails, with its error.
+    expected: list[object] = []
+    error: tuple[type, str] | None = None
+    for name, entry in header.items():
+        try:
+            dtype, shape, begin, end = safetensors_reader._parse_entry("x", name, entry)
+        except InputError as e:
+            error = (type(e), e.message)
+            break
+        expected.append((begin, end, name, dtype, shape))
+    try:
+        got = safetensors_reader._entries("x", header)
+    except InputError as e:
+        assert (type(e), e.message) == error
+    else:
+        assert error is None
+        assert got == expected
+        assert [type(d) for e in got for d in e[4]] == [int for e in expected for d in e[4]]  # type: ignore[index]

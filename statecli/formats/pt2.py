@@ -27,7 +27,7 @@ from __future__ import annotations
 import io
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from statecli.clip import describe, quote
@@ -95,7 +95,7 @@ _PATH_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}\Z")
 _MODEL_NAME = re.compile(r"[^/\\]{1,255}\Z")
 
 
-def read_pt2(path: str, members: dict[str, Member]) -> RawCheckpoint:
+def read_pt2(path: str, members: Mapping[str, Member]) -> RawCheckpoint:
     """Read a ``torch.export.save`` archive's tensors and their exact roles without running anything."""
     try:
         return _Reader(path, members, _root(members, path)).read()
@@ -103,7 +103,7 @@ def read_pt2(path: str, members: dict[str, Member]) -> RawCheckpoint:
         raise e.at(path) from None
 
 
-def _root(members: dict[str, Member], path: str) -> str:
+def _root(members: Mapping[str, Member], path: str) -> str:
     roots = {n.split("/", 1)[0] for n in members if n.count("/") == 1 and n.endswith("/archive_format")}
     if not roots:
         roots = {n.split("/", 1)[0] for n in members if n.count("/") == 2 and n.split("/")[1] == "models"}
@@ -119,7 +119,7 @@ def _inert_pid(pid: Any) -> Any:
 
 
 class _Reader:
-    def __init__(self, path: str, members: dict[str, Member], root: str) -> None:
+    def __init__(self, path: str, members: Mapping[str, Member], root: str) -> None:
         self.path = path
         self.members = members
         self.root = root

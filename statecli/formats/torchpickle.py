@@ -7,7 +7,8 @@ storages; here the unpickled stubs become tensor records (:class:`Walker`), stor
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from operator import attrgetter
 from typing import Any
 
 from statecli.clip import printable
@@ -16,7 +17,8 @@ from statecli.dtypes import nbytes as dtype_nbytes
 from statecli.errors import InputError, LimitExceededError
 from statecli.formats.base import MAX_NAME_CHARS
 from statecli.formats.optimizer import apply_optimizer_evidence
-from statecli.formats.zipdir import Member
+from statecli.formats.zipdir import MEMBER_SIZE as _MEMBER_SIZE
+from statecli.formats.zipdir import Directory, Member
 from statecli.pickled import QuantizerRef
 from statecli.records import Container, Finding, Quantizer, RawCheckpoint, RawTensor, TensorInfo, more_findings
 from statecli.roles import RNG_EVIDENCE, apply_keep_vars, looks_like_rng_state
@@ -64,6 +66,10 @@ OPTIMIZER_KEYS = frozenset(
     }
 )
 LIGHTNING_MARKERS = frozenset({"pytorch-lightning_version", "optimizer_states", "lr_schedulers", "callbacks"})
+_ONLY_STR = {str}
+_ONLY_TENSORS = {TensorRef}
+_DTYPE = attrgetter("dtype")
+_IS_PARAMETER = attrgetter("is_parameter")
 MODULE_INTERNALS = frozenset(
     {"_parameters", "_buffers", "_non_persistent_buffers_set", "_modules", "training", "_version"}
 )
@@ -82,11 +88,26 @@ def storage_dtype(stype: Any, key: Any, location: Any, numel: Any, path: str) ->
     return dtype
 
 
+def _sizes(members: Mapping[str, Member]) -> Callable[[str], int | None]:
+    """A member's size by name (None for no such member): a :class:`Directory` answers without making the
+    member's record."""
+    if isinstance(members, Directory):
+        return members.size
+    get = members.get
+    return lambda name: None if (m := get(name)) is None else m.size
+
+
+_ITEMSIZE = {name: d.itemsize for name, d in DTYPES.items()}
+
+
 class Storages:
     """Builds storage records from persistent ids, checking each against the archive's members."""
 
-    def __init__(self, members: dict[str, Member], root: str, path: str, exact: bool = True) -> None:
+    def __init__(self, members: Mapping[str, Member], root: str, path: str, exact: bool = True) -> None:
         self.members = members
+        self.size_of = _sizes(members)
+        # The members' plain records, where the directory reader's are at hand (see __call__).
+        self.entries = members.entries if isinstance(members, Directory) else None
         self.root = root
         self.path = path
         # torch.load refuses a record of any other size than its storage's; torch.jit.load reads the start
@@ -97,6 +118,37 @@ class Storages:
         self.dtypes: dict[Global, str] = {}  # storage type objects checked already (by identity)
 
     def __call__(self, pid: Any) -> StorageRef:
+        # The usual record in as few steps as it takes (100,000 of them in a large state dict): a storage type
+        # checked before, a str key read for the first time, a str location, an int numel, and a member of
+        # exactly the bytes it claims. Anything else, an error included, is left to _record.
+        if type(pid) is tuple and len(pid) == 5:
+            tag, stype, key, location, numel = pid
+            # The key's type is checked before it is hashed: a tuple key could cost anything to hash.
+            if type(key) is str:
+                hit = self.cache.get(key)
+                if hit is not None:
+                    return hit
+                entries = self.entries
+                if (
+                    entries is not None
+                    and type(stype) is Global
+                    and type(location) is str
+                    and type(numel) is int
+                    and 0 <= numel <= 2**62
+                    and tag == "storage"
+                    and len(location) <= 64
+                ):
+                    dtype = self.dtypes.get(stype)
+                    entry = entries.get(self.prefix + key) if dtype is not None else None
+                    if entry is not None:
+                        nbytes = numel * _ITEMSIZE[dtype]
+                        if entry[_MEMBER_SIZE] == nbytes:
+                            ref = self.cache[key] = StorageRef(key, dtype, location, numel, nbytes)
+                            return ref
+        return self._record(pid)
+
+    def _record(self, pid: Any) -> StorageRef:
+        """The storage record of ``pid`` after every check, each failure said in its own words."""
         # The key's type is checked before it is hashed: a tuple key could cost anything to hash.
         if type(pid) is tuple and len(pid) == 5 and type(pid[2]) is str:
             hit = self.cache.get(pid[2])
@@ -114,14 +166,14 @@ class Storages:
         if numel < 0 or numel > 2**62:
             raise InputError(f"storage {describe(key)} claims {describe(numel)} elements", path=self.path)
         nbytes = numel * DTYPES[dtype].itemsize
-        info = self.members.get(self.prefix + key)
-        if info is None:
+        size = self.size_of(self.prefix + key)
+        if size is None:
             raise InputError(
                 f"storage {describe(key)} has no data/{printable(key)} member in the archive", path=self.path
             )
-        if info.size < nbytes or (self.exact and info.size != nbytes):
+        if size < nbytes or (self.exact and size != nbytes):
             raise InputError(
-                f"storage {describe(key)} claims {nbytes} bytes but data/{printable(key)} holds {info.size}",
+                f"storage {describe(key)} claims {nbytes} bytes but data/{printable(key)} holds {size}",
                 path=self.path,
             )
         ref = StorageRef(key, dtype, location if len(location) <= 64 else location[:64], numel, nbytes)
@@ -341,7 +393,7 @@ class Walker(Visits):
                 self._generic(root, None, "model", 0)
                 return Container(kind="list", state_dict_at="")
             return Container(kind="empty", state_dict_at=None)
-        keys = [k if type(k) is str else _key(k) for k in mapping]
+        keys = list(mapping) if set(map(type, mapping)) <= _ONLY_STR else [_key(k) for k in mapping]
         lightning = bool(LIGHTNING_MARKERS & set(keys))
         # An RNG state beside the model (``{"model": …, "rng_state": get_rng_state()}``) is no model tensor.
         direct = any(isinstance(v, TensorRef) and not _is_rng_state(_key(k), v) for k, v in mapping.items())
@@ -360,6 +412,16 @@ class Walker(Visits):
             kind = "lightning" if lightning else "training"
             other = tuple(k for k in keys if k != _key(model_key))
             return Container(kind, _key(model_key), other, self.module_class, self.training)
+        values = mapping.values()
+        if (
+            set(map(type, values)) == _ONLY_TENSORS
+            and OPTIMIZER_KEYS.isdisjoint(keys)
+            and "uint8" not in set(map(_DTYPE, values))
+        ):
+            # A flat state dict: every value a tensor, none under an optimizer's key, none that could be an RNG
+            # state (1-D uint8). What the loop below would make of it, told in C.
+            self._state_dict(mapping, None)
+            return Container("lightning" if lightning else "state_dict", "", (), self.module_class, self.training)
         # The root itself is the state dict, perhaps nested; optimizer-like keys are kept apart.
         model_items = {}
         other_keys = []
@@ -430,7 +492,7 @@ class Walker(Visits):
         start = len(self.tensors)
         self._generic(obj, prefix, "model", 0)
         mine = self.tensors[start:]
-        if any(t.is_parameter for t in mine):
+        if any(map(_IS_PARAMETER, mine)):
             apply_keep_vars(mine, self.nested)
         for t in mine:
             if t.evidence is None:
@@ -474,12 +536,22 @@ class Walker(Visits):
                 for k, v in mapping.items():
                     if type(v) is TensorRef:
                         # The common case, without a call per name or a recursive call per tensor: what _emit
-                        # does for a tensor without a role, written out.
+                        # does for a tensor without a role, and raw_tensor for a tensor over a storage
+                        # without a quantizer, written out.
                         name = dot + k if type(k) is str and len(k) < room else join_key(prefix, k)
                         left -= RECORD_UNITS + len(name)
                         if left < 0:
                             self._over_budget()
-                        record(raw_tensor(v, name, group))
+                        s = v.storage
+                        if s is None or v.quantizer is not None:
+                            record(raw_tensor(v, name, group))
+                            continue
+                        # Positional (RawTensor's field order), as in raw_tensor.
+                        device = s.location if v.device is None else v.device
+                        record(RawTensor(
+                            name, v.dtype, v.shape, v.stride, v.offset, device, f"data/{s.key}", s.nbytes, group,
+                            v.requires_grad, None, None, False, None, v.is_parameter, v.layout,
+                        ))  # fmt: skip
                     elif isinstance(v, (dict, list, tuple, Stub)):  # leaves (numbers, text) need no name
                         self.units_left = left
                         self._generic(v, join_key(prefix, k), group, depth + 1)

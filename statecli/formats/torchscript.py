@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,7 +78,7 @@ class ClassDecl:
         return self.parameters is not None
 
 
-def read_torchscript(path: str, members: dict[str, Member]) -> RawCheckpoint:
+def read_torchscript(path: str, members: Mapping[str, Member]) -> RawCheckpoint:
     """Read a ``torch.jit.save`` archive's tensors and their exact roles without running anything."""
     names = list(members)
     if not any(n.endswith("/data.pkl") and n.count("/") == 1 for n in names):
@@ -100,7 +101,7 @@ def read_torchscript(path: str, members: dict[str, Member]) -> RawCheckpoint:
 class _Declarations:
     """Class declarations from ``code/``, parsed on first use, one source file at a time."""
 
-    def __init__(self, path: str, members: dict[str, Member], root: str) -> None:
+    def __init__(self, path: str, members: Mapping[str, Member], root: str) -> None:
         self.path = path
         self.members = members
         self.root = root
@@ -280,7 +281,7 @@ def _unescape(s: str) -> str:
 class _Folder:
     """``members`` as ``Storages`` sees them, with ``<root>/data/<key>`` answered from ``<root>/<folder>/<key>``."""
 
-    def __init__(self, members: dict[str, Member], root: str, folder: str) -> None:
+    def __init__(self, members: Mapping[str, Member], root: str, folder: str) -> None:
         self.members = members
         self.prefix = f"{root}/data/"
         self.target = f"{root}/{folder}/"
@@ -306,7 +307,7 @@ def _shapes_only(pid: Any) -> StorageRef:
 class _Reader(Visits):
     noun = "module"
 
-    def __init__(self, path: str, members: dict[str, Member], root: str) -> None:
+    def __init__(self, path: str, members: Mapping[str, Member], root: str) -> None:
         self.path = path
         self.members = members
         self.root = root
@@ -372,8 +373,8 @@ class _Reader(Visits):
         if folder == "data":
             storages: Any = Storages(self.members, self.root, self.path, exact=False)
         elif folder is not None:
-            storages = Storages(self.members, self.root, self.path, exact=False)
-            storages.members = _Folder(self.members, self.root, folder)  # type: ignore[assignment]
+            folder_members = _Folder(self.members, self.root, folder)
+            storages = Storages(folder_members, self.root, self.path, exact=False)  # type: ignore[arg-type]
         else:
             storages = _shapes_only
         try:

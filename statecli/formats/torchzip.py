@@ -54,7 +54,9 @@ def archive_root(names: list[str], path: str) -> str:
     return root
 
 
-def read_torch_zip(path: str, members: dict[str, Member] | None = None, limits: Limits | None = None) -> RawCheckpoint:
+def read_torch_zip(
+    path: str, members: Mapping[str, Member] | None = None, limits: Limits | None = None
+) -> RawCheckpoint:
     """Read a ``torch.save`` zip archive's metadata without torch and without running its pickle."""
     size = os.path.getsize(path)
     if members is None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import struct
 import zlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,9 @@ _EOCD = struct.Struct("<4s4H2LH")
 _EOCD64_LOCATOR = struct.Struct("<4sLQL")
 _EOCD64 = struct.Struct("<4sQ2H2L4Q")
 _CENTRAL = struct.Struct("<4s6H3L5H2L")
+# The fields of a central directory entry the reader uses (signature, flags, method, CRC, sizes, the name's,
+# extra field's and comment's lengths, offset), the others skipped as padding: fewer objects per member.
+_CENTRAL_USED = struct.Struct("<4s4xHH4xLLLHHH8xL")
 _LOCAL = struct.Struct("<4s5H3L2H")
 _DESCRIPTOR32 = struct.Struct("<3L")
 _DESCRIPTOR64 = struct.Struct("<LQQ")
@@ -79,7 +83,50 @@ class Member:
     end: int = 1 << 63  # the member's bytes end at or before this file offset (its archive's directory)
 
 
-def read_central_directory(path: str) -> dict[str, Member]:
+# A member as the directory reader keeps it: Member's fields, in its order, as a plain tuple.
+MEMBER_SIZE = 3  # the index of ``size`` in it
+
+
+class Directory(Mapping[str, Member]):
+    """A zip archive's members by name, each kept as a plain tuple of :class:`Member`'s fields and made a
+    ``Member`` when it is asked for. A checkpoint of 100,000 tensors has 100,000 members, and the readers
+    only ever need most of them for their size (:meth:`size`): a ``Member`` each cost as much as the rest
+    of reading the directory."""
+
+    __slots__ = ("_entries",)
+
+    def __init__(self, entries: dict[str, tuple[str, int, int, int, int, int, int, int]]) -> None:
+        self._entries = entries
+
+    def __getitem__(self, name: str) -> Member:
+        return Member(*self._entries[name])
+
+    def get(self, name: str, default: Any = None) -> Any:
+        entry = self._entries.get(name)
+        return default if entry is None else Member(*entry)
+
+    def size(self, name: str) -> int | None:
+        """The uncompressed size of member ``name``, None when the archive holds none of that name."""
+        entry = self._entries.get(name)
+        return None if entry is None else entry[MEMBER_SIZE]
+
+    @property
+    def entries(self) -> dict[str, tuple[str, int, int, int, int, int, int, int]]:
+        """The plain records by name (Member's fields in order), for readers that look up thousands: do not
+        change them."""
+        return self._entries
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def read_central_directory(path: str) -> Directory:
     """Every member of the zip at ``path`` by name. Raises InputError on anything malformed."""
     try:
         with open_regular(path) as f:
@@ -88,7 +135,7 @@ def read_central_directory(path: str) -> dict[str, Member]:
         raise InputError(f"cannot read ({e.strerror or e})", path=path) from e
 
 
-def read_directory_at(f: Any, base: int, size: int, path: str) -> dict[str, Member]:
+def read_directory_at(f: Any, base: int, size: int, path: str) -> Directory:
     """Every member of the zip archive that is the ``size`` bytes at offset ``base`` of the open file
     ``f`` (a whole file, or a stored member holding an archive), with offsets from the file's start."""
     try:
@@ -97,7 +144,7 @@ def read_directory_at(f: Any, base: int, size: int, path: str) -> dict[str, Memb
         raise InputError(f"corrupt zip archive ({e})", path=path) from e
 
 
-def _read(f: Any, base: int, file_size: int, path: str) -> dict[str, Member]:
+def _read(f: Any, base: int, file_size: int, path: str) -> Directory:
     tail_len = min(file_size, 65536 + _EOCD.size)
     f.seek(base + file_size - tail_len)
     tail = f.read(tail_len)
@@ -132,17 +179,18 @@ def _read(f: Any, base: int, file_size: int, path: str) -> dict[str, Member]:
     cd = f.read(cd_size)
     if len(cd) != cd_size:
         raise InputError("truncated zip archive", path=path)
-    members: dict[str, Member] = {}
-    unpack = _CENTRAL.unpack_from
+    members: dict[str, tuple[str, int, int, int, int, int, int, int]] = {}
+    unpack = _CENTRAL_USED.unpack_from
+    entry_size = _CENTRAL.size
     end = base + cd_offset
     pos = 0
     for _ in range(count):
-        if pos + _CENTRAL.size > cd_size:
+        start = pos + entry_size
+        if start > cd_size:
             raise InputError("corrupt zip archive (central directory ends early)", path=path)
-        (sig, _, _, flags, method, _, _, crc, csize, usize, nlen, xlen, clen, _, _, _, offset) = unpack(cd, pos)
+        sig, flags, method, crc, csize, usize, nlen, xlen, clen, offset = unpack(cd, pos)
         if sig != b"PK\x01\x02":
             raise InputError("corrupt zip archive (bad central directory entry)", path=path)
-        start = pos + _CENTRAL.size
         raw_name = cd[start : start + nlen]
         try:
             name = raw_name.decode("utf-8" if flags & 0x800 else "cp437")
@@ -168,9 +216,9 @@ def _read(f: Any, base: int, file_size: int, path: str) -> dict[str, Member]:
             )
         elif flags & 0x2041:
             _check_method(name, method, flags, path)  # encrypted
-        members[name] = Member(name, base + offset, csize, usize, method, crc, flags, end)
+        members[name] = (name, base + offset, csize, usize, method, crc, flags, end)  # a Member's fields
     refuse_case_twins(members, path)
-    return members
+    return Directory(members)
 
 
 def _check_method(name: str, method: int, flags: int, path: str) -> None:
@@ -184,7 +232,7 @@ def _check_method(name: str, method: int, flags: int, path: str) -> None:
         raise InputError(f"{printable(name)} uses {used}, which torch archives never use", path=path)
 
 
-def refuse_case_twins(members: dict[str, Member], path: str) -> None:
+def refuse_case_twins(members: Mapping[str, Any], path: str) -> None:
     """torch's zip reader (miniz) finds records by name without regard to case: two names that differ only
     in case would let torch read a member other than the one statecli reads."""
     if len({name.lower() for name in members}) == len(members):

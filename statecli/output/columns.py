@@ -54,7 +54,8 @@ class Column(Generic[T]):
 
     ``style`` is a rich style name, or a function of the item and its cell text giving one (empty for
     none). ``hide`` marks a column a narrow terminal may leave out: the lowest number goes first;
-    ``None`` always shows.
+    ``None`` always shows. ``own`` marks a column whose cells are the item's own (a name): a grid told what
+    the other cells are made of (``same``) makes those once per distinct row, these once per item.
     """
 
     header: str
@@ -62,6 +63,7 @@ class Column(Generic[T]):
     right: bool = False
     style: Style = None
     hide: int | None = None
+    own: bool = False
 
     def style_of(self, item: T, cell: str) -> str:
         s = self.style
@@ -131,7 +133,7 @@ def _role_style(t: Any, cell: str) -> str:
 
 INSPECT_TABLE: tuple[Column[TensorInfo], ...] = (
     # torch allows a key '' (JSON and CSV keep it empty; a blank cell reads as missing)
-    Column("Name", lambda t: t.name or "''"),
+    Column("Name", lambda t: t.name or "''", own=True),
     Column("Role", role_label, style=_role_style),
     Column("Evidence", attrgetter("evidence"), style="dim", hide=2),
     Column("DType", attrgetter("dtype")),
@@ -147,12 +149,19 @@ INSPECT_TABLE: tuple[Column[TensorInfo], ...] = (
     Column("Grad", attrgetter("trainable"), style=lambda t, _: GRAD_STYLES.get(t.trainable, ""), hide=3),
 )
 # At most a few names a row: 100,000 tensors on one storage list 64 sharers each (JSON has them).
-SHARES: Column[TensorInfo] = Column("Shares", lambda t: name_list(t.shares_with, MAX_SHARERS_SHOWN), hide=5)
+SHARES: Column[TensorInfo] = Column("Shares", lambda t: name_list(t.shares_with, MAX_SHARERS_SHOWN), hide=5, own=True)
+
+
+def inspect_same(t: TensorInfo) -> tuple[Any, ...]:
+    """Everything the inspect table's cells other than Name and Shares are made of (and their styles: Role's
+    and Grad's by role, Device's by device): tensors alike in these show the same cells there."""
+    # A tuple display, not an attrgetter: measured faster.
+    return (t.role, t.exact, t.persistent, t.evidence, t.dtype, t.shape, t.numel, t.nbytes, t.device, t.requires_grad)
 
 
 def inspect_table(tensors: Sequence[TensorInfo]) -> tuple[Column[TensorInfo], ...]:
     """:data:`INSPECT_TABLE`, and Shares when any tensor shares its storage with another."""
-    return (*INSPECT_TABLE, SHARES) if any(t.shares_with for t in tensors) else INSPECT_TABLE
+    return (*INSPECT_TABLE, SHARES) if any(map(attrgetter("shares_with"), tensors)) else INSPECT_TABLE
 
 
 # --format csv and markdown: one row per tensor, the JSON record's fields as text.

@@ -12,6 +12,7 @@ import errno
 import functools
 import os
 import sys
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from statecli.errors import OutputError
@@ -132,9 +133,16 @@ def stderr_console() -> Console:
 
 def write(text: str) -> None:
     """Write plain data to stdout, as is."""
+    write_pieces((text,))
+
+
+def write_pieces(pieces: Iterable[str]) -> None:
+    """Write plain data to stdout, as is, piece by piece (never joined: 30 MB of JSON is not copied again)."""
     try:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        out = sys.stdout
+        for piece in pieces:
+            out.write(piece)
+        out.flush()
     except OSError as e:
         raise stdout_failed(e) from None
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from statecli.output import console, formats
 from statecli.output.columns import clean, human_bytes
 from statecli.tree import build_tree, tree_dict
+from statecli.util import gc_paused
 from statecli.wording import count, name_list
 
 if TYPE_CHECKING:
@@ -51,7 +52,8 @@ def report(report: Report, fmt: str, summary: bool, legend: bool, first: bool, s
 def reports(reports: Sequence[Report], fmt: str, several: bool) -> None:
     """Every file's records as one JSON document or one CSV table (a path column when ``several``)."""
     if fmt == "json":
-        console.write(formats.reports_json(reports, many=several))
+        with gc_paused():  # the records' text is made as it is written: 100,000 tensors' worth
+            console.write_pieces(formats.reports_json(reports, many=several))
     elif fmt == "csv":
         console.write(formats.inspect_csv(reports, with_path=several))
 

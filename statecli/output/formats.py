@@ -11,7 +11,7 @@ import itertools
 import json
 import re
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from statecli.output import columns as C
@@ -39,14 +39,20 @@ def to_json(data: Any) -> str:
         return json.dumps(data) + "\n"
 
 
-def reports_json(reports: Sequence[Report], many: bool) -> str:
-    """:func:`to_json` of the reports' dicts (a list when ``many``), through ``Report.to_json`` when piped."""
+def reports_json(reports: Sequence[Report], many: bool) -> Iterator[str]:
+    """:func:`to_json` of the reports' dicts (a list when ``many``), in pieces; through
+    ``Report.json_pieces`` when piped, so that no copy of the whole text is made."""
     if sys.stdout.isatty():
         data = [r.to_dict() for r in reports]
-        return to_json(data if many else data[0])
-    with gc_paused():
-        texts = [r.to_json() for r in reports]
-    return (f"[{', '.join(texts)}]" if many else texts[0]) + "\n"
+        yield to_json(data if many else data[0])
+        return
+    if many:
+        yield "["
+    for i, r in enumerate(reports):
+        if i:
+            yield ", "
+        yield from r.json_pieces()
+    yield "]\n" if many else "\n"
 
 
 # --- CSV ------------------------------------------------------------------------------------------

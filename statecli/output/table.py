@@ -9,7 +9,7 @@ Strings that come from a checkpoint (tensor names, paths, keys, metadata, findin
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from rich.cells import cell_len
@@ -86,14 +86,72 @@ def measure_columns(headers: list[str], rows: list[list[str]]) -> tuple[list[int
     """Each column's width in cells (its header's or its widest cell's), and whether every cell is narrow
     (one cell per character). A narrow column, nearly all of them, is measured with ``len`` in one pass
     instead of a Python call per cell."""
+    columns = list(zip(*rows, strict=True)) if rows else [()] * len(headers)
+    return _measure(headers, columns)
+
+
+def _measure(headers: list[str], columns: Iterable[Sequence[str]]) -> tuple[list[int], bool]:
+    """:func:`measure_columns` of the cells given column by column."""
     widths = []
     narrow = True
-    columns = list(zip(*rows, strict=True)) if rows else [()] * len(headers)
     for h, col in zip(headers, columns, strict=True):
         fits = _narrow(col)
         narrow = narrow and fits
         widths.append(max(_width(h), max(map(len if fits else _width, col), default=0)))
     return widths, narrow
+
+
+class _SharedCells:
+    """A grid's cells when most rows repeat each other's: the first column (and a last one marked ``own``)
+    per item, the columns between once per distinct ``same(item)``. Items equal under ``same`` have equal
+    cells in those columns (the column set says so); 100,000 tensors make a few dozen such rows."""
+
+    def __init__(self, columns: Sequence[Column[Any]], items: Sequence[Any], same: Callable[[Any], Hashable]) -> None:
+        tail = len(columns) > 2 and columns[-1].own
+        self.middle = columns[1:-1] if tail else columns[1:]
+        self.first = list(map(columns[0].value, items))
+        self.last = list(map(columns[-1].value, items)) if tail else None
+        keys = list(map(same, items))
+        index = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+        self.ids = list(map(index.__getitem__, keys))  # each item's row of middle cells
+        one = dict(zip(keys, items, strict=True))  # an item for each key: any one, their cells are equal
+        self.distinct = [tuple(c.value(one[k]) for c in self.middle) for k in index]
+
+    def columns(self) -> list[Sequence[str]]:
+        """The cells column by column; the middle ones hold each distinct cell once."""
+        middle = list(zip(*self.distinct, strict=True))
+        return [self.first, *middle, *([self.last] if self.last is not None else [])]
+
+    def rows(self) -> list[tuple[str, ...]]:
+        distinct = self.distinct
+        if self.last is None:
+            return [(a, *distinct[i]) for a, i in zip(self.first, self.ids, strict=True)]
+        return [(a, *distinct[i], z) for a, i, z in zip(self.first, self.ids, self.last, strict=True)]
+
+    def printable(self) -> bool:
+        return all("".join(cells).isprintable() for cells in (self.first, *self.distinct, self.last or ()))
+
+    def text(self, widths: list[int], right: list[bool], gap: str) -> str:
+        """Every row as a line, each cell padded to its column's width but the last one's (unless it is
+        right-aligned): what the general path writes, one line per row, made in one pass."""
+        last = len(widths) - 1
+
+        def pad(cell: str, i: int) -> str:
+            if i == last and not right[i]:
+                return cell
+            return cell.rjust(widths[i]) if right[i] else cell.ljust(widths[i])
+
+        tail = self.last is not None
+        middle = [
+            gap + gap.join(pad(cell, i) for i, cell in enumerate(cells, 1)) + (gap if tail else "\n")
+            for cells in self.distinct
+        ]
+        just = str.rjust if right[0] else str.ljust
+        w = widths[0]
+        if self.last is None:
+            return "".join([just(a, w) + middle[i] for a, i in zip(self.first, self.ids, strict=True)])
+        ends = [pad(cell, last) + "\n" for cell in self.last]
+        return "".join([just(a, w) + middle[i] + z for a, i, z in zip(self.first, self.ids, ends, strict=True)])
 
 
 NAME_MIN = 12  # cells a shortened name keeps at least
@@ -235,17 +293,40 @@ class Grid:
         columns: Sequence[Column[Any]],
         items: Sequence[Any],
         row_style: Callable[[Any], str] | None = None,
+        same: Callable[[Any], Hashable] | None = None,
     ) -> None:
+        """``same``, where given, maps an item to what every cell but the first column's (and the last
+        column's, when it is marked ``own``) is made of: rows alike in it are made once."""
         self.title = title
         self.columns = tuple(columns)
         self.items = items
         self.row_style = row_style
         self.headers = [c.header for c in columns]
         self.right = [c.right for c in columns]
-        # Column by column: one map per column is cheaper than a call per cell through a row function.
-        cells = [list(map(c.value, items)) for c in columns]
-        self.rows: list[Sequence[str]] = list(zip(*cells, strict=True)) if items else []
-        self.widths, self.narrow = measure_columns(self.headers, self.rows)
+        self._rows: list[Sequence[str]] | None = None
+        self._shared: _SharedCells | None = None
+        if same is not None and items and len(columns) > 1 and not any(c.own for c in columns[1:-1]):
+            self._shared = _SharedCells(self.columns, items, same)
+            self.widths, self.narrow = _measure(self.headers, self._shared.columns())
+        else:
+            # Column by column: one map per column is cheaper than a call per cell through a row function.
+            cells = [list(map(c.value, items)) for c in columns]
+            self._rows = list(zip(*cells, strict=True)) if items else []
+            self.widths, self.narrow = measure_columns(self.headers, self._rows)
+
+    @property
+    def rows(self) -> list[Sequence[str]]:
+        """Every row's cells (made from the shared cells on first use)."""
+        if self._rows is None:
+            assert self._shared is not None
+            self._rows = list(self._shared.rows())
+        return self._rows
+
+    def _column(self, i: int) -> Iterable[str]:
+        """Column ``i``'s cells (each distinct cell of a shared column once)."""
+        if self._shared is not None:
+            return self._shared.columns()[i]
+        return (row[i] for row in self.rows)
 
     def total_width(self, widths: list[int] | None = None) -> int:
         widths = widths or self.widths
@@ -257,9 +338,14 @@ class Grid:
             return
         self._clean = True
         self.title = clean(self.title)
+        if self._shared is not None:
+            if self._shared.printable():
+                return
+            self._rows = self._shared.rows()  # rare: control characters in a name; cleaned row by row below
+            self._shared = None
         if not "".join(c for row in self.rows for c in row).isprintable():
-            self.rows = [[clean(c) for c in row] for row in self.rows]
-            self.widths, self.narrow = measure_columns(self.headers, self.rows)
+            self._rows = [[clean(c) for c in row] for row in self.rows]
+            self.widths, self.narrow = measure_columns(self.headers, self._rows)
 
     def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
         self._cleaned()
@@ -284,7 +370,7 @@ class Grid:
             return cols, widths
         hideable = [i for i, c in enumerate(self.columns) if c.hide is not None]
         optional = sorted(hideable, key=lambda i: self.columns[i].hide)  # type: ignore[arg-type, return-value]
-        blank = [i for i in optional if all(row[i] in (UNKNOWN, "") for row in self.rows)]
+        blank = [i for i in optional if all(cell in (UNKNOWN, "") for cell in self._column(i))]
         for i in blank + [i for i in optional if i not in blank]:
             if total() <= max_width:
                 break
@@ -299,7 +385,7 @@ class Grid:
         :func:`cut_names`), and the width they need; computed once per width."""
         cache = self.__dict__.setdefault("_names", {})
         if width not in cache:
-            cache[width] = cut_names([row[0] for row in self.rows], width)
+            cache[width] = cut_names(list(self._column(0)), width)
         return cache[width]
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
@@ -322,6 +408,10 @@ class Grid:
         yield Segment("─" * (sum(widths[i] for i in cols) + len(self.GAP) * (len(cols) - 1)) + "\n")
         plain = console.no_color or console.color_system is None
         every = len(cols) == len(self.headers)
+        if plain and self.narrow and every and widths == self.widths and self._shared is not None:
+            # Nothing to shorten, one cell per character, rows alike made once: the whole grid in one text.
+            yield Segment(self._shared.text(widths, right, self.GAP))
+            return
         if plain and self.narrow and every and widths == self.widths:
             # Nothing to shorten and one cell per character: str.ljust / rjust pad in C, and one segment
             # per line keeps 100,000 rows well under a second.
@@ -380,7 +470,7 @@ def _style(name: str) -> Style | None:
 def report_table(report: Report) -> Grid:
     """One row per tensor: Name, Role (● exact / ○ inferred), Evidence, DType, Shape, Numel, Size,
     Device, Grad, and Shares when any tensor shares its storage with another."""
-    return Grid(report.path, C.inspect_table(report.tensors), report.tensors)
+    return Grid(report.path, C.inspect_table(report.tensors), report.tensors, same=C.inspect_same)
 
 
 def plan_table(plan: Plan, stats: dict[str, CastStats] | None = None) -> Grid:
@@ -600,7 +690,7 @@ def report_view(report: Report, with_summary: bool = True, with_legend: bool = T
     if with_summary:
         parts += [Text(), summary(report)]
     if with_legend:
-        parts.append(Legend(table, any(t.persistent is False for t in report.tensors)))
+        parts.append(Legend(table, False in {t.persistent for t in report.tensors}))  # True, False or None
     return Group(*parts)
 
 

@@ -11,12 +11,17 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+from statecli.dtypes import DTYPES
 from statecli.errors import LimitExceededError
-from statecli.pickled import Global, PickledDict, StorageRef
+from statecli.pickled import Global, PickledDict, StorageRef, TensorRef
 from statecli.safepickle.bounds import Limits
-from statecli.safepickle.handlers import _checked_view, _h_ordered_dict, _h_rebuild_tensor_v2
+from statecli.safepickle.handlers import MAX_INDEX, _checked_view, _h_ordered_dict, _h_rebuild_tensor_v2
 
 _U32 = struct.Struct("<I").unpack_from
+# A BINUNICODE's 4-byte length for each length a storage key (20 digits) or location (64) may have.
+_LENGTHS = tuple(i.to_bytes(4, "little") for i in range(65))
+# Bytes per element of the dtypes of whole bytes: their views' bounds are checked in line.
+_WHOLE_ITEMSIZE = {name: d.bits // 8 for name, d in DTYPES.items() if d.bits >= 8}
 
 
 # One ``_rebuild_tensor_v2`` call as torch.save writes it once the names it uses are memoized: the
@@ -117,6 +122,7 @@ class FastPath:
         max_memo = self._max_memo
         max_str = self.limits.max_str
         match = _TENSOR_V2.match
+        whole = _WHOLE_ITEMSIZE
         m = match(data, pos)
         if m is None or m.group(1) is not None:
             return 0
@@ -145,21 +151,22 @@ class FastPath:
                 known = checked[gets] = (stype, location)
             stype, location = known
             if locget is None:
-                if from_bytes(loclen, "little") != len(loc):
+                if loclen != _LENGTHS[len(loc)]:
                     break
                 location = loc.decode("ascii")
-                locput_at = from_bytes(locput[1:], "little")
-            if from_bytes(klen, "little") != len(skey):
+                locput_at = from_bytes(locput, "little") >> 8
+            if klen != _LENGTHS[len(skey)]:
                 break
-            # Written out, not looped: this runs once per tensor.
-            skput_at = from_bytes(skput[1:], "little")
-            pidput_at = from_bytes(pidput[1:], "little")
-            hput_at = from_bytes(hput[1:], "little")
-            aput_at = from_bytes(aput[1:], "little")
+            # Written out, not looped: this runs once per tensor. A memo operation is its opcode and then its
+            # index, little-endian: the index is the whole read as one number, shifted past the opcode.
+            skput_at = from_bytes(skput, "little") >> 8
+            pidput_at = from_bytes(pidput, "little") >> 8
+            hput_at = from_bytes(hput, "little") >> 8
+            aput_at = from_bytes(aput, "little") >> 8
             if skput_at in memo or pidput_at in memo or hput_at in memo or aput_at in memo:
                 break
             if kput:
-                kput_at = from_bytes(kput[1:], "little")
+                kput_at = from_bytes(kput, "little") >> 8
                 if kput_at in memo:
                     break
                 try:
@@ -167,11 +174,11 @@ class FastPath:
                 except UnicodeDecodeError:
                     break
             if shput:
-                shput_at = from_bytes(shput[1:], "little")
+                shput_at = from_bytes(shput, "little") >> 8
                 if shput_at in memo:
                     break
             if stput:
-                stput_at = from_bytes(stput[1:], "little")
+                stput_at = from_bytes(stput, "little") >> 8
                 if stput_at in memo:
                     break
             if locget is None and locput_at in memo:
@@ -195,14 +202,31 @@ class FastPath:
                 memo[stput_at] = stride
             memo[hput_at] = hooks
             storage = persistent(pid)
-            args = (storage, off[1] if off[0] == 0x4B else _small_int(off), shape, stride, grad == b"\x88", hooks)
+            offset = off[1] if off[0] == 0x4B else _small_int(off)
+            requires_grad = grad == b"\x88"
+            args = (storage, offset, shape, stride, requires_grad, hooks)
             memo[aput_at] = args
             if len(memo) > max_memo:
                 raise LimitExceededError(f"pickle memo exceeds {max_memo} entries")
             if type(storage) is StorageRef:
-                # shape and stride came out of _int_tuple: ints already, so only the bounds need checking.
-                t = _checked_view(storage, args[1], shape, stride, storage.dtype)
-                t.requires_grad = args[4]
+                # shape and stride came out of _int_tuple: ints already, so only the bounds need checking. The
+                # usual 1-D and 0-D views in line; any other, or one out of bounds, by _checked_view.
+                dt = storage.dtype
+                t = None
+                size = whole.get(dt)
+                if size is not None and 0 <= offset <= MAX_INDEX and len(stride) == len(shape) < 2:
+                    end = storage.nbytes // size  # elements the storage holds
+                    if not shape:
+                        if offset < end:
+                            t = TensorRef(storage, offset, shape, stride, dt, requires_grad)
+                    else:
+                        d = shape[0]
+                        step = stride[0]
+                        if 0 < d <= MAX_INDEX and 0 <= step <= MAX_INDEX and offset + (d - 1) * step < end:
+                            t = TensorRef(storage, offset, shape, stride, dt, requires_grad)
+                if t is None:
+                    t = _checked_view(storage, offset, shape, stride, dt)
+                    t.requires_grad = requires_grad
             else:
                 t = _h_rebuild_tensor_v2(args)  # the general path raises the right error
             stack.append(t)

@@ -12,7 +12,7 @@ import ctypes
 import os
 import threading
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -52,8 +52,8 @@ class _ZipFile:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.members: dict[str, Member] = read_central_directory(path)
-        self.nested: dict[str, tuple[dict[str, Member], str]] = {}
+        self.members: Mapping[str, Member] = read_central_directory(path)
+        self.nested: dict[str, tuple[Mapping[str, Member], str]] = {}
         roots = {n.split("/", 1)[0] for n in self.members if "/" in n}
         if any(n.endswith("/data.pkl") for n in self.members):
             self.root = archive_root(list(self.members), path)
