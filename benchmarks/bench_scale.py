@@ -1046,7 +1046,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         (
             "4",
-            "torch.load(mmap=True) + cast + save_file",
+            "torch.load + cast + save_file (naive)",  # the baseline (bench_convert.py's naive, 0.62x)
             "statecli convert X.pt -o X.safetensors",
             1 / TARGET_PT_WALL,
             None,
