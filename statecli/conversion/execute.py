@@ -411,6 +411,7 @@ class _Feeder:
             pieces = self._pieces(byte_view(self._whole(u)))
         yield from self._exactly(pieces, u.out_nbytes(), u.leader.name)
         self.done_tensors += len(u.items)
+        self._advance(0)
 
     def bare(self, storage: str, size: int) -> Iterator[memoryview]:
         """The bytes of a storage that no listed tensor views, as they are."""
@@ -468,6 +469,7 @@ class _Feeder:
             else:
                 self._bases.pop(id(u), None)
         self.done_tensors += 1
+        self._advance(0)
 
 
 @dataclass(slots=True)

@@ -271,6 +271,8 @@ def run_pool(
                     elif failure is None:
                         failure = exc
                         stop.value = 1  # the others stop at their next piece
+        if progress is not None and failure is None:
+            progress(done[0], done[1])  # the last pieces, counted after the last look
     except BaseException as e:  # Ctrl-C here: every worker has it too, and discards its files
         stop.value = 1
         failure = failure or e
