@@ -491,3 +491,14 @@ def test_spawned_workers_write_the_same_bytes(tmp_path):
     assert run.stdout.strip() == "2"
     statecli.convert(index, str(tmp_path / "one") + "/", dtype="bf16", jobs=1)
     assert _hashes(tmp_path / "spawned") == _hashes(tmp_path / "one")
+
+
+def test_a_dcp_folder_is_not_converted_into_itself(tmp_path):
+    import shutil
+
+    folder = tmp_path / "dcp"
+    shutil.copytree(ROOT / "sample_models" / "dcp_sharded", folder)
+    before = _hashes(folder)
+    with pytest.raises(statecli.OutputError, match="onto the input"):
+        statecli.convert(folder, str(folder) + "/", output_format="dcp", force=True, dtype="bf16")
+    assert _hashes(folder) == before

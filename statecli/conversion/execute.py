@@ -735,9 +735,15 @@ def write_shard(f: OutFile, views: collections.Counter[int], feeder: _Feeder, pe
 
 
 def input_files(report: Report) -> list[str]:
+    """Every file the input reads from: no output may replace one (a DCP folder converted into itself
+    would lose its own data files under --force)."""
     if report.format.startswith("sharded"):
         folder = os.path.dirname(report.path)
         return [report.path, *sorted({os.path.join(folder, t.file) for t in report.tensors if t.file})]
+    if report.format == "dcp":
+        folder = report.path if os.path.isdir(report.path) else os.path.dirname(report.path)
+        files = {os.path.join(folder, t.file) for t in report.tensors if t.file}
+        return [report.path, os.path.join(folder, DCP_METADATA), *sorted(files)]
     return [report.path]
 
 
