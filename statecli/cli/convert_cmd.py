@@ -298,10 +298,11 @@ def convert_command(
         "jobs": jobs,
         "distributed": distributed,
     }
-    if distributed and os.environ.get("RANK", "0") != "0":
-        quiet = True  # rank 0 reports for every rank; the others only say their own errors
+    # Rank 0 reports for every rank of a torchrun launch; the others only say their own errors.
+    follower = distributed and os.environ.get("RANK", "0") != "0"
+    quiet = quiet or follower
     plan = conv.plan(path, output, **options)
-    if not (distributed and os.environ.get("RANK", "0") != "0"):
+    if not follower:
         console.warn_dangerous(plan.report)  # nothing of it runs; a .pt output copies it only under --allow-dangerous
     if dry_run:
         emit.plan(plan, fmt.value, quiet)
@@ -323,6 +324,6 @@ def convert_command(
     finally:
         if progress_bar is not None:
             progress_bar.stop()
-    if distributed and os.environ.get("RANK", "0") != "0":
+    if follower:
         return
     emit.conversion(plan, result, time.monotonic() - started, fmt.value, quiet, torch_import)

@@ -48,7 +48,7 @@ from statecli.conversion.execute import (
     write_shard,
 )
 from statecli.conversion.plan import Plan
-from statecli.errors import OutputError, StatecliError, UsageError
+from statecli.errors import OutputError, StatecliError
 from statecli.formats.atomic import (
     PendingFile,
     commit_staged,
@@ -116,9 +116,7 @@ def resolve_jobs(asked: int | None, files: Sequence[OutFile], distributed: bool)
     """How many worker processes write ``files``: as asked (never more than the files), or by default the
     usable cores, capped by the files and by the work; under torchrun the ranks are the parallelism, so
     each rank writes its own files itself unless ``--jobs`` says otherwise."""
-    if asked is not None:
-        if asked < 1:
-            raise UsageError(f"--jobs must be at least 1, not {asked}")
+    if asked is not None:  # at least 1: the plan refused anything less
         return max(1, min(asked, len(files)))
     if distributed:
         return 1
